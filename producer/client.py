@@ -1,0 +1,286 @@
+"""The ETL client: small synchronous calls, and bulk corpus jobs that return a ``JobHandle``.
+
+Small calls carry their inputs inline and get results back through the result backend as
+base64 float32. Bulk jobs are written to the output folder first (``_job.json``) and travel as
+shard references; progress is read from the shards' done-markers in storage, so any process
+that can read the output folder can follow a job, even after the submitter is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from producer import sources, storage
+from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, make_app
+from producer.jobs import (
+    JOB_FILE,
+    SUCCESS,
+    ClassifyJob,
+    Columns,
+    EmbedJob,
+    InlineResult,
+    JobKind,
+    JobManifest,
+    JobSpec,
+    Options,
+    RerankJob,
+    ShardJob,
+    part_name,
+    queue_name,
+    stable_job_id,
+)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_SHARD_ROWS = 10_000
+
+
+class InputError(ValueError):
+    """Some inputs could not be processed; ``errors`` maps input index to the reason."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        shown = "; ".join(f"[{i}] {msg}" for i, msg in list(errors.items())[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(f"{len(errors)} input(s) rejected: {shown}{more}")
+
+
+class JobFailed(RuntimeError):
+    """A bulk job finished with shards that could not be processed."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Progress:
+    n_shards: int
+    shards_done: int
+    shards_failed: int
+    rows_total: int
+    rows_done: int
+    rows_failed: int
+
+    @property
+    def finished(self) -> bool:
+        return self.shards_done + self.shards_failed >= self.n_shards
+
+
+def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
+    raw = np.frombuffer(base64.b64decode(data_b64), dtype="<f4")
+    return raw.reshape(n_items, dims).astype(np.float32, copy=False)
+
+
+class JobHandle:
+    """Follow a bulk job through its output folder: progress, wait, outputs."""
+
+    def __init__(self, out: str, job_id: str, n_shards: int, n_rows: int, enqueued: int = 0) -> None:
+        self.out = out
+        self.job_id = job_id
+        self.n_shards = n_shards
+        self.n_rows = n_rows
+        self.enqueued = enqueued
+
+    @classmethod
+    def open(cls, out: str) -> "JobHandle":
+        """A handle for the job whose output folder is ``out``."""
+        spec = storage.read_job(out)
+        return cls(out, spec.job_id, len(spec.shards), spec.n_rows)
+
+    def progress(self) -> Progress:
+        reports = storage.read_markers(self.out)
+        done = [r for r in reports.values() if r.status == "done"]
+        return Progress(
+            n_shards=self.n_shards,
+            shards_done=len(done),
+            shards_failed=len(reports) - len(done),
+            rows_total=self.n_rows,
+            rows_done=sum(r.rows_in for r in done),
+            rows_failed=sum(len(r.errors) for r in done) + sum(r.rows_in for r in reports.values() if r.status != "done"),
+        )
+
+    def manifest(self) -> JobManifest | None:
+        return storage.read_manifest(self.out)
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll: float = 0.5,
+        on_progress: Callable[[Progress], None] | None = None,
+        raise_on_failure: bool = True,
+    ) -> JobManifest:
+        """Block until the manifest is written; raise ``JobFailed`` if shards were parked."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            progress = self.progress()
+            if on_progress:
+                on_progress(progress)
+            manifest = self.manifest() if progress.finished else None
+            if manifest is not None:
+                if raise_on_failure and manifest.status != "complete":
+                    failed = ", ".join(str(s.index) for s in manifest.failed_shards)
+                    raise JobFailed(f"job {self.job_id}: shards {failed} failed; see {self.out}/_manifest.json")
+                return manifest
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.job_id} not finished after {timeout} s ({progress})")
+            time.sleep(poll)
+
+    def outputs(self) -> list[str]:
+        """URIs of the Parquet parts (complete once the job is)."""
+        manifest = self.manifest()
+        names = manifest.parts if manifest else [part_name(i) for i in sorted(storage.read_markers(self.out))]
+        root = storage.locate(self.out)
+        return [root.child(name).uri for name in names]
+
+    def read(self) -> pa.Table:
+        """All parts as one table, in shard order."""
+        tables = [storage.read_table(storage.locate(uri)) for uri in self.outputs()]
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+
+class Client:
+    """Enqueue embed / rerank / classify work for embedfleet workers."""
+
+    def __init__(
+        self,
+        broker: str = MEMORY_BROKER,
+        result_backend: str | None = None,
+        app: Any = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.app = app if app is not None else make_app(broker, result_backend)
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ small calls
+    def _call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None) -> InlineResult:
+        async_result = self.app.send_task(
+            INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue_name(job.kind, job.model)
+        )
+        try:
+            payload = async_result.get(timeout=timeout or self.timeout, propagate=True)
+        finally:
+            async_result.forget()
+        return InlineResult.model_validate(payload)
+
+    def embed_result(self, texts: list[str], model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> InlineResult:
+        """The raw inline result (vectors, token counts, per-item errors), for callers that want all."""
+        return self._call(EmbedJob(model=model, inputs=list(texts), options=Options(**options)), timeout)
+
+    def embed(self, texts: list[str] | str, model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> np.ndarray:
+        """Vectors ``[n, dims]`` float32; raises ``InputError`` naming any rejected input."""
+        single = isinstance(texts, str)
+        result = self.embed_result([texts] if single else list(texts), model, timeout, **options)
+        if result.errors:
+            raise InputError(result.errors)
+        vectors = decode_f32(result.data_b64, result.n_items, result.dims)
+        return vectors[0] if single else vectors
+
+    def rerank(self, query: str, documents: list[str], model: str, timeout: float | None = None, **options: Any) -> np.ndarray:
+        """One relevance score per document, in the documents' order."""
+        result = self._call(RerankJob(model=model, query=query, documents=list(documents), options=Options(**options)), timeout)
+        if result.errors:
+            raise InputError(result.errors)
+        return decode_f32(result.data_b64, result.n_items, result.dims)[:, 0]
+
+    def classify(self, texts: list[str], model: str, timeout: float | None = None, **options: Any) -> list[Classification]:
+        result = self._call(ClassifyJob(model=model, inputs=list(texts), options=Options(**options)), timeout)
+        if result.errors:
+            raise InputError(result.errors)
+        probs = decode_f32(result.data_b64, result.n_items, result.dims)
+        out = []
+        for row in probs:
+            best = int(row.argmax())
+            out.append(Classification(result.labels[best], float(row[best]), dict(zip(result.labels, map(float, row)))))
+        return out
+
+    # ------------------------------------------------------------------ bulk jobs
+    def submit_corpus(
+        self,
+        source: Any,
+        out: str,
+        model: str = DEFAULT_MODEL,
+        kind: JobKind | str = JobKind.embed,
+        text_column: str = "text",
+        id_column: str | None = None,
+        query_column: str = "query",
+        document_column: str = "document",
+        shard_rows: int = DEFAULT_SHARD_ROWS,
+        options: Options | None = None,
+    ) -> JobHandle:
+        """Plan a corpus into shards, record the job in ``out``, and enqueue unfinished shards.
+
+        ``source`` is a path or s3:// URI (Parquet, JSONL, CSV, text), a pandas DataFrame or a
+        pyarrow Table (written to ``out/_input.parquet`` first, so shards stay references).
+        Submitting the same job again enqueues only the shards that have no done-marker.
+        """
+        kind = JobKind(kind)
+        options = options or Options()
+        columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+        uri = self._materialize(source, out)
+        fmt = sources.detect_format(uri)
+        sources.check_columns(uri, fmt, kind, columns)
+        n_rows = sources.count_rows(uri, fmt)
+        shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
+        job_id = stable_job_id(
+            {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
+             "options": options.model_dump(), "shard_rows": shard_rows, "n_rows": n_rows}
+        )
+        spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
+                       options=options, n_rows=n_rows, shards=shards)
+        self._record(spec)
+        done = storage.read_markers(out)
+        queue = queue_name(kind, model)
+        enqueued = 0
+        for shard in shards:
+            if shard.index in done:
+                continue
+            message = ShardJob(kind=kind, job_id=job_id, model=model, out=out, columns=columns,
+                               options=options, shard=shard, n_shards=len(shards))
+            self.app.send_task(SHARD_TASK, args=[message.model_dump(mode="json")], queue=queue,
+                               task_id=f"{job_id}-{shard.index:05d}")
+            enqueued += 1
+        return JobHandle(out, job_id, len(shards), n_rows, enqueued)
+
+    @staticmethod
+    def _materialize(source: Any, out: str) -> str:
+        if isinstance(source, str):
+            return source
+        if hasattr(source, "to_parquet") and not isinstance(source, pa.Table):  # pandas
+            source = pa.Table.from_pandas(source, preserve_index=False)
+        if isinstance(source, pa.Table):
+            loc = storage.locate(out).child("_input.parquet")
+            storage.publish_table(loc, source)
+            return loc.uri
+        raise TypeError(f"source must be a path/URI, a pandas DataFrame or a pyarrow Table, not {type(source).__name__}")
+
+    @staticmethod
+    def _record(spec: JobSpec) -> None:
+        """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
+        root = storage.locate(spec.out)
+        storage.ensure_dir(root)
+        job_file = root.child(JOB_FILE)
+        if storage.exists(job_file):
+            existing = storage.read_job(spec.out)
+            if existing.job_id != spec.job_id:
+                raise FileExistsError(
+                    f"{spec.out} already holds job {existing.job_id} (another corpus, model or options); "
+                    "choose another output folder"
+                )
+            return
+        if storage.exists(root.child(SUCCESS)):
+            raise FileExistsError(f"{spec.out} already holds finished output; choose another output folder")
+        storage.publish_json(job_file, spec.model_dump(mode="json"))
+
+
+def iter_rows(handle: JobHandle) -> Iterable[dict[str, Any]]:
+    """Rows of every part, for small jobs and tests."""
+    yield from handle.read().to_pylist()

@@ -1,0 +1,286 @@
+"""The wire contract: every message that crosses the broker, as pydantic models.
+
+Messages are JSON only (a broker is not a trusted channel, so pickle is never accepted). Small
+calls carry their inputs inline; bulk jobs carry references to row ranges of a source
+(``ShardRef``) because SQS messages are capped at 1 MiB and Redis keeps queued messages in RAM.
+Every message carries ``schema_version`` so a worker can refuse one it does not understand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+#: Upper bounds that keep one message from harming a worker; errors name them.
+MAX_INLINE_INPUTS = 2048
+MAX_INPUT_CHARS = 100_000
+
+
+class JobKind(str, Enum):
+    """What a model does: embedding models embed, 1-label cross-encoders rerank, N-label classify."""
+
+    embed = "embed"
+    rerank = "rerank"
+    classify = "classify"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {value} is newer than this code understands ({SCHEMA_VERSION}); "
+                "upgrade embedfleet"
+            )
+        return value
+
+
+class Options(BaseModel):
+    """Per-job options; ``None`` means "the model's own default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalize: bool | None = Field(
+        default=None, description="L2-normalize vectors; default: what the model's files say."
+    )
+    truncate: bool = Field(
+        default=True,
+        description="Truncate over-long inputs to the model's maximum length; false makes them errors.",
+    )
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Matryoshka: keep the first N dimensions, then renormalize."
+    )
+    prompt_name: str | None = Field(
+        default=None, description="A prompt named in the model's files, e.g. 'query' or 'passage'."
+    )
+    prompt: str | None = Field(default=None, description="A literal prefix put before every text.")
+    output_dtype: Literal["float32", "float16"] = "float32"
+    raw_scores: bool = Field(
+        default=False, description="Rerank: return raw logits instead of sigmoid scores."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "Options":
+        if self.prompt is not None and self.prompt_name is not None:
+            raise ValueError("options: give either prompt or prompt_name, not both")
+        return self
+
+
+def _check_texts(values: list[Any], field: str) -> list[Any]:
+    """Bound the list itself; per-item problems are reported per item, not by rejecting the job."""
+    if len(values) == 0:
+        raise ValueError(f"{field}: the list is empty; give at least one input")
+    if len(values) > MAX_INLINE_INPUTS:
+        raise ValueError(
+            f"{field}: {len(values)} inputs exceed the limit of {MAX_INLINE_INPUTS} per inline call; "
+            "submit a corpus job for more"
+        )
+    return values
+
+
+class EmbedJob(_Message):
+    """Embed a few texts inline; the result comes back through the result backend."""
+
+    kind: Literal["embed"] = "embed"
+    model: str
+    inputs: list[Any]
+    options: Options = Field(default_factory=Options)
+
+    @field_validator("inputs")
+    @classmethod
+    def _bounded(cls, values: list[Any]) -> list[Any]:
+        return _check_texts(values, "inputs")
+
+
+class RerankJob(_Message):
+    """Score documents against one query with a cross-encoder."""
+
+    kind: Literal["rerank"] = "rerank"
+    model: str
+    query: str
+    documents: list[Any]
+    options: Options = Field(default_factory=Options)
+
+    @field_validator("documents")
+    @classmethod
+    def _bounded(cls, values: list[Any]) -> list[Any]:
+        return _check_texts(values, "documents")
+
+
+class ClassifyJob(_Message):
+    """Classify a few texts inline."""
+
+    kind: Literal["classify"] = "classify"
+    model: str
+    inputs: list[Any]
+    options: Options = Field(default_factory=Options)
+
+    @field_validator("inputs")
+    @classmethod
+    def _bounded(cls, values: list[Any]) -> list[Any]:
+        return _check_texts(values, "inputs")
+
+
+InlineJob = EmbedJob | RerankJob | ClassifyJob
+
+
+class Columns(BaseModel):
+    """Which source columns hold what. Rerank rows need a query and a document column."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = "text"
+    id: str | None = None
+    query: str = "query"
+    document: str = "document"
+
+
+class ShardRef(BaseModel):
+    """A row range of a source, by reference: the message stays small whatever the corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0)
+    uri: str
+    format: Literal["parquet", "jsonl", "csv", "text"]
+    row_start: int = Field(ge=0)
+    row_stop: int = Field(ge=0)
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+class JobSpec(_Message):
+    """A bulk job as submitted: written to ``{out}/_job.json`` before any shard is enqueued."""
+
+    job_id: str
+    kind: JobKind
+    model: str
+    source: str
+    out: str
+    columns: Columns
+    options: Options = Field(default_factory=Options)
+    n_rows: int
+    shards: list[ShardRef]
+
+
+class ShardJob(_Message):
+    """One message of a bulk job: do this shard of this job, write ``part-{index:05d}.parquet``."""
+
+    kind: JobKind
+    job_id: str
+    model: str
+    out: str
+    columns: Columns
+    options: Options = Field(default_factory=Options)
+    shard: ShardRef
+    n_shards: int
+
+
+class RowError(BaseModel):
+    """A bad row: recorded with its reason, never silently dropped; the other rows go on."""
+
+    row: int
+    id: Any = None
+    field: str
+    reason: str
+
+
+class ShardReport(BaseModel):
+    """The done-marker of one shard (``_parts/part-NNNNN.json``), written after its Parquet file."""
+
+    index: int
+    path: str | None
+    rows_in: int
+    rows_written: int
+    n_tokens: int
+    errors: list[RowError] = Field(default_factory=list)
+    status: Literal["done", "failed"] = "done"
+    failure: str | None = None
+    deliveries: int = 1
+
+
+class JobManifest(BaseModel):
+    """``_manifest.json``, written last: what the job produced, which rows failed and why."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    kind: JobKind
+    model: str
+    model_revision: str | None = None
+    source: str
+    out: str
+    n_rows: int
+    rows_written: int
+    n_tokens: int
+    parts: list[str]
+    errors: list[RowError]
+    failed_shards: list[ShardReport] = Field(default_factory=list)
+    status: Literal["complete", "partial"]
+
+
+class InlineResult(BaseModel):
+    """What an inline call returns through the result backend (base64 little-endian float32)."""
+
+    kind: JobKind
+    model: str
+    n_items: int
+    dims: int = 0
+    data_b64: str = ""
+    n_tokens: list[int] = Field(default_factory=list)
+    truncated: list[bool] = Field(default_factory=list)
+    labels: list[str] = Field(default_factory=list)
+    errors: dict[int, str] = Field(default_factory=dict)
+
+
+def queue_name(kind: JobKind | str, model: str) -> str:
+    """The queue a job goes to: one per kind and model, so workers subscribe to what they host.
+
+    Both sides derive it from the model reference the same way: the last path component (a hub
+    id's name, a directory's name), restricted to characters every broker accepts.
+    """
+    kind_value = kind.value if isinstance(kind, JobKind) else str(kind)
+    return f"{kind_value}.{model_slug(model)}"
+
+
+def model_slug(model: str) -> str:
+    """A broker-safe short name for a model reference (``/m/bge-small/`` -> ``bge-small``)."""
+    name = model.rstrip("/\\").replace("\\", "/").split("/")[-1] or model
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+    return slug[:64] or "model"
+
+
+def stable_job_id(payload: dict[str, Any]) -> str:
+    """A job id derived from what the job is, so resubmitting the same job finds its finished shards."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+#: The layout of a bulk job's output folder; producers read it, workers write it.
+JOB_FILE = "_job.json"
+PARTS_DIR = "_parts"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+
+
+def part_name(index: int) -> str:
+    """The deterministic file name of a shard's output."""
+    return f"part-{index:05d}.parquet"
+
+
+def marker_name(index: int) -> str:
+    """The done-marker of a shard, under ``PARTS_DIR``."""
+    return f"part-{index:05d}.json"

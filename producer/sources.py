@@ -1,0 +1,219 @@
+"""Read corpora (Parquet, JSONL, CSV, plain text; local or s3://) and split them into shards.
+
+Shards are references (a URI and a row range), never payloads: the producer only needs a row
+count to plan them, and each worker reads just its own range. Rows are returned as Python
+values so a worker can judge each one (an empty text, a number where a text belongs) and record
+it instead of failing the whole shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from producer.jobs import Columns, JobKind, ShardRef
+from producer.storage import Location, locate, read_bytes
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
+
+
+class SourceError(ValueError):
+    """A corpus that cannot be used as given; the message names the file and the problem."""
+
+
+def detect_format(uri: str) -> str:
+    """The format from the file extension (``.gz`` etc. are not supported yet and say so)."""
+    lowered = uri.lower()
+    for ext, fmt in FORMATS.items():
+        if lowered.endswith(ext):
+            return fmt
+    known = ", ".join(sorted(FORMATS))
+    raise SourceError(f"cannot tell the format of {uri!r} from its extension; supported: {known}")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A row range of a source: row numbers, ids (the id column's values, or the row numbers)
+    and the input values the kind needs (texts, or (query, document) pairs)."""
+
+    row_numbers: list[int]
+    ids: pa.Array
+    values: list[Any]
+    parse_errors: dict[int, str]
+
+
+ColumnMap = dict[str, Any]  # name -> pa.Array or _PyObjects (both slice and to_pylist)
+
+
+def _columns_of(table: pa.Table) -> ColumnMap:
+    return {name: table.column(name).combine_chunks() for name in table.column_names}
+
+
+def _read_text(loc: Location) -> pa.Table:
+    data = read_bytes(loc).decode("utf-8", errors="replace")
+    lines = data.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    return pa.table({"text": pa.array(lines, pa.string())})
+
+
+def _read_jsonl(loc: Location) -> tuple[ColumnMap, dict[int, str]]:
+    """Parse line by line so one bad line is a recorded row error, not a failed corpus."""
+    records: list[dict[str, Any]] = []
+    errors: dict[int, str] = {}
+    raw_lines = read_bytes(loc).decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(line for line in raw_lines if line.strip()):
+        try:
+            value = json.loads(line)
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+        except ValueError as exc:
+            errors[number] = f"line is not a JSON object: {exc}"
+            value = {}
+        records.append(value)
+    names: list[str] = []
+    for record in records:
+        names.extend(key for key in record if key not in names)
+    columns = {name: [record.get(name) for record in records] for name in names}
+    return {name: _loose_array(values) for name, values in columns.items()}, errors
+
+
+def _loose_array(values: list[Any]) -> Any:
+    """An Arrow array of JSON values where their types agree, else the Python values themselves."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return _PyObjects(values)
+
+
+class _PyObjects(list):
+    """Values of a column whose types disagree; kept as Python values so each row can be judged."""
+
+    def to_pylist(self) -> list[Any]:
+        return list(self)
+
+    def slice(self, start: int, length: int) -> "_PyObjects":
+        return _PyObjects(self[start : start + length])
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_table(uri: str, fmt: str) -> tuple[ColumnMap, int, tuple[tuple[int, str], ...]]:
+    """Whole-file formats are read once per process and reused by the shards that follow."""
+    loc = locate(uri)
+    try:
+        if fmt == "jsonl":
+            columns, errors = _read_jsonl(loc)
+            n_rows = max((len(col) for col in columns.values()), default=len(errors))
+            return columns, n_rows, tuple(sorted(errors.items()))
+        if fmt == "text":
+            table = _read_text(loc)
+        else:
+            options = pacsv.ConvertOptions(strings_can_be_null=False)
+            table = pacsv.read_csv(io.BytesIO(read_bytes(loc)), convert_options=options)
+        return _columns_of(table), table.num_rows, ()
+    except FileNotFoundError as exc:
+        raise SourceError(f"cannot read {uri!r}: no such file") from exc
+    except (OSError, pa.ArrowException, UnicodeError) as exc:
+        raise SourceError(f"cannot read {uri!r} as {fmt}: {exc}") from exc
+
+
+def column_names(uri: str, fmt: str) -> list[str]:
+    if fmt == "parquet":
+        return list(_parquet(uri).schema_arrow.names)
+    return list(_whole_table(uri, fmt)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _parquet(uri: str) -> pq.ParquetFile:
+    loc = locate(uri)
+    try:
+        return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+    except FileNotFoundError as exc:
+        raise SourceError(f"cannot read {uri!r}: no such file") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"cannot read {uri!r} as parquet: {exc}") from exc
+
+
+def count_rows(uri: str, fmt: str) -> int:
+    """Row count without reading the data where the format allows (Parquet metadata)."""
+    if fmt == "parquet":
+        return _parquet(uri).metadata.num_rows
+    return _whole_table(uri, fmt)[1]
+
+
+def needed_columns(kind: JobKind, columns: Columns) -> list[str]:
+    wanted = [columns.query, columns.document] if kind == JobKind.rerank else [columns.text]
+    return wanted + ([columns.id] if columns.id else [])
+
+
+def check_columns(uri: str, fmt: str, kind: JobKind, columns: Columns) -> None:
+    """Fail the submission early, naming the missing column and the ones that exist."""
+    present = column_names(uri, fmt)
+    for name in needed_columns(kind, columns):
+        if name not in present:
+            raise SourceError(
+                f"column {name!r} not found in {uri!r}; it has: {', '.join(present) or '(none)'}"
+            )
+
+
+def plan_shards(uri: str, fmt: str, n_rows: int, shard_rows: int) -> list[ShardRef]:
+    if shard_rows < 1:
+        raise SourceError(f"shard_rows must be >= 1, got {shard_rows}")
+    return [
+        ShardRef(index=i, uri=uri, format=fmt, row_start=start, row_stop=min(start + shard_rows, n_rows))  # type: ignore[arg-type]
+        for i, start in enumerate(range(0, n_rows, shard_rows))
+    ]
+
+
+def _parquet_range(uri: str, names: list[str], start: int, stop: int) -> pa.Table:
+    """Read only the row groups that overlap [start, stop)."""
+    pfile = _parquet(uri)
+    groups, first_row, offset = [], None, 0
+    for group in range(pfile.metadata.num_row_groups):
+        rows = pfile.metadata.row_group(group).num_rows
+        if offset + rows > start and offset < stop:
+            groups.append(group)
+            first_row = offset if first_row is None else first_row
+        offset += rows
+    if not groups:
+        return pa.table({name: pa.array([], pfile.schema_arrow.field(name).type) for name in names})
+    table = pfile.read_row_groups(groups, columns=names)
+    return table.slice(start - (first_row or 0), stop - start)
+
+
+def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
+    """The rows of one shard, with ids (the id column, type kept, or the row number)."""
+    names = needed_columns(kind, columns)
+    start, stop = shard.row_start, shard.row_stop
+    parse_errors: dict[int, str] = {}
+    if shard.format == "parquet":
+        table = _parquet_range(shard.uri, names, start, stop)
+        cols = {name: table.column(name).combine_chunks() for name in names}
+    else:
+        whole, _, errors = _whole_table(shard.uri, shard.format)
+        cols = {name: whole[name].slice(start, stop - start) for name in names}
+        parse_errors = {row: msg for row, msg in errors if start <= row < stop}
+    row_numbers = list(range(start, stop))
+    ids = cols[columns.id] if columns.id else pa.array(row_numbers, pa.int64())
+    if kind == JobKind.rerank:
+        values: list[Any] = list(zip(cols[columns.query].to_pylist(), cols[columns.document].to_pylist()))
+    else:
+        values = cols[columns.text].to_pylist()
+    return Rows(row_numbers, ids, values, parse_errors)
+

@@ -1,0 +1,175 @@
+"""URIs to filesystems (local paths and ``s3://``), atomic publish, and small JSON helpers.
+
+Everything a job writes goes through here so that outputs are idempotent: a file appears under
+its final name only when it is complete (temp + rename locally; on S3 an object becomes visible
+only when its upload completes), and single storage calls are retried with tenacity because they
+are idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from producer.jobs import JOB_FILE, MANIFEST, PARTS_DIR, JobManifest, JobSpec, ShardReport, marker_name
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+T = TypeVar("T")
+
+_TRANSIENT = (OSError, pa.ArrowException)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+storage_retry: Callable[[Callable[..., T]], Callable[..., T]] = retry(
+    reraise=True,
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    # A missing file or a refused permission is an answer, not a transient failure.
+    retry=retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(_PERMANENT),
+)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path inside it (no scheme)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, name: str) -> "Location":
+        sep = "" if self.path.endswith("/") else "/"
+        uri_sep = "" if self.uri.endswith("/") else "/"
+        return Location(self.fs, f"{self.path}{sep}{name}", f"{self.uri}{uri_sep}{name}")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem honouring ``AWS_ENDPOINT_URL(_S3)`` so moto and MinIO work unchanged."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs["endpoint_override"] = rest or scheme
+        kwargs["scheme"] = scheme if rest else "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def locate(uri: str) -> Location:
+    """Resolve a URI or a plain path to a filesystem and a path."""
+    if uri.startswith("s3://"):
+        return Location(s3_filesystem(), uri[len("s3://") :].rstrip("/"), uri.rstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"unsupported storage scheme '{scheme}://' in {uri!r}; use a local path or s3://")
+    path = os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+@storage_retry
+def ensure_dir(loc: Location) -> None:
+    """Create a directory (a no-op on S3, where prefixes need no creation)."""
+    if loc.is_local:
+        os.makedirs(loc.path, exist_ok=True)
+
+
+@storage_retry
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+@storage_retry
+def list_names(loc: Location) -> list[str]:
+    """Base names of the files directly under a directory or prefix (empty if it does not exist)."""
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=False)
+    return sorted(info.base_name for info in loc.fs.get_file_info(selector))
+
+
+@storage_retry
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as stream:
+        return stream.read()
+
+
+def read_json(loc: Location) -> Any:
+    return json.loads(read_bytes(loc))
+
+
+@storage_retry
+def publish_bytes(loc: Location, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file, never a part."""
+    if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, loc.path)
+        return
+    # S3: one upload; the object becomes visible only when the upload completes.
+    with loc.fs.open_output_stream(loc.path) as stream:
+        stream.write(data)
+
+
+def publish_json(loc: Location, value: Any) -> None:
+    publish_bytes(loc, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+
+def publish_table(loc: Location, table: pa.Table, compression: str = "zstd") -> None:
+    """Serialize a table to Parquet in memory, then publish it atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    publish_bytes(loc, sink.getvalue().to_pybytes())
+
+
+@storage_retry
+def read_table(loc: Location) -> pa.Table:
+    return pq.read_table(loc.path, filesystem=loc.fs)
+
+
+def read_job(out: str) -> JobSpec:
+    """The job spec a producer wrote to ``{out}/_job.json``."""
+    return JobSpec.model_validate(read_json(locate(out).child(JOB_FILE)))
+
+
+def read_marker(out: str, index: int) -> ShardReport | None:
+    """The done-marker of a shard, or ``None`` if it has not finished."""
+    loc = locate(out).child(PARTS_DIR).child(marker_name(index))
+    if not exists(loc):
+        return None
+    return ShardReport.model_validate(read_json(loc))
+
+
+def read_markers(out: str) -> dict[int, ShardReport]:
+    """Every done-marker present, by shard index (one listing, then one read each)."""
+    parts = locate(out).child(PARTS_DIR)
+    reports = {}
+    for name in list_names(parts):
+        if name.startswith("part-") and name.endswith(".json"):
+            report = ShardReport.model_validate(read_json(parts.child(name)))
+            reports[report.index] = report
+    return reports
+
+
+def read_manifest(out: str) -> JobManifest | None:
+    loc = locate(out).child(MANIFEST)
+    return JobManifest.model_validate(read_json(loc)) if exists(loc) else None

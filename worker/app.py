@@ -1,0 +1,36 @@
+"""The worker's Celery app: the producer's JSON-only app plus what only consumers need.
+
+Late acks and reject-on-worker-lost mean a message is acknowledged only after its output is
+published, so a worker that dies mid-shard gives the shard back to the queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from producer.broker import make_app
+
+
+def worker_settings(prefetch: int) -> dict[str, Any]:
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": max(1, prefetch),
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
+def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Celery:
+    """A worker app whose tasks are embedfleet's (importing ``worker.tasks`` registers them)."""
+    import worker.tasks  # noqa: F401  (registers the shared tasks)
+
+    app = make_app(broker, backend, name="embedfleet-worker")
+    app.conf.update(worker_settings(prefetch))
+    return app

@@ -1,0 +1,1 @@
+"""The in-process batching engine shared by every task of one worker."""

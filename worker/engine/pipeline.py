@@ -1,0 +1,385 @@
+"""The engine: tokenize -> schedule -> forward -> postprocess, overlapped, shared by all tasks.
+
+* Requests are validated per item (a bad item fails alone) and tokenized in batches on a thread
+  pool; the fast tokenizer releases the GIL, so this overlaps with the device.
+* One device thread owns the model. A preparer thread forms the next batch and pads it while
+  the current one runs.
+* Results are copied back and post-processed on a small pool, then put back in input order.
+* Out-of-memory splits a batch in halves (never retried whole); a single input that still does
+  not fit fails alone. Non-finite outputs are recomputed in a wider type; if still not finite,
+  the item fails with a clear message: a NaN never leaves the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
+from worker.backends.base import Backend, Batch
+from worker.engine.scheduler import Item, Scheduler
+from worker.engine.tokenize import BatchTokenizer, Encoded
+from worker.heads import class_probabilities, finish_embeddings, rerank_scores
+from worker.models import ModelInfo
+
+log = logging.getLogger(__name__)
+
+TOKENIZE_CHUNK = 256
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped before this request finished; its work was not done."""
+
+
+@dataclass
+class EngineResult:
+    """Per-input outputs in input order; rows of failed inputs are zero and named in ``errors``."""
+
+    kind: JobKind
+    values: np.ndarray
+    n_tokens: list[int]
+    truncated: list[bool]
+    errors: dict[int, str]
+    labels: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> list[bool]:
+        return [i not in self.errors for i in range(len(self.n_tokens))]
+
+
+@dataclass(eq=False)
+class _Request:
+    size: int
+    options: Options
+    future: Future
+    raw: np.ndarray | None = None
+    n_tokens: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    remaining: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(eq=False)
+class _Slot:
+    request: _Request
+    index: int
+    encoded: Encoded
+
+
+def check_text(value: Any, field_name: str) -> str | None:
+    """Why ``value`` cannot be embedded, or ``None`` when it can."""
+    if not isinstance(value, str):
+        return f"{field_name} must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return f"{field_name} is empty; give at least one non-whitespace character"
+    if len(value) > MAX_INPUT_CHARS:
+        return f"{field_name} has {len(value)} characters, over the limit of {MAX_INPUT_CHARS}"
+    return None
+
+
+class Engine:
+    """Batches inputs of all concurrent requests for one model on one device."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        backend: Backend,
+        max_batch_tokens: int | None = None,
+        tokenize_workers: int = 2,
+        post_workers: int = 1,
+    ) -> None:
+        self.info = info
+        self.backend = backend
+        self.tokenizer = BatchTokenizer(info.path, info.max_length)
+        budget = max_batch_tokens or backend.preferred_batch_tokens
+        self.scheduler = Scheduler(budget, padded=not backend.unpadded)
+        self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
+        self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
+        self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0}
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.scheduler.max_batch_tokens
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        for target, name in ((self._prepare_loop, "ef-prepare"), (self._device_loop, "ef-device")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting work, fail what is pending (it goes back to the queue unacked)."""
+        self._stop.set()
+        self.scheduler.close()
+        for slot_item in self.scheduler.drain():
+            self._fail_request(slot_item.payload.request, EngineStopped("the worker is stopping"))
+        for thread in self._threads:
+            thread.join(timeout)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._post_pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, inputs: Sequence[Any], options: Options | None = None) -> "Future[EngineResult]":
+        """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future."""
+        options = options or Options()
+        request = _Request(size=len(inputs), options=options, future=Future())
+        request.n_tokens = [0] * len(inputs)
+        request.truncated = [False] * len(inputs)
+        if options.dimensions is not None and self.info.kind == JobKind.embed and options.dimensions > self.info.dims:
+            raise ValueError(
+                f"dimensions={options.dimensions} is over the model's {self.info.dims} dimensions"
+            )
+        prepared = self._validate(inputs, options, request)
+        request.remaining = len(prepared)
+        if not prepared:
+            self._finish(request)
+            return request.future
+        for start in range(0, len(prepared), TOKENIZE_CHUNK):
+            chunk = prepared[start : start + TOKENIZE_CHUNK]
+            self._tokenize_pool.submit(self._tokenize, request, chunk)
+        return request.future
+
+    def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None) -> EngineResult:
+        """Submit and wait."""
+        return self.submit(inputs, options).result(timeout)
+
+    def _prefix(self, options: Options) -> str:
+        if options.prompt is not None:
+            return options.prompt
+        if options.prompt_name is not None:
+            if options.prompt_name not in self.info.prompts:
+                known = ", ".join(sorted(self.info.prompts)) or "none"
+                raise ValueError(f"prompt_name {options.prompt_name!r} is not defined by the model (it has: {known})")
+            return self.info.prompts[options.prompt_name]
+        return ""
+
+    def _validate(self, inputs: Sequence[Any], options: Options, request: _Request) -> list[tuple[int, Any]]:
+        prefix = self._prefix(options)
+        prepared: list[tuple[int, Any]] = []
+        for index, value in enumerate(inputs):
+            if self.info.kind == JobKind.rerank:
+                if not isinstance(value, (tuple, list)) or len(value) != 2:
+                    request.errors[index] = f"input {index} must be a (query, document) pair"
+                    continue
+                problem = check_text(value[0], f"input {index} query") or check_text(value[1], f"input {index} document")
+                item: Any = (value[0], value[1])
+            else:
+                problem = check_text(value, f"input {index}")
+                item = prefix + value if problem is None else None
+            if problem:
+                request.errors[index] = problem
+            else:
+                prepared.append((index, item))
+        return prepared
+
+    def _tokenize(self, request: _Request, chunk: list[tuple[int, Any]]) -> None:
+        try:
+            encoded = self.tokenizer.encode([value for _, value in chunk])
+        except Exception as exc:  # a tokenizer bug must fail the request, not hang it
+            log.exception("tokenization failed")
+            self._fail_request(request, exc)
+            return
+        items: list[Item] = []
+        rejected = 0
+        for (index, _), enc in zip(chunk, encoded):
+            request.n_tokens[index] = enc.n_tokens
+            request.truncated[index] = enc.truncated
+            if enc.truncated and not request.options.truncate:
+                request.errors[index] = (
+                    f"input {index} is longer than the model's maximum of {self.info.max_length} tokens "
+                    "(set truncate=true to cut it)"
+                )
+                rejected += 1
+                continue
+            items.append(Item(length=enc.n_tokens, payload=_Slot(request, index, enc)))
+        if rejected:
+            self._complete(request, rejected)
+        if items:
+            try:
+                self.scheduler.add(items)
+            except RuntimeError as exc:
+                self._fail_request(request, EngineStopped(str(exc)))
+
+    # ------------------------------------------------------------------ device side
+    def _collate(self, slots: list[_Slot]) -> Batch:
+        lengths = np.array([s.encoded.n_tokens for s in slots], dtype=np.int32)
+        longest = int(lengths.max())
+        ids = np.full((len(slots), longest), self.tokenizer.pad_id, dtype=np.int32)
+        types = np.zeros((len(slots), longest), dtype=np.int32)
+        mask = np.zeros((len(slots), longest), dtype=np.int32)
+        for row, slot in enumerate(slots):
+            n = slot.encoded.n_tokens
+            ids[row, :n] = slot.encoded.ids
+            types[row, :n] = slot.encoded.type_ids
+            mask[row, :n] = 1
+        return Batch(ids, mask, types, lengths)
+
+    def _prepare_loop(self) -> None:
+        while not self._stop.is_set():
+            items = self.scheduler.next_batch(timeout=0.2)
+            if not items:
+                continue
+            slots = [item.payload for item in items]
+            try:
+                batch = self._collate(slots)
+            except Exception as exc:
+                self._fail_slots(slots, exc)
+                continue
+            while not self._stop.is_set():
+                try:
+                    self._ready.put((slots, batch), timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                self._fail_slots(slots, EngineStopped("the worker is stopping"))
+
+    def _device_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                work = self._ready.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if work is None:
+                break
+            slots, batch = work
+            self._run_batch(slots, batch)
+        while True:  # fail whatever was prepared but not run
+            try:
+                work = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if work:
+                self._fail_slots(work[0], EngineStopped("the worker is stopping"))
+
+    def _run_batch(self, slots: list[_Slot], batch: Batch) -> None:
+        try:
+            output = self.backend.forward(batch)
+        except Exception as exc:
+            if self.backend.is_out_of_memory(exc):
+                self._split_after_oom(slots, exc)
+            else:
+                log.exception("forward failed on a batch of %d", len(slots))
+                self._fail_slots(slots, exc)
+            return
+        self.stats["batches"] += 1
+        self.stats["items"] += len(slots)
+        self.stats["tokens"] += batch.n_real_tokens
+        self.stats["padded_tokens"] += int(batch.input_ids.size)
+        output = self._fix_non_finite(slots, batch, output)
+        self._post_pool.submit(self._deliver, slots, output)
+
+    def _split_after_oom(self, slots: list[_Slot], error: BaseException) -> None:
+        if len(slots) == 1:
+            slot = slots[0]
+            self._fail_item(
+                slot,
+                f"input {slot.index} ({slot.encoded.n_tokens} tokens) does not fit in device memory on its own",
+            )
+            return
+        self.stats["oom_splits"] += 1
+        half = len(slots) // 2
+        log.warning("out of memory on a batch of %d; splitting into %d + %d", len(slots), half, len(slots) - half)
+        for part in (slots[:half], slots[half:]):
+            self._run_batch(part, self._collate(part))
+
+    def _fix_non_finite(self, slots: list[_Slot], batch: Batch, output: np.ndarray) -> np.ndarray:
+        bad_rows = np.flatnonzero(~np.isfinite(output).all(axis=1))
+        if bad_rows.size == 0:
+            return output
+        self.stats["recomputed"] += int(bad_rows.size)
+        log.warning("%d non-finite outputs in %s; recomputing them in a wider type", bad_rows.size, self.backend.dtype)
+        subset = [slots[i] for i in bad_rows]
+        try:
+            redo = self.backend.forward(self._collate(subset), precise=True)
+        except Exception as exc:  # the recompute itself failed: those items fail, nothing else
+            redo = np.full((len(subset), output.shape[1]), np.nan, dtype=np.float32)
+            log.warning("recompute failed: %s", exc)
+        output = output.copy()
+        output[bad_rows] = redo
+        return output
+
+    # ------------------------------------------------------------------ results
+    def _deliver(self, slots: list[_Slot], output: np.ndarray) -> None:
+        by_request: dict[_Request, list[tuple[int, np.ndarray]]] = {}
+        for slot, row in zip(slots, output):
+            by_request.setdefault(slot.request, []).append((slot.index, row))
+        for request, rows in by_request.items():
+            with request.lock:
+                if request.raw is None:
+                    request.raw = np.zeros((request.size, output.shape[1]), dtype=np.float32)
+                for index, row in rows:
+                    if np.isfinite(row).all():
+                        request.raw[index] = row
+                    else:
+                        request.errors[index] = f"input {index} gave non-finite outputs even in a wider type"
+            self._complete(request, len(rows))
+
+    def _complete(self, request: _Request, count: int) -> None:
+        with request.lock:
+            request.remaining -= count
+            done = request.remaining <= 0
+        if done:
+            self._finish(request)
+
+    def _finish(self, request: _Request) -> None:
+        if request.future.done():
+            return
+        try:
+            request.future.set_result(self._result(request))
+        except Exception as exc:
+            request.future.set_exception(exc)
+
+    def _result(self, request: _Request) -> EngineResult:
+        options = request.options
+        raw = request.raw if request.raw is not None else np.zeros((request.size, self.info.dims), np.float32)
+        if self.info.kind == JobKind.embed:
+            normalize = self.info.normalize if options.normalize is None else options.normalize
+            values = finish_embeddings(raw, normalize, options.dimensions)
+        elif self.info.kind == JobKind.rerank:
+            values = rerank_scores(raw, options.raw_scores)
+        else:
+            values = class_probabilities(raw, self.info.multi_label)
+        for index in request.errors:
+            values[index] = 0
+        return EngineResult(
+            kind=self.info.kind,
+            values=values,
+            n_tokens=request.n_tokens,
+            truncated=request.truncated,
+            errors=dict(sorted(request.errors.items())),
+            labels=self.info.labels,
+        )
+
+    def _fail_item(self, slot: _Slot, message: str) -> None:
+        with slot.request.lock:
+            slot.request.errors[slot.index] = message
+        self._complete(slot.request, 1)
+
+    def _fail_slots(self, slots: list[_Slot], error: BaseException) -> None:
+        for request in {slot.request for slot in slots}:
+            self._fail_request(request, error)
+
+    def _fail_request(self, request: _Request, error: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+

@@ -1,0 +1,75 @@
+"""Pooling, normalization, Matryoshka truncation, and the rerank and classify heads.
+
+Pooling runs on the device (it shrinks ``[batch, seq, hidden]`` to ``[batch, hidden]`` before
+anything is copied back); everything after it is cheap per-row numpy work done off the device
+thread, where each request's own options (dimensions, normalization, raw scores) apply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce token states ``[B, T, H]`` to one vector per input, as sentence-transformers does."""
+    if mode == "cls":
+        return hidden[:, 0]
+    mask_f = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean" or mode == "mean_sqrt_len":
+        summed = (hidden * mask_f).sum(dim=1, dtype=torch.float32)
+        counts = mask_f.sum(dim=1, dtype=torch.float32).clamp(min=1e-9)
+        return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+    if mode == "max":
+        floor = torch.finfo(hidden.dtype).min
+        return hidden.masked_fill(mask_f == 0, floor).max(dim=1).values
+    if mode == "lasttoken":
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
+
+
+def pool_varlen(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool packed token states ``[total, H]`` whose sequences start at ``cu_seqlens[:-1]``."""
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    if mode == "cls":
+        return hidden[starts]
+    if mode == "lasttoken":
+        return hidden[ends - 1]
+    lengths = (ends - starts).to(torch.float32)
+    segment = torch.repeat_interleave(torch.arange(len(starts), device=hidden.device), (ends - starts))
+    if mode in ("mean", "mean_sqrt_len"):
+        out = torch.zeros(len(starts), hidden.shape[1], device=hidden.device, dtype=torch.float32)
+        out.index_add_(0, segment, hidden.to(torch.float32))
+        return out / (lengths.sqrt() if mode == "mean_sqrt_len" else lengths).unsqueeze(1)
+    if mode == "max":
+        out = torch.full((len(starts), hidden.shape[1]), float("-inf"), device=hidden.device, dtype=hidden.dtype)
+        return out.index_reduce_(0, segment, hidden, "amax")
+    raise ValueError(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
+
+
+def finish_embeddings(vectors: np.ndarray, normalize: bool, dimensions: int | None) -> np.ndarray:
+    """Matryoshka-truncate to ``dimensions`` (if given), then L2-normalize (if asked)."""
+    out = np.asarray(vectors, dtype=np.float32)
+    if dimensions is not None:
+        out = out[:, :dimensions]
+    if normalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def rerank_scores(logits: np.ndarray, raw: bool) -> np.ndarray:
+    """One relevance score per pair: sigmoid of the logit (in [0, 1]), or the logit itself."""
+    flat = np.asarray(logits, dtype=np.float32).reshape(len(logits), -1)[:, 0]
+    return flat if raw else (1.0 / (1.0 + np.exp(-flat))).astype(np.float32)
+
+
+def class_probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Per-label probabilities: softmax, or an independent sigmoid for multi-label models."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if multi_label:
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

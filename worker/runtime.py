@@ -1,0 +1,50 @@
+"""The engines this worker process hosts, found by the model reference a job names.
+
+Tasks are thin and stateless; the engines (one model copy per device) live here for the life
+of the process, shared by every concurrent task so their texts share batches.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from producer.jobs import JobKind, model_slug
+from worker.engine.pipeline import Engine
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+class ModelNotServed(LookupError):
+    """A job named a model this worker does not host (a routing mistake, not a bad input)."""
+
+
+def register(engine: Engine) -> None:
+    with _lock:
+        _engines[model_slug(engine.info.name)] = engine
+
+
+def unregister_all() -> list[Engine]:
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+        return engines
+
+
+def engine_for(model: str, kind: JobKind | None = None) -> Engine:
+    """The engine hosting ``model``; a kind mismatch is an error naming both kinds."""
+    with _lock:
+        engine = _engines.get(model_slug(model))
+        hosted = ", ".join(sorted(_engines)) or "none"
+    if engine is None:
+        raise ModelNotServed(f"model {model!r} is not hosted by this worker (it hosts: {hosted})")
+    if kind is not None and engine.info.kind != kind:
+        raise ValueError(
+            f"model {model!r} is a {engine.info.kind.value} model; it cannot run a {kind.value} job"
+        )
+    return engine
+
+
+def hosted() -> list[Engine]:
+    with _lock:
+        return list(_engines.values())

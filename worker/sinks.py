@@ -1,0 +1,137 @@
+"""Parquet writers for shard results, done-markers, and the job manifest written last.
+
+Names are deterministic (``part-{shard:05d}.parquet``), every file is published atomically, and
+a shard's done-marker (``_parts/part-NNNNN.json``) is written only after its Parquet file, so a
+shard that ran twice yields the same rows and a finished shard is never redone. Whichever shard
+finishes last writes ``_manifest.json`` and then ``_SUCCESS``; their content depends only on the
+markers, so two writers racing write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from producer import __version__
+from producer.jobs import (
+    MANIFEST,
+    PARTS_DIR,
+    SUCCESS,
+    JobKind,
+    JobManifest,
+    JobSpec,
+    RowError,
+    ShardReport,
+    marker_name,
+    part_name,
+)
+from producer.storage import Location, list_names, locate, publish_json, publish_table, read_job, read_markers
+from worker.engine.pipeline import EngineResult
+from worker.models import ModelInfo
+
+def ids_array(ids: Any) -> pa.Array:
+    """The id column with its type kept; ids whose types disagree become strings."""
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    values = list(ids)
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _vectors(values: np.ndarray, dtype: str) -> pa.Array:
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    flat = pa.array(np.ascontiguousarray(values, dtype=np_dtype).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def result_table(
+    info: ModelInfo, result: EngineResult, ids: pa.Array, keep: list[int], output_dtype: str, dtype: str
+) -> pa.Table:
+    """The Parquet table of one shard: only the rows in ``keep`` (the others failed)."""
+    take = pa.array(keep, pa.int64())
+    columns: dict[str, pa.Array] = {"id": ids_array(ids).take(take)}
+    values = result.values[keep] if keep else result.values[:0]
+    if info.kind == JobKind.embed:
+        columns["embedding"] = _vectors(values.reshape(len(keep), -1), output_dtype)
+    elif info.kind == JobKind.rerank:
+        columns["score"] = pa.array(values.astype(np.float32).reshape(-1))
+    else:
+        best = values.argmax(axis=1) if len(keep) else np.zeros(0, dtype=np.int64)
+        columns["label"] = pa.array([info.labels[i] for i in best], pa.string())
+        columns["score"] = pa.array(values[np.arange(len(keep)), best].astype(np.float32))
+        columns["scores"] = _vectors(values.reshape(len(keep), -1), "float32")
+    columns["n_tokens"] = pa.array([result.n_tokens[i] for i in keep], pa.int32())
+    columns["truncated"] = pa.array([result.truncated[i] for i in keep], pa.bool_())
+    table = pa.table(columns)
+    return table.replace_schema_metadata(file_metadata(info, values.shape[-1] if values.ndim > 1 else 1, output_dtype, dtype))
+
+
+def file_metadata(info: ModelInfo, dims: int, output_dtype: str, dtype: str) -> dict[str, str]:
+    """What a reader needs to trust the vectors: model, revision, dimensions, normalization, dtype."""
+    return {
+        "embedfleet.version": __version__,
+        "embedfleet.kind": info.kind.value,
+        "embedfleet.model": info.ref,
+        "embedfleet.model_revision": info.revision,
+        "embedfleet.dimensions": str(dims),
+        "embedfleet.normalized": json.dumps(info.normalize),
+        "embedfleet.pooling": info.pooling,
+        "embedfleet.output_dtype": output_dtype,
+        "embedfleet.compute_dtype": dtype,
+        "embedfleet.labels": json.dumps(list(info.labels)),
+    }
+
+
+def write_part(out: str, index: int, table: pa.Table) -> str:
+    loc = locate(out).child(part_name(index))
+    publish_table(loc, table)
+    return loc.uri
+
+
+def write_marker(out: str, report: ShardReport) -> None:
+    publish_json(locate(out).child(PARTS_DIR).child(marker_name(report.index)), report.model_dump(mode="json"))
+
+
+def finalize_if_complete(out: str, model_revision: str | None) -> JobManifest | None:
+    """Write the manifest and ``_SUCCESS`` once every shard has a marker; else do nothing."""
+    root = locate(out)
+    spec = read_job(out)
+    present = set(list_names(root.child(PARTS_DIR)))  # one listing; reads only once all are there
+    if any(marker_name(s.index) not in present for s in spec.shards):
+        return None
+    markers = read_markers(out)
+    reports = [markers[s.index] for s in spec.shards]
+    manifest = build_manifest(spec, reports, model_revision)
+    publish_json(root.child(MANIFEST), manifest.model_dump(mode="json"))
+    if manifest.status == "complete":
+        _publish_success(root)
+    return manifest
+
+
+def _publish_success(root: Location) -> None:
+    publish_json(root.child(SUCCESS), {"status": "complete"})
+
+
+def build_manifest(spec: JobSpec, reports: list[ShardReport], model_revision: str | None) -> JobManifest:
+    errors: list[RowError] = [error for report in reports for error in report.errors]
+    failed = [report for report in reports if report.status == "failed"]
+    return JobManifest(
+        job_id=spec.job_id,
+        kind=spec.kind,
+        model=spec.model,
+        model_revision=model_revision,
+        source=spec.source,
+        out=spec.out,
+        n_rows=spec.n_rows,
+        rows_written=sum(r.rows_written for r in reports),
+        n_tokens=sum(r.n_tokens for r in reports),
+        parts=[part_name(r.index) for r in reports if r.status == "done"],
+        errors=errors,
+        failed_shards=failed,
+        status="partial" if failed else "complete",
+    )
