@@ -18,10 +18,11 @@ from producer.cli import app, build_options, console, fail, follow, summarize
 from producer.client import DEFAULT_SHARD_ROWS, Client
 from producer.jobs import JobKind
 from producer.sources import SourceError, check_columns, detect_format
+from worker.backends import BackendUnavailable
 from worker.embedded import InProcessWorker, WorkerSpec
 from worker.models import DEFAULT_MODEL, ModelNotFound
 
-KNOWN_ERRORS = (SourceError, ModelNotFound, FileExistsError, ValueError, NotImplementedError)
+KNOWN_ERRORS = (SourceError, ModelNotFound, FileExistsError, ValueError, BackendUnavailable)
 
 
 def _setup_logging(verbose: bool) -> None:

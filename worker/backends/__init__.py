@@ -1,24 +1,45 @@
-"""One module per backend behind one small interface (``worker.backends.base.Backend``)."""
+"""One module per backend behind one small interface (``worker.backends.base.Backend``).
+
+Backends are imported only when asked for, so a worker without onnxruntime or the Neuron SDK
+still runs torch, and asking for a missing one says what to install.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from worker.backends.base import Backend
     from worker.models import ModelInfo
 
-BACKENDS = ("torch",)
+#: name -> (module, class, what to install when the import fails)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "torch": ("worker.backends.torch", "TorchBackend", "pip install torch"),
+    "onnx": ("worker.backends.onnx", "OnnxBackend", "pip install 'embedfleet[onnx]'"),
+    "neuron": ("worker.backends.neuron", "NeuronBackend", "pip install 'embedfleet[neuron]' on an inf2 instance"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend exists but cannot run here (its package or hardware is missing)."""
+
+
+def backend_class(name: str) -> type:
+    """The class implementing backend ``name``; unknown or missing ones fail with what to do."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    module_name, class_name, install = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailable(f"backend {name!r} is not implemented in this version of embedfleet") from exc
+        raise BackendUnavailable(f"backend {name!r} needs the package {exc.name!r}: {install}") from exc
+    return getattr(module, class_name)
 
 
 def load_backend(name: str, info: "ModelInfo", device: str, dtype: str) -> "Backend":
-    """Load ``info`` on ``device`` with the named backend; unknown names fail with the choices."""
-    if name in ("torch", "auto"):
-        from worker.backends.torch import TorchBackend
-
-        return TorchBackend(info, device=device, dtype=dtype)
-    if name in ("onnx", "neuron"):
-        raise NotImplementedError(
-            f"backend {name!r} is not available yet in this version of embedfleet; use --backend torch"
-        )
-    raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    """Load ``info`` on ``device`` with the named backend (``auto`` is torch for now)."""
+    chosen = "torch" if name == "auto" else name
+    return backend_class(chosen)(info, device=device, dtype=dtype)
