@@ -13,6 +13,7 @@ from celery import Celery
 
 INLINE_TASK = "embedfleet.inline"
 SHARD_TASK = "embedfleet.shard"
+INFO_TASK = "embedfleet.info"
 
 MEMORY_BROKER = "memory://localhost/"
 MEMORY_BACKEND = "cache+memory://"

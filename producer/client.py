@@ -222,63 +222,87 @@ class Client:
         pyarrow Table (written to ``out/_input.parquet`` first, so shards stay references).
         Submitting the same job again enqueues only the shards that have no done-marker.
         """
-        kind = JobKind(kind)
-        options = options or Options()
-        columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
-        uri = self._materialize(source, out)
-        fmt = sources.detect_format(uri)
-        sources.check_columns(uri, fmt, kind, columns)
-        n_rows = sources.count_rows(uri, fmt)
-        shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
-        job_id = stable_job_id(
-            {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
-             "options": options.model_dump(), "shard_rows": shard_rows, "n_rows": n_rows}
-        )
-        spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
-                       options=options, n_rows=n_rows, shards=shards)
-        self._record(spec)
+        spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
+                           query_column=query_column, document_column=document_column, shard_rows=shard_rows,
+                           options=options)
         done = storage.read_markers(out)
-        queue = queue_name(kind, model)
+        queue = queue_name(spec.kind, model)
         enqueued = 0
-        for shard in shards:
+        for shard in spec.shards:
             if shard.index in done:
                 continue
-            message = ShardJob(kind=kind, job_id=job_id, model=model, out=out, columns=columns,
-                               options=options, shard=shard, n_shards=len(shards))
+            message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
+                               options=spec.options, shard=shard, n_shards=len(spec.shards))
             self.app.send_task(SHARD_TASK, args=[message.model_dump(mode="json")], queue=queue,
-                               task_id=f"{job_id}-{shard.index:05d}")
+                               task_id=f"{spec.job_id}-{shard.index:05d}")
             enqueued += 1
-        return JobHandle(out, job_id, len(shards), n_rows, enqueued)
+        return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued)
 
-    @staticmethod
-    def _materialize(source: Any, out: str) -> str:
-        if isinstance(source, str):
-            return source
-        if hasattr(source, "to_parquet") and not isinstance(source, pa.Table):  # pandas
-            source = pa.Table.from_pandas(source, preserve_index=False)
-        if isinstance(source, pa.Table):
-            loc = storage.locate(out).child("_input.parquet")
-            storage.publish_table(loc, source)
-            return loc.uri
-        raise TypeError(f"source must be a path/URI, a pandas DataFrame or a pyarrow Table, not {type(source).__name__}")
 
-    @staticmethod
-    def _record(spec: JobSpec) -> None:
-        """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
-        root = storage.locate(spec.out)
-        storage.ensure_dir(root)
-        job_file = root.child(JOB_FILE)
-        if storage.exists(job_file):
-            existing = storage.read_job(spec.out)
-            if existing.job_id != spec.job_id:
-                raise FileExistsError(
-                    f"{spec.out} already holds job {existing.job_id} (another corpus, model or options); "
-                    "choose another output folder"
-                )
-            return
-        if storage.exists(root.child(SUCCESS)):
-            raise FileExistsError(f"{spec.out} already holds finished output; choose another output folder")
-        storage.publish_json(job_file, spec.model_dump(mode="json"))
+def plan_corpus(
+    source: Any,
+    out: str,
+    model: str = DEFAULT_MODEL,
+    kind: JobKind | str = JobKind.embed,
+    text_column: str = "text",
+    id_column: str | None = None,
+    query_column: str = "query",
+    document_column: str = "document",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    options: Options | None = None,
+) -> JobSpec:
+    """Check a corpus, split it into shards and record the job in ``{out}/_job.json``.
+
+    No broker is involved: a fleet then enqueues the shards (``Client.submit_corpus``), and an
+    AWS Batch array job processes them by index with no broker at all.
+    """
+    kind = JobKind(kind)
+    options = options or Options()
+    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+    uri = _materialize(source, out)
+    fmt = sources.detect_format(uri)
+    sources.check_columns(uri, fmt, kind, columns)
+    n_rows = sources.count_rows(uri, fmt)
+    shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
+    job_id = stable_job_id(
+        {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
+         "options": options.model_dump(), "shard_rows": shard_rows, "n_rows": n_rows}
+    )
+    spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
+                   options=options, n_rows=n_rows, shards=shards)
+    _record(spec)
+    return spec
+
+
+def _materialize(source: Any, out: str) -> str:
+    """A DataFrame or Table is written next to the outputs, so shards can reference it."""
+    if isinstance(source, str):
+        return source
+    if hasattr(source, "to_parquet") and not isinstance(source, pa.Table):  # pandas
+        source = pa.Table.from_pandas(source, preserve_index=False)
+    if isinstance(source, pa.Table):
+        loc = storage.locate(out).child("_input.parquet")
+        storage.publish_table(loc, source)
+        return loc.uri
+    raise TypeError(f"source must be a path/URI, a pandas DataFrame or a pyarrow Table, not {type(source).__name__}")
+
+
+def _record(spec: JobSpec) -> None:
+    """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
+    root = storage.locate(spec.out)
+    storage.ensure_dir(root)
+    job_file = root.child(JOB_FILE)
+    if storage.exists(job_file):
+        existing = storage.read_job(spec.out)
+        if existing.job_id != spec.job_id:
+            raise FileExistsError(
+                f"{spec.out} already holds job {existing.job_id} (another corpus, model or options); "
+                "choose another output folder"
+            )
+        return
+    if storage.exists(root.child(SUCCESS)):
+        raise FileExistsError(f"{spec.out} already holds finished output; choose another output folder")
+    storage.publish_json(job_file, spec.model_dump(mode="json"))
 
 
 def iter_rows(handle: JobHandle) -> Iterable[dict[str, Any]]:

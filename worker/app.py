@@ -29,7 +29,8 @@ def worker_settings(prefetch: int) -> dict[str, Any]:
 
 def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Celery:
     """A worker app whose tasks are embedfleet's (importing ``worker.tasks`` registers them)."""
-    import worker.tasks  # noqa: F401  (registers the shared tasks)
+    import worker.info  # noqa: F401  (registers the shared tasks)
+    import worker.tasks  # noqa: F401
 
     app = make_app(broker, backend, name="embedfleet-worker")
     app.conf.update(worker_settings(prefetch))

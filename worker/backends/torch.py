@@ -83,6 +83,10 @@ class TorchBackend:
         log.info("loading %s (%s) on %s in %s", info.name, info.architecture, self.device, self.dtype)
         model = loader.from_pretrained(str(info.path), dtype=self.torch_dtype, attn_implementation="sdpa")
         self.model = model.to(self.device).eval()
+        if self.device == "cpu":
+            from worker.backends.torch_cpu import optimize
+
+            self.model = optimize(self.model, self.torch_dtype)
         params = inspect.signature(self.model.forward).parameters
         self._takes_type_ids = "token_type_ids" in params
         self.preferred_batch_tokens = 16384 if self.device.startswith("cuda") else 8192
