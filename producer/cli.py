@@ -7,13 +7,13 @@ the same Typer app (the dependency arrow points from worker to producer, never b
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.client import DEFAULT_MODEL, DEFAULT_SHARD_ROWS, Client, JobFailed, JobHandle
+from producer.client import DEFAULT_MODEL, DEFAULT_SHARD_ROWS, Client, JobHandle
 from producer.client import Progress as JobProgress
 from producer.jobs import JobKind, JobManifest, Options
 
@@ -78,21 +78,52 @@ def submit(
     document_column: str = typer.Option("document", "--document-column"),
     shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-rows", min=1),
 ) -> None:
-    """Submit a corpus as a bulk job to a fleet; prints the job's output folder (its id) last."""
+    """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     client = Client(broker=broker, result_backend=result_backend)
     handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                                   query_column=query_column, document_column=document_column, shard_rows=shard_rows)
-    console.print(f"job {handle.job_id}: {handle.n_rows:,} rows in {handle.n_shards} shard(s), {handle.enqueued} enqueued")
-    typer.echo(out)
+    remember_job(client, handle)
+    console.print(f"job {handle.job_id}: {handle.n_rows:,} rows in {handle.n_shards} shard(s), "
+                  f"{handle.enqueued} enqueued, output in {out}")
+    typer.echo(handle.job_id)
+
+
+def _job_key(job_id: str) -> str:
+    return f"embedfleet-job-{job_id}"
+
+
+def remember_job(client: Client, handle: JobHandle) -> None:
+    """Map the job id to its output folder in the result backend, so `status JOB` can find it."""
+    client.app.backend.set(_job_key(handle.job_id), handle.out)
+
+
+def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> JobHandle:
+    """A handle from an output folder/URI, or from a job id looked up in the result backend."""
+    looks_like_id = len(job) == 16 and all(c in "0123456789abcdef" for c in job)
+    if looks_like_id and broker:
+        client = Client(broker=broker, result_backend=result_backend)
+        out = client.app.backend.get(_job_key(job))
+        if out is None:
+            raise LookupError(f"job {job} is not known to the result backend of {broker.split('@')[-1]}")
+        job = out.decode() if isinstance(out, bytes) else str(out)
+    try:
+        return JobHandle.open(job)
+    except FileNotFoundError:
+        raise LookupError(f"no embedfleet job at {job!r}: it holds no _job.json") from None
 
 
 @app.command()
 def status(
-    out: str = typer.Argument(..., help="The job's output folder (as given to submit)"),
-    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes"),
+    job: str = typer.Argument(..., help="The job id printed by submit, or the job's output folder/URI"),
+    broker: Optional[str] = typer.Option(None, "--broker", envvar="EMBEDFLEET_BROKER", help="Needed to look up a job id"),
+    result_backend: Optional[str] = typer.Option(None, "--result-backend", envvar="EMBEDFLEET_RESULT_BACKEND"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it finishes"),
 ) -> None:
     """Show a job's progress; exit 0 when complete, 1 when it failed, 3 while it runs."""
-    handle = JobHandle.open(out)
+    try:
+        handle = find_job(job, broker, result_backend)
+    except (LookupError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
     if wait:
         manifest, _ = follow(handle)
     else:
@@ -104,12 +135,3 @@ def status(
     summarize(manifest, None)
     raise typer.Exit(0 if manifest.status == "complete" else 1)
 
-
-def guarded(func: Callable[[], None], known: tuple[type[BaseException], ...]) -> None:
-    """Run a command body, turning expected failures into one clear line and exit code 2."""
-    try:
-        func()
-    except known as exc:
-        raise fail(str(exc)) from None
-    except JobFailed as exc:
-        raise fail(str(exc), 1) from None
