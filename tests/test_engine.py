@@ -1,0 +1,445 @@
+"""The engine end to end on real models: quality against references, batching, failure handling.
+
+* The bundled all-MiniLM-L6-v2 against sentence-transformers on real, varied texts.
+* Tiny random models against a direct transformers computation (CLS / mean pooling, prompts,
+  Matryoshka dimensions, normalization, rerank sigmoid / raw logits, classify softmax).
+* Engine behaviour: order restored, concurrent requests sharing batches, out-of-memory split,
+  NaN recompute, per-item errors (truncate=false, bad inputs) that never fail the others.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
+from worker.engine.pipeline import Engine, EngineResult
+
+from fixtures_extra import (
+    EDGE_TEXTS,
+    GatedBackend,
+    NanBackend,
+    OomBackend,
+    cosine_rows,
+    first_token_id,
+    make_engine,
+    sample_texts,
+    tiny_embed_engine,  # noqa: F401  (fixture)
+)
+
+COS_MIN = 0.99999
+
+
+# ---------------------------------------------------------------------------- references
+def _hf(path: Path, kind: str = "embed"):  # type: ignore[no-untyped-def]
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    loader = AutoModel if kind == "embed" else AutoModelForSequenceClassification
+    model = loader.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoTokenizer.from_pretrained(str(path)), model
+
+
+@torch.inference_mode()
+def reference_embed(path: Path, texts: list[str], max_length: int, pooling: str, normalize: bool) -> np.ndarray:
+    """Plain transformers: tokenize with truncation, run, pool by the mask, maybe normalize."""
+    tokenizer, model = _hf(path)
+    rows = []
+    for start in range(0, len(texts), 16):
+        enc = tokenizer(texts[start : start + 16], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+        rows.append(pooled)
+    out = torch.cat(rows)
+    if normalize:
+        out = torch.nn.functional.normalize(out, dim=1)
+    return out.numpy()
+
+
+@torch.inference_mode()
+def reference_logits(path: Path, first: list[str], second: list[str] | None, max_length: int) -> np.ndarray:
+    tokenizer, model = _hf(path, "classify")
+    enc = tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return model(**enc).logits.numpy()
+
+
+def assert_close_rows(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite output"
+    cos = cosine_rows(got, want)
+    worst = int(cos.argmin())
+    assert cos.min() >= COS_MIN, f"{what}: row {worst} cosine {cos[worst]:.7f} < {COS_MIN}"
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=what)
+
+
+def mixed_texts(n: int = 40, seed: int = 0) -> list[str]:
+    """Real texts of shuffled lengths plus edge cases (one longer than any tiny model's limit)."""
+    texts = sample_texts(n, step=101) + EDGE_TEXTS
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+# ---------------------------------------------------------------------------- bundled model
+@pytest.fixture(scope="module")
+def bundled_engine(bundled_model: Path) -> Iterator[Engine]:
+    engine = make_engine(None)
+    yield engine
+    engine.stop()
+
+
+def test_bundled_model_matches_sentence_transformers(bundled_engine: Engine, bundled_model: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = sample_texts(220) + EDGE_TEXTS
+    result = bundled_engine.run(texts, timeout=600)
+    assert not result.errors
+    st_model = SentenceTransformer(str(bundled_model), device="cpu")
+    assert st_model.max_seq_length == bundled_engine.info.max_length == 256
+    want = st_model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=False)
+    assert result.values.dtype == np.float32 and result.values.shape == (len(texts), 384)
+    cos = cosine_rows(result.values, want)
+    worst = int(cos.argmin())
+    assert cos.min() >= COS_MIN, f"text {worst} ({texts[worst][:60]!r}): cosine {cos[worst]:.7f}"
+    # The model's own files normalize; so do we.
+    np.testing.assert_allclose(np.linalg.norm(result.values, axis=1), 1.0, atol=1e-5)
+    # Truncation at 256 tokens is reported per item.
+    long_index = texts.index(EDGE_TEXTS[5])
+    assert result.truncated[long_index] and result.n_tokens[long_index] == 256
+    single = texts.index("word")
+    assert not result.truncated[single] and result.n_tokens[single] == 3  # [CLS] word [SEP]
+    assert sum(result.truncated) == sum(len(st_model.tokenizer(t)["input_ids"]) > 256 for t in texts)
+
+
+# ---------------------------------------------------------------------------- tiny embedders
+def test_tiny_embed_cls_pooling_matches_transformers(tiny_embed_engine: Engine, tiny_embed_model: Path) -> None:
+    info = tiny_embed_engine.info
+    assert (info.pooling, info.normalize, info.max_length) == ("cls", True, 64)
+    texts = mixed_texts()
+    result = tiny_embed_engine.run(texts, timeout=120)
+    assert not result.errors
+    want = reference_embed(tiny_embed_model, texts, 64, "cls", normalize=True)
+    assert_close_rows(result.values, want, "tiny bert cls")
+    assert result.truncated[texts.index(EDGE_TEXTS[5])]
+    assert result.n_tokens[texts.index(EDGE_TEXTS[5])] == 64
+
+
+def test_tiny_xlmr_mean_pooling_matches_transformers(tiny_xlmr_model: Path) -> None:
+    engine = make_engine(tiny_xlmr_model, max_batch_tokens=1024)
+    try:
+        info = engine.info
+        assert (info.pooling, info.normalize, info.model_type) == ("mean", True, "xlm-roberta")
+        texts = mixed_texts(seed=1)
+        result = engine.run(texts, timeout=120)
+        assert not result.errors
+        want = reference_embed(tiny_xlmr_model, texts, info.max_length, "mean", normalize=True)
+        assert_close_rows(result.values, want, "tiny xlm-r mean")
+        assert max(result.n_tokens) == info.max_length
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("prompt_name", ["query", "passage"])
+def test_prompt_name_prefixes_the_models_prompt(tiny_embed_engine: Engine, tiny_embed_model: Path,
+                                                prompt_name: str) -> None:
+    texts = sample_texts(6, step=501) + ["word"]
+    got = tiny_embed_engine.run(texts, Options(prompt_name=prompt_name), timeout=60).values
+    prefix = tiny_embed_engine.info.prompts[prompt_name]
+    assert prefix == f"{prompt_name}: "
+    want = reference_embed(tiny_embed_model, [prefix + t for t in texts], 64, "cls", normalize=True)
+    assert_close_rows(got, want, f"prompt {prompt_name}")
+    plain = tiny_embed_engine.run(texts, timeout=60).values
+    # A random tiny model's CLS vectors differ little between texts, so compare elementwise.
+    assert (np.abs(got - plain).max(axis=1) > 1e-4).all(), "the prompt made no difference"
+
+
+def test_literal_prompt_and_unknown_prompt_name(tiny_embed_engine: Engine, tiny_embed_model: Path) -> None:
+    texts = ["alpha beta", "gamma"]
+    got = tiny_embed_engine.run(texts, Options(prompt="Represent this: "), timeout=60).values
+    want = reference_embed(tiny_embed_model, ["Represent this: " + t for t in texts], 64, "cls", True)
+    assert_close_rows(got, want, "literal prompt")
+    with pytest.raises(ValueError, match=r"prompt_name 'nope'.*passage, query"):
+        tiny_embed_engine.submit(texts, Options(prompt_name="nope"))
+
+
+def test_normalize_override(tiny_embed_engine: Engine, tiny_embed_model: Path) -> None:
+    texts = sample_texts(8, step=301)
+    raw = tiny_embed_engine.run(texts, Options(normalize=False), timeout=60).values
+    want = reference_embed(tiny_embed_model, texts, 64, "cls", normalize=False)
+    assert_close_rows(raw, want, "normalize=False")
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    explicit = tiny_embed_engine.run(texts, Options(normalize=True), timeout=60).values
+    np.testing.assert_allclose(np.linalg.norm(explicit, axis=1), 1.0, atol=1e-5)
+
+
+def test_normalize_true_on_a_model_that_does_not_normalize(tiny_embed_model: Path, tmp_path: Path) -> None:
+    """A model whose files have no Normalize module returns raw pooled vectors unless asked."""
+    import json
+    import shutil
+
+    folder = tmp_path / "tiny-bert-unnormalized"
+    shutil.copytree(tiny_embed_model, folder)
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    engine = make_engine(folder)
+    try:
+        assert engine.info.normalize is False
+        texts = ["one text", "another, longer text with more words"]
+        plain = engine.run(texts, timeout=60).values
+        assert_close_rows(plain, reference_embed(folder, texts, 64, "cls", False), "model default (no normalize)")
+        forced = engine.run(texts, Options(normalize=True), timeout=60).values
+        assert_close_rows(forced, reference_embed(folder, texts, 64, "cls", True), "normalize=True")
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("dims", [1, 8, 31])
+def test_matryoshka_dimensions_truncate_then_renormalize(tiny_embed_engine: Engine, tiny_embed_model: Path,
+                                                         dims: int) -> None:
+    texts = sample_texts(10, step=211)
+    got = tiny_embed_engine.run(texts, Options(dimensions=dims), timeout=60).values
+    full = reference_embed(tiny_embed_model, texts, 64, "cls", normalize=False)[:, :dims]
+    want = full / np.linalg.norm(full, axis=1, keepdims=True)
+    assert got.shape == (len(texts), dims)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert_close_rows(got, want, f"dimensions={dims}")
+
+
+def test_dimensions_over_the_model_width_is_an_error(tiny_embed_engine: Engine) -> None:
+    with pytest.raises(ValueError, match=r"dimensions=33 is over the model's 32 dimensions"):
+        tiny_embed_engine.submit(["x"], Options(dimensions=33))
+
+
+# ---------------------------------------------------------------------------- rerank / classify
+PAIRS_Q = ["what is a generator?", "how do I open a file", "unicode handling 日本語", "x"]
+
+
+def test_tiny_rerank_matches_transformers_sigmoid_and_raw(tiny_rerank_model: Path) -> None:
+    engine = make_engine(tiny_rerank_model)
+    try:
+        assert engine.info.kind == JobKind.rerank and engine.info.dims == 1
+        docs = sample_texts(12, step=401) + [EDGE_TEXTS[5]]
+        pairs = [(PAIRS_Q[i % len(PAIRS_Q)], d) for i, d in enumerate(docs)]
+        logits = reference_logits(tiny_rerank_model, [q for q, _ in pairs], [d for _, d in pairs],
+                                  engine.info.max_length)[:, 0]
+        scores = engine.run(pairs, timeout=60)
+        raw = engine.run(pairs, Options(raw_scores=True), timeout=60)
+        assert not scores.errors and not raw.errors
+        assert scores.values.shape == (len(pairs),)
+        np.testing.assert_allclose(raw.values, logits, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(scores.values, 1 / (1 + np.exp(-logits)), rtol=1e-4, atol=1e-6)
+        assert ((scores.values > 0) & (scores.values < 1)).all()
+        assert scores.truncated[-1] and scores.n_tokens[-1] == engine.info.max_length
+        bad = engine.run([("q", "doc"), "not a pair", ("q", ""), (1, "doc")], timeout=60)
+        assert set(bad.errors) == {1, 2, 3}
+        assert "pair" in bad.errors[1] and "document is empty" in bad.errors[2]
+        assert "query must be a string" in bad.errors[3]
+        assert bad.values[0] == pytest.approx(float(engine.run([("q", "doc")]).values[0]), abs=1e-6)
+    finally:
+        engine.stop()
+
+
+def test_tiny_classify_matches_transformers_softmax(tiny_classify_model: Path) -> None:
+    engine = make_engine(tiny_classify_model)
+    try:
+        info = engine.info
+        assert info.kind == JobKind.classify and info.labels == ("negative", "neutral", "positive")
+        texts = mixed_texts(20, seed=3)
+        logits = reference_logits(tiny_classify_model, texts, None, info.max_length)
+        result = engine.run(texts, timeout=60)
+        assert not result.errors and result.labels == info.labels
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        np.testing.assert_allclose(result.values, probs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.values.sum(1), 1.0, atol=1e-5)
+        # The raw logits the backend hands the head are transformers' logits.
+        enc = engine.tokenizer.encode(texts[:4])
+        batch = engine._collate([type("S", (), {"encoded": e})() for e in enc])  # type: ignore[arg-type]
+        np.testing.assert_allclose(engine.backend.forward(batch), logits[:4], rtol=1e-4, atol=2e-5)
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------------- batching behaviour
+def test_order_restored_across_many_batches(tiny_embed_model: Path) -> None:
+    """A small budget forces many length-sorted batches; results still come back in input order."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=96)
+    try:
+        texts = mixed_texts(60, seed=7)
+        result = engine.run(texts, timeout=120)
+        assert engine.stats["batches"] >= 10
+        want = reference_embed(tiny_embed_model, texts, 64, "cls", normalize=True)
+        assert_close_rows(result.values, want, "order across batches")
+        assert result.n_tokens == [e.n_tokens for e in engine.tokenizer.encode(texts)]
+    finally:
+        engine.stop()
+
+
+def test_concurrent_requests_share_batches(tiny_embed_model: Path) -> None:
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        groups = [sample_texts(3, step=97 + 13 * i) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            futures = list(pool.map(lambda g: engine.submit(g), groups))
+        _wait_tokenized(engine)
+        backend.gate.set()
+        results = [f.result(60) for f in futures]
+        first.result(60)
+        n_requests = len(groups) + 1
+        assert engine.stats["batches"] < n_requests, engine.stats
+        assert any(call["n"] > 3 for call in backend.calls), "no batch held items of several requests"
+        for group, result in zip(groups, results):
+            assert not result.errors
+            assert_close_rows(result.values, reference_embed(tiny_embed_model, group, 64, "cls", True),
+                              "concurrent request")
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
+def _wait_tokenized(engine: Engine) -> None:
+    """Block until every tokenization task queued so far has finished (both pool threads busy
+    with a barrier task means all earlier tasks are done)."""
+    workers = engine._tokenize_pool._max_workers
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        engine._tokenize_pool.submit(barrier.wait, 30)
+    barrier.wait(30)
+
+
+def test_oom_splits_in_halves_never_retries_whole(tiny_embed_model: Path) -> None:
+    engine = make_engine(tiny_embed_model, max_batch_tokens=100_000, wrap=lambda b: OomBackend(b, max_items=3))
+    backend: OomBackend = engine.backend  # type: ignore[assignment]
+    try:
+        texts = sample_texts(20, step=59)
+        result = engine.run(texts, timeout=120)
+        assert not result.errors
+        assert_close_rows(result.values, reference_embed(tiny_embed_model, texts, 64, "cls", True), "after OOM")
+        calls = backend.calls
+        assert calls[0] == {**calls[0], "n": 20, "outcome": "oom"}
+        assert all(c["n"] <= 3 for c in calls if c["outcome"] == "ok")
+        assert engine.stats["oom_splits"] >= 1
+        # Each failed batch is followed by exactly its two halves (depth first), never by itself again.
+        seen_failed = set()
+        for i, call in enumerate(calls):
+            key = tuple(call["lengths"])
+            assert key not in seen_failed, f"batch {key} was retried whole after an OOM"
+            if call["outcome"] == "oom":
+                seen_failed.add(key)
+                half = call["n"] // 2
+                assert calls[i + 1]["lengths"] == call["lengths"][:half], "the first half was not tried next"
+        assert sum(c["n"] for c in calls if c["outcome"] == "ok") == 20
+    finally:
+        engine.stop()
+
+
+def test_oom_on_a_single_item_fails_only_that_item(tiny_embed_model: Path) -> None:
+    wrap = lambda b: OomBackend(b, max_items=100, max_tokens=30)  # noqa: E731
+    engine = make_engine(tiny_embed_model, max_batch_tokens=100_000, wrap=wrap)
+    try:
+        long_text = " ".join(["memory"] * 50)
+        texts = ["short one", long_text, "another short text", "x"]
+        result = engine.run(texts, timeout=60)
+        assert set(result.errors) == {1}
+        assert "does not fit in device memory" in result.errors[1] and "input 1" in result.errors[1]
+        assert (result.values[1] == 0).all()
+        ok = [0, 2, 3]
+        want = reference_embed(tiny_embed_model, [texts[i] for i in ok], 64, "cls", True)
+        assert_close_rows(result.values[ok], want, "the others after a lone OOM")
+    finally:
+        engine.stop()
+
+
+def test_nan_outputs_are_recomputed_precisely(tiny_embed_model: Path) -> None:
+    holder: dict[str, NanBackend] = {}
+
+    def wrap(inner):  # type: ignore[no-untyped-def]
+        holder["b"] = NanBackend(inner, poison_ids=set())
+        return holder["b"]
+
+    engine = make_engine(tiny_embed_model, wrap=wrap)
+    try:
+        texts = ["zebra crossing at night", "apple pie recipe", "zebra stripes", "plain text"]
+        holder["b"].poison_ids = {first_token_id(engine, "zebra")}
+        result = engine.run(texts, timeout=60)
+        assert not result.errors
+        assert np.isfinite(result.values).all()
+        assert_close_rows(result.values, reference_embed(tiny_embed_model, texts, 64, "cls", True), "after NaN")
+        assert engine.stats["recomputed"] == 2
+        precise_calls = [c for c in holder["b"].calls if c["precise"]]
+        assert len(precise_calls) == 1 and precise_calls[0]["n"] == 2
+    finally:
+        engine.stop()
+
+
+def test_nan_even_when_precise_fails_that_item_alone(tiny_embed_model: Path) -> None:
+    holder: dict[str, NanBackend] = {}
+
+    def wrap(inner):  # type: ignore[no-untyped-def]
+        holder["b"] = NanBackend(inner, poison_ids=set())
+        return holder["b"]
+
+    engine = make_engine(tiny_embed_model, wrap=wrap)
+    try:
+        texts = ["apple pie recipe", "zebra crossing", "plain text", "banana bread"]
+        zebra = first_token_id(engine, "zebra")
+        holder["b"].poison_ids = {zebra}
+        holder["b"].always = {zebra}
+        result = engine.run(texts, timeout=60)
+        assert set(result.errors) == {1}
+        assert "non-finite" in result.errors[1]
+        assert np.isfinite(result.values).all(), "a NaN left the engine"
+        ok = [0, 2, 3]
+        want = reference_embed(tiny_embed_model, [texts[i] for i in ok], 64, "cls", True)
+        assert_close_rows(result.values[ok], want, "others after NaN")
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------------- per-item errors
+def test_truncate_false_is_a_per_item_error_naming_the_limit(tiny_embed_engine: Engine) -> None:
+    texts = ["fits", " ".join(["overlong"] * 100), "also fits"]
+    strict = tiny_embed_engine.run(texts, Options(truncate=False), timeout=60)
+    assert set(strict.errors) == {1}
+    assert "maximum of 64 tokens" in strict.errors[1] and "truncate" in strict.errors[1]
+    assert (strict.values[1] == 0).all() and np.isfinite(strict.values).all()
+    lenient = tiny_embed_engine.run(texts, Options(truncate=True), timeout=60)
+    assert not lenient.errors and lenient.truncated == [False, True, False]
+    np.testing.assert_allclose(strict.values[[0, 2]], lenient.values[[0, 2]], atol=1e-6)
+
+
+def test_truncate_false_with_every_item_too_long_still_answers(tiny_embed_engine: Engine) -> None:
+    result = tiny_embed_engine.run([" ".join(["overlong"] * 100)] * 2, Options(truncate=False), timeout=60)
+    assert set(result.errors) == {0, 1}
+
+
+def test_bad_inputs_fail_alone(tiny_embed_engine: Engine) -> None:
+    inputs = ["good", "", "   ", None, 123, "x" * (MAX_INPUT_CHARS + 1), "also good", ["list"]]
+    result: EngineResult = tiny_embed_engine.run(inputs, timeout=60)
+    assert set(result.errors) == {1, 2, 3, 4, 5, 7}
+    assert "input 1 is empty" in result.errors[1]
+    assert "input 3 must be a string, got NoneType" in result.errors[3]
+    assert "input 4 must be a string, got int" in result.errors[4]
+    assert f"over the limit of {MAX_INPUT_CHARS}" in result.errors[5]
+    assert result.ok == [True, False, False, False, False, False, True, False]
+    good = tiny_embed_engine.run(["good", "also good"], timeout=60).values
+    np.testing.assert_allclose(result.values[[0, 6]], good, atol=1e-6)
+    assert (result.values[[1, 2, 3, 4, 5, 7]] == 0).all()
+
+
+def test_all_inputs_bad_resolves_immediately(tiny_embed_engine: Engine) -> None:
+    result = tiny_embed_engine.run(["", None], timeout=10)
+    assert set(result.errors) == {0, 1} and result.values.shape == (2, 32)
