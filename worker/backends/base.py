@@ -7,23 +7,51 @@ The engine needs little from a backend: run a batch, and say how batches should 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 
 @dataclass
 class Batch:
-    """Token ids of several inputs, already padded to ``[n, longest]`` (host memory)."""
+    """Token ids of several inputs (host memory).
+
+    Padded (the default): ``input_ids``/``token_type_ids``/``attention_mask`` are ``[n, longest]``.
+    Packed (``packed=True``, for backends with ``unpadded = True``): ``input_ids`` and
+    ``token_type_ids`` are the ``[total]`` concatenation of every input's tokens,
+    ``attention_mask`` is empty, and ``lengths`` delimits the inputs. ``staged`` holds what a
+    backend already copied to its device ahead of time (see ``Backend.stage``).
+    """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
     lengths: np.ndarray
+    packed: bool = False
+    staged: Any = None
 
     @property
     def n_real_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def cu_seqlens(self) -> np.ndarray:
+        """``[n + 1]`` int32 offsets of each input in the packed layout."""
+        out = np.zeros(len(self.lengths) + 1, dtype=np.int32)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    @classmethod
+    def pack(cls, ids: list[np.ndarray], type_ids: list[np.ndarray]) -> "Batch":
+        """A packed batch from per-input token arrays: no padding at all."""
+        lengths = np.array([len(x) for x in ids], dtype=np.int32)
+        return cls(
+            input_ids=np.concatenate(ids).astype(np.int32, copy=False),
+            attention_mask=np.zeros(0, dtype=np.int32),
+            token_type_ids=np.concatenate(type_ids).astype(np.int32, copy=False),
+            lengths=lengths,
+            packed=True,
+        )
 
 
 class Backend(Protocol):
@@ -34,6 +62,9 @@ class Backend(Protocol):
     dtype: str
     unpadded: bool
     preferred_batch_tokens: int
+
+    # Optional: ``stage(batch) -> Any`` copies a batch's tensors to the device on a side stream
+    # (called from the engine's preparer thread, so the copy overlaps the running batch).
 
     def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
         """Pooled float32 vectors ``[n, hidden]`` (embed) or logits ``[n, labels]``.

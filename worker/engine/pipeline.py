@@ -2,8 +2,9 @@
 
 * Requests are validated per item (a bad item fails alone) and tokenized in batches on a thread
   pool; the fast tokenizer releases the GIL, so this overlaps with the device.
-* One device thread owns the model. A preparer thread forms the next batch and pads it while
-  the current one runs.
+* One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
+  it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
+  copy from pinned memory) while the current one runs.
 * Results are copied back and post-processed on a small pool, then put back in input order.
 * Out-of-memory splits a batch in halves (never retried whole); a single input that still does
   not fit fails alone. Non-finite outputs are recomputed in a wider type; if still not finite,
@@ -99,7 +100,8 @@ class Engine:
         self.backend = backend
         self.tokenizer = BatchTokenizer(info.path, info.max_length)
         budget = max_batch_tokens or backend.preferred_batch_tokens
-        self.scheduler = Scheduler(budget, padded=not backend.unpadded)
+        # Short texts must still fill a large budget: allow as many items as 32-token texts take.
+        self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32))
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
@@ -221,6 +223,8 @@ class Engine:
 
     # ------------------------------------------------------------------ device side
     def _collate(self, slots: list[_Slot]) -> Batch:
+        if self.backend.unpadded:
+            return Batch.pack([s.encoded.ids for s in slots], [s.encoded.type_ids for s in slots])
         lengths = np.array([s.encoded.n_tokens for s in slots], dtype=np.int32)
         longest = int(lengths.max())
         ids = np.full((len(slots), longest), self.tokenizer.pad_id, dtype=np.int32)
@@ -244,6 +248,7 @@ class Engine:
             except Exception as exc:
                 self._fail_slots(slots, exc)
                 continue
+            self._stage(batch)
             while not self._stop.is_set():
                 try:
                     self._ready.put((slots, batch), timeout=0.2)
@@ -252,6 +257,17 @@ class Engine:
                     continue
             else:
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
+
+    def _stage(self, batch: Batch) -> None:
+        """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
+        stage = getattr(self.backend, "stage", None)
+        if stage is None:
+            return
+        try:
+            batch.staged = stage(batch)
+        except Exception as exc:  # e.g. out of memory while the running batch peaks
+            log.debug("staging a batch failed (%s); it is copied when it runs", exc)
+            batch.staged = None
 
     def _device_loop(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,221 @@
+"""The GPU speed paths, checked where CI runs (CPU): the unpadded encoder against transformers'
+padded model on tiny BERT and XLM-R, packed batches through the engine, and the engine's
+out-of-memory split and non-finite recompute with injected failures. The CUDA-only kernels
+(flash varlen, compiled layers, staged copies) are checked by the tests at the bottom, which
+run only where a GPU is present (bench/gpu.py runs them on the H100).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.backends.base import Batch
+from worker.backends.torch import TorchBackend
+from worker.engine.pipeline import Engine
+from worker.models import describe
+
+CUDA = torch.cuda.is_available()
+
+
+def _random_lengths(rng: np.random.Generator, n: int, longest: int) -> list[int]:
+    lengths = [int(x) for x in rng.integers(2, longest, size=n)]
+    lengths[0] = longest  # one full-length input, one single-token input
+    lengths[-1] = 1
+    return lengths
+
+
+def _batches(rng: np.random.Generator, lengths: list[int]) -> tuple[Batch, Batch]:
+    ids = [rng.integers(1000, 20000, size=n).astype(np.int32) for n in lengths]
+    types = [np.zeros(n, dtype=np.int32) for n in lengths]
+    packed = Batch.pack(ids, types)
+    longest = max(lengths)
+    padded_ids = np.zeros((len(lengths), longest), dtype=np.int32)
+    mask = np.zeros_like(padded_ids)
+    for row, x in enumerate(ids):
+        padded_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    padded = Batch(padded_ids, mask, np.zeros_like(padded_ids), np.array(lengths, dtype=np.int32))
+    return packed, padded
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])
+def test_varlen_encoder_matches_transformers_per_token(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Every packed token's hidden state equals the padded model's at the same position."""
+    from transformers import AutoModel
+
+    from worker.backends.varlen import build_encoder
+
+    path: Path = request.getfixturevalue(fixture)
+    reference = AutoModel.from_pretrained(str(path), attn_implementation="sdpa").eval()
+    encoder = build_encoder(AutoModel.from_pretrained(str(path)).eval())
+    rng = np.random.default_rng(7)
+    lengths = _random_lengths(rng, 9, 60)
+    packed, padded = _batches(rng, lengths)
+    with torch.inference_mode():
+        expected = reference(input_ids=torch.from_numpy(padded.input_ids).long(),
+                             attention_mask=torch.from_numpy(padded.attention_mask).long()).last_hidden_state
+        cu = torch.from_numpy(packed.cu_seqlens)
+        positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
+        got = encoder(torch.from_numpy(packed.input_ids), torch.from_numpy(packed.token_type_ids), positions, cu,
+                      max(lengths))
+    assert got.shape == (sum(lengths), reference.config.hidden_size)
+    for row, n in enumerate(lengths):
+        start = int(packed.cu_seqlens[row])
+        torch.testing.assert_close(got[start : start + n], expected[row, :n], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])
+def test_varlen_backend_equals_padded_backend(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Pooled outputs (CLS for the BERT fixture, mean for XLM-R) agree between the two paths."""
+    info = describe(str(request.getfixturevalue(fixture)))
+    varlen = TorchBackend(info, "cpu", "float32", varlen=True)
+    padded = TorchBackend(info, "cpu", "float32", varlen=False)
+    assert varlen.unpadded and not padded.unpadded
+    rng = np.random.default_rng(11)
+    packed, pad = _batches(rng, _random_lengths(rng, 7, 50))
+    np.testing.assert_allclose(varlen.forward(packed), padded.forward(pad), atol=3e-5, rtol=1e-4)
+    # the precise (widened) recompute runs the same function
+    np.testing.assert_allclose(varlen.forward(packed, precise=True), varlen.forward(packed), atol=1e-6)
+
+
+def test_varlen_refuses_what_it_cannot_run(tiny_classify_model: Path) -> None:
+    info = describe(str(tiny_classify_model))
+    backend = TorchBackend(info, "cpu", "float32", varlen=True)  # classifiers keep the padded path
+    assert not backend.unpadded
+    from transformers import GPT2Config, GPT2Model
+
+    from worker.backends.varlen import VarlenEncoder
+
+    with pytest.raises(ValueError, match="model type 'gpt2'"):
+        VarlenEncoder(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+
+
+def test_engine_packed_results_match_padded_engine(tiny_embed_model: Path) -> None:
+    """Through the whole engine (scheduler, pack, deliver), order restored, same vectors."""
+    info = describe(str(tiny_embed_model))
+    texts = [("word " * int(n)).strip() for n in np.random.default_rng(3).integers(1, 40, size=40)]
+    with Engine(info, TorchBackend(info, "cpu", "float32", varlen=True), max_batch_tokens=200) as engine:
+        packed = engine.run(texts, timeout=60)
+        stats = dict(engine.stats)
+    with Engine(info, TorchBackend(info, "cpu", "float32", varlen=False), max_batch_tokens=200) as engine:
+        padded = engine.run(texts, timeout=60)
+    assert not packed.errors and packed.n_tokens == padded.n_tokens
+    np.testing.assert_allclose(packed.values, padded.values, atol=3e-5)
+    assert stats["padded_tokens"] == stats["tokens"] == sum(packed.n_tokens)  # packed: no padding at all
+    assert stats["batches"] > 1
+
+
+class _Faulty:
+    """Wraps a real backend and injects failures: OOM over a size, NaN rows until widened."""
+
+    def __init__(self, inner: TorchBackend, oom_over_items: int = 10**9, nan_rows: int = 0) -> None:
+        self.inner = inner
+        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        self.unpadded = inner.unpadded
+        self.preferred_batch_tokens = inner.preferred_batch_tokens
+        self.oom_over_items = oom_over_items
+        self.nan_rows = nan_rows
+        self.calls: list[tuple[int, bool]] = []
+
+    def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
+        self.calls.append((len(batch.lengths), precise))
+        if len(batch.lengths) > self.oom_over_items or batch.n_real_tokens > 10_000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        out = self.inner.forward(batch, precise)
+        if not precise and self.nan_rows:
+            out = out.copy()
+            out[: self.nan_rows] = np.nan
+        return out
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return self.inner.is_out_of_memory(error)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_out_of_memory_splits_packed_batches(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))
+    texts = [f"text number {i} " + "word " * (i % 13) for i in range(24)]
+    with Engine(info, TorchBackend(info, "cpu", "float32", varlen=True), max_batch_tokens=10_000) as engine:
+        expected = engine.run(texts, timeout=60)
+    faulty = _Faulty(TorchBackend(info, "cpu", "float32", varlen=True), oom_over_items=5)
+    with Engine(info, faulty, max_batch_tokens=10_000) as engine:  # type: ignore[arg-type]
+        got = engine.run(texts, timeout=60)
+        splits = engine.stats["oom_splits"]
+    assert not got.errors
+    np.testing.assert_allclose(got.values, expected.values, atol=1e-5)
+    assert splits >= 3  # 24 -> 12 -> 6 -> 3 items
+    assert max(n for n, _ in faulty.calls[1:]) <= 12
+
+
+def test_single_input_that_never_fits_fails_alone(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))
+    faulty = _Faulty(TorchBackend(info, "cpu", "float32", varlen=True), oom_over_items=0)
+    with Engine(info, faulty, max_batch_tokens=10_000) as engine:  # type: ignore[arg-type]
+        result = engine.run(["one", "two words"], timeout=60)
+    assert set(result.errors) == {0, 1}
+    assert "does not fit in device memory on its own" in result.errors[0]
+    assert not result.values.any()
+
+
+def test_non_finite_rows_are_recomputed_wider(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))
+    texts = ["alpha beta", "gamma", "delta epsilon zeta", "eta"]
+    with Engine(info, TorchBackend(info, "cpu", "float32", varlen=True)) as engine:
+        expected = engine.run(texts, timeout=60)
+    faulty = _Faulty(TorchBackend(info, "cpu", "float32", varlen=True), nan_rows=2)
+    with Engine(info, faulty) as engine:  # type: ignore[arg-type]
+        got = engine.run(texts, timeout=60)
+        recomputed = engine.stats["recomputed"]
+    assert not got.errors and np.isfinite(got.values).all()
+    np.testing.assert_allclose(got.values, expected.values, atol=1e-5)
+    assert recomputed == 2
+    assert (2, True) in faulty.calls  # only the two bad rows went round again, widened
+
+
+# ---------------------------------------------------------------------------- CUDA only
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the H100 by bench/gpu.py)")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: str) -> None:
+    info = describe(str(tiny_xlmr_model))
+    flash = TorchBackend(info, "cuda", dtype, varlen=True, compile=False, profile=False)
+    padded = TorchBackend(info, "cuda", "float32", varlen=False, profile=False)
+    assert flash.encoder is not None and str(next(flash.encoder.parameters()).dtype) == f"torch.{dtype}"
+    rng = np.random.default_rng(5)
+    packed, pad = _batches(rng, _random_lengths(rng, 16, 120))
+    a, b = flash.forward(packed), padded.forward(pad)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.999
+
+
+@gpu
+def test_compiled_layers_and_staged_copies_match_eager_on_gpu(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))
+    eager = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, profile=False)
+    compiled = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=True, profile=False)
+    rng = np.random.default_rng(6)
+    for n in (5, 17):  # two sizes: the compiled layers are shape-dynamic
+        packed, _ = _batches(rng, _random_lengths(rng, n, 100))
+        expected = eager.forward(packed)
+        packed.staged = compiled.stage(packed)
+        np.testing.assert_allclose(compiled.forward(packed), expected, atol=3e-2)
+
+
+@gpu
+def test_profiled_budget_is_cached_and_sane(tiny_embed_model: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDFLEET_CACHE_DIR", str(tmp_path))
+    info = describe(str(tiny_embed_model))
+    first = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, memory_fraction=0.5)
+    assert 512 <= first.preferred_batch_tokens <= 65536 and "budget" in first.memory_report
+    second = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, memory_fraction=0.5)
+    assert "(cached profile)" in second.memory_report
+    assert (tmp_path / "memory-profiles.json").is_file()

@@ -1,0 +1,240 @@
+"""Unpadded ("varlen") BERT / XLM-R encoder over packed tokens, built from the HF weights.
+
+Why: a padded batch ``[n, longest]`` spends GEMM and attention work on padding. Here every real
+token of a batch is packed into one ``[total, hidden]`` matrix, the sequences are delimited by
+``cu_seqlens`` (cumulative lengths, as flash-attention takes them), and each layer is
+fused QKV GEMM -> attention within each sequence -> output GEMM + residual + LayerNorm ->
+FFN GEMM + GELU -> GEMM + residual + LayerNorm. No token is ever padded.
+
+Attention picks the fastest kernel the device has: on CUDA in fp16/bf16, torch's varlen flash
+attention (``torch.nn.attention.varlen.varlen_attn``, else ``aten._flash_attention_forward``
+with ``cu_seqlens``); anywhere else (CPU, fp32) it scatters into a padded tensor for SDPA with
+a key mask. The module is plain torch, so CI checks it against transformers on CPU.
+
+The encoder takes its weights from the HF model and *moves* them (Q, K and V are concatenated
+once, the separate copies dropped), so no weight exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: model types whose encoder layout this module reproduces exactly
+SUPPORTED_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``model`` cannot run unpadded (``None`` when it can): the caller keeps the HF path."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "the model has no config"
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position embedding type {config.position_embedding_type!r} is not absolute"
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "decoder models are not supported"
+    if config.hidden_act not in _ACTIVATIONS:
+        return f"activation {config.hidden_act!r} is not supported"
+    if not hasattr(model, "embeddings") or not hasattr(model, "encoder"):
+        return "the model is not a bare encoder (AutoModel) with embeddings and encoder"
+    return None
+
+
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the varlen flash kernel can run for this device and dtype."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                  scale: float) -> torch.Tensor:
+    """``[total, heads, dim]`` attention within each sequence, with torch's flash kernel."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older torch: the aten op has taken cu_seqlens since 2.1
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, False, False,
+                                                     scale=scale)
+        return out[0]
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+
+
+class PaddedIndex:
+    """Where each packed token sits in a padded ``[n, longest]`` layout (for the SDPA fallback)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int) -> None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        self.n = int(lengths.numel())
+        self.max_len = max_len
+        total = int(cu_seqlens[-1])
+        row = torch.repeat_interleave(torch.arange(self.n, device=cu_seqlens.device), lengths, output_size=total)
+        col = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[row]
+        self.flat = row * max_len + col
+        positions = torch.arange(max_len, device=cu_seqlens.device)
+        self.key_mask = (positions[None, :] < lengths[:, None])[:, None, None, :]  # [n, 1, 1, L]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        heads, dim = q.shape[1], q.shape[2]
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(self.n * self.max_len, heads, dim)
+            out.index_copy_(0, self.flat, x)
+            return out.view(self.n, self.max_len, heads, dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=self.key_mask, scale=scale)
+        return out.transpose(1, 2).reshape(self.n * self.max_len, heads, dim).index_select(0, self.flat)
+
+
+class VarlenLayer(nn.Module):
+    """One post-LayerNorm transformer encoder layer (BERT / RoBERTa / XLM-R) over packed tokens."""
+
+    def __init__(self, hf_layer: Any, heads: int, eps: float, activation: str) -> None:
+        super().__init__()
+        attn = hf_layer.attention
+        qkv = [attn.self.query, attn.self.key, attn.self.value]
+        self.qkv = nn.Linear(qkv[0].in_features, 3 * qkv[0].out_features, device="meta")
+        self.qkv.weight = nn.Parameter(torch.cat([m.weight.data for m in qkv]), requires_grad=False)
+        self.qkv.bias = nn.Parameter(torch.cat([m.bias.data for m in qkv]), requires_grad=False)
+        for module in qkv:  # drop the separate copies now: no weight lives twice
+            module.weight = None
+            module.bias = None
+        self.out = attn.output.dense
+        self.ln1 = attn.output.LayerNorm
+        self.ffn_in = hf_layer.intermediate.dense
+        self.ffn_out = hf_layer.output.dense
+        self.ln2 = hf_layer.output.LayerNorm
+        self.heads = heads
+        self.eps = eps
+        self.activation = activation
+        self.act = _ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:
+        total, hidden = x.shape
+        qkv = self.qkv(x).view(total, 3, self.heads, hidden // self.heads)
+        q, k, v = qkv.unbind(1)
+        context = attend(q, k, v).reshape(total, hidden)
+        x = F.layer_norm(x + self.out(context), (hidden,), self.ln1.weight, self.ln1.bias, self.eps)
+        h = self.act(self.ffn_in(x))
+        return F.layer_norm(x + self.ffn_out(h), (hidden,), self.ln2.weight, self.ln2.bias, self.eps)
+
+
+class VarlenEncoder(nn.Module):
+    """The HF encoder's weights, run over packed tokens; ``forward`` returns ``[total, hidden]``."""
+
+    def __init__(self, hf_model: Any) -> None:
+        super().__init__()
+        reason = unsupported_reason(hf_model)
+        if reason:
+            raise ValueError(f"cannot run this model unpadded: {reason}")
+        config = hf_model.config
+        self.config = config
+        self.embeddings = hf_model.embeddings
+        eps = float(config.layer_norm_eps)
+        self.layers = nn.ModuleList(
+            VarlenLayer(layer, config.num_attention_heads, eps, config.hidden_act) for layer in hf_model.encoder.layer
+        )
+        self.eps = eps
+        self.heads = int(config.num_attention_heads)
+        self.head_dim = int(config.hidden_size) // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        # RoBERTa/XLM-R number positions from padding_idx + 1; BERT from 0.
+        self.position_offset = (
+            int(config.pad_token_id) + 1 if config.model_type in {"roberta", "xlm-roberta"} else 0
+        )
+        self.use_flash = True
+        self.layer_fn: Callable[..., torch.Tensor] | None = None  # a compiled layer, when enabled
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        emb = self.embeddings
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+        x = x + emb.position_embeddings(positions + self.position_offset)
+        return F.layer_norm(x, (x.shape[-1],), emb.LayerNorm.weight, emb.LayerNorm.bias, self.eps)
+
+    def attention(self, cu_seqlens: torch.Tensor, max_len: int, dtype: torch.dtype
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The attention for this batch: flash varlen where it runs, else padded SDPA."""
+        if self.use_flash and flash_available(cu_seqlens.device, dtype):
+            return lambda q, k, v: _flash_varlen(q, k, v, cu_seqlens, max_len, self.scale)
+        index = PaddedIndex(cu_seqlens, max_len)
+        return lambda q, k, v: index.attend(q, k, v, self.scale)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+        x = self.embed(input_ids, token_type_ids, positions)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        attend = self.attention(cu_seqlens, max_len, compute_dtype)
+        run = self.layer_fn
+        for layer in self.layers:
+            x = run(layer, x, attend) if run is not None else layer(x, attend)
+        return x
+
+    def enable_compile(self) -> None:
+        """Fuse each layer's pointwise work (bias, GELU, residual, LayerNorm) with torch.compile.
+
+        One compiled function serves every layer (weights are inputs, not constants), with the
+        token count dynamic, so a new batch size does not recompile.
+        """
+        self.layer_fn = _CompiledLayers(self)
+
+
+class _CompiledLayers:
+    """Runs each layer as: compiled(pre-attention) -> attention (eager) -> compiled(post-attention).
+
+    The attention kernel stays outside the compiled graphs (its cu_seqlens and max length
+    change every batch); everything around it is pointwise work and GEMMs that inductor fuses.
+    """
+
+    def __init__(self, encoder: VarlenEncoder) -> None:
+        self.heads = encoder.heads
+        self.pre = torch.compile(_pre_attention, dynamic=True)
+        self.post = torch.compile(_post_attention, dynamic=True)
+
+    def __call__(self, layer: VarlenLayer, x: torch.Tensor, attend: Callable) -> torch.Tensor:
+        q, k, v = self.pre(x, layer.qkv.weight, layer.qkv.bias, self.heads)
+        context = attend(q, k, v)
+        return self.post(x, context, layer.out.weight, layer.out.bias, layer.ln1.weight, layer.ln1.bias,
+                         layer.ffn_in.weight, layer.ffn_in.bias, layer.ffn_out.weight, layer.ffn_out.bias,
+                         layer.ln2.weight, layer.ln2.bias, layer.eps, layer.activation)
+
+
+def _pre_attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total, hidden = x.shape
+    qkv = F.linear(x, w, b).view(total, 3, heads, hidden // heads)
+    q, k, v = qkv.unbind(1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _post_attention(x: torch.Tensor, context: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor,
+                    g1: torch.Tensor, b1: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor,
+                    w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor, bb2: torch.Tensor,
+                    eps: float, activation: str) -> torch.Tensor:
+    hidden = x.shape[-1]
+    x = F.layer_norm(x + F.linear(context.reshape(x.shape), wo, bo), (hidden,), g1, b1, eps)
+    h = _ACTIVATIONS[activation](F.linear(x, wi, bi))
+    return F.layer_norm(x + F.linear(h, w2, b2), (hidden,), g2, bb2, eps)
+
+
+def build_encoder(hf_model: Any) -> VarlenEncoder:
+    """A varlen encoder that takes over ``hf_model``'s weights (the HF model is unusable after)."""
+    encoder = VarlenEncoder(hf_model).eval()
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return encoder
