@@ -150,8 +150,10 @@ def pad_to_bucket(batch: Batch, rows: slice, bucket: Bucket, pad_id: int = 0) ->
     Filler rows get one unmasked pad token rather than none: a fully masked row makes the
     attention softmax divide by zero on some compilers, and their outputs are dropped anyway.
     """
-    ids = batch.input_ids[rows]
-    n, width = ids.shape
+    # The batch is padded to its longest row; a chunk of it needs only its own longest.
+    width = int(batch.lengths[rows].max())
+    ids = batch.input_ids[rows, :width]
+    n = ids.shape[0]
     if n > bucket.batch or width > bucket.seq:
         raise ValueError(f"a batch of {n}x{width} does not fit bucket {bucket.batch}x{bucket.seq}")
     shape = (bucket.batch, bucket.seq)
@@ -161,8 +163,8 @@ def pad_to_bucket(batch: Batch, rows: slice, bucket: Bucket, pad_id: int = 0) ->
         "token_type_ids": np.zeros(shape, dtype=np.int64),
     }
     out["input_ids"][:n, :width] = ids
-    out["attention_mask"][:n, :width] = batch.attention_mask[rows]
-    out["token_type_ids"][:n, :width] = batch.token_type_ids[rows]
+    out["attention_mask"][:n, :width] = batch.attention_mask[rows, :width]
+    out["token_type_ids"][:n, :width] = batch.token_type_ids[rows, :width]
     out["attention_mask"][n:, 0] = 1
     return out
 
