@@ -40,6 +40,13 @@ def backend_class(name: str) -> type:
 
 
 def load_backend(name: str, info: "ModelInfo", device: str, dtype: str) -> "Backend":
-    """Load ``info`` on ``device`` with the named backend (``auto`` is torch for now)."""
-    chosen = "torch" if name == "auto" else name
-    return backend_class(chosen)(info, device=device, dtype=dtype)
+    """Load ``info`` on ``device`` with the named backend.
+
+    ``auto`` measures the candidate backends/dtypes on a short sample and keeps the fastest
+    that passes the quality gate (``worker.autoselect``); ``dtype`` then narrows the candidates.
+    """
+    if name == "auto":
+        from worker.autoselect import select_backend
+
+        return select_backend(info, device=device, dtype=dtype)
+    return backend_class(name)(info, device=device, dtype=dtype)

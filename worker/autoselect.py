@@ -1,0 +1,301 @@
+"""Pick the fastest backend/dtype that keeps quality, by measuring them here at start.
+
+Why measure instead of a rule: which stack wins depends on the CPU's units (AMX, AVX-512-BF16,
+VNNI), the model's shapes and the libraries installed, and rules of thumb go stale. So the worker
+runs every candidate on a short deterministic sample, compares each one's outputs with torch
+fp32 on the same sample, rejects any under the quality gate (embeddings: every vector's cosine
+to fp32 >= 0.999; rerank/classify: every score within 0.01), keeps the fastest of the rest,
+and logs the table. ``--backend`` and ``--dtype`` narrow the candidates (an explicit backend
+other than ``auto`` skips the selection entirely, in ``worker.backends.load_backend``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from producer.jobs import JobKind
+from worker.backends.base import Batch
+from worker.heads import class_probabilities, rerank_scores
+
+if TYPE_CHECKING:
+    from worker.backends.base import Backend
+    from worker.models import ModelInfo
+
+log = logging.getLogger(__name__)
+
+COSINE_GATE = 0.999
+SCORE_TOLERANCE = 0.01
+SAMPLE_TEXTS = 64
+#: --dtype spellings -> the canonical name candidates are filtered by.
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "int8": "int8", "qint8": "int8",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backend/dtype pair to try."""
+
+    backend: str
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}/{self.dtype}"
+
+
+@dataclass
+class Trial:
+    """What one candidate measured: speed, agreement with fp32, and whether it passed."""
+
+    candidate: Candidate
+    tokens_per_s: float = 0.0
+    cos_min: float = float("nan")
+    cos_mean: float = float("nan")
+    max_score_diff: float = float("nan")
+    passed: bool = False
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------- candidates
+def resolve_device(device: str) -> str:
+    """The device the candidates run on (``auto`` as the torch backend resolves it)."""
+    from worker.backends.torch import pick_device
+
+    return pick_device(device)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
+    """Backend/dtype pairs worth trying on ``device``; an explicit ``dtype`` keeps only its own."""
+    found: list[Candidate] = [Candidate("torch", "float32")]
+    if device.startswith("cpu"):
+        from worker.backends.torch_cpu import bf16_native, fp16_native
+
+        if bf16_native():
+            found.append(Candidate("torch", "bfloat16"))
+        if fp16_native():
+            found.append(Candidate("torch", "float16"))
+        if _onnx_available():
+            found += [Candidate("onnx", "float32"), Candidate("onnx", "int8")]
+    else:
+        found += [Candidate("torch", "bfloat16"), Candidate("torch", "float16")]
+        if _onnx_available():
+            import onnxruntime
+
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and device.startswith("cuda"):
+                found.append(Candidate("onnx", "float32"))
+    if dtype == "auto":
+        return found
+    wanted = DTYPE_NAMES.get(dtype.lower())
+    if wanted is None:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose auto, float32, bfloat16, float16 or int8")
+    kept = [c for c in found if c.dtype == wanted]
+    if not kept:
+        offered = ", ".join(str(c) for c in found)
+        raise ValueError(f"--backend auto --dtype {dtype}: no backend runs {wanted} on {device} here (candidates: {offered})")
+    return kept
+
+
+# ---------------------------------------------------------------------------------- sample
+def sample_inputs(info: "ModelInfo", n: int = SAMPLE_TEXTS, seed: int = 0) -> list[Any]:
+    """Deterministic retrieval-shaped inputs from the model's own vocabulary (pairs for rerank).
+
+    30% short queries, 70% passages of 40-300 words, like the mixed benchmark workload, so the
+    measured speed reflects the batch shapes a worker actually sees.
+    """
+    from worker.engine.tokenize import BatchTokenizer
+
+    vocab = BatchTokenizer(info.path, info.max_length)._tokenizer.get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2) or sorted(vocab)
+    rng = np.random.default_rng(seed)
+
+    def text(length: int) -> str:
+        return " ".join(words[i] for i in rng.integers(0, len(words), size=length))
+
+    texts = []
+    for _ in range(n):
+        short = rng.random() < 0.3
+        length = int(rng.integers(5, 21)) if short else int(np.clip(rng.lognormal(4.7, 0.5), 40, 300))
+        texts.append(text(length))
+    if info.kind == JobKind.rerank:
+        return [(text(int(rng.integers(3, 12))), passage) for passage in texts]
+    return texts
+
+
+def sorted_batches(info: "ModelInfo", inputs: list[Any], budget: int) -> tuple[list[np.ndarray], list[Batch], int]:
+    """Length-sorted padded batches within ``budget`` tokens; returns (row indices, batches, real tokens)."""
+    from worker.engine.tokenize import BatchTokenizer
+
+    tokenizer = BatchTokenizer(info.path, info.max_length)
+    encoded = tokenizer.encode(inputs)
+    lengths = np.array([e.n_tokens for e in encoded])
+    order = np.argsort(lengths, kind="stable")
+    groups: list[list[int]] = [[]]
+    for index in order:
+        if groups[-1] and lengths[index] * (len(groups[-1]) + 1) > budget:
+            groups.append([])
+        groups[-1].append(int(index))
+    batches = []
+    for group in groups:
+        longest = int(lengths[group].max())
+        ids = np.full((len(group), longest), tokenizer.pad_id, dtype=np.int32)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for row, index in enumerate(group):
+            n = encoded[index].n_tokens
+            ids[row, :n], types[row, :n], mask[row, :n] = encoded[index].ids, encoded[index].type_ids, 1
+        batches.append(Batch(ids, mask, types, lengths[group].astype(np.int32)))
+    return [np.array(g) for g in groups], batches, int(lengths.sum())
+
+
+# ---------------------------------------------------------------------------------- measuring
+class _Run:
+    """One loaded candidate with its sample batches, timed pass by pass."""
+
+    def __init__(self, backend: "Backend", info: "ModelInfo", inputs: list[Any]) -> None:
+        self.backend = backend
+        self.rows, self.batches, self.tokens = sorted_batches(info, inputs, backend.preferred_batch_tokens)
+        self.n = len(inputs)
+        self.best = float("inf")
+        self.values: np.ndarray | None = None
+
+    def warm_up(self) -> None:
+        self.backend.forward(self.batches[-1])  # the longest shape, then the shortest
+        self.backend.forward(self.batches[0])
+
+    def timed_pass(self) -> None:
+        start = time.perf_counter()
+        outputs = [self.backend.forward(batch) for batch in self.batches]
+        self.best = min(self.best, time.perf_counter() - start)
+        if self.values is None:
+            self.values = np.zeros((self.n, outputs[0].shape[1]), dtype=np.float32)
+            for index, output in zip(self.rows, outputs):
+                self.values[index] = output
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.best
+
+
+def run_sample(backend: "Backend", info: "ModelInfo", inputs: list[Any], passes: int = 2) -> tuple[np.ndarray, float]:
+    """Outputs in input order and the best tokens/s of ``passes`` timed passes after a warm-up."""
+    run = _Run(backend, info, inputs)
+    run.warm_up()
+    for _ in range(max(1, passes)):
+        run.timed_pass()
+    assert run.values is not None
+    return run.values, run.tokens_per_s
+
+
+def compare(info: "ModelInfo", reference: np.ndarray, values: np.ndarray, trial: Trial) -> None:
+    """Fill ``trial``'s agreement with the fp32 reference and whether it passes the gate."""
+    if info.kind == JobKind.embed:
+        a = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+        b = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+        cosine = (a * b).sum(axis=1)
+        trial.cos_min, trial.cos_mean = float(cosine.min()), float(cosine.mean())
+        trial.passed = bool(np.isfinite(cosine).all() and trial.cos_min >= COSINE_GATE)
+        return
+    if info.kind == JobKind.rerank:
+        ref_scores, scores = rerank_scores(reference, False), rerank_scores(values, False)
+    else:
+        ref_scores, scores = class_probabilities(reference, info.multi_label), class_probabilities(values, info.multi_label)
+    trial.max_score_diff = float(np.abs(ref_scores - scores).max())
+    trial.passed = bool(np.isfinite(scores).all() and trial.max_score_diff <= SCORE_TOLERANCE)
+
+
+def format_table(trials: list[Trial], chosen: Candidate | None = None) -> str:
+    """The selection table, one line per candidate, for the log."""
+    lines = [f"{'candidate':18} {'tokens/s':>9} {'cos min':>8} {'cos mean':>9} {'max|dp|':>8}  verdict"]
+    for t in trials:
+        verdict = "error: " + t.error if t.error else ("pass" if t.passed else "below the quality gate")
+        if chosen is not None and t.candidate == chosen:
+            verdict += "  <- chosen"
+        lines.append(f"{str(t.candidate):18} {t.tokens_per_s:9.0f} {t.cos_min:8.5f} {t.cos_mean:9.5f} "
+                     f"{t.max_score_diff:8.4f}  {verdict}")
+    return "\n".join(lines)
+
+
+Loader = Callable[[str, "ModelInfo", str, str], "Backend"]
+
+
+def _default_loader(name: str, info: "ModelInfo", device: str, dtype: str) -> "Backend":
+    from worker.backends import backend_class
+
+    return backend_class(name)(info, device=device, dtype=dtype)
+
+
+def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto", n_texts: int = SAMPLE_TEXTS,
+                   passes: int = 2, loader: Loader | None = None) -> "Backend":
+    """Measure the candidates, keep the fastest one that passes the gate, return it loaded.
+
+    All candidates are loaded together and their timed passes interleaved (round-robin), so a
+    burst of load from another process on a shared machine hits them all alike instead of
+    deciding the race. torch fp32 is always run: it is the quality reference. The returned
+    backend carries ``autoselect_table`` (the logged table) and ``autoselect_trials``.
+    """
+    load = loader or _default_loader
+    device = resolve_device(device)
+    options = candidates(device, dtype)
+    inputs = sample_inputs(info, n_texts)
+    fp32 = Candidate("torch", "float32")
+    order = [fp32] + [c for c in options if c != fp32]
+    trials = {c: Trial(c) for c in order}
+    runs: dict[Candidate, _Run] = {}
+    try:
+        for candidate in order:
+            try:
+                backend = load(candidate.backend, info, device, candidate.dtype)
+            except Exception as exc:  # a candidate that cannot load here is reported, not fatal
+                if candidate == fp32:
+                    raise
+                trials[candidate].error = f"{type(exc).__name__}: {exc}"
+                continue
+            runs[candidate] = _Run(backend, info, inputs)
+            _guarded(trials[candidate], runs, candidate, _Run.warm_up)
+        for _ in range(max(1, passes)):
+            for candidate in list(runs):
+                _guarded(trials[candidate], runs, candidate, _Run.timed_pass)
+        if fp32 not in runs or runs[fp32].values is None:
+            raise RuntimeError(f"the torch float32 reference failed on {device}: {trials[fp32].error}")
+        reference = runs[fp32].values
+        for candidate, run in runs.items():
+            trials[candidate].tokens_per_s = run.tokens_per_s
+            assert run.values is not None
+            compare(info, reference, run.values, trials[candidate])
+        shown = [trials[c] for c in order if c in options]
+        passing = [t for t in shown if t.passed and t.candidate in runs]
+        chosen = max(passing, key=lambda t: t.tokens_per_s).candidate if passing else None
+        table = format_table(shown, chosen)
+        log.info("backend auto selection for %s on %s (%d texts):\n%s", info.name, device, len(inputs), table)
+        if chosen is None:
+            raise RuntimeError(f"no backend passed the quality gate for {info.name} on {device}:\n{table}")
+        backend = runs.pop(chosen).backend
+    finally:
+        for run in runs.values():
+            run.backend.close()
+    backend.autoselect_table = table  # type: ignore[attr-defined]
+    backend.autoselect_trials = shown  # type: ignore[attr-defined]
+    return backend
+
+
+def _guarded(trial: Trial, runs: dict[Candidate, _Run], candidate: Candidate, step: Callable[[_Run], None]) -> None:
+    """Run one measuring step; a candidate that fails is reported and dropped, not fatal."""
+    try:
+        step(runs[candidate])
+    except Exception as exc:
+        trial.error = f"{type(exc).__name__}: {exc}"
+        runs.pop(candidate).backend.close()

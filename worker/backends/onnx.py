@@ -1,0 +1,273 @@
+"""The ONNX Runtime backend: a model exported once (pooling included), fused, optionally int8.
+
+Why a second backend: on CPUs without bf16 units ONNX Runtime's fused transformer kernels beat
+eager torch in fp32, and its int8 dynamic quantization is the fastest CPU path of all (at a cost
+in quality, which the auto selection measures against the quality gate).
+
+The export is cached under ``~/.cache/embedfleet/onnx/<revision>-opset<N>-<level>[-int8]`` (or
+``$EMBEDFLEET_CACHE/onnx``), keyed by the model's content fingerprint, so it is done once per
+model version and redone when the model changes. Each cache folder is written to a temporary
+name and renamed into place, so concurrent workers never read half an export.
+
+``dtype`` for this backend: ``float32`` (or ``fp32``, or ``auto``) runs the fused fp32 graph;
+``int8`` runs the same graph with its MatMul weights quantized to int8 (dynamic quantization:
+activations quantized per batch at run time). Anything else is refused with a clear error.
+``device``: ``cpu``; ``cuda`` (CUDA execution provider); ``tensorrt`` (TensorRT, then CUDA);
+``auto`` takes CUDA when this onnxruntime build has it, else the CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.jobs import JobKind
+from worker.backends.base import Batch
+from worker.models import ModelInfo
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+#: Transformer-fusion level of onnxruntime.transformers.optimizer (part of the cache key).
+FUSION_LEVEL = "fused1"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+DTYPE_ALIASES = {"auto": "float32", "float32": "float32", "fp32": "float32", "int8": "int8", "qint8": "int8"}
+#: Architectures the ORT transformer optimizer fuses with its BERT patterns.
+_BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert", "ernie", "nomic_bert"}
+_ORT_FAILURES_OOM = ("failed to allocate memory", "bad_alloc", "out of memory", "cudaerrormemoryallocation")
+
+
+def cache_root() -> Path:
+    """Where exports live: ``$EMBEDFLEET_CACHE/onnx`` or ``~/.cache/embedfleet/onnx``."""
+    base = os.environ.get("EMBEDFLEET_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "embedfleet") / "onnx"
+
+
+def normalize_dtype(dtype: str) -> str:
+    """Map ``--dtype`` to what this backend runs; fp16/bf16 are refused rather than ignored."""
+    try:
+        return DTYPE_ALIASES[dtype.lower()]
+    except KeyError:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported by the onnx backend; choose float32 (fused fp32 graph) "
+            "or int8 (dynamic int8 quantization), or use --backend torch for float16/bfloat16"
+        ) from None
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (cgroup/affinity aware); ``OMP_NUM_THREADS`` overrides."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def providers_for(device: str) -> tuple[str, list[Any]]:
+    """The resolved device and the execution providers for it; absent ones are a clear error."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    kind = device.split(":")[0]
+    device_id = int(device.split(":")[1]) if ":" in device else 0
+    if kind == "cpu":
+        return device, ["CPUExecutionProvider"]
+    if kind == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(f"device {device!r}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+        return device, [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    if kind == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise ValueError(f"device {device!r}: this onnxruntime has no TensorRT provider (onnxruntime-gpu with TensorRT)")
+        trt_cache = cache_root() / "tensorrt"
+        trt_cache.mkdir(parents=True, exist_ok=True)
+        trt = {"device_id": device_id, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache)}
+        return device, [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"device_id": device_id}),
+                        "CPUExecutionProvider"]
+    raise ValueError(f"device {device!r} is not one the onnx backend runs on (auto, cpu, cuda, tensorrt)")
+
+
+# ---------------------------------------------------------------------------------- export
+def export_dir(info: ModelInfo, quantized: bool) -> Path:
+    """The cache folder of one export: model revision, opset, fusion level, quantization."""
+    if not info.revision:
+        raise ValueError(f"model {info.name!r} has no revision fingerprint, so its export cannot be cached")
+    suffix = "-int8" if quantized else ""
+    return cache_root() / f"{info.revision}-opset{OPSET}-{FUSION_LEVEL}{suffix}"
+
+
+def _publish(build: Any, dest: Path) -> Path:
+    """Run ``build(tmpdir)`` and rename the folder into ``dest`` (first writer wins)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another worker published it first: theirs is identical
+            if not (dest / "model.onnx").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class _Pooled:
+    """Factory for the export wrapper: the model plus its pooling (embed) or logits (heads)."""
+
+    @staticmethod
+    def build(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
+        import torch
+
+        from worker.heads import pool
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+                kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                if takes_type_ids:
+                    kwargs["token_type_ids"] = token_type_ids
+                out = self.model(**kwargs)
+                if info.kind == JobKind.embed:
+                    return pool(out.last_hidden_state, attention_mask, info.pooling)
+                return out.logits
+
+        return Wrapper().eval()
+
+
+def _export_fp32(info: ModelInfo, dest: Path) -> None:
+    """Export the fp32 model with pooling to ``dest/model.onnx`` and fuse it in place."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    loader = AutoModel if info.kind == JobKind.embed else AutoModelForSequenceClassification
+    # Eager attention exports to the MatMul/Softmax pattern ORT's optimizer fuses into Attention.
+    model = loader.from_pretrained(str(info.path), dtype=torch.float32, attn_implementation="eager").eval()
+    takes_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
+    names = list(INPUT_NAMES if takes_type_ids else INPUT_NAMES[:2])
+    sample = torch.ones(2, 8, dtype=torch.long)
+    args = (sample, sample, torch.zeros_like(sample))[: len(names)]
+    raw = dest / "raw.onnx"
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes["output"] = {0: "batch"}
+    log.info("exporting %s to ONNX (opset %d)", info.name, OPSET)
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(_Pooled.build(model, info, takes_type_ids), args, str(raw), input_names=names,
+                          output_names=["output"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    _fuse(raw, dest / "model.onnx", info, model.config)
+    raw.unlink()
+    (dest / "export.json").write_text(json.dumps({
+        "model": info.name, "revision": info.revision, "opset": OPSET, "fusion": FUSION_LEVEL,
+        "inputs": names, "kind": info.kind.value, "pooling": info.pooling,
+    }))
+
+
+def _fuse(raw: Path, out: Path, info: ModelInfo, config: Any) -> None:
+    """Transformer fusions (Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm) where they apply."""
+    from onnxruntime.transformers import optimizer
+
+    model_type = "bert" if info.model_type in _BERT_LIKE else info.model_type
+    try:
+        fused = optimizer.optimize_model(
+            str(raw), model_type=model_type, num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+            hidden_size=int(getattr(config, "hidden_size", 0) or 0), opt_level=1, use_gpu=False,
+        )
+    except Exception as exc:  # an architecture the optimizer does not know still runs unfused
+        log.warning("transformer fusions do not apply to %s (%s); using the plain export", info.model_type, exc)
+        shutil.copy(raw, out)
+        return
+    log.info("ONNX fusions for %s: %s", info.name,
+             {k: v for k, v in fused.get_fused_operator_statistics().items() if v})
+    fused.save_model_to_file(str(out), use_external_data_format=raw.stat().st_size > (1800 << 20))
+
+
+def _quantize(src: Path, dest: Path) -> None:
+    """Dynamic int8 quantization of the MatMul weights (per output channel: better quality)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src / "model.onnx"), str(dest / "model.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    export = json.loads((src / "export.json").read_text())
+    (dest / "export.json").write_text(json.dumps({**export, "quantization": "dynamic int8, per channel"}))
+
+
+def ensure_export(info: ModelInfo, quantized: bool = False) -> Path:
+    """The cached export folder for ``info`` (built on first use); holds model.onnx, export.json."""
+    dest = export_dir(info, quantized)
+    if (dest / "model.onnx").is_file():
+        return dest
+    if quantized:
+        fp32 = ensure_export(info, quantized=False)
+        return _publish(lambda tmp: _quantize(fp32, tmp), dest)
+    return _publish(lambda tmp: _export_fp32(info, tmp), dest)
+
+
+# ---------------------------------------------------------------------------------- backend
+class OnnxBackend:
+    """An exported, fused (optionally int8) model in an ONNX Runtime session."""
+
+    name = "onnx"
+    unpadded = False
+
+    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto") -> None:
+        import onnxruntime  # noqa: F401  (fail early, with the registry's install hint)
+
+        self.info = info
+        self.dtype = normalize_dtype(dtype)
+        self.device, self._providers = providers_for(device)
+        if self.dtype == "int8" and not self.device.startswith("cpu"):
+            raise ValueError("dtype 'int8' (dynamic quantization) runs on the CPU only; use --device cpu")
+        self.path = ensure_export(info, quantized=self.dtype == "int8")
+        self._session = self._open(self.path)
+        self._input_names = [i.name for i in self._session.get_inputs()]
+        self._precise: Any = None
+        # Small batches keep activations in the CPU caches; a GPU wants big ones.
+        self.preferred_batch_tokens = 2048 if self.device.startswith("cpu") else 16384
+        log.info("onnx backend: %s on %s (%s), %s", info.name, self.device, self.dtype, self.path)
+
+    def _open(self, path: Path) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = cpu_threads()
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path / "model.onnx"), options, providers=self._providers)
+
+    def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
+        """Pooled vectors or logits, float32; ``precise`` on int8 reruns the fp32 graph."""
+        session = self._session
+        if precise and self.dtype == "int8":
+            if self._precise is None:
+                self._precise = self._open(ensure_export(self.info, quantized=False))
+            session = self._precise
+        arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "token_type_ids": batch.token_type_ids}
+        feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int64) for name in self._input_names}
+        (output,) = session.run(["output"], feed)
+        return np.asarray(output, dtype=np.float32)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        text = str(error).lower()
+        return isinstance(error, MemoryError) or any(marker in text for marker in _ORT_FAILURES_OOM)
+
+    def close(self) -> None:
+        self._session = None
+        self._precise = None
