@@ -82,6 +82,17 @@ def test_varlen_backend_equals_padded_backend(fixture: str, request: pytest.Fixt
     np.testing.assert_allclose(varlen.forward(packed, precise=True), varlen.forward(packed), atol=1e-6)
 
 
+def test_fused_tail_falls_back_to_the_same_function_off_gpu(tiny_xlmr_model: Path) -> None:
+    """The fused layer tail (bias after the GEMM, one LayerNorm call) computes what the plain one does."""
+    info = describe(str(tiny_xlmr_model))
+    plain = TorchBackend(info, "cpu", "float32", varlen=True, fused=False)
+    fused = TorchBackend(info, "cpu", "float32", varlen=True, fused=True)
+    assert fused.fused and all(layer.fused for layer in fused.encoder.layers)  # type: ignore[union-attr]
+    rng = np.random.default_rng(12)
+    packed, _ = _batches(rng, _random_lengths(rng, 6, 40))
+    np.testing.assert_allclose(fused.forward(packed), plain.forward(packed), atol=2e-5)
+
+
 def test_varlen_refuses_what_it_cannot_run(tiny_classify_model: Path) -> None:
     info = describe(str(tiny_classify_model))
     backend = TorchBackend(info, "cpu", "float32", varlen=True)  # classifiers keep the padded path
@@ -197,16 +208,21 @@ def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: s
 
 
 @gpu
-def test_compiled_layers_and_staged_copies_match_eager_on_gpu(tiny_embed_model: Path) -> None:
+@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "compiled"])
+def test_kernel_variants_and_staged_copies_on_gpu(tiny_embed_model: Path, variant: str) -> None:
+    """Each GPU variant (Triton LayerNorm, GELU epilogue, torch.compile) against fp32 padded."""
     info = describe(str(tiny_embed_model))
-    eager = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, profile=False)
-    compiled = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=True, profile=False)
+    reference = TorchBackend(info, "cuda", "float32", varlen=False, profile=False)
+    fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, profile=False, fused=variant.startswith("fused"),
+                        approximate_gelu=variant == "fused-tanh", compile=variant == "compiled")
+    assert fast.fused == variant.startswith("fused") and fast.compiled == (variant == "compiled")
     rng = np.random.default_rng(6)
-    for n in (5, 17):  # two sizes: the compiled layers are shape-dynamic
-        packed, _ = _batches(rng, _random_lengths(rng, n, 100))
-        expected = eager.forward(packed)
-        packed.staged = compiled.stage(packed)
-        np.testing.assert_allclose(compiled.forward(packed), expected, atol=3e-2)
+    for n in (5, 17, 64):  # several sizes: kernels and compiled graphs are shape-dynamic
+        packed, padded = _batches(rng, _random_lengths(rng, n, 100))
+        packed.staged = fast.stage(packed)
+        a, b = fast.forward(packed), reference.forward(padded)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.min() > 0.999, (variant, n, cosine.min())
 
 
 @gpu

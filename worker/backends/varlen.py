@@ -123,6 +123,8 @@ class VarlenLayer(nn.Module):
         self.eps = eps
         self.activation = activation
         self.act = _ACTIVATIONS[activation]
+        self.fused = False  # Triton bias+residual+LayerNorm (CUDA); see worker.backends.kernels
+        self.approximate_gelu = False  # cuBLASLt GELU epilogue (tanh) for exact-GELU models
 
     def forward(self, x: torch.Tensor, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
                 ) -> torch.Tensor:
@@ -130,9 +132,24 @@ class VarlenLayer(nn.Module):
         qkv = self.qkv(x).view(total, 3, self.heads, hidden // self.heads)
         q, k, v = qkv.unbind(1)
         context = attend(q, k, v).reshape(total, hidden)
+        if self.fused:
+            return self._fused_tail(x, context)
         x = F.layer_norm(x + self.out(context), (hidden,), self.ln1.weight, self.ln1.bias, self.eps)
         h = self.act(self.ffn_in(x))
         return F.layer_norm(x + self.ffn_out(h), (hidden,), self.ln2.weight, self.ln2.bias, self.eps)
+
+
+    def _fused_tail(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Same function as the plain tail, with fewer passes over memory (GPU kernels)."""
+        from worker.backends.kernels import bias_residual_layernorm, linear_gelu
+
+        y = F.linear(context, self.out.weight)
+        x = bias_residual_layernorm(y, self.out.bias, x, self.ln1.weight, self.ln1.bias, self.eps)
+        h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias, self.activation, self.approximate_gelu)
+        if h is None:
+            h = self.act(self.ffn_in(x))
+        y = F.linear(h, self.ffn_out.weight)
+        return bias_residual_layernorm(y, self.ffn_out.bias, x, self.ln2.weight, self.ln2.bias, self.eps)
 
 
 class VarlenEncoder(nn.Module):
@@ -184,6 +201,12 @@ class VarlenEncoder(nn.Module):
         for layer in self.layers:
             x = run(layer, x, attend) if run is not None else layer(x, attend)
         return x
+
+    def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
+        """Use the fused kernels of ``worker.backends.kernels`` (they fall back to torch off-GPU)."""
+        for layer in self.layers:
+            layer.fused = fused
+            layer.approximate_gelu = approximate_gelu
 
     def enable_compile(self) -> None:
         """Fuse each layer's pointwise work (bias, GELU, residual, LayerNorm) with torch.compile.

@@ -18,7 +18,7 @@ import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -106,6 +106,8 @@ class Engine:
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
+        # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
+        self._in_flight = threading.Semaphore(2)
         self._threads: list[threading.Thread] = []
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0}
 
@@ -288,9 +290,15 @@ class Engine:
                 self._fail_slots(work[0], EngineStopped("the worker is stopping"))
 
     def _run_batch(self, slots: list[_Slot], batch: Batch) -> None:
+        """Launch a batch; a post-processing thread waits for it, so launches run ahead."""
+        while not self._in_flight.acquire(timeout=0.2):
+            if self._stop.is_set():
+                self._fail_slots(slots, EngineStopped("the worker is stopping"))
+                return
         try:
-            output = self.backend.forward(batch)
+            wait = self._launch(batch)
         except Exception as exc:
+            self._in_flight.release()
             if self.backend.is_out_of_memory(exc):
                 self._split_after_oom(slots, exc)
             else:
@@ -301,8 +309,26 @@ class Engine:
         self.stats["items"] += len(slots)
         self.stats["tokens"] += batch.n_real_tokens
         self.stats["padded_tokens"] += int(batch.input_ids.size)
+        self._post_pool.submit(self._complete_batch, slots, batch, wait)
+
+    def _launch(self, batch: Batch) -> Callable[[], np.ndarray]:
+        launch = getattr(self.backend, "launch", None)
+        if launch is not None:
+            return launch(batch)
+        output = self.backend.forward(batch)
+        return lambda: output
+
+    def _complete_batch(self, slots: list[_Slot], batch: Batch, wait: Callable[[], np.ndarray]) -> None:
+        try:
+            output = wait()
+        except Exception as exc:  # a device error surfacing at the copy back
+            log.exception("a batch of %d failed on the device", len(slots))
+            self._fail_slots(slots, exc)
+            return
+        finally:
+            self._in_flight.release()
         output = self._fix_non_finite(slots, batch, output)
-        self._post_pool.submit(self._deliver, slots, output)
+        self._deliver(slots, output)
 
     def _split_after_oom(self, slots: list[_Slot], error: BaseException) -> None:
         if len(slots) == 1:
