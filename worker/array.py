@@ -116,6 +116,12 @@ def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batc
             hosted.stop()
 
 
+def _attempt() -> int:
+    """Which attempt this is (AWS Batch counts from 1); recorded as the shard's deliveries."""
+    raw = os.environ.get(ATTEMPT_ENV, "1")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
+
+
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
     raise ShardStopped(EXIT_SIGTERM)
 
@@ -162,8 +168,7 @@ def shard_command(
         raise typer.Exit(0 if done.status == "done" else 1)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        report = run_one_shard(job, backend, device, dtype, max_batch_tokens,
-                               deliveries=int(os.environ.get(ATTEMPT_ENV, "1")))
+        report = run_one_shard(job, backend, device, dtype, max_batch_tokens, deliveries=_attempt())
         finalize_if_needed(spec)
     except ShardStopped:
         console.print(f"[yellow]stopped by SIGTERM[/]: shard {index} left unpublished; a retry redoes it")

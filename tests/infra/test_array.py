@@ -200,6 +200,9 @@ def test_index_out_of_range_and_missing_index_are_clear_errors(array_job: dict[s
     assert result.exit_code == 2 and "AWS_BATCH_JOB_ARRAY_INDEX is not set" in " ".join(result.output.split())
     result = runner.invoke(app, ["shard", "--job-manifest", f"s3://{BUCKET}/nowhere/_job.json", "--index", "0"])
     assert result.exit_code == 2 and "embedfleet plan" in " ".join(result.output.split())
+    result = runner.invoke(app, ["plan", f"s3://{BUCKET}/corpora/corpus.parquet", "--out", f"s3://{BUCKET}/jobs/x",
+                                 "--text-column", "body"])
+    assert result.exit_code == 2 and "body" in result.output
 
 
 def test_sigterm_stops_a_child_and_publishes_nothing(array_job: dict[str, Any], s3_server: S3,
