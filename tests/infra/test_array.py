@@ -205,19 +205,29 @@ def test_index_out_of_range_and_missing_index_are_clear_errors(array_job: dict[s
     assert result.exit_code == 2 and "body" in result.output
 
 
+TINI = "/usr/bin/tini"
+
+
+@pytest.mark.parametrize("launcher", ["direct", "tini"])
 def test_sigterm_stops_a_child_and_publishes_nothing(array_job: dict[str, Any], s3_server: S3,
-                                                     tmp_path: Path) -> None:
-    """Spot reclaim / docker stop: exit 143 at once, no part, no marker; a retry redoes the shard."""
+                                                     launcher: str) -> None:
+    """Spot reclaim / docker stop: exit 143 at once, no part, no marker; a retry redoes the shard.
+
+    The ``tini`` case runs the images' exact entry point (``/usr/bin/tini -- embedfleet``) and
+    signals tini, as ``docker stop`` does: the signal must reach embedfleet through it.
+    """
     from producer.client import plan_corpus
 
-    out = f"s3://{BUCKET}/jobs/long"
+    if launcher == "tini" and not Path(TINI).exists():
+        pytest.skip("tini is not installed (apt-get install tini); the images install it")
+    out = f"s3://{BUCKET}/jobs/long-{launcher}"
     many = [f"{texts()[i % 10]} {i}" for i in range(20_000)]  # long enough to be mid-shard at SIGTERM
     storage.publish_table(storage.locate(f"s3://{BUCKET}/corpora/long.parquet"), pa.table({"text": many}))
     plan_corpus(f"s3://{BUCKET}/corpora/long.parquet", out, model=str(array_job["model"]), shard_rows=len(many))
+    prefix = [TINI, "-s", "--"] if launcher == "tini" else []
     child = subprocess.Popen(
-        [sys.executable, "-c", ENTRY, "shard", "--job-manifest", out, "--device", "cpu", "--index", "0"],
-        env=child_env(s3_server, None), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*prefix, sys.executable, "-c", ENTRY, "shard", "--job-manifest", out, "--device", "cpu", "--index", "0"],
+        env=child_env(s3_server, None), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert child.stdout is not None
     lines = []
@@ -230,5 +240,6 @@ def test_sigterm_stops_a_child_and_publishes_nothing(array_job: dict[str, Any], 
     output = "".join(lines) + rest
     assert child.returncode == 143, output
     assert "stopped by SIGTERM" in output
-    names = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix="jobs/long/")["Contents"]}
-    assert names == {"jobs/long/_job.json"}
+    prefix_key = out.split(f"{BUCKET}/", 1)[1]
+    names = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix_key + "/")["Contents"]}
+    assert names == {f"{prefix_key}/_job.json"}
