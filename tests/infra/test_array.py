@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from producer import storage
 from producer.jobs import JOB_FILE, MANIFEST, PARTS_DIR, SUCCESS, marker_name, part_name
-from tests.infra.conftest import REPO, S3
+from .conftest import REPO, S3
 
 BUCKET = "fleet"
 OUT = f"s3://{BUCKET}/jobs/corpus"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.infra.conftest import REPO, tool
+from .conftest import REPO, tool
 
 TEMPLATE = REPO / "infra" / "aws" / "embedfleet.yaml"
 DOCKERFILES = sorted((REPO / "infra" / "docker").glob("Dockerfile.*"))
