@@ -18,6 +18,7 @@ from producer.cli import app, build_options, console, fail, follow, summarize
 from producer.client import DEFAULT_SHARD_ROWS, Client
 from producer.jobs import JobKind
 from producer.sources import SourceError, check_columns, detect_format
+import worker.array  # noqa: F401  (registers `plan` and `shard`)
 from worker.backends import BackendUnavailable
 from worker.embedded import InProcessWorker, WorkerSpec
 from worker.models import DEFAULT_MODEL, ModelNotFound
