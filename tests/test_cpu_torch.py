@@ -67,3 +67,15 @@ def test_threads_follow_the_cores_this_process_may_use(tiny_embed_model: Path, m
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_cpu_path_matches_eager(tiny_rerank_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMBEDFLEET_TORCH_COMPILE=1 compiles forward in place: same scores, pairs keep token_type_ids."""
+    info = describe(str(tiny_rerank_model))
+    pairs = sample_inputs(info, 6)
+    eager = run_all(load_backend("torch", info, "cpu", "float32"), info, pairs)
+    monkeypatch.setenv(torch_cpu.COMPILE_ENV, "1")
+    backend = load_backend("torch", info, "cpu", "float32")
+    assert backend._takes_type_ids  # the compiled forward still shows its real signature
+    compiled = run_all(backend, info, pairs)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
