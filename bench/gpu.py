@@ -204,11 +204,12 @@ def plain_runner(path: Path, pooling: str, budget: int = 32768, max_items: int =
     return model, run
 
 
-VARIANTS = {  # name -> TorchBackend keyword arguments
-    "plain": dict(fused=False, compile=False),
-    "fused": dict(fused=True, approximate_gelu=False, compile=False),
-    "fused-tanh": dict(fused=True, approximate_gelu=True, compile=False),
-    "compiled": dict(fused=False, compile=True),
+VARIANTS = {  # name -> TorchBackend keyword arguments ("fused" is what a worker runs by default)
+    "plain": dict(fused=False, compile=False, dense_groups=False),
+    "fused-varlen": dict(fused=True, approximate_gelu=False, compile=False, dense_groups=False),
+    "fused": dict(fused=True, approximate_gelu=False, compile=False, dense_groups=True),
+    "fused-tanh": dict(fused=True, approximate_gelu=True, compile=False, dense_groups=True),
+    "compiled": dict(fused=False, compile=True, dense_groups=False),
 }
 
 
@@ -326,6 +327,57 @@ def run_chunked(engine: Any, requests: list[list[str]], chunk: int = 500) -> lis
     return [r.values for r in out]
 
 
+def attention_kernels(results: dict[str, Any], n: int = 145, seq: int = 450, heads: int = 16, dim: int = 64) -> None:
+    """Attention alone at the seed's shape: varlen flash vs dense kernels, strided vs contiguous."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from worker.backends.varlen import _flash_varlen
+
+    total = n * seq
+    qkv = torch.randn(total, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = torch.arange(0, total + 1, seq, device="cuda", dtype=torch.int32)
+    flops = 4 * n * seq * seq * heads * dim
+    scale = dim ** -0.5
+
+    def dense(backend: Any, strided: bool) -> Callable[[], Any]:
+        a, b, c = (q, k, v) if strided else (qc, kc, vc)
+        views = [x.view(n, seq, heads, dim).transpose(1, 2) for x in (a, b, c)]
+
+        def go() -> Any:
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(*views, scale=scale)
+        return go
+
+    cases = {
+        "varlen flash, strided qkv": lambda: _flash_varlen(q, k, v, cu, seq, scale),
+        "varlen flash, contiguous": lambda: _flash_varlen(qc, kc, vc, cu, seq, scale),
+        "dense flash, strided": dense(SDPBackend.FLASH_ATTENTION, True),
+        "dense cuDNN, strided": dense(SDPBackend.CUDNN_ATTENTION, True),
+        "dense cuDNN, contiguous": dense(SDPBackend.CUDNN_ATTENTION, False),
+        "dense efficient, strided": dense(SDPBackend.EFFICIENT_ATTENTION, True),
+    }
+    rows = results.setdefault("attention", [])
+    for name, fn in cases.items():
+        try:
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 20
+            rows.append({"case": name, "ms": ms, "tflops": flops / ms / 1e9})
+            say(f"attention {name}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+        except Exception as exc:
+            say(f"attention {name}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+    del qkv, q, k, v, qc, kc, vc
+    free_gpu()
+
+
 def kernels(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     """Forward passes alone (no engine) at the seed's shape: what each kernel variant and budget
     reaches, and where the time goes (torch profiler, per kernel)."""
@@ -335,6 +387,7 @@ def kernels(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) ->
     cfg = AutoConfig.from_pretrained(str(path))
     seq = 450
     fpt = flops_per_token([seq], cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size)
+    attention_kernels(results)
     rows = results.setdefault("kernels", [])
     best: tuple[float, str] = (0.0, "")
     for variant in args.kernel_variants.split(","):
@@ -420,11 +473,13 @@ def memory_probe(mode: str, path: Path) -> dict[str, Any]:
 
         info = describe(str(path))
         dtype_name = "float16" if "fp16" in mode else "float32"
-        backend = TorchBackend(info, "cuda", dtype_name, profile="noprofile" not in mode)
+        backend = TorchBackend(info, "cuda", dtype_name)
         params = list((backend.encoder or backend.model).parameters())
+        storages = len({p.untyped_storage().data_ptr() for p in params})
         after_load = used()
         allocator = {"allocated_gib": torch.cuda.memory_allocated() / GIB,
-                     "reserved_gib": torch.cuda.memory_reserved() / GIB, "report": backend.memory_report}
+                     "reserved_gib": torch.cuda.memory_reserved() / GIB, "report": backend.memory_report,
+                     "weight_allocations": storages}
         engine = Engine(info, backend).start()
         engine.run(texts, timeout=120)
     after_request = used()
@@ -437,8 +492,8 @@ def memory(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> 
     path = build_model("bge-m3", workdir / "bge-m3-arch", args.small)
     rows = results.setdefault("memory", [])
     # embedfleet-fp16 twice: a first start profiles memory, a later one reads the cached profile
-    for mode in ("transformers-fp16", "embedfleet-fp16", "embedfleet-fp16-again", "embedfleet-fp16-noprofile",
-                 "transformers-fp32", "embedfleet-fp32"):
+    for mode in ("transformers-fp16", "embedfleet-fp16", "embedfleet-fp16-again", "transformers-fp32",
+                 "embedfleet-fp32"):
         proc = subprocess.run([sys.executable, __file__, "--memory-probe", mode, "--model", str(path)],
                               capture_output=True, text=True, timeout=300)
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -494,6 +549,11 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     for r in results.get("throughput", []):
         if "error" in r:
             lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+    if results.get("attention"):
+        lines += ["", "## Attention alone (bf16, 145 texts x 450 tokens, 16 heads x 64)", "",
+                  "| kernel | ms | TFLOP/s |", "| --- | ---: | ---: |"]
+        for a in results["attention"]:
+            lines.append(f"| {a['case']} | {a['ms']:.3f} | {a['tflops']:.0f} |")
     if results.get("quality"):
         lines += ["", "## Quality (bundled all-MiniLM-L6-v2 on the GPU vs sentence-transformers fp32 on the GPU)", "",
                   "| engine | texts | min cosine | mean cosine | vectors < 0.999 |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -533,10 +593,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers as JSON here")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/embedfleet-bench"))
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--engines", default="bfloat16:fused,bfloat16:fused-tanh,float16:fused,bfloat16:plain,bfloat16:fused:131072",
+    parser.add_argument("--engines", default="bfloat16:fused,bfloat16:fused-tanh,float16:fused,bfloat16:fused-varlen,bfloat16:fused:131072",
                         help=f"embedfleet variants, dtype:{'|'.join(VARIANTS)}[:budget], comma-separated")
     parser.add_argument("--quality-engines", default="bfloat16:fused,bfloat16:fused-tanh,float16:fused")
-    parser.add_argument("--kernel-variants", default="plain,fused,fused-tanh")
+    parser.add_argument("--kernel-variants", default="plain,fused-varlen,fused,fused-tanh")
     parser.add_argument("--sections", default="kernels,throughput,quality,memory")
     parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)

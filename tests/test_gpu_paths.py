@@ -93,6 +93,26 @@ def test_fused_tail_falls_back_to_the_same_function_off_gpu(tiny_xlmr_model: Pat
     np.testing.assert_allclose(fused.forward(packed), plain.forward(packed), atol=2e-5)
 
 
+def test_equal_length_groups() -> None:
+    from worker.backends.varlen import equal_length_groups
+
+    assert equal_length_groups([3, 450, 450, 450, 451]) == [(0, 1, 3), (3, 3, 450), (1353, 1, 451)]
+    assert equal_length_groups([5]) == [(0, 1, 5)]
+    assert equal_length_groups(list(range(1, 20)), max_groups=8) is None  # too many runs: varlen instead
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])
+def test_dense_attention_over_equal_length_runs(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Dense attention per run of equal lengths computes what padded attention does."""
+    info = describe(str(request.getfixturevalue(fixture)))
+    dense = TorchBackend(info, "cpu", "float32", varlen=True, dense_groups=True)
+    padded = TorchBackend(info, "cpu", "float32", varlen=False)
+    assert dense.encoder.dense_groups  # type: ignore[union-attr]
+    rng = np.random.default_rng(13)
+    packed, pad = _batches(rng, [2, 30, 30, 30, 31, 31, 5])  # runs: 2 | 30 x3 | 31 x2 | 5
+    np.testing.assert_allclose(dense.forward(packed), padded.forward(pad), atol=3e-5, rtol=1e-4)
+
+
 def test_varlen_refuses_what_it_cannot_run(tiny_classify_model: Path) -> None:
     info = describe(str(tiny_classify_model))
     backend = TorchBackend(info, "cpu", "float32", varlen=True)  # classifiers keep the padded path
@@ -208,17 +228,21 @@ def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: s
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "compiled"])
+@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "compiled", "dense"])
 def test_kernel_variants_and_staged_copies_on_gpu(tiny_embed_model: Path, variant: str) -> None:
     """Each GPU variant (Triton LayerNorm, GELU epilogue, torch.compile) against fp32 padded."""
     info = describe(str(tiny_embed_model))
     reference = TorchBackend(info, "cuda", "float32", varlen=False, profile=False)
     fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, profile=False, fused=variant.startswith("fused"),
-                        approximate_gelu=variant == "fused-tanh", compile=variant == "compiled")
+                        approximate_gelu=variant == "fused-tanh", compile=variant == "compiled",
+                        dense_groups=variant == "dense")
     assert fast.fused == variant.startswith("fused") and fast.compiled == (variant == "compiled")
     rng = np.random.default_rng(6)
     for n in (5, 17, 64):  # several sizes: kernels and compiled graphs are shape-dynamic
-        packed, padded = _batches(rng, _random_lengths(rng, n, 100))
+        lengths = _random_lengths(rng, n, 100)
+        if variant == "dense":
+            lengths = sorted([100] * n + lengths[:3])  # a few runs of equal lengths
+        packed, padded = _batches(rng, lengths)
         packed.staged = fast.stage(packed)
         a, b = fast.forward(packed), reference.forward(padded)
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -235,3 +259,5 @@ def test_profiled_budget_is_cached_and_sane(tiny_embed_model: Path, tmp_path: Pa
     second = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, memory_fraction=0.5)
     assert "(cached profile)" in second.memory_report
     assert (tmp_path / "memory-profiles.json").is_file()
+    weights = list(second.encoder.parameters())  # type: ignore[union-attr]
+    assert len({p.untyped_storage().data_ptr() for p in weights}) == 1  # one arena for all weights

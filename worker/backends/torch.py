@@ -23,6 +23,7 @@ import torch
 from producer.jobs import JobKind
 from worker.backends.base import Batch
 from worker.engine import memory
+from worker.backends.varlen import equal_length_groups
 from worker.heads import pool, pool_varlen
 from worker.models import ModelInfo
 
@@ -81,6 +82,12 @@ def _env_flag(name: str) -> bool | None:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _profile_child(info: ModelInfo, device: str, dtype: str, options: dict, fraction: float) -> None:
+    """Entry point of the throwaway profiling process (see ``TorchBackend._profile_in_child``)."""
+    logging.basicConfig(level=logging.INFO)
+    TorchBackend(info, device, dtype, memory_fraction=fraction, profile="in-process", **options)
+
+
 DEFAULT_MEMORY_FRACTION = 0.8
 #: more tokens per batch than this buys no speed on any GPU measured, only latency
 MAX_BATCH_TOKENS = 65536
@@ -105,7 +112,7 @@ class TorchBackend:
                  varlen: bool | None = None, compile: bool | None = None, fused: bool | None = None,
                  approximate_gelu: bool | None = None,
                  memory_fraction: float | None = None, max_batch_tokens: int | None = None,
-                 profile: bool = True) -> None:
+                 profile: bool | str = True, dense_groups: bool | None = None) -> None:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         self.info = info
@@ -133,7 +140,7 @@ class TorchBackend:
             if reason:
                 log.info("%s runs padded: %s", info.name, reason)
             else:
-                self.encoder = build_encoder(model).to(self.device)
+                self.encoder = build_encoder(model).to_arena(self.device)
                 self.unpadded = True
                 del model
         if self.encoder is None:
@@ -153,6 +160,8 @@ class TorchBackend:
         self.approximate_gelu = bool(approx and self.fused)
         if self.encoder is not None:
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
+            dense = dense_groups if dense_groups is not None else _env_flag("EMBEDFLEET_DENSE_GROUPS")
+            self.encoder.dense_groups = bool(self.cuda if dense is None else dense)
         if self.compiled:
             self.encoder.enable_compile()  # type: ignore[union-attr,operator]
         if self.cuda:
@@ -162,7 +171,10 @@ class TorchBackend:
         if self.cuda and profile:
             fraction = memory_fraction if memory_fraction is not None else float(
                 os.environ.get("EMBEDFLEET_MEMORY_FRACTION", DEFAULT_MEMORY_FRACTION))
-            self.preferred_batch_tokens = self._size_to_memory(fraction, max_batch_tokens or MAX_BATCH_TOKENS)
+            self._options = dict(varlen=varlen, compile=compile, fused=fused, approximate_gelu=approximate_gelu,
+                                 dense_groups=dense_groups)
+            self.preferred_batch_tokens = self._size_to_memory(fraction, max_batch_tokens or MAX_BATCH_TOKENS,
+                                                               in_process=profile == "in-process")
 
     # ------------------------------------------------------------------ memory
     @property
@@ -187,7 +199,29 @@ class TorchBackend:
         stacked = np.stack(ids)
         return Batch(stacked, np.ones_like(stacked), np.stack(types), np.full(n, seq_len, dtype=np.int32))
 
-    def _size_to_memory(self, fraction: float, maximum: int) -> int:
+    def _profile_in_child(self, key: str, fraction: float) -> memory.MemoryProfile | None:
+        """Profile in a throwaway process: the kernels, workspaces and allocator segments a
+        profile leaves behind die with it, so this process holds only weights until it serves."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        child = context.Process(target=_profile_child, name="ef-memory-profile", daemon=True,
+                                args=(self.info, self.device, self.dtype, self._options, fraction))
+        try:
+            child.start()
+            child.join(900)
+        except Exception as exc:  # e.g. no way to spawn here: profile in this process instead
+            log.warning("memory profile in a child process failed to run (%s); profiling here", exc)
+            return None
+        if child.is_alive():
+            child.kill()
+        prof = memory.load_cached(key)
+        if prof is None:
+            log.warning("memory profile in a child process gave nothing (exit code %s); profiling here",
+                        child.exitcode)
+        return prof
+
+    def _size_to_memory(self, fraction: float, maximum: int, in_process: bool = False) -> int:
         """Profile (or read the cached profile), then pick the budget and log the start-up report."""
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -195,8 +229,10 @@ class TorchBackend:
         key = memory.cache_key(self.info.revision or self.info.name, name, self.dtype, self.mode)
         prof = memory.load_cached(key)
         cached = prof is not None
+        if prof is None and not in_process:
+            prof = self._profile_in_child(key, fraction)
         if prof is None:
-            sizes = memory.next_sizes(min(4096, maximum), maximum)
+            sizes = memory.next_sizes(min(4096, MAX_BATCH_TOKENS), MAX_BATCH_TOKENS)
             prof = memory.profile_device(lambda t: self.forward(self.synthetic_batch(t)), free * fraction, sizes)
             memory.store_cached(key, prof)
         fixed, per_token = prof.line()
@@ -309,8 +345,9 @@ class TorchBackend:
             raise ValueError("this backend runs padded: give it padded batches")
         ids, types, positions, cu = self._packed_inputs(batch)
         max_len = int(batch.lengths.max())
+        groups = equal_length_groups(batch.lengths) if self.encoder.dense_groups else None  # type: ignore[union-attr]
         with self._widen(precise):
-            hidden = self.encoder(ids, types, positions, cu, max_len)
+            hidden = self.encoder(ids, types, positions, cu, max_len, groups)
             result = pool_varlen(hidden, cu, self.info.pooling)
         return self._fetch(result)
 

@@ -75,6 +75,50 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
 
 
+#: dense SDPA kernels tried in this order for equal-length runs (cuDNN's fused attention is the
+#: fastest on Hopper where it applies; flash is the fallback)
+DENSE_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def equal_length_groups(lengths: Any, max_groups: int = 8) -> list[tuple[int, int, int]] | None:
+    """Runs of consecutive equal lengths as ``(first token, count, length)``; ``None`` if too many.
+
+    The scheduler sorts a batch by length, so a batch of near-uniform texts (the seed workload:
+    ~450 tokens each) is one or two runs, and dense attention needs neither mask nor padding.
+    """
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for length in (int(x) for x in lengths):
+        if groups and groups[-1][2] == length:
+            first, count, _ = groups[-1]
+            groups[-1] = (first, count + 1, length)
+        else:
+            if len(groups) == max_groups:
+                return None
+            groups.append((start, 1, length))
+        start += length
+    return groups
+
+
+def _dense_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[tuple[int, int, int]],
+                  scale: float) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = q.shape[1], q.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    backends = [getattr(SDPBackend, name) for name in DENSE_BACKENDS]
+    with sdpa_kernel(backends, set_priority=True):
+        for first, count, length in groups:
+            end = first + count * length
+
+            def view(x: torch.Tensor) -> torch.Tensor:
+                return x[first:end].view(count, length, heads, dim).transpose(1, 2)
+
+            result = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
+            out[first:end].view(count, length, heads, dim).copy_(result.transpose(1, 2))
+    return out
+
+
 class PaddedIndex:
     """Where each packed token sits in a padded ``[n, longest]`` layout (for the SDPA fallback)."""
 
@@ -176,6 +220,7 @@ class VarlenEncoder(nn.Module):
             int(config.pad_token_id) + 1 if config.model_type in {"roberta", "xlm-roberta"} else 0
         )
         self.use_flash = True
+        self.dense_groups = False  # dense attention per run of equal lengths (GPU), see attention()
         self.layer_fn: Callable[..., torch.Tensor] | None = None  # a compiled layer, when enabled
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -184,23 +229,54 @@ class VarlenEncoder(nn.Module):
         x = x + emb.position_embeddings(positions + self.position_offset)
         return F.layer_norm(x, (x.shape[-1],), emb.LayerNorm.weight, emb.LayerNorm.bias, self.eps)
 
-    def attention(self, cu_seqlens: torch.Tensor, max_len: int, dtype: torch.dtype
+    def attention(self, cu_seqlens: torch.Tensor, max_len: int, dtype: torch.dtype,
+                  groups: list[tuple[int, int, int]] | None = None
                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The attention for this batch: flash varlen where it runs, else padded SDPA."""
+        """The attention for this batch.
+
+        ``groups`` (runs of equal-length inputs: first token, count, length; see
+        :func:`equal_length_groups`) lets a batch of few distinct lengths run dense attention per
+        run, with no mask and no padding, on the fastest dense kernel (``DENSE_BACKENDS``).
+        Otherwise: flash varlen on the GPU, padded SDPA with a key mask elsewhere.
+        """
+        if groups is not None and self.dense_groups:
+            return lambda q, k, v: _dense_groups(q, k, v, groups, self.scale)
         if self.use_flash and flash_available(cu_seqlens.device, dtype):
             return lambda q, k, v: _flash_varlen(q, k, v, cu_seqlens, max_len, self.scale)
         index = PaddedIndex(cu_seqlens, max_len)
         return lambda q, k, v: index.attend(q, k, v, self.scale)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_len: int, groups: list[tuple[int, int, int]] | None = None
+                ) -> torch.Tensor:
         x = self.embed(input_ids, token_type_ids, positions)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        attend = self.attention(cu_seqlens, max_len, compute_dtype)
+        attend = self.attention(cu_seqlens, max_len, compute_dtype, groups)
         run = self.layer_fn
         for layer in self.layers:
             x = run(layer, x, attend) if run is not None else layer(x, attend)
         return x
+
+    def to_arena(self, device: str | torch.device) -> "VarlenEncoder":
+        """Move every weight into one device allocation (aligned views), then the buffers.
+
+        One allocation means no allocator rounding or segment slack per tensor: the weights take
+        their exact size on the device, which is what keeps memory after load at transformers'.
+        """
+        params = list(self.parameters())
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1 or torch.device(device).type == "cpu":
+            return self.to(device)
+        align = 128  # elements: 256-byte aligned starts for vectorized kernels and GEMMs
+        sizes = [(p.numel() + align - 1) // align * align for p in params]
+        arena = torch.empty(sum(sizes), dtype=dtypes.pop(), device=device)
+        offset = 0
+        for param, size in zip(params, sizes):
+            view = arena[offset : offset + param.numel()].view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+            offset += size
+        return self.to(device)
 
     def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
         """Use the fused kernels of ``worker.backends.kernels`` (they fall back to torch off-GPU)."""
