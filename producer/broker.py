@@ -2,11 +2,25 @@
 
 JSON only, in both directions: a broker is not a trusted channel, so pickle is never accepted.
 Workers build their app on top of this one (``worker.app``) and add what only consumers need.
+
+Brokers: ``redis://`` (a visibility timeout longer than any shard; unacked work comes back when
+a worker dies) and ``sqs://`` (kombu's SQS transport with predefined queues, long polling, and a
+dead-letter queue with a redrive policy next to every work queue). Tunables come from the
+environment so a fleet is configured the same way on every machine:
+
+* ``EMBEDFLEET_VISIBILITY_TIMEOUT`` seconds before an unacknowledged message is delivered again
+  (default 3600; it must exceed the time one shard takes).
+* ``EMBEDFLEET_MAX_DELIVERIES`` deliveries before a shard is parked (default 3).
+* ``EMBEDFLEET_SQS_WAIT`` long-polling seconds (default 10, at most 20); ``EMBEDFLEET_SQS_REGION``
+  (else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1); ``EMBEDFLEET_SQS_CREATE_QUEUES``
+  (default 1: a missing queue is created with its dead-letter queue; 0: it must exist).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from typing import Any
 
 from celery import Celery
@@ -18,14 +32,52 @@ INFO_TASK = "embedfleet.info"
 MEMORY_BROKER = "memory://localhost/"
 MEMORY_BACKEND = "cache+memory://"
 
+DEFAULT_VISIBILITY_TIMEOUT = 3600
+DEFAULT_MAX_DELIVERIES = 3
+DLQ_SUFFIX = "-dlq"
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer setting from the environment; a bad value is an error naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below the minimum of {minimum}")
+    return value
+
+
+def visibility_timeout() -> int:
+    return env_int("EMBEDFLEET_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1)
+
+
+def max_deliveries() -> int:
+    return env_int("EMBEDFLEET_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES, minimum=1)
+
+
+def broker_kind(broker: str) -> str:
+    """``redis``, ``sqs`` or ``memory`` (other kombu transports are refused: untested here)."""
+    scheme = broker.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        return "redis"
+    if scheme == "sqs":
+        return "sqs"
+    if scheme == "memory":
+        return "memory"
+    raise ValueError(f"broker scheme {scheme}:// is not supported; use redis://, rediss:// or sqs://")
+
 
 def default_backend(broker: str) -> str:
     """Where inline results travel: the same Redis as the broker; in-process for memory://."""
+    backend = os.environ.get("EMBEDFLEET_RESULT_BACKEND")
     if broker.startswith(("redis://", "rediss://")):
-        return broker
+        return backend or broker
     if broker.startswith("memory://"):
         return MEMORY_BACKEND
-    backend = os.environ.get("EMBEDFLEET_RESULT_BACKEND")
     if backend:
         return backend
     raise ValueError(
@@ -41,15 +93,131 @@ def base_settings() -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
+        "event_serializer": "json",
         "task_default_queue": "embedfleet.default",
         "result_expires": 3600,
         "task_track_started": False,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
     }
 
 
-def make_app(broker: str = MEMORY_BROKER, backend: str | None = None, name: str = "embedfleet") -> Celery:
-    """A Celery app for ``broker`` with JSON-only settings."""
+def redis_transport_options() -> dict[str, Any]:
+    """Unacked messages come back after the visibility timeout; sweep for them often enough."""
+    timeout = visibility_timeout()
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": max(1, min(10, timeout // 4)),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 10,
+    }
+
+
+# ---------------------------------------------------------------------------- SQS
+def sqs_region() -> str:
+    return (os.environ.get("EMBEDFLEET_SQS_REGION") or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+def sqs_name(queue: str) -> str:
+    """The SQS name of a Celery queue, as kombu spells it ('.' is not allowed in SQS names)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in queue)[:80]
+
+
+_sqs_lock = threading.Lock()
+
+
+def _sqs_client() -> Any:
+    import boto3
+
+    return boto3.client("sqs", region_name=sqs_region())  # honours AWS_ENDPOINT_URL(_SQS)
+
+
+def ensure_sqs_queue(queue: str, client: Any = None) -> str:
+    """The URL of a work queue, created with a dead-letter queue and a redrive policy if missing.
+
+    ``maxReceiveCount`` is one more than ``EMBEDFLEET_MAX_DELIVERIES``: the worker itself parks
+    a shard on that last receive (and the job reports it); SQS moves a message to the DLQ only
+    if even that delivery never finishes, so nothing is silently dropped.
+    """
+    client = client or _sqs_client()
+    name = sqs_name(queue)
+    try:
+        return str(client.get_queue_url(QueueName=name)["QueueUrl"])
+    except client.exceptions.QueueDoesNotExist:
+        if env_int("EMBEDFLEET_SQS_CREATE_QUEUES", 1) == 0:
+            raise ValueError(
+                f"SQS queue {name!r} does not exist (EMBEDFLEET_SQS_CREATE_QUEUES=0); create it with its "
+                f"dead-letter queue {name + DLQ_SUFFIX!r} (infra/) or allow creation"
+            ) from None
+    dlq_url = client.create_queue(QueueName=name + DLQ_SUFFIX,
+                                  Attributes={"MessageRetentionPeriod": str(14 * 86400)})["QueueUrl"]
+    dlq_arn = client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_deliveries() + 1)}
+    attributes = {"VisibilityTimeout": str(visibility_timeout()), "RedrivePolicy": json.dumps(policy)}
+    return str(client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"])
+
+
+def sqs_transport_options(queues: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Region, long polling, visibility timeout and the predefined queues (URLs resolved once)."""
+    wait = env_int("EMBEDFLEET_SQS_WAIT", 10)
+    if wait > 20:
+        raise ValueError(f"EMBEDFLEET_SQS_WAIT={wait} is over SQS's maximum long-polling time of 20 s")
+    options: dict[str, Any] = {
+        "region": sqs_region(),
+        "wait_time_seconds": wait,
+        "polling_interval": 0 if wait else 1,
+        "visibility_timeout": visibility_timeout(),
+        "predefined_queues": {},
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_SQS") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["is_secure"] = endpoint.startswith("https")
+    for queue in queues:
+        _predefine(options["predefined_queues"], queue)
+    return options
+
+
+def _predefine(predefined: dict[str, Any], queue: str) -> None:
+    name = sqs_name(queue)
+    if name in predefined:
+        return
+    entry = {"url": ensure_sqs_queue(queue)}
+    # kombu looks queues up both by the Celery name and by the SQS name.
+    predefined[name] = entry
+    predefined[queue] = entry
+
+
+def declare_queue(app: Celery, queue: str) -> None:
+    """Make ``queue`` usable on this app: on SQS, resolve (or create) it and predefine it.
+
+    kombu reads ``predefined_queues`` by reference, so adding to the same dict works on a
+    connection that is already open.
+    """
+    if broker_kind(str(app.conf.broker_url)) != "sqs":
+        return
+    with _sqs_lock:
+        _predefine(app.conf.broker_transport_options["predefined_queues"], queue)
+
+
+def make_app(
+    broker: str = MEMORY_BROKER,
+    backend: str | None = None,
+    name: str = "embedfleet",
+    queues: list[str] | tuple[str, ...] = (),
+) -> Celery:
+    """A Celery app for ``broker`` with JSON-only settings and the broker's transport options."""
+    kind = broker_kind(broker)
     app = Celery(name, broker=broker, backend=backend or default_backend(broker), set_as_current=False)
     app.conf.update(base_settings())
+    if kind == "redis":
+        app.conf.broker_transport_options = redis_transport_options()
+        app.conf.result_backend_transport_options = {"socket_connect_timeout": 5, "retry_on_timeout": True}
+    elif kind == "sqs":
+        app.conf.broker_transport_options = sqs_transport_options(queues)
+        # SQS has no fanout for remote control or events: only the task queues are used.
+        app.conf.worker_enable_remote_control = False
+        app.conf.worker_send_task_events = False
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -17,9 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from producer import sources, storage
-from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, make_app
+from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app
 from producer.jobs import (
     JOB_FILE,
+    MANIFEST,
+    PARTS_DIR,
     SUCCESS,
     ClassifyJob,
     Columns,
@@ -31,6 +34,8 @@ from producer.jobs import (
     Options,
     RerankJob,
     ShardJob,
+    ShardReport,
+    marker_name,
     part_name,
     queue_name,
     stable_job_id,
@@ -162,9 +167,9 @@ class Client:
 
     # ------------------------------------------------------------------ small calls
     def _call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None) -> InlineResult:
-        async_result = self.app.send_task(
-            INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue_name(job.kind, job.model)
-        )
+        queue = queue_name(job.kind, job.model)
+        declare_queue(self.app, queue)
+        async_result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue)
         try:
             payload = async_result.get(timeout=timeout or self.timeout, propagate=True)
         finally:
@@ -225,8 +230,10 @@ class Client:
         spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
                            options=options)
-        done = storage.read_markers(out)
+        done = _reopen_failed(out, storage.read_markers(out))
         queue = queue_name(spec.kind, model)
+        declare_queue(self.app, queue)
+        attempt = uuid.uuid4().hex[:8]  # a new submission gets fresh delivery counts
         enqueued = 0
         for shard in spec.shards:
             if shard.index in done:
@@ -234,7 +241,7 @@ class Client:
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
             self.app.send_task(SHARD_TASK, args=[message.model_dump(mode="json")], queue=queue,
-                               task_id=f"{spec.job_id}-{shard.index:05d}")
+                               task_id=f"{spec.job_id}-{shard.index:05d}-{attempt}", ignore_result=True)
             enqueued += 1
         return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued)
 
@@ -272,6 +279,19 @@ def plan_corpus(
                    options=options, n_rows=n_rows, shards=shards)
     _record(spec)
     return spec
+
+
+def _reopen_failed(out: str, markers: dict[int, ShardReport]) -> set[int]:
+    """Shards parked by an earlier run get another chance: drop their markers and the stale
+    partial manifest. Done shards stay done (their markers are the proof)."""
+    failed = [index for index, report in markers.items() if report.status != "done"]
+    if not failed:
+        return set(markers)
+    root = storage.locate(out)
+    storage.delete(root.child(MANIFEST))
+    for index in failed:
+        storage.delete(root.child(PARTS_DIR).child(marker_name(index)))
+    return {index for index, report in markers.items() if report.status == "done"}
 
 
 def _materialize(source: Any, out: str) -> str:

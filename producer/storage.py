@@ -104,6 +104,15 @@ def list_names(loc: Location) -> list[str]:
 
 
 @storage_retry
+def delete(loc: Location) -> None:
+    """Remove a file; a missing one is fine (deleting is idempotent)."""
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        pass
+
+
+@storage_retry
 def read_bytes(loc: Location) -> bytes:
     with loc.fs.open_input_stream(loc.path) as stream:
         return stream.read()

@@ -1,7 +1,10 @@
 """The worker's Celery app: the producer's JSON-only app plus what only consumers need.
 
 Late acks and reject-on-worker-lost mean a message is acknowledged only after its output is
-published, so a worker that dies mid-shard gives the shard back to the queue.
+published, so a worker that dies mid-shard gives the shard back to the queue. A prefetch
+multiplier of 1 reserves exactly as many messages as the worker runs at once: every in-flight
+task feeds the one engine (their texts share batches), and nothing sits reserved behind them
+where a dead worker would hold it until the visibility timeout.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ def worker_settings(prefetch: int) -> dict[str, Any]:
 
 
 def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Celery:
-    """A worker app whose tasks are embedfleet's (importing ``worker.tasks`` registers them)."""
+    """A worker app whose tasks are embedfleet's (importing ``worker.tasks`` registers them).
+
+    ``prefetch`` is the multiplier per concurrent task; 1 (the default) is right for shards.
+    """
     import worker.info  # noqa: F401  (registers the shared tasks)
     import worker.tasks  # noqa: F401
 

@@ -7,22 +7,28 @@ same producer -> queue -> task -> engine -> sink path as a fleet, with nothing e
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from celery import Celery
 
-from producer.broker import MEMORY_BROKER
+from producer.broker import MEMORY_BROKER, declare_queue, env_int
 from producer.jobs import queue_name
-from worker import runtime
+from worker import poison, runtime
 from worker.app import create_app
 from worker.backends import load_backend
 from worker.engine.pipeline import Engine
 from worker.models import describe
 
 log = logging.getLogger(__name__)
+
+#: After a stop is asked for, the process exits by this many seconds whatever still runs.
+STOP_GRACE_S = 20
 
 
 @dataclass
@@ -55,25 +61,42 @@ def queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
 
 
 class InProcessWorker:
-    """Engines plus a Celery worker consuming their queues on a background thread."""
+    """Engines plus a Celery worker consuming their queues on a background thread.
 
-    def __init__(self, spec: WorkerSpec, broker: str = MEMORY_BROKER, backend: str | None = None) -> None:
+    With a real broker, ``start()`` called on the main thread also takes over SIGTERM and
+    SIGINT: the first one interrupts whatever runs (model loading included) with
+    ``KeyboardInterrupt``; ``stop()`` then gives unfinished shards back to the queue, and a
+    watchdog ends the process after ``EMBEDFLEET_STOP_GRACE`` seconds (default 20) if anything
+    hangs. A second signal exits at once.
+    """
+
+    def __init__(self, spec: WorkerSpec, broker: str = MEMORY_BROKER, backend: str | None = None,
+                 handle_signals: bool | None = None) -> None:
         self.spec = spec
-        self.app: Celery = create_app(broker, backend, prefetch=spec.concurrency)
+        self.broker = broker
+        self.app: Celery = create_app(broker, backend, prefetch=1)
         self.engines: list[Engine] = []
+        self.queues: list[str] = []
         self._controller: Any = None
         self._thread: threading.Thread | None = None
+        self._handle_signals = (not broker.startswith("memory://")) if handle_signals is None else handle_signals
+        self._signalled = threading.Event()
 
     def start(self) -> "InProcessWorker":
+        if self._handle_signals:
+            self.install_signal_handlers()
         self.engines = [load_engine(model, self.spec) for model in self.spec.models]
-        queues = queues_for(self.engines, self.spec.models)
+        self.queues = queues_for(self.engines, self.spec.models)
+        poison.use_broker(self.broker)
+        for name in self.queues:
+            declare_queue(self.app, name)
         ready = threading.Event()
         self._controller = self.app.WorkController(
             app=self.app,
             pool_cls="threads",
             concurrency=self.spec.concurrency,
-            queues=queues,
-            hostname=f"embedded@{socket.gethostname()}",
+            queues=self.queues,
+            hostname=f"embedfleet-{os.getpid()}@{socket.gethostname()}",
             without_heartbeat=True,
             without_mingle=True,
             without_gossip=True,
@@ -82,24 +105,71 @@ class InProcessWorker:
         )
         self._thread = threading.Thread(target=self._controller.start, name="ef-celery", daemon=True)
         self._thread.start()
-        if not ready.wait(60):
-            raise RuntimeError("the in-process worker did not start within 60 s")
-        log.info("in-process worker consuming %s", ", ".join(queues))
+        while not ready.wait(0.2):  # a short wait, so a signal is handled promptly
+            if not self._thread.is_alive():
+                raise RuntimeError("the worker's consumer stopped while starting (see the log)")
+        log.info("worker consuming %s", ", ".join(self.queues))
         return self
 
+    # ------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        """SIGTERM behaves like Ctrl+C; only possible on the main thread (else a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signalled.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
+        self._signalled.set()
+        log.warning("signal %d: stopping (unfinished work goes back to the queue)", signum)
+        poison.begin_stop()
+        _arm_watchdog(env_int("EMBEDFLEET_STOP_GRACE", STOP_GRACE_S, minimum=1))
+        raise KeyboardInterrupt
+
+    def serve_forever(self, on_ready: Callable[["InProcessWorker"], None] | None = None) -> int:
+        """Start, run until SIGTERM / SIGINT, stop. Returns the exit code (0 after a signal)."""
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready(self)
+            while self.alive():
+                time.sleep(0.5)
+            log.error("the worker's consumer stopped on its own")
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop(in_sighandler=False, exitcode=0)
-        if self._thread is not None:
-            self._thread.join(10)
-        for engine in runtime.unregister_all():
-            engine.stop()
+        """Engines first (in-flight shards fail fast and go back to the queue), then the consumer."""
+        poison.begin_stop()
+        try:
+            for engine in runtime.unregister_all():
+                engine.stop()
+            if self._controller is not None:
+                self._controller.stop(in_sighandler=False, exitcode=0)
+            if self._thread is not None:
+                self._thread.join(10)
+        finally:
+            poison.reset_stop()
 
     def __enter__(self) -> "InProcessWorker":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _arm_watchdog(seconds: int) -> None:
+    """Whatever hangs during shutdown (a stuck device call, a dead network), exit anyway."""
+    timer = threading.Timer(seconds, lambda: os._exit(1))
+    timer.daemon = True
+    timer.start()

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from typing import Any
 
 import numpy as np
 from celery import shared_task
-from pydantic import TypeAdapter
+from celery.exceptions import Reject
+from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK
+from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
 from producer.jobs import (
     ClassifyJob,
     EmbedJob,
@@ -26,9 +28,10 @@ from producer.jobs import (
     ShardReport,
     part_name,
 )
-from producer.sources import read_shard
+from producer.sources import SourceError, read_shard
 from producer.storage import read_marker
-from worker import runtime, sinks
+from worker import poison, runtime, sinks
+from worker.engine.pipeline import EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +113,83 @@ def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list
 
 @shared_task(name=INLINE_TASK)
 def inline_task(payload: dict[str, Any]) -> dict[str, Any]:
-    return run_inline(payload)
+    """An inline call caught by a stop goes back to the queue; another worker answers it."""
+    try:
+        return run_inline(payload)
+    except EngineStopped as exc:
+        raise Reject("the worker is stopping", requeue=True) from exc
 
 
 @shared_task(name=SHARD_TASK, bind=True)
 def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    return run_shard(payload)
+    """Count the delivery, park the shard after too many, else run it; never lose it on a stop."""
+    job = ShardJob.model_validate(payload)
+    if poison.stopping():
+        raise Reject("the worker is stopping", requeue=True)
+    counter = poison.current()
+    task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
+    try:
+        deliveries = counter.begin(task_id, self.request)
+    except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
+        raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
+    limit = max_deliveries()
+    try:
+        done = read_marker(job.out, job.shard.index)
+        if done is not None:
+            log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
+            return done.model_dump(mode="json")
+        if deliveries > limit:
+            reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
+            return park(job, f"parked after {deliveries - 1} deliveries: {reason}", deliveries - 1)
+        return run_shard(payload, deliveries=deliveries)
+    except Reject:
+        raise
+    except Exception as exc:
+        return _after_failure(job, counter, task_id, deliveries, limit, exc)
+
+
+def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, limit: int,
+                   exc: Exception) -> dict[str, Any]:
+    """Give the shard back (stop, transient error) or park it (permanent error, last delivery)."""
+    if poison.stopping() or isinstance(exc, EngineStopped):
+        counter.give_back(task_id)
+        raise Reject("the worker is stopping", requeue=True) from exc
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, PERMANENT_ERRORS):
+        log.warning("shard %d of job %s cannot succeed: %s", job.shard.index, job.job_id, reason)
+        return park(job, reason, deliveries)
+    log.warning("shard %d of job %s failed on delivery %d of %d: %s", job.shard.index, job.job_id,
+                deliveries, limit, reason, exc_info=True)
+    if deliveries >= limit:
+        return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries)
+    counter.note_failure(task_id, reason)
+    time.sleep(min(10.0, 2.0 * deliveries))  # a transient failure gets a moment before the retry
+    raise Reject(reason, requeue=True) from exc
+
+
+#: Failures that no retry can fix: the shard is parked at once, with the reason. Out of memory
+#: is among them: a shard is never retried whole after it (the engine splits batches itself).
+PERMANENT_ERRORS = (SourceError, ValidationError, ValueError, TypeError, KeyError, MemoryError)
+
+
+def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
+    """Record the shard as failed (the job reports it), let the job finish without it, and ack."""
+    report = ShardReport(index=job.shard.index, path=None, rows_in=job.shard.n_rows, rows_written=0,
+                         n_tokens=0, status="failed", failure=reason, deliveries=deliveries)
+    log.error("parking shard %d of job %s: %s", job.shard.index, job.job_id, reason)
+    try:
+        sinks.write_marker(job.out, report)
+        sinks.finalize_if_complete(job.out, _revision(job.model))
+    except OSError as exc:  # storage is down even after retries: keep the message for later
+        raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+    return report.model_dump(mode="json")
+
+
+def _revision(model: str) -> str | None:
+    try:
+        return runtime.engine_for(model).info.revision
+    except runtime.ModelNotServed:
+        return None
 
 
 __all__ = ["inline_task", "shard_task", "run_inline", "run_shard", "EmbedJob", "ClassifyJob"]
