@@ -156,3 +156,22 @@ def test_a_rewritten_source_is_read_afresh(tmp_path: Path) -> None:
     assert count_rows(str(path), "jsonl") == 2
     assert read_shard(_shard(path, "jsonl", 0, 2), JobKind.embed, Columns()).values == ["new", "more"]
 
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a UTF-8 byte-order mark (Windows tools write one) is kept: the first "
+                                       "JSONL line is rejected and the first text line starts with U+FEFF; "
+                                       "decode with 'utf-8-sig'")
+@pytest.mark.parametrize(("fmt", "body"), [("jsonl", '{"text": "first"}\n{"text": "second"}\n'),
+                                           ("text", "first\nsecond\n")])
+def test_byte_order_mark_is_not_data(tmp_path: Path, fmt: str, body: str) -> None:
+    path = tmp_path / f"bom.{'jsonl' if fmt == 'jsonl' else 'txt'}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    rows = read_shard(_shard(path, fmt, 0, 2), JobKind.embed, Columns())
+    assert rows.values == ["first", "second"] and rows.parse_errors == {}
+
+
+def test_csv_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,text\nr1,hello\n")
+    check_columns(str(path), "csv", JobKind.embed, Columns(id="id"))
+    assert read_shard(_shard(path, "csv", 0, 1), JobKind.embed, Columns(id="id")).ids.to_pylist() == ["r1"]
