@@ -27,6 +27,7 @@ from fixtures_extra import (
     GatedBackend,
     NanBackend,
     OomBackend,
+    WrappedBackend,
     cosine_rows,
     first_token_id,
     make_engine,
@@ -273,11 +274,16 @@ def test_tiny_classify_matches_transformers_softmax(tiny_classify_model: Path) -
 # ---------------------------------------------------------------------------- batching behaviour
 def test_order_restored_across_many_batches(tiny_embed_model: Path) -> None:
     """A small budget forces many length-sorted batches; results still come back in input order."""
-    engine = make_engine(tiny_embed_model, max_batch_tokens=96)
+    engine = make_engine(tiny_embed_model, max_batch_tokens=96, wrap=WrappedBackend)
+    backend: WrappedBackend = engine.backend  # type: ignore[assignment]
     try:
         texts = mixed_texts(60, seed=7)
         result = engine.run(texts, timeout=120)
         assert engine.stats["batches"] >= 10
+        for call in backend.calls:  # padded cost within budget, except an item alone
+            assert call["n"] == 1 or call["n"] * max(call["lengths"]) <= 96, call
+        assert sorted(n for c in backend.calls for n in c["lengths"]) == sorted(
+            e.n_tokens for e in engine.tokenizer.encode(texts))
         want = reference_embed(tiny_embed_model, texts, 64, "cls", normalize=True)
         assert_close_rows(result.values, want, "order across batches")
         assert result.n_tokens == [e.n_tokens for e in engine.tokenizer.encode(texts)]
