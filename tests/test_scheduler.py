@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from worker.engine.scheduler import Item, Scheduler, batch_cost
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=120)
 config_st = st.fixed_dictionaries(
