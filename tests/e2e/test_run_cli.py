@@ -142,6 +142,22 @@ def test_jsonl_bad_rows_recorded_others_written(cli, tmp_path: Path, tiny_embed_
     assert "4 row(s) rejected" in output
 
 
+def test_rerun_redoes_only_the_missing_shard(cli, tmp_path: Path, tiny_embed_model: Path) -> None:  # type: ignore[no-untyped-def]
+    source = int_id_parquet(tmp_path / "c.parquet", 12)
+    out = tmp_path / "out"
+    args = (source, "--out", out, "--model", tiny_embed_model, "--id-column", "doc_id", "--shard-rows", "5")
+    assert cli(*args)[0] == 0
+    kept = (out / "part-00000.parquet").stat().st_mtime_ns
+    redo = (out / "part-00001.parquet").read_bytes()
+    for name in ("part-00001.parquet", "_parts/part-00001.json", "_manifest.json", "_SUCCESS"):
+        (out / name).unlink()
+    code, output = cli(*args)
+    assert code == 0, output
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == kept, "a finished shard was redone"
+    assert pq.read_table(out / "part-00001.parquet").equals(pq.read_table(pa.BufferReader(redo)))
+    assert read_parts(out).column("id").to_pylist() == pq.read_table(source).column("doc_id").to_pylist()
+    assert manifest(out)["rows_written"] == 12 and (out / "_SUCCESS").exists()
+
 def test_csv_string_ids_float16_and_dimensions(cli, tmp_path: Path, tiny_embed_model: Path) -> None:  # type: ignore[no-untyped-def]
     source = tmp_path / "c.csv"
     source.write_text("key,body\n" + "".join(f'k{i},"text, number {i}"\n' for i in range(7)))
