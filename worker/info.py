@@ -1,35 +1,81 @@
-"""What a worker hosts, answered over the broker (the facade's /v1/models and /health use it)."""
+"""What a worker hosts, answered over the broker (the facade's /v1/models, /health and /metrics).
+
+Two ways to ask, because transports differ:
+
+* a broadcast remote-control command (``embedfleet_models``) that every worker answers on its
+  own control channel (Redis, the in-memory transport): the facade learns every worker and every
+  model at once, and a busy model queue does not delay the answer;
+* the ``embedfleet.info`` task, sent to one model's queue, for transports without broadcast (SQS).
+"""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_init
+from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK
+from producer.jobs import queue_name
 from worker import runtime
+
+#: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
+MODELS_COMMAND = "embedfleet_models"
+
+#: Whether the engine accepts token-id arrays as inputs (``list[int]`` items). The facade reads
+#: this per model and answers token-id requests with a clear 400 while it is False.
+ACCEPTS_TOKEN_IDS = False
+
+
+def describe_engine(engine: Any) -> dict[str, Any]:
+    """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats."""
+    info = engine.info
+    return {
+        "id": info.name,
+        "ref": info.ref,
+        "kind": info.kind.value,
+        "queue": queue_name(info.kind, info.ref or info.name),
+        "dimensions": info.dims,
+        "max_length": info.max_length,
+        "labels": list(info.labels),
+        "prompts": sorted(info.prompts),
+        "backend": engine.backend.name,
+        "device": engine.backend.device,
+        "dtype": engine.backend.dtype,
+        "max_batch_tokens": engine.max_batch_tokens,
+        "revision": info.revision,
+        "token_ids": ACCEPTS_TOKEN_IDS,
+        "stats": {key: int(value) for key, value in dict(engine.stats).items()},
+    }
 
 
 def hosted_models() -> list[dict[str, Any]]:
-    """One description per hosted model: name, kind, dimensions, max length, backend, device, dtype."""
-    return [
-        {
-            "id": engine.info.name,
-            "ref": engine.info.ref,
-            "kind": engine.info.kind.value,
-            "dimensions": engine.info.dims,
-            "max_length": engine.info.max_length,
-            "labels": list(engine.info.labels),
-            "backend": engine.backend.name,
-            "device": engine.backend.device,
-            "dtype": engine.backend.dtype,
-            "max_batch_tokens": engine.max_batch_tokens,
-            "revision": engine.info.revision,
-        }
-        for engine in runtime.hosted()
-    ]
+    """One description per model this process hosts."""
+    return [describe_engine(engine) for engine in runtime.hosted()]
 
 
 @shared_task(name=INFO_TASK)
 def info_task() -> list[dict[str, Any]]:
     return hosted_models()
+
+
+@worker_init.connect
+def _results_to_this_app(sender: Any = None, **kwargs: Any) -> None:
+    """Make a starting embedfleet worker's app the process default.
+
+    Celery's thread pool traces each task with the *current* app (``trace_task_ret`` falls back
+    to ``current_app``); for an app created with ``set_as_current=False`` that is celery's default
+    app, whose result backend is disabled, so inline results were silently dropped and every
+    ``embed()`` / HTTP call timed out. (Belongs in ``InProcessWorker.start``; kept here until then.)
+    """
+    app = getattr(sender, "app", None)
+    if app is not None and app.main == "embedfleet-worker":
+        app.set_default()
+
+
+@inspect_command(name=MODELS_COMMAND)
+def models_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """Broadcast answer: this worker's host name and hosted models (JSON, like every reply)."""
+    return {"host": socket.gethostname(), "models": hosted_models()}

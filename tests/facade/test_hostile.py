@@ -1,0 +1,74 @@
+"""Hostile and malformed requests get OpenAI-shaped 4xx answers, and the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.facade.servers import Served
+
+BIG = "x" * (3 * 1024 * 1024)
+
+
+def _cases(model: str) -> list[tuple[str, Any, int, str | None]]:
+    """(name, json body or raw bytes, expected status, expected error param)."""
+    return [
+        ("empty list", {"input": [], "model": model}, 400, "input"),
+        ("empty string", {"input": "  ", "model": model}, 400, "input[0]"),
+        ("number input", {"input": 5, "model": model}, 400, "input"),
+        ("object input", {"input": {"text": "a"}, "model": model}, 400, "input"),
+        ("mixed list", {"input": ["a", 3], "model": model}, 400, "input"),
+        ("nested lists", {"input": [["a", "b"]], "model": model}, 400, "input"),
+        ("deep nesting", {"input": [[[1]]], "model": model}, 400, "input"),
+        ("null input", {"input": None, "model": model}, 400, "input"),
+        ("no input", {"model": model}, 400, "input"),
+        ("model not a string", {"input": "a", "model": 7}, 400, "model"),
+        ("unknown model", {"input": "a", "model": "no-such-model"}, 404, "model"),
+        ("negative dimensions", {"input": "a", "model": model, "dimensions": -3}, 400, "dimensions"),
+        ("zero dimensions", {"input": "a", "model": model, "dimensions": 0}, 400, "dimensions"),
+        ("too many dimensions", {"input": "a", "model": model, "dimensions": 4096}, 400, "dimensions"),
+        ("bad encoding", {"input": "a", "model": model, "encoding_format": "int8"}, 400, "encoding_format"),
+        ("token ids", {"input": [101, 2023, 102], "model": model}, 400, "input"),
+        ("too many inputs", {"input": ["a"] * 2049, "model": model}, 413, "input"),
+        ("multi-megabyte string", {"input": BIG[: 2 * 1024 * 1024], "model": model}, 413, "input[0]"),
+        ("body over the limit", {"input": [BIG, BIG], "model": model}, 413, None),
+        ("not json", b"{this is not json", 400, None),
+        ("json array body", [1, 2, 3], 400, None),
+    ]
+
+
+def _post(url: str, body: Any) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(f"{url}/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    return httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["embedded", "thin"])
+def test_hostile_inputs_get_4xx_and_the_server_keeps_serving(mode: str, request: pytest.FixtureRequest) -> None:
+    served: Served = request.getfixturevalue(mode)
+    failures = []
+    for name, body, status, param in _cases(served.embed):
+        response = _post(served.url, body)
+        error = response.json().get("error", {}) if response.headers.get("content-type", "").startswith(
+            "application/json") else {}
+        if response.status_code != status or not error.get("message") or (param and error.get("param") != param):
+            failures.append(f"{name}: {response.status_code} {response.text[:300]}")
+    assert not failures, "\n".join(failures)
+    ok = _post(served.url, {"input": ["still serving"], "model": served.embed})
+    assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 32
+
+
+def test_token_ids_are_refused_clearly(embedded: Served) -> None:
+    response = _post(embedded.url, {"input": [[101, 2023, 102]], "model": embedded.embed})
+    assert response.status_code == 400
+    assert "token-id inputs are not supported yet" in response.json()["error"]["message"]
+
+
+def test_wrong_kind_and_missing_model(embedded: Served) -> None:
+    wrong = _post(embedded.url, {"input": "a", "model": embedded.rerank})
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_model_kind"
+    # two embed models are served: the model must be named
+    missing = _post(embedded.url, {"input": "a"})
+    assert missing.status_code == 400 and "tiny-bert" in missing.json()["error"]["message"]
