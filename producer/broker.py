@@ -202,6 +202,34 @@ def declare_queue(app: Celery, queue: str) -> None:
         _predefine(app.conf.broker_transport_options["predefined_queues"], queue)
 
 
+# ---------------------------------------------------------------------------- Redis job records
+JOBS_KEY = "embedfleet:jobs"
+JOB_SHARDS_KEY = "embedfleet:job:{}:shards"
+
+
+def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> None:
+    """On Redis, remember a job's shard messages so workers can re-send one Redis lost.
+
+    (kombu pops a message before recording it as unacknowledged; a worker killed in between
+    loses it. ``worker.sweeper`` finds such shards and sends them again.) Other brokers keep
+    a received message until it is acknowledged, so nothing is recorded for them.
+    """
+    url = str(app.conf.broker_url)
+    if broker_kind(url) != "redis":
+        return
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    key = JOB_SHARDS_KEY.format(job_id)
+    pipe = client.pipeline()
+    pipe.delete(key)
+    if shards:
+        pipe.hset(key, mapping={str(i): json.dumps(s) for i, s in shards.items()})
+        pipe.expire(key, 14 * 86400)
+        pipe.sadd(JOBS_KEY, job_id)
+    pipe.execute()
+
+
 def make_app(
     broker: str = MEMORY_BROKER,
     backend: str | None = None,

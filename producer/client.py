@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from producer import sources, storage
-from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app
+from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
 from producer.jobs import (
     JOB_FILE,
     MANIFEST,
@@ -234,15 +234,19 @@ class Client:
         queue = queue_name(spec.kind, model)
         declare_queue(self.app, queue)
         attempt = uuid.uuid4().hex[:8]  # a new submission gets fresh delivery counts
-        enqueued = 0
+        messages = {}
         for shard in spec.shards:
             if shard.index in done:
                 continue
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
-            self.app.send_task(SHARD_TASK, args=[message.model_dump(mode="json")], queue=queue,
-                               task_id=f"{spec.job_id}-{shard.index:05d}-{attempt}", ignore_result=True)
-            enqueued += 1
+            messages[shard.index] = {"task_id": f"{spec.job_id}-{shard.index:05d}-{attempt}", "queue": queue,
+                                     "payload": message.model_dump(mode="json")}
+        record_job(self.app, spec.job_id, messages)  # recorded first: a lost message can be re-sent
+        for entry in messages.values():
+            self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],
+                               ignore_result=True)
+        enqueued = len(messages)
         return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued)
 
 

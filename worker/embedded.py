@@ -81,6 +81,7 @@ class InProcessWorker:
         self._thread: threading.Thread | None = None
         self._handle_signals = (not broker.startswith("memory://")) if handle_signals is None else handle_signals
         self._signalled = threading.Event()
+        self._sweeper: Any = None
 
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
@@ -108,6 +109,10 @@ class InProcessWorker:
         while not ready.wait(0.2):  # a short wait, so a signal is handled promptly
             if not self._thread.is_alive():
                 raise RuntimeError("the worker's consumer stopped while starting (see the log)")
+        if self.broker.startswith(("redis://", "rediss://")):
+            from worker.sweeper import Sweeper
+
+            self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
         log.info("worker consuming %s", ", ".join(self.queues))
         return self
 
@@ -151,6 +156,8 @@ class InProcessWorker:
     def stop(self) -> None:
         """Engines first (in-flight shards fail fast and go back to the queue), then the consumer."""
         poison.begin_stop()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         try:
             for engine in runtime.unregister_all():
                 engine.stop()

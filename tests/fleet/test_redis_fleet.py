@@ -1,0 +1,197 @@
+"""The fleet on a real Redis: two worker processes, SIGKILLs, a Redis restart, a poison shard,
+a resubmission, and SIGTERM at any moment. Every check reads the real Parquet output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from producer.broker import SHARD_TASK
+from producer.client import Client, JobHandle, plan_corpus
+from producer.jobs import ShardJob, queue_name
+from .conftest import (
+    EMBEDFLEET,
+    PersistentRedis,
+    WorkerProcess,
+    count_markers,
+    make_corpus,
+    reference_vectors,
+    wait_for,
+)
+
+FAST_REDELIVERY = {"EMBEDFLEET_VISIBILITY_TIMEOUT": "4", "EMBEDFLEET_SWEEP_INTERVAL": "3"}
+
+
+def read_output(out: Path) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    return table.column("id").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def markers(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "_parts").glob("part-*.json"))]
+
+
+def assert_exactly_once(out: Path, corpus: Path, model: Path) -> float:
+    """Every input id once, vectors equal to the bare engine's; returns the largest difference."""
+    source = pq.read_table(corpus)
+    ids, vectors = read_output(out)
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    assert sorted(ids) == sorted(source.column("id").to_pylist()), "ids lost or invented"
+    order = {id_: i for i, id_ in enumerate(ids)}
+    got = vectors[[order[i] for i in source.column("id").to_pylist()]]
+    want = reference_vectors(model, source.column("text").to_pylist())
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    return float(np.abs(got - want).max())
+
+
+def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_broker: PersistentRedis,
+                                                         workers: list[WorkerProcess], tiny_embed_model: Path) -> None:
+    corpus = make_corpus(tmp_path / "corpus.parquet", 6000)
+    env = {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "10"}
+    for name in ("a", "b"):
+        workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / f"worker-{name}.log", env).start())
+    for worker in workers:
+        worker.wait_ready()
+    out = tmp_path / "out"
+    handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
+                                                           id_column="id", shard_rows=150)
+    assert handle.enqueued == handle.n_shards == 40
+    kills = 0
+    for threshold in (4, 12, 20):
+        wait_for(lambda: count_markers(out) >= threshold, 120, f"{threshold} shards done")
+        victim = workers[kills % 2]
+        victim.kill(signal.SIGKILL)  # no cleanup at all, like a machine that dies
+        kills += 1
+        victim.start()
+    manifest = handle.wait(timeout=180)
+    assert kills == 3
+    assert manifest.status == "complete" and manifest.rows_written == 6000
+    assert (out / "_SUCCESS").exists()
+    assert any(m["deliveries"] > 1 for m in markers(out)), "no kill hit a shard in flight"
+    assert_exactly_once(out, corpus, tiny_embed_model)
+
+
+def test_redis_restart_mid_job_completes(tmp_path: Path, redis_broker: PersistentRedis,
+                                         workers: list[WorkerProcess], tiny_embed_model: Path) -> None:
+    corpus = make_corpus(tmp_path / "corpus.parquet", 3000, seed=1)
+    workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log", FAST_REDELIVERY).start())
+    workers[0].wait_ready()
+    out = tmp_path / "out"
+    handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
+                                                           id_column="id", shard_rows=100)
+    wait_for(lambda: count_markers(out) >= 3, 120, "3 shards done")
+    redis_broker.stop()
+    time.sleep(2)  # the worker sees the broker gone
+    redis_broker.start()  # same port, same append-only file
+    manifest = handle.wait(timeout=180)
+    assert manifest.status == "complete"
+    assert count_markers(out) == handle.n_shards
+    assert_exactly_once(out, corpus, tiny_embed_model)
+
+
+def test_poison_shard_is_parked_and_resubmission_redoes_only_it(
+    tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], tiny_embed_model: Path
+) -> None:
+    """A shard that kills its worker on every delivery is parked after N; the others complete;
+    the job reports it; submitting the job again redoes that shard alone."""
+    corpus = make_corpus(tmp_path / "corpus.parquet", 2400, seed=2)
+    model = str(tiny_embed_model)
+    out = tmp_path / "out"
+    spec = plan_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=600)
+    client = Client(broker=redis_broker.url)
+    poison_id = f"{spec.job_id}-00001-poison"
+    for shard in spec.shards:  # the job's shards, as submit_corpus sends them, with known ids
+        message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=str(out), columns=spec.columns,
+                           options=spec.options, shard=shard, n_shards=len(spec.shards))
+        task_id = poison_id if shard.index == 1 else f"{spec.job_id}-{shard.index:05d}-poison"
+        client.app.send_task(SHARD_TASK, args=[message.model_dump(mode="json")], task_id=task_id,
+                             queue=queue_name(spec.kind, model))
+    counter_key = f"embedfleet:deliveries:{poison_id}"
+    redis = redis_broker.client()
+    worker = WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log",
+                           {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "2"}, concurrency=1)
+    workers.append(worker.start())
+    for delivery in (1, 2):  # the "poison": whoever takes shard 1 dies, mid-shard
+        wait_for(lambda: int(redis.get(counter_key) or 0) >= delivery, 120, f"delivery {delivery} of shard 1", 0.005)
+        worker.kill(signal.SIGKILL)
+        worker.start()
+    handle = JobHandle.open(str(out))
+    manifest = handle.wait(timeout=120, raise_on_failure=False)
+    assert manifest.status == "partial"
+    assert [s.index for s in manifest.failed_shards] == [1]
+    assert "parked after 2 deliveries" in (manifest.failed_shards[0].failure or "")
+    assert manifest.rows_written == 1800 and not (out / "_SUCCESS").exists()
+    status = subprocess.run([EMBEDFLEET, "status", str(out)], capture_output=True, text=True)
+    assert status.returncode == 1, status.stdout + status.stderr
+
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert sorted(done_before) == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+    again = client.submit_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=600)
+    assert again.enqueued == 1  # only the parked shard
+    manifest = again.wait(timeout=120)
+    assert manifest.status == "complete" and manifest.rows_written == 2400
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in done_before} == done_before
+    assert_exactly_once(out, corpus, tiny_embed_model)
+    assert client.submit_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=600).enqueued == 0
+
+
+def test_sigterm_stops_at_any_moment_and_gives_work_back(
+    tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], bundled_model: Path,
+    tiny_embed_model: Path
+) -> None:
+    # 1. during start-up (imports, model loading): it exits, cleanly, without waiting for the load
+    loading = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "loading.log")
+    workers.append(loading.start())
+    time.sleep(1.5)
+    assert "worker ready" not in loading.log()
+    loading.proc.send_signal(signal.SIGTERM)
+    assert loading.proc.wait(30) in (0, 1, 130, 143)
+    assert "worker ready" not in loading.log()
+
+    # 2. mid-job: the shards in flight go back to the queue, and the stop does not count as a delivery
+    corpus = make_corpus(tmp_path / "corpus.parquet", 4000, seed=3)
+    worker = WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log", concurrency=2)
+    workers.append(worker.start())
+    worker.wait_ready()
+    out = tmp_path / "out"
+    handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
+                                                           id_column="id", shard_rows=1000)
+    redis = redis_broker.client()
+    wait_for(lambda: redis.keys("embedfleet:deliveries:*"), 60, "a shard in flight", 0.01)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(30) == 0
+    assert count_markers(out) < handle.n_shards
+    queued = redis.llen(queue_name("embed", str(tiny_embed_model))) + redis.hlen("unacked")
+    assert queued == handle.n_shards - count_markers(out), "a shard was lost by the stop"
+    worker.start().wait_ready()
+    manifest = handle.wait(timeout=120)
+    assert manifest.status == "complete"
+    assert all(m["deliveries"] == 1 for m in markers(out)), "a graceful stop was counted as a delivery"
+    assert_exactly_once(out, corpus, tiny_embed_model)
+
+
+def test_a_message_lost_by_redis_is_sent_again(tmp_path: Path, redis_broker: PersistentRedis,
+                                               workers: list[WorkerProcess], tiny_embed_model: Path) -> None:
+    """kombu pops before it records a delivery: a worker killed in between loses the message.
+    Here the message is popped by hand, and the workers' sweeper must send it again."""
+    corpus = make_corpus(tmp_path / "corpus.parquet", 600, seed=4)
+    out = tmp_path / "out"
+    handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
+                                                           id_column="id", shard_rows=200)
+    redis = redis_broker.client()
+    queue = queue_name("embed", str(tiny_embed_model))
+    assert redis.llen(queue) == 3
+    lost = json.loads(redis.rpop(queue))
+    assert lost["headers"]["task"] == SHARD_TASK
+    workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log", FAST_REDELIVERY).start())
+    manifest = handle.wait(timeout=120)
+    assert manifest.status == "complete" and manifest.rows_written == 600
+    assert "sending it again" in workers[0].log()
+    assert_exactly_once(out, corpus, tiny_embed_model)
