@@ -35,6 +35,7 @@ def cli():  # type: ignore[no-untyped-def]
     from worker.cli import app
 
     runner = CliRunner()
+    saved = console._width
     console.width = 400  # keep rich from wrapping messages that tests match
 
     def invoke(*args: Any) -> tuple[int, str]:
@@ -43,7 +44,8 @@ def cli():  # type: ignore[no-untyped-def]
             raise result.exception
         return result.exit_code, " ".join(result.output.split())
 
-    return invoke
+    yield invoke
+    console._width = saved
 
 
 def read_parts(out: Path) -> pa.Table:
