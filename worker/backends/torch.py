@@ -99,7 +99,8 @@ class TorchBackend:
     ``varlen``: run unpadded (default: on CUDA, for supported embedding models).
     ``fused``: fused Triton/cuBLASLt kernels in the unpadded layers (default: on CUDA; env
     EMBEDFLEET_FUSED). ``approximate_gelu``: let exact-GELU models use cuBLASLt's tanh GELU
-    epilogue (default off; env EMBEDFLEET_APPROXIMATE_GELU).
+    epilogue (default: with ``fused``; env EMBEDFLEET_APPROXIMATE_GELU=0 for exact erf GELU).
+    ``dense_groups``: dense (cuDNN) attention over runs of equal-length inputs (default: CUDA).
     ``compile``: torch.compile the unpadded layers instead (default off, env EMBEDFLEET_COMPILE:
     measured slower than the fused eager path on an H100).
     ``memory_fraction``: share of free GPU memory a batch may use (env EMBEDFLEET_MEMORY_FRACTION).
@@ -157,7 +158,9 @@ class TorchBackend:
         self.fused = bool((self.cuda if want_fused is None else want_fused) and self.encoder is not None
                           and not self.compiled)
         approx = approximate_gelu if approximate_gelu is not None else _env_flag("EMBEDFLEET_APPROXIMATE_GELU")
-        self.approximate_gelu = bool(approx and self.fused)
+        # On by default with the fused kernels: measured on the bundled model, min cosine to fp32
+        # 0.999735 with it and 0.999736 without (bf16 rounding dominates), for ~8% more speed.
+        self.approximate_gelu = bool((self.fused if approx is None else approx) and self.fused)
         if self.encoder is not None:
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
             dense = dense_groups if dense_groups is not None else _env_flag("EMBEDFLEET_DENSE_GROUPS")

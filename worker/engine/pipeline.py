@@ -31,7 +31,8 @@ from worker.models import ModelInfo
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_CHUNK = 256
+#: small chunks: the device starts on the first chunk of a large request without waiting for it all
+TOKENIZE_CHUNK = 64
 
 
 class EngineStopped(RuntimeError):
@@ -108,6 +109,8 @@ class Engine:
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
+        self._open: set[_Request] = set()  # requests whose future is not resolved yet
+        self._open_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0}
 
@@ -133,6 +136,11 @@ class Engine:
             thread.join(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
+        # Work cancelled in the pools above belongs to requests that would otherwise never end.
+        with self._open_lock:
+            still_open = list(self._open)
+        for request in still_open:
+            self._fail_request(request, EngineStopped("the worker is stopping"))
         self.backend.close()
 
     def __enter__(self) -> "Engine":
@@ -154,6 +162,8 @@ class Engine:
             )
         prepared = self._validate(inputs, options, request)
         request.remaining = len(prepared)
+        with self._open_lock:
+            self._open.add(request)
         if not prepared:
             self._finish(request)
             return request.future
@@ -384,6 +394,8 @@ class Engine:
             self._finish(request)
 
     def _finish(self, request: _Request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
         if request.future.done():
             return
         try:
@@ -422,6 +434,11 @@ class Engine:
             self._fail_request(request, error)
 
     def _fail_request(self, request: _Request, error: BaseException) -> None:
+        with self._open_lock:
+            self._open.discard(request)
         if not request.future.done():
-            request.future.set_exception(error)
+            try:
+                request.future.set_exception(error)
+            except Exception:  # resolved meanwhile by another thread: that answer stands
+                pass
 
