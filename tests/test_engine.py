@@ -452,9 +452,6 @@ def test_all_inputs_bad_resolves_immediately(tiny_embed_engine: Engine) -> None:
 
 
 # ---------------------------------------------------------------------------- stopping
-@pytest.mark.xfail(strict=True, reason="BUG: Engine.stop() cancels queued tokenize/post-process tasks "
-                                       "(shutdown(cancel_futures=True)) without failing their requests, so "
-                                       "their futures never resolve and engine.run() without a timeout hangs")
 @pytest.mark.parametrize("pool", ["_tokenize_pool", "_post_pool"])
 def test_stop_resolves_every_pending_request(tiny_embed_model: Path, pool: str) -> None:
     """A request caught anywhere in the pipeline by stop() must end (EngineStopped or a result)."""
