@@ -53,7 +53,7 @@ def assert_exactly_once(out: Path, corpus: Path, model: Path) -> float:
 
 def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_broker: PersistentRedis,
                                                          workers: list[WorkerProcess], tiny_embed_model: Path) -> None:
-    corpus = make_corpus(tmp_path / "corpus.parquet", 6000)
+    corpus = make_corpus(tmp_path / "corpus.parquet", 4000)
     env = {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "10"}
     for name in ("a", "b"):
         workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / f"worker-{name}.log", env).start())
@@ -61,10 +61,10 @@ def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_br
         worker.wait_ready()
     out = tmp_path / "out"
     handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
-                                                           id_column="id", shard_rows=150)
+                                                           id_column="id", shard_rows=100)
     assert handle.enqueued == handle.n_shards == 40
     kills = 0
-    for threshold in (4, 12, 20):
+    for threshold in (4, 10, 16):
         wait_for(lambda: count_markers(out) >= threshold, 120, f"{threshold} shards done")
         victim = workers[kills % 2]
         victim.kill(signal.SIGKILL)  # no cleanup at all, like a machine that dies
@@ -72,10 +72,12 @@ def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_br
         victim.start()
     manifest = handle.wait(timeout=180)
     assert kills == 3
-    assert manifest.status == "complete" and manifest.rows_written == 6000
+    assert manifest.status == "complete" and manifest.rows_written == 4000
     assert (out / "_SUCCESS").exists()
-    assert any(m["deliveries"] > 1 for m in markers(out)), "no kill hit a shard in flight"
-    assert_exactly_once(out, corpus, tiny_embed_model)
+    redelivered = sum(m["deliveries"] > 1 for m in markers(out))
+    assert redelivered, "no kill hit a shard in flight"
+    diff = assert_exactly_once(out, corpus, tiny_embed_model)
+    print(f"kills={kills} shards redelivered={redelivered} rows=4000 lost=0 duplicated=0 max|dv|={diff:.2e}")
 
 
 def test_redis_restart_mid_job_completes(tmp_path: Path, redis_broker: PersistentRedis,
@@ -149,10 +151,10 @@ def test_sigterm_stops_at_any_moment_and_gives_work_back(
     # 1. during start-up (imports, model loading): it exits, cleanly, without waiting for the load
     loading = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "loading.log")
     workers.append(loading.start())
-    time.sleep(1.5)
-    assert "worker ready" not in loading.log()
+    wait_for(lambda: "loading all-MiniLM-L6-v2" in loading.log(), 60, "the model load to begin", 0.01)
     loading.proc.send_signal(signal.SIGTERM)
-    assert loading.proc.wait(30) in (0, 1, 130, 143)
+    loading.proc.wait(30)  # raises if the worker is still there
+    assert "signal 15: stopping" in loading.log()
     assert "worker ready" not in loading.log()
 
     # 2. mid-job: the shards in flight go back to the queue, and the stop does not count as a delivery
