@@ -580,7 +580,7 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
             t16, e16, e32 = by["transformers-fp16"], by["embedfleet-fp16"], by["embedfleet-fp32"]
             lines += ["", f"- embedfleet fp16 after load / transformers fp16 after load: "
                           f"{e16['after_load_gib'] / t16['after_load_gib']:.3f} (target <= 1.03; first start, "
-                          "memory profile run in-process)",
+                          "memory profile run in a throwaway child process)",
                       *([f"- same, later start (cached profile): "
                          f"{by['embedfleet-fp16-again']['after_load_gib'] / t16['after_load_gib']:.3f}"]
                         if "embedfleet-fp16-again" in by else []),
