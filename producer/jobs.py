@@ -68,7 +68,7 @@ class Options(BaseModel):
     prompt: str | None = Field(default=None, description="A literal prefix put before every text.")
     output_dtype: Literal["float32", "float16"] = "float32"
     raw_scores: bool = Field(
-        default=False, description="Rerank: return raw logits instead of sigmoid scores."
+        default=False, description="Rerank and classify: return raw logits instead of sigmoid or softmax scores."
     )
 
     @model_validator(mode="after")

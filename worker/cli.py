@@ -75,6 +75,7 @@ def run(
             model_kind = engine.info.kind
             if kind is not None and kind != model_kind:
                 raise ValueError(f"--kind {kind.value}: model {model!r} is a {model_kind.value} model")
+            engine.check_options(options)
             check_columns(input, fmt, model_kind, _columns(text_column, id_column, query_column, document_column))
             console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")

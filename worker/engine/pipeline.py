@@ -156,10 +156,7 @@ class Engine:
         request = _Request(size=len(inputs), options=options, future=Future())
         request.n_tokens = [0] * len(inputs)
         request.truncated = [False] * len(inputs)
-        if options.dimensions is not None and self.info.kind == JobKind.embed and options.dimensions > self.info.dims:
-            raise ValueError(
-                f"dimensions={options.dimensions} is over the model's {self.info.dims} dimensions"
-            )
+        self.check_options(options)
         prepared = self._validate(inputs, options, request)
         request.remaining = len(prepared)
         with self._open_lock:
@@ -175,6 +172,16 @@ class Engine:
     def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None) -> EngineResult:
         """Submit and wait."""
         return self.submit(inputs, options).result(timeout)
+
+    def check_options(self, options: Options) -> None:
+        """Raise ``ValueError`` for options this model cannot honour, before any work is queued."""
+        if options.dimensions is not None and self.info.kind == JobKind.embed and options.dimensions > self.info.dims:
+            raise ValueError(
+                f"dimensions={options.dimensions} is over the model's {self.info.dims} dimensions"
+            )
+        if options.raw_scores and self.info.kind == JobKind.embed:
+            raise ValueError("raw_scores applies to rerank and classify models, not to an embedding model")
+        self._prefix(options)
 
     def _prefix(self, options: Options) -> str:
         if options.prompt is not None:
@@ -411,6 +418,8 @@ class Engine:
             values = finish_embeddings(raw, normalize, options.dimensions)
         elif self.info.kind == JobKind.rerank:
             values = rerank_scores(raw, options.raw_scores)
+        elif options.raw_scores:
+            values = raw.astype(np.float32, copy=True)
         else:
             values = class_probabilities(raw, self.info.multi_label)
         for index in request.errors:
