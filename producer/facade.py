@@ -24,13 +24,15 @@ from typing import Annotated, Any, AsyncIterator, Literal, Union
 import anyio
 import numpy as np
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.signals import task_postrun
+from celery.utils import uuid
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.broker import INFO_TASK, INLINE_TASK
+from producer.broker import INFO_TASK, INLINE_TASK, declare_queue
 from producer.client import Client, decode_f32
 from producer.jobs import (
     MAX_INLINE_INPUTS,
@@ -53,6 +55,8 @@ MODELS_COMMAND = "embedfleet_models"
 KINDS = {kind.value for kind in JobKind}
 #: How often the directory thread counts queued messages (the 429 backpressure reads the count).
 DEPTH_EVERY_S = 0.5
+#: Where results cannot be pushed and no in-process notice comes, how often to look for them.
+SLOW_POLL_S = 0.05
 API_PATHS = ("/embeddings", "/rerank", "/classify", "/models")
 KNOWN_PATHS = {prefix + path for prefix in ("", "/v1") for path in API_PATHS} | {"/health", "/metrics"}
 
@@ -74,7 +78,6 @@ class FacadeSettings:
     refresh_s: float = 5.0
     discovery_timeout_s: float = 0.5
     discovery: Literal["auto", "broadcast", "task"] = "auto"
-    result_poll_s: float = 0.002
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -315,6 +318,7 @@ class Directory:
         answers = []
         for kind, ref in self.wanted:  # no broadcast (SQS): ask on each wanted model's queue
             queue = queue_name(kind or JobKind.embed.value, ref)
+            declare_queue(self.app, queue)
             result = self.app.send_task(INFO_TASK, queue=queue, expires=max(timeout * 4, 5.0))
             try:
                 answers.append((f"worker@{queue}", result.get(timeout=timeout, disable_sync_subtasks=False)))
@@ -463,6 +467,7 @@ class Dispatcher:
         self.metrics = metrics
         self.limiter = anyio.CapacityLimiter(settings.max_inflight)
         self.inflight = 0
+        self.completions = Completions()
 
     def _admit(self, model: ServedModel) -> None:
         """Refuse instead of queueing without bound."""
@@ -490,20 +495,71 @@ class Dispatcher:
 
     def _call_sync(self, job: EmbedJob | RerankJob | ClassifyJob, queue: str) -> dict[str, Any]:
         timeout = self.settings.timeout_s
-        # ``expires``: a job whose caller gave up is dropped by the worker instead of computed.
-        result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue, expires=timeout)
+        declare_queue(self.app, queue)  # SQS: resolve (or create) the queue; a no-op elsewhere
+        task_id = uuid()
+        done = self.completions.expect(task_id)
         try:
-            return result.get(timeout=timeout, interval=self.settings.result_poll_s, propagate=True,
-                              disable_sync_subtasks=False)
-        except CeleryTimeout:
-            raise ApiError(504, f"no answer from a worker for model {job.model!r} within {timeout:g} s",
-                           "timeout_error", None, "timeout") from None
-        except ApiError:
-            raise
-        except Exception as exc:
-            raise _remote_error(exc, job.model) from None
+            # ``expires``: a job whose caller gave up is dropped by the worker instead of computed.
+            result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue,
+                                        expires=timeout, task_id=task_id)
+            try:
+                self._wait(result, done, timeout)
+                return result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+            except CeleryTimeout:
+                raise ApiError(504, f"no answer from a worker for model {job.model!r} within {timeout:g} s",
+                               "timeout_error", None, "timeout") from None
+            except ApiError:
+                raise
+            except Exception as exc:
+                raise _remote_error(exc, job.model) from None
+            finally:
+                result.forget()
         finally:
-            result.forget()
+            self.completions.discard(task_id)
+
+    def _wait(self, result: Any, done: threading.Event, timeout: float) -> None:
+        """Wait without busy polling where the result backend cannot push (the in-memory one).
+
+        Redis pushes results (pub/sub), so ``get`` blocks on a socket. The in-memory cache cannot:
+        there, the in-process worker's ``task_postrun`` wakes us, and a slow poll covers a worker
+        in another process (a database result backend, say).
+        """
+        if getattr(result.backend, "is_async", False):
+            return
+        deadline = time.monotonic() + timeout
+        while not result.ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CeleryTimeout("the operation timed out")
+            done.wait(min(left, SLOW_POLL_S))
+
+
+class Completions:
+    """Task-finished notices from a worker in this process (embedded mode), keyed by task id."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        task_postrun.connect(self._finished, weak=False)
+
+    def expect(self, task_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[task_id] = event
+        return event
+
+    def discard(self, task_id: str) -> None:
+        with self._lock:
+            self._events.pop(task_id, None)
+
+    def _finished(self, sender: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
+        with self._lock:
+            event = self._events.get(task_id or "")
+        if event is not None:
+            event.set()
+
+    def close(self) -> None:
+        task_postrun.disconnect(self._finished)
 
 
 def _remote_error(exc: Exception, model: str) -> ApiError:
@@ -768,6 +824,7 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
             yield
         finally:
             facade.directory.stop()
+            facade.dispatcher.completions.close()
             if on_shutdown is not None:
                 on_shutdown()
 

@@ -72,6 +72,6 @@ def thin(redis_module: RedisServer, fleet_worker: WorkerProcess) -> Iterator[Ser
 
     settings = FacadeSettings(timeout_s=60, refresh_s=1.0, max_body_bytes=4 * 1024 * 1024)
     server = ServerThread(create_app(Client(broker=redis_module.url), settings)).start()
-    wait_ready(server.url, proc=fleet_worker)
+    wait_ready(server.url, proc=fleet_worker.proc, log=fleet_worker.log)
     yield Served(server.url, "thin", "tiny-bert", "all-MiniLM-L6-v2")
     server.stop()

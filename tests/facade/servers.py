@@ -101,11 +101,13 @@ class WorkerProcess:
                 self.proc.kill()
 
 
-def wait_ready(url: str, timeout: float = 120.0, proc: WorkerProcess | None = None) -> None:
+def wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Until /health says ready; a helper process that exits meanwhile fails at once, with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
-            raise RuntimeError(f"the worker exited: {proc.log.read_text()[-2000:]}")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process exited: {log.read_text()[-2000:] if log else proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return

@@ -88,7 +88,7 @@ def test_dead_worker_gives_504_backpressure_gives_429(thin: Served, redis_module
     finally:
         doomed.kill()
         fleet_worker.start()
-    wait_ready(thin.url, proc=fleet_worker)
+    wait_ready(thin.url, proc=fleet_worker.proc, log=fleet_worker.log)
 
 
 def test_health_not_ready_without_workers(redis_server: RedisServer) -> None:
