@@ -179,6 +179,7 @@ class ClassifyRequest(_Request):
 
     input: Union[Text, list[Text]]
     model: StrictStr | None = None
+    raw_scores: StrictBool = Field(default=False, description="Raw logits instead of probabilities")
 
 
 class LabelScore(BaseModel):
@@ -729,7 +730,8 @@ class Facade:
         model = self.directory.resolve(body.model, JobKind.classify, "/v1/classify")
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         check_texts(texts, self.settings, "input")
-        result = await self.dispatcher.call(ClassifyJob(model=model.id, inputs=texts), model)
+        job = ClassifyJob(model=model.id, inputs=texts, options=Options(raw_scores=body.raw_scores))
+        result = await self.dispatcher.call(job, model)
         per_item_errors(result, "input")
         probs = decode_f32(result.data_b64, result.n_items, result.dims)
         self._count(model, result)

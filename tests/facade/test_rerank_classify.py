@@ -61,3 +61,14 @@ def test_classify_labels_and_scores(embedded: Served) -> None:
         np.testing.assert_allclose([got[label] for label in labels], probs, atol=1e-5)
     single = httpx.post(f"{embedded.url}/classify", json={"input": "fine"}).json()  # the one classify model
     assert len(single["data"]) == 1 and single["model"] == embedded.classify
+
+
+def test_classify_raw_scores_are_the_engine_logits(embedded: Served) -> None:
+    from producer.jobs import Options
+
+    expected = _engine(embedded.classify).run(["so so"], Options(raw_scores=True), timeout=60).values[0]
+    body = {"model": embedded.classify, "input": ["so so"], "raw_scores": True}
+    row = httpx.post(f"{embedded.url}/v1/classify", json=body).json()["data"][0]
+    got = {item["label"]: item["score"] for item in row}
+    np.testing.assert_allclose([got[label] for label in ("negative", "neutral", "positive")], expected, atol=1e-5)
+    assert abs(sum(got.values()) - 1.0) > 1e-3  # logits, not probabilities
