@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from producer.jobs import JOB_FILE, MANIFEST, PARTS_DIR, JobManifest, JobSpec, ShardReport, marker_name
 from tenacity import (
     retry,
+    retry_if_exception,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_attempt,
@@ -29,15 +30,31 @@ from tenacity import (
 
 T = TypeVar("T")
 
-_TRANSIENT = (OSError, pa.ArrowException)
+_TRANSIENT: tuple[type[BaseException], ...] = (OSError, pa.ArrowException)
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_RETRYABLE_S3_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "503", "500"}
+
+try:  # boto3 is optional (the aws extra); its network errors are transient, as are S3's 5xx
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _TRANSIENT = _TRANSIENT + (BotoCoreError,)
+except ImportError:  # pragma: no cover
+    ClientError = None  # type: ignore[assignment,misc]
+
+
+def _transient_s3(exc: BaseException) -> bool:
+    if ClientError is None or not isinstance(exc, ClientError):
+        return False
+    return str(exc.response.get("Error", {}).get("Code")) in _RETRYABLE_S3_CODES
+
 
 storage_retry: Callable[[Callable[..., T]], Callable[..., T]] = retry(
     reraise=True,
     stop=stop_after_attempt(5),
     wait=wait_exponential(multiplier=0.2, max=5),
     # A missing file or a refused permission is an answer, not a transient failure.
-    retry=retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(_PERMANENT),
+    retry=(retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(_PERMANENT))
+    | retry_if_exception(_transient_s3),
 )
 
 
@@ -71,6 +88,21 @@ def s3_filesystem() -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+_s3_client: list[Any] = []
+
+
+def _boto_s3() -> Any:
+    """One boto3 S3 client per process (thread-safe); it honours ``AWS_ENDPOINT_URL`` itself."""
+    if not _s3_client:
+        try:
+            import boto3
+        except ImportError as exc:
+            raise RuntimeError("writing to s3:// needs boto3: pip install 'embedfleet[aws]'") from exc
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        _s3_client.append(boto3.client("s3", region_name=region))
+    return _s3_client[0]
 
 
 def locate(uri: str) -> Location:
@@ -134,9 +166,9 @@ def publish_bytes(loc: Location, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, loc.path)
         return
-    # S3: one upload; the object becomes visible only when the upload completes.
-    with loc.fs.open_output_stream(loc.path) as stream:
-        stream.write(data)
+    # S3: one PutObject; the object becomes visible whole, or not at all.
+    bucket, _, key = loc.path.partition("/")
+    _boto_s3().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def publish_json(loc: Location, value: Any) -> None:

@@ -48,7 +48,7 @@ def load_engine(model: str | None, spec: WorkerSpec) -> Engine:
     info = describe(model)
     backend = load_backend(spec.backend, info, spec.device, spec.dtype)
     engine = Engine(info, backend, max_batch_tokens=spec.max_batch_tokens).start()
-    runtime.register(engine)
+    runtime.register(engine, model)
     return engine
 
 

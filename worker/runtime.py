@@ -19,14 +19,21 @@ class ModelNotServed(LookupError):
     """A job named a model this worker does not host (a routing mistake, not a bad input)."""
 
 
-def register(engine: Engine) -> None:
+def register(engine: Engine, *aliases: str | None) -> None:
+    """Host ``engine`` under its model's name and every reference it was asked for by.
+
+    Producers route and name jobs by the reference they were given (a hub id, a directory);
+    the bundled model's directory is called ``model``, its name ``all-MiniLM-L6-v2``: both work.
+    """
     with _lock:
-        _engines[model_slug(engine.info.name)] = engine
+        for key in (engine.info.name, engine.info.ref, *aliases):
+            if key:
+                _engines[model_slug(key)] = engine
 
 
 def unregister_all() -> list[Engine]:
     with _lock:
-        engines = list(_engines.values())
+        engines = list({id(e): e for e in _engines.values()}.values())
         _engines.clear()
         return engines
 
@@ -47,4 +54,4 @@ def engine_for(model: str, kind: JobKind | None = None) -> Engine:
 
 def hosted() -> list[Engine]:
     with _lock:
-        return list(_engines.values())
+        return list({id(e): e for e in _engines.values()}.values())

@@ -185,15 +185,25 @@ def test_a_message_lost_by_redis_is_sent_again(tmp_path: Path, redis_broker: Per
     Here the message is popped by hand, and the workers' sweeper must send it again."""
     corpus = make_corpus(tmp_path / "corpus.parquet", 600, seed=4)
     out = tmp_path / "out"
-    handle = Client(broker=redis_broker.url).submit_corpus(str(corpus), str(out), model=str(tiny_embed_model),
-                                                           id_column="id", shard_rows=200)
+    submitted = subprocess.run(
+        [EMBEDFLEET, "submit", str(corpus), "--out", str(out), "--broker", redis_broker.url,
+         "--model", str(tiny_embed_model), "--id-column", "id", "--shard-rows", "200"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]  # the job id is printed last
+    handle = JobHandle.open(str(out))
+    assert job_id == handle.job_id
     redis = redis_broker.client()
     queue = queue_name("embed", str(tiny_embed_model))
     assert redis.llen(queue) == 3
     lost = json.loads(redis.rpop(queue))
     assert lost["headers"]["task"] == SHARD_TASK
     workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log", FAST_REDELIVERY).start())
-    manifest = handle.wait(timeout=120)
+    status = subprocess.run([EMBEDFLEET, "status", job_id, "--broker", redis_broker.url, "--wait"],
+                            capture_output=True, text=True, timeout=180)
+    assert status.returncode == 0, status.stdout + status.stderr
+    manifest = handle.wait(timeout=10)
     assert manifest.status == "complete" and manifest.rows_written == 600
     assert "sending it again" in workers[0].log()
     assert_exactly_once(out, corpus, tiny_embed_model)

