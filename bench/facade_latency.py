@@ -8,6 +8,10 @@ Contenders, in one run on one machine, on the bundled all-MiniLM-L6-v2 (fp32, CP
 Servers and workers are subprocesses, as deployed; the client is this process (httpx, keep-alive).
 
     python bench/facade_latency.py --requests 300 --clients 64 --out bench/RESULTS-facade.md
+
+All four paths run at once and latency is timed round by round (one call of each path per
+round), so on a shared machine a load swing shifts every path alike; the report gives both the
+difference of medians and the median of per-round differences.
 """
 
 from __future__ import annotations
@@ -39,18 +43,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def timed(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
-    """Milliseconds per call, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -104,54 +96,61 @@ class Redis:
 
 
 # ------------------------------------------------------------------------------ measurements
-def engine_alone(n: int, warmup: int, clients: int, total: int) -> tuple[dict[str, float], float]:
-    """Single-text latency of the bare engine, and its throughput on ``clients`` concurrent submits."""
-    from producer.jobs import Options
+def start_engine() -> Any:
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
     from worker.models import describe
 
     info = describe(None)
-    engine = Engine(info, load_backend("torch", info, "cpu", "auto")).start()
-    try:
-        latency = summary(timed(lambda: engine.run([TEXT], Options()), n, warmup))
-        start = time.perf_counter()
-        done = 0
-        while done < total:
-            futures = [engine.submit([f"{TEXT} {done + i}"]) for i in range(clients)]
-            for future in futures:
-                future.result(120)
-            done += clients
-        return latency, done / (time.perf_counter() - start)
-    finally:
-        engine.stop()
+    return Engine(info, load_backend("torch", info, "cpu", "auto")).start()
 
 
-def queue_only(broker: str, n: int, warmup: int) -> dict[str, float]:
-    """send_task + result through Redis, no HTTP: what the queue itself costs."""
+def engine_throughput(engine: Any, clients: int, total: int) -> float:
+    """Texts/s of the bare engine with ``clients`` single-text submits in flight at once."""
+    start = time.perf_counter()
+    done = 0
+    while done < total:
+        futures = [engine.submit([f"{TEXT} {done + i}"]) for i in range(clients)]
+        for future in futures:
+            future.result(120)
+        done += clients
+    return done / (time.perf_counter() - start)
+
+
+def callers(engine: Any, broker: str, embedded_url: str, thin_url: str) -> dict[str, Callable[[], None]]:
+    """One single-text call per path; all paths live at once so they are timed turn by turn."""
     from producer.broker import INLINE_TASK, make_app
-    from producer.jobs import EmbedJob
+    from producer.jobs import EmbedJob, Options
 
     app = make_app(broker)
     job = EmbedJob(model="all-MiniLM-L6-v2", inputs=[TEXT]).model_dump(mode="json")
+    body = {"input": TEXT, "model": "all-MiniLM-L6-v2"}
+    embedded = httpx.Client(base_url=embedded_url, timeout=60)
+    thin = httpx.Client(base_url=thin_url, timeout=60)
 
-    def call() -> None:
+    def queue() -> None:
         result = app.send_task(INLINE_TASK, args=[job], queue="embed.all-MiniLM-L6-v2", expires=60)
         result.get(timeout=60)
         result.forget()
 
-    return summary(timed(call, n, warmup))
+    return {
+        "engine": lambda: engine.run([TEXT], Options()),
+        "queue": queue,
+        "embedded": lambda: embedded.post("/v1/embeddings", json=body).raise_for_status(),
+        "thin": lambda: thin.post("/v1/embeddings", json=body).raise_for_status(),
+    }
 
 
-def http_latency(url: str, n: int, warmup: int) -> dict[str, float]:
-    with httpx.Client(base_url=url, timeout=60) as client:
-        body = {"input": TEXT, "model": "all-MiniLM-L6-v2"}
-
-        def call() -> None:
-            response = client.post("/v1/embeddings", json=body)
-            response.raise_for_status()
-
-        return summary(timed(call, n, warmup))
+def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int) -> dict[str, list[float]]:
+    """Each round times one call of every path, so load drift on a shared machine hits all alike."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + n):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= warmup:
+                out[name].append((time.perf_counter() - start) * 1000)
+    return out
 
 
 def http_throughput(url: str, clients: int, total: int) -> tuple[float, float]:
@@ -192,73 +191,73 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def row(name: str, s: dict[str, float], base: dict[str, float] | None) -> str:
-    added = f"{s['p50'] - base['p50']:+.2f}" if base else "-"
-    return f"| {name} | {s['p50']:.2f} | {s['p99']:.2f} | {s['mean']:.2f} | {added} |"
+def paired(a: list[float], b: list[float]) -> float:
+    """Median of per-round differences: what path ``a`` adds over ``b`` under the same load."""
+    return float(np.median(np.array(a) - np.array(b)))
 
 
 def run(args: argparse.Namespace) -> str:
     work = Path(tempfile.mkdtemp(prefix="ef-bench-"))
-    results: dict[str, Any] = {}
     load_before = os.getloadavg()
-    results["engine"], results["engine_tput"] = engine_alone(args.requests, args.warmup, args.clients, args.total)
-    print("engine alone", results["engine"], f"{results['engine_tput']:.0f} texts/s", flush=True)
-
-    port = free_port()
-    embedded = spawn(["serve", "--port", str(port), "--device", "cpu", "--concurrency", str(args.clients)],
-                     work / "embedded.log")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, embedded, work / "embedded.log")
-        results["embedded"] = http_latency(url, args.requests, args.warmup)
-        results["embedded_tput"] = http_throughput(url, args.clients, args.total)
-        print("embedded", results["embedded"], results["embedded_tput"], flush=True)
-    finally:
-        stop(embedded)
-
+    engine = start_engine()
     redis = Redis(work)
-    worker = spawn(["worker", "--broker", redis.url, "--device", "cpu", "--concurrency", str(args.clients)],
-                   work / "worker.log")
-    port = free_port()
-    thin = spawn(["serve", "--broker", redis.url, "--port", str(port)], work / "thin.log")
+    procs: list[subprocess.Popen] = []
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, worker, work / "worker.log")
-        wait_ready(url, thin, work / "thin.log")
-        results["queue"] = queue_only(redis.url, args.requests, args.warmup)
-        results["thin"] = http_latency(url, args.requests, args.warmup)
-        results["thin_tput"] = http_throughput(url, args.clients, args.total)
-        print("queue only", results["queue"], "thin", results["thin"], results["thin_tput"], flush=True)
+        e_port, t_port = free_port(), free_port()
+        embedded = spawn(["serve", "--port", str(e_port), "--device", "cpu", "--concurrency", str(args.clients)],
+                         work / "embedded.log")
+        worker = spawn(["worker", "--broker", redis.url, "--device", "cpu", "--concurrency", str(args.clients)],
+                       work / "worker.log")
+        thin = spawn(["serve", "--broker", redis.url, "--port", str(t_port)], work / "thin.log")
+        procs = [embedded, worker, thin]
+        e_url, t_url = f"http://127.0.0.1:{e_port}", f"http://127.0.0.1:{t_port}"
+        wait_ready(e_url, embedded, work / "embedded.log")
+        wait_ready(t_url, worker, work / "worker.log")
+        wait_ready(t_url, thin, work / "thin.log")
+        card = httpx.get(f"{e_url}/v1/models").json()["data"][0]
+        ms = interleaved(callers(engine, redis.url, e_url, t_url), args.requests, args.warmup)
+        stats = {name: summary(values) for name, values in ms.items()}
+        print({k: round(v["p50"], 2) for k, v in stats.items()}, flush=True)
+        tput = {"engine": (engine_throughput(engine, args.clients, args.total), float("nan"))}
+        tput["embedded"] = http_throughput(e_url, args.clients, args.total)
+        tput["thin"] = http_throughput(t_url, args.clients, args.total)
+        print(tput, flush=True)
     finally:
-        stop(thin)
-        stop(worker)
+        for proc in procs:
+            stop(proc)
         redis.proc.terminate()
-
+        engine.stop()
     load_after = os.getloadavg()
-    e = results["engine"]
+
+    def line(name: str, label: str) -> str:
+        s = stats[name]
+        added = "-" if name == "engine" else f"{s['p50'] - stats['engine']['p50']:+.2f} / {paired(ms[name], ms['engine']):+.2f}"
+        return f"| {label} | {s['p50']:.2f} | {s['p99']:.2f} | {s['mean']:.2f} | {added} |"
+
     lines = [
         f"## Facade latency and throughput — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Machine: {machine()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-        "(the cores are shared with other work: read the spread, not only the medians).",
+        "(the cores were shared with other work).",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"Model: bundled all-MiniLM-L6-v2, fp32, CPU (torch). One text of {len(TEXT.split())} words per request; "
-        f"{args.requests} timed requests after {args.warmup} warm-up ones, one at a time.",
+        f"Model: bundled all-MiniLM-L6-v2 on {card['device']} in {card['dtype']} (torch, dtype auto). One text of "
+        f"{len(TEXT.split())} words per request. Latency: {args.requests} rounds after {args.warmup} warm-up "
+        "rounds; each round times one call of every path in turn (so load drift hits all paths alike).",
         "",
-        "| path | p50 ms | p99 ms | mean ms | added at p50 vs engine, ms |",
+        "| path | p50 ms | p99 ms | mean ms | added vs engine, ms: p50 difference / median paired difference |",
         "|---|---|---|---|---|",
-        row("engine alone (Engine.run, in process)", e, None),
-        row("queue only: send_task + result via Redis (no HTTP)", results["queue"], e),
-        row("embedded: HTTP -> facade -> memory transport -> worker", results["embedded"], e),
-        row("thin: HTTP -> facade -> Redis -> `embedfleet worker`", results["thin"], e),
+        line("engine", "engine alone (Engine.run, in process)"),
+        line("queue", "queue only: send_task + result via Redis (no HTTP)"),
+        line("embedded", "embedded: HTTP -> facade -> memory transport -> worker"),
+        line("thin", "thin: HTTP -> facade -> Redis -> `embedfleet worker`"),
         "",
-        f"Throughput, {args.clients} concurrent clients, single-text requests ({args.total} timed):",
+        f"Throughput, {args.clients} concurrent clients, one text per request ({args.total} timed requests):",
         "",
         "| path | requests/s | p50 ms under load |",
         "|---|---|---|",
-        f"| engine alone ({args.clients} concurrent submits) | {results['engine_tput']:.0f} | - |",
-        f"| embedded | {results['embedded_tput'][0]:.0f} | {results['embedded_tput'][1]:.1f} |",
-        f"| thin (Redis) | {results['thin_tput'][0]:.0f} | {results['thin_tput'][1]:.1f} |",
+        f"| engine alone ({args.clients} single-text submits in flight) | {tput['engine'][0]:.0f} | - |",
+        f"| embedded | {tput['embedded'][0]:.0f} | {tput['embedded'][1]:.1f} |",
+        f"| thin (Redis) | {tput['thin'][0]:.0f} | {tput['thin'][1]:.1f} |",
         "",
     ]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 #: The in-memory transport polls; 1 s (kombu's default) would add up to a second per request.
 EMBEDDED_POLL_S = 0.002
+KEEP_ALIVE_S = 75
 
 
 def start_embedded(models: list[str], spec: WorkerSpec) -> InProcessWorker:
@@ -77,6 +78,9 @@ def serve(
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
                               max_body_bytes=max_body_bytes)
+    if broker and broker.startswith("sqs://") and not model:
+        # SQS has no broadcast: the facade asks each named model's queue what serves it
+        raise fail("with an sqs:// broker, name the models to serve: --model REF (or --model rerank:REF)")
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens)
@@ -87,7 +91,10 @@ def serve(
     mode = f"thin, jobs to {broker.split('@')[-1]}" if broker else f"embedded, hosting {', '.join(hosted)}"
     console.print(f"embedfleet serve on http://{host}:{port} ({mode})")
     try:
-        uvicorn.run(asgi, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+        # keep-alive longer than load balancers' idle timeouts (60 s on AWS), so a pooled
+        # connection is never closed by us just as a client reuses it
+        uvicorn.run(asgi, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose,
+                    timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         if worker is not None and worker.alive():
             worker.stop()
