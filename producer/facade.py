@@ -17,6 +17,7 @@ import logging
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Literal, Union
@@ -469,6 +470,8 @@ class Dispatcher:
         self.limiter = anyio.CapacityLimiter(settings.max_inflight)
         self.inflight = 0
         self.completions = Completions()
+        # deleting a delivered result is housekeeping: done after the answer, not before it
+        self._forget = ThreadPoolExecutor(1, thread_name_prefix="ef-facade-forget")
 
     def _admit(self, model: ServedModel) -> None:
         """Refuse instead of queueing without bound."""
@@ -514,7 +517,7 @@ class Dispatcher:
             except Exception as exc:
                 raise _remote_error(exc, job.model) from None
             finally:
-                result.forget()
+                self._forget.submit(_forget, self.app, task_id)
         finally:
             self.completions.discard(task_id)
 
@@ -561,6 +564,14 @@ class Completions:
 
     def close(self) -> None:
         task_postrun.disconnect(self._finished)
+
+
+def _forget(app: Any, task_id: str) -> None:
+    """Delete a delivered result through this thread's own backend (a backend is per thread)."""
+    try:
+        app.backend.forget(task_id)
+    except Exception as exc:  # the key expires anyway (result_expires)
+        log.debug("could not delete result %s: %s", task_id, exc)
 
 
 def _remote_error(exc: Exception, model: str) -> ApiError:
@@ -673,6 +684,34 @@ class _BodyLimit:
 
     def _error(self) -> ApiError:
         return _too_large(f"the request body exceeds the limit of {self.limit} bytes")
+
+
+class _Observe:
+    """Requests and latency per route and status (plain ASGI: no per-request task or body copy)."""
+
+    def __init__(self, app: Any, metrics: FacadeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observed(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in KNOWN_PATHS else "other"  # bounded label values
+            self.metrics.observe(route, status, time.perf_counter() - started)
 
 
 class Facade:
@@ -827,6 +866,7 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
         finally:
             facade.directory.stop()
             facade.dispatcher.completions.close()
+            facade.dispatcher._forget.shutdown(wait=True)
             if on_shutdown is not None:
                 on_shutdown()
 
@@ -855,14 +895,6 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
         log.exception("unexpected error")
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
-        facade.metrics.observe(path, response.status_code, time.perf_counter() - started)
-        return response
-
     app.include_router(_router(facade, True), prefix="/v1")
     app.include_router(_router(facade, False))
 
@@ -876,4 +908,5 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
         return Response(facade.metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_Observe, metrics=facade.metrics)
     return app

@@ -30,9 +30,13 @@ def test_api_key_guards_api_routes_but_not_health(embedded: Served) -> None:
         assert "embedfleet_http_requests_total" in client.get("/metrics").text
 
 
-def test_metrics_count_requests_tokens_and_queue_depth(thin: Served) -> None:
+def test_metrics_count_requests_tokens_and_queue_depth(thin: Served, redis_module: RedisServer) -> None:
+    import redis
+
     httpx.post(f"{thin.url}/v1/embeddings", json={"input": ["count me", "and me"], "model": thin.embed})
     time.sleep(1.5)
+    # delivered results are deleted from Redis (after the answer), not left to expire in an hour
+    assert redis.Redis(port=redis_module.port).keys("celery-task-meta-*") == []
     text = httpx.get(f"{thin.url}/metrics").text
     assert 'embedfleet_http_requests_total{route="/v1/embeddings",status="200"}' in text
     assert 'embedfleet_tokens_total{kind="embed",model="tiny-bert"}' in text
