@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from producer.client import Client
