@@ -24,9 +24,10 @@ from worker import runtime
 #: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
 MODELS_COMMAND = "embedfleet_models"
 
-#: Whether the engine accepts token-id arrays as inputs (``list[int]`` items). The facade reads
-#: this per model and answers token-id requests with a clear 400 while it is False.
-ACCEPTS_TOKEN_IDS = False
+#: Whether an engine accepts token-id arrays as inputs (``list[int]`` items) is its attribute
+#: ``accepts_token_ids`` (absent: no). The facade reads it per model and answers token-id
+#: requests with a clear 400 until the engine takes ids.
+TOKEN_IDS_ATTRIBUTE = "accepts_token_ids"
 
 
 def describe_engine(engine: Any) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def describe_engine(engine: Any) -> dict[str, Any]:
         "dtype": engine.backend.dtype,
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,
-        "token_ids": ACCEPTS_TOKEN_IDS,
+        "token_ids": bool(getattr(engine, TOKEN_IDS_ATTRIBUTE, False)),
         "stats": {key: int(value) for key, value in dict(engine.stats).items()},
     }
 
