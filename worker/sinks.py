@@ -50,28 +50,36 @@ def _vectors(values: np.ndarray, dtype: str) -> pa.Array:
 
 
 def result_table(
-    info: ModelInfo, result: EngineResult, ids: pa.Array, keep: list[int], output_dtype: str, dtype: str
+    info: ModelInfo, result: EngineResult, ids: pa.Array, keep: list[int], output_dtype: str, dtype: str,
+    normalize: bool | None = None,
 ) -> pa.Table:
-    """The Parquet table of one shard: only the rows in ``keep`` (the others failed)."""
+    """The Parquet table of one shard: only the rows in ``keep`` (the others failed).
+
+    ``normalize`` is the job's option (``None``: the model's default), so the file metadata says
+    what was actually applied. A shard whose rows all failed gives an empty table, not an error.
+    """
     take = pa.array(keep, pa.int64())
     columns: dict[str, pa.Array] = {"id": ids_array(ids).take(take)}
-    values = result.values[keep] if keep else result.values[:0]
+    width = result.values.shape[1] if result.values.ndim > 1 else 1
+    values = (result.values[keep] if keep else result.values[:0]).reshape(len(keep), width)
     if info.kind == JobKind.embed:
-        columns["embedding"] = _vectors(values.reshape(len(keep), -1), output_dtype)
+        columns["embedding"] = _vectors(values, output_dtype)
     elif info.kind == JobKind.rerank:
         columns["score"] = pa.array(values.astype(np.float32).reshape(-1))
     else:
         best = values.argmax(axis=1) if len(keep) else np.zeros(0, dtype=np.int64)
         columns["label"] = pa.array([info.labels[i] for i in best], pa.string())
         columns["score"] = pa.array(values[np.arange(len(keep)), best].astype(np.float32))
-        columns["scores"] = _vectors(values.reshape(len(keep), -1), "float32")
+        columns["scores"] = _vectors(values, "float32")
     columns["n_tokens"] = pa.array([result.n_tokens[i] for i in keep], pa.int32())
     columns["truncated"] = pa.array([result.truncated[i] for i in keep], pa.bool_())
     table = pa.table(columns)
-    return table.replace_schema_metadata(file_metadata(info, values.shape[-1] if values.ndim > 1 else 1, output_dtype, dtype))
+    normalized = info.normalize if normalize is None else normalize
+    return table.replace_schema_metadata(file_metadata(info, width, output_dtype, dtype, normalized))
 
 
-def file_metadata(info: ModelInfo, dims: int, output_dtype: str, dtype: str) -> dict[str, str]:
+def file_metadata(info: ModelInfo, dims: int, output_dtype: str, dtype: str,
+                  normalized: bool | None = None) -> dict[str, str]:
     """What a reader needs to trust the vectors: model, revision, dimensions, normalization, dtype."""
     return {
         "embedfleet.version": __version__,
@@ -79,7 +87,7 @@ def file_metadata(info: ModelInfo, dims: int, output_dtype: str, dtype: str) -> 
         "embedfleet.model": info.ref,
         "embedfleet.model_revision": info.revision,
         "embedfleet.dimensions": str(dims),
-        "embedfleet.normalized": json.dumps(info.normalize),
+        "embedfleet.normalized": json.dumps(info.normalize if normalized is None else normalized),
         "embedfleet.pooling": info.pooling,
         "embedfleet.output_dtype": output_dtype,
         "embedfleet.compute_dtype": dtype,

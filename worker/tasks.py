@@ -83,7 +83,8 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     errors = _row_errors(job, rows, result.errors)
     failed = {e.row - job.shard.row_start for e in errors}
     keep = [i for i in range(len(rows.values)) if i not in failed]
-    table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype)
+    table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
+                               normalize=job.options.normalize if engine.info.kind == JobKind.embed else None)
     sinks.write_part(job.out, job.shard.index, table)
     report = ShardReport(
         index=job.shard.index,
