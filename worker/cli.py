@@ -19,6 +19,7 @@ from producer.client import DEFAULT_SHARD_ROWS, Client
 from producer.jobs import JobKind
 from producer.sources import SourceError, check_columns, detect_format
 import worker.array  # noqa: F401  (registers `plan` and `shard`)
+import worker.serve  # noqa: F401  (registers `serve`)
 from worker.backends import BackendUnavailable
 from worker.embedded import InProcessWorker, WorkerSpec
 from worker.models import DEFAULT_MODEL, ModelNotFound
