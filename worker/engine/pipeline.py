@@ -25,7 +25,7 @@ import numpy as np
 from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
 from worker.backends.base import Backend, Batch
 from worker.engine.scheduler import Item, Scheduler
-from worker.engine.tokenize import BatchTokenizer, Encoded
+from worker.engine.tokenize import BatchTokenizer, Encoded, check_token_ids
 from worker.heads import class_probabilities, finish_embeddings, rerank_scores
 from worker.models import ModelInfo
 
@@ -75,6 +75,10 @@ class _Slot:
     encoded: Encoded
 
 
+class _TokenIds(list):
+    """An input given as token ids (OpenAI clients may send these instead of text)."""
+
+
 def check_text(value: Any, field_name: str) -> str | None:
     """Why ``value`` cannot be embedded, or ``None`` when it can."""
     if not isinstance(value, str):
@@ -100,6 +104,8 @@ class Engine:
         self.info = info
         self.backend = backend
         self.tokenizer = BatchTokenizer(info.path, info.max_length)
+        #: Embed and classify inputs may be token ids (the facade asks before sending them).
+        self.accepts_token_ids = info.kind != JobKind.rerank
         budget = max_batch_tokens or backend.preferred_batch_tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32))
@@ -203,6 +209,11 @@ class Engine:
                     continue
                 problem = check_text(value[0], f"input {index} query") or check_text(value[1], f"input {index} document")
                 item: Any = (value[0], value[1])
+            elif isinstance(value, (list, tuple)):
+                problem = check_token_ids(value, self.tokenizer.vocab_size, f"input {index}")
+                if problem is None and prefix:
+                    problem = f"input {index}: a prompt cannot be put before token ids; send text instead"
+                item = _TokenIds(value)
             else:
                 problem = check_text(value, f"input {index}")
                 item = prefix + value if problem is None else None
@@ -212,9 +223,20 @@ class Engine:
                 prepared.append((index, item))
         return prepared
 
+    def _encode(self, values: list[Any]) -> list[Encoded]:
+        """Texts (or pairs) through the tokenizer in one batch; token-id inputs wrapped as they are."""
+        encoded: list[Encoded | None] = [None] * len(values)
+        texts = [(i, v) for i, v in enumerate(values) if not isinstance(v, _TokenIds)]
+        given = [(i, v) for i, v in enumerate(values) if isinstance(v, _TokenIds)]
+        for group, encode in ((texts, self.tokenizer.encode), (given, self.tokenizer.encode_ids)):
+            if group:
+                for (i, _), enc in zip(group, encode([v for _, v in group])):
+                    encoded[i] = enc
+        return encoded  # type: ignore[return-value]
+
     def _tokenize(self, request: _Request, chunk: list[tuple[int, Any]]) -> None:
         try:
-            encoded = self.tokenizer.encode([value for _, value in chunk])
+            encoded = self._encode([value for _, value in chunk])
         except Exception as exc:  # a tokenizer bug must fail the request, not hang it
             log.exception("tokenization failed")
             self._fail_request(request, exc)

@@ -6,6 +6,7 @@ batch (or not at all for unpadded backends), so a long text never inflates a sho
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +39,7 @@ class BatchTokenizer:
             raise ValueError(f"model at {path}: only fast (Rust) tokenizers are supported")
         self.pad_id = int(hf.pad_token_id if hf.pad_token_id is not None else 0)
         self.max_length = max_length
+        self.vocab_size = len(hf)
         backend: Tokenizer = hf.backend_tokenizer
         self._tokenizer = Tokenizer.from_str(backend.to_str())
         self._tokenizer.no_padding()
@@ -54,3 +56,42 @@ class BatchTokenizer:
             )
             for enc in encodings
         ]
+
+    @functools.cached_property
+    def _special_frame(self) -> tuple[list[int], list[int], int]:
+        """The special tokens a single text gets (prefix ids, suffix ids, content type id),
+        read off a probe encoding so it holds for any post-processor template."""
+        probe = self._tokenizer.encode("probe", add_special_tokens=True)
+        content = self._tokenizer.encode("probe", add_special_tokens=False).ids
+        ids = probe.ids
+        for start in range(len(ids) - len(content) + 1):
+            if ids[start : start + len(content)] == content:
+                return ids[:start], ids[start + len(content) :], probe.type_ids[start] if content else 0
+        raise ValueError("cannot tell where this tokenizer puts its special tokens")
+
+    def encode_ids(self, inputs: Sequence[Sequence[int]]) -> list[Encoded]:
+        """Wrap pre-tokenized ids (as OpenAI clients send them: no special tokens) for the model.
+
+        The ids are cut so that, with the model's special tokens added, they fit ``max_length``.
+        """
+        prefix, suffix, type_id = self._special_frame
+        room = self.max_length - len(prefix) - len(suffix)
+        out = []
+        for ids in inputs:
+            full = prefix + list(ids[:room]) + suffix
+            out.append(Encoded(ids=np.asarray(full, dtype=np.int32),
+                               type_ids=np.full(len(full), type_id, dtype=np.int32),
+                               truncated=len(ids) > room))
+        return out
+
+
+def check_token_ids(value: object, vocab_size: int, field_name: str) -> str | None:
+    """Why ``value`` is not a usable list of token ids, or ``None`` when it is."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return f"{field_name} must be a non-empty list of token ids"
+    for token in value:
+        if isinstance(token, bool) or not isinstance(token, int):
+            return f"{field_name} must hold integers only, got {type(token).__name__}"
+        if not 0 <= token < vocab_size:
+            return f"{field_name} holds token id {token}, outside the vocabulary [0, {vocab_size})"
+    return None
