@@ -1,9 +1,11 @@
 """CPU benchmark: embedfleet's engine beside the usual CPU stacks, on the mixed workload.
 
 Every contender runs in its own subprocess, one after another on the same machine, so each
-one's peak RSS (VmHWM) is its own and all of them see the same conditions. Each does a warm-up
-(the first ``--warmup`` texts), then ``--passes`` timed passes over all texts, from raw texts to
-vectors (tokenization included); the best pass counts and the spread of passes is reported.
+one's peak RSS (VmHWM) is its own and all of them see the same conditions. Contenders run in
+``--rounds`` round-robin rounds (so a burst of load from elsewhere on a shared machine hits them
+all alike); in each round a contender does a warm-up (the first ``--warmup`` texts), then
+``--passes`` timed passes over all texts, from raw texts to vectors (tokenization included).
+The best pass counts; the spread (slowest-fastest pass) is reported beside it.
 Quality is every vector's cosine to sentence-transformers fp32 on the same texts.
 
 Contenders: sentence-transformers fp32 (``encode``, batch 32); plain transformers fp32 SDPA,
@@ -14,7 +16,7 @@ of 32; and embedfleet's engine with each CPU backend/dtype and with ``--backend 
 Models: the bundled all-MiniLM-L6-v2 and the bge-small-en-v1.5 architecture with random weights
 (12 layers, hidden 384, 12 heads, FFN 1536, CLS pooling, normalized; MiniLM's tokenizer).
 
-    python -m bench.cpu --n 700 --passes 2 --out bench/RESULTS-cpu.md
+    python -m bench.cpu --n 700 --rounds 2 --out bench/RESULTS-cpu.md
 """
 
 from __future__ import annotations
@@ -235,8 +237,21 @@ def cosines(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    out = workdir / f"{contender.key.replace(':', '_')}.npy"
+def merge(results: dict[str, dict[str, Any]], key: str, done: dict[str, Any]) -> None:
+    """Fold one round into the contender's results: all timed passes, the highest peak RSS."""
+    if key not in results or "error" in done:
+        results[key] = done
+        return
+    kept = results[key]
+    if "error" in kept:
+        return
+    kept["seconds"] += done["seconds"]
+    kept["peak_rss_mib"] = max(kept["peak_rss_mib"], done["peak_rss_mib"])
+
+
+def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: Path, args: argparse.Namespace,
+                  round_: int = 0) -> dict[str, Any]:
+    out = workdir / f"{contender.key.replace(':', '_')}-{round_}.npy"
     env = {**os.environ, **dict(contender.env)}
     command = [sys.executable, "-m", "bench.cpu", "--child", contender.key, "--model", str(model),
                "--texts-file", str(texts_file), "--vectors", str(out), "--passes", str(args.passes),
@@ -282,6 +297,18 @@ def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]]) -> l
     return lines
 
 
+def prepare_exports(model: Path, chosen: list[Contender]) -> None:
+    """Build the cached ONNX exports up front, so no contender's RSS or time includes exporting."""
+    if not any("onnx" in c.key or "auto" in c.key for c in chosen):
+        return
+    from worker.backends.onnx import ensure_export
+    from worker.models import describe
+
+    info = describe(str(model))
+    ensure_export(info)
+    ensure_export(info, quantized=True)
+
+
 def machine() -> str:
     from worker.backends.torch_cpu import describe_cpu
 
@@ -299,8 +326,9 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=700, help="texts of the mixed workload")
-    parser.add_argument("--passes", type=int, default=2, help="timed passes per contender (best counts)")
-    parser.add_argument("--warmup", type=int, default=200, help="texts in the warm-up pass")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all contenders, each in a fresh process")
+    parser.add_argument("--passes", type=int, default=1, help="timed passes per contender and round (best counts)")
+    parser.add_argument("--warmup", type=int, default=100, help="texts in the warm-up pass")
     parser.add_argument("--models", default="minilm,bge-small", help="comma list: minilm, bge-small")
     parser.add_argument("--only", default="", help="comma list of contender keys (default: all)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="engine budget (default: the backend's)")
@@ -336,12 +364,15 @@ def main(argv: list[str] | None = None) -> None:
             title, locate = paths[name]
             model = locate()
             tokens = count_tokens(model, texts)
+            prepare_exports(model, chosen)
             results: dict[str, dict[str, Any]] = {}
-            for contender in chosen:
-                print(f"[{name}] {contender.label} ...", file=sys.stderr, flush=True)
-                results[contender.key] = run_contender(contender, model, texts_file, workdir, args)
-                done = results[contender.key]
-                print(f"    {done.get('error') or [round(tokens / s) for s in done['seconds']]}", file=sys.stderr, flush=True)
+            for round_ in range(args.rounds):  # round-robin: a burst of outside load hits all alike
+                for contender in chosen:
+                    print(f"[{name} round {round_ + 1}] {contender.label} ...", file=sys.stderr, flush=True)
+                    done = run_contender(contender, model, texts_file, workdir, args, round_)
+                    print(f"    {done.get('error') or [round(tokens / s) for s in done['seconds']]}",
+                          file=sys.stderr, flush=True)
+                    merge(results, contender.key, done)
             lines = table(title, tokens, results)
             autos = [r["autoselect"] for r in results.values() if r.get("autoselect")]
             if autos:
