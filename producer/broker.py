@@ -28,6 +28,8 @@ from celery import Celery
 INLINE_TASK = "embedfleet.inline"
 SHARD_TASK = "embedfleet.shard"
 INFO_TASK = "embedfleet.info"
+#: The broadcast command every worker answers with what it hosts (the facade discovers models).
+MODELS_COMMAND = "embedfleet_models"
 
 MEMORY_BROKER = "memory://localhost/"
 MEMORY_BACKEND = "cache+memory://"

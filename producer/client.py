@@ -171,7 +171,8 @@ class Client:
         declare_queue(self.app, queue)
         async_result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue)
         try:
-            payload = async_result.get(timeout=timeout or self.timeout, propagate=True)
+            # disable_sync_subtasks=False: in embedded mode the caller may share a process with the worker.
+            payload = async_result.get(timeout=timeout or self.timeout, propagate=True, disable_sync_subtasks=False)
         finally:
             async_result.forget()
         return InlineResult.model_validate(payload)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.broker import INFO_TASK, INLINE_TASK, declare_queue
+from producer.broker import INFO_TASK, INLINE_TASK, MODELS_COMMAND, declare_queue
 from producer.client import Client, decode_f32
 from producer.jobs import (
     MAX_INLINE_INPUTS,
@@ -52,7 +52,6 @@ from producer.metrics import CONTENT_TYPE, FacadeMetrics, WorkerSample
 log = logging.getLogger(__name__)
 
 #: The broadcast command workers answer with their hosted models (registered in worker/info.py).
-MODELS_COMMAND = "embedfleet_models"
 KINDS = {kind.value for kind in JobKind}
 #: How often the directory thread counts queued messages (the 429 backpressure reads the count).
 DEPTH_EVERY_S = 0.5

@@ -65,7 +65,7 @@ def _columns_of(table: pa.Table) -> ColumnMap:
 
 
 def _read_text(loc: Location) -> pa.Table:
-    data = read_bytes(loc).decode("utf-8", errors="replace")
+    data = read_bytes(loc).decode("utf-8-sig", errors="replace")
     lines = data.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -77,7 +77,7 @@ def _read_jsonl(loc: Location) -> tuple[ColumnMap, dict[int, str]]:
     """Parse line by line so one bad line is a recorded row error, not a failed corpus."""
     records: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
-    raw_lines = read_bytes(loc).decode("utf-8", errors="replace").splitlines()
+    raw_lines = read_bytes(loc).decode("utf-8-sig", errors="replace").splitlines()
     for number, line in enumerate(line for line in raw_lines if line.strip()):
         try:
             value = json.loads(line)
@@ -112,8 +112,19 @@ class _PyObjects(list):
         return _PyObjects(self[start : start + length])
 
 
-@functools.lru_cache(maxsize=4)
+def _stamp(uri: str) -> tuple[int | None, int | None]:
+    """Size and modification time: a rewritten file is a new cache entry, never stale rows."""
+    loc = locate(uri)
+    info = loc.fs.get_file_info(loc.path)
+    return info.size, info.mtime_ns
+
+
 def _whole_table(uri: str, fmt: str) -> tuple[ColumnMap, int, tuple[tuple[int, str], ...]]:
+    return _whole_table_at(uri, fmt, _stamp(uri))
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_table_at(uri: str, fmt: str, stamp: tuple[int | None, int | None]) -> tuple[ColumnMap, int, tuple[tuple[int, str], ...]]:
     """Whole-file formats are read once per process and reused by the shards that follow."""
     loc = locate(uri)
     try:
@@ -124,8 +135,10 @@ def _whole_table(uri: str, fmt: str) -> tuple[ColumnMap, int, tuple[tuple[int, s
         if fmt == "text":
             table = _read_text(loc)
         else:
-            options = pacsv.ConvertOptions(strings_can_be_null=False)
-            table = pacsv.read_csv(io.BytesIO(read_bytes(loc)), convert_options=options)
+            data = read_bytes(loc)
+            names = pacsv.open_csv(io.BytesIO(data)).schema.names  # every CSV cell is text: no inference
+            options = pacsv.ConvertOptions(strings_can_be_null=False, column_types={n: pa.string() for n in names})
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=options)
         return _columns_of(table), table.num_rows, ()
     except FileNotFoundError as exc:
         raise SourceError(f"cannot read {uri!r}: no such file") from exc
@@ -139,8 +152,12 @@ def column_names(uri: str, fmt: str) -> list[str]:
     return list(_whole_table(uri, fmt)[0])
 
 
-@functools.lru_cache(maxsize=4)
 def _parquet(uri: str) -> pq.ParquetFile:
+    return _parquet_at(uri, _stamp(uri))
+
+
+@functools.lru_cache(maxsize=4)
+def _parquet_at(uri: str, stamp: tuple[int | None, int | None]) -> pq.ParquetFile:
     loc = locate(uri)
     try:
         return pq.ParquetFile(loc.fs.open_input_file(loc.path))

@@ -93,8 +93,6 @@ def test_classify_table_has_label_score_scores() -> None:
     assert json.loads(table.schema.metadata[b"embedfleet.labels"]) == ["neg", "neu", "pos"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: result_table crashes (numpy reshape(0, -1)) when every row of a "
-                                       "shard failed, so the shard fails instead of writing an empty part")
 @pytest.mark.parametrize("kind", [JobKind.embed, JobKind.classify])
 def test_shard_where_every_row_failed_gives_an_empty_table(kind: JobKind) -> None:
     info = _info(kind, labels=("a", "b", "c") if kind == JobKind.classify else ())

@@ -106,8 +106,6 @@ def test_csv_string_ids_and_empty_cells(tmp_path: Path) -> None:
     assert rows.values == ["first, with comma", "", "multi\nline"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CSV cells are type-inferred: id '007' becomes int 7 and a text "
-                                       "column of numbers ('2024') becomes ints that are then rejected")
 def test_csv_cells_stay_strings(tmp_path: Path) -> None:
     path = tmp_path / "codes.csv"
     path.write_text("id,text\n007,2024\n008,42\n")
@@ -146,8 +144,6 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path: Path) -> None:
         count_rows(str(path), "parquet")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sources caches whole files by URI (lru_cache) with no freshness "
-                                       "check, so a long-lived worker reads stale rows after the file changes")
 def test_a_rewritten_source_is_read_afresh(tmp_path: Path) -> None:
     path = tmp_path / "daily.jsonl"
     path.write_text(json.dumps({"text": "old"}) + "\n")
@@ -158,9 +154,6 @@ def test_a_rewritten_source_is_read_afresh(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a UTF-8 byte-order mark (Windows tools write one) is kept: the first "
-                                       "JSONL line is rejected and the first text line starts with U+FEFF; "
-                                       "decode with 'utf-8-sig'")
 @pytest.mark.parametrize(("fmt", "body"), [("jsonl", '{"text": "first"}\n{"text": "second"}\n'),
                                            ("text", "first\nsecond\n")])
 def test_byte_order_mark_is_not_data(tmp_path: Path, fmt: str, body: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import List, Optional
 
 import typer
@@ -124,17 +123,12 @@ def worker_command(
     spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens)
     try:
-        worker = InProcessWorker(spec, broker=broker, backend=result_backend).start()
+        code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(
+            on_ready=lambda w: console.print(
+                f"worker ready: {', '.join(e.info.name for e in w.engines)} on {broker.split('@')[-1]}"))
     except KNOWN_ERRORS as exc:
         raise fail(str(exc)) from None
-    console.print(f"worker ready: {', '.join(e.info.name for e in worker.engines)} on {broker.split('@')[-1]}")
-    try:
-        while worker.alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        worker.stop()
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -91,6 +91,9 @@ class InProcessWorker:
         poison.use_broker(self.broker)
         for name in self.queues:
             declare_queue(self.app, name)
+        # Celery's thread pool traces tasks with the *current* app; unless it is this one, results
+        # go to the default app's disabled backend and every inline call times out.
+        self.app.set_default()
         ready = threading.Event()
         self._controller = self.app.WorkController(
             app=self.app,

@@ -14,15 +14,13 @@ import socket
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_init
 from celery.worker.control import inspect_command
 
-from producer.broker import INFO_TASK
+from producer.broker import INFO_TASK, MODELS_COMMAND
 from producer.jobs import queue_name
 from worker import runtime
 
 #: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
-MODELS_COMMAND = "embedfleet_models"
 
 #: Whether an engine accepts token-id arrays as inputs (``list[int]`` items) is its attribute
 #: ``accepts_token_ids`` (absent: no). The facade reads it per model and answers token-id
@@ -60,20 +58,6 @@ def hosted_models() -> list[dict[str, Any]]:
 @shared_task(name=INFO_TASK)
 def info_task() -> list[dict[str, Any]]:
     return hosted_models()
-
-
-@worker_init.connect
-def _results_to_this_app(sender: Any = None, **kwargs: Any) -> None:
-    """Make a starting embedfleet worker's app the process default.
-
-    Celery's thread pool traces each task with the *current* app (``trace_task_ret`` falls back
-    to ``current_app``); for an app created with ``set_as_current=False`` that is celery's default
-    app, whose result backend is disabled, so inline results were silently dropped and every
-    ``embed()`` / HTTP call timed out. (Belongs in ``InProcessWorker.start``; kept here until then.)
-    """
-    app = getattr(sender, "app", None)
-    if app is not None and app.main == "embedfleet-worker":
-        app.set_default()
 
 
 @inspect_command(name=MODELS_COMMAND)

@@ -31,9 +31,6 @@ def start_embedded(models: list[str], spec: WorkerSpec) -> InProcessWorker:
     """An in-process worker on the memory transport, polling often enough for HTTP latency."""
     worker = InProcessWorker(spec, broker=MEMORY_BROKER, handle_signals=False)
     worker.app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_S}
-    # The thread pool traces tasks with celery's *current* app; unless it is this one, results go
-    # to the default app's disabled backend and every inline call times out.
-    worker.app.set_default()
     return worker.start()
 
 

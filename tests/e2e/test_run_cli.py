@@ -206,9 +206,6 @@ def test_prompt_name_and_truncate_off_through_the_cli(cli, tmp_path: Path, tiny_
 
 
 @pytest.mark.timeout(25)
-@pytest.mark.xfail(strict=True, reason="BUG: options the engine rejects (unknown --prompt-name, --dimensions over "
-                                       "the model width) are not checked before submitting; the shard task raises "
-                                       "and `embedfleet run` hangs (HEAD) or reports a failed shard, not exit 2")
 @pytest.mark.parametrize("flags", [("--prompt-name", "nope"), ("--dimensions", "64")])
 def test_options_the_model_cannot_honour_are_exit_2(cli, tmp_path: Path, tiny_embed_model: Path,  # type: ignore[no-untyped-def]
                                                     flags: tuple[str, str]) -> None:
@@ -252,8 +249,6 @@ def test_classify_corpus_gives_label_score_scores(cli, tmp_path: Path, tiny_clas
     assert table.column("label").to_pylist() == [labels[i] for i in scores.argmax(1)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Parquet metadata embedfleet.normalized reports the model's default, "
-                                       "not the job's --no-normalize / --normalize")
 def test_metadata_reports_the_normalization_actually_applied(cli, tmp_path: Path, tiny_embed_model: Path) -> None:  # type: ignore[no-untyped-def]
     source = write_jsonl(tmp_path / "c.jsonl", [{"text": "one"}, {"text": "two words"}])
     out = tmp_path / "out"
@@ -266,9 +261,6 @@ def test_metadata_reports_the_normalization_actually_applied(cli, tmp_path: Path
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason="BUG: a shard whose rows all fail crashes in sinks.result_table "
-                                       "(reshape of an empty array), so the shard fails instead of recording "
-                                       "its rows' errors")
 def test_shard_with_only_bad_rows_still_completes(cli, tmp_path: Path, tiny_embed_model: Path) -> None:  # type: ignore[no-untyped-def]
     records = [{"id": i, "text": "fine text"} for i in range(4)]
     records[2]["text"] = ""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from producer.broker import SHARD_TASK
 from producer.client import Client, JobHandle, plan_corpus
