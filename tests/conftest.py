@@ -20,6 +20,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite pins the torch backend (exact fp32 on CPU) so vectors compare tightly and start-up
+# stays short; the auto selection itself is tested in tests/test_autoselect.py.
+os.environ.setdefault("EMBEDFLEET_BACKEND", "torch")
 
 
 def bundled_path() -> Path:

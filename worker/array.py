@@ -140,9 +140,9 @@ def shard_command(
                                         help="Which shard (0-based); default: the AWS Batch array index"),
     index_offset: int = typer.Option(0, "--index-offset", envvar="EMBEDFLEET_INDEX_OFFSET", min=0,
                                      help="Added to the index: lets several arrays of <= 10,000 cover one job"),
-    backend: str = typer.Option("torch", "--backend", help="torch|onnx|neuron"),
+    backend: str = typer.Option("auto", "--backend", envvar="EMBEDFLEET_BACKEND", help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|neuron[:core]"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", envvar="EMBEDFLEET_DTYPE", help="auto|float32|bfloat16|float16|int8 (int8: onnx only)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

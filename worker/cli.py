@@ -51,9 +51,12 @@ def run(
     document_column: str = typer.Option("document", "--document-column", help="Rerank: the document column"),
     shard_rows: int = typer.Option(2048, "--shard-rows", min=1, help="Rows per output part"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
-    backend: str = typer.Option("torch", "--backend", help="torch"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto|float32|float16|bfloat16"),
+    backend: str = typer.Option("auto", "--backend", envvar="EMBEDFLEET_BACKEND", help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)"),
+    dtype: str = typer.Option("auto", "--dtype", envvar="EMBEDFLEET_DTYPE", help="auto|float32|bfloat16|float16|int8 (int8: onnx only)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1),
+    memory_fraction: Optional[float] = typer.Option(None, "--memory-fraction", min=0.05, max=1.0,
+                                                    envvar="EMBEDFLEET_MEMORY_FRACTION",
+                                                    help="GPU: share of free memory the batch budget may use (default 0.8)"),
     concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards in flight (they share batches)"),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Default: the model's files"),
     truncate: bool = typer.Option(True, "--truncate/--no-truncate", help="Cut over-long texts, or record them as errors"),
@@ -69,7 +72,7 @@ def run(
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
         fmt = detect_format(input)
         spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                          max_batch_tokens=max_batch_tokens)
+                          max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
         with InProcessWorker(spec) as worker:
             engine = worker.engines[0]
             model_kind = engine.info.kind
@@ -79,6 +82,8 @@ def run(
             check_columns(input, fmt, model_kind, _columns(text_column, id_column, query_column, document_column))
             console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
+            if getattr(engine.backend, "autoselect_table", ""):
+                console.print(engine.backend.autoselect_table)
             client = Client(app=worker.app)
             handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
                                           id_column=id_column, query_column=query_column,
@@ -112,16 +117,19 @@ def worker_command(
     result_backend: Optional[str] = typer.Option(None, "--result-backend", envvar="EMBEDFLEET_RESULT_BACKEND"),
     model: List[str] = typer.Option([DEFAULT_MODEL], "--model", help="Models to host (repeatable)"),
     device: str = typer.Option("auto", "--device"),
-    backend: str = typer.Option("torch", "--backend"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    backend: str = typer.Option("auto", "--backend", envvar="EMBEDFLEET_BACKEND", help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)"),
+    dtype: str = typer.Option("auto", "--dtype", envvar="EMBEDFLEET_DTYPE", help="auto|float32|bfloat16|float16|int8 (int8: onnx only)"),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Tasks in flight; they share one engine"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1),
+    memory_fraction: Optional[float] = typer.Option(None, "--memory-fraction", min=0.05, max=1.0,
+                                                    envvar="EMBEDFLEET_MEMORY_FRACTION",
+                                                    help="GPU: share of free memory the batch budget may use (default 0.8)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM)."""
     _setup_logging(verbose)
     spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                      max_batch_tokens=max_batch_tokens)
+                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
     try:
         code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(
             on_ready=lambda w: console.print(

@@ -37,16 +37,18 @@ class WorkerSpec:
 
     models: list[str | None] = field(default_factory=lambda: [None])
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = field(default_factory=lambda: os.environ.get("EMBEDFLEET_BACKEND", "auto"))
     dtype: str = "auto"
     concurrency: int = 4
     max_batch_tokens: int | None = None
+    memory_fraction: float | None = None
 
 
 def load_engine(model: str | None, spec: WorkerSpec) -> Engine:
     """Resolve and load one model into a started engine, registered for the tasks."""
     info = describe(model)
-    backend = load_backend(spec.backend, info, spec.device, spec.dtype)
+    options = {"memory_fraction": spec.memory_fraction} if spec.memory_fraction is not None else {}
+    backend = load_backend(spec.backend, info, spec.device, spec.dtype, **options)
     engine = Engine(info, backend, max_batch_tokens=spec.max_batch_tokens).start()
     runtime.register(engine, model)
     return engine

@@ -39,14 +39,23 @@ def backend_class(name: str) -> type:
     return getattr(module, class_name)
 
 
-def load_backend(name: str, info: "ModelInfo", device: str, dtype: str) -> "Backend":
-    """Load ``info`` on ``device`` with the named backend.
+def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **options: object) -> "Backend":
+    """Load ``info`` on ``device`` with the named backend (``options`` go to the torch backend).
 
-    ``auto`` measures the candidate backends/dtypes on a short sample and keeps the fastest
-    that passes the quality gate (``worker.autoselect``); ``dtype`` then narrows the candidates.
+    ``auto`` on CPU measures the candidate backends/dtypes on a short sample and keeps the
+    fastest that passes the quality gate (``worker.autoselect``); ``dtype`` narrows the
+    candidates. On GPUs ``auto`` is the torch backend (bf16 where supported): its CUDA path is
+    the fastest measured there (bench/RESULTS.md).
     """
     if name == "auto":
-        from worker.autoselect import select_backend
+        from worker.backends.torch import pick_device
 
-        return select_backend(info, device=device, dtype=dtype)
-    return backend_class(name)(info, device=device, dtype=dtype)
+        resolved = pick_device(device)
+        if resolved == "cpu":
+            from worker.autoselect import select_backend
+
+            return select_backend(info, device=resolved, dtype=dtype)
+        name, device = "torch", resolved
+    if name != "torch":
+        options = {}
+    return backend_class(name)(info, device=device, dtype=dtype, **options)
