@@ -62,6 +62,10 @@ def queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
     return sorted(set(names))
 
 
+#: A consumer that dies more often than this within the window makes the worker exit.
+MAX_CONSUMER_RESTARTS = 5
+RESTART_WINDOW_S = 600
+
 class InProcessWorker:
     """Engines plus a Celery worker consuming their queues on a background thread.
 
@@ -96,6 +100,16 @@ class InProcessWorker:
         # Celery's thread pool traces tasks with the *current* app; unless it is this one, results
         # go to the default app's disabled backend and every inline call times out.
         self.app.set_default()
+        self._start_consumer()
+        if self.broker.startswith(("redis://", "rediss://")):
+            from worker.sweeper import Sweeper
+
+            self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
+        log.info("worker consuming %s", ", ".join(self.queues))
+        return self
+
+    def _start_consumer(self) -> None:
+        """A Celery consumer on a thread, feeding the engines already loaded (kept on restarts)."""
         ready = threading.Event()
         self._controller = self.app.WorkController(
             app=self.app,
@@ -114,12 +128,6 @@ class InProcessWorker:
         while not ready.wait(0.2):  # a short wait, so a signal is handled promptly
             if not self._thread.is_alive():
                 raise RuntimeError("the worker's consumer stopped while starting (see the log)")
-        if self.broker.startswith(("redis://", "rediss://")):
-            from worker.sweeper import Sweeper
-
-            self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
-        log.info("worker consuming %s", ", ".join(self.queues))
-        return self
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -145,10 +153,23 @@ class InProcessWorker:
             self.start()
             if on_ready is not None:
                 on_ready(self)
-            while self.alive():
-                time.sleep(0.5)
-            log.error("the worker's consumer stopped on its own")
-            return 1
+            restarts: list[float] = []
+            while True:
+                while self.alive():
+                    time.sleep(0.5)
+                # kombu can die of an "unrecoverable" error when the broker drops mid-ack; the
+                # models are still loaded, so start a new consumer instead of exiting (its
+                # unacknowledged messages were restored to the queue). A consumer that keeps
+                # dying is a real fault: exit and let the supervisor decide.
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_CONSUMER_RESTARTS:
+                    log.error("the worker's consumer stopped %d times in %d s; exiting", len(restarts),
+                              RESTART_WINDOW_S)
+                    return 1
+                log.warning("the worker's consumer stopped on its own; starting a new one")
+                time.sleep(1.0)
+                self._start_consumer()
         except KeyboardInterrupt:
             return 0
         finally:
