@@ -8,6 +8,7 @@ are idempotent.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -90,19 +91,25 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-_s3_client: list[Any] = []
-
-
 def _boto_s3() -> Any:
-    """One boto3 S3 client per process (thread-safe); it honours ``AWS_ENDPOINT_URL`` itself."""
-    if not _s3_client:
-        try:
-            import boto3
-        except ImportError as exc:
-            raise RuntimeError("writing to s3:// needs boto3: pip install 'embedfleet[aws]'") from exc
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        _s3_client.append(boto3.client("s3", region_name=region))
-    return _s3_client[0]
+    """A boto3 S3 client for the current endpoint, region and credentials (one per such set).
+
+    Keyed on the environment so a process that points at another endpoint (tests, MinIO) never
+    reuses a client bound to the old one; boto3 clients are thread-safe, so one is shared.
+    """
+    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE")
+    return _boto_s3_for(tuple(os.environ.get(key) for key in keys))
+
+
+@functools.lru_cache(maxsize=8)
+def _boto_s3_for(settings: tuple[str | None, ...]) -> Any:
+    try:
+        import boto3
+    except ImportError as exc:
+        raise RuntimeError("writing to s3:// needs boto3: pip install 'embedfleet[aws]'") from exc
+    region = settings[2] or settings[3]
+    return boto3.client("s3", region_name=region, endpoint_url=settings[0] or settings[1])
 
 
 def locate(uri: str) -> Location:
