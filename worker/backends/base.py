@@ -6,6 +6,7 @@ The engine needs little from a backend: run a batch, and say how batches should 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,3 +81,14 @@ class Backend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (cgroup/affinity aware); ``OMP_NUM_THREADS`` overrides."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

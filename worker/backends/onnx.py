@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from producer.jobs import JobKind
-from worker.backends.base import Batch
+from worker.backends.base import Batch, cpu_threads
 from worker.models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,6 @@ def normalize_dtype(dtype: str) -> str:
             f"dtype {dtype!r} is not supported by the onnx backend; choose float32 (fused fp32 graph) "
             "or int8 (dynamic int8 quantization), or use --backend torch for float16/bfloat16"
         ) from None
-
-
-def cpu_threads() -> int:
-    """Cores this process may use (cgroup/affinity aware); ``OMP_NUM_THREADS`` overrides."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def providers_for(device: str) -> tuple[str, list[Any]]:

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from worker.backends.base import cpu_threads
+
 log = logging.getLogger(__name__)
 
 COMPILE_ENV = "EMBEDFLEET_TORCH_COMPILE"
@@ -62,16 +64,6 @@ def describe_cpu() -> str:
     return f"torch ISA {torch.backends.cpu.get_cpu_capability()}, units: {', '.join(units) or 'none of bf16/AMX/VNNI'}"
 
 
-def _threads() -> int:
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _compile_requested() -> bool:
     return os.environ.get(COMPILE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -92,7 +84,7 @@ def _compile(model: torch.nn.Module) -> torch.nn.Module:
 
 def optimize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Return the model prepared for CPU inference in ``dtype``."""
-    threads = _threads()
+    threads = cpu_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if dtype == torch.bfloat16 and not bf16_native():
