@@ -13,15 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.facade.servers import Served
 
 MAX_EXAMPLES = 50
 
 
-def test_schemathesis_finds_no_server_error(embedded: Served) -> None:
+def test_schemathesis_finds_no_server_error(embedded: Served, tmp_path: Path) -> None:
+    # The spec is fetched here with a generous timeout and handed over as a file: schemathesis'
+    # own schema download gives up after 10 s, which a busy 2-core CI machine can exceed.
+    spec = tmp_path / "openapi.json"
+    spec.write_bytes(httpx.get(f"{embedded.url}/openapi.json", timeout=120).raise_for_status().content)
     st = Path(sys.executable).with_name("st")
     run = subprocess.run(
-        [str(st), "run", f"{embedded.url}/openapi.json", "--checks", "not_a_server_error",
+        [str(st), "run", str(spec), "--url", embedded.url, "--checks", "not_a_server_error",
          "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--request-timeout", "60", "--no-color"],
         capture_output=True, text=True, timeout=600,
     )
