@@ -135,6 +135,9 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free port, that a test may stop and restart."""
 
+    #: Persistence flags; subclasses that must survive a restart override them.
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
+
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.workdir = workdir
@@ -144,28 +147,34 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(port=self.port)
+
     def start(self) -> None:
+        import redis
+
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # ready = answers PING (not while it loads its file)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
                     return
-            except OSError:
+            except redis.exceptions.RedisError:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(15)
             self.proc = None
 
 
