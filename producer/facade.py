@@ -17,30 +17,29 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 import anyio
 import numpy as np
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.signals import task_postrun
-from celery.utils import uuid
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.broker import INFO_TASK, INLINE_TASK, MODELS_COMMAND, declare_queue
-from producer.client import Client, decode_f32
+from producer.broker import INFO_TASK, MODELS_COMMAND, declare_queue
+from producer.client import Client
+from producer.coalesce import Answer
+from producer.dispatch import Dispatcher
+from producer.http_errors import ApiError, bad, error_response, too_large
 from producer.jobs import (
     MAX_INLINE_INPUTS,
     MAX_INPUT_CHARS,
     ClassifyJob,
     EmbedJob,
-    InlineResult,
     JobKind,
     Options,
     RerankJob,
@@ -55,8 +54,6 @@ log = logging.getLogger(__name__)
 KINDS = {kind.value for kind in JobKind}
 #: How often the directory thread counts queued messages (the 429 backpressure reads the count).
 DEPTH_EVERY_S = 0.5
-#: Where results cannot be pushed and no in-process notice comes, how often to look for them.
-SLOW_POLL_S = 0.05
 API_PATHS = ("/embeddings", "/rerank", "/classify", "/models")
 KNOWN_PATHS = {prefix + path for prefix in ("", "/v1") for path in API_PATHS} | {"/health", "/metrics"}
 
@@ -75,37 +72,11 @@ class FacadeSettings:
     max_inputs: int = MAX_INLINE_INPUTS
     max_chars: int = MAX_INPUT_CHARS
     max_body_bytes: int = 8 * 1024 * 1024
+    jobs_per_worker: int = 4
+    """Jobs in flight per worker and model; past it, concurrent requests wait and leave merged."""
     refresh_s: float = 5.0
     discovery_timeout_s: float = 0.5
     discovery: Literal["auto", "broadcast", "task"] = "auto"
-
-
-# ---------------------------------------------------------------------------------- errors
-class ApiError(Exception):
-    """An error the client caused or must know about, rendered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-def _too_large(message: str, param: str | None = None) -> ApiError:
-    return ApiError(413, message, "invalid_request_error", param, "request_too_large")
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", param, code)
 
 
 # ---------------------------------------------------------------------------------- wire shapes
@@ -348,6 +319,10 @@ class Directory:
                 log.debug("cannot count queue %s: %s", queue, exc)
         return depths
 
+    def depths_of(self, queue: str) -> int | None:
+        """The last count of messages waiting in ``queue`` (``None``: not known)."""
+        return self.depths.get(queue)
+
     def sample_depths(self) -> None:
         try:
             self.depths = self.queue_depths(sorted({m.queue for m in self.models.values()}))
@@ -424,14 +399,14 @@ class Directory:
                 raise ApiError(404, f"no {kind.value} model is served here", "invalid_request_error", "model",
                                "model_not_found")
             listed = ", ".join(sorted(m.id for m in of_kind)) or "none"
-            raise _bad(f"model: required when this server does not serve exactly one {kind.value} model "
+            raise bad(f"model: required when this server does not serve exactly one {kind.value} model "
                        f"(served: {listed})", "model")
         matches = [m for m in served if self._matches(m, None, name)]
         exact = [m for m in matches if m.kind == kind.value]
         if exact:
             return exact[0]
         if matches:
-            raise _bad(f"model {name!r} is a {matches[0].kind} model; {route} needs a {kind.value} model", "model",
+            raise bad(f"model {name!r} is a {matches[0].kind} model; {route} needs a {kind.value} model", "model",
                        "wrong_model_kind")
         if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
             raise ApiError(503, f"no worker for model {name!r} answers right now; retry later", "service_unavailable",
@@ -453,150 +428,19 @@ class Directory:
                 for m in self.served()]
 
 
-# ---------------------------------------------------------------------------------- dispatch
-_CLIENT_ERRORS = {"ValueError", "ValidationError", "TypeError", "InputError"}
-_UNAVAILABLE = {"ModelNotServed", "EngineStopped", "NotRegistered", "WorkerLostError"}
-
-
-class Dispatcher:
-    """Send one inline job and wait for it on a worker thread, bounded and timed."""
-
-    def __init__(self, app: Any, settings: FacadeSettings, directory: Directory, metrics: FacadeMetrics) -> None:
-        self.app = app
-        self.settings = settings
-        self.directory = directory
-        self.metrics = metrics
-        self.limiter = anyio.CapacityLimiter(settings.max_inflight)
-        self.inflight = 0
-        self.completions = Completions()
-        # deleting a delivered result is housekeeping: done after the answer, not before it
-        self._forget = ThreadPoolExecutor(1, thread_name_prefix="ef-facade-forget")
-
-    def _admit(self, model: ServedModel) -> None:
-        """Refuse instead of queueing without bound."""
-        if self.inflight >= self.settings.max_inflight:
-            self.metrics.rejected.labels("inflight").inc()
-            raise ApiError(429, f"the server has {self.inflight} requests in flight (limit "
-                                f"{self.settings.max_inflight}); retry shortly", "rate_limit_error", None,
-                           "overloaded", {"Retry-After": "1"})
-        depth = self.directory.depths.get(model.queue)
-        if depth is not None and depth > self.settings.max_queue_depth:
-            self.metrics.rejected.labels("queue_depth").inc()
-            raise ApiError(429, f"queue {model.queue} holds {depth} messages (limit {self.settings.max_queue_depth}); "
-                                "retry shortly", "rate_limit_error", None, "overloaded", {"Retry-After": "1"})
-
-    async def call(self, job: EmbedJob | RerankJob | ClassifyJob, model: ServedModel) -> InlineResult:
-        self._admit(model)
-        self.inflight += 1
-        self.metrics.inflight.inc()
-        try:
-            payload = await anyio.to_thread.run_sync(self._call_sync, job, model.queue, limiter=self.limiter)
-        finally:
-            self.inflight -= 1
-            self.metrics.inflight.dec()
-        return InlineResult.model_validate(payload)
-
-    def _call_sync(self, job: EmbedJob | RerankJob | ClassifyJob, queue: str) -> dict[str, Any]:
-        timeout = self.settings.timeout_s
-        declare_queue(self.app, queue)  # SQS: resolve (or create) the queue; a no-op elsewhere
-        task_id = uuid()
-        done = self.completions.expect(task_id)
-        try:
-            # ``expires``: a job whose caller gave up is dropped by the worker instead of computed.
-            result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue,
-                                        expires=timeout, task_id=task_id)
-            try:
-                self._wait(result, done, timeout)
-                return result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
-            except CeleryTimeout:
-                raise ApiError(504, f"no answer from a worker for model {job.model!r} within {timeout:g} s",
-                               "timeout_error", None, "timeout") from None
-            except ApiError:
-                raise
-            except Exception as exc:
-                raise _remote_error(exc, job.model) from None
-            finally:
-                self._forget.submit(_forget, self.app, task_id)
-        finally:
-            self.completions.discard(task_id)
-
-    def _wait(self, result: Any, done: threading.Event, timeout: float) -> None:
-        """Wait without busy polling where the result backend cannot push (the in-memory one).
-
-        Redis pushes results (pub/sub), so ``get`` blocks on a socket. The in-memory cache cannot:
-        there, the in-process worker's ``task_postrun`` wakes us, and a slow poll covers a worker
-        in another process (a database result backend, say).
-        """
-        if getattr(result.backend, "is_async", False):
-            return
-        deadline = time.monotonic() + timeout
-        while not result.ready():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CeleryTimeout("the operation timed out")
-            done.wait(min(left, SLOW_POLL_S))
-
-
-class Completions:
-    """Task-finished notices from a worker in this process (embedded mode), keyed by task id."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        task_postrun.connect(self._finished, weak=False)
-
-    def expect(self, task_id: str) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._events[task_id] = event
-        return event
-
-    def discard(self, task_id: str) -> None:
-        with self._lock:
-            self._events.pop(task_id, None)
-
-    def _finished(self, sender: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
-        with self._lock:
-            event = self._events.get(task_id or "")
-        if event is not None:
-            event.set()
-
-    def close(self) -> None:
-        task_postrun.disconnect(self._finished)
-
-
-def _forget(app: Any, task_id: str) -> None:
-    """Delete a delivered result through this thread's own backend (a backend is per thread)."""
-    try:
-        app.backend.forget(task_id)
-    except Exception as exc:  # the key expires anyway (result_expires)
-        log.debug("could not delete result %s: %s", task_id, exc)
-
-
-def _remote_error(exc: Exception, model: str) -> ApiError:
-    name = type(exc).__name__
-    if name in _CLIENT_ERRORS:
-        return _bad(str(exc))
-    if name in _UNAVAILABLE:
-        return ApiError(503, f"the worker for model {model!r} could not take the job: {exc}", "service_unavailable",
-                        None, "no_worker", {"Retry-After": "1"})
-    log.error("worker failed on model %s: %s: %s", model, name, exc)
-    return ApiError(502, f"the worker failed: {name}: {exc}", "server_error", None, "worker_error")
-
-
 # ---------------------------------------------------------------------------------- input checks
 def check_texts(texts: list[str], settings: FacadeSettings, param: str) -> None:
     """Bounds and emptiness, checked here so junk never reaches a worker."""
     if not texts:
-        raise _bad(f"{param}: the list is empty; give at least one input", param)
+        raise bad(f"{param}: the list is empty; give at least one input", param)
     if len(texts) > settings.max_inputs:
-        raise _too_large(f"{param}: {len(texts)} inputs exceed the limit of {settings.max_inputs} per request", param)
+        raise too_large(f"{param}: {len(texts)} inputs exceed the limit of {settings.max_inputs} per request", param)
     for index, text in enumerate(texts):
         if len(text) > settings.max_chars:
-            raise _too_large(f"{param}[{index}]: {len(text)} characters exceed the limit of {settings.max_chars}",
+            raise too_large(f"{param}[{index}]: {len(text)} characters exceed the limit of {settings.max_chars}",
                              f"{param}[{index}]")
         if not text.strip():
-            raise _bad(f"{param}[{index}]: empty text; give at least one non-whitespace character", f"{param}[{index}]")
+            raise bad(f"{param}[{index}]: empty text; give at least one non-whitespace character", f"{param}[{index}]")
 
 
 def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings) -> list[Any]:
@@ -606,7 +450,7 @@ def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings) -
     elif value and all(isinstance(v, str) for v in value):
         texts = list(value)
     elif not value:
-        raise _bad("input: the list is empty; give at least one input", "input")
+        raise bad("input: the list is empty; give at least one input", "input")
     else:
         return _token_inputs(value, model, settings)
     check_texts(texts, settings, "input")
@@ -616,39 +460,46 @@ def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings) -
 def _token_inputs(value: list[Any], model: ServedModel, settings: FacadeSettings) -> list[list[int]]:
     arrays = [value] if isinstance(value[0], int) else value
     if not model.token_ids:
-        raise _bad(f"input: token-id inputs are not supported yet by the workers serving {model.id!r}; "
+        raise bad(f"input: token-id inputs are not supported yet by the workers serving {model.id!r}; "
                    "send texts", "input", "token_ids_unsupported")
     if len(arrays) > settings.max_inputs:
-        raise _too_large(f"input: {len(arrays)} inputs exceed the limit of {settings.max_inputs}", "input")
+        raise too_large(f"input: {len(arrays)} inputs exceed the limit of {settings.max_inputs}", "input")
     for index, ids in enumerate(arrays):
         if not ids:
-            raise _bad(f"input[{index}]: empty token array", f"input[{index}]")
+            raise bad(f"input[{index}]: empty token array", f"input[{index}]")
         if len(ids) > model.max_length:
-            raise _bad(f"input[{index}]: {len(ids)} tokens exceed the model's maximum of {model.max_length}",
+            raise bad(f"input[{index}]: {len(ids)} tokens exceed the model's maximum of {model.max_length}",
                        f"input[{index}]")
         if min(ids) < 0:
-            raise _bad(f"input[{index}]: token ids must be >= 0", f"input[{index}]")
+            raise bad(f"input[{index}]: token ids must be >= 0", f"input[{index}]")
     return [list(ids) for ids in arrays]
 
 
-def per_item_errors(result: InlineResult, param: str) -> None:
+def per_item_errors(result: Answer, param: str) -> None:
     """The worker rejected some inputs: the whole request is a 400 naming them (OpenAI's way)."""
     if result.errors:
         shown = "; ".join(f"{param}[{i}]: {msg}" for i, msg in list(sorted(result.errors.items()))[:5])
         more = f" (and {len(result.errors) - 5} more)" if len(result.errors) > 5 else ""
         first = min(result.errors)
-        raise _bad(f"{len(result.errors)} input(s) rejected: {shown}{more}", f"{param}[{first}]")
+        raise bad(f"{len(result.errors)} input(s) rejected: {shown}{more}", f"{param}[{first}]")
 
 
-def _usage(result: InlineResult) -> dict[str, int]:
+def _usage(result: Answer) -> dict[str, int]:
     tokens = int(sum(result.n_tokens))
     return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
 def _rows(vectors: np.ndarray, encoding: str) -> list[Any]:
+    """float32 rows (orjson writes each value's shortest exact float32 form), or base64 of them."""
     if encoding == "base64":
         return [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
-    return vectors.tolist()
+    return list(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def json_response(body: Any, status_code: int = 200) -> Response:
+    """JSON through orjson: numpy rows are written directly, ~30x faster than ``json.dumps``."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status_code,
+                    media_type="application/json")
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -682,7 +533,7 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
     def _error(self) -> ApiError:
-        return _too_large(f"the request body exceeds the limit of {self.limit} bytes")
+        return too_large(f"the request body exceeds the limit of {self.limit} bytes")
 
 
 class _Observe:
@@ -721,7 +572,8 @@ class Facade:
         self.settings = settings
         self.directory = Directory(client.app, settings)
         self.metrics = FacadeMetrics(self.directory.samples)
-        self.dispatcher = Dispatcher(client.app, settings, self.directory, self.metrics)
+        self.dispatcher = Dispatcher(client.app, settings.timeout_s, settings.max_inflight, settings.max_queue_depth,
+                                     settings.jobs_per_worker, self.directory.depths_of, self.metrics)
 
     def authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -738,15 +590,15 @@ class Facade:
         model = self.directory.resolve(body.model, JobKind.embed, "/v1/embeddings")
         inputs = embedding_inputs(body.input, model, self.settings)
         if body.dimensions is not None and body.dimensions > model.dimensions:
-            raise _bad(f"dimensions: {body.dimensions} is over the model's {model.dimensions} dimensions", "dimensions")
+            raise bad(f"dimensions: {body.dimensions} is over the model's {model.dimensions} dimensions", "dimensions")
         job = EmbedJob(model=model.id, inputs=inputs, options=Options(dimensions=body.dimensions))
-        result = await self.dispatcher.call(job, model)
+        result = await self.dispatcher.call(job, model.queue, len(model.workers))
         per_item_errors(result, "input")
-        vectors = decode_f32(result.data_b64, result.n_items, result.dims)
+        vectors = result.values
         self._count(model, result)
         data = [{"object": "embedding", "index": i, "embedding": row}
                 for i, row in enumerate(_rows(vectors, body.encoding_format))]
-        return JSONResponse({"object": "list", "data": data, "model": body.model or model.id, "usage": _usage(result)})
+        return json_response({"object": "list", "data": data, "model": body.model or model.id, "usage": _usage(result)})
 
     async def rerank(self, body: RerankRequest) -> Response:
         model = self.directory.resolve(body.model, JobKind.rerank, "/v1/rerank")
@@ -754,14 +606,14 @@ class Facade:
         check_texts(documents, self.settings, "documents")
         check_texts([body.query], self.settings, "query")
         job = RerankJob(model=model.id, query=body.query, documents=documents, options=Options(raw_scores=body.raw_scores))
-        result = await self.dispatcher.call(job, model)
+        result = await self.dispatcher.call(job, model.queue, len(model.workers))
         per_item_errors(result, "documents")
-        scores = decode_f32(result.data_b64, result.n_items, result.dims)[:, 0]
+        scores = result.values[:, 0]
         self._count(model, result)
         order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))[: body.top_n]
         results = [{"index": i, "relevance_score": float(scores[i]),
                     **({"document": {"text": documents[i]}} if body.return_documents else {})} for i in order]
-        return JSONResponse({"object": "rerank", "model": body.model or model.id, "results": results,
+        return json_response({"object": "rerank", "model": body.model or model.id, "results": results,
                              "usage": _usage(result)})
 
     async def classify(self, body: ClassifyRequest) -> Response:
@@ -769,18 +621,18 @@ class Facade:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         check_texts(texts, self.settings, "input")
         job = ClassifyJob(model=model.id, inputs=texts, options=Options(raw_scores=body.raw_scores))
-        result = await self.dispatcher.call(job, model)
+        result = await self.dispatcher.call(job, model.queue, len(model.workers))
         per_item_errors(result, "input")
-        probs = decode_f32(result.data_b64, result.n_items, result.dims)
+        probs = result.values
         self._count(model, result)
         data = [sorted(({"label": label, "score": float(p)} for label, p in zip(result.labels, row)),
                        key=lambda item: -item["score"]) for row in probs]
-        return JSONResponse({"object": "classify", "model": body.model or model.id, "data": data,
+        return json_response({"object": "classify", "model": body.model or model.id, "data": data,
                              "usage": _usage(result)})
 
     def list_models(self) -> Response:
         cards = [self.directory.card(m).model_dump() for m in sorted(self.directory.served(), key=lambda m: m.id)]
-        return JSONResponse({"object": "list", "data": cards})
+        return json_response({"object": "list", "data": cards})
 
     def health(self) -> Response:
         served = self.directory.served()
@@ -789,11 +641,11 @@ class Facade:
         ready = self.directory.fresh() and bool(served) and not missing
         body = {"status": "ready" if ready else "not ready", "unix": time.time(),
                 "models": {m.id: {"kind": m.kind, "workers": len(m.workers)} for m in served}, "missing": missing}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return json_response(body, 200 if ready else 503)
 
-    def _count(self, model: ServedModel, result: InlineResult) -> None:
+    def _count(self, model: ServedModel, result: Answer) -> None:
         self.metrics.tokens.labels(model.id, model.kind).inc(int(sum(result.n_tokens)))
-        self.metrics.inputs.labels(model.kind).observe(result.n_items)
+        self.metrics.inputs.labels(model.kind).observe(len(result.n_tokens))
 
 
 def _router(facade: Facade, in_schema: bool) -> APIRouter:
@@ -859,13 +711,13 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         facade.directory.start()
+        await facade.dispatcher.start()
         await anyio.to_thread.run_sync(facade.directory.first.wait, settings.discovery_timeout_s * 4 + 2)
         try:
             yield
         finally:
             facade.directory.stop()
-            facade.dispatcher.completions.close()
-            facade.dispatcher._forget.shutdown(wait=True)
+            await facade.dispatcher.stop()
             if on_shutdown is not None:
                 on_shutdown()
 
@@ -880,7 +732,7 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
         message, param = _validation_message(exc)
-        return error_response(_bad(message, param))
+        return error_response(bad(message, param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:

@@ -78,6 +78,9 @@ class FacadeMetrics:
                                 buckets=SIZE_BUCKETS, registry=self.registry)
         self.inflight = Gauge("embedfleet_inflight_requests", "Requests waiting for a worker",
                               registry=self.registry)
+        self.requests_per_job = Histogram("embedfleet_requests_per_job",
+                                          "Requests carried by each job sent (concurrent ones are merged)",
+                                          buckets=SIZE_BUCKETS, registry=self.registry)
         self.rejected = Counter("embedfleet_rejected_requests", "Requests refused before reaching a worker",
                                 ["reason"], registry=self.registry)
         self.registry.register(_WorkerCollector(sample))  # type: ignore[arg-type]

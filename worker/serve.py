@@ -60,6 +60,9 @@ def serve(
     max_inputs: int = typer.Option(2048, "--max-inputs", min=1, max=2048, help="Inputs per request (413)"),
     max_chars: int = typer.Option(100_000, "--max-chars", min=1, max=100_000, help="Characters per input (413)"),
     max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", min=1024, help="Body size (413)"),
+    jobs_per_worker: int = typer.Option(FacadeSettings.jobs_per_worker, "--jobs-per-worker", min=1,
+                                        help="Jobs in flight per worker and model; concurrent requests past it "
+                                        "are merged into the next job"),
     device: str = typer.Option("auto", "--device", help="Embedded mode: auto|cpu|cuda|mps"),
     backend: str = typer.Option("auto", "--backend", envvar="EMBEDFLEET_BACKEND", help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)"),
     dtype: str = typer.Option("auto", "--dtype", envvar="EMBEDFLEET_DTYPE", help="auto|float32|bfloat16|float16|int8 (int8: onnx only)"),
@@ -74,7 +77,7 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
-                              max_body_bytes=max_body_bytes)
+                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker)
     if broker and broker.startswith("sqs://") and not model:
         # SQS has no broadcast: the facade asks each named model's queue what serves it
         raise fail("with an sqs:// broker, name the models to serve: --model REF (or --model rerank:REF)")

@@ -1,0 +1,214 @@
+"""Coalescing concurrent HTTP requests into fewer inline jobs.
+
+Every queued message costs the same fixed work however many texts it carries: a publish, a
+receive, a task on a worker thread, a result stored and read back. At one request at a time
+that cost is the latency the facade adds; at 64 concurrent single-text requests it is most of
+the CPU. So, per model queue, a request is sent at once while fewer than ``limit`` jobs are in
+flight (an idle server adds no wait), and otherwise waits for the next free slot, when all
+requests waiting with the same options leave together as one job. The worker's engine batches
+across jobs anyway; coalescing only stops paying the per-message cost once per request.
+
+A merged job that fails as a whole (a worker error, or a rejection) is sent again per request,
+so one request can never cost another its answer; a timeout is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from producer.client import decode_f32
+from producer.jobs import MAX_INLINE_INPUTS, ClassifyJob, EmbedJob, InlineResult, RerankJob
+
+log = logging.getLogger(__name__)
+
+InlineJob = EmbedJob | RerankJob | ClassifyJob
+MergeKey = tuple[str, str, str, bool]
+
+
+@dataclass
+class Answer:
+    """One job's outputs, decoded once: rows in input order, per-input tokens and errors."""
+
+    values: np.ndarray
+    n_tokens: list[int]
+    labels: list[str]
+    errors: dict[int, str]
+
+    @classmethod
+    def of(cls, result: InlineResult) -> "Answer":
+        values = decode_f32(result.data_b64, result.n_items, result.dims)
+        return cls(values, list(result.n_tokens), list(result.labels), dict(result.errors))
+
+
+def merge_key(job: InlineJob) -> MergeKey | None:
+    """Jobs with equal keys can travel as one; ``None``: this job always travels alone.
+
+    Rerank jobs carry one query each, so they never merge. Texts and token ids do not mix.
+    """
+    if isinstance(job, RerankJob):
+        return None
+    token_ids = bool(job.inputs) and not isinstance(job.inputs[0], str)
+    return (job.kind, job.model, job.options.model_dump_json(), token_ids)
+
+
+def size(job: InlineJob) -> tuple[int, int]:
+    """Inputs and characters (token ids count one character each) a job carries."""
+    items = job.documents if isinstance(job, RerankJob) else job.inputs
+    return len(items), sum(len(item) for item in items)
+
+
+def merge(jobs: Sequence[EmbedJob | ClassifyJob]) -> EmbedJob | ClassifyJob:
+    """One job with every input of ``jobs`` (which share a merge key), in order."""
+    first = jobs[0]
+    if len(jobs) == 1:
+        return first
+    inputs = [item for job in jobs for item in job.inputs]
+    return first.model_copy(update={"inputs": inputs})
+
+
+def split(answer: Answer, sizes: Sequence[int]) -> list[Answer]:
+    """The merged answer cut back into one answer per job, errors renumbered per job."""
+    parts = []
+    start = 0
+    for n in sizes:
+        errors = {index - start: message for index, message in answer.errors.items() if start <= index < start + n}
+        parts.append(Answer(answer.values[start:start + n], answer.n_tokens[start:start + n], answer.labels, errors))
+        start += n
+    return parts
+
+
+Run = Callable[[InlineJob, str, float], Awaitable[Answer]]
+"""Send one job to a queue and wait for its answer until a monotonic deadline."""
+Retryable = Callable[[BaseException], bool]
+"""Whether a merged job's failure may be the fault of one of its requests (then each goes alone)."""
+
+
+@dataclass
+class _Entry:
+    job: InlineJob
+    deadline: float
+    future: asyncio.Future[Answer]
+    key: MergeKey | None
+    inputs: int
+    chars: int
+
+
+@dataclass
+class _Lane:
+    """One model queue: its jobs in flight and the requests waiting for a slot."""
+
+    limit: int = 1
+    inflight: int = 0
+    pending: deque[_Entry] = field(default_factory=deque)
+
+
+class Coalescer:
+    """Per queue: send at once below ``limit`` jobs in flight, else merge the waiting requests."""
+
+    def __init__(self, run: Run, retryable: Retryable, max_inputs: int = 256, max_chars: int = 200_000) -> None:
+        self.run = run
+        self.retryable = retryable
+        self.max_inputs = min(max_inputs, MAX_INLINE_INPUTS)
+        self.max_chars = max_chars
+        self.lanes: dict[str, _Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: How many requests each sent job carried (for the metrics).
+        self.on_sent: Callable[[int], None] = lambda n: None
+
+    async def submit(self, job: InlineJob, queue: str, limit: int, deadline: float) -> Answer:
+        """The answer to ``job``; waits at most until ``deadline`` (``TimeoutError`` after)."""
+        loop = asyncio.get_running_loop()
+        inputs, chars = size(job)
+        entry = _Entry(job, deadline, loop.create_future(), merge_key(job), inputs, chars)
+        lane = self.lanes.setdefault(queue, _Lane())
+        lane.limit = max(1, limit)
+        lane.pending.append(entry)
+        self._pump(queue, lane)
+        # the lane's run applies the deadline to sent jobs; this covers a wait for a slot
+        return await asyncio.wait_for(entry.future, max(0.0, deadline - loop.time()))
+
+    def waiting(self, queue: str) -> int:
+        lane = self.lanes.get(queue)
+        return len(lane.pending) if lane else 0
+
+    def _pump(self, queue: str, lane: _Lane) -> None:
+        while lane.pending and lane.inflight < lane.limit:
+            batch = self._take(lane)
+            if not batch:
+                continue
+            lane.inflight += 1
+            task = asyncio.create_task(self._send(queue, lane, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self, lane: _Lane) -> list[_Entry]:
+        """The oldest waiting request and every later one that can share its job."""
+        first = lane.pending.popleft()
+        if first.future.done():  # its client gave up while it waited
+            return []
+        batch = [first]
+        if first.key is None:
+            return batch
+        inputs, chars = first.inputs, first.chars
+        kept: deque[_Entry] = deque()
+        for entry in lane.pending:
+            if entry.future.done():
+                continue
+            fits = inputs + entry.inputs <= self.max_inputs and chars + entry.chars <= self.max_chars
+            if entry.key == first.key and fits:
+                batch.append(entry)
+                inputs += entry.inputs
+                chars += entry.chars
+            else:
+                kept.append(entry)
+        lane.pending = kept
+        return batch
+
+    async def _send(self, queue: str, lane: _Lane, batch: list[_Entry]) -> None:
+        try:
+            self.on_sent(len(batch))
+            if len(batch) == 1:
+                await self._answer(batch[0], self.run(batch[0].job, queue, batch[0].deadline))
+            else:
+                await self._send_merged(queue, batch)
+        finally:
+            lane.inflight -= 1
+            self._pump(queue, lane)
+
+    async def _send_merged(self, queue: str, batch: list[_Entry]) -> None:
+        jobs = [entry.job for entry in batch]
+        try:
+            answer = await self.run(merge(jobs), queue, min(entry.deadline for entry in batch))  # type: ignore[arg-type]
+        except Exception as exc:
+            if not self.retryable(exc):
+                for entry in batch:
+                    _settle(entry.future, exc=exc)
+                return
+            log.warning("a job of %d merged requests failed (%s); sending each alone", len(batch), exc)
+            await asyncio.gather(*(self._answer(entry, self.run(entry.job, queue, entry.deadline))
+                                   for entry in batch))
+            return
+        for entry, part in zip(batch, split(answer, [entry.inputs for entry in batch])):
+            _settle(entry.future, part)
+
+    @staticmethod
+    async def _answer(entry: _Entry, pending: Awaitable[Answer]) -> None:
+        try:
+            _settle(entry.future, await pending)
+        except Exception as exc:
+            _settle(entry.future, exc=exc)
+
+
+def _settle(future: asyncio.Future[Answer], answer: Answer | None = None, exc: BaseException | None = None) -> None:
+    if future.done():  # the request already timed out or its client went away
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(answer)  # type: ignore[arg-type]

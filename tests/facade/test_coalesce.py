@@ -1,0 +1,153 @@
+"""Coalescing: merge and split are inverse, and the scheduler sends alone when idle, merges when busy,
+isolates a failing request, and never sends a request whose client stopped waiting.
+
+The scheduler is driven by a recording ``run`` here (its logic, step by step); the whole path with
+a real Redis and a real worker is covered by the 64-client tests in test_clients.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producer.coalesce import Answer, Coalescer, merge, merge_key, split
+from producer.http_errors import ApiError, bad
+from producer.jobs import ClassifyJob, EmbedJob, Options, RerankJob
+
+
+def job(*texts: Any, **options: Any) -> EmbedJob:
+    return EmbedJob(model="m", inputs=list(texts), options=Options(**options))
+
+
+def answer_for(merged: EmbedJob, bad_word: str | None = None) -> Answer:
+    """Row i holds (i, len(input i)); inputs equal to ``bad_word`` are per-item errors."""
+    values = np.array([[i, len(str(x))] for i, x in enumerate(merged.inputs)], dtype=np.float32)
+    errors = {i: f"input {i}: bad" for i, x in enumerate(merged.inputs) if x == bad_word}
+    return Answer(values, [len(str(x)) for x in merged.inputs], [], errors)
+
+
+def test_merge_keys_separate_what_cannot_share_a_job() -> None:
+    assert merge_key(job("a")) == merge_key(job("b", "c"))
+    assert merge_key(job("a")) != merge_key(job("a", dimensions=8))
+    assert merge_key(job("a")) != merge_key(job([1, 2]))
+    assert merge_key(job("a")) != merge_key(ClassifyJob(model="m", inputs=["a"]))
+    assert merge_key(RerankJob(model="m", query="q", documents=["d"])) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=8), data=st.data())
+def test_split_undoes_merge(sizes: list[int], data: st.DataObject) -> None:
+    jobs = [job(*[f"j{j}-{k}" for k in range(n)]) for j, n in enumerate(sizes)]
+    merged = merge(jobs)
+    assert merged.inputs == [x for j in jobs for x in j.inputs] and merged.options == jobs[0].options
+    failed = data.draw(st.sets(st.integers(0, sum(sizes) - 1)))
+    whole = answer_for(merged)
+    whole.errors = {i: f"input {i}: bad" for i in failed}
+    parts = split(whole, sizes)
+    start = 0
+    for part, n in zip(parts, sizes):
+        np.testing.assert_array_equal(part.values, whole.values[start:start + n])
+        assert part.n_tokens == whole.n_tokens[start:start + n]
+        assert part.errors == {i - start: whole.errors[i] for i in failed if start <= i < start + n}
+        start += n
+
+
+class Recorder:
+    """A ``run`` that records every job sent and answers when the test opens the gate."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.sent: list[list[Any]] = []
+        self.gate = asyncio.Event()
+        self.fail_on = fail_on
+
+    async def __call__(self, sent: Any, queue: str, deadline: float) -> Answer:
+        self.sent.append(list(sent.inputs))
+        await self.gate.wait()
+        if self.fail_on in sent.inputs:
+            raise bad(f"the worker rejected {self.fail_on!r}")
+        return answer_for(sent)
+
+
+def retry_client_errors(exc: BaseException) -> bool:
+    return isinstance(exc, ApiError) and exc.status == 400
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_idle_sends_alone_busy_merges_and_each_gets_its_rows() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        coalescer = Coalescer(run, retry_client_errors)
+        deadline = asyncio.get_running_loop().time() + 30
+        first = asyncio.create_task(coalescer.submit(job("a"), "q", 1, deadline))
+        await settle()
+        assert run.sent == [["a"]]  # nothing in flight: sent at once, alone
+        rest = [asyncio.create_task(coalescer.submit(job(f"b{i}", f"bb{i}"), "q", 1, deadline)) for i in range(3)]
+        await settle()
+        assert run.sent == [["a"]] and coalescer.waiting("q") == 3  # the one slot is taken: they wait
+        run.gate.set()
+        answers = await asyncio.gather(first, *rest)
+        assert run.sent == [["a"], ["b0", "bb0", "b1", "bb1", "b2", "bb2"]]  # then leave as one job
+        assert answers[0].values.tolist() == [[0, 1]]
+        for i, got in enumerate(answers[1:]):  # rows come back to the request that sent them
+            assert got.values[:, 0].tolist() == [2 * i, 2 * i + 1] and got.n_tokens == [2, 3]
+
+    asyncio.run(scenario())
+
+
+def test_merging_respects_options_and_size_caps() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        coalescer = Coalescer(run, retry_client_errors, max_inputs=3)
+        deadline = asyncio.get_running_loop().time() + 30
+        tasks = [asyncio.create_task(coalescer.submit(j, "q", 1, deadline))
+                 for j in (job("x"), job("a", "b"), job("c", dimensions=4), job("d"), job("e"))]
+        await settle()
+        run.gate.set()
+        await asyncio.gather(*tasks)
+        assert run.sent == [["x"], ["a", "b", "d"], ["c"], ["e"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_merged_job_is_resent_per_request() -> None:
+    async def scenario() -> None:
+        run = Recorder(fail_on="poison")
+        coalescer = Coalescer(run, retry_client_errors)
+        deadline = asyncio.get_running_loop().time() + 30
+        first = asyncio.create_task(coalescer.submit(job("a"), "q", 1, deadline))
+        await settle()
+        waiting = [asyncio.create_task(coalescer.submit(job(t), "q", 1, deadline)) for t in ("b", "poison", "c")]
+        await settle()
+        run.gate.set()
+        results = await asyncio.gather(first, *waiting, return_exceptions=True)
+        assert run.sent == [["a"], ["b", "poison", "c"], ["b"], ["poison"], ["c"]]
+        assert isinstance(results[2], ApiError) and results[2].status == 400
+        assert [r.values.tolist() for i, r in enumerate(results) if i != 2] == [[[0, 1]]] * 3
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_times_out_while_waiting_is_never_sent() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        coalescer = Coalescer(run, retry_client_errors)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(coalescer.submit(job("a"), "q", 1, loop.time() + 30))
+        await settle()
+        with pytest.raises(asyncio.TimeoutError):
+            await coalescer.submit(job("late"), "q", 1, loop.time() + 0.05)
+        run.gate.set()
+        await first
+        await settle()
+        assert run.sent == [["a"]]
+
+    asyncio.run(scenario())
