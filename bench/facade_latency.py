@@ -96,13 +96,15 @@ class Redis:
 
 
 # ------------------------------------------------------------------------------ measurements
-def start_engine() -> Any:
+def start_engine(backend: str, dtype: str) -> Any:
+    """The same engine the servers and the worker load (same backend and dtype, named explicitly:
+    ``auto`` could measure its way to a different pick in each process)."""
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
     from worker.models import describe
 
     info = describe(None)
-    return Engine(info, load_backend("torch", info, "cpu", "auto")).start()
+    return Engine(info, load_backend(backend, info, "cpu", dtype)).start()
 
 
 def engine_throughput(engine: Any, clients: int, total: int) -> float:
@@ -141,11 +143,17 @@ def callers(engine: Any, broker: str, embedded_url: str, thin_url: str) -> dict[
     }
 
 
-def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int) -> dict[str, list[float]]:
-    """Each round times one call of every path, so load drift on a shared machine hits all alike."""
+def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int, gap: float) -> dict[str, list[float]]:
+    """Each round times one call of every path, so load drift on a shared machine hits all alike.
+
+    ``gap`` seconds of quiet precede every call: a path must not pay for the previous one's
+    leftovers (the CPU math library's threads spin for a while after each forward pass, and
+    on 2 cores that slows whatever runs next by several ms).
+    """
     out: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + n):
         for name, call in calls.items():
+            time.sleep(gap)
             start = time.perf_counter()
             call()
             if round_ >= warmup:
@@ -199,14 +207,15 @@ def paired(a: list[float], b: list[float]) -> float:
 def run(args: argparse.Namespace) -> str:
     work = Path(tempfile.mkdtemp(prefix="ef-bench-"))
     load_before = os.getloadavg()
-    engine = start_engine()
+    engine = start_engine(args.backend, args.dtype)
     redis = Redis(work)
+    same = ["--device", "cpu", "--backend", args.backend, "--dtype", args.dtype]
     procs: list[subprocess.Popen] = []
     try:
         e_port, t_port = free_port(), free_port()
-        embedded = spawn(["serve", "--port", str(e_port), "--device", "cpu", "--concurrency", str(args.clients)],
+        embedded = spawn(["serve", "--port", str(e_port), *same, "--concurrency", str(args.clients)],
                          work / "embedded.log")
-        worker = spawn(["worker", "--broker", redis.url, "--device", "cpu", "--concurrency", str(args.clients)],
+        worker = spawn(["worker", "--broker", redis.url, *same, "--concurrency", str(args.clients)],
                        work / "worker.log")
         thin = spawn(["serve", "--broker", redis.url, "--port", str(t_port)], work / "thin.log")
         procs = [embedded, worker, thin]
@@ -215,7 +224,12 @@ def run(args: argparse.Namespace) -> str:
         wait_ready(t_url, worker, work / "worker.log")
         wait_ready(t_url, thin, work / "thin.log")
         card = httpx.get(f"{e_url}/v1/models").json()["data"][0]
-        ms = interleaved(callers(engine, redis.url, e_url, t_url), args.requests, args.warmup)
+        thin_card = httpx.get(f"{t_url}/v1/models").json()["data"][0]
+        loaded = (engine.backend.name, engine.backend.dtype)
+        for name, c in (("embedded", card), ("thin", thin_card)):
+            if (c["backend"], c["dtype"]) != loaded:
+                raise SystemExit(f"the {name} server runs {c['backend']} {c['dtype']}, the engine {loaded}: not comparable")
+        ms = interleaved(callers(engine, redis.url, e_url, t_url), args.requests, args.warmup, args.gap)
         stats = {name: summary(values) for name, values in ms.items()}
         print({k: round(v["p50"], 2) for k, v in stats.items()}, flush=True)
         tput = {"engine": (engine_throughput(engine, args.clients, args.total), float("nan"))}
@@ -240,9 +254,10 @@ def run(args: argparse.Namespace) -> str:
         f"Machine: {machine()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         "(the cores were shared with other work).",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"Model: bundled all-MiniLM-L6-v2 on {card['device']} in {card['dtype']} (torch, dtype auto). One text of "
+        f"Model: bundled all-MiniLM-L6-v2 on {card['device']}, {card['backend']} {card['dtype']} in every path. One text of "
         f"{len(TEXT.split())} words per request. Latency: {args.requests} rounds after {args.warmup} warm-up "
-        "rounds; each round times one call of every path in turn (so load drift hits all paths alike).",
+        "rounds; each round times one call of every path in turn (so load drift hits all paths alike), "
+        f"each call after {args.gap * 1000:.0f} ms of quiet.",
         "",
         "| path | p50 ms | p99 ms | mean ms | added vs engine, ms: p50 difference / median paired difference |",
         "|---|---|---|---|---|",
@@ -269,6 +284,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--total", type=int, default=1280, help="Timed requests in the throughput run")
+    parser.add_argument("--gap", type=float, default=0.05, help="Seconds of quiet before each timed call")
+    parser.add_argument("--backend", default="torch", help="Backend of the engine, the worker and the servers")
+    parser.add_argument("--dtype", default="float32", help="Their dtype (the same in every path)")
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
