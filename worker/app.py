@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Celery
 
-from producer.broker import make_app
+from producer.broker import default_backend, make_app
+from worker.results import backend_url
 
 
 def worker_settings(prefetch: int) -> dict[str, Any]:
@@ -38,6 +39,6 @@ def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Ce
     import worker.info  # noqa: F401  (registers the shared tasks)
     import worker.tasks  # noqa: F401
 
-    app = make_app(broker, backend, name="embedfleet-worker")
+    app = make_app(broker, backend_url(backend or default_backend(broker)), name="embedfleet-worker")
     app.conf.update(worker_settings(prefetch))
     return app

@@ -1,0 +1,44 @@
+"""The worker's Redis result backend: Celery's, minus one read on the answer path of inline calls.
+
+Before it writes a result, Celery's key-value backends read the stored one and keep a success
+already there (so a task re-run after a lost worker cannot overwrite it). For an inline call that
+read is a full Redis round trip between the end of the computation and the caller's answer, and
+it protects nothing: an inline result is read once, as soon as it is published, and a re-run
+computes the same vectors. So successful inline results are written at once; every other result
+(shards, info, failures) goes through Celery's own path unchanged.
+
+Celery loads it from the result backend URL ``worker.results:InlineResultBackend+redis://...``
+(its ``class+url`` form, as in ``db+postgresql://``); ``backend_url`` builds that URL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from kombu.utils.encoding import bytes_to_str
+
+from producer.broker import INLINE_TASK
+
+BACKEND_CLASS = "worker.results:InlineResultBackend"
+
+
+class InlineResultBackend(RedisBackend):
+    """``RedisBackend`` that writes successful inline results without reading first."""
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        if state != states.SUCCESS or getattr(request, "task", None) != INLINE_TASK:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        return result
+
+
+def backend_url(url: str) -> str:
+    """``url`` with this backend class in front of a Redis URL; any other backend is kept as is."""
+    if url.startswith(("redis://", "rediss://")):
+        return f"{BACKEND_CLASS}+{url}"
+    return url
