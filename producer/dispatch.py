@@ -3,8 +3,8 @@
 ``Dispatcher.call`` refuses work the fleet cannot take (429: too many requests in flight, or
 the model's queue too deep), hands the job to the ``Coalescer`` (which sends it alone or merged
 with concurrent requests of the same model and options), and maps whatever comes back to an
-OpenAI-shaped error: 504 when no answer came in time, 503 when no worker could take it, 400
-when the worker rejected the input, 502 when the worker failed.
+OpenAI-shaped error: 504 when no answer came in time, 503 when no worker (or no broker) could
+take it, 400 when the worker rejected the input, 502 when the worker failed.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import logging
 from typing import Callable
 from celery import Celery
 
-from producer.broker import INLINE_TASK, declare_queue
+from producer.broker import INLINE_TASK
 from producer.coalesce import Answer, Coalescer, InlineJob
 from producer.http_errors import ApiError, bad, overloaded, timed_out
 from producer.jobs import InlineResult
 from producer.metrics import FacadeMetrics
+from producer.publish import Publisher, publisher_for
 from producer.replies import Replies, replies_for
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,17 @@ class Dispatcher:
         self.metrics = metrics
         self.inflight = 0
         self.replies: Replies = replies_for(app)
+        self.publisher: Publisher = publisher_for(app, self.replies.sender)
         self.coalescer = Coalescer(self._run, _retry_alone)
         self.coalescer.on_sent = lambda n: metrics.requests_per_job.observe(n)
 
     async def start(self) -> None:
+        await self.publisher.start()
         await self.replies.start()
 
     async def stop(self) -> None:
         await self.replies.stop()
+        await self.publisher.stop()
 
     def _admit(self, queue: str) -> None:
         """Refuse instead of queueing without bound."""
@@ -83,10 +87,17 @@ class Dispatcher:
             raise timed_out(job.model, self.timeout_s)
         payload = job.model_dump(mode="json")
         task_id = self.replies.new_task_id()
+        # shown in the worker's logs instead of a repr of every input
+        shown = f"[{job.kind} job, {len(payload.get('inputs') or payload.get('documents') or ())} inputs]"
 
-        def send(sender: Celery) -> None:
-            declare_queue(sender, queue)  # SQS: resolve (or create) the queue; a no-op elsewhere
-            sender.send_task(INLINE_TASK, args=[payload], queue=queue, expires=left, task_id=task_id)
+        async def send() -> None:
+            try:
+                await self.publisher.send(INLINE_TASK, [payload], queue, task_id, left, shown)
+            except Exception as exc:
+                log.warning("cannot send to queue %s: %s: %s", queue, type(exc).__name__, exc)
+                raise ApiError(503, f"the broker cannot take the job right now ({type(exc).__name__}); retry "
+                               "shortly", "service_unavailable", None, "broker_unavailable",
+                               {"Retry-After": "1"}) from None
 
         try:
             value = await self.replies.call(send, task_id, left)

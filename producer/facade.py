@@ -575,7 +575,8 @@ class Facade:
         self.dispatcher = Dispatcher(client.app, settings.timeout_s, settings.max_inflight, settings.max_queue_depth,
                                      settings.jobs_per_worker, self.directory.depths_of, self.metrics)
 
-    def authorize(self, request: Request) -> None:
+    async def authorize(self, request: Request) -> None:
+        """The bearer key check (async: FastAPI would run a plain function on a worker thread)."""
         key = self.settings.api_key
         if not key:
             return

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import anyio
 from celery import Celery
@@ -37,6 +37,9 @@ from celery.backends.redis import RedisBackend
 from celery.signals import task_postrun
 
 log = logging.getLogger(__name__)
+
+Send = Callable[[], Awaitable[None]]
+"""Publishes the task whose outcome ``Replies.call`` waits for."""
 
 #: A result not seen on pub/sub after this long is looked up directly (then every this often).
 SAFETY_POLL_S = 0.5
@@ -74,8 +77,9 @@ class Replies:
     def new_task_id(self) -> str:
         return str(uuid.uuid4())
 
-    async def call(self, send: Callable[[Celery], None], task_id: str, timeout: float) -> Any:
-        """Run ``send(sender_app)`` on a thread, then wait up to ``timeout`` s for the outcome."""
+    async def call(self, send: Send, task_id: str, timeout: float) -> Any:
+        """Await ``send()`` (which publishes task ``task_id``), then wait up to ``timeout`` s for
+        the outcome."""
         raise NotImplementedError
 
 
@@ -146,12 +150,12 @@ class RedisReplies(Replies):
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def call(self, send: Callable[[Celery], None], task_id: str, timeout: float) -> Any:
+    async def call(self, send: Send, task_id: str, timeout: float) -> Any:
         key = self._key(task_id)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[key] = (future, time.monotonic())
         try:
-            await anyio.to_thread.run_sync(send, self.sender)
+            await send()
             payload = await asyncio.wait_for(future, timeout)
         finally:
             if self._waiting.pop(key, None) is not None:
@@ -234,13 +238,13 @@ class LocalReplies(Replies):
     async def stop(self) -> None:
         task_postrun.disconnect(self._finished)
 
-    async def call(self, send: Callable[[Celery], None], task_id: str, timeout: float) -> Any:
+    async def call(self, send: Send, task_id: str, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._mutex:
             self._futures[task_id] = (loop, future)
         try:
-            await anyio.to_thread.run_sync(send, self.sender)
+            await send()
             await asyncio.wait_for(future, timeout)
             return outcome(self.app.backend.get_task_meta(task_id, cache=False))
         finally:
@@ -259,9 +263,10 @@ class LocalReplies(Replies):
 class ThreadReplies(Replies):
     """Any other result backend: Celery's blocking ``get`` on a worker thread."""
 
-    async def call(self, send: Callable[[Celery], None], task_id: str, timeout: float) -> Any:
-        def send_and_wait() -> Any:
-            send(self.sender)
+    async def call(self, send: Send, task_id: str, timeout: float) -> Any:
+        await send()
+
+        def wait() -> Any:
             result = self.app.AsyncResult(task_id)
             try:
                 return result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
@@ -271,7 +276,7 @@ class ThreadReplies(Replies):
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         try:
-            return await anyio.to_thread.run_sync(send_and_wait)
+            return await anyio.to_thread.run_sync(wait)
         except CeleryTimeout:
             raise TimeoutError(f"no result within {timeout:g} s") from None
 

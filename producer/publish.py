@@ -1,0 +1,139 @@
+"""Sending inline task messages from the facade's event loop.
+
+Celery's ``send_task`` is blocking, so the facade ran it on a worker thread: a thread hop and
+about 1,400 Python calls per request (routing, option merging, a Redis client object built per
+publish inside kombu), most of the time the facade itself added to a single-text call. Two
+senders share one interface:
+
+* ``RedisPublisher`` (a ``redis://`` / ``rediss://`` broker): Celery builds the task message
+  (``app.amqp.create_task_message``: protocol 2 headers, body, properties), ``envelope`` wraps it
+  exactly as kombu's Redis transport does for a message to the default exchange (JSON with the
+  base64 body, ``delivery_info``, ``delivery_tag``, priority 0 -> the list named after the queue),
+  and an asyncio Redis client LPUSHes it without blocking the loop. Workers consume it through
+  Celery unchanged; ``tests/facade/test_publish.py`` holds the envelope to kombu's own, field for
+  field, so a kombu upgrade that changes the format fails the tests instead of the fleet.
+* ``ThreadPublisher`` (SQS, anything else): ``send_task`` on a thread; ``InProcessPublisher``
+  (the embedded facade's in-memory transport): ``send_task`` on the loop, which never waits there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import anyio
+from celery import Celery
+
+from producer.broker import broker_kind, declare_queue
+
+#: Redis transport options whose effect ``envelope`` does not reproduce: with any of them set,
+#: the facade sends through kombu itself.
+_UNREPRODUCED_OPTIONS = {"global_keyprefix", "priority_steps", "sep"}
+
+
+class Publisher:
+    """Send one task message to a named queue."""
+
+    async def start(self) -> None:
+        """Called on the event loop before the first send."""
+
+    async def stop(self) -> None:
+        """Called on the event loop after the last send."""
+
+    async def send(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
+        """Publish ``task(*args)`` to ``queue``; the worker drops it unrun after ``expires`` s."""
+        raise NotImplementedError
+
+
+class ThreadPublisher(Publisher):
+    """Celery's ``send_task`` on a worker thread (any broker)."""
+
+    def __init__(self, sender: Celery) -> None:
+        self.sender = sender
+
+    def publish(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
+        declare_queue(self.sender, queue)  # SQS: resolve (or create) the queue; a no-op elsewhere
+        self.sender.send_task(task, args=args, queue=queue, expires=expires, task_id=task_id,
+                              argsrepr=shown, kwargsrepr="{}")
+
+    async def send(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
+        await anyio.to_thread.run_sync(self.publish, task, args, queue, task_id, expires, shown)
+
+
+class InProcessPublisher(ThreadPublisher):
+    """``send_task`` on the loop itself: the in-memory transport only appends to a queue in this
+    process, so there is no I/O to wait for and no reason to pay a thread hop."""
+
+    async def send(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
+        self.publish(task, args, queue, task_id, expires, shown)
+
+
+def envelope(app: Celery, task: str, args: list[Any], queue: str, task_id: str, expires: float,
+             shown: str) -> bytes:
+    """The bytes kombu's Redis transport pushes for this Celery task message (default exchange)."""
+    # the arguments send_task gives create_task_message, and the properties kombu's publish adds
+    message = app.amqp.create_task_message(task_id, task, args, {}, expires=expires, reply_to=app.thread_oid,
+                                           ignore_result=None, argsrepr=shown, kwargsrepr="{}")
+    body = json.dumps(message.body).encode()
+    properties = {
+        **message.properties,
+        "argsrepr": shown,
+        "kwargsrepr": "{}",
+        "delivery_mode": 2,  # Celery's default: persistent
+        "expiration": str(int(expires * 1000)),
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    return json.dumps({
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": message.headers,
+        "properties": properties,
+    }).encode()
+
+
+class RedisPublisher(Publisher):
+    """LPUSH of kombu's envelope from the event loop (see the module docstring)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.url = str(app.conf.broker_url)
+        self._redis: Any = None
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        # A dropped connection is re-made and the push tried again; a timeout that leaves the
+        # push in doubt may deliver the job twice, which costs a second computation, not a wrong answer.
+        self._redis = aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def send(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
+        await self._redis.lpush(queue, envelope(self.app, task, args, queue, task_id, expires, shown))
+
+
+def publisher_for(app: Celery, sender: Celery) -> Publisher:
+    """The cheapest way to send on ``app``'s broker: from the loop on Redis, else ``send_task``
+    on a thread with ``sender`` (an app that sends with ``app``'s settings)."""
+    kind = broker_kind(str(app.conf.broker_url))
+    options = app.conf.broker_transport_options or {}
+    if kind == "redis" and not _UNREPRODUCED_OPTIONS & set(options):
+        return RedisPublisher(app)
+    if kind == "memory":
+        return InProcessPublisher(sender)
+    return ThreadPublisher(sender)
