@@ -25,6 +25,8 @@ from typing import Any
 
 from celery import Celery
 
+from producer.jobs import INLINE_SUFFIX
+
 INLINE_TASK = "embedfleet.inline"
 SHARD_TASK = "embedfleet.shard"
 INFO_TASK = "embedfleet.info"
@@ -37,6 +39,8 @@ MEMORY_BACKEND = "cache+memory://"
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_MAX_DELIVERIES = 3
 DLQ_SUFFIX = "-dlq"
+#: SQS keeps an unconsumed inline call this long (its caller has long given up by then).
+INLINE_RETENTION_S = 900
 
 
 def env_int(name: str, default: int, minimum: int = 0) -> int:
@@ -138,7 +142,8 @@ def _sqs_client() -> Any:
 
 
 def ensure_sqs_queue(queue: str, client: Any = None) -> str:
-    """The URL of a work queue, created with a dead-letter queue and a redrive policy if missing.
+    """The URL of a work queue, created with a dead-letter queue and a redrive policy if missing
+    (an inline-call queue is created without one: see below).
 
     ``maxReceiveCount`` is one more than ``EMBEDFLEET_MAX_DELIVERIES``: the worker itself parks
     a shard on that last receive (and the job reports it); SQS moves a message to the DLQ only
@@ -154,6 +159,11 @@ def ensure_sqs_queue(queue: str, client: Any = None) -> str:
                 f"SQS queue {name!r} does not exist (EMBEDFLEET_SQS_CREATE_QUEUES=0); create it with its "
                 f"dead-letter queue {name + DLQ_SUFFIX!r} (infra/) or allow creation"
             ) from None
+    if queue.endswith(INLINE_SUFFIX):
+        # Inline calls are consumed without acknowledgement (deleted on receipt) and carry a
+        # deadline: a dead-letter queue would never receive one, and an old one is worthless.
+        attributes = {"MessageRetentionPeriod": str(INLINE_RETENTION_S)}
+        return str(client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"])
     dlq_url = client.create_queue(QueueName=name + DLQ_SUFFIX,
                                   Attributes={"MessageRetentionPeriod": str(14 * 86400)})["QueueUrl"]
     dlq_arn = client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]

@@ -37,6 +37,7 @@ from producer.jobs import (
     ShardReport,
     marker_name,
     part_name,
+    inline_queue_name,
     queue_name,
     stable_job_id,
 )
@@ -167,7 +168,7 @@ class Client:
 
     # ------------------------------------------------------------------ small calls
     def _call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None) -> InlineResult:
-        queue = queue_name(job.kind, job.model)
+        queue = inline_queue_name(job.kind, job.model)
         declare_queue(self.app, queue)
         async_result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue)
         try:

@@ -36,6 +36,7 @@ from producer.coalesce import Answer
 from producer.dispatch import Dispatcher
 from producer.http_errors import ApiError, bad, error_response, too_large
 from producer.jobs import (
+    INLINE_SUFFIX,
     MAX_INLINE_INPUTS,
     MAX_INPUT_CHARS,
     ClassifyJob,
@@ -43,8 +44,8 @@ from producer.jobs import (
     JobKind,
     Options,
     RerankJob,
+    inline_queue_name,
     model_slug,
-    queue_name,
 )
 from producer.metrics import CONTENT_TYPE, FacadeMetrics, WorkerSample
 
@@ -213,6 +214,7 @@ class ServedModel:
     ref: str
     kind: str
     queue: str
+    inline_queue: str
     dimensions: int
     max_length: int
     labels: tuple[str, ...]
@@ -248,6 +250,7 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
             workers = (previous.workers if previous else ()) + (worker,)
             merged[queue] = ServedModel(
                 id=str(d["id"]), ref=str(d.get("ref") or d["id"]), kind=str(d["kind"]), queue=queue,
+                inline_queue=str(d.get("inline_queue") or queue + INLINE_SUFFIX),
                 dimensions=int(d["dimensions"]), max_length=int(d["max_length"]), labels=tuple(d.get("labels") or ()),
                 backend=str(d["backend"]), device=str(d["device"]), dtype=str(d["dtype"]),
                 token_ids=bool(d.get("token_ids", False)), workers=workers, stats=stats,
@@ -289,7 +292,7 @@ class Directory:
                     if isinstance(answer, dict)]
         answers = []
         for kind, ref in self.wanted:  # no broadcast (SQS): ask on each wanted model's queue
-            queue = queue_name(kind or JobKind.embed.value, ref)
+            queue = inline_queue_name(kind or JobKind.embed.value, ref)
             declare_queue(self.app, queue)
             result = self.app.send_task(INFO_TASK, queue=queue, expires=max(timeout * 4, 5.0))
             try:
@@ -325,7 +328,7 @@ class Directory:
 
     def sample_depths(self) -> None:
         try:
-            self.depths = self.queue_depths(sorted({m.queue for m in self.models.values()}))
+            self.depths = self.queue_depths(sorted({q for m in self.models.values() for q in (m.queue, m.inline_queue)}))
         except Exception as exc:  # a broker hiccup: drop the connection, try again next round
             log.debug("queue depths unavailable: %s", exc)
             self.depths = {}
@@ -422,7 +425,8 @@ class Directory:
 
     def samples(self) -> list[WorkerSample]:
         return [WorkerSample(model=m.id, kind=m.kind, queue=m.queue, workers=len(m.workers),
-                             queue_depth=self.depths.get(m.queue), batches=m.stats.get("batches", 0),
+                             queue_depth=self.depths.get(m.queue), inline_queue=m.inline_queue,
+                             inline_queue_depth=self.depths.get(m.inline_queue), batches=m.stats.get("batches", 0),
                              items=m.stats.get("items", 0), tokens=m.stats.get("tokens", 0),
                              padded_tokens=m.stats.get("padded_tokens", 0))
                 for m in self.served()]
@@ -593,7 +597,7 @@ class Facade:
         if body.dimensions is not None and body.dimensions > model.dimensions:
             raise bad(f"dimensions: {body.dimensions} is over the model's {model.dimensions} dimensions", "dimensions")
         job = EmbedJob(model=model.id, inputs=inputs, options=Options(dimensions=body.dimensions))
-        result = await self.dispatcher.call(job, model.queue, len(model.workers))
+        result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, "input")
         vectors = result.values
         self._count(model, result)
@@ -607,7 +611,7 @@ class Facade:
         check_texts(documents, self.settings, "documents")
         check_texts([body.query], self.settings, "query")
         job = RerankJob(model=model.id, query=body.query, documents=documents, options=Options(raw_scores=body.raw_scores))
-        result = await self.dispatcher.call(job, model.queue, len(model.workers))
+        result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, "documents")
         scores = result.values[:, 0]
         self._count(model, result)
@@ -622,7 +626,7 @@ class Facade:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         check_texts(texts, self.settings, "input")
         job = ClassifyJob(model=model.id, inputs=texts, options=Options(raw_scores=body.raw_scores))
-        result = await self.dispatcher.call(job, model.queue, len(model.workers))
+        result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, "input")
         probs = result.values
         self._count(model, result)

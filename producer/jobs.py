@@ -256,6 +256,21 @@ def queue_name(kind: JobKind | str, model: str) -> str:
     return f"{kind_value}.{model_slug(model)}"
 
 
+#: Suffix of the queue that carries a model's inline calls (``embed.bge-small.inline``).
+INLINE_SUFFIX = ".inline"
+
+
+def inline_queue_name(kind: JobKind | str, model: str) -> str:
+    """The queue of a model's inline calls (HTTP facade, ``Client.embed``), apart from its shards.
+
+    Apart, so an interactive call never waits in the list behind queued bulk shards, and so
+    workers can consume it without the broker's acknowledgement bookkeeping: an inline message
+    has a deadline (its ``expires``), so redelivering it after a lost worker would only deliver
+    an expired job, and the bookkeeping is a Redis round trip on every call's answer path.
+    """
+    return queue_name(kind, model) + INLINE_SUFFIX
+
+
 def model_slug(model: str) -> str:
     """A broker-safe short name for a model reference (``/m/bge-small/`` -> ``bge-small``)."""
     name = model.rstrip("/\\").replace("\\", "/").split("/")[-1] or model

@@ -29,6 +29,8 @@ class WorkerSample:
     queue: str
     workers: int
     queue_depth: int | None
+    inline_queue: str
+    inline_queue_depth: int | None
     batches: int
     items: int
     tokens: int
@@ -53,8 +55,9 @@ class _WorkerCollector:
         mean = GaugeMetricFamily("embedfleet_worker_mean_batch_size", "Mean inputs per engine batch", labels=["model"])
         for s in samples:
             workers.add_metric([s.model, s.kind], s.workers)
-            if s.queue_depth is not None:
-                depth.add_metric([s.queue], s.queue_depth)
+            for queue, count in ((s.queue, s.queue_depth), (s.inline_queue, s.inline_queue_depth)):
+                if count is not None:
+                    depth.add_metric([queue], count)
             batches.add_metric([s.model], s.batches)
             items.add_metric([s.model], s.items)
             tokens.add_metric([s.model], s.tokens)

@@ -156,21 +156,25 @@ class RedisReplies(Replies):
         self._waiting[key] = (future, time.monotonic())
         try:
             await send()
-            payload = await asyncio.wait_for(future, timeout)
+            meta = await asyncio.wait_for(future, timeout)
         finally:
             if self._waiting.pop(key, None) is not None:
                 self._done.append(key)
                 self._wake.set()
-        return outcome(self.backend.decode_result(payload))
+        return outcome(meta)
 
     def _key(self, task_id: str) -> bytes:
         key = self.backend.get_key_for_task(task_id)
         return key if isinstance(key, bytes) else str(key).encode()
 
     def _deliver(self, key: bytes, payload: Any) -> None:
+        """Hand a final state to its waiter; a RETRY (the call was sent again) is answered later."""
         entry = self._waiting.get(key)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(payload)
+        if entry is None or entry[0].done():
+            return
+        meta = self.backend.decode_result(payload)
+        if meta.get("status") in states.READY_STATES:
+            entry[0].set_result(meta)
 
     async def _read(self) -> None:
         """Deliver published results; after a dropped connection the next read reconnects and
@@ -217,7 +221,7 @@ class RedisReplies(Replies):
         if not overdue:
             return
         for key, payload in zip(overdue, await self._redis.mget(overdue)):
-            if payload is not None and self.backend.decode_result(payload).get("status") in states.READY_STATES:
+            if payload is not None:
                 self._deliver(key, payload)
 
 
@@ -252,7 +256,10 @@ class LocalReplies(Replies):
                 self._futures.pop(task_id, None)
             self.app.backend.forget(task_id)
 
-    def _finished(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    def _finished(self, sender: Any = None, task_id: str | None = None, state: str | None = None,
+                  **_: Any) -> None:
+        if state not in states.READY_STATES:  # RETRY: the call was sent again, its answer comes later
+            return
         with self._mutex:
             entry = self._futures.get(task_id or "")
         if entry is not None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue, env_int
-from producer.jobs import queue_name
+from producer.jobs import INLINE_SUFFIX, queue_name
 from worker import poison, runtime
 from worker.app import create_app
 from worker.backends import load_backend
@@ -55,11 +56,24 @@ def load_engine(model: str | None, spec: WorkerSpec) -> Engine:
 
 
 def queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
-    """The queues a worker consumes: one per hosted model, under the names producers use."""
+    """The shard queues a worker consumes: one per hosted model, under the names producers use."""
     names = []
     for engine, ref in zip(engines, refs):
         names.append(queue_name(engine.info.kind, ref or engine.info.name))
     return sorted(set(names))
+
+
+def inline_queues_for(queues: list[str]) -> list[str]:
+    """The inline-call queue beside each shard queue."""
+    return [name + INLINE_SUFFIX for name in queues]
+
+
+def consume_without_acks(app: Celery, queues: list[str]) -> None:
+    """Declare ``queues`` on ``app`` as consumed with ``no_ack``: the broker keeps no
+    unacknowledged copy (``producer.jobs.inline_queue_name`` says why that is right for inline
+    calls). Celery then picks these declarations when the worker selects the queues by name."""
+    for name in queues:
+        app.amqp.queues.add(Queue(name, Exchange(name), routing_key=name, no_ack=True))
 
 
 #: A consumer that dies more often than this within the window makes the worker exit.
@@ -82,20 +96,24 @@ class InProcessWorker:
         self.broker = broker
         self.app: Celery = create_app(broker, backend, prefetch=1)
         self.engines: list[Engine] = []
-        self.queues: list[str] = []
+        self.queues: list[str] = []  # shard queues
+        self.inline_queues: list[str] = []
         self._controller: Any = None
         self._thread: threading.Thread | None = None
         self._handle_signals = (not broker.startswith("memory://")) if handle_signals is None else handle_signals
         self._signalled = threading.Event()
         self._sweeper: Any = None
+        self.hostname = f"embedfleet-{os.getpid()}@{socket.gethostname()}"
 
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
         self.engines = [load_engine(model, self.spec) for model in self.spec.models]
         self.queues = queues_for(self.engines, self.spec.models)
+        self.inline_queues = inline_queues_for(self.queues)
+        consume_without_acks(self.app, self.inline_queues)
         poison.use_broker(self.broker)
-        for name in self.queues:
+        for name in self.queues + self.inline_queues:
             declare_queue(self.app, name)
         # Celery's thread pool traces tasks with the *current* app; unless it is this one, results
         # go to the default app's disabled backend and every inline call times out.
@@ -105,7 +123,7 @@ class InProcessWorker:
             from worker.sweeper import Sweeper
 
             self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
-        log.info("worker consuming %s", ", ".join(self.queues))
+        log.info("worker consuming %s", ", ".join(self.queues + self.inline_queues))
         return self
 
     def _start_consumer(self) -> None:
@@ -115,8 +133,8 @@ class InProcessWorker:
             app=self.app,
             pool_cls="threads",
             concurrency=self.spec.concurrency,
-            queues=self.queues,
-            hostname=f"embedfleet-{os.getpid()}@{socket.gethostname()}",
+            queues=self.queues + self.inline_queues,
+            hostname=self.hostname,
             without_heartbeat=True,
             without_mingle=True,
             without_gossip=True,
@@ -180,11 +198,14 @@ class InProcessWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
-        """Engines first (in-flight shards fail fast and go back to the queue), then the consumer."""
+        """Stop taking messages, then stop the engines (in-flight shards fail fast and go back to
+        their queue; in-flight inline calls are sent again), then the consumer. Consumption ends
+        first so that what goes back is taken by another worker, not by this one on its way out."""
         poison.begin_stop()
         if self._sweeper is not None:
             self._sweeper.stop()
         try:
+            self._stop_consuming()
             for engine in runtime.unregister_all():
                 engine.stop()
             if self._controller is not None:
@@ -193,6 +214,19 @@ class InProcessWorker:
                 self._thread.join(10)
         finally:
             poison.reset_stop()
+
+    def _stop_consuming(self) -> None:
+        """Cancel this worker's queues through Celery's remote control (run by the consumer's own
+        thread, as kombu requires). Without remote control (SQS) the stop goes on regardless; a
+        message this worker then takes again fails with a clear error or is retried by it."""
+        if not self.alive() or not self.app.conf.worker_enable_remote_control:
+            return
+        for queue in self.queues + self.inline_queues:
+            try:
+                self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=1.0)
+            except Exception as exc:  # the broker is gone: nothing more will arrive anyway
+                log.warning("could not stop consuming %s: %s", queue, exc)
+                return
 
     def __enter__(self) -> "InProcessWorker":
         return self.start()

@@ -17,7 +17,7 @@ from celery import shared_task
 from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK, MODELS_COMMAND
-from producer.jobs import queue_name
+from producer.jobs import inline_queue_name, queue_name
 from worker import runtime
 
 #: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
@@ -36,6 +36,7 @@ def describe_engine(engine: Any) -> dict[str, Any]:
         "ref": info.ref,
         "kind": info.kind.value,
         "queue": queue_name(info.kind, info.ref or info.name),
+        "inline_queue": inline_queue_name(info.kind, info.ref or info.name),
         "dimensions": info.dims,
         "max_length": info.max_length,
         "labels": list(info.labels),

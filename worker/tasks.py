@@ -112,13 +112,19 @@ def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list
     return out
 
 
-@shared_task(name=INLINE_TASK)
-def inline_task(payload: dict[str, Any]) -> dict[str, Any]:
-    """An inline call caught by a stop goes back to the queue; another worker answers it."""
+@shared_task(name=INLINE_TASK, bind=True, max_retries=3)
+def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """An inline call caught by a worker's stop is sent again at once, under the same id, so
+    another worker answers it before its deadline (its queue keeps no unacknowledged copy to
+    fall back on: ``producer.jobs.inline_queue_name``)."""
     try:
         return run_inline(payload)
-    except EngineStopped as exc:
-        raise Reject("the worker is stopping", requeue=True) from exc
+    except (EngineStopped, runtime.ModelNotServed) as exc:
+        if isinstance(exc, runtime.ModelNotServed) and not poison.stopping():
+            raise  # sent to a queue this worker does not serve: a real error
+        log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
+                    self.request.id)
+        raise self.retry(exc=exc, countdown=0)
 
 
 @shared_task(name=SHARD_TASK, bind=True)

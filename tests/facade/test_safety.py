@@ -40,6 +40,7 @@ def test_metrics_count_requests_tokens_and_queue_depth(thin: Served, redis_modul
     assert 'embedfleet_http_requests_total{route="/v1/embeddings",status="200"}' in text
     assert 'embedfleet_tokens_total{kind="embed",model="tiny-bert"}' in text
     assert 'embedfleet_queue_depth{queue="embed.tiny-bert"} 0.0' in text
+    assert 'embedfleet_queue_depth{queue="embed.tiny-bert.inline"} 0.0' in text
     assert 'embedfleet_workers{kind="embed",model="tiny-bert"} 1.0' in text
 
 
@@ -87,7 +88,7 @@ def test_dead_worker_gives_504_backpressure_gives_429(thin: Served, redis_module
             client.post("/v1/embeddings", json={"input": "queue it"})
             time.sleep(1.0)  # the depth is sampled every 0.5 s
             refused = client.post("/v1/embeddings", json={"input": "refused by depth"})
-            assert refused.status_code == 429 and "queue embed.tiny-bert" in refused.json()["error"]["message"]
+            assert refused.status_code == 429 and "queue embed.tiny-bert.inline" in refused.json()["error"]["message"]
     finally:
         doomed.kill()
         fleet_worker.start()

@@ -1,5 +1,6 @@
 """The fleet on a real Redis: two worker processes, SIGKILLs, a Redis restart, a poison shard,
-a resubmission, and SIGTERM at any moment. Every check reads the real Parquet output."""
+a resubmission, and SIGTERM at any moment. Every check reads the real Parquet output. Inline
+calls: answered across a worker's stop, and not queued behind bulk shards."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from producer.broker import SHARD_TASK
-from producer.client import Client, JobHandle, plan_corpus
-from producer.jobs import ShardJob, queue_name
+from producer.broker import INLINE_TASK, SHARD_TASK
+from producer.client import Client, JobHandle, decode_f32, plan_corpus
+from producer.jobs import EmbedJob, InlineResult, ShardJob, inline_queue_name, queue_name
 from .conftest import (
     EMBEDFLEET,
     PersistentRedis,
@@ -206,3 +207,51 @@ def test_a_message_lost_by_redis_is_sent_again(tmp_path: Path, redis_broker: Per
     assert manifest.status == "complete" and manifest.rows_written == 600
     assert "sending it again" in workers[0].log()
     assert_exactly_once(out, corpus, tiny_embed_model)
+
+
+# ---------------------------------------------------------------------------- inline calls
+TORCH = {"EMBEDFLEET_BACKEND": "torch"}  # skip the start-up backend measurement: these tests time nothing
+
+
+def test_an_inline_call_caught_by_a_stop_is_answered_by_another_worker(
+    tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], bundled_model: Path
+) -> None:
+    """Inline queues keep no unacknowledged copy, so the stopping worker sends the call again
+    (same id) and the caller still gets its answer, from the next worker."""
+    first = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "first.log", TORCH)
+    workers.append(first.start())
+    first.wait_ready()
+    texts = pq.read_table(make_corpus(tmp_path / "texts.parquet", 800, seed=5)).column("text").to_pylist()
+    client = Client(broker=redis_broker.url)
+    queue = inline_queue_name("embed", str(bundled_model))
+    job = EmbedJob(model=str(bundled_model), inputs=texts).model_dump(mode="json")
+    pending = client.app.send_task(INLINE_TASK, args=[job], queue=queue)
+    redis = redis_broker.client()
+    wait_for(lambda: redis.llen(queue) == 0, 60, "the first worker to take the call", 0.01)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0
+    assert "was caught by the worker's stop" in first.log()
+    second = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "second.log", TORCH)
+    workers.append(second.start())
+    result = InlineResult.model_validate(pending.get(timeout=300, disable_sync_subtasks=False))
+    assert result.n_items == len(texts) and not result.errors
+    assert np.isfinite(decode_f32(result.data_b64, result.n_items, result.dims)).all()
+
+
+def test_an_inline_call_does_not_wait_behind_queued_shards(
+    tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], bundled_model: Path
+) -> None:
+    """Shards and inline calls have separate queues: with one slot and eight shards queued, the
+    call is taken as soon as a slot frees, while shards are still waiting (in one shared queue it
+    would come after all of them)."""
+    worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log", TORCH, concurrency=1)
+    workers.append(worker.start())
+    worker.wait_ready()
+    corpus = make_corpus(tmp_path / "corpus.parquet", 2400, seed=6)
+    client = Client(broker=redis_broker.url)
+    client.submit_corpus(str(corpus), str(tmp_path / "out"), model=str(bundled_model), id_column="id",
+                         shard_rows=300)
+    vector = client.embed("an interactive call", model=str(bundled_model), timeout=300)
+    assert vector.shape == (384,)
+    still_queued = redis_broker.client().llen(queue_name("embed", str(bundled_model)))
+    assert still_queued >= 1, "the inline call waited until every queued shard had been taken"

@@ -58,13 +58,17 @@ def test_queues_have_dead_letter_queues_with_embedfleet_names() -> None:
     assert work["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["WorkDeadLetterQueue", "Arn"]}
     # The names the workers derive: queue_name("embed", slug) with '.' -> '-' for SQS, DLQ suffix.
     from producer.broker import DLQ_SUFFIX, sqs_name
-    from producer.jobs import queue_name
+    from producer.jobs import inline_queue_name, queue_name
 
     slug = template["Parameters"]["ModelSlug"]["Default"]
     expected = sqs_name(queue_name("embed", slug))
     assert work["QueueName"]["Fn::Sub"].replace("${ModelSlug}", slug) == expected
     dlq = queues["WorkDeadLetterQueue"]["Properties"]["QueueName"]["Fn::Sub"]
     assert dlq.replace("${ModelSlug}", slug) == expected + DLQ_SUFFIX
+    # inline calls: their own queue, no redrive (consumed without acknowledgement)
+    inline = queues["InlineQueue"]["Properties"]
+    assert inline["QueueName"]["Fn::Sub"].replace("${ModelSlug}", slug) == sqs_name(inline_queue_name("embed", slug))
+    assert "RedrivePolicy" not in inline
 
 
 def test_batch_compute_environments_are_spot_gpu_and_inf2() -> None:
