@@ -1,17 +1,20 @@
 """What the HTTP facade adds over the engine: single-text latency and 64-client throughput.
 
-Contenders, in one run on one machine, on the bundled all-MiniLM-L6-v2 (fp32, CPU):
+Contenders, in one run on one machine, on the bundled all-MiniLM-L6-v2 (CPU; the same backend
+and dtype in every path, ``--backend``/``--dtype``):
 * engine alone: ``Engine.run([text])`` in this process (no queue, no HTTP);
-* queue only (thin): ``send_task`` + result through a real Redis to an ``embedfleet worker``;
+* queue only: Celery's own ``send_task`` + ``AsyncResult.get`` through a real Redis to an
+  ``embedfleet worker`` (no HTTP);
 * embedded: ``embedfleet serve`` (in-process worker, memory transport) over HTTP;
-* thin: ``embedfleet serve --broker redis://...`` over HTTP, jobs to the same ``embedfleet worker``.
-Servers and workers are subprocesses, as deployed; the client is this process (httpx, keep-alive).
+* thin: ``embedfleet serve --broker redis://...`` over HTTP, jobs to the same ``embedfleet worker``;
+  timed with a lean client (the standard library's ``http.client``) and again with httpx.
+Servers and workers are subprocesses, as deployed; the clients live in this process (keep-alive).
 
-    python bench/facade_latency.py --requests 300 --clients 64 --out bench/RESULTS-facade.md
+    python bench/facade_latency.py --requests 300 --out bench/RESULTS-facade.md
 
-All four paths run at once and latency is timed round by round (one call of each path per
-round), so on a shared machine a load swing shifts every path alike; the report gives both the
-difference of medians and the median of per-round differences.
+All paths run at once and latency is timed round by round (one call of each path per round,
+each after ``--gap`` seconds of quiet), so on a shared machine a load swing shifts every path
+alike; the report gives both the difference of medians and the median of per-round differences.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import http.client
+import json
 import os
 import platform
 import shutil
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,27 +125,47 @@ def engine_throughput(engine: Any, clients: int, total: int) -> float:
     return done / (time.perf_counter() - start)
 
 
+class LeanClient:
+    """Keep-alive HTTP/1.1 through the standard library's ``http.client``: close to what a load
+    generator such as wrk spends per request, so the facade's own cost is not hidden behind a
+    Python SDK's (httpx parses and validates far more; its row is reported beside this one)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+
+    def post(self, path: str, body: bytes) -> None:
+        self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {data[:300]!r}")
+
+
 def callers(engine: Any, broker: str, embedded_url: str, thin_url: str) -> dict[str, Callable[[], None]]:
     """One single-text call per path; all paths live at once so they are timed turn by turn."""
     from producer.broker import INLINE_TASK, make_app
-    from producer.jobs import EmbedJob, Options
+    from producer.jobs import EmbedJob, Options, inline_queue_name
 
     app = make_app(broker)
     job = EmbedJob(model="all-MiniLM-L6-v2", inputs=[TEXT]).model_dump(mode="json")
     body = {"input": TEXT, "model": "all-MiniLM-L6-v2"}
-    embedded = httpx.Client(base_url=embedded_url, timeout=60)
-    thin = httpx.Client(base_url=thin_url, timeout=60)
+    raw = json.dumps(body).encode()
+    embedded, thin = LeanClient(embedded_url), LeanClient(thin_url)
+    thin_httpx = httpx.Client(base_url=thin_url, timeout=60)
 
     def queue() -> None:
-        result = app.send_task(INLINE_TASK, args=[job], queue="embed.all-MiniLM-L6-v2", expires=60)
+        result = app.send_task(INLINE_TASK, args=[job], queue=inline_queue_name("embed", "all-MiniLM-L6-v2"),
+                               expires=60)
         result.get(timeout=60)
         result.forget()
 
     return {
         "engine": lambda: engine.run([TEXT], Options()),
         "queue": queue,
-        "embedded": lambda: embedded.post("/v1/embeddings", json=body).raise_for_status(),
-        "thin": lambda: thin.post("/v1/embeddings", json=body).raise_for_status(),
+        "embedded": lambda: embedded.post("/v1/embeddings", raw),
+        "thin": lambda: thin.post("/v1/embeddings", raw),
+        "thin_httpx": lambda: thin_httpx.post("/v1/embeddings", json=body).raise_for_status(),
     }
 
 
@@ -265,6 +291,7 @@ def run(args: argparse.Namespace) -> str:
         line("queue", "queue only: send_task + result via Redis (no HTTP)"),
         line("embedded", "embedded: HTTP -> facade -> memory transport -> worker"),
         line("thin", "thin: HTTP -> facade -> Redis -> `embedfleet worker`"),
+        line("thin_httpx", "thin, the client being httpx instead of http.client"),
         "",
         f"Throughput, {args.clients} concurrent clients, one text per request ({args.total} timed requests):",
         "",

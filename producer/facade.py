@@ -13,6 +13,7 @@ reaches a worker: 400 bad input, 401 bad key, 404 unknown model, 413 too large, 
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import secrets
 import threading
@@ -718,6 +719,8 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
         facade.directory.start()
         await facade.dispatcher.start()
         await anyio.to_thread.run_sync(facade.directory.first.wait, settings.discovery_timeout_s * 4 + 2)
+        gc.collect()
+        gc.freeze()  # start-up objects live as long as the app: keep full collections short
         try:
             yield
         finally:
