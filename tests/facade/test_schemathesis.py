@@ -1,9 +1,10 @@
 """Property-based fuzzing of the OpenAPI spec with schemathesis: no request makes the server fail.
 
-The schemathesis CLI runs against the embedded server over real HTTP: its coverage phase (edge
-values, missing fields, wrong types) and its fuzzing phase, on every documented route. ``model``
-is optional when one model of a kind is served, so generated bodies without it reach the real
-engine. The number of cases is printed (``-s``) for the closing note.
+The schemathesis CLI runs against the embedded server and the thin one (real Redis, a worker
+process) over real HTTP: its coverage phase (edge values, missing fields, wrong types) and its
+fuzzing phase, on every documented route. ``model`` is optional when one model of a kind is
+served, so generated bodies without it reach the real engine. The number of cases is printed
+(``-s``) for the closing note.
 """
 
 from __future__ import annotations
@@ -14,20 +15,23 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.facade.servers import Served
 
 MAX_EXAMPLES = 50
 
 
-def test_schemathesis_finds_no_server_error(embedded: Served, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["embedded", "thin"])
+def test_schemathesis_finds_no_server_error(mode: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    served: Served = request.getfixturevalue(mode)
     # The spec is fetched here with a generous timeout and handed over as a file: schemathesis'
     # own schema download gives up after 10 s, which a busy 2-core CI machine can exceed.
     spec = tmp_path / "openapi.json"
-    spec.write_bytes(httpx.get(f"{embedded.url}/openapi.json", timeout=120).raise_for_status().content)
+    spec.write_bytes(httpx.get(f"{served.url}/openapi.json", timeout=120).raise_for_status().content)
     st = Path(sys.executable).with_name("st")
     run = subprocess.run(
-        [str(st), "run", str(spec), "--url", embedded.url, "--checks", "not_a_server_error",
+        [str(st), "run", str(spec), "--url", served.url, "--checks", "not_a_server_error",
          "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--request-timeout", "60", "--no-color"],
         capture_output=True, text=True, timeout=600,
     )
@@ -35,4 +39,4 @@ def test_schemathesis_finds_no_server_error(embedded: Served, tmp_path: Path) ->
     assert run.returncode == 0, output[-6000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", output)
     assert cases and cases.group(1) == cases.group(2) and int(cases.group(1)) > 0, output[-3000:]
-    print(f"\nschemathesis: {cases.group(0)} (max {MAX_EXAMPLES} examples per operation, seed 1)")
+    print(f"\nschemathesis, {mode}: {cases.group(0)} (max {MAX_EXAMPLES} examples per operation, seed 1)")
