@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Callable
+
 from celery import Celery
 
 from producer.broker import INLINE_TASK
 from producer.coalesce import Answer, Coalescer, InlineJob
-from producer.http_errors import ApiError, bad, overloaded, timed_out
+from producer.http_errors import ApiError, bad, overloaded, timed_out, unavailable
 from producer.jobs import InlineResult
 from producer.metrics import FacadeMetrics
 from producer.publish import Publisher, publisher_for
@@ -95,9 +96,8 @@ class Dispatcher:
                 await self.publisher.send(INLINE_TASK, [payload], queue, task_id, left, shown)
             except Exception as exc:
                 log.warning("cannot send to queue %s: %s: %s", queue, type(exc).__name__, exc)
-                raise ApiError(503, f"the broker cannot take the job right now ({type(exc).__name__}); retry "
-                               "shortly", "service_unavailable", None, "broker_unavailable",
-                               {"Retry-After": "1"}) from None
+                raise unavailable(f"the broker cannot take the job right now ({type(exc).__name__}); retry "
+                                  "shortly", "broker_unavailable") from None
 
         try:
             value = await self.replies.call(send, task_id, left)
@@ -124,7 +124,6 @@ def remote_error(exc: Exception, model: str) -> ApiError:
         return ApiError(504, f"the job for model {model!r} expired before a worker took it", "timeout_error", None,
                         "timeout")
     if name in _UNAVAILABLE:
-        return ApiError(503, f"the worker for model {model!r} could not take the job: {exc}", "service_unavailable",
-                        None, "no_worker", {"Retry-After": "1"})
+        return unavailable(f"the worker for model {model!r} could not take the job: {exc}", "no_worker")
     log.error("worker failed on model %s: %s: %s", model, name, exc)
     return ApiError(502, f"the worker failed: {name}: {exc}", "server_error", None, "worker_error")

@@ -35,7 +35,7 @@ from producer.broker import INFO_TASK, MODELS_COMMAND, declare_queue
 from producer.client import Client
 from producer.coalesce import Answer
 from producer.dispatch import Dispatcher
-from producer.http_errors import ApiError, bad, error_response, too_large
+from producer.http_errors import ApiError, bad, error_response, too_large, unavailable
 from producer.jobs import (
     INLINE_SUFFIX,
     MAX_INLINE_INPUTS,
@@ -413,8 +413,8 @@ class Directory:
             raise bad(f"model {name!r} is a {matches[0].kind} model; {route} needs a {kind.value} model", "model",
                        "wrong_model_kind")
         if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
-            raise ApiError(503, f"no worker for model {name!r} answers right now; retry later", "service_unavailable",
-                           "model", "no_worker", {"Retry-After": str(int(self.settings.refresh_s) + 1)})
+            raise unavailable(f"no worker for model {name!r} answers right now; retry later", "no_worker", "model",
+                              int(self.settings.refresh_s) + 1)
         listed = ", ".join(sorted(m.id for m in served)) or "none"
         raise ApiError(404, f"model {name!r} is not served here (served: {listed})", "invalid_request_error",
                        "model", "model_not_found")

@@ -40,5 +40,10 @@ def timed_out(model: str, timeout: float) -> ApiError:
                     None, "timeout")
 
 
+def unavailable(message: str, code: str, param: str | None = None, retry_after_s: int = 1) -> ApiError:
+    """503: nothing can take the job right now (no worker, no broker); retry after a moment."""
+    return ApiError(503, message, "service_unavailable", param, code, {"Retry-After": str(retry_after_s)})
+
+
 def overloaded(message: str) -> ApiError:
     return ApiError(429, message, "rate_limit_error", None, "overloaded", {"Retry-After": "1"})

@@ -20,7 +20,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue, env_int
-from producer.jobs import INLINE_SUFFIX, queue_name
+from producer.jobs import inline_queue_name, queue_name
 from worker import poison, runtime
 from worker.app import create_app
 from worker.backends import load_backend
@@ -64,9 +64,9 @@ def queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
     return sorted(set(names))
 
 
-def inline_queues_for(queues: list[str]) -> list[str]:
-    """The inline-call queue beside each shard queue."""
-    return [name + INLINE_SUFFIX for name in queues]
+def inline_queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
+    """The inline-call queue beside each shard queue, under the names producers use."""
+    return sorted({inline_queue_name(engine.info.kind, ref or engine.info.name) for engine, ref in zip(engines, refs)})
 
 
 def consume_without_acks(app: Celery, queues: list[str]) -> None:
@@ -111,7 +111,7 @@ class InProcessWorker:
             self.install_signal_handlers()
         self.engines = [load_engine(model, self.spec) for model in self.spec.models]
         self.queues = queues_for(self.engines, self.spec.models)
-        self.inline_queues = inline_queues_for(self.queues)
+        self.inline_queues = inline_queues_for(self.engines, self.spec.models)
         consume_without_acks(self.app, self.inline_queues)
         poison.use_broker(self.broker)
         for name in self.queues + self.inline_queues:
