@@ -156,7 +156,13 @@ def test_rerun_redoes_only_the_missing_shard(cli, tmp_path: Path, tiny_embed_mod
     code, output = cli(*args)
     assert code == 0, output
     assert (out / "part-00000.parquet").stat().st_mtime_ns == kept, "a finished shard was redone"
-    assert pq.read_table(out / "part-00001.parquet").equals(pq.read_table(pa.BufferReader(redo)))
+    again, first = pq.read_table(out / "part-00001.parquet"), pq.read_table(pa.BufferReader(redo))
+    # The rerun batches this shard alone, not beside the others, so BLAS may round the last bit
+    # differently: ids and token counts must match exactly, the vectors to float precision.
+    assert again.schema == first.schema
+    assert again.drop(["embedding"]).equals(first.drop(["embedding"]))
+    np.testing.assert_allclose(np.array(again.column("embedding").to_pylist()),
+                               np.array(first.column("embedding").to_pylist()), rtol=0, atol=1e-5)
     assert read_parts(out).column("id").to_pylist() == pq.read_table(source).column("doc_id").to_pylist()
     assert manifest(out)["rows_written"] == 12 and (out / "_SUCCESS").exists()
 
