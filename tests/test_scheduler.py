@@ -186,3 +186,71 @@ def test_drain_returns_pending() -> None:
     sched.add(_items([1, 2, 3]))
     assert [it.payload for it in sched.drain()] == [0, 1, 2]
     assert len(sched) == 0
+
+
+# ---------------------------------------------------------------------- the urgent lane
+def _oldest(sched: Scheduler, urgent: bool) -> Item | None:
+    return next((it for it in sched._pending.values() if it.urgent == urgent), None)
+
+
+@SETTINGS
+@given(
+    rounds=st.lists(
+        st.lists(st.tuples(st.integers(min_value=1, max_value=400), st.booleans()), max_size=12),
+        min_size=1, max_size=40),
+    config=config_st,
+    fair_every=st.integers(min_value=1, max_value=5),
+)
+def test_urgent_lane_keeps_invariants_and_fairness(rounds: list[list[tuple[int, bool]]], config: dict,
+                                                   fair_every: int) -> None:
+    """Urgent and normal items arrive while batches are taken. Every item goes out exactly once
+    within budget; each batch holds the oldest urgent item or, on a fair turn, the oldest normal
+    one; the oldest normal item waits at most ``fair_every`` batches and the oldest urgent one
+    at most one batch."""
+    sched = Scheduler(**config, fair_every=fair_every)
+    added: list[Item] = []
+    served: list[Item] = []
+    normal_skipped = urgent_skipped = 0
+
+    def take() -> None:
+        nonlocal normal_skipped, urgent_skipped
+        first_urgent, first_normal = _oldest(sched, True), _oldest(sched, False)
+        batch = sched.next_batch(timeout=0)
+        assert batch is not None
+        _check_batch(batch, sched)
+        has_urgent = any(it is first_urgent for it in batch)
+        has_normal = any(it is first_normal for it in batch)
+        assert has_urgent or (first_urgent is None or has_normal), "the batch has no anchor"
+        if first_urgent is None:
+            assert has_normal, "with nothing urgent, the oldest item was left out"
+        normal_skipped = 0 if (first_normal is None or has_normal) else normal_skipped + 1
+        urgent_skipped = 0 if (first_urgent is None or has_urgent) else urgent_skipped + 1
+        assert normal_skipped <= fair_every, "bulk work was starved by urgent work"
+        assert urgent_skipped <= 1, "an urgent item waited more than one fair turn"
+        served.extend(batch)
+
+    for new in rounds:
+        items = [Item(length=n, payload=len(added) + i, urgent=u) for i, (n, u) in enumerate(new)]
+        added.extend(items)
+        if items:
+            sched.add(items)
+        if len(sched):
+            take()
+    while len(sched):
+        take()
+    assert sorted(it.payload for it in served) == list(range(len(added)))
+    assert len({id(it) for it in served}) == len(served)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_an_urgent_item_goes_out_next_behind_a_big_backlog(padded: bool) -> None:
+    """A bulk shard's 5,000 texts are pending; an inline call's text is in the very next batch."""
+    sched = Scheduler(100, padded=padded)
+    sched.add([Item(length=10, payload=i) for i in range(5000)])
+    call = Item(length=40, payload="call", urgent=True)
+    sched.add([call])
+    batch = sched.next_batch(timeout=0)
+    assert call in batch
+    _check_batch(batch, sched)
+    # The rest of that batch is filled with bulk items rather than left empty.
+    assert len(batch) > 1

@@ -55,7 +55,7 @@ def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    result = engine.run(inputs, job.options, timeout=INLINE_TIMEOUT_S)
+    result = engine.run(inputs, job.options, timeout=INLINE_TIMEOUT_S, urgent=True)
     values = result.values.reshape(len(inputs), -1)
     return InlineResult(
         kind=kind,

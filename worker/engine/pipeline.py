@@ -60,6 +60,7 @@ class _Request:
     size: int
     options: Options
     future: Future
+    urgent: bool = False
     raw: np.ndarray | None = None
     n_tokens: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
@@ -156,10 +157,14 @@ class Engine:
         self.stop()
 
     # ------------------------------------------------------------------ requests
-    def submit(self, inputs: Sequence[Any], options: Options | None = None) -> "Future[EngineResult]":
-        """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future."""
+    def submit(self, inputs: Sequence[Any], options: Options | None = None,
+               urgent: bool = False) -> "Future[EngineResult]":
+        """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future.
+
+        ``urgent`` marks a call someone is waiting on (an HTTP request): its items go into the
+        next batch ahead of pending bulk work (see ``Scheduler``)."""
         options = options or Options()
-        request = _Request(size=len(inputs), options=options, future=Future())
+        request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent)
         request.n_tokens = [0] * len(inputs)
         request.truncated = [False] * len(inputs)
         self.check_options(options)
@@ -175,9 +180,10 @@ class Engine:
             self._tokenize_pool.submit(self._tokenize, request, chunk)
         return request.future
 
-    def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None) -> EngineResult:
+    def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None,
+            urgent: bool = False) -> EngineResult:
         """Submit and wait."""
-        return self.submit(inputs, options).result(timeout)
+        return self.submit(inputs, options, urgent).result(timeout)
 
     def check_options(self, options: Options) -> None:
         """Raise ``ValueError`` for options this model cannot honour, before any work is queued."""
@@ -253,7 +259,7 @@ class Engine:
                 )
                 rejected += 1
                 continue
-            items.append(Item(length=enc.n_tokens, payload=_Slot(request, index, enc)))
+            items.append(Item(length=enc.n_tokens, payload=_Slot(request, index, enc), urgent=request.urgent))
         if rejected:
             self._complete(request, rejected)
         if items:

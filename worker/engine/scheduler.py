@@ -5,6 +5,12 @@ A batch always contains the oldest pending item (so nothing waits forever), plus
 closest to it in length among a window of the oldest pending ones (so padding stays small),
 as long as the batch's cost stays within ``max_batch_tokens``. The cost is the padded size
 (``n_items * longest``) for padded backends and the plain token sum for unpadded ones.
+
+Urgent items (inline calls someone is waiting on) jump the line: the batch is built around the
+oldest urgent item instead, so an HTTP request does not wait behind a bulk shard's thousands of
+pending texts. Pending normal items still fill the rest of that batch, and after
+``fair_every`` urgent-anchored batches in a row one batch is built around the oldest normal
+item, so bulk work keeps moving even when interactive traffic alone would fill the device.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class Item:
     length: int
     payload: Any
     seq: int = field(default=0)
+    urgent: bool = False
 
 
 def batch_cost(lengths: list[int], padded: bool) -> int:
@@ -40,6 +47,7 @@ class Scheduler:
         padded: bool = True,
         window: int = 4096,
         max_batch_items: int = 1024,
+        fair_every: int = 4,
     ) -> None:
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -47,7 +55,10 @@ class Scheduler:
         self.padded = padded
         self.window = window
         self.max_batch_items = max_batch_items
+        self.fair_every = fair_every
         self._pending: dict[int, Item] = {}  # insertion-ordered: oldest first
+        self._urgent: dict[int, Item] = {}  # the urgent subset of _pending, oldest first
+        self._urgent_streak = 0  # urgent-anchored batches since the last normal-anchored one
         self._counter = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -64,6 +75,8 @@ class Scheduler:
             for item in items:
                 item.seq = next(self._counter)
                 self._pending[item.seq] = item
+                if item.urgent:
+                    self._urgent[item.seq] = item
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -76,6 +89,7 @@ class Scheduler:
         with self._cond:
             items = list(self._pending.values())
             self._pending.clear()
+            self._urgent.clear()
             return items
 
     def next_batch(self, timeout: float | None = None) -> list[Item] | None:
@@ -88,11 +102,28 @@ class Scheduler:
             batch = self._select()
             for item in batch:
                 del self._pending[item.seq]
+                self._urgent.pop(item.seq, None)
             return batch
 
+    def _anchor(self) -> tuple[Item, list[Item]]:
+        """The item the next batch is built around, and the window of candidates beside it."""
+        oldest = next(iter(self._pending.values()))
+        normal_waits = len(self._urgent) < len(self._pending)
+        if self._urgent and not (normal_waits and self._urgent_streak >= self.fair_every):
+            self._urgent_streak = self._urgent_streak + 1 if normal_waits else 0
+            window = list(itertools.islice(self._urgent.values(), self.window))
+            rest = (it for it in self._pending.values() if not it.urgent)
+            window += itertools.islice(rest, max(0, self.window - len(window)))
+            return window[0], window
+        self._urgent_streak = 0
+        if oldest.urgent:  # the fair turn: build around the oldest normal item instead
+            oldest = next(it for it in self._pending.values() if not it.urgent)
+            rest = (it for it in self._pending.values() if it is not oldest)
+            return oldest, [oldest, *itertools.islice(rest, self.window - 1)]
+        return oldest, list(itertools.islice(self._pending.values(), self.window))
+
     def _select(self) -> list[Item]:
-        window = list(itertools.islice(self._pending.values(), self.window))
-        oldest = window[0]
+        oldest, window = self._anchor()
         window.sort(key=lambda it: (it.length, it.seq))
         lo = window.index(oldest)
         hi = lo + 1
