@@ -316,6 +316,37 @@ def test_concurrent_requests_share_batches(tiny_embed_model: Path) -> None:
         engine.stop()
 
 
+def test_an_urgent_call_goes_ahead_of_a_pending_backlog(tiny_embed_model: Path) -> None:
+    """An inline call (urgent) submitted behind 300 pending bulk texts runs within the next few
+    batches (those already staged for the device), not after the backlog."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        bulk = engine.submit([f"short text {i}" for i in range(300)])
+        _wait_tokenized(engine)
+        call_text = "urgent " + " ".join(["call"] * 30)  # longer than every bulk text
+        call = engine.submit([call_text], urgent=True)
+        _wait_tokenized(engine)
+        backend.gate.set()
+        result = call.result(60)
+        bulk.result(60)
+        first.result(60)
+        urgent_id = first_token_id(engine, call_text)
+        assert urgent_id != first_token_id(engine, "short text 0")
+        batches = [c["first_ids"] for c in backend.calls]
+        assert len(batches) > 20, "the backlog should need many batches"
+        position = next(i for i, ids in enumerate(batches) if urgent_id in ids)
+        # The gated batch, at most two staged in the ready queue, one being prepared: then the call.
+        assert position <= 4, f"the urgent call ran in batch {position} of {len(batches)}"
+        assert_close_rows(result.values, reference_embed(tiny_embed_model, [call_text], 64, "cls", True),
+                          "urgent call")
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
 def _wait_tokenized(engine: Engine) -> None:
     """Block until every tokenization task queued so far has finished (both pool threads busy
     with a barrier task means all earlier tasks are done)."""

@@ -119,7 +119,10 @@ def worker_command(
     device: str = typer.Option("auto", "--device"),
     backend: str = typer.Option("auto", "--backend", envvar="EMBEDFLEET_BACKEND", help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)"),
     dtype: str = typer.Option("auto", "--dtype", envvar="EMBEDFLEET_DTYPE", help="auto|float32|bfloat16|float16|int8 (int8: onnx only)"),
-    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Tasks in flight; they share one engine"),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Shards in flight; they share one engine"),
+    inline_slots: int = typer.Option(WorkerSpec.inline_slots, "--inline-slots", min=1,
+                                     envvar="EMBEDFLEET_INLINE_SLOTS",
+                                     help="Inline calls in flight beside the shards (a lane shards never fill)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1),
     memory_fraction: Optional[float] = typer.Option(None, "--memory-fraction", min=0.05, max=1.0,
                                                     envvar="EMBEDFLEET_MEMORY_FRACTION",
@@ -129,7 +132,7 @@ def worker_command(
     """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM)."""
     _setup_logging(verbose)
     spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+                      inline_slots=inline_slots, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
     try:
         code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(
             on_ready=lambda w: console.print(

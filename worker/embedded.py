@@ -24,6 +24,7 @@ from producer.jobs import inline_queue_name, queue_name
 from worker import poison, runtime
 from worker.app import create_app
 from worker.backends import load_backend
+from worker.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
 from worker.engine.pipeline import Engine
 from worker.models import describe
 
@@ -42,6 +43,8 @@ class WorkerSpec:
     backend: str = field(default_factory=lambda: os.environ.get("EMBEDFLEET_BACKEND", "auto"))
     dtype: str = "auto"
     concurrency: int = 4
+    #: Pool threads kept for inline calls beside the ``concurrency`` shard slots (``worker.lanes``).
+    inline_slots: int = 4
     max_batch_tokens: int | None = None
     memory_fraction: float | None = None
 
@@ -135,11 +138,14 @@ class InProcessWorker:
     def _start_consumer(self) -> None:
         """A Celery consumer on a thread, feeding the engines already loaded (kept on restarts)."""
         ready = threading.Event()
+        self.app.conf[SHARD_SLOTS] = self.spec.concurrency
+        self.app.conf[INLINE_QUEUES] = self.inline_queues
         self._controller = self.app.WorkController(
             app=self.app,
             pool_cls="threads",
-            concurrency=self.spec.concurrency,
-            queues=self.queues + self.inline_queues,
+            consumer_cls=LaneConsumer,
+            concurrency=self.spec.concurrency + (self.spec.inline_slots if self.inline_queues else 0),
+            queues=self.queues,
             hostname=self.hostname,
             without_heartbeat=True,
             without_mingle=True,

@@ -238,20 +238,27 @@ def test_an_inline_call_caught_by_a_stop_is_answered_by_another_worker(
     assert np.isfinite(decode_f32(result.data_b64, result.n_items, result.dims)).all()
 
 
-def test_an_inline_call_does_not_wait_behind_queued_shards(
+def test_an_inline_call_is_answered_while_every_slot_runs_a_shard(
     tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], bundled_model: Path
 ) -> None:
-    """Shards and inline calls have separate queues: with one slot and eight shards queued, the
-    call is taken as soon as a slot frees, while shards are still waiting (in one shared queue it
-    would come after all of them)."""
+    """One shard slot, busy with a 1,500-text shard, and a second shard queued: the call is read
+    on the inline lane's own channel, runs on a pool thread shards never fill, and its text goes
+    into the engine's next batch ahead of the shard's pending texts. So it is answered while the
+    shard still runs; on one shared lane it would wait for the shard to finish."""
     worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log", TORCH, concurrency=1)
     workers.append(worker.start())
     worker.wait_ready()
-    corpus = make_corpus(tmp_path / "corpus.parquet", 2400, seed=6)
+    corpus = make_corpus(tmp_path / "corpus.parquet", 3000, seed=6)
+    out = tmp_path / "out"
     client = Client(broker=redis_broker.url)
-    client.submit_corpus(str(corpus), str(tmp_path / "out"), model=str(bundled_model), id_column="id",
-                         shard_rows=300)
+    handle = client.submit_corpus(str(corpus), str(out), model=str(bundled_model), id_column="id",
+                                  shard_rows=1500)
+    shards = queue_name("embed", str(bundled_model))
+    redis = redis_broker.client()
+    wait_for(lambda: redis.llen(shards) == 1, 60, "the worker to take the first shard", 0.01)
     vector = client.embed("an interactive call", model=str(bundled_model), timeout=300)
     assert vector.shape == (384,)
-    still_queued = redis_broker.client().llen(queue_name("embed", str(bundled_model)))
-    assert still_queued >= 1, "the inline call waited until every queued shard had been taken"
+    assert count_markers(out) == 0, "the call waited for the running shard to finish"
+    assert redis.llen(shards) == 1, "the second shard was taken: the slot was not busy after all"
+    manifest = handle.wait(timeout=300)
+    assert manifest.status == "complete" and manifest.rows_written == 3000

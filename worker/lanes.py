@@ -1,0 +1,93 @@
+"""The worker's Celery consumer with two lanes: bulk shards, and inline calls beside them.
+
+Celery gives a worker one task consumer on one channel, and one pool. With shards and inline
+calls in that one lane, an HTTP request waits whenever every slot runs a shard, for as long as
+a shard takes: the channel stops reading (its prefetch window is full of unacknowledged
+shards) and no pool thread is free. ``LaneConsumer`` keeps the two apart:
+
+- shards are read on Celery's own task channel, whose prefetch window counts only the shard
+  slots (``--concurrency``);
+- inline queues are read on a second channel of the same connection (``InlineLane``), with
+  ``no_ack`` and so outside any prefetch window;
+- the thread pool holds the shard slots plus ``inline slots`` threads that shards never fill.
+
+Inline items then also jump the engine's line (``Scheduler``'s urgent lane), so a call waits
+neither for a pool thread nor behind a shard's pending texts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.consumer import Consumer
+
+log = logging.getLogger(__name__)
+
+#: ``app.conf`` keys the worker sets before starting its consumer.
+SHARD_SLOTS = "embedfleet_shard_slots"
+INLINE_QUEUES = "embedfleet_inline_queues"
+
+
+class InlineLane(bootsteps.StartStopStep):
+    """Consume the inline queues on their own channel, feeding Celery's usual task handler."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        c.inline_consumer = None
+        super().__init__(c, **kwargs)
+
+    def start(self, c: Any) -> None:
+        names = list(c.app.conf.get(INLINE_QUEUES) or [])
+        if not names:
+            return
+        queues = [c.app.amqp.queues[name] for name in names]  # declared no_ack by the worker
+        c.inline_consumer = c.app.amqp.TaskConsumer(c.connection.channel(), queues=queues,
+                                                    on_message=c.create_task_handler())
+        c.inline_consumer.consume()
+
+    def stop(self, c: Any) -> None:
+        """Stop reading and drop the channel (a reconnect starts a new one on the new connection)."""
+        inline, c.inline_consumer = c.inline_consumer, None
+        if inline is None:
+            return
+        for step in (inline.cancel, inline.channel.close):
+            try:
+                step()
+            except Exception as exc:  # the connection is already gone: nothing to release
+                log.debug("closing the inline lane: %s", exc)
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+
+
+class LaneConsumer(Consumer):
+    """Celery's consumer, plus the inline lane; its prefetch window is the shard slots only."""
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [*Consumer.Blueprint.default_steps, "worker.lanes:InlineLane"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.initial_prefetch_count:  # 0 would mean "no limit"; keep Celery's choice then
+            self.initial_prefetch_count = self.max_prefetch_count
+
+    @property
+    def max_prefetch_count(self) -> int:
+        """Celery sizes the window by the pool; here the pool is larger than the shard slots."""
+        slots = int(self.app.conf.get(SHARD_SLOTS) or self.pool.num_processes)
+        return max(1, slots) * self.prefetch_multiplier
+
+    def cancel_task_queue(self, queue: str) -> None:
+        """Remote control's ``cancel_consumer``: an inline queue is cancelled on its own lane."""
+        inline = getattr(self, "inline_consumer", None)
+        if inline is not None and inline.consuming_from(queue):
+            log.info("no longer consuming from %s", queue)
+            inline.cancel_by_queue(queue)
+            return
+        super().cancel_task_queue(queue)
+
+
+__all__ = ["LaneConsumer", "InlineLane", "SHARD_SLOTS", "INLINE_QUEUES"]
