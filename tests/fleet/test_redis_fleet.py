@@ -241,18 +241,18 @@ def test_an_inline_call_caught_by_a_stop_is_answered_by_another_worker(
 def test_an_inline_call_is_answered_while_every_slot_runs_a_shard(
     tmp_path: Path, redis_broker: PersistentRedis, workers: list[WorkerProcess], bundled_model: Path
 ) -> None:
-    """One shard slot, busy with a 1,500-text shard, and a second shard queued: the call is read
+    """One shard slot, busy with a 1,200-text shard, and a second shard queued: the call is read
     on the inline lane's own channel, runs on a pool thread shards never fill, and its text goes
     into the engine's next batch ahead of the shard's pending texts. So it is answered while the
     shard still runs; on one shared lane it would wait for the shard to finish."""
     worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log", TORCH, concurrency=1)
     workers.append(worker.start())
     worker.wait_ready()
-    corpus = make_corpus(tmp_path / "corpus.parquet", 3000, seed=6)
+    corpus = make_corpus(tmp_path / "corpus.parquet", 1300, seed=6)
     out = tmp_path / "out"
     client = Client(broker=redis_broker.url)
     handle = client.submit_corpus(str(corpus), str(out), model=str(bundled_model), id_column="id",
-                                  shard_rows=1500)
+                                  shard_rows=1200)
     shards = queue_name("embed", str(bundled_model))
     redis = redis_broker.client()
     wait_for(lambda: redis.llen(shards) == 1, 60, "the worker to take the first shard", 0.01)
@@ -261,4 +261,4 @@ def test_an_inline_call_is_answered_while_every_slot_runs_a_shard(
     assert count_markers(out) == 0, "the call waited for the running shard to finish"
     assert redis.llen(shards) == 1, "the second shard was taken: the slot was not busy after all"
     manifest = handle.wait(timeout=300)
-    assert manifest.status == "complete" and manifest.rows_written == 3000
+    assert manifest.status == "complete" and manifest.rows_written == 1300

@@ -66,6 +66,8 @@ class Backend(Protocol):
 
     # Optional: ``stage(batch) -> Any`` copies a batch's tensors to the device on a side stream
     # (called from the engine's preparer thread, so the copy overlaps the running batch).
+    # Optional: ``asynchronous: bool``, true when batches run asynchronously to the host (CUDA):
+    # the engine then forms batches ahead of the device; otherwise only when it is free.
 
     def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
         """Pooled float32 vectors ``[n, hidden]`` (embed) or logits ``[n, labels]``.

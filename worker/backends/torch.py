@@ -167,6 +167,8 @@ class TorchBackend:
             self.encoder.dense_groups = bool(self.cuda if dense is None else dense)
         if self.compiled:
             self.encoder.enable_compile()  # type: ignore[union-attr,operator]
+        #: CUDA runs batches asynchronously to the host, so the engine forms the next ones ahead.
+        self.asynchronous = self.cuda
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)
         self.memory_report = ""

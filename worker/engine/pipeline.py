@@ -113,6 +113,12 @@ class Engine:
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
+        # Batches formed but not yet run. An asynchronous backend (CUDA) gets batches formed
+        # ahead, so the next copy overlaps the running batch; a synchronous backend (CPU)
+        # forms the next batch only once the device is free: forming is cheap there, and an
+        # urgent item that arrives meanwhile then makes the very next batch instead of waiting
+        # behind batches formed earlier (each can take most of a second on a few cores).
+        self._formed = threading.Semaphore(3 if getattr(backend, "asynchronous", False) else 1)
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
@@ -286,24 +292,31 @@ class Engine:
 
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
-            items = self.scheduler.next_batch(timeout=0.2)
-            if not items:
+            if not self._formed.acquire(timeout=0.2):
                 continue
-            slots = [item.payload for item in items]
+            if not self._form_batch():
+                self._formed.release()
+
+    def _form_batch(self) -> bool:
+        """Take a batch from the scheduler and hand it to the device loop; False if none was."""
+        items = self.scheduler.next_batch(timeout=0.2)
+        if not items:
+            return False
+        slots = [item.payload for item in items]
+        try:
+            batch = self._collate(slots)
+        except Exception as exc:
+            self._fail_slots(slots, exc)
+            return False
+        self._stage(batch)
+        while not self._stop.is_set():
             try:
-                batch = self._collate(slots)
-            except Exception as exc:
-                self._fail_slots(slots, exc)
+                self._ready.put((slots, batch), timeout=0.2)
+                return True
+            except queue.Full:
                 continue
-            self._stage(batch)
-            while not self._stop.is_set():
-                try:
-                    self._ready.put((slots, batch), timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            else:
-                self._fail_slots(slots, EngineStopped("the worker is stopping"))
+        self._fail_slots(slots, EngineStopped("the worker is stopping"))
+        return False
 
     def _stage(self, batch: Batch) -> None:
         """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
@@ -325,7 +338,10 @@ class Engine:
             if work is None:
                 break
             slots, batch = work
-            self._run_batch(slots, batch)
+            try:
+                self._run_batch(slots, batch)
+            finally:
+                self._formed.release()
         while True:  # fail whatever was prepared but not run
             try:
                 work = self._ready.get_nowait()
