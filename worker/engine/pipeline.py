@@ -113,12 +113,13 @@ class Engine:
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
-        # Batches formed but not yet run. An asynchronous backend (CUDA) gets batches formed
-        # ahead, so the next copy overlaps the running batch; a synchronous backend (CPU)
-        # forms the next batch only once the device is free: forming is cheap there, and an
-        # urgent item that arrives meanwhile then makes the very next batch instead of waiting
-        # behind batches formed earlier (each can take most of a second on a few cores).
-        self._formed = threading.Semaphore(3 if getattr(backend, "asynchronous", False) else 1)
+        # Batches formed but not yet launched. An asynchronous backend (CUDA) gets up to four
+        # (the ready queue, one waiting to enter it, one waiting for a launch slot: the depth the
+        # GPU numbers were measured with), so copies overlap running batches. A synchronous
+        # backend (CPU) forms the next batch only once the device is free: forming is cheap
+        # there, and an urgent item that arrives meanwhile then makes the very next batch instead
+        # of waiting behind batches formed earlier (each can take most of a second on few cores).
+        self._formed = threading.Semaphore(4 if getattr(backend, "asynchronous", False) else 1)
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
