@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -342,6 +343,38 @@ def test_an_urgent_call_goes_ahead_of_a_pending_backlog(tiny_embed_model: Path) 
         assert position == 1, f"the urgent call ran in batch {position} of {len(batches)}"
         assert_close_rows(result.values, reference_embed(tiny_embed_model, [call_text], 64, "cls", True),
                           "urgent call")
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_batches_are_formed_ahead_only_for_asynchronous_backends(tiny_embed_model: Path, asynchronous: bool) -> None:
+    """While a batch runs, a CUDA-like backend has three more formed behind it (two queued, one
+    waiting to enter the queue); a synchronous one has none, so urgent work can still jump in."""
+    def wrap(inner):  # type: ignore[no-untyped-def]
+        gated = GatedBackend(inner)
+        gated.asynchronous = asynchronous
+        return gated
+
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=wrap)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        bulk = engine.submit([f"short text {i}" for i in range(300)])
+        _wait_tokenized(engine)
+        if asynchronous:
+            deadline = time.monotonic() + 30
+            while engine._formed._value > 0 and time.monotonic() < deadline:  # forming is quick
+                time.sleep(0.01)
+            assert engine._ready.qsize() == 2 and engine._formed._value == 0
+            assert len(engine.scheduler) < 300
+        else:
+            assert engine._ready.qsize() == 0 and engine._formed._value == 0
+            assert len(engine.scheduler) == 300
+        backend.gate.set()
+        assert not bulk.result(60).errors and not first.result(60).errors
     finally:
         backend.gate.set()
         engine.stop()
