@@ -168,3 +168,20 @@ def test_csv_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> 
     path.write_bytes(b"\xef\xbb\xbfid,text\nr1,hello\n")
     check_columns(str(path), "csv", JobKind.embed, Columns(id="id"))
     assert read_shard(_shard(path, "csv", 0, 1), JobKind.embed, Columns(id="id")).ids.to_pylist() == ["r1"]
+
+
+def test_concurrent_shard_reads_of_one_parquet_file(tmp_path: Path) -> None:
+    """Shards of one file are read by several worker threads at once; each gets its own rows
+    (one shared cached reader failed with "ReadRangeCache did not find matching cache entry")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "c.parquet"
+    n = 24_000
+    pq.write_table(pa.table({"text": [f"text number {i} " * 8 for i in range(n)]}), path, row_group_size=500)
+    shards = plan_shards(str(path), "parquet", n, 1000) * 6
+    columns = Columns()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda s: read_shard(s, JobKind.embed, columns), shards))
+    for shard, rows in zip(shards, results):
+        assert rows.ids.to_pylist() == list(range(shard.row_start, shard.row_stop))
+        assert rows.values[0] == f"text number {shard.row_start} " * 8 and len(rows.values) == 1000
