@@ -158,9 +158,14 @@ def _parquet(uri: str) -> pq.ParquetFile:
 
 @functools.lru_cache(maxsize=4)
 def _parquet_at(uri: str, stamp: tuple[int | None, int | None]) -> pq.ParquetFile:
+    return _open_parquet(uri)
+
+
+def _open_parquet(uri: str, metadata: Any = None) -> pq.ParquetFile:
+    """A reader on a new file handle; ``metadata`` (an already parsed footer) spares reading it."""
     loc = locate(uri)
     try:
-        return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+        return pq.ParquetFile(loc.fs.open_input_file(loc.path), metadata=metadata)
     except FileNotFoundError as exc:
         raise SourceError(f"cannot read {uri!r}: no such file") from exc
     except (OSError, pa.ArrowException) as exc:
@@ -204,12 +209,7 @@ def _parquet_reader(uri: str) -> pq.ParquetFile:
     A ``ParquetFile`` is not safe to read from two threads at once: concurrent shards on one
     cached reader failed with "ReadRangeCache did not find matching cache entry". A new file
     handle per read, with the metadata already parsed, costs one open."""
-    cached = _parquet(uri)
-    loc = locate(uri)
-    try:
-        return pq.ParquetFile(loc.fs.open_input_file(loc.path), metadata=cached.metadata)
-    except (OSError, pa.ArrowException) as exc:
-        raise SourceError(f"cannot read {uri!r} as parquet: {exc}") from exc
+    return _open_parquet(uri, _parquet(uri).metadata)
 
 
 def _parquet_range(uri: str, names: list[str], start: int, stop: int) -> pa.Table:

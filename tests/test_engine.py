@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -320,13 +321,7 @@ def test_concurrent_requests_share_batches(tiny_embed_model: Path) -> None:
 def test_an_urgent_call_goes_ahead_of_a_pending_backlog(tiny_embed_model: Path) -> None:
     """An inline call (urgent) submitted behind 300 pending bulk texts runs in the very next
     batch, not after the backlog nor behind batches formed while the device was busy."""
-    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
-    backend: GatedBackend = engine.backend  # type: ignore[assignment]
-    try:
-        first = engine.submit(["the request that holds the device"])
-        assert backend.entered.wait(30)
-        bulk = engine.submit([f"short text {i}" for i in range(300)])
-        _wait_tokenized(engine)
+    with _device_held_with_a_backlog(tiny_embed_model) as (engine, backend, first, bulk):
         call_text = "urgent " + " ".join(["call"] * 30)  # longer than every bulk text
         call = engine.submit([call_text], urgent=True)
         _wait_tokenized(engine)
@@ -343,27 +338,13 @@ def test_an_urgent_call_goes_ahead_of_a_pending_backlog(tiny_embed_model: Path) 
         assert position == 1, f"the urgent call ran in batch {position} of {len(batches)}"
         assert_close_rows(result.values, reference_embed(tiny_embed_model, [call_text], 64, "cls", True),
                           "urgent call")
-    finally:
-        backend.gate.set()
-        engine.stop()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_batches_are_formed_ahead_only_for_asynchronous_backends(tiny_embed_model: Path, asynchronous: bool) -> None:
     """While a batch runs, a CUDA-like backend has three more formed behind it (two queued, one
     waiting to enter the queue); a synchronous one has none, so urgent work can still jump in."""
-    def wrap(inner):  # type: ignore[no-untyped-def]
-        gated = GatedBackend(inner)
-        gated.asynchronous = asynchronous
-        return gated
-
-    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=wrap)
-    backend: GatedBackend = engine.backend  # type: ignore[assignment]
-    try:
-        first = engine.submit(["the request that holds the device"])
-        assert backend.entered.wait(30)
-        bulk = engine.submit([f"short text {i}" for i in range(300)])
-        _wait_tokenized(engine)
+    with _device_held_with_a_backlog(tiny_embed_model, asynchronous) as (engine, backend, first, bulk):
         if asynchronous:
             deadline = time.monotonic() + 30
             while engine._formed._value > 0 and time.monotonic() < deadline:  # forming is quick
@@ -375,6 +356,25 @@ def test_batches_are_formed_ahead_only_for_asynchronous_backends(tiny_embed_mode
             assert len(engine.scheduler) == 300
         backend.gate.set()
         assert not bulk.result(60).errors and not first.result(60).errors
+
+
+@contextmanager
+def _device_held_with_a_backlog(model: Path, asynchronous: bool = False) -> Iterator[tuple]:
+    """A gated engine whose device is held by one request while 300 short bulk texts wait,
+    tokenized; yields ``(engine, backend, first, bulk)`` and stops the engine afterwards."""
+    def wrap(inner):  # type: ignore[no-untyped-def]
+        gated = GatedBackend(inner)
+        gated.asynchronous = asynchronous
+        return gated
+
+    engine = make_engine(model, max_batch_tokens=64, wrap=wrap)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        bulk = engine.submit([f"short text {i}" for i in range(300)])
+        _wait_tokenized(engine)
+        yield engine, backend, first, bulk
     finally:
         backend.gate.set()
         engine.stop()
