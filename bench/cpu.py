@@ -118,8 +118,8 @@ def _embed_hf(path: Path) -> Callable[[list[str]], np.ndarray]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from worker.heads import pool
-    from worker.models import describe
+    from worker.models.heads import pool
+    from worker.models.resolve import describe
 
     info = describe(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -144,7 +144,7 @@ def _embed_ort_int8(path: Path) -> Callable[[list[str]], np.ndarray]:
     from transformers import AutoTokenizer
 
     from worker.backends.onnx import cpu_threads, ensure_export
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(path))
     export = ensure_export(info, quantized=True)  # built outside the timed passes
@@ -169,7 +169,7 @@ def _embed_ort_int8(path: Path) -> Callable[[list[str]], np.ndarray]:
 def _embed_engine(path: Path, backend: str, dtype: str, budget: int | None) -> Callable[[list[str]], np.ndarray]:
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(path))
     loaded = load_backend(backend, info, "cpu", dtype)
@@ -225,7 +225,7 @@ def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, w
 def count_tokens(model: Path, texts: list[str]) -> int:
     """Real (non-padding) tokens of the workload, truncated at the model's maximum length."""
     from worker.engine.tokenize import BatchTokenizer
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(model))
     return sum(e.n_tokens for e in BatchTokenizer(info.path, info.max_length).encode(texts))
@@ -302,7 +302,7 @@ def prepare_exports(model: Path, chosen: list[Contender]) -> None:
     if not any("onnx" in c.key or "auto" in c.key for c in chosen):
         return
     from worker.backends.onnx import ensure_export
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(model))
     ensure_export(info)

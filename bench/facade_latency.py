@@ -41,7 +41,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY = "import worker.serve; from worker.cli import main; main()"
+ENTRY = "import worker.commands.serve; from worker.cli import main; main()"
 TEXT = "A short query about embedding servers and how fast they answer"
 
 
@@ -107,7 +107,7 @@ def start_engine(backend: str, dtype: str) -> Any:
     ``auto`` could measure its way to a different pick in each process)."""
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(None)
     return Engine(info, load_backend(backend, info, "cpu", dtype)).start()

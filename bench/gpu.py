@@ -214,7 +214,7 @@ VARIANTS = {  # name -> TorchBackend keyword arguments ("default" is what a work
 
 def make_backend(path: Path, dtype: str, variant: str, budget: int | None = None, profile: bool = True) -> Any:
     from worker.backends.torch import TorchBackend
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     return TorchBackend(describe(str(path)), "cuda", dtype, max_batch_tokens=budget, profile=profile,
                         **VARIANTS[variant])  # type: ignore[arg-type]
@@ -473,7 +473,7 @@ def memory_probe(mode: str, path: Path) -> dict[str, Any]:
     else:
         from worker.backends.torch import TorchBackend
         from worker.engine.pipeline import Engine
-        from worker.models import describe
+        from worker.models.resolve import describe
 
         info = describe(str(path))
         dtype_name = "float16" if "fp16" in mode else "float32"

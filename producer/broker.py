@@ -1,7 +1,7 @@
 """The Celery app a producer sends with, and the settings both sides must agree on.
 
 JSON only, in both directions: a broker is not a trusted channel, so pickle is never accepted.
-Workers build their app on top of this one (``worker.app``) and add what only consumers need.
+Workers build their app on top of this one (``worker.hosting.app``) and add what only consumers need.
 
 Brokers: ``redis://`` (a visibility timeout longer than any shard; unacked work comes back when
 a worker dies) and ``sqs://`` (kombu's SQS transport with predefined queues, long polling, and a
@@ -223,7 +223,7 @@ def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> N
     """On Redis, remember a job's shard messages so workers can re-send one Redis lost.
 
     (kombu pops a message before recording it as unacknowledged; a worker killed in between
-    loses it. ``worker.sweeper`` finds such shards and sends them again.) Other brokers keep
+    loses it. ``worker.hosting.sweeper`` finds such shards and sends them again.) Other brokers keep
     a received message until it is acknowledged, so nothing is recorded for them.
     """
     url = str(app.conf.broker_url)

@@ -19,7 +19,7 @@ import torch
 from worker.backends.base import Batch
 from worker.backends.torch import TorchBackend
 from worker.engine.pipeline import Engine
-from worker.models import ModelInfo, describe
+from worker.models.resolve import ModelInfo, describe
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "data" / "sample-corpus.parquet"

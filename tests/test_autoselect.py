@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker import autoselect
-from worker.autoselect import COSINE_GATE, Candidate, candidates, select_backend
+from worker.backends import select as autoselect
+from worker.backends.select import COSINE_GATE, Candidate, candidates, select_backend
 from worker.backends import load_backend
 from worker.backends.torch_cpu import bf16_native
-from worker.models import describe
+from worker.models.resolve import describe
 
 
 @pytest.fixture(autouse=True)

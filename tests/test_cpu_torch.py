@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from worker.autoselect import COSINE_GATE, candidates, sample_inputs, sorted_batches
+from worker.backends.select import COSINE_GATE, candidates, sample_inputs, sorted_batches
 from worker.backends import load_backend, torch_cpu
-from worker.models import describe
+from worker.models.resolve import describe
 
 
 def run_all(backend, info, inputs) -> np.ndarray:  # type: ignore[no-untyped-def]

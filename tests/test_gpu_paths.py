@@ -16,7 +16,7 @@ import torch
 from worker.backends.base import Batch
 from worker.backends.torch import TorchBackend
 from worker.engine.pipeline import Engine
-from worker.models import describe
+from worker.models.resolve import describe
 
 CUDA = torch.cuda.is_available()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.heads import class_probabilities, finish_embeddings, pool, pool_varlen, rerank_scores
+from worker.models.heads import class_probabilities, finish_embeddings, pool, pool_varlen, rerank_scores
 
 LENGTHS = [5, 1, 3, 7]
 

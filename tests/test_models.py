@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from producer.jobs import JobKind
-from worker.models import DEFAULT_MODEL, ModelNotFound, describe, fingerprint, locate_model
+from worker.models.resolve import DEFAULT_MODEL, ModelNotFound, describe, fingerprint, locate_model
 
 
 @pytest.mark.parametrize("ref", [None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "default"])

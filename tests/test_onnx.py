@@ -16,7 +16,7 @@ from worker.backends import load_backend  # noqa: E402
 from worker.backends import onnx as onnx_backend  # noqa: E402
 from worker.backends.base import Batch  # noqa: E402
 from worker.engine.tokenize import BatchTokenizer  # noqa: E402
-from worker.models import describe  # noqa: E402
+from worker.models.resolve import describe  # noqa: E402
 
 TEXTS = [
     "a short query",

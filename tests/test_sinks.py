@@ -25,7 +25,7 @@ from producer.jobs import (
 from producer.storage import locate, publish_json
 from worker import sinks
 from worker.engine.pipeline import EngineResult
-from worker.models import ModelInfo
+from worker.models.resolve import ModelInfo
 
 
 def _info(kind: JobKind = JobKind.embed, labels: tuple[str, ...] = (), normalize: bool = True) -> ModelInfo:

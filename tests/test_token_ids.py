@@ -8,7 +8,7 @@ import pytest
 from producer.jobs import Options
 from worker.backends.torch import TorchBackend
 from worker.engine.pipeline import Engine
-from worker.models import describe
+from worker.models.resolve import describe
 
 
 @pytest.fixture(scope="module")

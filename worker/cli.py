@@ -17,11 +17,11 @@ from producer.cli import app, build_options, console, fail, follow, summarize
 from producer.client import DEFAULT_SHARD_ROWS, Client
 from producer.jobs import JobKind
 from producer.sources import SourceError, check_columns, detect_format
-import worker.array  # noqa: F401  (registers `plan` and `shard`)
-import worker.serve  # noqa: F401  (registers `serve`)
+import worker.commands.shard  # noqa: F401  (registers `plan` and `shard`)
+import worker.commands.serve  # noqa: F401  (registers `serve`)
 from worker.backends import BackendUnavailable
-from worker.embedded import InProcessWorker, WorkerSpec
-from worker.models import DEFAULT_MODEL, ModelNotFound
+from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.models.resolve import DEFAULT_MODEL, ModelNotFound
 
 KNOWN_ERRORS = (SourceError, ModelNotFound, FileExistsError, ValueError, BackendUnavailable)
 
@@ -84,7 +84,7 @@ def run(
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
             if getattr(engine.backend, "autoselect_table", ""):
                 console.print(engine.backend.autoselect_table)
-            client = Client(app=worker.app)
+            client = Client(app=worker.hosting.app)
             handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
                                           id_column=id_column, query_column=query_column,
                                           document_column=document_column, shard_rows=shard_rows, options=options)

@@ -30,7 +30,7 @@ from producer.jobs import (
 )
 from producer.storage import Location, list_names, locate, publish_json, publish_table, read_job, read_markers
 from worker.engine.pipeline import EngineResult
-from worker.models import ModelInfo
+from worker.models.resolve import ModelInfo
 
 def ids_array(ids: Any) -> pa.Array:
     """The id column with its type kept; ids whose types disagree become strings."""

@@ -21,7 +21,7 @@ def reference_engine(bundled_model: Path) -> Iterator[Any]:
     """A bare engine for the bundled model (not registered: no worker sees it): the direct call."""
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(bundled_model))
     engine = Engine(info, load_backend("torch", info, "cpu", "auto")).start()
@@ -32,9 +32,9 @@ def reference_engine(bundled_model: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def embedded(tiny_embed_model: Path, tiny_rerank_model: Path, tiny_classify_model: Path,
              bundled_model: Path) -> Iterator[Served]:
-    import worker.serve as serve
-    from producer.facade import FacadeSettings
-    from worker.embedded import WorkerSpec
+    import worker.commands.serve as serve
+    from producer.http.app import FacadeSettings
+    from worker.hosting.host import WorkerSpec
 
     models = [str(tiny_embed_model), str(tiny_rerank_model), str(tiny_classify_model), str(bundled_model)]
     spec = WorkerSpec(models=models, device="cpu", concurrency=64)
@@ -42,7 +42,7 @@ def embedded(tiny_embed_model: Path, tiny_rerank_model: Path, tiny_classify_mode
     app, worker = serve.build(None, None, models, settings, spec)
     server = ServerThread(app).start()
     yield Served(server.url, "embedded", "tiny-bert", "all-MiniLM-L6-v2", "tiny-rerank", "tiny-classify",
-                 worker_app=worker.app)
+                 worker_app=worker.hosting.app)
     server.stop()
     if worker.alive():
         worker.stop()
@@ -68,7 +68,7 @@ def fleet_worker(redis_module: RedisServer, tiny_embed_model: Path, bundled_mode
 @pytest.fixture(scope="module")
 def thin(redis_module: RedisServer, fleet_worker: WorkerProcess) -> Iterator[Served]:
     from producer.client import Client
-    from producer.facade import FacadeSettings, create_app
+    from producer.http.app import FacadeSettings, create_app
 
     settings = FacadeSettings(timeout_s=60, refresh_s=1.0, max_body_bytes=4 * 1024 * 1024)
     server = ServerThread(create_app(Client(broker=redis_module.url), settings)).start()

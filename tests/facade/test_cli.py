@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import RedisServer, free_port
 from tests.facade.servers import ROOT, WorkerProcess, wait_ready
 
-#: The lead registers the command by importing worker.serve in worker/cli.py; import it here too.
-ENTRY = "import worker.serve; from worker.cli import main; main()"
+#: The lead registers the command by importing worker.commands.serve in worker/cli.py; import it here too.
+ENTRY = "import worker.commands.serve; from worker.cli import main; main()"
 
 
 def _serve(args: list[str], log: Path) -> Iterator[str]:

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.coalesce import Answer, Coalescer, merge, merge_key, split
-from producer.http_errors import ApiError, bad
+from producer.http.coalesce import Answer, Coalescer, merge, merge_key, split
+from producer.http.errors import ApiError, bad
 from producer.jobs import ClassifyJob, EmbedJob, Options, RerankJob
 
 

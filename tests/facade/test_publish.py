@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from producer.broker import INLINE_TASK, MEMORY_BROKER, make_app
-from producer.publish import InProcessPublisher, RedisPublisher, ThreadPublisher, envelope, publisher_for
-from producer.replies import publish_only
+from producer.http.publish import InProcessPublisher, RedisPublisher, ThreadPublisher, envelope, publisher_for
+from producer.http.replies import publish_only
 from tests.conftest import RedisServer
 
 
@@ -44,8 +44,8 @@ def test_a_worker_runs_what_the_publisher_sends(redis_server: RedisServer, tiny_
     the worker's result backend class, written without Celery's read-before-write."""
     from producer.jobs import EmbedJob, InlineResult, queue_name
     from tests.facade.servers import WorkerProcess
-    from worker.app import create_app
-    from worker.results import InlineResultBackend
+    from worker.hosting.app import create_app
+    from worker.hosting.results import InlineResultBackend
 
     assert isinstance(create_app(redis_server.url).backend, InlineResultBackend)
     app = make_app(redis_server.url)

@@ -12,7 +12,7 @@ DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "The Eiffel to
 
 
 def _engine(model: str):  # type: ignore[no-untyped-def]
-    from worker import runtime
+    from worker.hosting import registry as runtime
 
     return runtime.engine_for(model)
 

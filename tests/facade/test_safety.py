@@ -10,7 +10,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from producer.client import Client
-from producer.facade import FacadeSettings, create_app
+from producer.http.app import FacadeSettings, create_app
 from tests.conftest import RedisServer
 from tests.facade.servers import Served, WorkerProcess, wait_ready
 

@@ -119,7 +119,7 @@ def reference_vectors(model: Path, texts: list[str]) -> np.ndarray:
     """A clean run: the bare engine in this process, no broker, no sink."""
     from worker.backends import load_backend
     from worker.engine.pipeline import Engine
-    from worker.models import describe
+    from worker.models.resolve import describe
 
     info = describe(str(model))
     engine = Engine(info, load_backend("torch", info, "cpu", "auto")).start()

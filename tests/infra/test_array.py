@@ -32,7 +32,7 @@ MANIFEST_URI = f"{OUT}/{JOB_FILE}"
 N_ROWS = 37
 SHARD_ROWS = 10
 K = 4
-ENTRY = "import worker.array; from producer.cli import app; app()"
+ENTRY = "import worker.commands.shard; from producer.cli import app; app()"
 
 
 def texts() -> list[str]:
@@ -77,7 +77,7 @@ def key(name: str) -> str:
 @pytest.fixture(scope="module")
 def array_job(s3_server: S3, tiny_embed_model: Path) -> dict[str, Any]:
     """Plan the job with the CLI (no broker), then run K children at once, as an array would."""
-    import worker.array  # noqa: F401  - registers `plan` and `shard` on the app
+    import worker.commands.shard  # noqa: F401  - registers `plan` and `shard` on the app
     from producer.cli import app
 
     s3_server.client().create_bucket(Bucket=BUCKET)
@@ -120,8 +120,8 @@ def test_k_children_produce_the_complete_output(array_job: dict[str, Any], s3_se
 
 
 def test_vectors_equal_an_in_process_engine(array_job: dict[str, Any]) -> None:
-    from worker import runtime
-    from worker.embedded import WorkerSpec, load_engine
+    from worker.hosting import registry as runtime
+    from worker.hosting.host import WorkerSpec, load_engine
 
     engine = load_engine(str(array_job["model"]), WorkerSpec(device="cpu", dtype="float32"))
     try:

@@ -30,7 +30,7 @@ from worker.backends.neuron import (
     pad_to_bucket,
     worker_cores,
 )
-from worker.models import describe
+from worker.models.resolve import describe
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from worker.backends.base import Backend
-    from worker.models import ModelInfo
+    from worker.models.resolve import ModelInfo
 
 #: name -> (module, class, what to install when the import fails)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -43,7 +43,7 @@ def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **option
     """Load ``info`` on ``device`` with the named backend (``options`` go to the torch backend).
 
     ``auto`` on CPU measures the candidate backends/dtypes on a short sample and keeps the
-    fastest that passes the quality gate (``worker.autoselect``); ``dtype`` narrows the
+    fastest that passes the quality gate (``worker.backends.select``); ``dtype`` narrows the
     candidates. On GPUs ``auto`` is the torch backend (bf16 where supported): its CUDA path is
     the fastest measured there (bench/RESULTS.md).
     """
@@ -52,7 +52,7 @@ def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **option
 
         resolved = pick_device(device)
         if resolved == "cpu":
-            from worker.autoselect import select_backend
+            from worker.backends.select import select_backend
 
             return select_backend(info, device=resolved, dtype=dtype)
         name, device = "torch", resolved

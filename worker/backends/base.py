@@ -1,7 +1,7 @@
 """The interface every backend implements, and the batch it receives.
 
 The engine needs little from a backend: run a batch, and say how batches should be shaped
-(padded or packed, the budget it prefers). Pooling and heads stay outside, in ``worker.heads``.
+(padded or packed, the budget it prefers). Pooling and heads stay outside, in ``worker.models.heads``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from producer import storage
 from producer.jobs import JobKind, model_slug
 from worker.backends import BackendUnavailable
 from worker.backends.base import Batch
-from worker.models import ModelInfo
+from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ class NeuronBackend:
     def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
-        from worker.heads import pool
+        from worker.models.heads import pool
 
         return pool(torch.from_numpy(hidden), torch.from_numpy(mask), self.info.pooling).float().numpy()
 

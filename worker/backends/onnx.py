@@ -31,7 +31,7 @@ import numpy as np
 
 from producer.jobs import JobKind
 from worker.backends.base import Batch, cpu_threads
-from worker.models import ModelInfo
+from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Pooled:
     def build(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
         import torch
 
-        from worker.heads import pool
+        from worker.models.heads import pool
 
         class Wrapper(torch.nn.Module):
             def __init__(self) -> None:

@@ -24,8 +24,8 @@ from producer.jobs import JobKind
 from worker.backends.base import Batch
 from worker.engine import memory
 from worker.backends.varlen import equal_length_groups
-from worker.heads import pool, pool_varlen
-from worker.models import ModelInfo
+from worker.models.heads import pool, pool_varlen
+from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
 from worker.backends.base import Backend, Batch
 from worker.engine.scheduler import Item, Scheduler
 from worker.engine.tokenize import BatchTokenizer, Encoded, check_token_ids
-from worker.heads import class_probabilities, finish_embeddings, rerank_scores
-from worker.models import ModelInfo
+from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores
+from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 

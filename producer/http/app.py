@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.broker import INFO_TASK, MODELS_COMMAND, declare_queue
 from producer.client import Client
-from producer.coalesce import Answer
-from producer.dispatch import Dispatcher
-from producer.http_errors import ApiError, bad, error_response, too_large, unavailable
+from producer.http.coalesce import Answer
+from producer.http.dispatch import Dispatcher
+from producer.http.errors import ApiError, bad, error_response, too_large, unavailable
 from producer.jobs import (
     INLINE_SUFFIX,
     MAX_INLINE_INPUTS,
@@ -48,7 +48,7 @@ from producer.jobs import (
     inline_queue_name,
     model_slug,
 )
-from producer.metrics import CONTENT_TYPE, FacadeMetrics, WorkerSample
+from producer.http.metrics import CONTENT_TYPE, FacadeMetrics, WorkerSample
 
 log = logging.getLogger(__name__)
 

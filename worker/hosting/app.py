@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 
 from producer.broker import default_backend, make_app
-from worker.results import backend_url
+from worker.hosting.results import backend_url
 
 
 def worker_settings(prefetch: int) -> dict[str, Any]:
@@ -32,12 +32,12 @@ def worker_settings(prefetch: int) -> dict[str, Any]:
 
 
 def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Celery:
-    """A worker app whose tasks are embedfleet's (importing ``worker.tasks`` registers them).
+    """A worker app whose tasks are embedfleet's (importing ``worker.hosting.tasks`` registers them).
 
     ``prefetch`` is the multiplier per concurrent task; 1 (the default) is right for shards.
     """
-    import worker.info  # noqa: F401  (registers the shared tasks)
-    import worker.tasks  # noqa: F401
+    import worker.hosting.info  # noqa: F401  (registers the shared tasks)
+    import worker.hosting.tasks  # noqa: F401
 
     app = make_app(broker, backend_url(backend or default_backend(broker)), name="embedfleet-worker")
     app.conf.update(worker_settings(prefetch))

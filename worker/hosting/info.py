@@ -18,7 +18,7 @@ from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK, MODELS_COMMAND
 from producer.jobs import inline_queue_name, queue_name
-from worker import runtime
+from worker.hosting import registry as runtime
 
 #: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
 

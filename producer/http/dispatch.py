@@ -16,12 +16,12 @@ from typing import Callable
 from celery import Celery
 
 from producer.broker import INLINE_TASK
-from producer.coalesce import Answer, Coalescer, InlineJob
-from producer.http_errors import ApiError, bad, overloaded, timed_out, unavailable
+from producer.http.coalesce import Answer, Coalescer, InlineJob
+from producer.http.errors import ApiError, bad, overloaded, timed_out, unavailable
 from producer.jobs import InlineResult
-from producer.metrics import FacadeMetrics
-from producer.publish import Publisher, publisher_for
-from producer.replies import Replies, replies_for
+from producer.http.metrics import FacadeMetrics
+from producer.http.publish import Publisher, publisher_for
+from producer.http.replies import Replies, replies_for
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import typer
 from producer.broker import MEMORY_BROKER
 from producer.cli import app, console, fail
 from producer.client import Client
-from producer.facade import FacadeSettings, create_app, parse_wanted
+from producer.http.app import FacadeSettings, create_app, parse_wanted
 from worker.backends import BackendUnavailable
-from worker.embedded import InProcessWorker, WorkerSpec
-from worker.models import DEFAULT_MODEL, ModelNotFound
+from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.models.resolve import DEFAULT_MODEL, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ KEEP_ALIVE_S = 75
 def start_embedded(models: list[str], spec: WorkerSpec) -> InProcessWorker:
     """An in-process worker on the memory transport, polling often enough for HTTP latency."""
     worker = InProcessWorker(spec, broker=MEMORY_BROKER, handle_signals=False)
-    worker.app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_S}
+    worker.hosting.app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_S}
     return worker.start()
 
 
@@ -40,7 +40,7 @@ def build(broker: Optional[str], result_backend: Optional[str], models: list[str
     if broker:
         return create_app(Client(broker=broker, result_backend=result_backend), settings), None
     worker = start_embedded(models, spec)
-    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop), worker
+    return create_app(Client(app=worker.hosting.app), settings, on_shutdown=worker.stop), worker
 
 
 @app.command("serve")

@@ -91,7 +91,7 @@ def finalize_if_needed(spec: JobSpec) -> None:
     """Write the job manifest if every shard is done and nobody wrote it yet (cheap: no weights)."""
     if storage.read_manifest(spec.out) is not None:
         return
-    from worker.models import describe
+    from worker.models.resolve import describe
     from worker.sinks import finalize_if_complete
 
     finalize_if_complete(spec.out, describe(spec.model).revision)
@@ -100,9 +100,9 @@ def finalize_if_needed(spec: JobSpec) -> None:
 def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batch_tokens: int | None,
                   deliveries: int) -> ShardReport:
     """Load the model, run the shard through the queue workers' own task, stop the engine."""
-    from worker import runtime
-    from worker.embedded import WorkerSpec, load_engine
-    from worker.tasks import run_shard
+    from worker.hosting import registry as runtime
+    from worker.hosting.host import WorkerSpec, load_engine
+    from worker.hosting.tasks import run_shard
 
     spec = WorkerSpec(models=[job.model], device=device, backend=backend, dtype=dtype, concurrency=1,
                       max_batch_tokens=max_batch_tokens)
@@ -176,7 +176,7 @@ def shard_command(
         raise typer.Exit(EXIT_SIGTERM) from None
     except Exception as exc:  # noqa: BLE001 - one line for the operator, the traceback with -v
         from worker.backends import BackendUnavailable
-        from worker.models import ModelNotFound
+        from worker.models.resolve import ModelNotFound
 
         if isinstance(exc, (BackendUnavailable, ModelNotFound, SourceError, ValueError)):
             raise fail(str(exc)) from None

@@ -30,7 +30,9 @@ from producer.jobs import (
 )
 from producer.sources import SourceError, read_shard
 from producer.storage import read_marker
-from worker import poison, runtime, sinks
+from worker import sinks
+from worker.hosting import poison
+from worker.hosting import registry as runtime
 from worker.engine.pipeline import EngineStopped
 
 log = logging.getLogger(__name__)

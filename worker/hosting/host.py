@@ -21,12 +21,13 @@ from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue, env_int
 from producer.jobs import inline_queue_name, queue_name
-from worker import poison, runtime
-from worker.app import create_app
+from worker.hosting import poison
+from worker.hosting import registry as runtime
+from worker.hosting.app import create_app
 from worker.backends import load_backend
-from worker.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
+from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
 from worker.engine.pipeline import Engine
-from worker.models import describe
+from worker.models.resolve import describe
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class WorkerSpec:
     backend: str = field(default_factory=lambda: os.environ.get("EMBEDFLEET_BACKEND", "auto"))
     dtype: str = "auto"
     concurrency: int = 4
-    #: Pool threads kept for inline calls beside the ``concurrency`` shard slots (``worker.lanes``).
+    #: Pool threads kept for inline calls beside the ``concurrency`` shard slots (``worker.hosting.lanes``).
     inline_slots: int = 4
     max_batch_tokens: int | None = None
     memory_fraction: float | None = None
@@ -129,7 +130,7 @@ class InProcessWorker:
         gc.freeze()
         self._start_consumer()
         if self.broker.startswith(("redis://", "rediss://")):
-            from worker.sweeper import Sweeper
+            from worker.hosting.sweeper import Sweeper
 
             self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
         log.info("worker consuming %s", ", ".join(self.queues + self.inline_queues))

@@ -7,7 +7,7 @@ it protects nothing: an inline result is read once, as soon as it is published, 
 computes the same vectors. So successful inline results are written at once; every other result
 (shards, info, failures) goes through Celery's own path unchanged.
 
-Celery loads it from the result backend URL ``worker.results:InlineResultBackend+redis://...``
+Celery loads it from the result backend URL ``worker.hosting.results:InlineResultBackend+redis://...``
 (its ``class+url`` form, as in ``db+postgresql://``); ``backend_url`` builds that URL.
 """
 
@@ -21,7 +21,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from producer.broker import INLINE_TASK
 
-BACKEND_CLASS = "worker.results:InlineResultBackend"
+BACKEND_CLASS = "worker.hosting.results:InlineResultBackend"
 
 
 class InlineResultBackend(RedisBackend):

@@ -67,7 +67,7 @@ class LaneConsumer(Consumer):
     """Celery's consumer, plus the inline lane; its prefetch window is the shard slots only."""
 
     class Blueprint(Consumer.Blueprint):
-        default_steps = [*Consumer.Blueprint.default_steps, "worker.lanes:InlineLane"]
+        default_steps = [*Consumer.Blueprint.default_steps, "worker.hosting.lanes:InlineLane"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -20,11 +20,11 @@ import numpy as np
 
 from producer.jobs import JobKind
 from worker.backends.base import Batch
-from worker.heads import class_probabilities, rerank_scores
+from worker.models.heads import class_probabilities, rerank_scores
 
 if TYPE_CHECKING:
     from worker.backends.base import Backend
-    from worker.models import ModelInfo
+    from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 

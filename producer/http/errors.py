@@ -1,6 +1,6 @@
 """Errors the facade answers with, in OpenAI's shape: ``{"error": {message, type, param, code}}``.
 
-Shared by the routes (``producer.facade``) and the dispatch to workers (``producer.dispatch``).
+Shared by the routes (``producer.http.app``) and the dispatch to workers (``producer.http.dispatch``).
 """
 
 from __future__ import annotations

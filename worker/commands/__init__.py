@@ -1,0 +1,1 @@
+"""The worker-side commands of ``embedfleet``: run, worker, serve, shard."""
