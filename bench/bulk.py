@@ -111,7 +111,7 @@ def main() -> None:
 
     from bench.workloads import mixed_workload, vocabulary
     from producer.client import Client
-    from worker.backends import load_backend
+    from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
@@ -124,7 +124,7 @@ def main() -> None:
     redis_proc, broker = start_redis(work)
     worker = start_worker(broker, model, args, work / "worker.log")
     info = describe(model)
-    engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype)).start()
+    engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
     client = Client(broker=broker)
     try:
         warm = texts[: min(len(texts), 200)]

@@ -167,14 +167,15 @@ def _embed_ort_int8(path: Path) -> Callable[[list[str]], np.ndarray]:
 
 
 def _embed_engine(path: Path, backend: str, dtype: str, budget: int | None) -> Callable[[list[str]], np.ndarray]:
-    from worker.backends import load_backend
+    from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
     info = describe(str(path))
-    loaded = load_backend(backend, info, "cpu", dtype)
-    if hasattr(loaded, "autoselect_table"):
-        print(loaded.autoselect_table, file=sys.stderr)
+    selection = load_backend(backend, info, "cpu", dtype)
+    if selection.table:
+        print(selection.table, file=sys.stderr)
+    loaded = selection.backend
     engine = Engine(info, loaded, max_batch_tokens=budget).start()
     child_notes["engine"] = f"{loaded.name}/{loaded.dtype}, batches <= {engine.max_batch_tokens} tokens"
     return lambda texts: engine.run(texts).values

@@ -105,12 +105,12 @@ class Redis:
 def start_engine(backend: str, dtype: str) -> Any:
     """The same engine the servers and the worker load (same backend and dtype, named explicitly:
     ``auto`` could measure its way to a different pick in each process)."""
-    from worker.backends import load_backend
+    from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
     info = describe(None)
-    return Engine(info, load_backend(backend, info, "cpu", dtype)).start()
+    return Engine(info, load_backend(backend, info, "cpu", dtype).backend).start()
 
 
 def engine_throughput(engine: Any, clients: int, total: int) -> float:

@@ -5,27 +5,22 @@ Workers build their app on top of this one (``worker.hosting.app``) and add what
 
 Brokers: ``redis://`` (a visibility timeout longer than any shard; unacked work comes back when
 a worker dies) and ``sqs://`` (kombu's SQS transport with predefined queues, long polling, and a
-dead-letter queue with a redrive policy next to every work queue). Tunables come from the
-environment so a fleet is configured the same way on every machine:
-
-* ``EMBEDFLEET_VISIBILITY_TIMEOUT`` seconds before an unacknowledged message is delivered again
-  (default 3600; it must exceed the time one shard takes).
-* ``EMBEDFLEET_MAX_DELIVERIES`` deliveries before a shard is parked (default 3).
-* ``EMBEDFLEET_SQS_WAIT`` long-polling seconds (default 10, at most 20); ``EMBEDFLEET_SQS_REGION``
-  (else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1); ``EMBEDFLEET_SQS_CREATE_QUEUES``
-  (default 1: a missing queue is created with its dead-letter queue; 0: it must exist).
+dead-letter queue with a redrive policy next to every work queue). The tunables (visibility
+timeout, deliveries before parking, SQS region, long polling, queue creation) are settings
+(``producer.settings``), so a fleet is configured the same way on every machine.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from typing import Any
 
 from celery import Celery
 
+from producer.errors import BadInput, SettingsError
 from producer.jobs import INLINE_SUFFIX
+from producer.settings import aws_endpoint, settings, sqs_region
 
 INLINE_TASK = "embedfleet.inline"
 SHARD_TASK = "embedfleet.shard"
@@ -36,33 +31,17 @@ MODELS_COMMAND = "embedfleet_models"
 MEMORY_BROKER = "memory://localhost/"
 MEMORY_BACKEND = "cache+memory://"
 
-DEFAULT_VISIBILITY_TIMEOUT = 3600
-DEFAULT_MAX_DELIVERIES = 3
 DLQ_SUFFIX = "-dlq"
 #: SQS keeps an unconsumed inline call this long (its caller has long given up by then).
 INLINE_RETENTION_S = 900
 
 
-def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """An integer setting from the environment; a bad value is an error naming the variable."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value} is below the minimum of {minimum}")
-    return value
-
-
 def visibility_timeout() -> int:
-    return env_int("EMBEDFLEET_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1)
+    return settings().visibility_timeout
 
 
 def max_deliveries() -> int:
-    return env_int("EMBEDFLEET_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES, minimum=1)
+    return settings().max_deliveries
 
 
 def broker_kind(broker: str) -> str:
@@ -74,21 +53,21 @@ def broker_kind(broker: str) -> str:
         return "sqs"
     if scheme == "memory":
         return "memory"
-    raise ValueError(f"broker scheme {scheme}:// is not supported; use redis://, rediss:// or sqs://")
+    raise BadInput(f"broker scheme {scheme}:// is not supported; use redis://, rediss:// or sqs://", param="broker")
 
 
 def default_backend(broker: str) -> str:
     """Where inline results travel: the same Redis as the broker; in-process for memory://."""
-    backend = os.environ.get("EMBEDFLEET_RESULT_BACKEND")
+    backend = settings().result_backend
     if broker.startswith(("redis://", "rediss://")):
         return backend or broker
     if broker.startswith("memory://"):
         return MEMORY_BACKEND
     if backend:
         return backend
-    raise ValueError(
+    raise BadInput(
         f"broker {broker.split('://')[0]}:// has no result backend of its own; "
-        "set --result-backend / EMBEDFLEET_RESULT_BACKEND (e.g. a redis:// URL)"
+        "set --result-backend / EMBEDFLEET_RESULT_BACKEND (e.g. a redis:// URL)", param="result_backend"
     )
 
 
@@ -122,11 +101,6 @@ def redis_transport_options() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- SQS
-def sqs_region() -> str:
-    return (os.environ.get("EMBEDFLEET_SQS_REGION") or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-
-
 def sqs_name(queue: str) -> str:
     """The SQS name of a Celery queue, as kombu spells it ('.' is not allowed in SQS names)."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in queue)[:80]
@@ -154,8 +128,8 @@ def ensure_sqs_queue(queue: str, client: Any = None) -> str:
     try:
         return str(client.get_queue_url(QueueName=name)["QueueUrl"])
     except client.exceptions.QueueDoesNotExist:
-        if env_int("EMBEDFLEET_SQS_CREATE_QUEUES", 1) == 0:
-            raise ValueError(
+        if not settings().sqs_create_queues:
+            raise SettingsError(
                 f"SQS queue {name!r} does not exist (EMBEDFLEET_SQS_CREATE_QUEUES=0); create it with its "
                 f"dead-letter queue {name + DLQ_SUFFIX!r} (infra/) or allow creation"
             ) from None
@@ -174,9 +148,7 @@ def ensure_sqs_queue(queue: str, client: Any = None) -> str:
 
 def sqs_transport_options(queues: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Region, long polling, visibility timeout and the predefined queues (URLs resolved once)."""
-    wait = env_int("EMBEDFLEET_SQS_WAIT", 10)
-    if wait > 20:
-        raise ValueError(f"EMBEDFLEET_SQS_WAIT={wait} is over SQS's maximum long-polling time of 20 s")
+    wait = settings().sqs_wait  # at most 20 s, SQS's maximum long-polling time
     options: dict[str, Any] = {
         "region": sqs_region(),
         "wait_time_seconds": wait,
@@ -184,7 +156,7 @@ def sqs_transport_options(queues: list[str] | tuple[str, ...] = ()) -> dict[str,
         "visibility_timeout": visibility_timeout(),
         "predefined_queues": {},
     }
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_SQS") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = aws_endpoint("sqs")
     if endpoint:
         options["is_secure"] = endpoint.startswith("https")
     for queue in queues:

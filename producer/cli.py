@@ -1,29 +1,80 @@
-"""The producer half of the ``embedfleet`` command: ``submit`` and ``status``.
+"""The producer half of the ``embedfleet`` command: ``submit``, ``status`` and ``plan``.
 
-These need no model and no worker code; ``worker.cli`` adds ``run``, ``worker`` and ``serve`` to
-the same Typer app (the dependency arrow points from worker to producer, never back).
+These need no model and no worker code; ``worker.cli`` adds ``run``, ``worker``, ``serve`` and
+``shard`` to the same Typer app (the dependency arrow points from worker to producer, never
+back). Every command turns errors into one line and an exit code in one place (``fail``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import TextColumn as TextField
 
-from producer.client import DEFAULT_MODEL, DEFAULT_SHARD_ROWS, Client, JobHandle
+from producer import storage
+from producer.client import DEFAULT_SHARD_ROWS, Client, JobHandle, plan_corpus
 from producer.client import Progress as JobProgress
-from producer.jobs import JobKind, JobManifest, Options
+from producer.errors import BadInput, EmbedfleetError, JobFailed, JobNotFound
+from producer.jobs import DEFAULT_MODEL, JOB_FILE, JobKind, JobManifest, Options
+from producer.options import (
+    Broker,
+    Dimensions,
+    DocumentColumn,
+    IdColumn,
+    Kind,
+    Model,
+    Normalize,
+    OptionalBroker,
+    OutputDtype,
+    Prompt,
+    PromptName,
+    QueryColumn,
+    ResultBackend,
+    ShardRows,
+    TextColumn,
+    Truncate,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Queue-driven batch embedding: embed, rerank, classify.")
 console = Console(stderr=True)
 
+#: AWS Batch caps an array job at this many children (and needs at least 2).
+BATCH_MAX_ARRAY_SIZE = 10_000
 
-def fail(message: str, code: int = 2) -> "typer.Exit":
+#: Exit codes by error class, most specific first: a finished job with failed shards is 1,
+#: anything refused before work started (bad input, nothing found, nothing available) is 2.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = ((JobFailed, 1), (EmbedfleetError, 2))
+
+
+def exit_code(error: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return 1
+
+
+def fail(error: BaseException | str, code: int | None = None) -> "typer.Exit":
+    """Print one line for ``error`` and return the ``typer.Exit`` to raise (its code by class)."""
+    if isinstance(error, ValidationError):
+        error = BadInput(validation_message(error))
+    message = str(error)
     console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
+    return typer.Exit(code if code is not None else (exit_code(error) if isinstance(error, BaseException) else 2))
+
+
+def validation_message(exc: ValidationError) -> str:
+    """pydantic's errors as ``field: why`` lines joined (options, messages)."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "options"
+        parts.append(f"{where}: {error.get('msg')}")
+    return "; ".join(parts)
 
 
 def build_options(
@@ -38,8 +89,8 @@ def build_options(
 def follow(handle: JobHandle, poll: float = 0.25) -> tuple[JobManifest, float]:
     """Show a progress bar (rows and texts/s) until the job's manifest is written."""
     started = time.monotonic()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} texts/s"), TimeElapsedColumn())
+    columns = (TextField("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextField("{task.fields[rate]} texts/s"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"job {handle.job_id}", total=handle.n_rows, rate="-")
 
@@ -68,15 +119,15 @@ def summarize(manifest: JobManifest, seconds: float | None) -> None:
 def submit(
     input: str = typer.Argument(..., help="Corpus: Parquet, JSONL, CSV or text (one per line); local or s3://"),
     out: str = typer.Option(..., "--out", help="Output folder or s3:// prefix for this job"),
-    broker: str = typer.Option(..., "--broker", envvar="EMBEDFLEET_BROKER", help="redis://... or sqs://..."),
-    result_backend: Optional[str] = typer.Option(None, "--result-backend", envvar="EMBEDFLEET_RESULT_BACKEND"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model"),
-    kind: JobKind = typer.Option(JobKind.embed, "--kind"),
-    text_column: str = typer.Option("text", "--text-column"),
-    id_column: Optional[str] = typer.Option(None, "--id-column"),
-    query_column: str = typer.Option("query", "--query-column"),
-    document_column: str = typer.Option("document", "--document-column"),
-    shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-rows", min=1),
+    broker: Broker = ...,  # type: ignore[assignment]
+    result_backend: ResultBackend = None,
+    model: Model = DEFAULT_MODEL,
+    kind: Kind = JobKind.embed,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = None,
+    query_column: QueryColumn = "query",
+    document_column: DocumentColumn = "document",
+    shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     client = Client(broker=broker, result_backend=result_backend)
@@ -104,26 +155,26 @@ def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> 
         client = Client(broker=broker, result_backend=result_backend)
         out = client.app.backend.get(_job_key(job))
         if out is None:
-            raise LookupError(f"job {job} is not known to the result backend of {broker.split('@')[-1]}")
+            raise JobNotFound(f"job {job} is not known to the result backend of {broker.split('@')[-1]}")
         job = out.decode() if isinstance(out, bytes) else str(out)
     try:
         return JobHandle.open(job)
     except FileNotFoundError:
-        raise LookupError(f"no embedfleet job at {job!r}: it holds no _job.json") from None
+        raise JobNotFound(f"no embedfleet job at {job!r}: it holds no _job.json") from None
 
 
 @app.command()
 def status(
     job: str = typer.Argument(..., help="The job id printed by submit, or the job's output folder/URI"),
-    broker: Optional[str] = typer.Option(None, "--broker", envvar="EMBEDFLEET_BROKER", help="Needed to look up a job id"),
-    result_backend: Optional[str] = typer.Option(None, "--result-backend", envvar="EMBEDFLEET_RESULT_BACKEND"),
+    broker: OptionalBroker = None,
+    result_backend: ResultBackend = None,
     wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it finishes"),
 ) -> None:
     """Show a job's progress; exit 0 when complete, 1 when it failed, 3 while it runs."""
     try:
         handle = find_job(job, broker, result_backend)
-    except (LookupError, FileNotFoundError, ValueError) as exc:
-        raise fail(str(exc)) from None
+    except EmbedfleetError as exc:
+        raise fail(exc) from None
     if wait:
         manifest, _ = follow(handle)
     else:
@@ -135,3 +186,43 @@ def status(
     summarize(manifest, None)
     raise typer.Exit(0 if manifest.status == "complete" else 1)
 
+
+@app.command("plan")
+def plan_command(
+    input: str = typer.Argument(..., help="Corpus: Parquet, JSONL, CSV or text (one per line); local or s3://"),
+    out: str = typer.Option(..., "--out", help="Output folder or s3:// prefix; _job.json is written there"),
+    model: Model = DEFAULT_MODEL,
+    kind: Kind = JobKind.embed,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = None,
+    query_column: QueryColumn = "query",
+    document_column: DocumentColumn = "document",
+    shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
+    normalize: Normalize = None,
+    truncate: Truncate = True,
+    dimensions: Dimensions = None,
+    prompt_name: PromptName = None,
+    prompt: Prompt = None,
+    output_dtype: OutputDtype = "float32",
+) -> None:
+    """Check a corpus, split it into shards and write {out}/_job.json, with no broker.
+
+    Prints one JSON line: the job manifest URI and the array size to submit to AWS Batch
+    (``embedfleet shard`` then runs each child).
+    """
+    try:
+        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
+        spec = plan_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
+                           query_column=query_column, document_column=document_column, shard_rows=shard_rows,
+                           options=options)
+    except (EmbedfleetError, ValidationError) as exc:
+        raise fail(exc) from None
+    k = len(spec.shards)
+    manifest = storage.locate(spec.out).child(JOB_FILE).uri
+    console.print(f"job {spec.job_id}: {spec.n_rows:,} rows in {k} shard(s) -> {manifest}")
+    if k > BATCH_MAX_ARRAY_SIZE:
+        console.print(f"[yellow]note[/]: {k} shards exceed AWS Batch's array limit of {BATCH_MAX_ARRAY_SIZE}; "
+                      "raise --shard-rows, or submit several arrays with `shard --index-offset`")
+    elif k == 1:
+        console.print("[yellow]note[/]: one shard; AWS Batch arrays need size >= 2, so submit a plain job with --index 0")
+    typer.echo(json.dumps({"job_id": spec.job_id, "job_manifest": manifest, "array_size": k, "n_rows": spec.n_rows}))

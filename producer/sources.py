@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from producer.errors import SourceError
 from producer.jobs import Columns, JobKind, ShardRef
 from producer.storage import Location, locate, read_bytes
 
@@ -30,10 +31,6 @@ FORMATS = {
     ".txt": "text",
     ".text": "text",
 }
-
-
-class SourceError(ValueError):
-    """A corpus that cannot be used as given; the message names the file and the problem."""
 
 
 def detect_format(uri: str) -> str:

@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from producer.errors import BadInput
 from producer.jobs import JOB_FILE, MANIFEST, PARTS_DIR, JobManifest, JobSpec, ShardReport, marker_name
+from producer.settings import aws_endpoint, aws_identity, aws_region
 from tenacity import (
     retry,
     retry_if_exception,
@@ -79,13 +81,13 @@ class Location:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem honouring ``AWS_ENDPOINT_URL(_S3)`` so moto and MinIO work unchanged."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = aws_endpoint("s3")
     kwargs: dict[str, Any] = {}
     if endpoint:
         scheme, _, rest = endpoint.partition("://")
         kwargs["endpoint_override"] = rest or scheme
         kwargs["scheme"] = scheme if rest else "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = aws_region()
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
@@ -97,9 +99,7 @@ def _boto_s3() -> Any:
     Keyed on the environment so a process that points at another endpoint (tests, MinIO) never
     reuses a client bound to the old one; boto3 clients are thread-safe, so one is shared.
     """
-    keys = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-            "AWS_PROFILE")
-    return _boto_s3_for(tuple(os.environ.get(key) for key in keys))
+    return _boto_s3_for(aws_identity())
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,7 +118,7 @@ def locate(uri: str) -> Location:
         return Location(s3_filesystem(), uri[len("s3://") :].rstrip("/"), uri.rstrip("/"))
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
-        raise ValueError(f"unsupported storage scheme '{scheme}://' in {uri!r}; use a local path or s3://")
+        raise BadInput(f"unsupported storage scheme '{scheme}://' in {uri!r}; use a local path or s3://")
     path = os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
     return Location(pafs.LocalFileSystem(), path, path)
 

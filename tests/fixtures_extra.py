@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from worker.backends.base import Batch
+from worker.backends.base import Backend, Batch
 from worker.backends.torch import TorchBackend
 from worker.engine.pipeline import Engine
 from worker.models.resolve import ModelInfo, describe
@@ -59,7 +59,7 @@ def tiny_embed_engine(tiny_embed_model: Path) -> Iterator[Engine]:
     engine.stop()
 
 
-class WrappedBackend:
+class WrappedBackend(Backend):
     """Delegates to a real backend; subclasses change ``forward`` to inject failures.
 
     It records every forward call (the number of items and the real lengths) so tests can see

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from worker.backends import select as autoselect
+from worker.backends.base import Backend
 from worker.backends.select import COSINE_GATE, Candidate, candidates, select_backend
-from worker.backends import load_backend
+from worker.backends.select import load_backend
 from worker.backends.torch_cpu import bf16_native
 from worker.models.resolve import describe
 
@@ -21,7 +22,7 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path_factory.getbasetemp() / "ef-cache"))
 
 
-class FastButWrong:
+class FastButWrong(Backend):
     """A candidate that answers instantly with garbage: fastest of all, and must never be chosen."""
 
     name = "garbage"
@@ -44,7 +45,7 @@ class FastButWrong:
         self.closed = True
 
 
-class SlowExact:
+class SlowExact(Backend):
     """The real torch fp32 backend, slowed down: correct but slower than torch itself."""
 
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
@@ -73,41 +74,43 @@ def test_gate_rejects_the_fastest_wrong_candidate(tiny_embed_model: Path, monkey
         if name == "garbage":
             made[name] = FastButWrong(info.dims)
         elif name == "slow":
-            made[name] = SlowExact(load_backend("torch", info_, device, dtype))
+            made[name] = SlowExact(load_backend("torch", info_, device, dtype).backend)
         else:
-            made.setdefault("torch", []).append(load_backend(name, info_, device, dtype))  # type: ignore[union-attr]
+            made.setdefault("torch", []).append(load_backend(name, info_, device, dtype).backend)  # type: ignore[union-attr]
             return made["torch"][-1]  # type: ignore[index]
         return made[name]
 
-    backend = select_backend(info, "cpu", "auto", n_texts=12, passes=1, loader=loader)
-    trials = {str(t.candidate): t for t in backend.autoselect_trials}
+    selection = select_backend(info, "cpu", "auto", n_texts=12, passes=1, loader=loader)
+    backend = selection.backend
+    trials = {str(t.candidate): t for t in selection.trials}
     assert trials["garbage/float32"].tokens_per_s > trials["torch/float32"].tokens_per_s
     assert not trials["garbage/float32"].passed and trials["garbage/float32"].cos_min < 0.9
     assert trials["slow/float32"].passed and trials["torch/float32"].passed
     assert backend.name == "torch" and backend.dtype == "float32"  # the fastest that passes
     assert made["garbage"].closed  # type: ignore[attr-defined]
-    assert "below the quality gate" in backend.autoselect_table and "<- chosen" in backend.autoselect_table
+    assert "below the quality gate" in selection.table and "<- chosen" in selection.table
 
 
 def test_auto_picks_a_passing_real_candidate(bundled_model: Path) -> None:
     info = describe(str(bundled_model))
-    backend = load_backend("auto", info, "cpu", "auto")
-    chosen = next(t for t in backend.autoselect_trials if t.candidate == Candidate(backend.name, backend.dtype))
+    selection = load_backend("auto", info, "cpu", "auto")
+    backend = selection.backend
+    chosen = next(t for t in selection.trials if t.candidate == Candidate(backend.name, backend.dtype))
     assert chosen.passed and chosen.cos_min >= COSINE_GATE
-    assert all(t.tokens_per_s <= chosen.tokens_per_s for t in backend.autoselect_trials if t.passed)
-    shown = {str(t.candidate) for t in backend.autoselect_trials}
+    assert all(t.tokens_per_s <= chosen.tokens_per_s for t in selection.trials if t.passed)
+    shown = {str(t.candidate) for t in selection.trials}
     assert {"torch/float32", "onnx/float32", "onnx/int8"} <= shown
     if bf16_native():
         assert "torch/bfloat16" in shown
     # on the real model int8 dynamic quantization is under the gate, so it is never the pick
-    int8 = next(t for t in backend.autoselect_trials if str(t.candidate) == "onnx/int8")
+    int8 = next(t for t in selection.trials if str(t.candidate) == "onnx/int8")
     assert not int8.passed and (backend.name, backend.dtype) != ("onnx", "int8")
 
 
 def test_rerank_models_are_gated_on_scores(tiny_rerank_model: Path) -> None:
-    backend = select_backend(describe(str(tiny_rerank_model)), "cpu", "float32", n_texts=8, passes=1)
-    assert {str(t.candidate) for t in backend.autoselect_trials} == {"torch/float32", "onnx/float32"}
-    assert all(t.passed and t.max_score_diff <= autoselect.SCORE_TOLERANCE for t in backend.autoselect_trials)
+    selection = select_backend(describe(str(tiny_rerank_model)), "cpu", "float32", n_texts=8, passes=1)
+    assert {str(t.candidate) for t in selection.trials} == {"torch/float32", "onnx/float32"}
+    assert all(t.passed and t.max_score_diff <= autoselect.SCORE_TOLERANCE for t in selection.trials)
 
 
 def test_dtype_narrows_the_candidates() -> None:
@@ -129,14 +132,16 @@ def test_no_candidate_for_the_dtype_is_a_clear_error(monkeypatch: pytest.MonkeyP
 
 def test_explicit_backend_skips_the_selection(tiny_embed_model: Path) -> None:
     info = describe(str(tiny_embed_model))
-    torch_backend = load_backend("torch", info, "cpu", "bfloat16")
+    torch_selection = load_backend("torch", info, "cpu", "bfloat16")
+    torch_backend = torch_selection.backend
     assert (torch_backend.name, torch_backend.dtype) == ("torch", "bfloat16")
-    onnx_backend = load_backend("onnx", info, "cpu", "int8")
+    onnx_selection = load_backend("onnx", info, "cpu", "int8")
+    onnx_backend = onnx_selection.backend
     assert (onnx_backend.name, onnx_backend.dtype) == ("onnx", "int8")
-    assert not hasattr(torch_backend, "autoselect_table") and not hasattr(onnx_backend, "autoselect_table")
+    assert not torch_selection.trials and not onnx_selection.trials and not torch_selection.table
 
 
 def test_auto_with_a_dtype_override_runs_that_dtype(tiny_embed_model: Path) -> None:
-    backend = load_backend("auto", describe(str(tiny_embed_model)), "cpu", "float32")
-    assert backend.dtype == "float32"
-    assert {t.candidate.dtype for t in backend.autoselect_trials} == {"float32"}
+    selection = load_backend("auto", describe(str(tiny_embed_model)), "cpu", "float32")
+    assert selection.backend.dtype == "float32"
+    assert {t.candidate.dtype for t in selection.trials} == {"float32"}

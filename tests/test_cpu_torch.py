@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from worker.backends.select import COSINE_GATE, candidates, sample_inputs, sorted_batches
-from worker.backends import load_backend, torch_cpu
+from worker.backends import torch_cpu
+from worker.backends.select import load_backend
 from worker.models.resolve import describe
 
 
@@ -26,8 +27,8 @@ def run_all(backend, info, inputs) -> np.ndarray:  # type: ignore[no-untyped-def
 def test_bf16_meets_the_quality_gate_on_the_bundled_model(bundled_model: Path) -> None:
     info = describe(str(bundled_model))
     inputs = sample_inputs(info, 24)
-    fp32 = run_all(load_backend("torch", info, "cpu", "float32"), info, inputs)
-    bf16_backend = load_backend("torch", info, "cpu", "bfloat16")
+    fp32 = run_all(load_backend("torch", info, "cpu", "float32").backend, info, inputs)
+    bf16_backend = load_backend("torch", info, "cpu", "bfloat16").backend
     assert bf16_backend.dtype == "bfloat16"
     assert next(bf16_backend.model.parameters()).dtype == torch.bfloat16  # the dtype asked for is used
     bf16 = run_all(bf16_backend, info, inputs)
@@ -53,7 +54,7 @@ def test_bf16_without_units_runs_with_a_warning(tiny_embed_model: Path, monkeypa
     monkeypatch.setattr(torch_cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     info = describe(str(tiny_embed_model))
     with caplog.at_level(logging.WARNING, logger="worker.backends.torch_cpu"):
-        backend = load_backend("torch", info, "cpu", "bfloat16")
+        backend = load_backend("torch", info, "cpu", "bfloat16").backend
     assert "emulated" in caplog.text
     out = run_all(backend, info, sample_inputs(info, 4))
     assert np.isfinite(out).all() and backend.dtype == "bfloat16"
@@ -73,9 +74,9 @@ def test_compiled_cpu_path_matches_eager(tiny_rerank_model: Path, monkeypatch: p
     """EMBEDFLEET_TORCH_COMPILE=1 compiles forward in place: same scores, pairs keep token_type_ids."""
     info = describe(str(tiny_rerank_model))
     pairs = sample_inputs(info, 6)
-    eager = run_all(load_backend("torch", info, "cpu", "float32"), info, pairs)
+    eager = run_all(load_backend("torch", info, "cpu", "float32").backend, info, pairs)
     monkeypatch.setenv(torch_cpu.COMPILE_ENV, "1")
-    backend = load_backend("torch", info, "cpu", "float32")
+    backend = load_backend("torch", info, "cpu", "float32").backend
     assert backend._takes_type_ids  # the compiled forward still shows its real signature
     compiled = run_all(backend, info, pairs)
     np.testing.assert_allclose(compiled, eager, atol=1e-4)

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
+from producer.jobs import JobKind, Options
+from producer.rules import MAX_INPUT_CHARS
 from worker.engine.pipeline import Engine, EngineResult
 
 from fixtures_extra import (
@@ -424,7 +425,8 @@ def test_oom_on_a_single_item_fails_only_that_item(tiny_embed_model: Path) -> No
         texts = ["short one", long_text, "another short text", "x"]
         result = engine.run(texts, timeout=60)
         assert set(result.errors) == {1}
-        assert "does not fit in device memory" in result.errors[1] and "input 1" in result.errors[1]
+        # reasons name no position (callers add input[i] or row N)
+        assert "does not fit in device memory" in result.errors[1] and not result.errors[1].startswith("input")
         assert (result.values[1] == 0).all()
         ok = [0, 2, 3]
         want = reference_embed(tiny_embed_model, [texts[i] for i in ok], 64, "cls", True)
@@ -500,9 +502,9 @@ def test_bad_inputs_fail_alone(tiny_embed_engine: Engine) -> None:
     inputs = ["good", "", "   ", None, 123, "x" * (MAX_INPUT_CHARS + 1), "also good", ["list"]]
     result: EngineResult = tiny_embed_engine.run(inputs, timeout=60)
     assert set(result.errors) == {1, 2, 3, 4, 5, 7}
-    assert "input 1 is empty" in result.errors[1]
-    assert "input 3 must be a string, got NoneType" in result.errors[3]
-    assert "input 4 must be a string, got int" in result.errors[4]
+    assert result.errors[1].startswith("text is empty")  # reasons name no position: callers add it
+    assert result.errors[3].startswith("text must be a string, got NoneType")
+    assert result.errors[4].startswith("text must be a string, got int")
     assert f"over the limit of {MAX_INPUT_CHARS}" in result.errors[5]
     assert result.ok == [True, False, False, False, False, False, True, False]
     good = tiny_embed_engine.run(["good", "also good"], timeout=60).values

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.backends.base import Batch
+from worker.backends.base import Backend, Batch
 from worker.backends.torch import TorchBackend
 from worker.engine.pipeline import Engine
 from worker.models.resolve import describe
@@ -140,7 +140,7 @@ def test_engine_packed_results_match_padded_engine(tiny_embed_model: Path) -> No
     assert stats["batches"] > 1
 
 
-class _Faulty:
+class _Faulty(Backend):
     """Wraps a real backend and injects failures: OOM over a size, NaN rows until widened."""
 
     def __init__(self, inner: TorchBackend, oom_over_items: int = 10**9, nan_rows: int = 0) -> None:

@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from producer.rules import MAX_INLINE_INPUTS
 from producer.jobs import (
-    MAX_INLINE_INPUTS,
     SCHEMA_VERSION,
     ClassifyJob,
     Columns,

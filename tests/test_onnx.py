@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from producer.jobs import JobKind  # noqa: E402
-from worker.backends import load_backend  # noqa: E402
+from worker.backends.select import load_backend  # noqa: E402
 from worker.backends import onnx as onnx_backend  # noqa: E402
 from worker.backends.base import Batch  # noqa: E402
 from worker.engine.tokenize import BatchTokenizer  # noqa: E402
@@ -52,8 +52,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_bundled_export_agrees_with_torch(bundled_model: Path) -> None:
     info = describe(str(bundled_model))
     batch = make_batch(info.path, TEXTS)
-    reference = load_backend("torch", info, "cpu", "float32").forward(batch)
-    backend = load_backend("onnx", info, "cpu", "float32")
+    reference = load_backend("torch", info, "cpu", "float32").backend.forward(batch)
+    backend = load_backend("onnx", info, "cpu", "float32").backend
     values = backend.forward(batch)
     assert values.shape == (len(TEXTS), 384) and values.dtype == np.float32
     assert cosine(values, reference).min() > 0.99999
@@ -72,8 +72,8 @@ def test_bundled_int8_is_quantized_and_measurably_lossy(bundled_model: Path) -> 
     """int8 is close to fp32 but under the 0.999 gate: the auto selection must be able to see that."""
     info = describe(str(bundled_model))
     batch = make_batch(info.path, TEXTS)
-    fp32 = load_backend("onnx", info, "cpu", "float32").forward(batch)
-    int8 = load_backend("onnx", info, "cpu", "int8")
+    fp32 = load_backend("onnx", info, "cpu", "float32").backend.forward(batch)
+    int8 = load_backend("onnx", info, "cpu", "int8").backend
     values = int8.forward(batch)
     c = cosine(values, fp32)
     assert 0.9 < c.min() < 0.99999
@@ -94,8 +94,8 @@ def test_bundled_int8_is_quantized_and_measurably_lossy(bundled_model: Path) -> 
 def test_tiny_models_agree_with_torch(fixture: str, inputs: list, request: pytest.FixtureRequest) -> None:
     info = describe(str(request.getfixturevalue(fixture)))
     batch = make_batch(info.path, inputs, info.max_length)
-    reference = load_backend("torch", info, "cpu", "float32").forward(batch)
-    values = load_backend("onnx", info, "cpu", "float32").forward(batch)
+    reference = load_backend("torch", info, "cpu", "float32").backend.forward(batch)
+    values = load_backend("onnx", info, "cpu", "float32").backend.forward(batch)
     assert values.shape == reference.shape == (len(inputs), info.dims)
     np.testing.assert_allclose(values, reference, atol=2e-4)
 
@@ -131,8 +131,8 @@ def test_export_cache_reused_and_invalidated(tiny_embed_model: Path, tmp_path: P
     second = onnx_backend.ensure_export(new_info)
     assert second != first and (first / "model.onnx").is_file()
     batch = make_batch(model, TEXTS, new_info.max_length)
-    reference = load_backend("torch", new_info, "cpu", "float32").forward(batch)
-    np.testing.assert_allclose(load_backend("onnx", new_info, "cpu", "float32").forward(batch), reference, atol=2e-4)
+    reference = load_backend("torch", new_info, "cpu", "float32").backend.forward(batch)
+    np.testing.assert_allclose(load_backend("onnx", new_info, "cpu", "float32").backend.forward(batch), reference, atol=2e-4)
     # the int8 export sits beside it under its own key
     assert onnx_backend.ensure_export(new_info, quantized=True).name == second.name + "-int8"
 
@@ -141,9 +141,9 @@ def test_engine_runs_on_the_onnx_backend(tiny_embed_model: Path) -> None:
     from worker.engine.pipeline import Engine
 
     info = describe(str(tiny_embed_model))
-    with Engine(info, load_backend("onnx", info, "cpu", "float32")) as engine:
+    with Engine(info, load_backend("onnx", info, "cpu", "float32").backend) as engine:
         onnx_result = engine.run(TEXTS, timeout=60)
-    with Engine(info, load_backend("torch", info, "cpu", "float32")) as engine:
+    with Engine(info, load_backend("torch", info, "cpu", "float32").backend) as engine:
         torch_result = engine.run(TEXTS, timeout=60)
     assert info.kind == JobKind.embed and not onnx_result.errors
     np.testing.assert_allclose(onnx_result.values, torch_result.values, atol=2e-4)
@@ -163,12 +163,12 @@ def test_absent_execution_provider_is_a_clear_error(tiny_embed_model: Path) -> N
         if provider in onnxruntime.get_available_providers():
             continue
         with pytest.raises(ValueError, match="no (TensorRT|CUDA) provider"):
-            load_backend("onnx", info, device, "float32")
+            load_backend("onnx", info, device, "float32").backend
     with pytest.raises(ValueError, match="not one the onnx backend runs on"):
-        load_backend("onnx", info, "tpu", "float32")
+        load_backend("onnx", info, "tpu", "float32").backend
 
 
 def test_out_of_memory_is_recognised(tiny_embed_model: Path) -> None:
-    backend = load_backend("onnx", describe(str(tiny_embed_model)), "cpu", "float32")
+    backend = load_backend("onnx", describe(str(tiny_embed_model)), "cpu", "float32").backend
     assert backend.is_out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : Failed to allocate memory for requested buffer"))
     assert not backend.is_out_of_memory(RuntimeError("Invalid input name"))

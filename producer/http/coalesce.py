@@ -23,11 +23,11 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from producer.client import decode_f32
-from producer.jobs import MAX_INLINE_INPUTS, ClassifyJob, EmbedJob, InlineResult, RerankJob
+from producer.jobs import ClassifyJob, EmbedJob, InlineJob, InlineResult, RerankJob
+from producer.rules import MAX_INLINE_INPUTS
 
 log = logging.getLogger(__name__)
 
-InlineJob = EmbedJob | RerankJob | ClassifyJob
 MergeKey = tuple[str, str, str, bool]
 
 

@@ -3,8 +3,10 @@
 ``Dispatcher.call`` refuses work the fleet cannot take (429: too many requests in flight, or
 the model's queue too deep), hands the job to the ``Coalescer`` (which sends it alone or merged
 with concurrent requests of the same model and options), and maps whatever comes back to an
-OpenAI-shaped error: 504 when no answer came in time, 503 when no worker (or no broker) could
-take it, 400 when the worker rejected the input, 502 when the worker failed.
+error of ``producer.errors`` (rendered by ``producer.http.errors``): 504 when no answer came in
+time, 503 when no worker (or no broker) could take it, 400 when the worker rejected the input,
+502 when the worker failed. A worker reports its errors as a code in the inline result; only
+Celery's own states (an expired job, a lost worker) arrive as exceptions, matched by class.
 """
 
 from __future__ import annotations
@@ -14,20 +16,18 @@ import logging
 from typing import Callable
 
 from celery import Celery
+from celery.exceptions import NotRegistered, TaskRevokedError, WorkerLostError
 
 from producer.broker import INLINE_TASK
+from producer.errors import BadInput, EmbedfleetError, TimedOut, WorkerFailed, from_wire
 from producer.http.coalesce import Answer, Coalescer, InlineJob
-from producer.http.errors import ApiError, bad, overloaded, timed_out, unavailable
-from producer.jobs import InlineResult
+from producer.http.errors import overloaded, timed_out, unavailable
 from producer.http.metrics import FacadeMetrics
 from producer.http.publish import Publisher, publisher_for
 from producer.http.replies import Replies, replies_for
+from producer.jobs import InlineResult
 
 log = logging.getLogger(__name__)
-
-_CLIENT_ERRORS = {"ValueError", "ValidationError", "TypeError", "InputError"}
-_UNAVAILABLE = {"ModelNotServed", "EngineStopped", "NotRegistered", "WorkerLostError"}
-_EXPIRED = {"TaskRevokedError"}
 
 
 class Dispatcher:
@@ -103,27 +103,26 @@ class Dispatcher:
             value = await self.replies.call(send, task_id, left)
         except (asyncio.TimeoutError, TimeoutError):
             raise timed_out(job.model, self.timeout_s) from None
-        except ApiError:
+        except EmbedfleetError:
             raise
         except Exception as exc:
-            raise remote_error(exc, job.model) from None
-        return Answer.of(InlineResult.model_validate(value))
+            raise celery_error(exc, job.model) from None
+        result = InlineResult.model_validate(value)
+        if result.error is not None:
+            raise from_wire(result.error)
+        return Answer.of(result)
 
 
 def _retry_alone(exc: BaseException) -> bool:
     """A merged job's rejection or worker failure may be one request's fault; a timeout is not."""
-    return isinstance(exc, ApiError) and exc.status in (400, 502)
+    return isinstance(exc, (BadInput, WorkerFailed)) or type(exc) is EmbedfleetError
 
 
-def remote_error(exc: Exception, model: str) -> ApiError:
-    """The worker's exception (rebuilt by Celery from the result backend) as an HTTP error."""
-    name = type(exc).__name__
-    if name in _CLIENT_ERRORS:
-        return bad(str(exc))
-    if name in _EXPIRED:
-        return ApiError(504, f"the job for model {model!r} expired before a worker took it", "timeout_error", None,
-                        "timeout")
-    if name in _UNAVAILABLE:
+def celery_error(exc: Exception, model: str) -> EmbedfleetError:
+    """What Celery itself reports (rebuilt from the result backend), as one of ours."""
+    if isinstance(exc, TaskRevokedError):
+        return TimedOut(f"the job for model {model!r} expired before a worker took it", code="timeout")
+    if isinstance(exc, (NotRegistered, WorkerLostError)):
         return unavailable(f"the worker for model {model!r} could not take the job: {exc}", "no_worker")
-    log.error("worker failed on model %s: %s: %s", model, name, exc)
-    return ApiError(502, f"the worker failed: {name}: {exc}", "server_error", None, "worker_error")
+    log.error("worker failed on model %s: %s: %s", model, type(exc).__name__, exc)
+    return WorkerFailed(f"the worker failed: {type(exc).__name__}: {exc}", code="worker_error")

@@ -19,12 +19,12 @@ from tests.facade.servers import Served, ServerThread, WorkerProcess, wait_ready
 @pytest.fixture(scope="session")
 def reference_engine(bundled_model: Path) -> Iterator[Any]:
     """A bare engine for the bundled model (not registered: no worker sees it): the direct call."""
-    from worker.backends import load_backend
+    from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
     info = describe(str(bundled_model))
-    engine = Engine(info, load_backend("torch", info, "cpu", "auto")).start()
+    engine = Engine(info, load_backend("torch", info, "cpu", "auto").backend).start()
     yield engine
     engine.stop()
 
@@ -33,7 +33,7 @@ def reference_engine(bundled_model: Path) -> Iterator[Any]:
 def embedded(tiny_embed_model: Path, tiny_rerank_model: Path, tiny_classify_model: Path,
              bundled_model: Path) -> Iterator[Served]:
     import worker.commands.serve as serve
-    from producer.http.app import FacadeSettings
+    from producer.http.settings import FacadeSettings
     from worker.hosting.host import WorkerSpec
 
     models = [str(tiny_embed_model), str(tiny_rerank_model), str(tiny_classify_model), str(bundled_model)]
@@ -42,7 +42,7 @@ def embedded(tiny_embed_model: Path, tiny_rerank_model: Path, tiny_classify_mode
     app, worker = serve.build(None, None, models, settings, spec)
     server = ServerThread(app).start()
     yield Served(server.url, "embedded", "tiny-bert", "all-MiniLM-L6-v2", "tiny-rerank", "tiny-classify",
-                 worker_app=worker.hosting.app)
+                 worker_app=worker.app)
     server.stop()
     if worker.alive():
         worker.stop()
@@ -68,7 +68,8 @@ def fleet_worker(redis_module: RedisServer, tiny_embed_model: Path, bundled_mode
 @pytest.fixture(scope="module")
 def thin(redis_module: RedisServer, fleet_worker: WorkerProcess) -> Iterator[Served]:
     from producer.client import Client
-    from producer.http.app import FacadeSettings, create_app
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
 
     settings = FacadeSettings(timeout_s=60, refresh_s=1.0, max_body_bytes=4 * 1024 * 1024)
     server = ServerThread(create_app(Client(broker=redis_module.url), settings)).start()

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producer.http.coalesce import Answer, Coalescer, merge, merge_key, split
-from producer.http.errors import ApiError, bad
+from producer.errors import BadInput
+from producer.http.errors import bad, status_of
 from producer.jobs import ClassifyJob, EmbedJob, Options, RerankJob
 
 
@@ -74,7 +75,7 @@ class Recorder:
 
 
 def retry_client_errors(exc: BaseException) -> bool:
-    return isinstance(exc, ApiError) and exc.status == 400
+    return isinstance(exc, BadInput) and status_of(exc)[0] == 400
 
 
 async def settle() -> None:
@@ -130,7 +131,7 @@ def test_a_failing_merged_job_is_resent_per_request() -> None:
         run.gate.set()
         results = await asyncio.gather(first, *waiting, return_exceptions=True)
         assert run.sent == [["a"], ["b", "poison", "c"], ["b"], ["poison"], ["c"]]
-        assert isinstance(results[2], ApiError) and results[2].status == 400
+        assert isinstance(results[2], BadInput) and status_of(results[2])[0] == 400
         assert [r.values.tolist() for i, r in enumerate(results) if i != 2] == [[[0, 1]]] * 3
 
     asyncio.run(scenario())

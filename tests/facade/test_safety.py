@@ -10,7 +10,8 @@ import httpx
 from fastapi.testclient import TestClient
 
 from producer.client import Client
-from producer.http.app import FacadeSettings, create_app
+from producer.http.app import create_app
+from producer.http.settings import FacadeSettings
 from tests.conftest import RedisServer
 from tests.facade.servers import Served, WorkerProcess, wait_ready
 

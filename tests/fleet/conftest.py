@@ -117,12 +117,12 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> Path:
 
 def reference_vectors(model: Path, texts: list[str]) -> np.ndarray:
     """A clean run: the bare engine in this process, no broker, no sink."""
-    from worker.backends import load_backend
+    from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
     info = describe(str(model))
-    engine = Engine(info, load_backend("torch", info, "cpu", "auto")).start()
+    engine = Engine(info, load_backend("torch", info, "cpu", "auto").backend).start()
     try:
         result = engine.run(texts)
     finally:

@@ -123,7 +123,7 @@ def test_vectors_equal_an_in_process_engine(array_job: dict[str, Any]) -> None:
     from worker.hosting import registry as runtime
     from worker.hosting.host import WorkerSpec, load_engine
 
-    engine = load_engine(str(array_job["model"]), WorkerSpec(device="cpu", dtype="float32"))
+    engine, _ = load_engine(str(array_job["model"]), WorkerSpec(device="cpu", dtype="float32"))
     try:
         good = [t for i, t in enumerate(texts()) if i != 13]
         reference = engine.run(good).values

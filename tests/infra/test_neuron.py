@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from producer.jobs import JobKind
-from worker.backends import BackendUnavailable, load_backend
+from worker.backends.base import BackendUnavailable
+from worker.backends.select import load_backend
 from worker.backends.base import Batch
 from worker.backends.neuron import (
     COMPLETE,

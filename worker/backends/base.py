@@ -1,16 +1,52 @@
-"""The interface every backend implements, and the batch it receives.
+"""The interface every backend implements, the batch it receives, and the one dtype table.
 
-The engine needs little from a backend: run a batch, and say how batches should be shaped
-(padded or packed, the budget it prefers). Pooling and heads stay outside, in ``worker.models.heads``.
+Everything the engine asks of a backend is declared here, with defaults, so the engine never
+probes for optional methods: run a batch (``forward``, or ``launch`` for backends that run
+asynchronously to the host), say how batches should be shaped (``unpadded``, the budget it
+prefers), copy a batch ahead (``stage``), and, for backends on a device with its own memory, let
+``worker.engine.memory`` measure what a batch costs (``memory_device``). Pooling and heads stay
+outside, in ``worker.models.heads``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
+
+from producer.errors import BadInput, Unavailable
+from producer.settings import omp_threads
+
+
+class BackendUnavailable(Unavailable):
+    """The backend exists but cannot run here (its package or hardware is missing)."""
+
+    code = "backend_unavailable"
+
+
+#: Every spelling of a dtype that ``--dtype`` accepts, to its canonical name. Backends map the
+#: canonical names they run to their own types and refuse the others by name.
+DTYPES = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16",
+    "int8": "int8", "qint8": "int8",
+}
+
+
+def canonical_dtype(dtype: str, accepted: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8"),
+                    backend: str = "") -> str:
+    """``dtype``'s canonical name (``auto`` stays ``auto``); one outside ``accepted`` is an error."""
+    if dtype == "auto":
+        return "auto"
+    name = DTYPES.get(dtype.lower())
+    if name is None or name not in accepted:
+        where = f" by the {backend} backend" if backend else ""
+        raise BadInput(f"dtype {dtype!r} is not supported{where}; choose auto or one of {', '.join(accepted)}",
+                       param="dtype")
+    return name
 
 
 @dataclass
@@ -54,20 +90,73 @@ class Batch:
             packed=True,
         )
 
+    @classmethod
+    def synthetic(cls, tokens: int, seq_len: int, packed: bool, seed: int = 0) -> "Batch":
+        """Random ids filling ``tokens`` in sequences of ``seq_len`` (the worst case for memory)."""
+        seq_len = max(1, min(seq_len, tokens))
+        n = max(1, tokens // seq_len)
+        rng = np.random.default_rng(seed)
+        ids = [rng.integers(1000, 21000, size=seq_len, dtype=np.int32) for _ in range(n)]
+        types = [np.zeros(seq_len, dtype=np.int32) for _ in range(n)]
+        if packed:
+            return cls.pack(ids, types)
+        stacked = np.stack(ids)
+        return cls(stacked, np.ones_like(stacked), np.stack(types), np.full(n, seq_len, dtype=np.int32))
 
-class Backend(Protocol):
-    """Run batches of one model on one device."""
+
+class MemoryDevice(Protocol):
+    """A device whose memory a batch budget is sized to (``worker.engine.memory`` drives it)."""
 
     name: str
+
+    def free_bytes(self) -> int:
+        """Free memory now, after releasing cached blocks."""
+        ...
+
+    def reset_peak(self) -> int:
+        """Wait for the device, start a new peak count; returns the bytes allocated now."""
+        ...
+
+    def peak_bytes(self) -> int:
+        """Wait for the device; the most bytes allocated since ``reset_peak``."""
+        ...
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        ...
+
+    def release(self) -> None:
+        """Give cached blocks back, so the profile leaves no idle memory behind."""
+        ...
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a backend was built (name, model, device, dtype, options): enough to build it again in
+    another process, which is how the memory profile runs without leaving memory behind."""
+
+    backend: str
+    info: Any
     device: str
     dtype: str
-    unpadded: bool
-    preferred_batch_tokens: int
+    options: tuple[tuple[str, Any], ...] = ()
 
-    # Optional: ``stage(batch) -> Any`` copies a batch's tensors to the device on a side stream
-    # (called from the engine's preparer thread, so the copy overlaps the running batch).
-    # Optional: ``asynchronous: bool``, true when batches run asynchronously to the host (CUDA):
-    # the engine then forms batches ahead of the device; otherwise only when it is free.
+
+class Backend:
+    """Run batches of one model on one device. Subclasses set the attributes and ``forward``."""
+
+    name: str = "backend"
+    device: str = "cpu"
+    dtype: str = "float32"
+    #: Packed batches (``Batch.pack``) instead of padded ones.
+    unpadded: bool = False
+    #: Batches run asynchronously to the host (CUDA): the engine forms the next ones ahead.
+    asynchronous: bool = False
+    #: The batch budget (tokens) when no profile says otherwise.
+    preferred_batch_tokens: int = 2048
+    #: How to build this backend again (set by ``worker.backends.select``).
+    recipe: Recipe | None = None
+    #: The variant this backend runs (part of the memory profile's cache key).
+    mode: str = "default"
 
     def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
         """Pooled float32 vectors ``[n, hidden]`` (embed) or logits ``[n, labels]``.
@@ -75,21 +164,39 @@ class Backend(Protocol):
         ``precise`` recomputes in a wider type; the engine asks for it when outputs were not
         finite (fp16 overflow), so a NaN never leaves the worker.
         """
-        ...
+        raise NotImplementedError
+
+    def launch(self, batch: Batch, precise: bool = False) -> Callable[[], np.ndarray]:
+        """Queue the batch and return a function that waits for its outputs (default: run now)."""
+        output = self.forward(batch, precise)
+        return lambda: output
+
+    def stage(self, batch: Batch) -> Any:
+        """Start copying ``batch`` to the device ahead of its run (called off the device thread);
+        whatever is returned lands in ``batch.staged``. Default: nothing to copy."""
+        return None
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         """Whether ``error`` means the batch did not fit, so the engine splits it."""
-        ...
+        return isinstance(error, MemoryError)
+
+    def memory_device(self) -> MemoryDevice | None:
+        """The device memory a batch budget is sized to; ``None``: host memory, use the preferred budget."""
+        return None
+
+    def synthetic_batch(self, tokens: int, seq_len: int) -> Batch:
+        """A batch of ``tokens`` random ids in this backend's layout, for memory profiling."""
+        return Batch.synthetic(tokens, seq_len, packed=self.unpadded)
 
     def close(self) -> None:
-        ...
+        """Release the model and the device memory it holds."""
 
 
 def cpu_threads() -> int:
     """Cores this process may use (cgroup/affinity aware); ``OMP_NUM_THREADS`` overrides."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    configured = omp_threads()
+    if configured:
+        return configured
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux

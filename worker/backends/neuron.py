@@ -37,9 +37,10 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from producer import storage
+from producer.errors import BadInput
 from producer.jobs import JobKind, model_slug
-from worker.backends import BackendUnavailable
-from worker.backends.base import Batch
+from producer.settings import cache_dir, env, set_env, settings
+from worker.backends.base import Backend, BackendUnavailable, Batch, canonical_dtype
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,7 @@ BATCH_SIZES_ENV = "EMBEDFLEET_NEURON_BATCH_SIZES"
 SEQ_LENS_ENV = "EMBEDFLEET_NEURON_SEQ_LENS"
 CACHE_ENV = "EMBEDFLEET_NEURON_CACHE"
 COMPLETE = "_COMPLETE"
-DTYPES = {"auto": "bfloat16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-          "fp16": "float16", "float32": "float32", "fp32": "float32"}
+NEURON_DTYPES = ("float32", "bfloat16", "float16")
 _CORES = re.compile(r"^\d+(-\d+)?$")
 
 
@@ -79,7 +79,7 @@ class BucketGrid:
     def __post_init__(self) -> None:
         for name, values in (("batch sizes", self.batch_sizes), ("sequence lengths", self.seq_lens)):
             if not values or any(v < 1 for v in values):
-                raise ValueError(f"neuron bucket {name} must be positive integers, got {list(values)}")
+                raise BadInput(f"neuron bucket {name} must be positive integers, got {list(values)}")
         object.__setattr__(self, "batch_sizes", tuple(sorted(set(self.batch_sizes))))
         object.__setattr__(self, "seq_lens", tuple(sorted(set(self.seq_lens))))
 
@@ -95,10 +95,15 @@ class BucketGrid:
         return cls(tuple(batch_sizes), lens)
 
     @classmethod
-    def from_env(cls, max_length: int, environ: Mapping[str, str] = os.environ) -> "BucketGrid":
-        """The grid from ``EMBEDFLEET_NEURON_BATCH_SIZES`` / ``EMBEDFLEET_NEURON_SEQ_LENS`` or defaults."""
-        batches = _int_list(environ.get(BATCH_SIZES_ENV), BATCH_SIZES_ENV) or DEFAULT_BATCH_SIZES
-        lens = _int_list(environ.get(SEQ_LENS_ENV), SEQ_LENS_ENV) or DEFAULT_SEQ_LENS
+    def from_env(cls, max_length: int, environ: Mapping[str, str] | None = None) -> "BucketGrid":
+        """The grid from the settings ``EMBEDFLEET_NEURON_BATCH_SIZES`` / ``_SEQ_LENS`` (or the
+        mapping given, for tests), else the defaults."""
+        if environ is None:
+            batch_raw, seq_raw = settings().neuron_batch_sizes, settings().neuron_seq_lens
+        else:
+            batch_raw, seq_raw = environ.get(BATCH_SIZES_ENV), environ.get(SEQ_LENS_ENV)
+        batches = _int_list(batch_raw, BATCH_SIZES_ENV) or DEFAULT_BATCH_SIZES
+        lens = _int_list(seq_raw, SEQ_LENS_ENV) or DEFAULT_SEQ_LENS
         return cls.for_model(max_length, batches, lens)
 
     @property
@@ -114,7 +119,7 @@ class BucketGrid:
             raise ValueError(f"a batch needs at least one row, got {n_rows}")
         seq = next((s for s in self.seq_lens if s >= longest), None)
         if seq is None:
-            raise ValueError(
+            raise BadInput(
                 f"an input of {longest} tokens is longer than the largest compiled sequence bucket "
                 f"({self.seq_lens[-1]}); add a larger one to {SEQ_LENS_ENV}"
             )
@@ -138,9 +143,9 @@ def _int_list(raw: str | None, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32") from None
+        raise BadInput(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32")
+        raise BadInput(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32")
     return values
 
 
@@ -183,11 +188,9 @@ def cache_key(info: ModelInfo, bucket: Bucket, dtype: str, versions: Mapping[str
     return f"{model_slug(info.name)}-{task}-b{bucket.batch}-s{bucket.seq}-{dtype}-{digest}"
 
 
-def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
-    if environ.get(CACHE_ENV):
-        return environ[CACHE_ENV]
-    base = environ.get("EMBEDFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "embedfleet")
-    return os.path.join(base, "neuron")
+def default_cache_root() -> str:
+    """``EMBEDFLEET_NEURON_CACHE`` (a folder or s3:// prefix), else ``<cache>/neuron``."""
+    return settings().neuron_cache or str(cache_dir("neuron"))
 
 
 class ArtifactCache:
@@ -202,8 +205,7 @@ class ArtifactCache:
         if self.root.is_local:
             self.local_root = Path(self.root.path)
         else:  # graphs are loaded from local disk; S3 is where the fleet shares them
-            base = os.environ.get("EMBEDFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "embedfleet")
-            self.local_root = Path(local_root or os.path.join(base, "neuron-from-s3"))
+            self.local_root = Path(local_root) if local_root else cache_dir("neuron-from-s3")
 
     def local_dir(self, key: str) -> Path:
         """Where the graph ``key`` lives on this machine (loaded from here)."""
@@ -258,24 +260,27 @@ class ArtifactCache:
 
 
 # ---------------------------------------------------------------------------- cores
-def core_env(device: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+def core_env(device: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Runtime variables that give this process its NeuronCore(s); set before the runtime starts.
 
     ``neuron:N`` or ``neuron:A-B`` pins cores (``NEURON_RT_VISIBLE_CORES``); ``neuron``/``auto``
     keeps what the environment already says, else asks for one free core, because by default
     the runtime reserves every core and a second worker on the instance could not start.
     """
+    def get(key: str) -> str | None:
+        return env(key) if environ is None else environ.get(key)
+
     name, _, cores = device.partition(":")
     if name not in ("neuron", "auto"):
-        raise ValueError(f"device {device!r} is not one the neuron backend runs on (auto, neuron, neuron:N, neuron:A-B)")
+        raise BadInput(f"device {device!r} is not one the neuron backend runs on (auto, neuron, neuron:N, neuron:A-B)")
     if cores:
         if not _CORES.match(cores):
-            raise ValueError(f"device {device!r}: the core must be a number or a range like 0-1")
-        current = environ.get("NEURON_RT_VISIBLE_CORES")
+            raise BadInput(f"device {device!r}: the core must be a number or a range like 0-1")
+        current = get("NEURON_RT_VISIBLE_CORES")
         if current and current != cores:
-            raise ValueError(f"device {device!r} conflicts with NEURON_RT_VISIBLE_CORES={current}")
+            raise BadInput(f"device {device!r} conflicts with NEURON_RT_VISIBLE_CORES={current}")
         return {"NEURON_RT_VISIBLE_CORES": cores}
-    if environ.get("NEURON_RT_VISIBLE_CORES") or environ.get("NEURON_RT_NUM_CORES"):
+    if get("NEURON_RT_VISIBLE_CORES") or get("NEURON_RT_NUM_CORES"):
         return {}
     return {"NEURON_RT_NUM_CORES": "1"}
 
@@ -283,9 +288,9 @@ def core_env(device: str, environ: Mapping[str, str] = os.environ) -> dict[str, 
 def worker_cores(total_cores: int, cores_per_worker: int = 1) -> list[str]:
     """``NEURON_RT_VISIBLE_CORES`` for each worker of an instance: one worker per core (or group)."""
     if total_cores < 1 or cores_per_worker < 1:
-        raise ValueError("total_cores and cores_per_worker must be at least 1")
+        raise BadInput("total_cores and cores_per_worker must be at least 1")
     if total_cores % cores_per_worker:
-        raise ValueError(f"{total_cores} NeuronCores do not split into groups of {cores_per_worker}")
+        raise BadInput(f"{total_cores} NeuronCores do not split into groups of {cores_per_worker}")
     if cores_per_worker == 1:
         return [str(i) for i in range(total_cores)]
     return [f"{i}-{i + cores_per_worker - 1}" for i in range(0, total_cores, cores_per_worker)]
@@ -359,7 +364,7 @@ class OptimumNeuronCompiler:
 
 
 # ---------------------------------------------------------------------------- backend
-class NeuronBackend:
+class NeuronBackend(Backend):
     """A model on one NeuronCore, compiled per bucket, padded to the bucket at run time."""
 
     name = "neuron"
@@ -368,14 +373,14 @@ class NeuronBackend:
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto",
                  compiler: Compiler | None = None, grid: BucketGrid | None = None,
                  cache_root: str | None = None) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported by the neuron backend; choose {', '.join(DTYPES)}")
-        env = core_env(device, os.environ)
+        name = canonical_dtype(dtype, NEURON_DTYPES, backend="neuron")
+        cores_env = core_env(device)
         self.compiler: Compiler = compiler if compiler is not None else OptimumNeuronCompiler()
-        os.environ.update(env)  # before the first model load starts the Neuron runtime
+        for key, value in cores_env.items():  # before the first model load starts the Neuron runtime
+            set_env(key, value)
         self.info = info
-        self.dtype = DTYPES[dtype]
-        cores = os.environ.get("NEURON_RT_VISIBLE_CORES") or f"any {os.environ.get('NEURON_RT_NUM_CORES', 'all')}"
+        self.dtype = "bfloat16" if name == "auto" else name
+        cores = env("NEURON_RT_VISIBLE_CORES") or f"any {env('NEURON_RT_NUM_CORES') or 'all'}"
         self.device = f"neuron ({cores})"
         self.grid = grid or BucketGrid.from_env(info.max_length)
         self.cache = ArtifactCache(cache_root or default_cache_root())

@@ -4,8 +4,8 @@ Why a second backend: on CPUs without bf16 units ONNX Runtime's fused transforme
 eager torch in fp32, and its int8 dynamic quantization is the fastest CPU path of all (at a cost
 in quality, which the auto selection measures against the quality gate).
 
-The export is cached under ``~/.cache/embedfleet/onnx/<revision>-opset<N>-<level>[-int8]`` (or
-``$EMBEDFLEET_CACHE/onnx``), keyed by the model's content fingerprint, so it is done once per
+The export is cached under ``<cache>/onnx/<revision>-opset<N>-<level>[-int8]`` (the cache root is
+``EMBEDFLEET_CACHE``, default ``~/.cache/embedfleet``), keyed by the model's content fingerprint, so it is done once per
 model version and redone when the model changes. Each cache folder is written to a temporary
 name and renamed into place, so concurrent workers never read half an export.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from producer.errors import BadInput
 from producer.jobs import JobKind
-from worker.backends.base import Batch, cpu_threads
+from producer.settings import cache_dir
+from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -39,27 +40,21 @@ OPSET = 17
 #: Transformer-fusion level of onnxruntime.transformers.optimizer (part of the cache key).
 FUSION_LEVEL = "fused1"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-DTYPE_ALIASES = {"auto": "float32", "float32": "float32", "fp32": "float32", "int8": "int8", "qint8": "int8"}
 #: Architectures the ORT transformer optimizer fuses with its BERT patterns.
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "distilbert", "ernie", "nomic_bert"}
 _ORT_FAILURES_OOM = ("failed to allocate memory", "bad_alloc", "out of memory", "cudaerrormemoryallocation")
 
 
 def cache_root() -> Path:
-    """Where exports live: ``$EMBEDFLEET_CACHE/onnx`` or ``~/.cache/embedfleet/onnx``."""
-    base = os.environ.get("EMBEDFLEET_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "embedfleet") / "onnx"
+    """Where exports live: ``<cache>/onnx``."""
+    return cache_dir("onnx")
 
 
 def normalize_dtype(dtype: str) -> str:
-    """Map ``--dtype`` to what this backend runs; fp16/bf16 are refused rather than ignored."""
-    try:
-        return DTYPE_ALIASES[dtype.lower()]
-    except KeyError:
-        raise ValueError(
-            f"dtype {dtype!r} is not supported by the onnx backend; choose float32 (fused fp32 graph) "
-            "or int8 (dynamic int8 quantization), or use --backend torch for float16/bfloat16"
-        ) from None
+    """Map ``--dtype`` to what this backend runs (float32: the fused graph; int8: dynamic
+    quantization); fp16/bf16 are refused rather than ignored (use the torch backend for them)."""
+    name = canonical_dtype(dtype, ("float32", "int8"), backend="onnx")
+    return "float32" if name == "auto" else name
 
 
 def providers_for(device: str) -> tuple[str, list[Any]]:
@@ -75,24 +70,24 @@ def providers_for(device: str) -> tuple[str, list[Any]]:
         return device, ["CPUExecutionProvider"]
     if kind == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise ValueError(f"device {device!r}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+            raise BadInput(f"device {device!r}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
         return device, [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     if kind == "tensorrt":
         if "TensorrtExecutionProvider" not in available:
-            raise ValueError(f"device {device!r}: this onnxruntime has no TensorRT provider (onnxruntime-gpu with TensorRT)")
+            raise BadInput(f"device {device!r}: this onnxruntime has no TensorRT provider (onnxruntime-gpu with TensorRT)")
         trt_cache = cache_root() / "tensorrt"
         trt_cache.mkdir(parents=True, exist_ok=True)
         trt = {"device_id": device_id, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache)}
         return device, [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"device_id": device_id}),
                         "CPUExecutionProvider"]
-    raise ValueError(f"device {device!r} is not one the onnx backend runs on (auto, cpu, cuda, tensorrt)")
+    raise BadInput(f"device {device!r} is not one the onnx backend runs on (auto, cpu, cuda, tensorrt)")
 
 
 # ---------------------------------------------------------------------------------- export
 def export_dir(info: ModelInfo, quantized: bool) -> Path:
     """The cache folder of one export: model revision, opset, fusion level, quantization."""
     if not info.revision:
-        raise ValueError(f"model {info.name!r} has no revision fingerprint, so its export cannot be cached")
+        raise BadInput(f"model {info.name!r} has no revision fingerprint, so its export cannot be cached")
     suffix = "-int8" if quantized else ""
     return cache_root() / f"{info.revision}-opset{OPSET}-{FUSION_LEVEL}{suffix}"
 
@@ -113,30 +108,27 @@ def _publish(build: Any, dest: Path) -> Path:
     return dest
 
 
-class _Pooled:
-    """Factory for the export wrapper: the model plus its pooling (embed) or logits (heads)."""
+def _with_head(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
+    """The module exported: the model plus its pooling (embed) or its logits (rerank, classify)."""
+    import torch
 
-    @staticmethod
-    def build(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
-        import torch
+    from worker.models.heads import pool
 
-        from worker.models.heads import pool
+    class Exported(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if takes_type_ids:
+                kwargs["token_type_ids"] = token_type_ids
+            out = self.model(**kwargs)
+            if info.kind == JobKind.embed:
+                return pool(out.last_hidden_state, attention_mask, info.pooling)
+            return out.logits
 
-            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-                kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if takes_type_ids:
-                    kwargs["token_type_ids"] = token_type_ids
-                out = self.model(**kwargs)
-                if info.kind == JobKind.embed:
-                    return pool(out.last_hidden_state, attention_mask, info.pooling)
-                return out.logits
-
-        return Wrapper().eval()
+    return Exported().eval()
 
 
 def _export_fp32(info: ModelInfo, dest: Path) -> None:
@@ -156,7 +148,7 @@ def _export_fp32(info: ModelInfo, dest: Path) -> None:
     axes["output"] = {0: "batch"}
     log.info("exporting %s to ONNX (opset %d)", info.name, OPSET)
     with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(_Pooled.build(model, info, takes_type_ids), args, str(raw), input_names=names,
+        torch.onnx.export(_with_head(model, info, takes_type_ids), args, str(raw), input_names=names,
                           output_names=["output"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     _fuse(raw, dest / "model.onnx", info, model.config)
     raw.unlink()
@@ -208,7 +200,7 @@ def ensure_export(info: ModelInfo, quantized: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------- backend
-class OnnxBackend:
+class OnnxBackend(Backend):
     """An exported, fused (optionally int8) model in an ONNX Runtime session."""
 
     name = "onnx"
@@ -221,7 +213,7 @@ class OnnxBackend:
         self.dtype = normalize_dtype(dtype)
         self.device, self._providers = providers_for(device)
         if self.dtype == "int8" and not self.device.startswith("cpu"):
-            raise ValueError("dtype 'int8' (dynamic quantization) runs on the CPU only; use --device cpu")
+            raise BadInput("dtype 'int8' (dynamic quantization) runs on the CPU only; use --device cpu")
         self.path = ensure_export(info, quantized=self.dtype == "int8")
         self._session = self._open(self.path)
         self._input_names = [i.name for i in self._session.get_inputs()]

@@ -1,4 +1,9 @@
-"""Pick the fastest backend/dtype that keeps quality, by measuring them here at start.
+"""Which backend runs a model: by name, or measured here at start (``--backend auto``).
+
+``load_backend`` is the one entry point: it builds a named backend (imported only when asked
+for, so a worker without onnxruntime or the Neuron SDK still runs torch, and a missing one says
+what to install), or, for ``auto`` on a CPU, measures the candidates and keeps the fastest that
+passes the quality gate. It returns a ``Selection``: the backend and the table of what was tried.
 
 Why measure instead of a rule: which stack wins depends on the CPU's units (AMX, AVX-512-BF16,
 VNNI), the model's shapes and the libraries installed, and rules of thumb go stale. So the worker
@@ -6,24 +11,26 @@ runs every candidate on a short deterministic sample, compares each one's output
 fp32 on the same sample, rejects any under the quality gate (embeddings: every vector's cosine
 to fp32 >= 0.999; rerank/classify: every score within 0.01), keeps the fastest of the rest,
 and logs the table. ``--backend`` and ``--dtype`` narrow the candidates (an explicit backend
-other than ``auto`` skips the selection entirely, in ``worker.backends.load_backend``).
+other than ``auto`` skips the selection entirely). On GPUs ``auto`` is the torch backend (bf16
+where supported): its CUDA path is the fastest measured there (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from producer.errors import BadInput
 from producer.jobs import JobKind
-from worker.backends.base import Batch
+from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype
 from worker.models.heads import class_probabilities, rerank_scores
 
 if TYPE_CHECKING:
-    from worker.backends.base import Backend
     from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -31,11 +38,35 @@ log = logging.getLogger(__name__)
 COSINE_GATE = 0.999
 SCORE_TOLERANCE = 0.01
 SAMPLE_TEXTS = 64
-#: --dtype spellings -> the canonical name candidates are filtered by.
-DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "int8": "int8", "qint8": "int8",
+
+#: name -> (module, class, what to install when the import fails)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "torch": ("worker.backends.torch", "TorchBackend", "pip install torch"),
+    "onnx": ("worker.backends.onnx", "OnnxBackend", "pip install 'embedfleet[onnx]'"),
+    "neuron": ("worker.backends.neuron", "NeuronBackend", "pip install 'embedfleet[neuron]' on an inf2 instance"),
 }
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class implementing backend ``name``; unknown or missing ones fail with what to do."""
+    if name not in BACKENDS:
+        raise BadInput(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}", param="backend")
+    module_name, class_name, install = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailable(f"backend {name!r} is not implemented in this version of embedfleet") from exc
+        raise BackendUnavailable(f"backend {name!r} needs the package {exc.name!r}: {install}") from exc
+    return getattr(module, class_name)  # type: ignore[no-any-return]
+
+
+def build(recipe: Recipe) -> Backend:
+    """A backend from its recipe (also how another process builds the same one)."""
+    backend = backend_class(recipe.backend)(recipe.info, device=recipe.device, dtype=recipe.dtype,
+                                            **dict(recipe.options))
+    backend.recipe = recipe
+    return backend
 
 
 @dataclass(frozen=True)
@@ -97,15 +128,14 @@ def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
 
             if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and device.startswith("cuda"):
                 found.append(Candidate("onnx", "float32"))
-    if dtype == "auto":
+    wanted = canonical_dtype(dtype)
+    if wanted == "auto":
         return found
-    wanted = DTYPE_NAMES.get(dtype.lower())
-    if wanted is None:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose auto, float32, bfloat16, float16 or int8")
     kept = [c for c in found if c.dtype == wanted]
     if not kept:
         offered = ", ".join(str(c) for c in found)
-        raise ValueError(f"--backend auto --dtype {dtype}: no backend runs {wanted} on {device} here (candidates: {offered})")
+        raise BadInput(f"--backend auto --dtype {dtype}: no backend runs {wanted} on {device} here "
+                       f"(candidates: {offered})", param="dtype")
     return kept
 
 
@@ -165,7 +195,7 @@ def sorted_batches(info: "ModelInfo", inputs: list[Any], budget: int) -> tuple[l
 class _Run:
     """One loaded candidate with its sample batches, timed pass by pass."""
 
-    def __init__(self, backend: "Backend", info: "ModelInfo", inputs: list[Any]) -> None:
+    def __init__(self, backend: Backend, info: "ModelInfo", inputs: list[Any]) -> None:
         self.backend = backend
         self.rows, self.batches, self.tokens = sorted_batches(info, inputs, backend.preferred_batch_tokens)
         self.n = len(inputs)
@@ -190,7 +220,7 @@ class _Run:
         return self.tokens / self.best
 
 
-def run_sample(backend: "Backend", info: "ModelInfo", inputs: list[Any], passes: int = 2) -> tuple[np.ndarray, float]:
+def run_sample(backend: Backend, info: "ModelInfo", inputs: list[Any], passes: int = 2) -> tuple[np.ndarray, float]:
     """Outputs in input order and the best tokens/s of ``passes`` timed passes after a warm-up."""
     run = _Run(backend, info, inputs)
     run.warm_up()
@@ -229,23 +259,51 @@ def format_table(trials: list[Trial], chosen: Candidate | None = None) -> str:
     return "\n".join(lines)
 
 
-Loader = Callable[[str, "ModelInfo", str, str], "Backend"]
+@dataclass
+class Selection:
+    """A loaded backend and, when it was measured against others, what each candidate did."""
+
+    backend: Backend
+    trials: list[Trial] = field(default_factory=list)
+    chosen: Candidate | None = None
+
+    @property
+    def table(self) -> str:
+        """The selection table (empty when the backend was named, not measured)."""
+        return format_table(self.trials, self.chosen) if self.trials else ""
 
 
-def _default_loader(name: str, info: "ModelInfo", device: str, dtype: str) -> "Backend":
-    from worker.backends import backend_class
+Loader = Callable[[str, "ModelInfo", str, str], Backend]
 
-    return backend_class(name)(info, device=device, dtype=dtype)
+
+def _default_loader(name: str, info: "ModelInfo", device: str, dtype: str) -> Backend:
+    return build(Recipe(name, info, device, dtype))
+
+
+def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **options: Any) -> Selection:
+    """Load ``info`` on ``device`` with the named backend (``options`` go to its constructor).
+
+    ``auto`` on CPU measures the candidate backends/dtypes on a short sample and keeps the
+    fastest that passes the quality gate; ``dtype`` narrows the candidates. On GPUs ``auto`` is
+    the torch backend (bf16 where supported).
+    """
+    if name == "auto":
+        resolved = resolve_device(device)
+        if resolved == "cpu":
+            return select_backend(info, device=resolved, dtype=dtype)
+        name, device = "torch", resolved
+    if name != "torch":
+        options = {}
+    return Selection(build(Recipe(name, info, device, dtype, tuple(sorted(options.items())))))
 
 
 def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto", n_texts: int = SAMPLE_TEXTS,
-                   passes: int = 2, loader: Loader | None = None) -> "Backend":
+                   passes: int = 2, loader: Loader | None = None) -> Selection:
     """Measure the candidates, keep the fastest one that passes the gate, return it loaded.
 
     All candidates are loaded together and their timed passes interleaved (round-robin), so a
     burst of load from another process on a shared machine hits them all alike instead of
-    deciding the race. torch fp32 is always run: it is the quality reference. The returned
-    backend carries ``autoselect_table`` (the logged table) and ``autoselect_trials``.
+    deciding the race. torch fp32 is always run: it is the quality reference.
     """
     load = loader or _default_loader
     device = resolve_device(device)
@@ -270,7 +328,7 @@ def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto",
             for candidate in list(runs):
                 _guarded(trials[candidate], runs, candidate, _Run.timed_pass)
         if fp32 not in runs or runs[fp32].values is None:
-            raise RuntimeError(f"the torch float32 reference failed on {device}: {trials[fp32].error}")
+            raise BackendUnavailable(f"the torch float32 reference failed on {device}: {trials[fp32].error}")
         reference = runs[fp32].values
         for candidate, run in runs.items():
             trials[candidate].tokens_per_s = run.tokens_per_s
@@ -282,14 +340,12 @@ def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto",
         table = format_table(shown, chosen)
         log.info("backend auto selection for %s on %s (%d texts):\n%s", info.name, device, len(inputs), table)
         if chosen is None:
-            raise RuntimeError(f"no backend passed the quality gate for {info.name} on {device}:\n{table}")
+            raise BackendUnavailable(f"no backend passed the quality gate for {info.name} on {device}:\n{table}")
         backend = runs.pop(chosen).backend
     finally:
         for run in runs.values():
             run.backend.close()
-    backend.autoselect_table = table  # type: ignore[attr-defined]
-    backend.autoselect_trials = shown  # type: ignore[attr-defined]
-    return backend
+    return Selection(backend, shown, chosen)
 
 
 def _guarded(trial: Trial, runs: dict[Candidate, _Run], candidate: Candidate, step: Callable[[_Run], None]) -> None:

@@ -8,23 +8,23 @@ rate, with cosine to fp32 around 0.9999. Without those units bf16 is emulated an
 fp32, so the auto selection only proposes it where :func:`bf16_native` is true, and an
 explicit ``--dtype bfloat16`` there still runs (the dtype asked for is the dtype used) with a
 warning. ``torch.compile`` (inductor, weights frozen and prepacked for oneDNN) adds roughly a
-fifth more on top, but costs tens of seconds of compilation at start, so it is opt-in:
-``EMBEDFLEET_TORCH_COMPILE=1``.
+fifth more on top, but costs tens of seconds of compilation at start, so it is opt-in: the
+setting ``EMBEDFLEET_TORCH_COMPILE``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from functools import lru_cache
 
 import torch
 
+from producer.settings import Settings, settings
 from worker.backends.base import cpu_threads
 
 log = logging.getLogger(__name__)
 
-COMPILE_ENV = "EMBEDFLEET_TORCH_COMPILE"
+COMPILE_ENV = Settings.env_name("torch_compile")
 
 
 @lru_cache(maxsize=1)
@@ -64,10 +64,6 @@ def describe_cpu() -> str:
     return f"torch ISA {torch.backends.cpu.get_cpu_capability()}, units: {', '.join(units) or 'none of bf16/AMX/VNNI'}"
 
 
-def _compile_requested() -> bool:
-    return os.environ.get(COMPILE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _compile(model: torch.nn.Module) -> torch.nn.Module:
     """Compile ``forward`` with inductor (dynamic shapes, frozen and prepacked weights).
 
@@ -92,7 +88,7 @@ def optimize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     if dtype == torch.float16 and not fp16_native():
         log.warning("float16 on this CPU is emulated (no AVX-512-FP16/AMX-FP16): expect it much slower than float32")
     log.info("torch CPU: %s, %d threads, %s", describe_cpu(), threads, dtype)
-    if _compile_requested():
+    if settings().torch_compile:
         log.info("compiling the model with torch.compile (inductor); the first batches take longer")
         model = _compile(model)
     return model

@@ -4,7 +4,8 @@ Why: a padded batch ``[n, longest]`` spends GEMM and attention work on padding. 
 token of a batch is packed into one ``[total, hidden]`` matrix, the sequences are delimited by
 ``cu_seqlens`` (cumulative lengths, as flash-attention takes them), and each layer is
 fused QKV GEMM -> attention within each sequence -> output GEMM + residual + LayerNorm ->
-FFN GEMM + GELU -> GEMM + residual + LayerNorm. No token is ever padded.
+FFN GEMM + GELU -> GEMM + residual + LayerNorm. No token is ever padded. (A torch.compile'd
+variant of the layers was measured slower than the fused eager path on an H100 and removed.)
 
 Attention picks the fastest kernel the device has: on CUDA in fp16/bf16, torch's varlen flash
 attention (``torch.nn.attention.varlen.varlen_attn``, else ``aten._flash_attention_forward``
@@ -221,7 +222,6 @@ class VarlenEncoder(nn.Module):
         )
         self.use_flash = True
         self.dense_groups = False  # dense attention per run of equal lengths (GPU), see attention()
-        self.layer_fn: Callable[..., torch.Tensor] | None = None  # a compiled layer, when enabled
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         emb = self.embeddings
@@ -252,9 +252,8 @@ class VarlenEncoder(nn.Module):
         x = self.embed(input_ids, token_type_ids, positions)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         attend = self.attention(cu_seqlens, max_len, compute_dtype, groups)
-        run = self.layer_fn
         for layer in self.layers:
-            x = run(layer, x, attend) if run is not None else layer(x, attend)
+            x = layer(x, attend)
         return x
 
     def to_arena(self, device: str | torch.device) -> "VarlenEncoder":
@@ -283,52 +282,6 @@ class VarlenEncoder(nn.Module):
         for layer in self.layers:
             layer.fused = fused
             layer.approximate_gelu = approximate_gelu
-
-    def enable_compile(self) -> None:
-        """Fuse each layer's pointwise work (bias, GELU, residual, LayerNorm) with torch.compile.
-
-        One compiled function serves every layer (weights are inputs, not constants), with the
-        token count dynamic, so a new batch size does not recompile.
-        """
-        self.layer_fn = _CompiledLayers(self)
-
-
-class _CompiledLayers:
-    """Runs each layer as: compiled(pre-attention) -> attention (eager) -> compiled(post-attention).
-
-    The attention kernel stays outside the compiled graphs (its cu_seqlens and max length
-    change every batch); everything around it is pointwise work and GEMMs that inductor fuses.
-    """
-
-    def __init__(self, encoder: VarlenEncoder) -> None:
-        self.heads = encoder.heads
-        self.pre = torch.compile(_pre_attention, dynamic=True)
-        self.post = torch.compile(_post_attention, dynamic=True)
-
-    def __call__(self, layer: VarlenLayer, x: torch.Tensor, attend: Callable) -> torch.Tensor:
-        q, k, v = self.pre(x, layer.qkv.weight, layer.qkv.bias, self.heads)
-        context = attend(q, k, v)
-        return self.post(x, context, layer.out.weight, layer.out.bias, layer.ln1.weight, layer.ln1.bias,
-                         layer.ffn_in.weight, layer.ffn_in.bias, layer.ffn_out.weight, layer.ffn_out.bias,
-                         layer.ln2.weight, layer.ln2.bias, layer.eps, layer.activation)
-
-
-def _pre_attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    total, hidden = x.shape
-    qkv = F.linear(x, w, b).view(total, 3, heads, hidden // heads)
-    q, k, v = qkv.unbind(1)
-    return q.contiguous(), k.contiguous(), v.contiguous()
-
-
-def _post_attention(x: torch.Tensor, context: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor,
-                    g1: torch.Tensor, b1: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor,
-                    w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor, bb2: torch.Tensor,
-                    eps: float, activation: str) -> torch.Tensor:
-    hidden = x.shape[-1]
-    x = F.layer_norm(x + F.linear(context.reshape(x.shape), wo, bo), (hidden,), g1, b1, eps)
-    h = _ACTIVATIONS[activation](F.linear(x, wi, bi))
-    return F.layer_norm(x + F.linear(h, w2, b2), (hidden,), g2, bb2, eps)
 
 
 def build_encoder(hf_model: Any) -> VarlenEncoder:

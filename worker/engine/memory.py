@@ -1,6 +1,10 @@
-"""Batches sized to device memory: profile once, then pure arithmetic.
+"""The engine's batch budget: a cap the user gives, the backend's own, or sized to device memory.
 
-Why: a fixed token budget is either too small for a large GPU (launch overhead, idle tensor
+``batch_budget`` decides it for any backend, through the backend interface: a ``--max-batch-tokens``
+cap is taken as it is (no profile runs); a backend on host memory (CPU) keeps the budget it
+prefers; a backend on a device with memory of its own (``Backend.memory_device``) is profiled.
+
+Why profile: a fixed token budget is either too small for a large GPU (launch overhead, idle tensor
 cores) or too large for a small one (out-of-memory splits on every batch). At start the engine
 runs the model at growing token counts, records the peak activation memory of each, fits
 ``bytes = fixed + per_token * tokens``, and takes the largest budget that stays within
@@ -9,7 +13,10 @@ device name, dtype and mode, because free memory and the fraction may differ at 
 while the model's appetite does not. The allocator cache is released afterwards, so the profile
 leaves no idle memory behind.
 
-Everything except :func:`profile_device` is plain arithmetic, tested on CPU.
+The profile runs in a throwaway child process where the backend can be built again from its
+recipe: the kernels, workspaces and allocator segments a profile leaves behind die with it, so
+the serving process holds only weights until it serves. Everything except ``profile_device``
+is plain arithmetic, tested on CPU.
 """
 
 from __future__ import annotations
@@ -21,9 +28,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+from producer.settings import cache_dir, settings
+
+if TYPE_CHECKING:
+    from worker.backends.base import Backend, MemoryDevice, Recipe
 
 log = logging.getLogger(__name__)
+
+#: more tokens per batch than this buys no speed on any GPU measured, only latency
+MAX_BATCH_TOKENS = 65536
+#: the first token count profiled
+PROFILE_START = 4096
 
 GIB = float(1 << 30)
 #: headroom on the fitted per-token cost: fragmentation and kernels' workspaces
@@ -110,8 +127,7 @@ def cache_key(revision: str, device_name: str, dtype: str, mode: str) -> str:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("EMBEDFLEET_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "embedfleet")
-    return Path(root) / "memory-profiles.json"
+    return cache_dir("memory-profiles.json")
 
 
 def load_cached(key: str, path: Path | None = None) -> MemoryProfile | None:
@@ -142,40 +158,105 @@ def store_cached(key: str, profile: MemoryProfile, path: Path | None = None) -> 
         log.warning("could not cache the memory profile in %s: %s", path, exc)
 
 
-def profile_device(run: Callable[[int], None], usable_bytes: float, sizes: Sequence[int]) -> MemoryProfile:
-    """Run ``run(tokens)`` at growing sizes on the current CUDA device and record peak memory.
+def profile_device(backend: "Backend", device: "MemoryDevice", usable_bytes: float, sizes: Sequence[int],
+                   seq_len: int) -> MemoryProfile:
+    """Run ``backend`` at growing token counts and record each one's peak activation memory.
 
     Stops before a size whose predicted peak passes ``usable_bytes``, or at the first
     out-of-memory. The largest size that ran is timed once more for the start-up report.
     """
-    import torch
-
     samples: list[tuple[int, int]] = []
     for tokens in sizes:
         if samples:
             fixed, per_token = fit_line(samples)
             if (fixed + per_token * tokens) * SAFETY > usable_bytes:
                 break
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = device.reset_peak()
         try:
-            run(tokens)
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            backend.forward(backend.synthetic_batch(tokens, seq_len))
+        except Exception as exc:
+            if not device.is_out_of_memory(exc):
+                raise
+            device.release()
             break
-        samples.append((tokens, torch.cuda.max_memory_allocated() - base))
+        samples.append((tokens, device.peak_bytes() - base))
     if not samples:
         raise RuntimeError(f"the model does not run even {sizes[0]} tokens within the memory it was given")
     largest = samples[-1][0]
-    torch.cuda.synchronize()
+    device.reset_peak()
     start = time.perf_counter()
-    run(largest)
-    torch.cuda.synchronize()
+    backend.forward(backend.synthetic_batch(largest, seq_len))
+    device.peak_bytes()  # waits for the device
     speed = largest / (time.perf_counter() - start)
-    torch.cuda.empty_cache()
+    device.release()
     return MemoryProfile(tuple(samples), speed)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The token budget of one engine's batches and the start-up line that explains it."""
+
+    tokens: int
+    report: str
+
+
+def batch_budget(backend: "Backend", revision: str, max_length: int, fraction: float | None = None,
+                 cap: int | None = None, in_child: bool = True) -> Budget:
+    """The budget for ``backend``'s batches (see the module docstring for the three cases)."""
+    if cap is not None:
+        return Budget(cap, f"batch budget {cap} tokens (--max-batch-tokens: no profile)")
+    device = backend.memory_device()
+    if device is None:
+        tokens = backend.preferred_batch_tokens
+        return Budget(tokens, f"batch budget {tokens} tokens (the {backend.name} backend's on {backend.device})")
+    fraction = settings().memory_fraction if fraction is None else fraction
+    free = device.free_bytes()
+    key = cache_key(revision, device.name, backend.dtype, backend.mode)
+    profile = load_cached(key)
+    cached = profile is not None
+    if profile is None and in_child and backend.recipe is not None:
+        profile = _profile_in_child(backend.recipe, revision, max_length, key, fraction)
+    if profile is None:
+        sizes = next_sizes(min(PROFILE_START, MAX_BATCH_TOKENS), MAX_BATCH_TOKENS)
+        profile = profile_device(backend, device, free * fraction, sizes, max_length)
+        store_cached(key, profile)
+    fixed, per_token = profile.line()
+    tokens = budget_tokens(free, fraction, fixed, per_token, maximum=MAX_BATCH_TOKENS)
+    line = report(tokens, free, fraction, profile, cached)
+    log.info("%s on %s (%s, %s): %s", revision, device.name, backend.dtype, backend.mode, line)
+    device.release()
+    return Budget(tokens, line)
+
+
+def _profile_child(recipe: "Recipe", revision: str, max_length: int, fraction: float) -> None:
+    """Entry point of the throwaway profiling process: build the backend again, profile, cache."""
+    from worker.backends.select import build
+
+    logging.basicConfig(level=logging.INFO)
+    backend = build(recipe)
+    batch_budget(backend, revision, max_length, fraction, in_child=False)
+
+
+def _profile_in_child(recipe: "Recipe", revision: str, max_length: int, key: str,
+                      fraction: float) -> MemoryProfile | None:
+    """Profile in a spawned process; ``None`` (profile here instead) when that is impossible."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=_profile_child, name="ef-memory-profile", daemon=True,
+                            args=(recipe, revision, max_length, fraction))
+    try:
+        child.start()
+        child.join(900)
+    except Exception as exc:  # e.g. no way to spawn here: profile in this process instead
+        log.warning("memory profile in a child process failed to run (%s); profiling here", exc)
+        return None
+    if child.is_alive():
+        child.kill()
+    profile = load_cached(key)
+    if profile is None:
+        log.warning("memory profile in a child process gave nothing (exit code %s); profiling here", child.exitcode)
+    return profile
 
 
 def report(budget: int, free_bytes: float, fraction: float, profile: MemoryProfile, cached: bool) -> str:

@@ -1,7 +1,9 @@
 """The engine: tokenize -> schedule -> forward -> postprocess, overlapped, shared by all tasks.
 
-* Requests are validated per item (a bad item fails alone) and tokenized in batches on a thread
-  pool; the fast tokenizer releases the GIL, so this overlaps with the device.
+* Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
+  reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
+  batches on a thread pool; the fast tokenizer releases the GIL, so this overlaps with the device.
+* The batch budget is the engine's: ``worker.engine.memory`` sizes it for the backend.
 * One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
   it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
   copy from pinned memory) while the current one runs.
@@ -22,10 +24,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from producer.jobs import MAX_INPUT_CHARS, JobKind, Options
+from producer.errors import BadInput, EngineStopped
+from producer.jobs import JobKind, Options
+from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
 from worker.backends.base import Backend, Batch
+from worker.engine import memory
 from worker.engine.scheduler import Item, Scheduler
-from worker.engine.tokenize import BatchTokenizer, Encoded, check_token_ids
+from worker.engine.tokenize import BatchTokenizer, Encoded
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores
 from worker.models.resolve import ModelInfo
 
@@ -35,13 +40,10 @@ log = logging.getLogger(__name__)
 TOKENIZE_CHUNK = 64
 
 
-class EngineStopped(RuntimeError):
-    """The engine was stopped before this request finished; its work was not done."""
-
-
 @dataclass
 class EngineResult:
-    """Per-input outputs in input order; rows of failed inputs are zero and named in ``errors``."""
+    """Per-input outputs in input order; rows of failed inputs are zero and ``errors`` holds why
+    (a reason without any position: the caller says ``input[3]`` or ``row 17``)."""
 
     kind: JobKind
     values: np.ndarray
@@ -80,17 +82,6 @@ class _TokenIds(list):
     """An input given as token ids (OpenAI clients may send these instead of text)."""
 
 
-def check_text(value: Any, field_name: str) -> str | None:
-    """Why ``value`` cannot be embedded, or ``None`` when it can."""
-    if not isinstance(value, str):
-        return f"{field_name} must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return f"{field_name} is empty; give at least one non-whitespace character"
-    if len(value) > MAX_INPUT_CHARS:
-        return f"{field_name} has {len(value)} characters, over the limit of {MAX_INPUT_CHARS}"
-    return None
-
-
 class Engine:
     """Batches inputs of all concurrent requests for one model on one device."""
 
@@ -99,6 +90,7 @@ class Engine:
         info: ModelInfo,
         backend: Backend,
         max_batch_tokens: int | None = None,
+        memory_fraction: float | None = None,
         tokenize_workers: int = 2,
         post_workers: int = 1,
     ) -> None:
@@ -107,7 +99,11 @@ class Engine:
         self.tokenizer = BatchTokenizer(info.path, info.max_length)
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
-        budget = max_batch_tokens or backend.preferred_batch_tokens
+        sized = memory.batch_budget(backend, info.revision or info.name, info.max_length, memory_fraction,
+                                    cap=max_batch_tokens)
+        #: How the batch budget was chosen (printed at start).
+        self.budget_report = sized.report
+        budget = sized.tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32))
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
@@ -119,7 +115,7 @@ class Engine:
         # backend (CPU) forms the next batch only once the device is free: forming is cheap
         # there, and an urgent item that arrives meanwhile then makes the very next batch instead
         # of waiting behind batches formed earlier (each can take most of a second on few cores).
-        self._formed = threading.Semaphore(4 if getattr(backend, "asynchronous", False) else 1)
+        self._formed = threading.Semaphore(4 if backend.asynchronous else 1)
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
@@ -193,13 +189,14 @@ class Engine:
         return self.submit(inputs, options, urgent).result(timeout)
 
     def check_options(self, options: Options) -> None:
-        """Raise ``ValueError`` for options this model cannot honour, before any work is queued."""
-        if options.dimensions is not None and self.info.kind == JobKind.embed and options.dimensions > self.info.dims:
-            raise ValueError(
-                f"dimensions={options.dimensions} is over the model's {self.info.dims} dimensions"
-            )
+        """Raise ``BadInput`` for options this model cannot honour, before any work is queued."""
+        if self.info.kind == JobKind.embed:
+            problem = dimensions_problem(options.dimensions, self.info.dims)
+            if problem is not None:
+                raise problem.error("dimensions", "=")
         if options.raw_scores and self.info.kind == JobKind.embed:
-            raise ValueError("raw_scores applies to rerank and classify models, not to an embedding model")
+            raise BadInput("raw_scores applies to rerank and classify models, not to an embedding model",
+                           param="raw_scores")
         self._prefix(options)
 
     def _prefix(self, options: Options) -> str:
@@ -208,7 +205,8 @@ class Engine:
         if options.prompt_name is not None:
             if options.prompt_name not in self.info.prompts:
                 known = ", ".join(sorted(self.info.prompts)) or "none"
-                raise ValueError(f"prompt_name {options.prompt_name!r} is not defined by the model (it has: {known})")
+                raise BadInput(f"prompt_name {options.prompt_name!r} is not defined by the model (it has: {known})",
+                               param="prompt_name")
             return self.info.prompts[options.prompt_name]
         return ""
 
@@ -216,22 +214,23 @@ class Engine:
         prefix = self._prefix(options)
         prepared: list[tuple[int, Any]] = []
         for index, value in enumerate(inputs):
+            item: Any
             if self.info.kind == JobKind.rerank:
-                if not isinstance(value, (tuple, list)) or len(value) != 2:
-                    request.errors[index] = f"input {index} must be a (query, document) pair"
-                    continue
-                problem = check_text(value[0], f"input {index} query") or check_text(value[1], f"input {index} document")
-                item: Any = (value[0], value[1])
+                problem = pair_problem(value)
+                item = None if problem else (value[0], value[1])
+                reason = problem.reason if problem else None
             elif isinstance(value, (list, tuple)):
-                problem = check_token_ids(value, self.tokenizer.vocab_size, f"input {index}")
-                if problem is None and prefix:
-                    problem = f"input {index}: a prompt cannot be put before token ids; send text instead"
+                problem = token_ids_problem(value, self.tokenizer.vocab_size)
+                reason = problem.reason if problem else None
+                if reason is None and prefix:
+                    reason = "a prompt cannot be put before token ids; send text instead"
                 item = _TokenIds(value)
             else:
-                problem = check_text(value, f"input {index}")
-                item = prefix + value if problem is None else None
-            if problem:
-                request.errors[index] = problem
+                problem = text_problem(value)
+                reason = problem.reason if problem else None
+                item = prefix + value if reason is None else None
+            if reason:
+                request.errors[index] = reason
             else:
                 prepared.append((index, item))
         return prepared
@@ -261,8 +260,7 @@ class Engine:
             request.truncated[index] = enc.truncated
             if enc.truncated and not request.options.truncate:
                 request.errors[index] = (
-                    f"input {index} is longer than the model's maximum of {self.info.max_length} tokens "
-                    "(set truncate=true to cut it)"
+                    f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
                 )
                 rejected += 1
                 continue
@@ -321,11 +319,8 @@ class Engine:
 
     def _stage(self, batch: Batch) -> None:
         """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
-        stage = getattr(self.backend, "stage", None)
-        if stage is None:
-            return
         try:
-            batch.staged = stage(batch)
+            batch.staged = self.backend.stage(batch)
         except Exception as exc:  # e.g. out of memory while the running batch peaks
             log.debug("staging a batch failed (%s); it is copied when it runs", exc)
             batch.staged = None
@@ -358,7 +353,7 @@ class Engine:
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
         try:
-            wait = self._launch(batch)
+            wait = self.backend.launch(batch)
         except Exception as exc:
             self._in_flight.release()
             if self.backend.is_out_of_memory(exc):
@@ -372,13 +367,6 @@ class Engine:
         self.stats["tokens"] += batch.n_real_tokens
         self.stats["padded_tokens"] += int(batch.input_ids.size)
         self._post_pool.submit(self._complete_batch, slots, batch, wait)
-
-    def _launch(self, batch: Batch) -> Callable[[], np.ndarray]:
-        launch = getattr(self.backend, "launch", None)
-        if launch is not None:
-            return launch(batch)
-        output = self.backend.forward(batch)
-        return lambda: output
 
     def _complete_batch(self, slots: list[_Slot], batch: Batch, wait: Callable[[], np.ndarray]) -> None:
         try:
@@ -395,10 +383,7 @@ class Engine:
     def _split_after_oom(self, slots: list[_Slot], error: BaseException) -> None:
         if len(slots) == 1:
             slot = slots[0]
-            self._fail_item(
-                slot,
-                f"input {slot.index} ({slot.encoded.n_tokens} tokens) does not fit in device memory on its own",
-            )
+            self._fail_item(slot, f"this input ({slot.encoded.n_tokens} tokens) does not fit in device memory on its own")
             return
         self.stats["oom_splits"] += 1
         half = len(slots) // 2
@@ -435,7 +420,7 @@ class Engine:
                     if np.isfinite(row).all():
                         request.raw[index] = row
                     else:
-                        request.errors[index] = f"input {index} gave non-finite outputs even in a wider type"
+                        request.errors[index] = "gave non-finite outputs even in a wider type"
             self._complete(request, len(rows))
 
     def _complete(self, request: _Request, count: int) -> None:
@@ -459,8 +444,7 @@ class Engine:
         options = request.options
         raw = request.raw if request.raw is not None else np.zeros((request.size, self.info.dims), np.float32)
         if self.info.kind == JobKind.embed:
-            normalize = self.info.normalize if options.normalize is None else options.normalize
-            values = finish_embeddings(raw, normalize, options.dimensions)
+            values = finish_embeddings(raw, self.normalizes(options), options.dimensions)
         elif self.info.kind == JobKind.rerank:
             values = rerank_scores(raw, options.raw_scores)
         elif options.raw_scores:
@@ -477,6 +461,14 @@ class Engine:
             errors=dict(sorted(request.errors.items())),
             labels=self.info.labels,
         )
+
+    def normalizes(self, options: Options) -> bool:
+        """Whether vectors leave L2-normalized: as asked, else the model's files say; and always
+        after a Matryoshka cut, unless the caller said no (a cut vector is not unit length)."""
+        if options.normalize is not None:
+            return options.normalize
+        truncates = options.dimensions is not None and options.dimensions < self.info.dims
+        return self.info.normalize or truncates
 
     def _fail_item(self, slot: _Slot, message: str) -> None:
         with slot.request.lock:

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from producer.errors import UnsupportedModel
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -36,7 +38,7 @@ class BatchTokenizer:
 
         hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         if not getattr(hf, "is_fast", False):
-            raise ValueError(f"model at {path}: only fast (Rust) tokenizers are supported")
+            raise UnsupportedModel(f"model at {path}: only fast (Rust) tokenizers are supported")
         self.pad_id = int(hf.pad_token_id if hf.pad_token_id is not None else 0)
         self.max_length = max_length
         self.vocab_size = len(hf)
@@ -84,14 +86,3 @@ class BatchTokenizer:
                                truncated=len(ids) > room))
         return out
 
-
-def check_token_ids(value: object, vocab_size: int, field_name: str) -> str | None:
-    """Why ``value`` is not a usable list of token ids, or ``None`` when it is."""
-    if not isinstance(value, (list, tuple)) or not value:
-        return f"{field_name} must be a non-empty list of token ids"
-    for token in value:
-        if isinstance(token, bool) or not isinstance(token, int):
-            return f"{field_name} must hold integers only, got {type(token).__name__}"
-        if not 0 <= token < vocab_size:
-            return f"{field_name} holds token id {token}, outside the vocabulary [0, {vocab_size})"
-    return None

@@ -1,7 +1,9 @@
-"""Host engines and run a Celery worker for them: in a thread (embedded) or in the foreground.
+"""Host engines and run a Celery worker for them, for the embedded default and for the fleet.
 
-The embedded default uses the in-memory transport, so ``embedfleet run`` goes through the very
-same producer -> queue -> task -> engine -> sink path as a fleet, with nothing else installed.
+``InProcessWorker`` loads the engines a worker hosts and consumes their queues: on a thread
+with the in-memory transport for ``embedfleet run`` and ``serve`` in embedded mode (so the very
+same producer -> queue -> task -> engine -> sink path runs with nothing else installed), or in
+the foreground on a real broker for ``embedfleet worker``.
 """
 
 from __future__ import annotations
@@ -19,20 +21,19 @@ from typing import Any, Callable
 from celery import Celery
 from kombu import Exchange, Queue
 
-from producer.broker import MEMORY_BROKER, declare_queue, env_int
+from producer.broker import MEMORY_BROKER, declare_queue
 from producer.jobs import inline_queue_name, queue_name
+from producer.settings import settings
+from worker.backends.select import Selection, load_backend
+from worker.engine.pipeline import Engine
 from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
-from worker.backends import load_backend
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
-from worker.engine.pipeline import Engine
+from worker.hosting.stop import begin_stop, reset_stop
 from worker.models.resolve import describe
 
 log = logging.getLogger(__name__)
-
-#: After a stop is asked for, the process exits by this many seconds whatever still runs.
-STOP_GRACE_S = 20
 
 
 @dataclass
@@ -41,23 +42,24 @@ class WorkerSpec:
 
     models: list[str | None] = field(default_factory=lambda: [None])
     device: str = "auto"
-    backend: str = field(default_factory=lambda: os.environ.get("EMBEDFLEET_BACKEND", "auto"))
-    dtype: str = "auto"
+    backend: str = field(default_factory=lambda: settings().backend)
+    dtype: str = field(default_factory=lambda: settings().dtype)
     concurrency: int = 4
     #: Pool threads kept for inline calls beside the ``concurrency`` shard slots (``worker.hosting.lanes``).
-    inline_slots: int = 4
+    inline_slots: int = field(default_factory=lambda: settings().inline_slots)
     max_batch_tokens: int | None = None
     memory_fraction: float | None = None
 
 
-def load_engine(model: str | None, spec: WorkerSpec) -> Engine:
-    """Resolve and load one model into a started engine, registered for the tasks."""
+def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]:
+    """Resolve and load one model into a started engine, registered for the tasks; also returns
+    how its backend was chosen (the table of candidates under ``--backend auto``)."""
     info = describe(model)
-    options = {"memory_fraction": spec.memory_fraction} if spec.memory_fraction is not None else {}
-    backend = load_backend(spec.backend, info, spec.device, spec.dtype, **options)
-    engine = Engine(info, backend, max_batch_tokens=spec.max_batch_tokens).start()
+    selection = load_backend(spec.backend, info, spec.device, spec.dtype)
+    engine = Engine(info, selection.backend, max_batch_tokens=spec.max_batch_tokens,
+                    memory_fraction=spec.memory_fraction).start()
     runtime.register(engine, model)
-    return engine
+    return engine, selection
 
 
 def queues_for(engines: list[Engine], refs: list[str | None]) -> list[str]:
@@ -91,7 +93,7 @@ class InProcessWorker:
     With a real broker, ``start()`` called on the main thread also takes over SIGTERM and
     SIGINT: the first one interrupts whatever runs (model loading included) with
     ``KeyboardInterrupt``; ``stop()`` then gives unfinished shards back to the queue, and a
-    watchdog ends the process after ``EMBEDFLEET_STOP_GRACE`` seconds (default 20) if anything
+    watchdog ends the process after the ``EMBEDFLEET_STOP_GRACE`` setting's seconds if anything
     hangs. A second signal exits at once.
     """
 
@@ -101,6 +103,8 @@ class InProcessWorker:
         self.broker = broker
         self.app: Celery = create_app(broker, backend, prefetch=1)
         self.engines: list[Engine] = []
+        #: How each engine's backend was chosen, in the order of ``engines``.
+        self.selections: list[Selection] = []
         self.queues: list[str] = []  # shard queues
         self.inline_queues: list[str] = []
         self._controller: Any = None
@@ -113,7 +117,9 @@ class InProcessWorker:
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
-        self.engines = [load_engine(model, self.spec) for model in self.spec.models]
+        loaded = [load_engine(model, self.spec) for model in self.spec.models]
+        self.engines = [engine for engine, _ in loaded]
+        self.selections = [selection for _, selection in loaded]
         self.queues = queues_for(self.engines, self.spec.models)
         self.inline_queues = inline_queues_for(self.engines, self.spec.models)
         consume_without_acks(self.app, self.inline_queues)
@@ -174,8 +180,8 @@ class InProcessWorker:
             os._exit(128 + signum)
         self._signalled.set()
         log.warning("signal %d: stopping (unfinished work goes back to the queue)", signum)
-        poison.begin_stop()
-        _arm_watchdog(env_int("EMBEDFLEET_STOP_GRACE", STOP_GRACE_S, minimum=1))
+        begin_stop()
+        _arm_watchdog(settings().stop_grace)
         raise KeyboardInterrupt
 
     def serve_forever(self, on_ready: Callable[["InProcessWorker"], None] | None = None) -> int:
@@ -214,7 +220,7 @@ class InProcessWorker:
         """Stop taking messages, then stop the engines (in-flight shards fail fast and go back to
         their queue; in-flight inline calls are sent again), then the consumer. Consumption ends
         first so that what goes back is taken by another worker, not by this one on its way out."""
-        poison.begin_stop()
+        begin_stop()
         if self._sweeper is not None:
             self._sweeper.stop()
         try:
@@ -226,7 +232,7 @@ class InProcessWorker:
             if self._thread is not None:
                 self._thread.join(10)
         finally:
-            poison.reset_stop()
+            reset_stop()
 
     def _stop_consuming(self) -> None:
         """Cancel this worker's queues through Celery's remote control (run by the consumer's own

@@ -18,17 +18,11 @@ from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK, MODELS_COMMAND
 from producer.jobs import inline_queue_name, queue_name
+from worker.engine.pipeline import Engine
 from worker.hosting import registry as runtime
 
-#: The name of the broadcast command; the facade sends it with ``app.control.broadcast``.
 
-#: Whether an engine accepts token-id arrays as inputs (``list[int]`` items) is its attribute
-#: ``accepts_token_ids`` (absent: no). The facade reads it per model and answers token-id
-#: requests with a clear 400 until the engine takes ids.
-TOKEN_IDS_ATTRIBUTE = "accepts_token_ids"
-
-
-def describe_engine(engine: Any) -> dict[str, Any]:
+def describe_engine(engine: Engine) -> dict[str, Any]:
     """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats."""
     info = engine.info
     return {
@@ -46,7 +40,7 @@ def describe_engine(engine: Any) -> dict[str, Any]:
         "dtype": engine.backend.dtype,
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,
-        "token_ids": bool(getattr(engine, TOKEN_IDS_ATTRIBUTE, False)),
+        "token_ids": engine.accepts_token_ids,
         "stats": {key: int(value) for key, value in dict(engine.stats).items()},
     }
 

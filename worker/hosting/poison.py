@@ -143,20 +143,3 @@ def deliveries_for(broker_url: str) -> Deliveries:
                 counter = LocalDeliveries()
             _counters[broker_url] = counter
         return counter
-
-
-# ---------------------------------------------------------------------------- stopping
-_stopping = threading.Event()
-
-
-def begin_stop() -> None:
-    """The worker is shutting down: tasks give their shards back instead of failing them."""
-    _stopping.set()
-
-
-def stopping() -> bool:
-    return _stopping.is_set()
-
-
-def reset_stop() -> None:
-    _stopping.clear()

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import threading
 
+from producer.errors import BadInput, ModelNotServed
 from producer.jobs import JobKind, model_slug
 from worker.engine.pipeline import Engine
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
-
-
-class ModelNotServed(LookupError):
-    """A job named a model this worker does not host (a routing mistake, not a bad input)."""
 
 
 def register(engine: Engine, *aliases: str | None) -> None:
@@ -46,7 +43,7 @@ def engine_for(model: str, kind: JobKind | None = None) -> Engine:
     if engine is None:
         raise ModelNotServed(f"model {model!r} is not hosted by this worker (it hosts: {hosted})")
     if kind is not None and engine.info.kind != kind:
-        raise ValueError(
+        raise BadInput(
             f"model {model!r} is a {engine.info.kind.value} model; it cannot run a {kind.value} job"
         )
     return engine

@@ -17,7 +17,8 @@ import threading
 
 from celery import Celery
 
-from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK, env_int
+from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK
+from producer.settings import settings
 from producer.jobs import MANIFEST, PARTS_DIR, marker_name
 from producer.storage import exists, list_names, locate
 
@@ -35,7 +36,7 @@ class Sweeper:
         self.app = app
         self.queues = set(queues)
         self.redis = redis.Redis.from_url(broker, socket_connect_timeout=5, socket_timeout=10)
-        self.interval = env_int("EMBEDFLEET_SWEEP_INTERVAL", 30, minimum=1)
+        self.interval = settings().sweep_interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ef-sweeper", daemon=True)
 

@@ -1,6 +1,9 @@
 """One thin task per message kind: validate -> engine -> sink.
 
-The embedded default and the fleet run exactly these tasks; only the broker differs.
+The embedded default and the fleet run exactly these tasks; only the broker differs. An inline
+call that the worker refuses (bad input, an option the model cannot honour) is answered with the
+error's code in the result, never a pickled exception; a shard is parked only on errors that mean
+its data is bad (``producer.errors``: ``permanent``), and given back on everything else.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed
 from producer.jobs import (
-    ClassifyJob,
-    EmbedJob,
     InlineJob,
     InlineResult,
     JobKind,
@@ -28,12 +30,12 @@ from producer.jobs import (
     ShardReport,
     part_name,
 )
-from producer.sources import SourceError, read_shard
+from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
 from worker.hosting import poison
 from worker.hosting import registry as runtime
-from worker.engine.pipeline import EngineStopped
+from worker.hosting.stop import stopping
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,13 @@ def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+def refused(payload: dict[str, Any], error: EmbedfleetError) -> dict[str, Any]:
+    """The answer to an inline call the worker refused: the error's code and message."""
+    kind = payload.get("kind") if payload.get("kind") in {k.value for k in JobKind} else JobKind.embed.value
+    return InlineResult(kind=JobKind(kind), model=str(payload.get("model", "")),
+                        error=error.to_wire()).model_dump(mode="json")
+
+
 def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     """Embed one shard of a bulk job into ``part-NNNNN.parquet``, unless it is already done."""
     job = ShardJob.model_validate(payload)
@@ -85,8 +94,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     errors = _row_errors(job, rows, result.errors)
     failed = {e.row - job.shard.row_start for e in errors}
     keep = [i for i in range(len(rows.values)) if i not in failed]
+    normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
-                               normalize=job.options.normalize if engine.info.kind == JobKind.embed else None)
+                               normalize=normalized)
     sinks.write_part(job.out, job.shard.index, table)
     report = ShardReport(
         index=job.shard.index,
@@ -103,14 +113,14 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
 
 
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
-    """Engine errors, re-worded with the row number, id and the source column they concern."""
+    """Engine errors with the row number (counted from 0), id and the source column they concern."""
     field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
     ids = rows.ids.to_pylist()
     out = []
-    for offset, message in sorted(engine_errors.items()):
+    for offset, reason in sorted(engine_errors.items()):
         row = job.shard.row_start + offset
-        reason = rows.parse_errors.get(row) or message.replace(f"input {offset}", f"row {row}")
-        out.append(RowError(row=row, id=ids[offset], field=field, reason=reason))
+        text = rows.parse_errors.get(row) or f"row {row}: {reason}"
+        out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
     return out
 
 
@@ -118,22 +128,26 @@ def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list
 def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """An inline call caught by a worker's stop is sent again at once, under the same id, so
     another worker answers it before its deadline (its queue keeps no unacknowledged copy to
-    fall back on: ``producer.jobs.inline_queue_name``)."""
+    fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
         return run_inline(payload)
-    except (EngineStopped, runtime.ModelNotServed) as exc:
-        if isinstance(exc, runtime.ModelNotServed) and not poison.stopping():
-            raise  # sent to a queue this worker does not serve: a real error
-        log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
-                    self.request.id)
-        raise self.retry(exc=exc, countdown=0)
+    except (EngineStopped, ModelNotServed) as exc:
+        if isinstance(exc, EngineStopped) or stopping():
+            log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
+                        self.request.id)
+            raise self.retry(exc=exc, countdown=0)
+        return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
+    except ValidationError as exc:
+        return refused(payload, BadInput(f"the job message is not valid: {exc.errors()[0].get('msg')}"))
+    except EmbedfleetError as exc:
+        return refused(payload, exc)
 
 
 @shared_task(name=SHARD_TASK, bind=True)
 def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Count the delivery, park the shard after too many, else run it; never lose it on a stop."""
     job = ShardJob.model_validate(payload)
-    if poison.stopping():
+    if stopping():
         raise Reject("the worker is stopping", requeue=True)
     counter = poison.current()
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
@@ -157,14 +171,27 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
 
 
+def is_permanent(exc: BaseException) -> bool:
+    """Whether no retry can fix this failure, so the shard is parked at once with the reason.
+
+    Bad data (``producer.errors``'s permanent errors, a message that does not validate) is; so is
+    running out of host memory, since a shard is never retried whole after it (the engine splits
+    batches itself). A bug (a ``KeyError`` or ``TypeError`` of ours) is not: it is retried, and
+    parked only after every delivery failed, with the reason.
+    """
+    if isinstance(exc, EmbedfleetError):
+        return exc.permanent
+    return isinstance(exc, (ValidationError, MemoryError))
+
+
 def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, limit: int,
                    exc: Exception) -> dict[str, Any]:
     """Give the shard back (stop, transient error) or park it (permanent error, last delivery)."""
-    if poison.stopping() or isinstance(exc, EngineStopped):
+    if stopping() or isinstance(exc, EngineStopped):
         counter.give_back(task_id)
         raise Reject("the worker is stopping", requeue=True) from exc
     reason = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, PERMANENT_ERRORS):
+    if is_permanent(exc):
         log.warning("shard %d of job %s cannot succeed: %s", job.shard.index, job.job_id, reason)
         return park(job, reason, deliveries)
     log.warning("shard %d of job %s failed on delivery %d of %d: %s", job.shard.index, job.job_id,
@@ -174,11 +201,6 @@ def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, l
     counter.note_failure(task_id, reason)
     time.sleep(min(10.0, 2.0 * deliveries))  # a transient failure gets a moment before the retry
     raise Reject(reason, requeue=True) from exc
-
-
-#: Failures that no retry can fix: the shard is parked at once, with the reason. Out of memory
-#: is among them: a shard is never retried whole after it (the engine splits batches itself).
-PERMANENT_ERRORS = (SourceError, ValidationError, ValueError, TypeError, KeyError, MemoryError)
 
 
 def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
@@ -197,8 +219,5 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
 def _revision(model: str) -> str | None:
     try:
         return runtime.engine_for(model).info.revision
-    except runtime.ModelNotServed:
+    except ModelNotServed:
         return None
-
-
-__all__ = ["inline_task", "shard_task", "run_inline", "run_shard", "EmbedJob", "ClassifyJob"]

@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.jobs import JobKind, model_slug
+from producer.errors import ModelNotFound
+from producer.jobs import DEFAULT_MODEL, JobKind, model_slug
+from producer.settings import hf_offline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower(), "default"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx")
 _POOLING_KEYS = {
@@ -31,10 +31,6 @@ _POOLING_KEYS = {
     "pooling_mode_lasttoken": "lasttoken",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
 }
-
-
-class ModelNotFound(LookupError):
-    """The reference names no model this machine can load; the message says what was tried."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    offline = hf_offline()
     try:
         return Path(snapshot_download(repo_id, local_files_only=offline))
     except HFValidationError as exc:

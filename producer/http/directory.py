@@ -1,0 +1,253 @@
+"""What is served, learned from the workers in the background, so no request waits for it.
+
+The facade asks every worker what it hosts (a broadcast control command, or the
+``embedfleet.info`` task on transports without broadcast) every few seconds, counts the queued
+messages of each model (the 429 backpressure reads the count), and resolves the model a
+request names against the last answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from producer.broker import INFO_TASK, MODELS_COMMAND, declare_queue
+from producer.http.errors import bad, not_found, unavailable
+from producer.http.metrics import WorkerSample
+from producer.http.schemas import ModelCard
+from producer.http.settings import FacadeSettings
+from producer.jobs import INLINE_SUFFIX, JobKind, inline_queue_name, model_slug
+
+log = logging.getLogger(__name__)
+
+KINDS = {kind.value for kind in JobKind}
+#: How often the directory thread counts queued messages (the 429 backpressure reads the count).
+DEPTH_EVERY_S = 0.5
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model some worker answered for, merged over the workers that host it."""
+
+    id: str
+    ref: str
+    kind: str
+    queue: str
+    inline_queue: str
+    dimensions: int
+    max_length: int
+    labels: tuple[str, ...]
+    backend: str
+    device: str
+    dtype: str
+    token_ids: bool
+    workers: tuple[str, ...]
+    stats: dict[str, int]
+
+    def names(self) -> set[str]:
+        return {self.id, self.ref, model_slug(self.id), model_slug(self.ref)}
+
+
+def parse_wanted(entry: str) -> tuple[str | None, str]:
+    """``kind:ref`` or ``ref``; a Windows drive letter is not a kind."""
+    head, sep, tail = entry.partition(":")
+    if sep and head in KINDS and tail:
+        return head, tail
+    return None, entry
+
+
+def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, ServedModel]:
+    """Per queue: one entry, listing every worker that serves it and their summed batch stats."""
+    merged: dict[str, ServedModel] = {}
+    for worker, models in answers:
+        for d in models:
+            queue = str(d["queue"])
+            stats = {k: int(v) for k, v in (d.get("stats") or {}).items()}
+            previous = merged.get(queue)
+            if previous is not None:
+                stats = {k: stats.get(k, 0) + previous.stats.get(k, 0) for k in set(stats) | set(previous.stats)}
+            workers = (previous.workers if previous else ()) + (worker,)
+            merged[queue] = ServedModel(
+                id=str(d["id"]), ref=str(d.get("ref") or d["id"]), kind=str(d["kind"]), queue=queue,
+                inline_queue=str(d.get("inline_queue") or queue + INLINE_SUFFIX),
+                dimensions=int(d["dimensions"]), max_length=int(d["max_length"]), labels=tuple(d.get("labels") or ()),
+                backend=str(d["backend"]), device=str(d["device"]), dtype=str(d["dtype"]),
+                token_ids=bool(d.get("token_ids", False)), workers=workers, stats=stats,
+            )
+    return merged
+
+
+class Directory:
+    """What is served, refreshed in the background; requests read the last answer and never wait."""
+
+    def __init__(self, app: Any, settings: FacadeSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.wanted = [parse_wanted(entry) for entry in settings.models]
+        self.models: dict[str, ServedModel] = {}
+        self.depths: dict[str, int] = {}
+        self.refreshed_at = 0.0
+        self.first = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self._use_broadcast = settings.discovery != "task"
+        self._created = int(time.time())
+
+    # -- asking the workers
+    def _broadcast(self) -> bool:
+        mode = self.settings.discovery
+        if mode != "auto":
+            return mode == "broadcast"
+        with self.app.connection_for_read() as conn:
+            return bool(conn.transport.implements.exchange_type & {"fanout"})
+
+    def ask(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """One round of answers: ``(worker, [model descriptions])``."""
+        timeout = self.settings.discovery_timeout_s
+        if self._use_broadcast:
+            replies = self.app.control.broadcast(MODELS_COMMAND, reply=True, timeout=timeout) or []
+            return [(worker, answer.get("models", [])) for reply in replies for worker, answer in reply.items()
+                    if isinstance(answer, dict)]
+        answers = []
+        for kind, ref in self.wanted:  # no broadcast (SQS): ask on each wanted model's queue
+            queue = inline_queue_name(kind or JobKind.embed.value, ref)
+            declare_queue(self.app, queue)
+            result = self.app.send_task(INFO_TASK, queue=queue, expires=max(timeout * 4, 5.0))
+            try:
+                answers.append((f"worker@{queue}", result.get(timeout=timeout, disable_sync_subtasks=False)))
+            except Exception:  # no worker answered in time: the model is simply not served now
+                pass
+            finally:
+                result.forget()
+        return answers
+
+    def queue_depths(self, queues: list[str]) -> dict[str, int]:
+        """Messages waiting per queue (LLEN on Redis, qsize in memory, SQS's approximate count).
+
+        Uses one connection kept by the directory thread; a queue that cannot be counted is left out.
+        """
+        if self._conn is None:
+            self._conn = self.app.connection_for_read()
+        channel = self._conn.default_channel
+        size = getattr(channel, "_size", None)
+        if size is None:  # not a kombu virtual transport: depth unknown
+            return {}
+        depths: dict[str, int] = {}
+        for queue in queues:
+            try:
+                depths[queue] = int(size(queue))
+            except Exception as exc:
+                log.debug("cannot count queue %s: %s", queue, exc)
+        return depths
+
+    def depths_of(self, queue: str) -> int | None:
+        """The last count of messages waiting in ``queue`` (``None``: not known)."""
+        return self.depths.get(queue)
+
+    def sample_depths(self) -> None:
+        try:
+            self.depths = self.queue_depths(sorted({q for m in self.models.values() for q in (m.queue, m.inline_queue)}))
+        except Exception as exc:  # a broker hiccup: drop the connection, try again next round
+            log.debug("queue depths unavailable: %s", exc)
+            self.depths = {}
+            self._close_conn()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                pass
+            self._conn = None
+
+    def refresh(self) -> None:
+        try:
+            models = merge_answers(self.ask())
+        except Exception as exc:  # a broker hiccup: keep serving what we knew, say so in the log
+            log.warning("could not ask the workers what they serve: %s", exc)
+            return
+        self.models = models
+        self.refreshed_at = time.monotonic()
+        self.first.set()
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._use_broadcast = self._broadcast()
+        self._thread = threading.Thread(target=self._loop, name="ef-facade-directory", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        """Models every ``refresh_s``; queue depths (for backpressure) every ``DEPTH_EVERY_S``."""
+        next_models = 0.0
+        try:
+            while not self._stop.is_set():
+                if time.monotonic() >= next_models:
+                    self.refresh()
+                    next_models = time.monotonic() + self.settings.refresh_s
+                self.sample_depths()
+                self._stop.wait(DEPTH_EVERY_S)
+        finally:
+            self._close_conn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.settings.discovery_timeout_s + 2)
+
+    # -- lookups
+    def fresh(self) -> bool:
+        return self.first.is_set() and time.monotonic() - self.refreshed_at < 3 * self.settings.refresh_s + 5
+
+    def served(self) -> list[ServedModel]:
+        """Served models, restricted to the wanted ones when the facade was given a list."""
+        models = list(self.models.values())
+        if not self.wanted:
+            return models
+        return [m for m in models if any(self._matches(m, kind, ref) for kind, ref in self.wanted)]
+
+    @staticmethod
+    def _matches(model: ServedModel, kind: str | None, name: str) -> bool:
+        return (kind is None or kind == model.kind) and bool(model.names() & {name, model_slug(name)})
+
+    def resolve(self, name: str | None, kind: JobKind, route: str) -> ServedModel:
+        """The served model a request names; errors say what is served instead."""
+        served = self.served()
+        if name is None:
+            of_kind = [m for m in served if m.kind == kind.value]
+            if len(of_kind) == 1:
+                return of_kind[0]
+            if not of_kind:
+                raise not_found(f"no {kind.value} model is served here")
+            listed = ", ".join(sorted(m.id for m in of_kind)) or "none"
+            raise bad(f"model: required when this server does not serve exactly one {kind.value} model "
+                       f"(served: {listed})", "model")
+        matches = [m for m in served if self._matches(m, None, name)]
+        exact = [m for m in matches if m.kind == kind.value]
+        if exact:
+            return exact[0]
+        if matches:
+            raise bad(f"model {name!r} is a {matches[0].kind} model; {route} needs a {kind.value} model", "model",
+                       "wrong_model_kind")
+        if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
+            raise unavailable(f"no worker for model {name!r} answers right now; retry later", "no_worker", "model",
+                              int(self.settings.refresh_s) + 1)
+        listed = ", ".join(sorted(m.id for m in served)) or "none"
+        raise not_found(f"model {name!r} is not served here (served: {listed})")
+
+    def card(self, model: ServedModel) -> ModelCard:
+        return ModelCard(id=model.id, created=self._created, kind=model.kind, capabilities=[model.kind],
+                         dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
+                         backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers))
+
+    def samples(self) -> list[WorkerSample]:
+        return [WorkerSample(model=m.id, kind=m.kind, queue=m.queue, workers=len(m.workers),
+                             queue_depth=self.depths.get(m.queue), inline_queue=m.inline_queue,
+                             inline_queue_depth=self.depths.get(m.inline_queue), batches=m.stats.get("batches", 0),
+                             items=m.stats.get("items", 0), tokens=m.stats.get("tokens", 0),
+                             padded_tokens=m.stats.get("padded_tokens", 0))
+                for m in self.served()]
+
+

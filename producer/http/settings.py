@@ -1,0 +1,28 @@
+"""The limits and behaviour of one facade (``embedfleet serve``'s options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from producer.rules import MAX_INLINE_INPUTS, MAX_INPUT_CHARS
+
+
+@dataclass
+class FacadeSettings:
+    """Limits and behaviour of one facade; the defaults suit a single small worker."""
+
+    models: list[str] = field(default_factory=list)
+    """Models this facade serves (``ref`` or ``kind:ref``); empty: whatever workers answer."""
+    api_key: str | None = None
+    timeout_s: float = 30.0
+    max_inflight: int = 256
+    max_queue_depth: int = 1024
+    max_inputs: int = MAX_INLINE_INPUTS
+    max_chars: int = MAX_INPUT_CHARS
+    max_body_bytes: int = 8 * 1024 * 1024
+    jobs_per_worker: int = 4
+    """Jobs in flight per worker and model; past it, concurrent requests wait and leave merged."""
+    refresh_s: float = 5.0
+    discovery_timeout_s: float = 0.5
+    discovery: Literal["auto", "broadcast", "task"] = "auto"

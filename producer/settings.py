@@ -1,0 +1,185 @@
+"""Every setting that comes from the environment, declared once: name, type, default, meaning.
+
+Why one module: a fleet is configured the same way on every machine, so the environment is
+part of embedfleet's interface. Each ``EMBEDFLEET_*`` variable is a field of ``Settings``
+(pydantic-settings: typed, validated, one boolean parser), read fresh whenever the environment
+changed, and a bad value is an error naming the variable. The other variables embedfleet
+honours (AWS endpoints and region, ``HF_HUB_OFFLINE``, ``OMP_NUM_THREADS``, the Neuron runtime's
+and AWS Batch's) are read through the functions at the bottom, so no other module touches
+``os.environ``. The CLI's options name their variable from here (``Settings.env_name``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, TypeAdapter, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.errors import SettingsError
+
+PREFIX = "EMBEDFLEET_"
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "embedfleet"
+
+
+class Settings(BaseSettings):
+    """``EMBEDFLEET_<FIELD>`` for each field (the README's configuration table lists them)."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+
+    # -- where work goes
+    broker: str | None = Field(None, description="Broker URL: redis://, rediss:// or sqs://; none: in-process")
+    result_backend: str | None = Field(None, description="Where inline results travel (default: the Redis broker)")
+    # -- how a worker runs
+    backend: str = Field("auto", description="auto, torch, onnx or neuron")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16 or int8 (onnx only)")
+    memory_fraction: float = Field(0.8, gt=0.0, le=1.0,
+                                   description="GPU: share of free memory the profiled batch budget may use")
+    inline_slots: int = Field(4, ge=1, description="Inline calls in flight beside the shards (worker)")
+    stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
+    approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
+                                   "(0: exact erf GELU, ~10% slower on long texts)")
+    torch_compile: bool = Field(False, description="CPU torch backend: torch.compile the model "
+                                "(~20% faster, tens of seconds more at start)")
+    cache: Path = Field(default_factory=_default_cache,
+                        validation_alias=AliasChoices(PREFIX + "CACHE", PREFIX + "CACHE_DIR"),
+                        description="Cache root: ONNX exports, batch-budget profiles, backend choices, "
+                        "Neuron graphs (EMBEDFLEET_CACHE_DIR is read as an old name of it)")
+    # -- the fleet's reliability rules
+    visibility_timeout: int = Field(3600, ge=1, description="Seconds before an unacknowledged message "
+                                    "is delivered again (longer than any shard)")
+    max_deliveries: int = Field(3, ge=1, description="Deliveries after which a shard is parked")
+    sweep_interval: int = Field(30, ge=1, description="Redis: seconds between checks for shard messages "
+                                "the broker lost")
+    # -- SQS
+    sqs_region: str | None = Field(None, description="SQS region (else AWS_REGION / AWS_DEFAULT_REGION, "
+                                   "else us-east-1)")
+    sqs_wait: int = Field(10, ge=0, le=20, description="SQS long-polling seconds (SQS allows at most 20)")
+    sqs_create_queues: bool = Field(True, description="Create a missing SQS queue with its dead-letter queue")
+    # -- the facade
+    api_key: str | None = Field(None, description="serve: require 'Authorization: Bearer KEY'")
+    # -- Inferentia2
+    neuron_cache: str | None = Field(None, description="Compiled Neuron graphs: a folder or s3:// prefix "
+                                     "(default: <cache>/neuron)")
+    neuron_batch_sizes: str | None = Field(None, description="Neuron batch buckets, e.g. 1,4,8,16,32")
+    neuron_seq_lens: str | None = Field(None, description="Neuron sequence buckets, e.g. 64,128,256,512")
+    # -- array jobs
+    job_manifest: str | None = Field(None, description="shard: the job's _job.json (or its folder)")
+    index_offset: int = Field(0, ge=0, description="shard: added to the array index")
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The variable a field is read from (for CLI options that show it)."""
+        if field not in cls.model_fields:
+            raise KeyError(f"no setting {field!r}")
+        return PREFIX + field.upper()
+
+
+def _snapshot() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(PREFIX)))
+
+
+@lru_cache(maxsize=8)
+def _load(snapshot: tuple[tuple[str, str], ...]) -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, dict(snapshot))) from None
+
+
+def _explain(exc: ValidationError, values: dict[str, str]) -> str:
+    """``EMBEDFLEET_X='v': why`` for each bad variable."""
+    parts = []
+    for error in exc.errors():
+        field = str(error.get("loc", ("?",))[0])
+        name = field.upper() if field.upper().startswith(PREFIX) else PREFIX + field.upper()
+        raw = next((v for k, v in values.items() if k.upper() == name), None)
+        parts.append(f"{name}={raw!r}: {error.get('msg')}")
+    return "; ".join(parts)
+
+
+def settings() -> Settings:
+    """The settings as the environment says now (re-read only when an ``EMBEDFLEET_*`` changed)."""
+    return _load(_snapshot())
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the one cache root."""
+    return settings().cache.expanduser().joinpath(*parts)
+
+
+# ---------------------------------------------------------------------------- other variables
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+
+
+def flag(raw: str | None, name: str = "value") -> bool:
+    """The one boolean parser for variables outside ``Settings`` (``1/true/yes/on``, ``0/false/no/off``)."""
+    if raw is None or not raw.strip():
+        return False
+    try:
+        return _BOOL.validate_python(raw.strip())
+    except ValidationError:
+        raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)") from None
+
+
+def env(name: str) -> str | None:
+    """A variable embedfleet honours but does not own (AWS_*, HF_HUB_OFFLINE, NEURON_RT_*, ...)."""
+    value = os.environ.get(name)
+    return value if value is None or value.strip() else None
+
+
+def set_env(name: str, value: str, *, overwrite: bool = True) -> None:
+    """Set a variable for libraries that read it themselves (the Neuron runtime, tokenizers)."""
+    if overwrite or name not in os.environ:
+        os.environ[name] = value
+
+
+def hf_offline() -> bool:
+    """``HF_HUB_OFFLINE``: resolve hub ids from the local cache only."""
+    return flag(env("HF_HUB_OFFLINE"), "HF_HUB_OFFLINE")
+
+
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is a positive integer (it overrides the cores counted)."""
+    raw = env("OMP_NUM_THREADS")
+    return int(raw) if raw and raw.isdigit() and int(raw) > 0 else None
+
+
+def aws_endpoint(service: str) -> str | None:
+    """``AWS_ENDPOINT_URL_<SERVICE>`` or ``AWS_ENDPOINT_URL`` (moto, MinIO, LocalStack)."""
+    return env(f"AWS_ENDPOINT_URL_{service.upper()}") or env("AWS_ENDPOINT_URL")
+
+
+def aws_region() -> str | None:
+    return env("AWS_REGION") or env("AWS_DEFAULT_REGION")
+
+
+def sqs_region() -> str:
+    return settings().sqs_region or aws_region() or "us-east-1"
+
+
+def aws_identity() -> tuple[str | None, ...]:
+    """What an AWS client is bound to (endpoint, region, credentials), to key shared clients by."""
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+             "AWS_PROFILE")
+    return tuple(env(name) for name in names)
+
+
+def environment() -> dict[str, str]:
+    """A copy of the whole environment, for starting a child process with it."""
+    return dict(os.environ)
+
+
+def described() -> list[dict[str, Any]]:
+    """Each setting with its variable, default and meaning (for the README's table and --help)."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append({"variable": Settings.env_name(name), "default": default, "meaning": field.description or ""})
+    return rows

@@ -1,0 +1,26 @@
+"""The engine options every command that loads an engine takes (run, worker, serve, shard),
+declared once as Typer annotated types; their variables and defaults come from the settings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from producer.options import default, envvar
+
+DEFAULT_BACKEND: str = str(default("backend"))
+DEFAULT_DTYPE: str = str(default("dtype"))
+
+Backend = Annotated[str, typer.Option(
+    "--backend", envvar=envvar("backend"),
+    help="auto|torch|onnx|neuron (auto: measured at start on CPU, torch on GPUs)")]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", envvar=envvar("dtype"),
+    help="auto|float32|bfloat16|float16|int8 (int8: onnx only); the dtype asked for is the dtype used")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda[:N]|mps|neuron[:core]")]
+MaxBatchTokens = Annotated[Optional[int], typer.Option(
+    "--max-batch-tokens", min=1, help="A cap on one batch's tokens; when given, no memory profile runs")]
+MemoryFraction = Annotated[Optional[float], typer.Option(
+    "--memory-fraction", min=0.05, max=1.0, envvar=envvar("memory_fraction"),
+    help=f"GPU: share of free memory the profiled batch budget may use (default {default('memory_fraction')})")]

@@ -1,0 +1,91 @@
+"""``embedfleet run``: the embedded default, a whole corpus job on this machine with no broker.
+
+A worker runs in this process on the in-memory transport, fed by the same client and tasks a
+fleet uses, so a laptop run and a fleet run differ only in where the queue lives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from producer.cli import app, build_options, console, fail, follow, summarize
+from producer.client import Client
+from producer.errors import BadInput, EmbedfleetError
+from producer.jobs import DEFAULT_MODEL, Columns, JobKind
+from producer.logs import setup_logging
+from producer.options import (
+    Dimensions,
+    DocumentColumn,
+    IdColumn,
+    Model,
+    Normalize,
+    OutputDtype,
+    Prompt,
+    PromptName,
+    QueryColumn,
+    ShardRows,
+    TextColumn,
+    Truncate,
+    Verbose,
+)
+from producer.sources import check_columns, detect_format
+from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.hosting.host import InProcessWorker, WorkerSpec
+
+
+@app.command()
+def run(
+    input: str = typer.Argument(..., help="Corpus: Parquet, JSONL, CSV or a text file (one text a line)"),
+    out: str = typer.Option(..., "--out", help="Output folder: part-NNNNN.parquet files and _manifest.json"),
+    model: Model = DEFAULT_MODEL,
+    kind: Optional[JobKind] = typer.Option(None, "--kind", help="embed|rerank|classify (default: the model's kind)"),
+    text_column: TextColumn = "text",
+    id_column: IdColumn = None,
+    query_column: QueryColumn = "query",
+    document_column: DocumentColumn = "document",
+    shard_rows: ShardRows = 2048,
+    device: Device = "auto",
+    backend: Backend = DEFAULT_BACKEND,
+    dtype: Dtype = DEFAULT_DTYPE,
+    max_batch_tokens: MaxBatchTokens = None,
+    memory_fraction: MemoryFraction = None,
+    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards in flight (they share batches)"),
+    normalize: Normalize = None,
+    truncate: Truncate = True,
+    dimensions: Dimensions = None,
+    prompt_name: PromptName = None,
+    prompt: Prompt = None,
+    output_dtype: OutputDtype = "float32",
+    verbose: Verbose = False,
+) -> None:
+    """Embed (or rerank, classify) a corpus into Parquet on this machine, with no broker."""
+    setup_logging(verbose)
+    try:
+        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
+        fmt = detect_format(input)
+        spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
+                          max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+        with InProcessWorker(spec) as worker:
+            engine = worker.engines[0]
+            model_kind = engine.info.kind
+            if kind is not None and kind != model_kind:
+                raise BadInput(f"--kind {kind.value}: model {model!r} is a {model_kind.value} model", param="kind")
+            engine.check_options(options)
+            columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+            check_columns(input, fmt, model_kind, columns)
+            console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
+                          f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
+            if worker.selections[0].table:
+                console.print(worker.selections[0].table)
+            client = Client(app=worker.app)
+            handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
+                                          id_column=id_column, query_column=query_column,
+                                          document_column=document_column, shard_rows=shard_rows, options=options)
+            manifest, seconds = follow(handle, poll=0.1)
+    except (EmbedfleetError, ValidationError) as exc:
+        raise fail(exc) from None
+    summarize(manifest, seconds)
+    raise typer.Exit(0 if manifest.status == "complete" else 1)

@@ -1,0 +1,45 @@
+"""``embedfleet worker``: host models for a fleet, consuming their queues until stopped."""
+
+from __future__ import annotations
+
+from typing import Annotated, List
+
+import typer
+
+from producer.cli import app, console, fail
+from producer.errors import EmbedfleetError
+from producer.jobs import DEFAULT_MODEL
+from producer.logs import setup_logging
+from producer.options import Broker, ResultBackend, Verbose, default, envvar
+from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.hosting.host import InProcessWorker, WorkerSpec
+
+
+@app.command("worker")
+def worker_command(
+    broker: Broker,
+    result_backend: ResultBackend = None,
+    model: Annotated[List[str], typer.Option("--model", help="Models to host (repeatable)")] = [DEFAULT_MODEL],  # noqa: B006
+    device: Device = "auto",
+    backend: Backend = DEFAULT_BACKEND,
+    dtype: Dtype = DEFAULT_DTYPE,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1,
+                                             help="Shards in flight; they share one engine")] = 4,
+    inline_slots: Annotated[int, typer.Option(
+        "--inline-slots", min=1, envvar=envvar("inline_slots"),
+        help="Inline calls in flight beside the shards (a lane shards never fill)")] = int(default("inline_slots")),  # type: ignore[call-overload]
+    max_batch_tokens: MaxBatchTokens = None,
+    memory_fraction: MemoryFraction = None,
+    verbose: Verbose = False,
+) -> None:
+    """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM)."""
+    setup_logging(verbose)
+    spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
+                      inline_slots=inline_slots, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+    try:
+        code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(
+            on_ready=lambda w: console.print(
+                f"worker ready: {', '.join(e.info.name for e in w.engines)} on {broker.split('@')[-1]}"))
+    except EmbedfleetError as exc:
+        raise fail(exc) from None
+    raise typer.Exit(code)
