@@ -18,7 +18,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,45 +27,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import EMBEDFLEET, RedisProcess, machine, wait_for_line
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    for _ in range(200):
-        try:
-            redis.Redis(port=port).ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
-
-
 def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    command = [str(Path(sys.executable).with_name("embedfleet")), "worker", "--broker", broker, "--model", model,
-               "--device", args.device, "--backend", args.backend, "--dtype", args.dtype,
-               "--concurrency", str(args.concurrency)]
+    command = [EMBEDFLEET, "worker", "--broker", broker, "--model", model, "--device", args.device,
+               "--backend", args.backend, "--dtype", args.dtype, "--concurrency", str(args.concurrency)]
     proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while "worker ready" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
+    wait_for_line(proc, log, "worker ready")
     return proc
 
 
@@ -82,16 +53,6 @@ def bare_pass(engine, texts: list[str]) -> tuple[float, int, int]:  # type: igno
     started = time.perf_counter()
     result = engine.run(texts)
     return time.perf_counter() - started, len(texts), int(sum(result.n_tokens))
-
-
-def machine() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -121,7 +82,8 @@ def main() -> None:
     corpus = work / "corpus.parquet"
     pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), corpus,
                    row_group_size=args.shard_rows)
-    redis_proc, broker = start_redis(work)
+    redis = RedisProcess(work)
+    broker = redis.url
     worker = start_worker(broker, model, args, work / "worker.log")
     info = describe(model)
     engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
@@ -141,8 +103,7 @@ def main() -> None:
         engine.stop()
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        redis.stop()
     report(args, model, bare, fleet, engine.backend.dtype)
     shutil.rmtree(work, ignore_errors=True)
 

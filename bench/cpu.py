@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO, cpu_name
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -225,7 +224,7 @@ def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, w
 # ---------------------------------------------------------------------------------- parent
 def count_tokens(model: Path, texts: list[str]) -> int:
     """Real (non-padding) tokens of the workload, truncated at the model's maximum length."""
-    from worker.engine.tokenize import BatchTokenizer
+    from worker.models.tokenizer import BatchTokenizer
     from worker.models.resolve import describe
 
     info = describe(str(model))
@@ -313,15 +312,7 @@ def prepare_exports(model: Path, chosen: list[Contender]) -> None:
 def machine() -> str:
     from worker.backends.torch_cpu import describe_cpu
 
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; {describe_cpu()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores; {describe_cpu()}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,6 @@ import datetime as dt
 import http.client
 import json
 import os
-import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,15 +37,8 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-ENTRY = "import worker.commands.serve; from worker.cli import main; main()"
-TEXT = "A short query about embedding servers and how fast they answer"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from bench.common import REPO as ROOT
+from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, stop
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -60,15 +50,6 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -83,22 +64,6 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{url} not ready: {log.read_text()[-3000:]}")
-
-
-class Redis:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -213,18 +178,6 @@ def http_throughput(url: str, clients: int, total: int) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------ report
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def paired(a: list[float], b: list[float]) -> float:
     """Median of per-round differences: what path ``a`` adds over ``b`` under the same load."""
     return float(np.median(np.array(a) - np.array(b)))
@@ -234,7 +187,7 @@ def run(args: argparse.Namespace) -> str:
     work = Path(tempfile.mkdtemp(prefix="ef-bench-"))
     load_before = os.getloadavg()
     engine = start_engine(args.backend, args.dtype)
-    redis = Redis(work)
+    redis = RedisProcess(work)
     same = ["--device", "cpu", "--backend", args.backend, "--dtype", args.dtype]
     procs: list[subprocess.Popen] = []
     try:
@@ -265,7 +218,7 @@ def run(args: argparse.Namespace) -> str:
     finally:
         for proc in procs:
             stop(proc)
-        redis.proc.terminate()
+        redis.stop()
         engine.stop()
     load_after = os.getloadavg()
 

@@ -205,19 +205,18 @@ def plain_runner(path: Path, pooling: str, budget: int = 32768, max_items: int =
 
 VARIANTS = {  # name -> TorchBackend keyword arguments ("default" is what a worker runs)
     "default": dict(),
-    "plain": dict(fused=False, compile=False, dense_groups=False),
-    "fused-varlen": dict(fused=True, approximate_gelu=False, compile=False, dense_groups=False),
-    "fused-exact": dict(fused=True, approximate_gelu=False, compile=False, dense_groups=True),
-    "compiled": dict(fused=False, compile=True, dense_groups=False),
+    "plain": dict(fused=False, dense_groups=False),
+    "fused-varlen": dict(fused=True, approximate_gelu=False, dense_groups=False),
+    "fused-exact": dict(fused=True, approximate_gelu=False, dense_groups=True),
 }
 
 
-def make_backend(path: Path, dtype: str, variant: str, budget: int | None = None, profile: bool = True) -> Any:
-    from worker.backends.torch import TorchBackend
+def make_backend(path: Path, dtype: str, variant: str) -> Any:
+    from worker.backends.base import Recipe
+    from worker.backends.select import build
     from worker.models.resolve import describe
 
-    return TorchBackend(describe(str(path)), "cuda", dtype, max_batch_tokens=budget, profile=profile,
-                        **VARIANTS[variant])  # type: ignore[arg-type]
+    return build(Recipe("torch", describe(str(path)), "cuda", dtype, tuple(sorted(VARIANTS[variant].items()))))
 
 
 def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = None
@@ -226,11 +225,11 @@ def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = Non
     from worker.engine.pipeline import Engine
 
     start = time.perf_counter()
-    backend = make_backend(path, dtype, variant, budget)
+    backend = make_backend(path, dtype, variant)
     info = backend.info
-    say(f"  engine {dtype} {variant}: loaded and sized in {time.perf_counter() - start:.1f}s; "
-        f"{backend.memory_report}")
     engine = Engine(info, backend, max_batch_tokens=budget).start()
+    say(f"  engine {dtype} {variant}: loaded and sized in {time.perf_counter() - start:.1f}s; "
+        f"{engine.budget_report}")
 
     def run(requests: list[list[str]]) -> list[np.ndarray]:
         futures = [engine.submit(texts) for texts in requests]
@@ -252,7 +251,7 @@ def close(obj: Any) -> None:
 
 # ----------------------------------------------------------------------------- sections
 def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
-    from worker.engine.tokenize import BatchTokenizer
+    from worker.models.tokenizer import BatchTokenizer
 
     path = build_model("bge-large", workdir / "bge-large-arch", args.small)
     say(f"bge-large architecture ready at {path}")
@@ -395,7 +394,7 @@ def kernels(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) ->
     rows = results.setdefault("kernels", [])
     best: tuple[float, str] = (0.0, "")
     for variant in args.kernel_variants.split(","):
-        backend = make_backend(path, "bfloat16", variant, profile=False)
+        backend = make_backend(path, "bfloat16", variant)
         for budget in (16384, 65536, 131072) if variant == "default" else (65536,):
             batch = backend.synthetic_batch(budget, seq_len=seq)
             tokens = batch.n_real_tokens
@@ -480,11 +479,11 @@ def memory_probe(mode: str, path: Path) -> dict[str, Any]:
         backend = TorchBackend(info, "cuda", dtype_name)
         params = list((backend.encoder or backend.model).parameters())
         storages = len({p.untyped_storage().data_ptr() for p in params})
+        engine = Engine(info, backend).start()  # sizes its batches (a profile in a child process) first
         after_load = used()
         allocator = {"allocated_gib": torch.cuda.memory_allocated() / GIB,
-                     "reserved_gib": torch.cuda.memory_reserved() / GIB, "report": backend.memory_report,
+                     "reserved_gib": torch.cuda.memory_reserved() / GIB, "report": engine.budget_report,
                      "weight_allocations": storages}
-        engine = Engine(info, backend).start()
         engine.run(texts, timeout=120)
     after_request = used()
     return {"mode": mode, "context_gib": context, "after_load_gib": after_load, "after_request_gib": after_request,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.facade_latency import ENTRY, TEXT, Redis, machine, stop  # noqa: E402
+from bench.common import ENTRY, TEXT, RedisProcess, machine, stop  # noqa: E402
 from producer.client import Client  # noqa: E402
 
 CORPUS = ROOT / "data" / "sample-corpus.parquet"
@@ -53,7 +53,7 @@ def timed_call(client: Client) -> float:
 
 def measure(checkout: Path, args: argparse.Namespace, work: Path) -> dict[str, object]:
     """Idle latency, latency during a bulk job, and the job's throughput, for one worker."""
-    redis = Redis(work)
+    redis = RedisProcess(work)
     log = work / f"worker-{checkout.name}.log"
     worker = start_worker(checkout, redis.url, args, log)
     try:
@@ -74,7 +74,7 @@ def measure(checkout: Path, args: argparse.Namespace, work: Path) -> dict[str, o
         return {"idle": idle, "busy": busy, "rows_per_s": manifest.rows_written / seconds}
     finally:
         stop(worker)
-        stop(redis.proc)
+        redis.stop()
 
 
 def pct(values: list[float], q: float) -> str:

@@ -94,7 +94,7 @@ def _load(snapshot: tuple[tuple[str, str], ...]) -> Settings:
 
 
 def _explain(exc: ValidationError, values: dict[str, str]) -> str:
-    """``EMBEDFLEET_X='v': why`` for each bad variable."""
+    """``NAME='value': why`` for each bad variable."""
     parts = []
     for error in exc.errors():
         field = str(error.get("loc", ("?",))[0])

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from producer.errors import BadInput
+from producer.errors import BadInput, Unavailable
 from producer.jobs import JOB_FILE, MANIFEST, PARTS_DIR, JobManifest, JobSpec, ShardReport, marker_name
 from producer.settings import aws_endpoint, aws_identity, aws_region
 from tenacity import (
@@ -107,7 +107,7 @@ def _boto_s3_for(settings: tuple[str | None, ...]) -> Any:
     try:
         import boto3
     except ImportError as exc:
-        raise RuntimeError("writing to s3:// needs boto3: pip install 'embedfleet[aws]'") from exc
+        raise Unavailable("writing to s3:// needs boto3: pip install 'embedfleet[aws]'") from exc
     region = settings[2] or settings[3]
     return boto3.client("s3", region_name=region, endpoint_url=settings[0] or settings[1])
 

@@ -68,7 +68,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 
 
 def int_id_parquet(path: Path, n: int) -> Path:
-    from fixtures_extra import sample_texts
+    from tests.fixtures_extra import sample_texts
 
     texts = sample_texts(n, step=131)
     pq.write_table(pa.table({"doc_id": pa.array([7_000_000_000 + 11 * i for i in range(n)], pa.int64()),

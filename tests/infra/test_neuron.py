@@ -20,17 +20,9 @@ from producer.jobs import JobKind
 from worker.backends.base import BackendUnavailable
 from worker.backends.select import load_backend
 from worker.backends.base import Batch
-from worker.backends.neuron import (
-    COMPLETE,
-    ArtifactCache,
-    Bucket,
-    BucketGrid,
-    NeuronBackend,
-    cache_key,
-    core_env,
-    pad_to_bucket,
-    worker_cores,
-)
+from worker.backends.neuron import NeuronBackend, core_env, worker_cores
+from worker.backends.neuron_buckets import Bucket, BucketGrid, pad_to_bucket
+from worker.backends.neuron_cache import COMPLETE, ArtifactCache, cache_key
 from worker.models.resolve import describe
 
 

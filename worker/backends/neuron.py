@@ -14,33 +14,29 @@ Neuron graphs are compiled ahead of time for static shapes, so this backend:
 
 optimum-neuron is imported only when a backend is built: without the Neuron SDK the worker
 says what to install, and everything above except the compile/run step is plain Python that is
-tested without hardware. The compiler is a small interface so those tests can substitute a CPU
-stand-in for the device.
+tested without hardware (the buckets in ``neuron_buckets``, the graph cache in ``neuron_cache``).
+The compiler is a small interface so those tests can substitute a CPU stand-in for the device.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import threading
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
-import pyarrow.fs as pafs
 
-from producer import storage
 from producer.errors import BadInput
-from producer.jobs import JobKind, model_slug
-from producer.settings import cache_dir, env, set_env, settings
+from producer.jobs import JobKind
+from producer.settings import env, set_env
 from worker.backends.base import Backend, BackendUnavailable, Batch, canonical_dtype
+from worker.backends.neuron_buckets import Bucket, BucketGrid, pad_to_bucket
+from worker.backends.neuron_cache import ArtifactCache, cache_key, default_cache_root
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -50,213 +46,8 @@ INSTALL_HINT = (
     "(or the infra/docker/Dockerfile.neuron image) run "
     "`pip install 'embedfleet[neuron]' --extra-index-url https://pip.repos.neuron.amazonaws.com`"
 )
-DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
-DEFAULT_SEQ_LENS = (64, 128, 256, 512)
-BATCH_SIZES_ENV = "EMBEDFLEET_NEURON_BATCH_SIZES"
-SEQ_LENS_ENV = "EMBEDFLEET_NEURON_SEQ_LENS"
-CACHE_ENV = "EMBEDFLEET_NEURON_CACHE"
-COMPLETE = "_COMPLETE"
 NEURON_DTYPES = ("float32", "bfloat16", "float16")
 _CORES = re.compile(r"^\d+(-\d+)?$")
-
-
-# ---------------------------------------------------------------------------- buckets
-@dataclass(frozen=True, order=True)
-class Bucket:
-    """One compiled static shape: ``batch`` rows of ``seq`` tokens."""
-
-    batch: int
-    seq: int
-
-
-@dataclass(frozen=True)
-class BucketGrid:
-    """The shapes compiled for a model; a batch runs in the smallest bucket that holds it."""
-
-    batch_sizes: tuple[int, ...]
-    seq_lens: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        for name, values in (("batch sizes", self.batch_sizes), ("sequence lengths", self.seq_lens)):
-            if not values or any(v < 1 for v in values):
-                raise BadInput(f"neuron bucket {name} must be positive integers, got {list(values)}")
-        object.__setattr__(self, "batch_sizes", tuple(sorted(set(self.batch_sizes))))
-        object.__setattr__(self, "seq_lens", tuple(sorted(set(self.seq_lens))))
-
-    @classmethod
-    def for_model(cls, max_length: int, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-                  seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS) -> "BucketGrid":
-        """Sequence buckets up to the model's maximum length, which is always a bucket itself.
-
-        Inputs are truncated to ``max_length`` before they get here, so the grid must reach it,
-        and compiling buckets longer than the model accepts would waste compile time.
-        """
-        lens = tuple(s for s in seq_lens if s < max_length) + (max_length,)
-        return cls(tuple(batch_sizes), lens)
-
-    @classmethod
-    def from_env(cls, max_length: int, environ: Mapping[str, str] | None = None) -> "BucketGrid":
-        """The grid from the settings ``EMBEDFLEET_NEURON_BATCH_SIZES`` / ``_SEQ_LENS`` (or the
-        mapping given, for tests), else the defaults."""
-        if environ is None:
-            batch_raw, seq_raw = settings().neuron_batch_sizes, settings().neuron_seq_lens
-        else:
-            batch_raw, seq_raw = environ.get(BATCH_SIZES_ENV), environ.get(SEQ_LENS_ENV)
-        batches = _int_list(batch_raw, BATCH_SIZES_ENV) or DEFAULT_BATCH_SIZES
-        lens = _int_list(seq_raw, SEQ_LENS_ENV) or DEFAULT_SEQ_LENS
-        return cls.for_model(max_length, batches, lens)
-
-    @property
-    def largest(self) -> Bucket:
-        return Bucket(self.batch_sizes[-1], self.seq_lens[-1])
-
-    def choose(self, n_rows: int, longest: int) -> Bucket:
-        """The smallest bucket for ``n_rows`` inputs of at most ``longest`` tokens.
-
-        More rows than the largest batch bucket get the largest one; ``plan`` splits them.
-        """
-        if n_rows < 1:
-            raise ValueError(f"a batch needs at least one row, got {n_rows}")
-        seq = next((s for s in self.seq_lens if s >= longest), None)
-        if seq is None:
-            raise BadInput(
-                f"an input of {longest} tokens is longer than the largest compiled sequence bucket "
-                f"({self.seq_lens[-1]}); add a larger one to {SEQ_LENS_ENV}"
-            )
-        batch = next((b for b in self.batch_sizes if b >= n_rows), self.batch_sizes[-1])
-        return Bucket(batch, seq)
-
-    def plan(self, lengths: np.ndarray) -> list[tuple[slice, Bucket]]:
-        """Split a batch into row ranges that each fit one bucket (sequence bucket chosen per range)."""
-        out = []
-        step = self.batch_sizes[-1]
-        for start in range(0, len(lengths), step):
-            rows = slice(start, min(start + step, len(lengths)))
-            chunk = lengths[rows]
-            out.append((rows, self.choose(len(chunk), int(chunk.max()))))
-        return out
-
-
-def _int_list(raw: str | None, name: str) -> tuple[int, ...]:
-    if raw is None or not raw.strip():
-        return ()
-    try:
-        values = tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise BadInput(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32") from None
-    if not values or any(v < 1 for v in values):
-        raise BadInput(f"{name}={raw!r}: give comma-separated positive integers, e.g. 1,8,32")
-    return values
-
-
-def pad_to_bucket(batch: Batch, rows: slice, bucket: Bucket, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """The inputs of ``batch[rows]`` padded to exactly ``bucket``'s shape (int64, as traced).
-
-    Filler rows get one unmasked pad token rather than none: a fully masked row makes the
-    attention softmax divide by zero on some compilers, and their outputs are dropped anyway.
-    """
-    # The batch is padded to its longest row; a chunk of it needs only its own longest.
-    width = int(batch.lengths[rows].max())
-    ids = batch.input_ids[rows, :width]
-    n = ids.shape[0]
-    if n > bucket.batch or width > bucket.seq:
-        raise ValueError(f"a batch of {n}x{width} does not fit bucket {bucket.batch}x{bucket.seq}")
-    shape = (bucket.batch, bucket.seq)
-    out = {
-        "input_ids": np.full(shape, pad_id, dtype=np.int64),
-        "attention_mask": np.zeros(shape, dtype=np.int64),
-        "token_type_ids": np.zeros(shape, dtype=np.int64),
-    }
-    out["input_ids"][:n, :width] = ids
-    out["attention_mask"][:n, :width] = batch.attention_mask[rows, :width]
-    out["token_type_ids"][:n, :width] = batch.token_type_ids[rows, :width]
-    out["attention_mask"][n:, 0] = 1
-    return out
-
-
-# ---------------------------------------------------------------------------- cache
-def cache_key(info: ModelInfo, bucket: Bucket, dtype: str, versions: Mapping[str, str]) -> str:
-    """A name for one compiled graph: readable prefix, digest of everything that changes it.
-
-    The model revision (a hash of its files), the task, the bucket, the dtype and the compiler
-    versions all change the compiled graph; a graph from another SDK may not even load.
-    """
-    task = "feature-extraction" if info.kind == JobKind.embed else "text-classification"
-    facts = {"revision": info.revision, "architecture": info.architecture, "task": task,
-             "batch": bucket.batch, "seq": bucket.seq, "dtype": dtype, "versions": dict(sorted(versions.items()))}
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{model_slug(info.name)}-{task}-b{bucket.batch}-s{bucket.seq}-{dtype}-{digest}"
-
-
-def default_cache_root() -> str:
-    """``EMBEDFLEET_NEURON_CACHE`` (a folder or s3:// prefix), else ``<cache>/neuron``."""
-    return settings().neuron_cache or str(cache_dir("neuron"))
-
-
-class ArtifactCache:
-    """Compiled graphs by key, in a local folder or under an s3:// prefix.
-
-    An entry counts only once its ``_COMPLETE`` marker exists, and the marker is written after
-    every file: a worker killed mid-upload leaves an entry others ignore and overwrite.
-    """
-
-    def __init__(self, root: str, local_root: str | None = None) -> None:
-        self.root = storage.locate(root)
-        if self.root.is_local:
-            self.local_root = Path(self.root.path)
-        else:  # graphs are loaded from local disk; S3 is where the fleet shares them
-            self.local_root = Path(local_root) if local_root else cache_dir("neuron-from-s3")
-
-    def local_dir(self, key: str) -> Path:
-        """Where the graph ``key`` lives on this machine (loaded from here)."""
-        return self.local_root / key
-
-    def has_local(self, key: str) -> bool:
-        return (self.local_dir(key) / COMPLETE).is_file()
-
-    def fetch(self, key: str) -> bool:
-        """Make ``key`` available locally; False when no complete entry exists anywhere."""
-        if self.has_local(key):
-            return True
-        if self.root.is_local:
-            return False
-        remote = self.root.child(key)
-        if not storage.exists(remote.child(COMPLETE)):
-            return False
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self._ensure_local_root()))
-        pafs.copy_files(remote.path, str(staging), source_filesystem=remote.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        self._move_into_place(staging, key)
-        log.info("neuron graph %s fetched from %s", key, remote.uri)
-        return True
-
-    def store(self, key: str, compiled: Path) -> None:
-        """Publish a freshly compiled folder under ``key`` (locally, and on S3 when remote)."""
-        (compiled / COMPLETE).write_text(json.dumps({"key": key}))
-        if not self.root.is_local:
-            remote = self.root.child(key)
-            for path in sorted(p for p in compiled.rglob("*") if p.is_file() and p.name != COMPLETE):
-                storage.publish_bytes(remote.child(path.relative_to(compiled).as_posix()), path.read_bytes())
-            storage.publish_bytes(remote.child(COMPLETE), (compiled / COMPLETE).read_bytes())
-            log.info("neuron graph %s stored in %s", key, remote.uri)
-        self._move_into_place(compiled, key)
-
-    def staging_dir(self, key: str) -> Path:
-        """An empty folder next to the cache to compile into (same filesystem: rename is atomic)."""
-        return Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self._ensure_local_root()))
-
-    def _ensure_local_root(self) -> Path:
-        self.local_root.mkdir(parents=True, exist_ok=True)
-        return self.local_root
-
-    def _move_into_place(self, staging: Path, key: str) -> None:
-        target = self.local_dir(key)
-        if target.exists() and not (target / COMPLETE).is_file():
-            shutil.rmtree(target, ignore_errors=True)  # a half-written entry from a killed worker
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process published the same key first: theirs is as good
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- cores
@@ -456,5 +247,4 @@ def _pad_id(path: Path) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-__all__ = ["NeuronBackend", "Bucket", "BucketGrid", "ArtifactCache", "pad_to_bucket", "cache_key", "core_env",
-           "worker_cores", "OptimumNeuronCompiler", "INSTALL_HINT"]
+__all__ = ["NeuronBackend", "core_env", "worker_cores", "OptimumNeuronCompiler", "INSTALL_HINT"]

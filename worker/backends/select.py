@@ -146,7 +146,7 @@ def sample_inputs(info: "ModelInfo", n: int = SAMPLE_TEXTS, seed: int = 0) -> li
     30% short queries, 70% passages of 40-300 words, like the mixed benchmark workload, so the
     measured speed reflects the batch shapes a worker actually sees.
     """
-    from worker.engine.tokenize import BatchTokenizer
+    from worker.models.tokenizer import BatchTokenizer
 
     vocab = BatchTokenizer(info.path, info.max_length)._tokenizer.get_vocab()
     words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2) or sorted(vocab)
@@ -167,7 +167,7 @@ def sample_inputs(info: "ModelInfo", n: int = SAMPLE_TEXTS, seed: int = 0) -> li
 
 def sorted_batches(info: "ModelInfo", inputs: list[Any], budget: int) -> tuple[list[np.ndarray], list[Batch], int]:
     """Length-sorted padded batches within ``budget`` tokens; returns (row indices, batches, real tokens)."""
-    from worker.engine.tokenize import BatchTokenizer
+    from worker.models.tokenizer import BatchTokenizer
 
     tokenizer = BatchTokenizer(info.path, info.max_length)
     encoded = tokenizer.encode(inputs)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from producer.errors import Unavailable
 from producer.settings import cache_dir, settings
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def profile_device(backend: "Backend", device: "MemoryDevice", usable_bytes: flo
             break
         samples.append((tokens, device.peak_bytes() - base))
     if not samples:
-        raise RuntimeError(f"the model does not run even {sizes[0]} tokens within the memory it was given")
+        raise Unavailable(f"the model does not run even {sizes[0]} tokens within the memory it was given")
     largest = samples[-1][0]
     device.reset_peak()
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from producer.rules import dimensions_problem, pair_problem, text_problem, token
 from worker.backends.base import Backend, Batch
 from worker.engine import memory
 from worker.engine.scheduler import Item, Scheduler
-from worker.engine.tokenize import BatchTokenizer, Encoded
+from worker.models.tokenizer import BatchTokenizer, Encoded
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores
 from worker.models.resolve import ModelInfo
 
@@ -270,8 +270,8 @@ class Engine:
         if items:
             try:
                 self.scheduler.add(items)
-            except RuntimeError as exc:
-                self._fail_request(request, EngineStopped(str(exc)))
+            except EngineStopped as exc:
+                self._fail_request(request, exc)
 
     # ------------------------------------------------------------------ device side
     def _collate(self, slots: list[_Slot]) -> Batch:

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.errors import EngineStopped
+
 
 @dataclass(eq=False)
 class Item:
@@ -72,7 +74,7 @@ class Scheduler:
         """Queue items; an item longer than the whole budget still runs, alone."""
         with self._cond:
             if self._closed:
-                raise RuntimeError("the engine is stopping; no new work is accepted")
+                raise EngineStopped("the engine is stopping; no new work is accepted")
             for item in items:
                 item.seq = next(self._counter)
                 self._pending[item.seq] = item

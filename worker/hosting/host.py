@@ -22,6 +22,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue
+from producer.errors import Unavailable
 from producer.jobs import inline_queue_name, queue_name
 from producer.settings import settings
 from worker.backends.select import Selection, load_backend
@@ -164,7 +165,7 @@ class InProcessWorker:
         self._thread.start()
         while not ready.wait(0.2):  # a short wait, so a signal is handled promptly
             if not self._thread.is_alive():
-                raise RuntimeError("the worker's consumer stopped while starting (see the log)")
+                raise Unavailable("the worker's consumer stopped while starting (see the log)")
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from producer.errors import UnsupportedModel
+
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Reduce token states ``[B, T, H]`` to one vector per input, as sentence-transformers does."""
@@ -26,7 +28,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "lasttoken":
         last = mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
+    raise UnsupportedModel(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
 
 
 def pool_varlen(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
@@ -45,7 +47,7 @@ def pool_varlen(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> to
     if mode == "max":
         out = torch.full((len(starts), hidden.shape[1]), float("-inf"), device=hidden.device, dtype=hidden.dtype)
         return out.index_reduce_(0, segment, hidden, "amax")
-    raise ValueError(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
+    raise UnsupportedModel(f"pooling mode {mode!r} is not supported (cls, mean, max, lasttoken, mean_sqrt_len)")
 
 
 def finish_embeddings(vectors: np.ndarray, normalize: bool, dimensions: int | None) -> np.ndarray:

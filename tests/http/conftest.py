@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import RedisServer
-from tests.facade.servers import Served, ServerThread, WorkerProcess, wait_ready
+from tests.http.servers import Served, ServerThread, WorkerProcess, wait_ready
 
 
 @pytest.fixture(scope="session")

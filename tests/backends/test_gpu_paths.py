@@ -1,7 +1,7 @@
 """The GPU speed paths, checked where CI runs (CPU): the unpadded encoder against transformers'
 padded model on tiny BERT and XLM-R, packed batches through the engine, and the engine's
 out-of-memory split and non-finite recompute with injected failures. The CUDA-only kernels
-(flash varlen, compiled layers, staged copies) are checked by the tests at the bottom, which
+(flash varlen, fused kernels, staged copies) are checked by the tests at the bottom, which
 run only where a GPU is present (bench/gpu.py runs them on the H100).
 """
 
@@ -217,8 +217,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the H100 by 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: str) -> None:
     info = describe(str(tiny_xlmr_model))
-    flash = TorchBackend(info, "cuda", dtype, varlen=True, compile=False, profile=False)
-    padded = TorchBackend(info, "cuda", "float32", varlen=False, profile=False)
+    flash = TorchBackend(info, "cuda", dtype, varlen=True)
+    padded = TorchBackend(info, "cuda", "float32", varlen=False)
     assert flash.encoder is not None and str(next(flash.encoder.parameters()).dtype) == f"torch.{dtype}"
     rng = np.random.default_rng(5)
     packed, pad = _batches(rng, _random_lengths(rng, 16, 120))
@@ -228,17 +228,16 @@ def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: s
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "compiled", "dense"])
+@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense"])
 def test_kernel_variants_and_staged_copies_on_gpu(tiny_embed_model: Path, variant: str) -> None:
-    """Each GPU variant (Triton LayerNorm, GELU epilogue, torch.compile) against fp32 padded."""
+    """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups) against fp32 padded."""
     info = describe(str(tiny_embed_model))
-    reference = TorchBackend(info, "cuda", "float32", varlen=False, profile=False)
-    fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, profile=False, fused=variant.startswith("fused"),
-                        approximate_gelu=variant == "fused-tanh", compile=variant == "compiled",
-                        dense_groups=variant == "dense")
-    assert fast.fused == variant.startswith("fused") and fast.compiled == (variant == "compiled")
+    reference = TorchBackend(info, "cuda", "float32", varlen=False)
+    fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, fused=variant.startswith("fused"),
+                        approximate_gelu=variant == "fused-tanh", dense_groups=variant == "dense")
+    assert fast.fused == variant.startswith("fused")
     rng = np.random.default_rng(6)
-    for n in (5, 17, 64):  # several sizes: kernels and compiled graphs are shape-dynamic
+    for n in (5, 17, 64):  # several sizes: kernels are shape-dynamic
         lengths = _random_lengths(rng, n, 100)
         if variant == "dense":
             lengths = sorted([100] * n + lengths[:3])  # a few runs of equal lengths
@@ -252,12 +251,19 @@ def test_kernel_variants_and_staged_copies_on_gpu(tiny_embed_model: Path, varian
 @gpu
 def test_profiled_budget_is_cached_and_sane(tiny_embed_model: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMBEDFLEET_CACHE_DIR", str(tmp_path))
+    from worker.backends.base import Recipe
+    from worker.backends.select import build
+    from worker.engine import memory
+
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path))
     info = describe(str(tiny_embed_model))
-    first = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, memory_fraction=0.5)
-    assert 512 <= first.preferred_batch_tokens <= 65536 and "budget" in first.memory_report
-    second = TorchBackend(info, "cuda", "bfloat16", varlen=True, compile=False, memory_fraction=0.5)
-    assert "(cached profile)" in second.memory_report
+    backend = build(Recipe("torch", info, "cuda", "bfloat16", (("varlen", True),)))
+    first = memory.batch_budget(backend, info.revision, info.max_length, 0.5)  # profiled in a child process
+    assert 512 <= first.tokens <= 65536 and "budget" in first.report and "cached" not in first.report
+    second = memory.batch_budget(backend, info.revision, info.max_length, 0.5)
+    assert "(cached profile)" in second.report and second.tokens == first.tokens
     assert (tmp_path / "memory-profiles.json").is_file()
-    weights = list(second.encoder.parameters())  # type: ignore[union-attr]
+    capped = memory.batch_budget(backend, info.revision, info.max_length, 0.5, cap=2048)
+    assert capped.tokens == 2048 and "no profile" in capped.report
+    weights = list(backend.encoder.parameters())  # type: ignore[union-attr]
     assert len({p.untyped_storage().data_ptr() for p in weights}) == 1  # one arena for all weights

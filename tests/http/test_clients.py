@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.facade.servers import Served, reference
+from tests.http.servers import Served, reference
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Embeddings map text to vectors.",
          "A short one", "Ein Satz auf Deutsch mit Umlauten: äöü ß."]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import RedisServer, free_port
-from tests.facade.servers import ROOT, WorkerProcess, wait_ready
+from tests.http.servers import ROOT, WorkerProcess, wait_ready
 
 #: The lead registers the command by importing worker.commands.serve in worker/cli.py; import it here too.
 ENTRY = "import worker.commands.serve; from worker.cli import main; main()"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from worker.backends.base import Backend, Batch
 from worker.engine import memory
 from worker.engine.memory import MemoryProfile, budget_tokens, fit_line, next_sizes
 
@@ -74,3 +76,75 @@ def test_report_names_budget_memory_and_speed() -> None:
     line = memory.report(65536, 70 * GIB, 0.8, profile, cached=True)
     assert "65536 tokens" in line and "80% of 70.0 GiB" in line and "750,000 tokens/s" in line
     assert "cached" in line
+
+
+class _Device:
+    """A device whose memory use is a known line: fixed + per_token * tokens (what the profile fits)."""
+
+    name = "test device"
+
+    def __init__(self, free: int, fixed: int, per_token: int) -> None:
+        self.free, self.fixed, self.per_token = free, fixed, per_token
+        self.used = 0
+        self.released = 0
+
+    def free_bytes(self) -> int:
+        return self.free
+
+    def reset_peak(self) -> int:
+        self.used = 0
+        return 0
+
+    def peak_bytes(self) -> int:
+        return self.used
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, MemoryError)
+
+    def release(self) -> None:
+        self.released += 1
+
+
+class _Profiled(Backend):
+    """A backend on that device: each forward 'allocates' what the line says for its tokens."""
+
+    name = "fake"
+    dtype = "bfloat16"
+
+    def __init__(self, device: _Device) -> None:
+        self.device_ = device
+        self.forwards: list[int] = []
+
+    def memory_device(self) -> _Device:  # type: ignore[override]
+        return self.device_
+
+    def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
+        tokens = batch.n_real_tokens
+        self.forwards.append(tokens)
+        self.device_.used = self.device_.fixed + self.device_.per_token * tokens
+        return np.zeros((len(batch.lengths), 4), np.float32)
+
+
+def test_the_engine_sizes_any_backend_through_its_interface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path))
+    device = _Device(free=8 * GIB, fixed=GIB // 4, per_token=50_000)
+    backend = _Profiled(device)
+    first = memory.batch_budget(backend, "rev1", 512, fraction=0.5, in_child=False)
+    fixed, per_token = memory.load_cached(memory.cache_key("rev1", "test device", "bfloat16", "default")).line()  # type: ignore[union-attr]
+    assert fixed == pytest.approx(GIB // 4, rel=1e-6) and per_token == pytest.approx(50_000, rel=1e-6)
+    assert first.tokens == budget_tokens(8 * GIB, 0.5, GIB // 4, 50_000, maximum=memory.MAX_BATCH_TOKENS)
+    assert backend.forwards and max(backend.forwards) * 50_000 * memory.SAFETY <= 8 * GIB * 0.5
+    assert device.released >= 1  # the profile leaves no cached blocks behind
+    profiled = len(backend.forwards)
+    again = memory.batch_budget(backend, "rev1", 512, fraction=0.5, in_child=False)
+    assert again.tokens == first.tokens and "(cached profile)" in again.report and len(backend.forwards) == profiled
+    capped = memory.batch_budget(backend, "rev2", 512, fraction=0.5, cap=3000, in_child=False)
+    assert capped.tokens == 3000 and len(backend.forwards) == profiled  # a cap: no profile at all
+
+
+def test_host_memory_backends_keep_their_preferred_budget() -> None:
+    class OnHost(Backend):
+        name, preferred_batch_tokens = "host", 2048
+
+    budget = memory.batch_budget(OnHost(), "rev", 512)
+    assert budget.tokens == 2048 and "host" in budget.report

@@ -15,7 +15,7 @@ from producer.jobs import JobKind  # noqa: E402
 from worker.backends.select import load_backend  # noqa: E402
 from worker.backends import onnx as onnx_backend  # noqa: E402
 from worker.backends.base import Batch  # noqa: E402
-from worker.engine.tokenize import BatchTokenizer  # noqa: E402
+from worker.models.tokenizer import BatchTokenizer  # noqa: E402
 from worker.models.resolve import describe  # noqa: E402
 
 TEXTS = [

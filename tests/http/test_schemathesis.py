@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.facade.servers import Served
+from tests.http.servers import Served
 
 MAX_EXAMPLES = 50
 

@@ -25,7 +25,7 @@ from producer.jobs import JobKind, Options
 from producer.rules import MAX_INPUT_CHARS
 from worker.engine.pipeline import Engine, EngineResult
 
-from fixtures_extra import (
+from tests.fixtures_extra import (
     EDGE_TEXTS,
     GatedBackend,
     NanBackend,
@@ -203,6 +203,14 @@ def test_normalize_true_on_a_model_that_does_not_normalize(tiny_embed_model: Pat
         assert_close_rows(plain, reference_embed(folder, texts, 64, "cls", False), "model default (no normalize)")
         forced = engine.run(texts, Options(normalize=True), timeout=60).values
         assert_close_rows(forced, reference_embed(folder, texts, 64, "cls", True), "normalize=True")
+        # a Matryoshka cut renormalizes even here (a cut vector is not unit length), unless told not to
+        cut = engine.run(texts, Options(dimensions=8), timeout=60).values
+        full = reference_embed(folder, texts, 64, "cls", False)[:, :8]
+        np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
+        assert_close_rows(cut, full / np.linalg.norm(full, axis=1, keepdims=True), "dimensions=8, model without Normalize")
+        raw_cut = engine.run(texts, Options(dimensions=8, normalize=False), timeout=60).values
+        assert_close_rows(raw_cut, full, "dimensions=8, normalize=False")
+        assert engine.normalizes(Options(dimensions=8)) and not engine.normalizes(Options(dimensions=32))
     finally:
         engine.stop()
 

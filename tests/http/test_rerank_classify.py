@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from tests.facade.servers import Served
+from tests.http.servers import Served
 
 DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "The Eiffel tower is in Paris.",
         "Rust is a programming language."]

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.facade.servers import Served
+from tests.http.servers import Served
 
 BIG = "x" * (3 * 1024 * 1024)
 

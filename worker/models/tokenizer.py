@@ -69,7 +69,7 @@ class BatchTokenizer:
         for start in range(len(ids) - len(content) + 1):
             if ids[start : start + len(content)] == content:
                 return ids[:start], ids[start + len(content) :], probe.type_ids[start] if content else 0
-        raise ValueError("cannot tell where this tokenizer puts its special tokens")
+        raise UnsupportedModel("cannot tell where this tokenizer puts its special tokens")
 
     def encode_ids(self, inputs: Sequence[Sequence[int]]) -> list[Encoded]:
         """Wrap pre-tokenized ids (as OpenAI clients send them: no special tokens) for the model.

@@ -43,7 +43,7 @@ def test_a_worker_runs_what_the_publisher_sends(redis_server: RedisServer, tiny_
     """The pushed message goes through a real ``embedfleet worker``; its result comes back through
     the worker's result backend class, written without Celery's read-before-write."""
     from producer.jobs import EmbedJob, InlineResult, queue_name
-    from tests.facade.servers import WorkerProcess
+    from tests.http.servers import WorkerProcess
     from worker.hosting.app import create_app
     from worker.hosting.results import InlineResultBackend
 

@@ -13,7 +13,7 @@ from producer.client import Client
 from producer.http.app import create_app
 from producer.http.settings import FacadeSettings
 from tests.conftest import RedisServer
-from tests.facade.servers import Served, WorkerProcess, wait_ready
+from tests.http.servers import Served, WorkerProcess, wait_ready
 
 
 def test_api_key_guards_api_routes_but_not_health(embedded: Served) -> None:

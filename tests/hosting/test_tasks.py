@@ -1,0 +1,96 @@
+"""The tasks: an inline refusal is an error code in the result, a shard is parked only on bad data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from producer.client import Client, decode_f32
+from producer.errors import SourceError
+from producer.jobs import EmbedJob, InlineResult, Options, RerankJob
+from tests.fixtures_extra import make_engine, sample_texts
+from worker.engine.pipeline import Engine
+from worker.hosting import registry, tasks
+from worker.hosting.host import InProcessWorker, WorkerSpec
+
+
+@pytest.fixture
+def hosted(tiny_embed_model: Path) -> Iterator[Engine]:
+    engine = make_engine(tiny_embed_model)
+    registry.register(engine, "tiny-bert")
+    yield engine
+    for engine in registry.unregister_all():
+        engine.stop()
+
+
+def _inline(job: Any) -> InlineResult:
+    payload = job if isinstance(job, dict) else job.model_dump(mode="json")
+    return InlineResult.model_validate(tasks.inline_task.apply(args=[payload]).get(disable_sync_subtasks=False))
+
+
+def test_inline_answers_and_refusals(hosted: Engine) -> None:
+    ok = _inline(EmbedJob(model="tiny-bert", inputs=["a text", "another"]))
+    assert ok.error is None and decode_f32(ok.data_b64, ok.n_items, ok.dims).shape == (2, 32)
+    cases = [
+        (EmbedJob(model="tiny-bert", inputs=["a"], options=Options(dimensions=64)), "bad_input", "dimensions=64"),
+        (EmbedJob(model="tiny-bert", inputs=["a"], options=Options(prompt_name="nope")), "bad_input", "nope"),
+        (RerankJob(model="tiny-bert", query="q", documents=["d"]), "bad_input", "is a embed model"),
+        (EmbedJob(model="not-hosted", inputs=["a"]), "model_not_served", "not hosted by this worker"),
+        ({"kind": "embed", "model": "tiny-bert", "inputs": "not a list"}, "bad_input", "not valid"),
+    ]
+    for job, code, words in cases:
+        result = _inline(job)
+        assert result.error is not None and result.error["code"] == code, (job, result.error)
+        assert words in result.error["message"], result.error
+
+
+def _corpus(path: Path, n: int) -> Path:
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n)], "text": sample_texts(n)}), path)
+    return path
+
+
+def _run_job(model: Path, corpus: Path, out: Path) -> Any:
+    spec = WorkerSpec(models=[str(model)], device="cpu", backend="torch", dtype="float32", concurrency=1)
+    with InProcessWorker(spec) as worker:
+        handle = Client(app=worker.app).submit_corpus(str(corpus), str(out), model=str(model), id_column="id",
+                                                      shard_rows=10)
+        return handle.wait(timeout=120, raise_on_failure=False)
+
+
+def test_a_bug_is_retried_not_taken_for_bad_data(tiny_embed_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tasks.read_shard
+    calls: list[int] = []
+
+    def flaky(shard: Any, kind: Any, columns: Any) -> Any:
+        calls.append(shard.index)
+        if shard.index == 1 and calls.count(1) == 1:
+            raise KeyError("a bug of ours, once")  # parked at once before: KeyError counted as bad data
+        return real(shard, kind, columns)
+
+    monkeypatch.setattr(tasks, "read_shard", flaky)
+    manifest = _run_job(tiny_embed_model, _corpus(tmp_path / "c.parquet", 20), tmp_path / "out")
+    assert manifest.status == "complete" and manifest.rows_written == 20
+    assert calls.count(1) == 2
+
+
+def test_bad_data_is_parked_at_once(tiny_embed_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tasks.read_shard
+    calls: list[int] = []
+
+    def corrupt(shard: Any, kind: Any, columns: Any) -> Any:
+        calls.append(shard.index)
+        if shard.index == 0:
+            raise SourceError("c.parquet: row group 0 is corrupt")
+        return real(shard, kind, columns)
+
+    monkeypatch.setattr(tasks, "read_shard", corrupt)
+    manifest = _run_job(tiny_embed_model, _corpus(tmp_path / "c.parquet", 20), tmp_path / "out")
+    assert manifest.status == "partial" and manifest.rows_written == 10
+    (failed,) = manifest.failed_shards
+    assert failed.index == 0 and "row group 0 is corrupt" in (failed.failure or "") and failed.deliveries == 1
+    assert calls.count(0) == 1  # never retried
