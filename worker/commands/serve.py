@@ -65,8 +65,8 @@ def serve(
     max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="Requests in flight before 429")] = 256,
     max_queue_depth: Annotated[int, typer.Option("--max-queue-depth", min=1, help="Queued jobs before 429")] = 1024,
     max_inputs: Annotated[int, typer.Option("--max-inputs", min=1, max=2048, help="Inputs per request (413)")] = 2048,
-    max_chars: Annotated[int, typer.Option("--max-chars", min=1, max=100_000,
-                                           help="Characters per input (413)")] = 100_000,
+    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Characters per input (413); above "
+                                           "100,000, longer inputs are cut there, past any model's maximum")] = 100_000,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1024, help="Body size (413)")] = 8 * 1024 * 1024,
     jobs_per_worker: Annotated[int, typer.Option(
         "--jobs-per-worker", min=1, help="Jobs in flight per worker and model; concurrent requests past it "
