@@ -149,6 +149,8 @@ async def tokenize(facade: Facade, body: TEITokenizeRequest) -> Response:
 
 async def decode(facade: Facade, body: TEIDecodeRequest) -> Response:
     model = any_model(facade, body.model, "/decode")
+    if not body.ids:
+        raise bad("ids: the list is empty; give token ids (a list of integers, or a list of them)", "ids")
     arrays = [body.ids] if isinstance(body.ids[0], int) else list(body.ids)
     problem = count_problem(arrays, facade.settings.max_inputs, " per request")
     if problem is not None:

@@ -326,6 +326,8 @@ def test_tei_tokenize_and_decode(single: Served, bundled_model: Any) -> None:
     assert one == [hf.decode(ids[0])] and one[0].startswith("[CLS]")
     outside = httpx.post(f"{single.url}/decode", json={"ids": [10**9]})
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "ids[0]"
+    empty = httpx.post(f"{single.url}/decode", json={"ids": []})  # found by schemathesis: was a 500
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "ids"
 
 
 def test_tei_embed_all_is_the_models_token_states(single: Served, bundled_model: Any) -> None:
