@@ -82,8 +82,11 @@ def run(
             check_columns(input, fmt, model_kind, columns)
             console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
-            if worker.selections[0].table:
-                console.print(worker.selections[0].table)
+            selection = worker.selections[0]
+            if selection.reason:
+                console.print(f"backend auto: {selection.reason}")
+            if selection.table and not selection.cached:
+                console.print(selection.table)
             client = Client(app=worker.app)
             started = time.monotonic()
             handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
