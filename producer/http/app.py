@@ -124,6 +124,11 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
         log.exception("unexpected error")
         return plain_response(500, f"internal error: {type(exc).__name__}")
 
+    @app.post("/", dependencies=[Depends(facade.authorize)], responses=ERRORS,
+              summary="TEI's root route: embed, predict or rerank, by the served model's kind")
+    async def root(body: dict[str, Any]) -> Response:
+        return await tei.root(facade, body)
+
     app.include_router(_router(facade), prefix="/v1")
     app.include_router(_router(facade))
     app.include_router(cohere.router(facade))

@@ -17,7 +17,7 @@ from producer.http.metrics import FacadeMetrics
 API_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/embed", "/embed_all", "/predict", "/similarity",
              "/tokenize", "/decode", "/info")
 KNOWN_PATHS = ({prefix + path for prefix in ("", "/v1") for path in API_PATHS}
-               | {"/health", "/metrics", "/v2/embed", "/v2/rerank"})
+               | {"/", "/health", "/metrics", "/v2/embed", "/v2/rerank"})
 
 
 class AssumeJson:

@@ -14,6 +14,8 @@ from typing import Any, Union
 
 import numpy as np
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import Response
 
 from producer.http import encodings
@@ -197,6 +199,37 @@ def info(facade: Facade, model_name: str | None) -> Response:
                    auto_truncate=True, tokenization_workers=2, version=API_VERSION,
                    models=[m.id for m in served])
     return json_response(body.model_dump())
+
+
+ROOT_BODIES = {JobKind.embed.value: TEIEmbedRequest, JobKind.classify.value: TEIPredictRequest,
+               JobKind.rerank.value: TEIRerankRequest}
+
+
+async def root(facade: Facade, payload: Any) -> Response:
+    """TEI's ``POST /``, as ``huggingface_hub.InferenceClient(model=URL)`` calls it: the route of
+    the served model's kind (embed, predict or rerank), with ``parameters`` merged into the body."""
+    if not isinstance(payload, dict):
+        raise bad("the body must be a JSON object", None)
+    body = {k: v for k, v in payload.items() if k != "parameters"}
+    if isinstance(payload.get("parameters"), dict):
+        body = {**payload["parameters"], **body}
+    served = facade.directory.served()
+    named = [m for m in served if isinstance(body.get("model"), str) and facade.directory._matches(m, None, body["model"])]
+    kinds = {m.kind for m in (named or served)}
+    if len(kinds) != 1:
+        listed = ", ".join(sorted(f"{m.id} ({m.kind})" for m in served)) or "none"
+        raise bad(f"POST / answers with the served model's kind; several kinds are served here ({listed}): name the "
+                  "model, or call /embed, /predict or /rerank", "model")
+    kind = kinds.pop()
+    try:
+        request = ROOT_BODIES[kind].model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    if kind == JobKind.embed.value:
+        return await embed(facade, request)  # type: ignore[arg-type]
+    if kind == JobKind.classify.value:
+        return await predict(facade, request)  # type: ignore[arg-type]
+    return await rerank(facade, request)  # type: ignore[arg-type]
 
 
 def register(router: APIRouter, facade: Facade) -> None:

@@ -94,3 +94,17 @@ def single(embedded: Served, bundled_model: Path, tiny_rerank_model: Path, tiny_
     yield Served(server.url, "single", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "tiny-rerank", "tiny-classify",
                  worker_app=embedded.worker_app)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def embed_only(embedded: Served, bundled_model: Path) -> Iterator[Served]:
+    """A facade on the embedded worker that serves the bundled model alone (a TEI-like server)."""
+    from producer.client import Client
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
+
+    settings = FacadeSettings(models=[str(bundled_model)], timeout_s=60, refresh_s=1.0)
+    server = ServerThread(create_app(Client(app=embedded.worker_app), settings)).start()
+    wait_ready(server.url)
+    yield Served(server.url, "embed_only", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2", worker_app=embedded.worker_app)
+    server.stop()

@@ -1,12 +1,14 @@
 """Other peers' client libraries against a running server, unchanged but for their base URL:
-LangChain's OpenAIEmbeddings, llama-index's OpenAIEmbedding, and voyageai's Client (its embed and
-its rerank). Each gets the vectors the engine gives directly."""
+LangChain's OpenAIEmbeddings, llama-index's OpenAIEmbedding, voyageai's Client (its embed and
+its rerank) and huggingface_hub's InferenceClient (TEI's root route). Each gets the vectors the
+engine gives directly."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tests.http.servers import Served, reference
 
@@ -51,3 +53,22 @@ def test_voyageai_client_embed_and_rerank(single: Served, reference_engine: Any)
     assert [r.index for r in ranked.results] == list(np.argsort(-scores, kind="stable")[:2])
     assert [r.document for r in ranked.results] == [TEXTS[i] for i in np.argsort(-scores, kind="stable")[:2]]
     assert ranked.total_tokens > 0
+
+
+def test_huggingface_hub_inference_client(embed_only: Served, single: Served, reference_engine: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``InferenceClient(model=URL)`` posts TEI-style bodies to ``/`` (TEI's root route)."""
+    import httpx
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # it refuses even a local URL offline
+
+    expected = reference(reference_engine, TEXTS)
+    vectors = InferenceClient(model=embed_only.url).feature_extraction(TEXTS[0], normalize=True)
+    np.testing.assert_allclose(np.array(vectors).reshape(-1), expected[0], atol=1e-5)
+    several = httpx.post(f"{single.url}/", json={"inputs": TEXTS[0]})  # several kinds served: name one
+    assert several.status_code == 400 and "several kinds" in several.json()["error"]["message"]
+    body = {"inputs": TEXTS[:2], "model": single.bundled, "parameters": {"normalize": True}}
+    np.testing.assert_allclose(np.array(httpx.post(f"{single.url}/", json=body).json()), expected[:2], atol=1e-5)
+    ranks = httpx.post(f"{single.url}/", json={"model": single.rerank, "query": "q", "texts": TEXTS}).json()
+    assert sorted(r["index"] for r in ranks) == [0, 1, 2]
