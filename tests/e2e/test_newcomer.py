@@ -88,3 +88,6 @@ def test_the_progress_bar_counts_rows_not_attempts(cli, tmp_path: Path, tiny_emb
     counts = {tuple(map(int, m)) for m in re.findall(r"\b(\d+)/(\d+)\b", output)}
     assert (5, 5) in counts and all(done <= total for done, total in counts), output
     assert "3 row(s) rejected" in output and "rows are counted from 0" in output
+    reasons = [e["reason"] for e in json.loads((tmp_path / "out" / "_manifest.json").read_text())["errors"]]
+    assert [r.split(":")[0] for r in reasons] == ["row 1 (counted from 0)", "row 2 (counted from 0)",
+                                                  "row 4 (counted from 0)"]

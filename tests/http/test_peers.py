@@ -345,3 +345,21 @@ def test_tei_embed_all_is_the_models_token_states(single: Served, bundled_model:
     pooled = np.array(states[0]).mean(axis=0)
     vector = httpx.post(f"{single.url}/embed", json={"inputs": TEXTS[0]}).json()[0]
     np.testing.assert_allclose(pooled / np.linalg.norm(pooled), vector, atol=1e-5)
+
+
+def test_input_type_and_prompt_name_on_the_openai_route(embedded: Served) -> None:
+    """Voyage's input_type (query/document) and prompt_name pick the model's prompts."""
+    from producer.jobs import Options
+    from worker.hosting import registry as runtime
+
+    engine = runtime.engine_for(embedded.embed)
+    url = f"{embedded.url}/v1/embeddings"
+    for body, prompt in (({"input_type": "query"}, "query"), ({"input_type": "document"}, "passage"),
+                         ({"prompt_name": "passage"}, "passage")):
+        got = httpx.post(url, json={"input": TEXTS, "model": embedded.embed, **body}).json()["data"]
+        expected = engine.run(TEXTS, Options(prompt_name=prompt), timeout=60).values
+        np.testing.assert_allclose(np.array([d["embedding"] for d in got]), expected, atol=1e-5)
+    plain = engine.run(TEXTS, timeout=60).values
+    bundled = httpx.post(url, json={"input": TEXTS, "model": embedded.bundled, "input_type": "query"})
+    assert bundled.status_code == 200  # a model without prompts embeds queries as they are
+    assert not np.allclose(plain, engine.run(TEXTS, Options(prompt_name="query"), timeout=60).values)

@@ -123,7 +123,7 @@ def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list
     out = []
     for offset, reason in sorted(engine_errors.items()):
         row = job.shard.row_start + offset
-        text = rows.parse_errors.get(row) or f"row {row}: {reason}"
+        text = rows.parse_errors.get(row) or f"row {row} (counted from 0): {reason}"
         out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
     return out
 
