@@ -31,7 +31,7 @@ from producer.http.checks import (
 from producer.http.coalesce import Answer
 from producer.http.directory import Directory, ServedModel
 from producer.http.dispatch import Dispatcher
-from producer.http.errors import unauthorized
+from producer.http.errors import bad, unauthorized
 from producer.http.metrics import FacadeMetrics
 from producer.http.render import json_response, stamp, usage
 from producer.http.schemas import ClassifyRequest, EmbeddingRequest, RerankRequest
@@ -39,9 +39,18 @@ from producer.http.settings import FacadeSettings
 from producer.jobs import ClassifyJob, EmbedJob, JobKind, Options, RerankJob
 
 
+def numeric_type(body: EmbeddingRequest) -> str:
+    """The type each value has: Voyage's ``output_dtype``, or a quantized ``encoding_format``."""
+    quantized = body.encoding_format not in ("float", "base64")
+    if quantized and body.output_dtype not in (None, body.encoding_format):
+        raise bad(f"output_dtype {body.output_dtype!r} contradicts encoding_format {body.encoding_format!r}; give "
+                  "one of them (or encoding_format base64 with output_dtype)", "output_dtype")
+    return body.output_dtype or (body.encoding_format if quantized else "float")
+
+
 def openai_rows(vectors: np.ndarray, body: EmbeddingRequest) -> list[Any]:
     """``encoding_format`` (and Voyage's ``output_dtype``, vLLM's ``embed_dtype``/``endianness``)."""
-    kind = body.output_dtype or (body.encoding_format if body.encoding_format != "base64" else "float")
+    kind = numeric_type(body)
     if body.encoding_format == "base64":
         order = "big" if body.endianness == "big" or (body.endianness == "native" and sys.byteorder == "big") \
             else "little"
@@ -106,6 +115,7 @@ class Facade:
         inputs = embedding_inputs(body.input, model, self.settings)
         dimensions = body.dimensions or body.output_dimension
         check_dimensions(dimensions, model)
+        numeric_type(body)  # a contradiction is a 400 before any work
         prompt_name = prompt_for(model, body.input_type, body.prompt_name)
         options = Options(dimensions=dimensions, prompt_name=prompt_name, normalize=body.normalize,
                           truncate=body.truncation)

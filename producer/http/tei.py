@@ -109,8 +109,7 @@ async def similarity(facade: Facade, body: TEISimilarityRequest) -> Response:
     """Cosine similarity of the source sentence to each sentence (one job embeds them all)."""
     model = facade.directory.resolve(body.model, JobKind.embed, "/similarity")
     parameters = body.parameters
-    texts = [body.inputs.source_sentence, *body.inputs.sentences]
-    embedding_inputs(texts, model, facade.settings, "inputs")
+    texts = embedding_inputs([body.inputs.source_sentence, *body.inputs.sentences], model, facade.settings, "inputs")
     options = Options(normalize=True, truncate=truncation(parameters.truncate if parameters else None,
                                                           parameters.truncation_direction if parameters else "right"),
                       prompt_name=prompt_for(model, None, parameters.prompt_name if parameters else None))

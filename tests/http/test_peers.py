@@ -218,6 +218,9 @@ def test_base64_of_quantized_and_float16_big_endian(single: Served, reference_en
     body = {"input": TEXTS[:1], "encoding_format": "base64", "embed_dtype": "float16", "endianness": "big"}  # vLLM's
     raw = httpx.post(f"{single.url}/v1/embeddings", json=body).json()["data"][0]["embedding"]
     np.testing.assert_allclose(np.frombuffer(base64.b64decode(raw), ">f2"), expected[0], atol=2e-3)
+    both = httpx.post(f"{single.url}/v1/embeddings", json={"input": "a", "encoding_format": "int8",
+                                                           "output_dtype": "binary"})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "output_dtype"
 
 
 # ---------------------------------------------------------------------------- Cohere v2
