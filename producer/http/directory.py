@@ -224,6 +224,12 @@ class Directory:
     def _matches(model: ServedModel, kind: str | None, name: str) -> bool:
         return (kind is None or kind == model.kind) and bool(model.names() & {name, model_slug(name)})
 
+    def named(self, name: object) -> list[ServedModel]:
+        """The served models, of any kind, that ``name`` names (none for a name that is not a string)."""
+        if not isinstance(name, str):
+            return []
+        return [m for m in self.served() if self._matches(m, None, name)]
+
     def resolve(self, name: str | None, kind: JobKind, route: str) -> ServedModel:
         """The served model a request names, resolved as infinity and TEI do.
 

@@ -85,7 +85,7 @@ class Facade:
         job = EmbedJob(model=model.id, inputs=inputs, options=options)
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, param)
-        self._count(model, result)
+        self.count(model, result)
         return result
 
     async def score(self, model: ServedModel, query: str, documents: list[str], raw_scores: bool,
@@ -97,7 +97,7 @@ class Facade:
                         options=Options(raw_scores=raw_scores, truncate=truncate))
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, "documents")
-        self._count(model, result)
+        self.count(model, result)
         return result
 
     async def classify_texts(self, model: ServedModel, texts: list[str], raw_scores: bool, param: str = "input",
@@ -106,7 +106,7 @@ class Facade:
         job = ClassifyJob(model=model.id, inputs=fit_texts(texts), options=Options(raw_scores=raw_scores, truncate=truncate))
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, param)
-        self._count(model, result)
+        self.count(model, result)
         return result
 
     # -- OpenAI / infinity routes
@@ -160,6 +160,7 @@ class Facade:
                 "models": {m.id: {"kind": m.kind, "workers": len(m.workers)} for m in served}, "missing": missing}
         return json_response(body, 200 if ready else 503)
 
-    def _count(self, model: ServedModel, result: Answer) -> None:
+    def count(self, model: ServedModel, result: Answer) -> None:
+        """Tokens and inputs a request ran, for the metrics."""
         self.metrics.tokens.labels(model.id, model.kind).inc(int(sum(result.n_tokens)))
         self.metrics.inputs.labels(model.kind).observe(len(result.n_tokens))

@@ -123,7 +123,7 @@ def any_model(facade: Facade, name: str | None, route: str) -> ServedModel:
     served, else the embed model a name resolves to."""
     served = facade.directory.served()
     if name is not None:
-        named = [m for m in served if facade.directory._matches(m, None, name)]
+        named = facade.directory.named(name)
         if named:
             return named[0]
     if len(served) == 1:
@@ -169,7 +169,7 @@ async def embed_all(facade: Facade, body: TEIEmbedRequest) -> Response:
                       prompt_name=prompt_for(model, None, body.prompt_name))
     job = TokensJob(model=model.id, op="embed_all", inputs=inputs, options=options)
     result = await tokens_call(facade, model, job, "inputs")
-    facade._count(model, result)
+    facade.count(model, result)
     bounds = np.cumsum([0, *result.n_tokens])
     return json_response([list(result.values[bounds[i]:bounds[i + 1]]) for i in range(len(result.n_tokens))])
 
@@ -181,7 +181,7 @@ def info(facade: Facade, model_name: str | None) -> Response:
         raise not_found("no model is served here")
     model = served[0]
     if model_name is not None:
-        named = [m for m in served if facade.directory._matches(m, None, model_name)]
+        named = facade.directory.named(model_name)
         if not named:
             raise not_found(f"model {model_name!r} is not served here (served: {', '.join(m.id for m in served)})")
         model = named[0]
@@ -213,7 +213,7 @@ async def root(facade: Facade, payload: Any) -> Response:
     if isinstance(payload.get("parameters"), dict):
         body = {**payload["parameters"], **body}
     served = facade.directory.served()
-    named = [m for m in served if isinstance(body.get("model"), str) and facade.directory._matches(m, None, body["model"])]
+    named = facade.directory.named(body.get("model"))
     kinds = {m.kind for m in (named or served)}
     if len(kinds) != 1:
         listed = ", ".join(sorted(f"{m.id} ({m.kind})" for m in served)) or "none"

@@ -91,3 +91,19 @@ def test_the_progress_bar_counts_rows_not_attempts(cli, tmp_path: Path, tiny_emb
     reasons = [e["reason"] for e in json.loads((tmp_path / "out" / "_manifest.json").read_text())["errors"]]
     assert [r.split(":")[0] for r in reasons] == ["row 1 (counted from 0)", "row 2 (counted from 0)",
                                                   "row 4 (counted from 0)"]
+
+
+def test_backend_auto_says_what_it_chose_and_reuses_it(cli, tmp_path: Path, tiny_embed_model: Path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "c.jsonl"
+    source.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(5)))
+    args = ("--model", tiny_embed_model, "--backend", "auto", "--dtype", "float32")
+    code, first = cli(source, "--out", tmp_path / "a", *args)
+    assert code == 0, first
+    chosen = re.search(r"backend auto: (\w+/float32): the fastest of 2 candidates", first)
+    assert chosen and "measured now on 64 texts" in first and "max|dp|" in first and "nan" not in first, first
+    code, again = cli(source, "--out", tmp_path / "b", *args)
+    assert code == 0, again
+    assert f"backend auto: {chosen.group(1)}:" in again and "cached, measured" in again, again
+    assert "max|dp|" not in again  # no table: nothing was timed

@@ -454,7 +454,8 @@ def _cached_selection(key: str, info: "ModelInfo", device: str, load: Loader) ->
         log.warning("the cached backend choice %s for %s does not load (%s); measuring again", chosen, info.name, exc)
         return None
     trials = [_trial_from(dict(t)) for t in entry.get("trials", [])]
-    reason = f"{entry.get('reason') or chosen} [cached {entry.get('measured_at', '')} in {cache_path()}]"
+    measured = str(entry.get("reason") or chosen).split("; measured now")[0]
+    reason = f"{measured}; cached, measured {entry.get('measured_at', '')} (in {cache_path()})"
     log.info("backend auto selection for %s on %s: %s", info.name, device, reason)
     return Selection(backend, trials, chosen, reason=reason, cached=True)
 
@@ -498,7 +499,7 @@ def _measure(info: "ModelInfo", device: str, options: list[Candidate], n_texts: 
     finally:
         for run in runs.values():
             run.backend.close()
-    reason = why(trials[chosen], shown) + f" [measured now on {len(inputs)} texts]"
+    reason = why(trials[chosen], shown) + f"; measured now on {len(inputs)} texts"
     log.info("backend auto selection for %s on %s: %s", info.name, device, reason)
     return Selection(backend, shown, chosen, reason=reason)
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from producer.cli import app, build_options, console, fail, follow, say_id_column, summarize
 from producer.client import Client
@@ -84,7 +85,7 @@ def run(
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
             selection = worker.selections[0]
             if selection.reason:
-                console.print(f"backend auto: {selection.reason}")
+                console.print(f"backend auto: {escape(selection.reason)}")
             if selection.table and not selection.cached:
                 console.print(selection.table)
             client = Client(app=worker.app)
