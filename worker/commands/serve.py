@@ -24,6 +24,7 @@ from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
 from producer.options import ResultBackend, Verbose, envvar
 from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.worker import say_selections
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def serve(
         asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:
         raise fail(exc) from None
+    if worker is not None:
+        say_selections(worker)
     mode = f"thin, jobs to {broker.split('@')[-1]}" if broker else f"embedded, hosting {', '.join(hosted)}"
     console.print(f"embedfleet serve on http://{host}:{port} ({mode})")
     try:
