@@ -366,3 +366,16 @@ def test_input_type_and_prompt_name_on_the_openai_route(embedded: Served) -> Non
     bundled = httpx.post(url, json={"input": TEXTS, "model": embedded.bundled, "input_type": "query"})
     assert bundled.status_code == 200  # a model without prompts embeds queries as they are
     assert not np.allclose(plain, engine.run(TEXTS, Options(prompt_name="query"), timeout=60).values)
+
+
+def test_token_level_routes_through_a_fleet_worker(thin: Served, single: Served) -> None:
+    """TokensJobs travel over Redis to an ``embedfleet worker`` process like every inline call."""
+    for path, body in (("/tokenize", {"inputs": TEXTS[:2]}), ("/decode", {"ids": [[101, 7592, 2088, 102]]}),
+                       ("/embed_all", {"inputs": TEXTS[:1]})):
+        remote = httpx.post(f"{thin.url}{path}", json={**body, "model": thin.bundled}, timeout=60)
+        local = httpx.post(f"{single.url}{path}", json=body, timeout=60)
+        assert remote.status_code == 200, remote.text
+        if path == "/embed_all":
+            np.testing.assert_allclose(np.array(remote.json()), np.array(local.json()), atol=1e-5)
+        else:
+            assert remote.json() == local.json()
