@@ -31,6 +31,11 @@ class JobKind(str, Enum):
     rerank = "rerank"
     classify = "classify"
 
+    @property
+    def a_model(self) -> str:
+        """``an embed model``, ``a rerank model``: the kind as messages say it."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value} model"
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)

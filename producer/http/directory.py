@@ -24,11 +24,6 @@ from producer.jobs import INLINE_SUFFIX, JobKind, inline_queue_name, model_slug
 log = logging.getLogger(__name__)
 
 
-def _article(word: str) -> str:
-    """``an embed model``, ``a rerank model``."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
 KINDS = {kind.value for kind in JobKind}
 #: How often the directory thread counts queued messages (the 429 backpressure reads the count).
 DEPTH_EVERY_S = 0.5
@@ -248,8 +243,8 @@ class Directory:
             if exact:
                 return exact[0]
             if matches:
-                raise bad(f"model {name!r} is {_article(matches[0].kind)} {matches[0].kind} model; {route} needs "
-                          f"{_article(kind.value)} {kind.value} model", "model", "wrong_model_kind")
+                raise bad(f"model {name!r} is {JobKind(matches[0].kind).a_model}; {route} needs {kind.a_model}",
+                          "model", "wrong_model_kind")
             if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
                 raise unavailable(f"no worker for model {name!r} answers right now; retry later", "no_worker",
                                   "model", int(self.settings.refresh_s) + 1)

@@ -74,9 +74,7 @@ def run(
             engine = worker.engines[0]
             model_kind = engine.info.kind
             if kind is not None and kind != model_kind:
-                article = "an" if model_kind.value[0] in "aeiou" else "a"
-                raise BadInput(f"--kind {kind.value}: model {model!r} is {article} {model_kind.value} model",
-                               param="kind")
+                raise BadInput(f"--kind {kind.value}: model {model!r} is {model_kind.a_model}", param="kind")
             engine.check_options(options)
             id_column = say_id_column(input, id_column)
             columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
