@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from producer.errors import BadInput, SettingsError
 from producer.jobs import INLINE_SUFFIX
@@ -42,6 +43,11 @@ def visibility_timeout() -> int:
 
 def max_deliveries() -> int:
     return settings().max_deliveries
+
+
+def job_ttl() -> int:
+    """Seconds a job's Redis keys live (``EMBEDFLEET_JOB_TTL``)."""
+    return settings().job_ttl
 
 
 def broker_kind(broker: str) -> str:
@@ -209,9 +215,36 @@ def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> N
     pipe.delete(key)
     if shards:
         pipe.hset(key, mapping={str(i): json.dumps(s) for i, s in shards.items()})
-        pipe.expire(key, 14 * 86400)
-        pipe.sadd(JOBS_KEY, job_id)
+        pipe.expire(key, job_ttl())  # gone by then even if no sweeper ever sees the job finish
+        pipe.sadd(JOBS_KEY, job_id)  # the sweeper drops an id whose shard list is gone
     pipe.execute()
+
+
+def job_record_key(job_id: str) -> str:
+    """The result-backend key mapping a job id to its output folder (``status <job-id>``)."""
+    return f"embedfleet-job-{job_id}"
+
+
+def remember_job(app: Celery, job_id: str, out: str) -> None:
+    """Record where a job writes, for ``status <job-id>``, for ``EMBEDFLEET_JOB_TTL`` seconds.
+
+    Set on the result backend's own Redis client with the job's TTL (the backend's ``set`` would
+    apply ``result_expires``, an hour, after which ``status <id>`` no longer found the job)."""
+    backend = app.backend
+    if isinstance(backend, RedisBackend):
+        backend.client.set(job_record_key(job_id), out, ex=job_ttl())
+    else:  # an in-process backend: lives as long as the process
+        backend.set(job_record_key(job_id), out)
+
+
+def find_job_out(app: Celery, job_id: str) -> str | None:
+    """The output folder recorded for ``job_id``, or ``None``."""
+    backend = app.backend
+    client = backend.client if isinstance(backend, RedisBackend) else backend
+    value = client.get(job_record_key(job_id))
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def make_app(

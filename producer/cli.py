@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.progress import TextColumn as TextField
 
-from producer import storage
+from producer import sources, storage
+from producer.broker import find_job_out
+from producer.broker import remember_job as broker_remember_job
 from producer.client import DEFAULT_SHARD_ROWS, Client, JobHandle, plan_corpus
 from producer.client import Progress as JobProgress
 from producer.errors import BadInput, EmbedfleetError, JobFailed, JobNotFound
@@ -86,33 +88,64 @@ def build_options(
                    prompt=prompt, output_dtype=output_dtype)  # type: ignore[arg-type]
 
 
-def follow(handle: JobHandle, poll: float = 0.25) -> tuple[JobManifest, float]:
-    """Show a progress bar (rows and texts/s) until the job's manifest is written."""
-    started = time.monotonic()
+def follow(handle: JobHandle, poll: float = 0.25, started: float | None = None) -> tuple[JobManifest, float]:
+    """Show a progress bar until the job's manifest is written; returns it and the wall time.
+
+    The bar counts rows (each once, rejected or not), the rows a rerun skips included; the rate
+    is the rows this run processed over the time since ``started`` (the submission, when the
+    caller says so)."""
+    started = time.monotonic() if started is None else started
+    if handle.skipped_rows:
+        console.print(f"{handle.skipped_rows:,} of {handle.n_rows:,} rows skipped: their parts were done by an "
+                      "earlier run")
     columns = (TextField("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextField("{task.fields[rate]} texts/s"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(f"job {handle.job_id}", total=handle.n_rows, rate="-")
+        task = bar.add_task(f"job {handle.job_id}", total=handle.n_rows, rate="-",
+                            completed=handle.skipped_rows)
 
         def update(progress: JobProgress) -> None:
             elapsed = max(time.monotonic() - started, 1e-6)
-            bar.update(task, completed=progress.rows_done + progress.rows_failed,
-                       rate=f"{progress.rows_done / elapsed:,.0f}")
+            now = max(progress.rows_finished - handle.skipped_rows, 0)
+            bar.update(task, completed=min(progress.rows_finished, handle.n_rows), rate=f"{now / elapsed:,.0f}")
 
         manifest = handle.wait(poll=poll, on_progress=update, raise_on_failure=False)
     return manifest, time.monotonic() - started
 
 
-def summarize(manifest: JobManifest, seconds: float | None) -> None:
-    rate = f", {manifest.rows_written / seconds:,.0f} texts/s, {manifest.n_tokens / seconds:,.0f} tokens/s" if seconds else ""
+def summarize(manifest: JobManifest, seconds: float | None, handle: JobHandle | None = None) -> None:
+    """The completion line; with the run's handle and wall time, the rate of the rows (and tokens)
+    this run processed over that time (rows an earlier run finished are not counted)."""
+    rate = ""
+    if seconds and handle is not None:
+        rows = manifest.n_rows - handle.skipped_rows
+        tokens = max(manifest.n_tokens - handle.skipped_tokens, 0)
+        if rows > 0:
+            rate = (f" in {seconds:,.1f} s: {rows / seconds:,.0f} texts/s, {tokens / seconds:,.0f} tokens/s"
+                    + (f" over the {rows:,} rows this run did" if handle.skipped_rows else ""))
+        else:
+            rate = " (nothing left to do: every part was done by an earlier run)"
     console.print(f"[green]{manifest.status}[/]: {manifest.rows_written:,} of {manifest.n_rows:,} rows written to "
                   f"{manifest.out} in {len(manifest.parts)} part(s){rate}")
     if manifest.errors:
-        console.print(f"[yellow]{len(manifest.errors)} row(s) rejected[/] (reasons in {manifest.out}/_manifest.json):")
+        console.print(f"[yellow]{len(manifest.errors)} row(s) rejected[/] (reasons in {manifest.out}/_manifest.json; "
+                      "rows are counted from 0):")
         for error in manifest.errors[:5]:
             console.print(f"  row {error.row} (id={error.id!r}): {error.reason}")
     for shard in manifest.failed_shards:
         console.print(f"[red]shard {shard.index} failed[/]: {shard.failure}")
+
+
+def say_id_column(input: str, id_column: str | None) -> str | None:
+    """The id column a job uses (the input's ``id`` when none is named), said on the console."""
+    if id_column is not None:
+        return id_column
+    chosen = sources.default_id_column(input, sources.detect_format(input))
+    if chosen:
+        console.print(f"ids: the input's {chosen!r} column (--id-column NAME to use another)")
+    else:
+        console.print("ids: row numbers, counted from 0 (the input has no 'id' column; --id-column NAME to use one)")
+    return chosen
 
 
 @app.command()
@@ -130,6 +163,10 @@ def submit(
     shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
+    try:
+        id_column = say_id_column(input, id_column)
+    except EmbedfleetError as exc:
+        raise fail(exc) from None
     client = Client(broker=broker, result_backend=result_backend)
     handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                                   query_column=query_column, document_column=document_column, shard_rows=shard_rows)
@@ -139,13 +176,9 @@ def submit(
     typer.echo(handle.job_id)
 
 
-def _job_key(job_id: str) -> str:
-    return f"embedfleet-job-{job_id}"
-
-
 def remember_job(client: Client, handle: JobHandle) -> None:
     """Map the job id to its output folder in the result backend, so `status JOB` can find it."""
-    client.app.backend.set(_job_key(handle.job_id), handle.out)
+    broker_remember_job(client.app, handle.job_id, handle.out)
 
 
 def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> JobHandle:
@@ -153,10 +186,11 @@ def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> 
     looks_like_id = len(job) == 16 and all(c in "0123456789abcdef" for c in job)
     if looks_like_id and broker:
         client = Client(broker=broker, result_backend=result_backend)
-        out = client.app.backend.get(_job_key(job))
+        out = find_job_out(client.app, job)
         if out is None:
-            raise JobNotFound(f"job {job} is not known to the result backend of {broker.split('@')[-1]}")
-        job = out.decode() if isinstance(out, bytes) else str(out)
+            raise JobNotFound(f"job {job} is not known to the result backend of {broker.split('@')[-1]} "
+                              "(job records expire after EMBEDFLEET_JOB_TTL; give the output folder instead)")
+        job = out
     try:
         return JobHandle.open(job)
     except FileNotFoundError:

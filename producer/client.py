@@ -46,7 +46,7 @@ from producer.jobs import (
 
 DEFAULT_SHARD_ROWS = 10_000
 
-__all__ = ["Client", "JobHandle", "Progress", "Classification", "plan_corpus", "decode_f32", "InputError",
+__all__ = ["Client", "JobHandle", "Progress", "Classification", "plan_corpus", "normalize_out", "decode_f32", "InputError",
            "JobFailed", "DEFAULT_MODEL", "DEFAULT_SHARD_ROWS"]
 
 
@@ -59,16 +59,33 @@ class Classification:
 
 @dataclass(frozen=True)
 class Progress:
+    """A job's state from its done-markers. ``rows_done``: rows of finished shards (rejected ones
+    included); ``rows_failed``: rejected rows plus the rows of parked shards (``rows_parked``)."""
+
     n_shards: int
     shards_done: int
     shards_failed: int
     rows_total: int
     rows_done: int
     rows_failed: int
+    rows_parked: int = 0
 
     @property
     def finished(self) -> bool:
         return self.shards_done + self.shards_failed >= self.n_shards
+
+    @property
+    def rows_finished(self) -> int:
+        """Rows the job is through with, each counted once (a progress bar's count)."""
+        return self.rows_done + self.rows_parked
+
+
+def normalize_out(out: str) -> str:
+    """An output folder without its trailing slash: ``vectors/`` and ``vectors`` are one job."""
+    stripped = out.rstrip("/")
+    if not stripped or stripped.endswith(":"):  # "/" or "s3://": nothing to strip
+        return out
+    return stripped
 
 
 def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
@@ -79,12 +96,16 @@ def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
 class JobHandle:
     """Follow a bulk job through its output folder: progress, wait, outputs."""
 
-    def __init__(self, out: str, job_id: str, n_shards: int, n_rows: int, enqueued: int = 0) -> None:
+    def __init__(self, out: str, job_id: str, n_shards: int, n_rows: int, enqueued: int = 0,
+                 skipped_rows: int = 0, skipped_tokens: int = 0) -> None:
         self.out = out
         self.job_id = job_id
         self.n_shards = n_shards
         self.n_rows = n_rows
         self.enqueued = enqueued
+        #: Rows (and their tokens) of shards an earlier run finished: skipped by this submission.
+        self.skipped_rows = skipped_rows
+        self.skipped_tokens = skipped_tokens
 
     @classmethod
     def open(cls, out: str) -> "JobHandle":
@@ -95,13 +116,15 @@ class JobHandle:
     def progress(self) -> Progress:
         reports = storage.read_markers(self.out)
         done = [r for r in reports.values() if r.status == "done"]
+        parked = sum(r.rows_in for r in reports.values() if r.status != "done")
         return Progress(
             n_shards=self.n_shards,
             shards_done=len(done),
             shards_failed=len(reports) - len(done),
             rows_total=self.n_rows,
             rows_done=sum(r.rows_in for r in done),
-            rows_failed=sum(len(r.errors) for r in done) + sum(r.rows_in for r in reports.values() if r.status != "done"),
+            rows_failed=sum(len(r.errors) for r in done) + parked,
+            rows_parked=parked,
         )
 
     def manifest(self) -> JobManifest | None:
@@ -217,12 +240,16 @@ class Client:
 
         ``source`` is a path or s3:// URI (Parquet, JSONL, CSV, text), a pandas DataFrame or a
         pyarrow Table (written to ``out/_input.parquet`` first, so shards stay references).
-        Submitting the same job again enqueues only the shards that have no done-marker.
+        Submitting the same job again enqueues only the shards that have no done-marker (the
+        handle's ``skipped_rows`` counts their rows). ``id_column`` defaults to the input's ``id``
+        column when it has one (``producer.sources.default_id_column``).
         """
+        out = normalize_out(out)
         spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
                            options=options)
-        done = _reopen_failed(out, storage.read_markers(out))
+        markers = storage.read_markers(out)
+        done = _reopen_failed(out, markers)
         queue = queue_name(spec.kind, model)
         declare_queue(self.app, queue)
         attempt = uuid.uuid4().hex[:8]  # a new submission gets fresh delivery counts
@@ -239,7 +266,9 @@ class Client:
             self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],
                                ignore_result=True)
         enqueued = len(messages)
-        return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued)
+        skipped = [markers[i] for i in done]
+        return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued,
+                         skipped_rows=sum(r.rows_in for r in skipped), skipped_tokens=sum(r.n_tokens for r in skipped))
 
 
 def plan_corpus(
@@ -257,13 +286,17 @@ def plan_corpus(
     """Check a corpus, split it into shards and record the job in ``{out}/_job.json``.
 
     No broker is involved: a fleet then enqueues the shards (``Client.submit_corpus``), and an
-    AWS Batch array job processes them by index with no broker at all.
+    AWS Batch array job processes them by index with no broker at all. ``out`` is taken without
+    its trailing slash; ``id_column`` defaults to the input's ``id`` column when it has one.
     """
     kind = JobKind(kind)
     options = options or Options()
-    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+    out = normalize_out(out)
     uri = _materialize(source, out)
     fmt = sources.detect_format(uri)
+    if id_column is None:
+        id_column = sources.default_id_column(uri, fmt)
+    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
     sources.check_columns(uri, fmt, kind, columns)
     n_rows = sources.count_rows(uri, fmt)
     shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)

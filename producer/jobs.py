@@ -31,6 +31,11 @@ class JobKind(str, Enum):
     rerank = "rerank"
     classify = "classify"
 
+    @property
+    def a_model(self) -> str:
+        """``an embed model``, ``a rerank model``: the kind as messages say it."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value} model"
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -130,7 +135,26 @@ class ClassifyJob(_Message):
         return _check_texts(values, "inputs")
 
 
-InlineJob = EmbedJob | RerankJob | ClassifyJob
+class TokensJob(_Message):
+    """Token-level work on one model (TEI's ``/tokenize``, ``/decode``, ``/embed_all``): texts to
+    tokens with offsets, token ids back to text, or every token's embedding without pooling."""
+
+    kind: Literal["tokens"] = "tokens"
+    model: str
+    model_kind: JobKind = JobKind.embed
+    op: Literal["tokenize", "decode", "embed_all"]
+    inputs: list[Any]
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
+    options: Options = Field(default_factory=Options)
+
+    @field_validator("inputs")
+    @classmethod
+    def _bounded(cls, values: list[Any]) -> list[Any]:
+        return _check_texts(values, "inputs")
+
+
+InlineJob = EmbedJob | RerankJob | ClassifyJob | TokensJob
 
 
 class Columns(BaseModel):
@@ -246,6 +270,11 @@ class InlineResult(BaseModel):
     labels: list[str] = Field(default_factory=list)
     errors: dict[int, str] = Field(default_factory=dict)
     error: dict[str, Any] | None = None
+    #: TokensJob answers: per input, tokens as ``{id, text, special, start, stop}`` (tokenize), or
+    #: the decoded texts (decode); embed_all sends every token's vector (``n_items`` rows in all,
+    #: ``n_tokens`` of them per input).
+    tokens: list[list[dict[str, Any]]] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list)
 
 
 def queue_name(kind: JobKind | str, model: str) -> str:

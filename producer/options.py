@@ -33,7 +33,8 @@ Model = Annotated[str, typer.Option("--model", help="Local dir, hub id, or the b
 Kind = Annotated[JobKind, typer.Option("--kind", help="embed|rerank|classify")]
 TextColumn = Annotated[str, typer.Option("--text-column", help="The input column holding the texts")]
 IdColumn = Annotated[Optional[str], typer.Option("--id-column",
-                                                  help="Kept as `id` (type kept); default: row number")]
+                                                  help="Kept as `id` (type kept); default: the input's `id` "
+                                                  "column if it has one, else the row number (from 0)")]
 QueryColumn = Annotated[str, typer.Option("--query-column", help="Rerank: the query column")]
 DocumentColumn = Annotated[str, typer.Option("--document-column", help="Rerank: the document column")]
 ShardRows = Annotated[int, typer.Option("--shard-rows", min=1, help="Rows per shard (= per output part)")]

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a shard is parked")
     sweep_interval: int = Field(30, ge=1, description="Redis: seconds between checks for shard messages "
                                 "the broker lost")
+    job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "
+                         "for `status <id>`, its shard list) live after submission; none is kept forever")
     # -- SQS
     sqs_region: str | None = Field(None, description="SQS region (else AWS_REGION / AWS_DEFAULT_REGION, "
                                    "else us-east-1)")

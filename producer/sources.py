@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -176,6 +177,33 @@ def count_rows(uri: str, fmt: str) -> int:
     return _whole_table(uri, fmt)[1]
 
 
+#: The input column whose values become the output's ``id`` when no ``--id-column`` is named.
+DEFAULT_ID_COLUMN = "id"
+
+
+def default_id_column(uri: str, fmt: str) -> str | None:
+    """``id`` when the input has such a column (its values are the user's ids), else ``None``
+    (the ids are then the row numbers, counted from 0)."""
+    return DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in column_names(uri, fmt) else None
+
+
+def typed_text_column(column: pa.Array) -> pa.Array:
+    """A CSV column as a typed reader would give it: int64 when every cell is exactly the decimal
+    form of an integer (so ``007`` or ``+3`` stay text: nothing the user wrote is lost), else text."""
+    try:
+        ints = pc.cast(column, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return column
+    same = pc.all(pc.equal(pc.cast(ints, pa.string()), column)).as_py()
+    return ints if same else column
+
+
+@functools.lru_cache(maxsize=8)
+def _csv_ids_at(uri: str, name: str, stamp: tuple[int | None, int | None]) -> pa.Array:
+    """The whole id column, typed once, so every shard's ids have the same type."""
+    return typed_text_column(_whole_table_at(uri, "csv", stamp)[0][name])
+
+
 def needed_columns(kind: JobKind, columns: Columns) -> list[str]:
     wanted = [columns.query, columns.document] if kind == JobKind.rerank else [columns.text]
     return wanted + ([columns.id] if columns.id else [])
@@ -226,7 +254,7 @@ def _parquet_range(uri: str, names: list[str], start: int, stop: int) -> pa.Tabl
 
 
 def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
-    """The rows of one shard, with ids (the id column, type kept, or the row number)."""
+    """The rows of one shard, with ids (the id column, type kept, or the row number from 0)."""
     names = needed_columns(kind, columns)
     start, stop = shard.row_start, shard.row_stop
     parse_errors: dict[int, str] = {}
@@ -239,6 +267,8 @@ def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
         parse_errors = {row: msg for row, msg in errors if start <= row < stop}
     row_numbers = list(range(start, stop))
     ids = cols[columns.id] if columns.id else pa.array(row_numbers, pa.int64())
+    if columns.id and shard.format == "csv":  # CSV cells are text: integer ids stay integers
+        ids = _csv_ids_at(shard.uri, columns.id, _stamp(shard.uri)).slice(start, stop - start)
     if kind == JobKind.rerank:
         values: list[Any] = list(zip(cols[columns.query].to_pylist(), cols[columns.document].to_pylist()))
     else:

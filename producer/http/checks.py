@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from producer.http.coalesce import Answer
 from producer.http.directory import ServedModel
 from producer.http.errors import bad
+from producer.http.schemas import BODY_TAGS
 from producer.http.settings import FacadeSettings
-from producer.rules import count_problem, dimensions_problem, text_problem, token_ids_problem
+from producer.rules import MAX_INPUT_CHARS, count_problem, dimensions_problem, text_problem, token_ids_problem
 
 
 def check_texts(texts: list[str], settings: FacadeSettings, param: str) -> None:
@@ -28,41 +29,49 @@ def check_texts(texts: list[str], settings: FacadeSettings, param: str) -> None:
             raise problem.error(f"{param}[{index}]")
 
 
+def fit_texts(texts: list[str]) -> list[str]:
+    """Texts as the workers take them: a facade allowed longer inputs (``--max-chars`` over
+    100,000, as infinity accepts) cuts them at the workers' limit of ``MAX_INPUT_CHARS``
+    characters. That is far past any served model's token maximum (8,192 tokens would need
+    over 12 characters per token), so the model sees the same tokens it would have cut itself."""
+    return [text[:MAX_INPUT_CHARS] for text in texts]
+
+
 def check_dimensions(dimensions: int | None, model: ServedModel) -> None:
     problem = dimensions_problem(dimensions, model.dimensions)
     if problem is not None:
         raise problem.error("dimensions")
 
 
-def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings) -> list[Any]:
+def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings, param: str = "input") -> list[Any]:
     """Texts as a list; token-id arrays only where the worker's engine takes ids."""
     if isinstance(value, str):
         texts = [value]
     elif value and all(isinstance(v, str) for v in value):
         texts = list(value)
     elif not value:
-        raise bad("input: the list is empty; give at least one input", "input")
+        raise bad(f"{param}: the list is empty; give at least one input", param)
     else:
-        return _token_inputs(value, model, settings)
-    check_texts(texts, settings, "input")
-    return texts
+        return _token_inputs(value, model, settings, param)
+    check_texts(texts, settings, param)
+    return fit_texts(texts)
 
 
-def _token_inputs(value: list[Any], model: ServedModel, settings: FacadeSettings) -> list[list[int]]:
+def _token_inputs(value: list[Any], model: ServedModel, settings: FacadeSettings, param: str) -> list[list[int]]:
     arrays = [value] if isinstance(value[0], int) else value
     if not model.token_ids:
-        raise bad(f"input: token-id inputs are not supported yet by the workers serving {model.id!r}; "
-                  "send texts", "input", "token_ids_unsupported")
+        raise bad(f"{param}: token-id inputs are not supported yet by the workers serving {model.id!r}; "
+                  "send texts", param, "token_ids_unsupported")
     problem = count_problem(arrays, settings.max_inputs, " per request")
     if problem is not None:
-        raise problem.error("input")
+        raise problem.error(param)
     for index, ids in enumerate(arrays):
         problem = token_ids_problem(ids)
         if problem is None and len(ids) > model.max_length:
-            raise bad(f"input[{index}]: {len(ids)} tokens exceed the model's maximum of {model.max_length}",
-                      f"input[{index}]")
+            raise bad(f"{param}[{index}]: {len(ids)} tokens exceed the model's maximum of {model.max_length}",
+                      f"{param}[{index}]")
         if problem is not None:
-            raise problem.error(f"input[{index}]")
+            raise problem.error(f"{param}[{index}]")
     return [list(ids) for ids in arrays]
 
 
@@ -79,6 +88,8 @@ def per_item_errors(result: Answer, param: str) -> None:
 FIELD_HINTS = {
     "input": "input must be a string, a list of strings, or token ids (a list of integers, or a list of them)",
     "documents": "documents must be a list of strings or of {\"text\": string} objects",
+    "inputs": "inputs must be a string, a list of strings, or token ids (a list of integers, or a list of them)",
+    "ids": "ids must be a list of token ids, or a list of them",
 }
 
 
@@ -88,7 +99,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first: str | None = None
     seen: set[str] = set()
     for error in exc.errors():
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            return f"the request body is not valid JSON{f' ({reason})' if reason else ''}", None
+        loc = [str(p) for p in error.get("loc", ()) if p != "body" and p not in BODY_TAGS]
         field_name = loc[0] if loc else "body"
         if field_name in seen:
             continue
@@ -102,3 +116,48 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if len(parts) == 5:
             break
     return "; ".join(parts) or "invalid request body", first
+
+
+#: Cohere's and Voyage's input types -> the prompt names models use for them, in order of preference.
+INPUT_TYPE_PROMPTS: dict[str, tuple[str, ...]] = {
+    "search_query": ("search_query", "query"),
+    "query": ("query", "search_query"),
+    "search_document": ("search_document", "document", "passage", "corpus"),
+    "document": ("document", "passage", "search_document", "corpus"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+
+
+def prompt_for(model: ServedModel, input_type: str | None, prompt_name: str | None) -> str | None:
+    """The prompt a request asks for, by name or by input type, checked against the model's prompts.
+
+    As sentence-transformers' ``encode_query``/``encode_document`` do, an input type whose prompt
+    the model does not define embeds without one (many models prompt queries only). A prompt name
+    the model lacks, or an input type nobody defines, is a 400 listing what exists.
+    """
+    if prompt_name is not None:
+        if prompt_name not in model.prompts:
+            known = ", ".join(model.prompts) or "none"
+            raise bad(f"prompt_name {prompt_name!r} is not defined by model {model.id!r} (its prompts: {known})",
+                      "prompt_name")
+        return prompt_name
+    if input_type is None:
+        return None
+    for name in INPUT_TYPE_PROMPTS.get(input_type, (input_type,)):
+        if name in model.prompts:
+            return name
+    if input_type in INPUT_TYPE_PROMPTS:
+        return None
+    types = ", ".join(INPUT_TYPE_PROMPTS)
+    known = ", ".join(model.prompts) or "none"
+    raise bad(f"input_type {input_type!r} is neither one of {types} nor a prompt of model {model.id!r} "
+              f"(its prompts: {known})", "input_type")
+
+
+def check_max_tokens(value: int | None, model: ServedModel, param: str) -> None:
+    """Inputs are cut at the model's maximum length; a lower per-request cut is refused, not ignored."""
+    if value is not None and value < model.max_length:
+        raise bad(f"{param}: {value} is below the model's maximum of {model.max_length} tokens; inputs are cut at "
+                  f"{model.max_length} tokens here, and a shorter cut per request is not supported (omit {param})",
+                  param)

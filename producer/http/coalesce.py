@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -39,19 +39,23 @@ class Answer:
     n_tokens: list[int]
     labels: list[str]
     errors: dict[int, str]
+    tokens: list[list[dict[str, Any]]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, result: InlineResult) -> "Answer":
         values = decode_f32(result.data_b64, result.n_items, result.dims)
-        return cls(values, list(result.n_tokens), list(result.labels), dict(result.errors))
+        return cls(values, list(result.n_tokens), list(result.labels), dict(result.errors), list(result.tokens),
+                   list(result.texts))
 
 
 def merge_key(job: InlineJob) -> MergeKey | None:
     """Jobs with equal keys can travel as one; ``None``: this job always travels alone.
 
-    Rerank jobs carry one query each, so they never merge. Texts and token ids do not mix.
+    Rerank jobs carry one query each, so they never merge, nor do token-level jobs (their answers
+    are not rows). Texts and token ids do not mix.
     """
-    if isinstance(job, RerankJob):
+    if not isinstance(job, (EmbedJob, ClassifyJob)):
         return None
     token_ids = bool(job.inputs) and not isinstance(job.inputs[0], str)
     return (job.kind, job.model, job.options.model_dump_json(), token_ids)

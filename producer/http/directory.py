@@ -23,6 +23,7 @@ from producer.jobs import INLINE_SUFFIX, JobKind, inline_queue_name, model_slug
 
 log = logging.getLogger(__name__)
 
+
 KINDS = {kind.value for kind in JobKind}
 #: How often the directory thread counts queued messages (the 429 backpressure reads the count).
 DEPTH_EVERY_S = 0.5
@@ -45,6 +46,10 @@ class ServedModel:
     token_ids: bool
     workers: tuple[str, ...]
     stats: dict[str, int]
+    prompts: tuple[str, ...] = ()
+    pooling: str = ""
+    revision: str | None = None
+    max_batch_tokens: int = 0
 
     def names(self) -> set[str]:
         return {self.id, self.ref, model_slug(self.id), model_slug(self.ref)}
@@ -75,6 +80,8 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 dimensions=int(d["dimensions"]), max_length=int(d["max_length"]), labels=tuple(d.get("labels") or ()),
                 backend=str(d["backend"]), device=str(d["device"]), dtype=str(d["dtype"]),
                 token_ids=bool(d.get("token_ids", False)), workers=workers, stats=stats,
+                prompts=tuple(d.get("prompts") or ()), pooling=str(d.get("pooling") or ""),
+                revision=d.get("revision"), max_batch_tokens=int(d.get("max_batch_tokens") or 0),
             )
     return merged
 
@@ -212,35 +219,51 @@ class Directory:
     def _matches(model: ServedModel, kind: str | None, name: str) -> bool:
         return (kind is None or kind == model.kind) and bool(model.names() & {name, model_slug(name)})
 
+    def named(self, name: object) -> list[ServedModel]:
+        """The served models, of any kind, that ``name`` names (none for a name that is not a string)."""
+        if not isinstance(name, str):
+            return []
+        return [m for m in self.served() if self._matches(m, None, name)]
+
     def resolve(self, name: str | None, kind: JobKind, route: str) -> ServedModel:
-        """The served model a request names; errors say what is served instead."""
+        """The served model a request names, resolved as infinity and TEI do.
+
+        A name that matches a served model of the route's kind is that model. Otherwise, when
+        exactly one model of the kind is served, it answers whatever the name (or none): clients
+        send placeholders such as ``default`` or ``default/not-specified``, and the response says
+        which model answered. A name of a served model of another kind is a 400; a wanted model
+        with no worker right now, a 503; with several models of the kind, an unknown name is a
+        404 listing them.
+        """
         served = self.served()
+        of_kind = [m for m in served if m.kind == kind.value]
+        if name is not None:
+            matches = [m for m in served if self._matches(m, None, name)]
+            exact = [m for m in matches if m.kind == kind.value]
+            if exact:
+                return exact[0]
+            if matches:
+                raise bad(f"model {name!r} is {JobKind(matches[0].kind).a_model}; {route} needs {kind.a_model}",
+                          "model", "wrong_model_kind")
+            if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
+                raise unavailable(f"no worker for model {name!r} answers right now; retry later", "no_worker",
+                                  "model", int(self.settings.refresh_s) + 1)
+        if len(of_kind) == 1:
+            return of_kind[0]
+        if not of_kind:
+            raise not_found(f"no {kind.value} model is served here"
+                            + (f" (served: {', '.join(sorted(m.id for m in served))})" if served else ""))
+        listed = ", ".join(sorted(m.id for m in of_kind))
         if name is None:
-            of_kind = [m for m in served if m.kind == kind.value]
-            if len(of_kind) == 1:
-                return of_kind[0]
-            if not of_kind:
-                raise not_found(f"no {kind.value} model is served here")
-            listed = ", ".join(sorted(m.id for m in of_kind)) or "none"
-            raise bad(f"model: required when this server does not serve exactly one {kind.value} model "
-                       f"(served: {listed})", "model")
-        matches = [m for m in served if self._matches(m, None, name)]
-        exact = [m for m in matches if m.kind == kind.value]
-        if exact:
-            return exact[0]
-        if matches:
-            raise bad(f"model {name!r} is a {matches[0].kind} model; {route} needs a {kind.value} model", "model",
-                       "wrong_model_kind")
-        if any(ref == name or model_slug(ref) == model_slug(name) for _, ref in self.wanted):
-            raise unavailable(f"no worker for model {name!r} answers right now; retry later", "no_worker", "model",
-                              int(self.settings.refresh_s) + 1)
-        listed = ", ".join(sorted(m.id for m in served)) or "none"
-        raise not_found(f"model {name!r} is not served here (served: {listed})")
+            raise bad(f"model: required when this server serves several {kind.value} models (served: {listed})",
+                      "model")
+        raise not_found(f"model {name!r} is not served here ({kind.value} models served: {listed})")
 
     def card(self, model: ServedModel) -> ModelCard:
         return ModelCard(id=model.id, created=self._created, kind=model.kind, capabilities=[model.kind],
                          dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
-                         backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers))
+                         backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers),
+                         stats=dict(model.stats), prompts=list(model.prompts))
 
     def samples(self) -> list[WorkerSample]:
         return [WorkerSample(model=m.id, kind=m.kind, queue=m.queue, workers=len(m.workers),

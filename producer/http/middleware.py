@@ -1,4 +1,5 @@
-"""Plain-ASGI middleware of the facade: the body size limit and the request metrics.
+"""Plain-ASGI middleware of the facade: JSON bodies whatever their content type, the body size
+limit and the request metrics.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: no task and no body copy per request.
 """
@@ -13,8 +14,27 @@ from fastapi import HTTPException
 from producer.http.errors import error_response, too_large
 from producer.http.metrics import FacadeMetrics
 
-API_PATHS = ("/embeddings", "/rerank", "/classify", "/models")
-KNOWN_PATHS = {prefix + path for prefix in ("", "/v1") for path in API_PATHS} | {"/health", "/metrics"}
+API_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/embed", "/embed_all", "/predict", "/similarity",
+             "/tokenize", "/decode", "/info")
+KNOWN_PATHS = ({prefix + path for prefix in ("", "/v1") for path in API_PATHS}
+               | {"/", "/health", "/metrics", "/v2/embed", "/v2/rerank"})
+
+
+class AssumeJson:
+    """Every API body is JSON: a POST sent without a JSON content type (``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``) is read as JSON instead of failing as "not an object".
+    A body that is not JSON still gets a 400 saying so."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+            given = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+            if not given.split(b";")[0].strip().lower().endswith((b"/json", b"+json")):
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
 #: Documented bounds (the configured limits may be lower; those are checked per request -> 413).
 Text = Annotated[StrictStr, Field(min_length=1)]
@@ -20,14 +20,34 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+NumericType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+ModelName = Annotated[StrictStr | None, Field(
+    description="A served model's id; when one model of the route's kind is served, any name "
+    "(or none) answers with it")]
+
+
 class EmbeddingRequest(_Request):
-    """OpenAI's embeddings request (infinity and LangChain send the same)."""
+    """OpenAI's embeddings request (infinity, LangChain, llama-index send the same), with the fields
+    vLLM (``embed_dtype``, ``endianness``, ``normalize``) and Voyage (``input_type``, ``output_dtype``,
+    ``output_dimension``, ``truncation``) add."""
 
     input: Union[Text, list[Text], TokenIds, list[TokenIds]] = Field(
         description="A text, a list of texts, or token ids (one array, or one array per input)")
-    model: StrictStr | None = Field(default=None, description="Served model id; optional when one is served")
-    encoding_format: Literal["float", "base64"] = "float"
+    model: ModelName = None
+    encoding_format: EncodingFormat = Field(
+        default="float", description="float, base64 (of float32, or of output_dtype), or a quantized type "
+        "(producer.http.encodings)")
     dimensions: StrictInt | None = Field(default=None, ge=1, description="Keep the first N dimensions, renormalized")
+    output_dimension: StrictInt | None = Field(default=None, ge=1, description="Voyage's name for dimensions")
+    output_dtype: NumericType | None = Field(default=None, description="Voyage: the numeric type of each value")
+    embed_dtype: Literal["float32", "float16"] = Field(default="float32", description="vLLM: base64 float width")
+    endianness: Literal["native", "little", "big"] = Field(default="native", description="vLLM: base64 byte order")
+    input_type: StrictStr | None = Field(default=None, description="query/document (Voyage) or Cohere's names: "
+                                         "mapped onto the model's prompts")
+    prompt_name: StrictStr | None = Field(default=None, description="A prompt named in the model's files")
+    normalize: StrictBool | None = Field(default=None, description="L2-normalize; default: the model's files")
+    truncation: StrictBool = Field(default=True, description="Cut over-long inputs (false: they are errors)")
     user: StrictStr | None = None
 
 
@@ -45,8 +65,10 @@ class Usage(BaseModel):
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[Embedding]
-    model: str
+    model: str = Field(description="The model that answered")
     usage: Usage
+    id: str
+    created: int
 
 
 class DocumentObject(_Request):
@@ -58,10 +80,14 @@ class RerankRequest(_Request):
 
     query: Text
     documents: list[Union[Text, DocumentObject]] = Field(min_length=1)
-    model: StrictStr | None = None
+    model: ModelName = None
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = False
     raw_scores: StrictBool = Field(default=False, description="Raw logits instead of sigmoid scores")
+    max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1, description="Cohere: at least the model's "
+                                                 "maximum length (documents are cut there)")
+    top_k: StrictInt | None = Field(default=None, ge=1, description="Voyage's name for top_n")
+    truncation: StrictBool = Field(default=True, description="Voyage: cut over-long pairs (false: errors)")
 
 
 class RerankResult(BaseModel):
@@ -74,14 +100,17 @@ class RerankResponse(BaseModel):
     object: Literal["rerank"] = "rerank"
     model: str
     results: list[RerankResult]
+    data: list[RerankResult] = Field(description="The same results, under the name Voyage and older infinity read")
     usage: Usage
+    id: str
+    created: int
 
 
 class ClassifyRequest(_Request):
     """infinity's classify request."""
 
     input: Union[Text, list[Text]]
-    model: StrictStr | None = None
+    model: ModelName = None
     raw_scores: StrictBool = Field(default=False, description="Raw logits instead of probabilities")
 
 
@@ -95,6 +124,8 @@ class ClassifyResponse(BaseModel):
     model: str
     data: list[list[LabelScore]]
     usage: Usage
+    id: str
+    created: int
 
 
 class ModelCard(BaseModel):
@@ -111,6 +142,8 @@ class ModelCard(BaseModel):
     device: str
     dtype: str
     workers: int
+    stats: dict[str, int] = Field(description="Batches, items and tokens the workers ran (infinity's stats)")
+    prompts: list[str] = Field(default_factory=list, description="Prompt names the model defines")
 
 
 class ModelList(BaseModel):
@@ -135,3 +168,166 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                          (413, "Too large"), (429, "Overloaded"), (503, "No worker answers"), (504, "Timed out"))
 }
 
+
+
+# ---------------------------------------------------------------------------- TEI's native routes
+TEIInput = Union[Text, list[Text], TokenIds, list[TokenIds]]
+TruncationDirection = Literal["right", "Right", "left", "Left"]
+
+
+class TEIEmbedRequest(_Request):
+    """TEI's ``/embed`` (and ``/embed_all``) body."""
+
+    inputs: TEIInput = Field(description="A text, a list of texts, or token ids (one array, or one per input)")
+    model: ModelName = None
+    normalize: StrictBool = True
+    truncate: StrictBool | None = Field(default=None, description="default: true (this server auto-truncates)")
+    truncation_direction: TruncationDirection = "right"
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+    prompt_name: StrictStr | None = None
+
+
+PredictInput = Union[Text, list[Text], list[list[Text]]]
+
+
+class TEIPredictRequest(_Request):
+    """TEI's ``/predict`` body: a text, a pair of texts, or a batch of one-text (or pair) lists."""
+
+    inputs: PredictInput
+    model: ModelName = None
+    raw_scores: StrictBool = False
+    truncate: StrictBool | None = None
+    truncation_direction: TruncationDirection = "right"
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class TEIRerankRequest(_Request):
+    """TEI's ``/rerank`` body (``texts`` instead of Cohere's ``documents``)."""
+
+    query: Text
+    texts: list[Text] = Field(min_length=1)
+    model: ModelName = None
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    truncate: StrictBool | None = None
+    truncation_direction: TruncationDirection = "right"
+
+
+def _rerank_shape(value: Any) -> str:
+    """TEI's body names its documents ``texts``; everything else is the Cohere/Jina body."""
+    if isinstance(value, dict):
+        return "tei" if "texts" in value and "documents" not in value else "cohere"
+    return "tei" if isinstance(value, TEIRerankRequest) else "cohere"
+
+
+#: ``/rerank`` takes either body and answers in the shape of the one it got.
+RerankBody = Annotated[Union[Annotated[RerankRequest, Tag("cohere")], Annotated[TEIRerankRequest, Tag("tei")]],
+                       Discriminator(_rerank_shape)]
+#: The branch names above, which validation errors carry in their location.
+BODY_TAGS = frozenset({"cohere", "tei"})
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class SimilarityInput(_Request):
+    source_sentence: Text
+    sentences: list[Text] = Field(min_length=1)
+
+
+class SimilarityParameters(_Request):
+    prompt_name: StrictStr | None = None
+    truncate: StrictBool | None = None
+    truncation_direction: TruncationDirection = "right"
+
+
+class TEISimilarityRequest(_Request):
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
+    model: ModelName = None
+
+
+class TEITokenizeRequest(_Request):
+    inputs: Union[Text, list[Text]]
+    add_special_tokens: StrictBool = True
+    prompt_name: StrictStr | None = None
+    model: ModelName = None
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None = None
+    stop: int | None = None
+
+
+class TEIDecodeRequest(_Request):
+    ids: Union[TokenIds, list[TokenIds]]
+    skip_special_tokens: StrictBool = True
+    model: ModelName = None
+
+
+class TEIInfo(BaseModel):
+    """TEI's ``/info``, for the model answering TEI's routes (``models``: every served id)."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: dict[str, Any]
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None = None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
+    models: list[str]
+
+
+# ---------------------------------------------------------------------------- Cohere v2
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereEmbedRequest(_Request):
+    """Cohere's ``POST /v2/embed`` (``cohere.ClientV2``); images are not served here."""
+
+    model: ModelName = None
+    texts: list[Text] | None = Field(default=None, min_length=1)
+    images: list[Any] | None = None
+    inputs: list[Any] | None = None
+    input_type: StrictStr | None = Field(default=None, description="search_document, search_query, "
+                                         "classification, clustering: mapped onto the model's prompts")
+    embedding_types: list[CohereEmbeddingType] = Field(default_factory=lambda: ["float"], min_length=1)
+    output_dimension: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    truncate: Literal["NONE", "START", "END"] = "END"
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: dict[str, list[Any]]
+    texts: list[str]
+    meta: dict[str, Any]
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+
+
+class CohereRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereRerankResult]
+    meta: dict[str, Any]

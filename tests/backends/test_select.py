@@ -145,3 +145,41 @@ def test_auto_with_a_dtype_override_runs_that_dtype(tiny_embed_model: Path) -> N
     selection = load_backend("auto", describe(str(tiny_embed_model)), "cpu", "float32")
     assert selection.backend.dtype == "float32"
     assert {t.candidate.dtype for t in selection.trials} == {"float32"}
+
+
+def test_the_choice_is_measured_once_then_cached(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """Same model, machine and library versions: the same backend and dtype, without timing again;
+    new library versions measure again."""
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path / "cache"))
+    info = describe(str(tiny_embed_model))
+    loads: list[str] = []
+
+    def loader(name: str, info_, device: str, dtype: str):  # type: ignore[no-untyped-def]
+        loads.append(f"{name}/{dtype}")
+        return load_backend(name, info_, device, dtype).backend
+
+    first = select_backend(info, "cpu", "float32", n_texts=8, passes=1, loader=loader, cache=True)
+    measured = len(loads)
+    assert measured >= 2 and not first.cached and "measured now" in first.reason
+    assert str(first.chosen) in first.reason and "quality gate" in first.reason
+    timed: list[object] = []
+    real_pass = autoselect._Run.timed_pass
+    monkeypatch.setattr(autoselect._Run, "timed_pass", lambda run: timed.append(run))
+    again = select_backend(info, "cpu", "float32", n_texts=8, passes=1, loader=loader, cache=True)
+    assert again.cached and not timed and loads[measured:] == [str(first.chosen)]
+    assert (again.backend.name, again.backend.dtype) == (first.backend.name, first.backend.dtype)
+    assert again.chosen == first.chosen and "cached" in again.reason and again.table == first.table
+    monkeypatch.setattr(autoselect._Run, "timed_pass", real_pass)
+    monkeypatch.setattr(autoselect, "library_versions", lambda: {"torch": "99.0"})  # an upgrade
+    fresh = select_backend(info, "cpu", "float32", n_texts=8, passes=1, loader=loader, cache=True)
+    assert not fresh.cached and "measured now" in fresh.reason
+
+
+def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:
+    from worker.backends.select import Trial, format_table
+
+    embed = Trial(Candidate("torch", "float32"), 1000.0, 0.99999, 0.99999, float("nan"), True)
+    score = Trial(Candidate("onnx", "float32"), 900.0, float("nan"), float("nan"), 0.0001, True)
+    table = format_table([embed, score], embed.candidate)
+    assert "nan" not in table.lower() and " - " in table and "<- chosen" in table

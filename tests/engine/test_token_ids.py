@@ -52,3 +52,21 @@ def test_bad_token_ids_fail_alone(engine: Engine, bad: list, reason: str) -> Non
 def test_prompt_with_token_ids_is_an_error(engine: Engine) -> None:
     result = engine.run([[2088]], Options(prompt="query: "))
     assert "prompt cannot be put before token ids" in result.errors[0]
+
+
+def test_token_ids_with_the_models_special_tokens_are_used_as_they_are(engine: Engine) -> None:
+    """Ids as a tokenizer gives them ([CLS] ... [SEP]) embed like their text; [CLS] is not added twice."""
+    from transformers import AutoTokenizer
+
+    texts = ["hello world", "Special tokens come with the ids a tokenizer gives."]
+    hf = AutoTokenizer.from_pretrained(str(engine.info.path))
+    framed = [hf(t)["input_ids"] for t in texts]
+    assert framed[0][0] == hf.cls_token_id and framed[0][-1] == hf.sep_token_id
+    by_text = engine.run(texts)
+    by_ids = engine.run(framed)
+    assert not by_ids.errors
+    np.testing.assert_allclose(by_ids.values, by_text.values, atol=1e-6)
+    assert by_ids.n_tokens == [len(ids) for ids in framed] == by_text.n_tokens
+    # a frame present at one end only is completed at the other
+    half = engine.run([framed[0][:-1], framed[0][1:]])
+    np.testing.assert_allclose(half.values, by_text.values[[0, 0]], atol=1e-6)

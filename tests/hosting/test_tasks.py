@@ -38,7 +38,7 @@ def test_inline_answers_and_refusals(hosted: Engine) -> None:
     cases = [
         (EmbedJob(model="tiny-bert", inputs=["a"], options=Options(dimensions=64)), "bad_input", "dimensions=64"),
         (EmbedJob(model="tiny-bert", inputs=["a"], options=Options(prompt_name="nope")), "bad_input", "nope"),
-        (RerankJob(model="tiny-bert", query="q", documents=["d"]), "bad_input", "is a embed model"),
+        (RerankJob(model="tiny-bert", query="q", documents=["d"]), "bad_input", "is an embed model"),  # the grammar the issue asks for
         (EmbedJob(model="not-hosted", inputs=["a"]), "model_not_served", "not hosted by this worker"),
         ({"kind": "embed", "model": "tiny-bert", "inputs": "not a list"}, "bad_input", "not valid"),
     ]

@@ -76,3 +76,35 @@ def thin(redis_module: RedisServer, fleet_worker: WorkerProcess) -> Iterator[Ser
     wait_ready(server.url, proc=fleet_worker.proc, log=fleet_worker.log)
     yield Served(server.url, "thin", "tiny-bert", "all-MiniLM-L6-v2")
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def single(embedded: Served, bundled_model: Path, tiny_rerank_model: Path, tiny_classify_model: Path) -> Iterator[Served]:
+    """A second facade on the embedded worker that serves one model of each kind (as infinity and
+    TEI do), so any model name resolves; it also accepts inputs over 100,000 characters."""
+    from producer.client import Client
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
+
+    wanted = [str(bundled_model), f"rerank:{tiny_rerank_model}", f"classify:{tiny_classify_model}"]
+    settings = FacadeSettings(models=wanted, timeout_s=60, refresh_s=1.0, max_chars=300_000,
+                              max_body_bytes=4 * 1024 * 1024)
+    server = ServerThread(create_app(Client(app=embedded.worker_app), settings)).start()
+    wait_ready(server.url)
+    yield Served(server.url, "single", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "tiny-rerank", "tiny-classify",
+                 worker_app=embedded.worker_app)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def embed_only(embedded: Served, bundled_model: Path) -> Iterator[Served]:
+    """A facade on the embedded worker that serves the bundled model alone (a TEI-like server)."""
+    from producer.client import Client
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
+
+    settings = FacadeSettings(models=[str(bundled_model)], timeout_s=60, refresh_s=1.0)
+    server = ServerThread(create_app(Client(app=embedded.worker_app), settings)).start()
+    wait_ready(server.url)
+    yield Served(server.url, "embed_only", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2", worker_app=embedded.worker_app)
+    server.stop()

@@ -54,3 +54,22 @@ def test_serve_embedded_subprocess(tiny_embed_model: Path, tmp_path: Path) -> No
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["prompt_tokens"] == 3
         assert httpx.get(f"{url}/health").json()["models"] == {"tiny-bert": {"kind": "embed", "workers": 1}}
+
+
+def test_serve_checks_its_port_before_loading_models(tmp_path: Path) -> None:
+    """A taken port fails at once: the missing model would be the error if models were loaded first.
+    --max-chars above 100,000 is accepted."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        run = subprocess.run([sys.executable, "-c", ENTRY, "serve", "--port", str(port), "--max-chars", "500000",
+                              "--model", str(tmp_path / "no-such-model")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output
+    assert f"cannot listen on 127.0.0.1:{port}" in output and "--port" in output, output
+    assert "no-such-model" not in output, output

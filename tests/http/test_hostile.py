@@ -29,7 +29,7 @@ def _cases(model: str) -> list[tuple[str, Any, int, str | None]]:
         ("negative dimensions", {"input": "a", "model": model, "dimensions": -3}, 400, "dimensions"),
         ("zero dimensions", {"input": "a", "model": model, "dimensions": 0}, 400, "dimensions"),
         ("too many dimensions", {"input": "a", "model": model, "dimensions": 4096}, 400, "dimensions"),
-        ("bad encoding", {"input": "a", "model": model, "encoding_format": "int8"}, 400, "encoding_format"),
+        ("bad encoding", {"input": "a", "model": model, "encoding_format": "int9"}, 400, "encoding_format"),
         ("token id outside the vocabulary", {"input": [[2023, 10**9]], "model": model}, 400, "input[0]"),
         ("too many inputs", {"input": ["a"] * 2049, "model": model}, 413, "input"),
         ("multi-megabyte string", {"input": BIG[: 2 * 1024 * 1024], "model": model}, 413, "input[0]"),

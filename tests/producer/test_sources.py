@@ -185,3 +185,25 @@ def test_concurrent_shard_reads_of_one_parquet_file(tmp_path: Path) -> None:
     for shard, rows in zip(shards, results):
         assert rows.ids.to_pylist() == list(range(shard.row_start, shard.row_stop))
         assert rows.values[0] == f"text number {shard.row_start} " * 8 and len(rows.values) == 1000
+
+
+def test_csv_integer_ids_stay_integers_in_every_shard(tmp_path: Path) -> None:
+    path = tmp_path / "ints.csv"
+    path.write_text("id,text\n1,a\n22,b\n-3,c\n7000000000,d\n")
+    first = read_shard(_shard(path, "csv", 0, 1), JobKind.embed, Columns(id="id"))
+    rest = read_shard(_shard(path, "csv", 1, 4), JobKind.embed, Columns(id="id"))
+    assert first.ids.type == rest.ids.type == pa.int64()
+    assert first.ids.to_pylist() + rest.ids.to_pylist() == [1, 22, -3, 7_000_000_000]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("id,text\n1,a\nx2,b\n")
+    assert read_shard(_shard(mixed, "csv", 0, 1), JobKind.embed, Columns(id="id")).ids.to_pylist() == ["1"]
+
+
+def test_default_id_column_is_the_inputs_id(tmp_path: Path) -> None:
+    from producer.sources import default_id_column
+
+    with_id = tmp_path / "a.csv"
+    with_id.write_text("id,text\n1,a\n")
+    without = tmp_path / "b.csv"
+    without.write_text("key,text\n1,a\n")
+    assert default_id_column(str(with_id), "csv") == "id" and default_id_column(str(without), "csv") is None

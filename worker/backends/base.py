@@ -171,6 +171,12 @@ class Backend:
         output = self.forward(batch, precise)
         return lambda: output
 
+    def token_states(self, batch: Batch) -> list[np.ndarray]:
+        """Every token's final hidden state, ``[length, hidden]`` float32 per input of a padded
+        batch, without pooling (TEI's ``/embed_all``). Default: not offered, and said so."""
+        raise BadInput(f"the {self.name} backend does not return token embeddings (/embed_all); serve the model "
+                       "with --backend torch", param="model")
+
     def stage(self, batch: Batch) -> Any:
         """Start copying ``batch`` to the device ahead of its run (called off the device thread);
         whatever is returned lands in ``batch.staged``. Default: nothing to copy."""

@@ -13,21 +13,34 @@ to fp32 >= 0.999; rerank/classify: every score within 0.01), keeps the fastest o
 and logs the table. ``--backend`` and ``--dtype`` narrow the candidates (an explicit backend
 other than ``auto`` skips the selection entirely). On GPUs ``auto`` is the torch backend (bf16
 where supported): its CUDA path is the fastest measured there (bench/RESULTS.md).
+
+The choice is measured once per model revision, machine (CPU model, its matrix units, the
+cores this process may use) and library versions, and cached under the settings' cache root
+(``backend-choices.json``): the same command then gets the same backend and dtype every time
+(timings on a shared machine differ between runs by more than close candidates do), and a
+small job does not spend its first seconds timing. ``Selection.reason`` says what was chosen
+and why, measured now or cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from producer.errors import BadInput
 from producer.jobs import JobKind
-from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype
+from producer.settings import cache_dir
+from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads
 from worker.models.heads import class_probabilities, rerank_scores
 
 if TYPE_CHECKING:
@@ -247,6 +260,11 @@ def compare(info: "ModelInfo", reference: np.ndarray, values: np.ndarray, trial:
     trial.passed = bool(np.isfinite(scores).all() and trial.max_score_diff <= SCORE_TOLERANCE)
 
 
+def _cell(value: float, spec: str, width: int) -> str:
+    """A number, or '-' where the column does not apply (cosines for scores, score gaps for vectors)."""
+    return format(value, spec) if value == value else "-".rjust(width)  # NaN != NaN
+
+
 def format_table(trials: list[Trial], chosen: Candidate | None = None) -> str:
     """The selection table, one line per candidate, for the log."""
     lines = [f"{'candidate':18} {'tokens/s':>9} {'cos min':>8} {'cos mean':>9} {'max|dp|':>8}  verdict"]
@@ -254,8 +272,8 @@ def format_table(trials: list[Trial], chosen: Candidate | None = None) -> str:
         verdict = "error: " + t.error if t.error else ("pass" if t.passed else "below the quality gate")
         if chosen is not None and t.candidate == chosen:
             verdict += "  <- chosen"
-        lines.append(f"{str(t.candidate):18} {t.tokens_per_s:9.0f} {t.cos_min:8.5f} {t.cos_mean:9.5f} "
-                     f"{t.max_score_diff:8.4f}  {verdict}")
+        lines.append(f"{str(t.candidate):18} {t.tokens_per_s:9.0f} {_cell(t.cos_min, '8.5f', 8)} "
+                     f"{_cell(t.cos_mean, '9.5f', 9)} {_cell(t.max_score_diff, '8.4f', 8)}  {verdict}")
     return "\n".join(lines)
 
 
@@ -266,11 +284,112 @@ class Selection:
     backend: Backend
     trials: list[Trial] = field(default_factory=list)
     chosen: Candidate | None = None
+    #: One line: what was chosen and why (empty when the backend was named, not measured).
+    reason: str = ""
+    #: Whether the choice came from the cache rather than a measurement made now.
+    cached: bool = False
 
     @property
     def table(self) -> str:
         """The selection table (empty when the backend was named, not measured)."""
         return format_table(self.trials, self.chosen) if self.trials else ""
+
+
+# ---------------------------------------------------------------------------------- the cache
+#: Libraries whose versions change what a candidate measures (a new one means measuring again).
+MEASURED_LIBRARIES = ("torch", "onnxruntime", "onnx", "transformers", "tokenizers", "embedfleet")
+#: CPU features that decide which dtypes are fast (AMX, AVX-512 BF16/FP16/VNNI, AVX2).
+CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2",
+             "avx_vnni")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in MEASURED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def machine() -> dict[str, object]:
+    """What makes one machine's timings another's: CPU model, its matrix units, usable cores."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return {"cpu": model, "flags": sorted(f for f in CPU_FLAGS if f in flags), "cores": cpu_threads(),
+            "arch": os.uname().machine if hasattr(os, "uname") else ""}
+
+
+def cache_path() -> Path:
+    return cache_dir("backend-choices.json")
+
+
+def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int) -> str:
+    """The cache key of one selection: model revision, kind, device, candidates, machine, versions."""
+    parts = {"model": info.revision or info.name, "kind": info.kind.value, "device": device,
+             "candidates": [str(c) for c in options], "sample": [n_texts, passes], "machine": machine(),
+             "versions": library_versions()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_choice(key: str) -> dict | None:
+    """The cached choice for ``key`` (a damaged or unreadable cache is ignored, not fatal)."""
+    try:
+        entry = json.loads(cache_path().read_text())[key]
+        return entry if isinstance(entry, dict) and "backend" in entry and "dtype" in entry else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_choice(key: str, entry: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[key] = entry
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(data, indent=1))
+        partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError as exc:
+        log.warning("could not cache the backend choice in %s: %s", path, exc)
+
+
+def _trial_from(data: dict) -> Trial:
+    candidate = Candidate(**data.pop("candidate"))
+    return Trial(candidate, **{k: (float("nan") if v is None else v) for k, v in data.items()})
+
+
+def _trial_json(trial: Trial) -> dict:
+    data = asdict(trial)
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in data.items()}
+
+
+def why(chosen: Trial, trials: list[Trial]) -> str:
+    """One line: the pick, its speed and agreement with fp32, and what it beat."""
+    passing = [t for t in trials if t.passed and t is not chosen]
+    runner = max(passing, key=lambda t: t.tokens_per_s) if passing else None
+    agreement = (f"cosine to fp32 >= {chosen.cos_min:.5f}" if chosen.cos_min == chosen.cos_min
+                 else f"scores within {chosen.max_score_diff:.4f} of fp32")
+    beat = (f", {chosen.tokens_per_s / runner.tokens_per_s:.2f}x the next passing candidate ({runner.candidate})"
+            if runner and runner.tokens_per_s > 0 else "")
+    below = [str(t.candidate) for t in trials if not t.passed and not t.error]
+    rejected = f"; under the quality gate: {', '.join(below)}" if below else ""
+    return (f"{chosen.candidate}: the fastest of {len(trials)} candidates passing the quality gate "
+            f"({chosen.tokens_per_s:,.0f} tokens/s, {agreement}{beat}){rejected}")
 
 
 Loader = Callable[[str, "ModelInfo", str, str], Backend]
@@ -298,16 +417,51 @@ def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **option
 
 
 def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto", n_texts: int = SAMPLE_TEXTS,
-                   passes: int = 2, loader: Loader | None = None) -> Selection:
-    """Measure the candidates, keep the fastest one that passes the gate, return it loaded.
+                   passes: int = 2, loader: Loader | None = None, cache: bool | None = None) -> Selection:
+    """The cached choice for this model, machine and library versions, loaded; else measure the
+    candidates, keep the fastest one that passes the gate, cache the choice and return it loaded.
 
     All candidates are loaded together and their timed passes interleaved (round-robin), so a
     burst of load from another process on a shared machine hits them all alike instead of
-    deciding the race. torch fp32 is always run: it is the quality reference.
+    deciding the race. torch fp32 is always run: it is the quality reference. ``cache``
+    defaults to on with the real loader (a test's stand-in loader measures every time).
     """
     load = loader or _default_loader
+    use_cache = loader is None if cache is None else cache
     device = resolve_device(device)
     options = candidates(device, dtype)
+    key = selection_key(info, device, options, n_texts, passes)
+    if use_cache:
+        cached = _cached_selection(key, info, device, load)
+        if cached is not None:
+            return cached
+    selection = _measure(info, device, options, n_texts, passes, load)
+    if use_cache and selection.chosen is not None:
+        store_choice(key, {"backend": selection.chosen.backend, "dtype": selection.chosen.dtype,
+                           "reason": selection.reason, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                           "trials": [_trial_json(t) for t in selection.trials]})
+    return selection
+
+
+def _cached_selection(key: str, info: "ModelInfo", device: str, load: Loader) -> Selection | None:
+    entry = load_choice(key)
+    if entry is None:
+        return None
+    chosen = Candidate(entry["backend"], entry["dtype"])
+    try:
+        backend = load(chosen.backend, info, device, chosen.dtype)
+    except Exception as exc:  # e.g. an export cache removed and not rebuildable: measure again
+        log.warning("the cached backend choice %s for %s does not load (%s); measuring again", chosen, info.name, exc)
+        return None
+    trials = [_trial_from(dict(t)) for t in entry.get("trials", [])]
+    measured = str(entry.get("reason") or chosen).split("; measured now")[0]
+    reason = f"{measured}; cached, measured {entry.get('measured_at', '')} (in {cache_path()})"
+    log.info("backend auto selection for %s on %s: %s", info.name, device, reason)
+    return Selection(backend, trials, chosen, reason=reason, cached=True)
+
+
+def _measure(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int,
+             load: Loader) -> Selection:
     inputs = sample_inputs(info, n_texts)
     fp32 = Candidate("torch", "float32")
     order = [fp32] + [c for c in options if c != fp32]
@@ -345,7 +499,9 @@ def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto",
     finally:
         for run in runs.values():
             run.backend.close()
-    return Selection(backend, shown, chosen)
+    reason = why(trials[chosen], shown) + f"; measured now on {len(inputs)} texts"
+    log.info("backend auto selection for %s on %s: %s", info.name, device, reason)
+    return Selection(backend, shown, chosen, reason=reason)
 
 
 def _guarded(trial: Trial, runs: dict[Candidate, _Run], candidate: Candidate, step: Callable[[_Run], None]) -> None:

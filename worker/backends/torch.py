@@ -284,6 +284,17 @@ class TorchBackend(Backend):
             result = pool_varlen(hidden, cu, self.info.pooling)
         return self._fetch(result)
 
+    @torch.inference_mode()
+    def token_states(self, batch: Batch) -> list[np.ndarray]:
+        """Token states of a padded batch through the transformers model (the unpadded CUDA
+        encoder keeps no such model: there, token embeddings are refused with the reason)."""
+        if self.model is None or self.info.kind != JobKind.embed:
+            why = "it runs the unpadded CUDA encoder" if self.model is None else f"it is a {self.info.kind.value} model"
+            raise BadInput(f"token embeddings (/embed_all) are not offered for {self.info.name}: {why}", param="model")
+        inputs = self._padded_inputs(batch)
+        hidden = self.model(**inputs).last_hidden_state.float().cpu().numpy()
+        return [np.ascontiguousarray(hidden[row, :n]) for row, n in enumerate(batch.lengths)]
+
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 

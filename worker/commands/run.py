@@ -6,12 +6,14 @@ fleet uses, so a laptop run and a fleet run differ only in where the queue lives
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
-from producer.cli import app, build_options, console, fail, follow, summarize
+from producer.cli import app, build_options, console, fail, follow, say_id_column, summarize
 from producer.client import Client
 from producer.errors import BadInput, EmbedfleetError
 from producer.jobs import DEFAULT_MODEL, Columns, JobKind
@@ -72,20 +74,25 @@ def run(
             engine = worker.engines[0]
             model_kind = engine.info.kind
             if kind is not None and kind != model_kind:
-                raise BadInput(f"--kind {kind.value}: model {model!r} is a {model_kind.value} model", param="kind")
+                raise BadInput(f"--kind {kind.value}: model {model!r} is {model_kind.a_model}", param="kind")
             engine.check_options(options)
+            id_column = say_id_column(input, id_column)
             columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
             check_columns(input, fmt, model_kind, columns)
             console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
                           f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
-            if worker.selections[0].table:
-                console.print(worker.selections[0].table)
+            selection = worker.selections[0]
+            if selection.reason:
+                console.print(f"backend auto: {escape(selection.reason)}")
+            if selection.table and not selection.cached:
+                console.print(selection.table)
             client = Client(app=worker.app)
+            started = time.monotonic()
             handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
                                           id_column=id_column, query_column=query_column,
                                           document_column=document_column, shard_rows=shard_rows, options=options)
-            manifest, seconds = follow(handle, poll=0.1)
+            manifest, seconds = follow(handle, poll=0.1, started=started)
     except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
-    summarize(manifest, seconds)
+    summarize(manifest, seconds, handle)
     raise typer.Exit(0 if manifest.status == "complete" else 1)

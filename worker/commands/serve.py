@@ -8,6 +8,7 @@ workers consume it. Embedded mode starts the same in-process worker ``embedfleet
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Annotated, Any, List, Optional
 
 import typer
@@ -15,7 +16,7 @@ import typer
 from producer.broker import MEMORY_BROKER
 from producer.cli import app, console, fail
 from producer.client import Client
-from producer.errors import BadInput, EmbedfleetError
+from producer.errors import BadInput, EmbedfleetError, Unavailable
 from producer.http.app import create_app
 from producer.http.directory import parse_wanted
 from producer.http.settings import FacadeSettings
@@ -23,6 +24,7 @@ from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
 from producer.options import ResultBackend, Verbose, envvar
 from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.worker import say_selections
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,23 @@ def start_embedded(models: list[str], spec: WorkerSpec) -> InProcessWorker:
     worker = InProcessWorker(spec, broker=MEMORY_BROKER, handle_signals=False)
     worker.app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_S}
     return worker.start()
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail at once when ``host:port`` cannot be bound, before any model is loaded (loading takes
+    seconds to minutes, and uvicorn would only then find the port taken)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BadInput(f"--host {host!r} cannot be resolved: {exc}", param="host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+                              "choose another with --port)", param="port") from None
 
 
 def build(broker: Optional[str], result_backend: Optional[str], models: list[str], settings: FacadeSettings,
@@ -65,8 +84,8 @@ def serve(
     max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="Requests in flight before 429")] = 256,
     max_queue_depth: Annotated[int, typer.Option("--max-queue-depth", min=1, help="Queued jobs before 429")] = 1024,
     max_inputs: Annotated[int, typer.Option("--max-inputs", min=1, max=2048, help="Inputs per request (413)")] = 2048,
-    max_chars: Annotated[int, typer.Option("--max-chars", min=1, max=100_000,
-                                           help="Characters per input (413)")] = 100_000,
+    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Characters per input (413); above "
+                                           "100,000, longer inputs are cut there, past any model's maximum")] = 100_000,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1024, help="Body size (413)")] = 8 * 1024 * 1024,
     jobs_per_worker: Annotated[int, typer.Option(
         "--jobs-per-worker", min=1, help="Jobs in flight per worker and model; concurrent requests past it "
@@ -90,6 +109,10 @@ def serve(
     if broker and broker.startswith("sqs://") and not model:
         # SQS has no broadcast: the facade asks each named model's queue what serves it
         raise fail(BadInput("with an sqs:// broker, name the models to serve: --model REF (or --model rerank:REF)"))
+    try:
+        check_port(host, port)
+    except EmbedfleetError as exc:
+        raise fail(exc) from None
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
@@ -97,6 +120,8 @@ def serve(
         asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:
         raise fail(exc) from None
+    if worker is not None:
+        say_selections(worker)
     mode = f"thin, jobs to {broker.split('@')[-1]}" if broker else f"embedded, hosting {', '.join(hosted)}"
     console.print(f"embedfleet serve on http://{host}:{port} ({mode})")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, List
 
 import typer
+from rich.markup import escape
 
 from producer.cli import app, console, fail
 from producer.errors import EmbedfleetError
@@ -13,6 +14,13 @@ from producer.logs import setup_logging
 from producer.options import Broker, ResultBackend, Verbose, default, envvar
 from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
 from worker.hosting.host import InProcessWorker, WorkerSpec
+
+
+def say_selections(worker: InProcessWorker) -> None:
+    """What ``--backend auto`` chose for each model, and why (measured now, or cached)."""
+    for engine, selection in zip(worker.engines, worker.selections):
+        if selection.reason:
+            console.print(f"{engine.info.name}: backend auto: {escape(selection.reason)}")
 
 
 @app.command("worker")
@@ -36,10 +44,12 @@ def worker_command(
     setup_logging(verbose)
     spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       inline_slots=inline_slots, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+    def ready(worker: InProcessWorker) -> None:
+        say_selections(worker)
+        console.print(f"worker ready: {', '.join(e.info.name for e in worker.engines)} on {broker.split('@')[-1]}")
+
     try:
-        code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(
-            on_ready=lambda w: console.print(
-                f"worker ready: {', '.join(e.info.name for e in w.engines)} on {broker.split('@')[-1]}"))
+        code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(on_ready=ready)
     except EmbedfleetError as exc:
         raise fail(exc) from None
     raise typer.Exit(code)

@@ -35,6 +35,7 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "max_length": info.max_length,
         "labels": list(info.labels),
         "prompts": sorted(info.prompts),
+        "pooling": info.pooling,
         "backend": engine.backend.name,
         "device": engine.backend.device,
         "dtype": engine.backend.dtype,

@@ -44,7 +44,7 @@ def engine_for(model: str, kind: JobKind | None = None) -> Engine:
         raise ModelNotServed(f"model {model!r} is not hosted by this worker (it hosts: {hosted})")
     if kind is not None and engine.info.kind != kind:
         raise BadInput(
-            f"model {model!r} is a {engine.info.kind.value} model; it cannot run a {kind.value} job"
+            f"model {model!r} is {engine.info.kind.a_model}; it cannot run a {kind.value} job"
         )
     return engine
 

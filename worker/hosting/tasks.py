@@ -28,6 +28,7 @@ from producer.jobs import (
     RowError,
     ShardJob,
     ShardReport,
+    TokensJob,
     part_name,
 )
 from producer.sources import read_shard
@@ -36,6 +37,7 @@ from worker import sinks
 from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
+from worker.hosting.tokens import run_tokens
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def encode_f32(values: np.ndarray) -> str:
 def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
     """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
     job = _inline_adapter.validate_python(payload)
+    if isinstance(job, TokensJob):
+        return run_tokens(job)
     kind = JobKind(job.kind)
     engine = runtime.engine_for(job.model, kind)
     if isinstance(job, RerankJob):
@@ -119,7 +123,7 @@ def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list
     out = []
     for offset, reason in sorted(engine_errors.items()):
         row = job.shard.row_start + offset
-        text = rows.parse_errors.get(row) or f"row {row}: {reason}"
+        text = rows.parse_errors.get(row) or f"row {row} (counted from 0): {reason}"
         out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
     return out
 

@@ -72,17 +72,24 @@ class BatchTokenizer:
         raise UnsupportedModel("cannot tell where this tokenizer puts its special tokens")
 
     def encode_ids(self, inputs: Sequence[Sequence[int]]) -> list[Encoded]:
-        """Wrap pre-tokenized ids (as OpenAI clients send them: no special tokens) for the model.
+        """Wrap pre-tokenized ids for the model, as the text they came from would be.
 
-        The ids are cut so that, with the model's special tokens added, they fit ``max_length``.
+        Ids as a tokenizer gives them already carry the model's special tokens ([CLS] ... [SEP]):
+        those are used as they are. Ids without them (as OpenAI clients send tiktoken-style ids)
+        get them added; a frame present at one end only is completed at the other. Either way the
+        content is cut so that, framed, it fits ``max_length``.
         """
         prefix, suffix, type_id = self._special_frame
         room = self.max_length - len(prefix) - len(suffix)
         out = []
         for ids in inputs:
-            full = prefix + list(ids[:room]) + suffix
+            content = list(ids)
+            if prefix and content[: len(prefix)] == prefix:
+                content = content[len(prefix):]
+            if suffix and len(content) >= len(suffix) and content[-len(suffix):] == suffix:
+                content = content[: -len(suffix)]
+            full = prefix + content[:room] + suffix
             out.append(Encoded(ids=np.asarray(full, dtype=np.int32),
                                type_ids=np.full(len(full), type_id, dtype=np.int32),
-                               truncated=len(ids) > room))
+                               truncated=len(content) > room))
         return out
-
