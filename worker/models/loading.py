@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import torch
 
-from producer.errors import UnsupportedModel
+from producer.errors import BadInput, UnsupportedModel
 from producer.jobs import JobKind
 from worker.models import checkpoint, jina_bert, qwen3_reranker
 from worker.models.resolve import ModelInfo
@@ -219,6 +219,16 @@ def check_config(info: ModelInfo) -> None:
         raise refuse(info, f"its config asks for position_embedding_type={position!r}, which transformers' "
                      f"{config_class.__name__.removesuffix('Config')} classes ignore (they have absolute positions "
                      "only)")
+
+
+def transformers_only(info: ModelInfo, backend: str, remote_code: bool = True) -> None:
+    """For backends that compile transformers' own classes (onnx, neuron): refuse what the config
+    check refuses, and the native families, whose maths those exporters do not know."""
+    check_config(info)
+    if info.family in NATIVE_FAMILIES or (info.family == "remote-code" and not remote_code):
+        raise BadInput(f"--backend {backend} compiles transformers' own classes; model {info.name!r} is "
+                       f"{NATIVE_FAMILIES.get(info.family, 'run by its own code')}, which runs on the torch backend: "
+                       "use --backend torch", param="backend")
 
 
 # ---------------------------------------------------------------------------- loading
