@@ -268,7 +268,9 @@ def _from_pretrained(info: ModelInfo, loader: Any, dtype: torch.dtype, attention
             raise refuse(info, f"its own code (auto_map: {', '.join(info.remote_code)}) could not be loaded "
                          f"here: {type(exc).__name__}: {exc}", "The code must be in the folder (or in the "
                          "local Hugging Face cache when HF_HUB_OFFLINE is set).") from exc
-    kwargs["attn_implementation"] = attention
+    # "sdpa" is transformers' default, which falls back to eager for classes without it (DeBERTa-v2);
+    # asking for it by name would refuse those classes instead
+    kwargs["attn_implementation"] = None if attention == "sdpa" else attention
     return loader.from_pretrained(str(info.path), **kwargs)  # type: ignore[no-any-return]
 
 
