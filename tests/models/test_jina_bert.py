@@ -200,3 +200,38 @@ def test_an_8192_token_input_runs_whole(tiny_jina_model: Path) -> None:  # noqa:
         assert np.isfinite(result.values).all()
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_the_cpu_stays_within_the_bar(tmp_path: Path, dtype: str) -> None:
+    """The CUDA run's CPU twin: the whole model in bf16/fp16 (fp32 scores, bias and softmax in
+    attention) against fp32, on inputs past 512 tokens. tests/backends/test_gpu_families.py
+    runs the same comparison on a GPU."""
+    from worker.backends.torch import TorchBackend
+    from worker.engine.pipeline import Engine
+
+    folder = save_jina(tmp_path / "jina", hidden=64, intermediate=128, seed=1)
+    info = describe(str(folder))
+    values = {}
+    for name in ("float32", dtype):
+        engine = Engine(info, TorchBackend(info, "cpu", name), max_batch_tokens=8192).start()
+        try:
+            result = engine.run(long_texts(), timeout=300)
+        finally:
+            engine.stop()
+        assert not result.errors
+        values[name] = result.values
+    assert np.isfinite(values[dtype]).all()
+    assert cosine_rows(values[dtype], values["float32"]).min() >= COS_MIN
+
+
+def test_the_unpadded_encoder_declines_it_by_name(tiny_jina_model: Path) -> None:  # noqa: F811
+    """On CUDA the torch backend asks the unpadded BERT encoder first; it must say no (ALiBi is
+    not BERT's positions), and the padded ALiBi path runs instead."""
+    from producer.errors import BadInput
+    from worker.backends.torch import TorchBackend
+
+    info = describe(str(tiny_jina_model))
+    with pytest.raises(BadInput, match=r"cannot run unpadded: model type 'jina-bert-v2'"):
+        TorchBackend(info, "cpu", "float32", varlen=True)
+    assert not TorchBackend(info, "cpu", "float32").unpadded

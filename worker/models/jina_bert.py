@@ -34,7 +34,7 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,8 @@ def detect(config: dict[str, Any]) -> bool:
 class JinaConfig:
     """The fields of a JinaBERT v2 config.json this architecture reads."""
 
+    #: what the backends see (the unpadded CUDA encoder reimplements BERT only, so it declines this)
+    model_type: ClassVar[str] = FAMILY
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -143,13 +145,13 @@ def _query_block(batch: int, heads: int, length: int) -> int:
     return max(16, min(length, _SCORE_BYTES // max(1, batch * heads * length * 4)))
 
 
-@lru_cache(maxsize=1)
-def _matmul_out_fp32() -> bool:
-    """Whether this torch multiplies half tensors into fp32 outputs on CUDA (``bmm(out_dtype=)``)."""
+@lru_cache(maxsize=4)
+def _matmul_out_fp32(dtype: torch.dtype) -> bool:
+    """Whether this torch multiplies ``dtype`` tensors into fp32 outputs on CUDA (``bmm(out_dtype=)``)."""
     if not torch.cuda.is_available():
         return False
     try:
-        a = torch.ones(1, 1, 1, device="cuda", dtype=torch.float16)
+        a = torch.ones(1, 1, 1, device="cuda", dtype=dtype)
         return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError):
         return False
@@ -158,7 +160,7 @@ def _matmul_out_fp32() -> bool:
 def _scores_fp32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q k^T`` in fp32: half inputs are exact in fp32, so only the accumulation type changes."""
     b, h, t, d = q.shape
-    if q.is_cuda and _matmul_out_fp32():
+    if q.is_cuda and _matmul_out_fp32(q.dtype):
         out = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, -1, d).transpose(1, 2), out_dtype=torch.float32)
         return out.view(b, h, t, -1)
     return torch.matmul(q.float(), k.float().transpose(-1, -2))
