@@ -176,6 +176,18 @@ def test_trust_remote_code_runs_a_folder_that_ships_its_code(cli, tmp_path: Path
     assert code == 0 and json.loads(stdout)["family"] == "remote-code", output
 
 
+def test_trust_remote_code_through_the_setting_for_shard(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Array-job children read EMBEDFLEET_TRUST_REMOTE_CODE, as AWS Batch passes settings."""
+    folder = save_remote_code_model(tmp_path / "ships-its-code")
+    out = tmp_path / "job"
+    code, output, _ = cli("plan", corpus(tmp_path, n=6), "--out", out, "--model", folder, "--id-column", "id")
+    assert code == 0, output
+    monkeypatch.setenv("EMBEDFLEET_TRUST_REMOTE_CODE", "1")
+    code, output, _ = cli("shard", "--job-manifest", out, "--index", "0", "--device", "cpu")
+    assert code == 0, output
+    assert len(read_parts(out)) == 6 and (out / "_manifest.json").is_file()
+
+
 # ---------------------------------------------------------------------------- embedfleet models
 def test_models_says_what_a_folder_is(cli, tiny_jina_model: Path, refused_folders: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     code, output, stdout = cli("models", tiny_jina_model, "--json")

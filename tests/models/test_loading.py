@@ -181,3 +181,13 @@ def test_backends_that_compile_transformers_classes_refuse_native_families(tmp_p
 def test_unsupported_model_is_permanent() -> None:
     """A shard that meets a refusal is failed at once (no retry can load what is not there)."""
     assert UnsupportedModel.permanent is True
+
+
+def test_a_jinabert_classifier_is_refused_not_loaded_as_bert(tmp_path: Path) -> None:
+    """jina-reranker-v1 (JinaBertForSequenceClassification): JinaBERT is native for embeddings only."""
+    folder = _edit_config(save_jina(tmp_path / "jina-reranker-v1"), architectures=["JinaBertForSequenceClassification"],
+                          num_labels=1)
+    info = describe(str(folder))
+    assert info.family == "jina-bert-v2" and info.kind == JobKind.rerank
+    with pytest.raises(UnsupportedModel, match=r"JinaBERT is native for embeddings; JinaBertForSequenceClassification"):
+        check_config(info)
