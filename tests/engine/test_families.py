@@ -56,7 +56,16 @@ def _deberta_v2(n_labels: int) -> Any:
     return DebertaV2ForSequenceClassification(config)
 
 
-BUILDERS: dict[str, Callable[[int], Any]] = {"modernbert": _modernbert, "xlm-roberta": _xlmr, "deberta-v2": _deberta_v2}
+def _bert(n_labels: int) -> Any:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=128, num_labels=n_labels))
+
+
+BUILDERS: dict[str, Callable[[int], Any]] = {"modernbert": _modernbert, "xlm-roberta": _xlmr, "deberta-v2": _deberta_v2,
+                                             "bert": _bert}
 
 
 def save_classifier(root: Path, family: str, n_labels: int, seed: int) -> Path:
@@ -184,9 +193,8 @@ def test_the_default_prompt_applies_when_none_is_named(prompted_model: Path) -> 
         engine.stop()
 
 
-def test_a_cross_encoders_prompt_goes_before_the_query(tmp_path: Path, tiny_rerank_model: Path) -> None:
-    folder = tmp_path / "rerank-with-prompts"
-    shutil.copytree(tiny_rerank_model, folder)
+def test_a_cross_encoders_prompt_goes_before_the_query(tmp_path: Path) -> None:
+    folder = save_classifier(tmp_path, "bert", 1, seed=23)
     (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"web": "web search: "}}))
     engine = make_engine(folder)
     try:
@@ -195,5 +203,7 @@ def test_a_cross_encoders_prompt_goes_before_the_query(tmp_path: Path, tiny_rera
         got = engine.run(pairs, Options(prompt_name="web", raw_scores=True), timeout=60).values
         want = transformers_logits(folder, ["web search: open a file"] * len(docs), docs, engine.info.max_length)[:, 0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+        plain = engine.run(pairs, Options(raw_scores=True), timeout=60).values
+        assert np.abs(plain - got).max() > 1e-3, "the prompt made no difference to the scores"
     finally:
         engine.stop()

@@ -94,7 +94,7 @@ def test_scores_match_the_model_cards_recipe(reranker_folder: Path) -> None:
         pairs = pairs_with_a_long_document()
         want, ids = card_scores(reranker_folder, pairs, engine.info.max_length)
         assert len(ids[-1]) == engine.info.max_length, "the long document must be truncated"
-        encoded = engine.tokenizer.encode([engine._pair(q, d, Options()) for q, d in pairs])
+        encoded = engine.tokenizer.encode([engine._pair(q, d, None) for q, d in pairs])
         assert [e.ids.tolist() for e in encoded] == ids, "the prompt's tokens differ from the model card's"
         raw = engine.run(pairs, Options(raw_scores=True), timeout=120)
         scores = engine.run(pairs, timeout=120)

@@ -222,22 +222,23 @@ class Engine:
                     "send text, or set prompt to \"\" to embed the ids without it")
         return "a prompt cannot be put before token ids; send text instead"
 
-    def _pair(self, query: str, document: str, options: Options) -> Any:
+    def _pair(self, query: str, document: str, prompt: str | None) -> Any:
         """A cross-encoder's pair (a prompt goes before the query, as sentence-transformers does), or a
         decoder reranker's prompt body (the prompt is its instruction)."""
         template = self.info.pair_template
         if template is not None:
-            return template.body(query, document, self._prompt(options))
-        return (self._prefix(options) + query, document)
+            return template.body(query, document, prompt)
+        return ((prompt or "") + query, document)
 
     def _validate(self, inputs: Sequence[Any], options: Options, request: _Request) -> list[tuple[int, Any]]:
-        prefix = self._prefix(options)
+        prompt = self._prompt(options)
+        prefix = prompt or ""
         prepared: list[tuple[int, Any]] = []
         for index, value in enumerate(inputs):
             item: Any
             if self.info.kind == JobKind.rerank:
                 problem = pair_problem(value)
-                item = None if problem else self._pair(value[0], value[1], options)
+                item = None if problem else self._pair(value[0], value[1], prompt)
                 reason = problem.reason if problem else None
             elif isinstance(value, (list, tuple)):
                 problem = token_ids_problem(value, self.tokenizer.vocab_size)

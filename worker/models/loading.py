@@ -213,9 +213,10 @@ def check_config(info: ModelInfo) -> None:
             raise refuse(info, f"transformers' port of its auto_map code ({config_class.__name__}) does not read "
                          f"these keys of its config: {', '.join(ignored)}", "Convert the config to the port's "
                          "names, or pass --trust-remote-code if the folder ships its own code.")
+    if config_class is None:
+        raise refuse(info, f"transformers has no class for model_type {info.model_type!r}")
     position = config.get("position_embedding_type")
-    if position not in (None, "absolute") and config_class is not None \
-            and "position_embedding_type" not in _declared_keys(config_class):
+    if position not in (None, "absolute") and "position_embedding_type" not in _declared_keys(config_class):
         raise refuse(info, f"its config asks for position_embedding_type={position!r}, which transformers' "
                      f"{config_class.__name__.removesuffix('Config')} classes ignore (they have absolute positions "
                      "only)")
