@@ -235,3 +235,16 @@ def test_the_unpadded_encoder_declines_it_by_name(tiny_jina_model: Path) -> None
     with pytest.raises(BadInput, match=r"cannot run unpadded: model type 'jina-bert-v2'"):
         TorchBackend(info, "cpu", "float32", varlen=True)
     assert not TorchBackend(info, "cpu", "float32").unpadded
+
+
+def test_the_buffers_and_heads_published_checkpoints_carry_are_allowed(tmp_path: Path) -> None:
+    """Old saves carry position-id / type-id buffers and the masked-LM head: unused, harmless, said why."""
+    from worker.models.loading import inspect_loading
+
+    extra = {"embeddings.position_ids": torch.arange(8192)[None], "embeddings.token_type_ids": torch.zeros(1, 8192),
+             "cls.predictions.bias": torch.zeros(30528)}
+    verdict = inspect_loading(describe(str(save_jina(tmp_path / "jina", prefix="bert.", extra=extra))))
+    assert verdict.faithful, verdict.reason
+    allowed = sorted(name for names in verdict.allowed.values() for name in names)
+    assert allowed == ["cls.predictions.bias", "embeddings.position_ids", "embeddings.token_type_ids",
+                       "pooler.dense.bias", "pooler.dense.weight"]

@@ -52,6 +52,7 @@ HARMLESS_UNUSED = (
     (r"^pooler\.", "the pooler feeds only a classification head; embeddings mean-pool the token states"),
     (r"^cls\.", "the masked-LM head of the checkpoint's JinaBertForMaskedLM is not part of its embeddings"),
     (r"position_ids$", "a buffer older checkpoints saved; positions do not exist under ALiBi"),
+    (r"embeddings\.token_type_ids$", "a buffer of zeros some checkpoints saved; type ids come with each input"),
 )
 _QK_NORM = re.compile(r"attention\.self\.layer_norm_q\.weight$")
 #: query rows per attention block: bounds the fp32 score matrix for long inputs
