@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from producer.errors import UnsupportedModel
 from worker.hosting import registry as runtime
 from worker.hosting.info import describe_engine, hosted_models
@@ -26,12 +28,12 @@ def test_a_hosted_model_reports_what_it_is(tiny_jina_model: Path) -> None:  # no
         engine.stop()
 
 
-def test_a_refused_model_reports_why(tmp_path: Path) -> None:
+def test_a_refused_model_reports_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "_refused", {})  # this process's other hosted models stay as they are
     info = describe(str(save_jina(tmp_path / "incomplete", drop=["encoder.layer.0.mlp.wo.bias"])))
     runtime.refuse(info, UnsupportedModel("model 'incomplete' cannot be served faithfully: encoder.layer.0.mlp.wo.bias"))
-    try:
-        [card] = [m for m in hosted_models() if m["id"] == "incomplete"]
-        assert card["faithful"] is False and "encoder.layer.0.mlp.wo.bias" in card["refusal"]
-        assert card["queue"] == "embed.incomplete" and card["family"] == "jina-bert-v2"
-    finally:
-        runtime.unregister_all()
+    [card] = [m for m in hosted_models() if m["id"] == "incomplete"]
+    assert card["faithful"] is False and "encoder.layer.0.mlp.wo.bias" in card["refusal"]
+    assert card["queue"] == "embed.incomplete" and card["family"] == "jina-bert-v2"
+    with pytest.raises(UnsupportedModel, match="encoder.layer.0.mlp.wo.bias"):
+        runtime.engine_for("incomplete")

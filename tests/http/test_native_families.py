@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -12,28 +15,35 @@ import pytest
 
 from tests.families import save_jina, save_qwen3_causal_lm
 from tests.fixtures_extra import make_engine, sample_texts
-from tests.http.servers import ServerThread
+from tests.conftest import free_port
+from tests.http.servers import ROOT, wait_ready
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def facade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    import worker.commands.serve as serve
-    from producer.http.settings import FacadeSettings
-    from worker.hosting.host import WorkerSpec
-
+    """``embedfleet serve`` (embedded mode) in its own process: it hosts its own engines, so stopping
+    it leaves this process's hosted engines (the other facade tests') alone."""
     root = tmp_path_factory.mktemp("native")
     reranker = save_qwen3_causal_lm(root / "tiny-qwen3-reranker", sample_texts(300, step=5), max_length=256)
     jina = save_jina(root / "tiny-jina-v2")
-    models = [str(reranker), str(jina)]
-    spec = WorkerSpec(models=models, device="cpu", concurrency=8)
-    app, worker = serve.build(None, None, models, FacadeSettings(timeout_s=60, refresh_s=1.0), spec)
-    server = ServerThread(app).start()
-    yield server.url, reranker, jina
-    server.stop()
-    if worker is not None and worker.alive():
-        worker.stop()
+    port = free_port()
+    log = root / "serve.log"
+    args = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--model", str(reranker),
+            "--model", str(jina), "--device", "cpu", "--port", str(port), "--concurrency", "8"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc=proc, log=log)
+        yield url, reranker, jina
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_rerank_route_scores_with_the_decoder_reranker(facade: tuple[str, Path, Path]) -> None:
