@@ -181,38 +181,17 @@ def _upstreamed(info: ModelInfo, config: dict[str, Any]) -> bool:
 
 def check_config(info: ModelInfo) -> None:
     """Refuse, before any weight is read, a config whose class would ignore what it asks for."""
-    config = _config(info)
     if info.default_prompt_name and info.default_prompt_name not in info.prompts:
         raise refuse(info, f"its default_prompt_name {info.default_prompt_name!r} is not one of its prompts "
                      f"({', '.join(sorted(info.prompts)) or 'none'})")
-    if info.family == jina_bert.FAMILY:
-        if info.kind != JobKind.embed:
-            raise refuse(info, f"JinaBERT is native for embeddings; {info.architecture} (a {info.kind.value} head) "
-                         "is not implemented")
-        return
-    if info.family == qwen3_reranker.FAMILY:
-        if info.pair_template is None:
-            raise refuse(info, "it is a causal LM taken for a reranker, but it has no prompt template: neither a "
-                         "chat template with query/document roles in its files nor a documented default for "
-                         f"model_type {info.model_type!r}", "Add the template (sentence-transformers' "
-                         "LogitScore module and chat template), or serve a Qwen3 reranker.")
+    if info.family in NATIVE_FAMILIES:
+        _check_native(info)
         return
     if info.family == "remote-code":
         return
-    config_class = _config_class(info.model_type)
+    config, config_class = _config(info), _config_class(info.model_type)
     if info.remote_code:
-        if config_class is None or not _upstreamed(info, config):
-            instead = (f"transformers has no class for model_type {info.model_type!r}" if config_class is None else
-                       f"transformers' own {info.model_type!r} class, which it would use instead, is not that code")
-            raise refuse(info, f"its config asks for code that is not in transformers or embedfleet (auto_map: "
-                         f"{', '.join(info.remote_code)}), and {instead}",
-                         "If the folder ships that code and you trust it, pass --trust-remote-code "
-                         "(EMBEDFLEET_TRUST_REMOTE_CODE=1).")
-        ignored = sorted(set(config) - _declared_keys(config_class) - _BOOKKEEPING_KEYS)
-        if ignored:
-            raise refuse(info, f"transformers' port of its auto_map code ({config_class.__name__}) does not read "
-                         f"these keys of its config: {', '.join(ignored)}", "Convert the config to the port's "
-                         "names, or pass --trust-remote-code if the folder ships its own code.")
+        _check_auto_map(info, config, config_class)
     if config_class is None:
         raise refuse(info, f"transformers has no class for model_type {info.model_type!r}")
     position = config.get("position_embedding_type")
@@ -220,6 +199,34 @@ def check_config(info: ModelInfo) -> None:
         raise refuse(info, f"its config asks for position_embedding_type={position!r}, which transformers' "
                      f"{config_class.__name__.removesuffix('Config')} classes ignore (they have absolute positions "
                      "only)")
+
+
+def _check_native(info: ModelInfo) -> None:
+    """What a native family does not implement: JinaBERT heads, a decoder reranker without a template."""
+    if info.family == jina_bert.FAMILY and info.kind != JobKind.embed:
+        raise refuse(info, f"JinaBERT is native for embeddings; {info.architecture} (a {info.kind.value} head) "
+                     "is not implemented")
+    if info.family == qwen3_reranker.FAMILY and info.pair_template is None:
+        raise refuse(info, "it is a causal LM taken for a reranker, but it has no prompt template: neither a "
+                     "chat template with query/document roles in its files nor a documented default for "
+                     f"model_type {info.model_type!r}", "Add the template (sentence-transformers' "
+                     "LogitScore module and chat template), or serve a Qwen3 reranker.")
+
+
+def _check_auto_map(info: ModelInfo, config: dict[str, Any], config_class: Any) -> None:
+    """``auto_map`` code runs natively only where transformers ships it, reading every config key."""
+    if config_class is None or not _upstreamed(info, config):
+        instead = (f"transformers has no class for model_type {info.model_type!r}" if config_class is None else
+                   f"transformers' own {info.model_type!r} class, which it would use instead, is not that code")
+        raise refuse(info, f"its config asks for code that is not in transformers or embedfleet (auto_map: "
+                     f"{', '.join(info.remote_code)}), and {instead}",
+                     "If the folder ships that code and you trust it, pass --trust-remote-code "
+                     "(EMBEDFLEET_TRUST_REMOTE_CODE=1).")
+    ignored = sorted(set(config) - _declared_keys(config_class) - _BOOKKEEPING_KEYS)
+    if ignored:
+        raise refuse(info, f"transformers' port of its auto_map code ({config_class.__name__}) does not read "
+                     f"these keys of its config: {', '.join(ignored)}", "Convert the config to the port's "
+                     "names, or pass --trust-remote-code if the folder ships its own code.")
 
 
 def transformers_only(info: ModelInfo, backend: str, remote_code: bool = True) -> None:
