@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from producer import sources, storage
 from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
-from producer.errors import BadInput, InputError, JobFailed, OutputConflict
+from producer.errors import BadInput, InputError, JobFailed, OutputConflict, from_wire
 from producer.jobs import (
     DEFAULT_MODEL,
     JOB_FILE,
@@ -189,7 +189,10 @@ class Client:
             payload = async_result.get(timeout=timeout or self.timeout, propagate=True, disable_sync_subtasks=False)
         finally:
             async_result.forget()
-        return InlineResult.model_validate(payload)
+        result = InlineResult.model_validate(payload)
+        if result.error is not None:  # the worker refused the call (an unsupported model, bad options)
+            raise from_wire(result.error)
+        return result
 
     def embed_result(self, texts: list[str], model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> InlineResult:
         """The raw inline result (vectors, token counts, per-item errors), for callers that want all."""

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
                                    "(0: exact erf GELU, ~10% slower on long texts)")
     torch_compile: bool = Field(False, description="CPU torch backend: torch.compile the model "
                                 "(~20% faster, tens of seconds more at start)")
+    trust_remote_code: bool = Field(False, description="Run the code a model folder ships (its config's "
+                                    "auto_map); off: such a folder is refused unless a native family implements it")
     cache: Path = Field(default_factory=_default_cache,
                         validation_alias=AliasChoices(PREFIX + "CACHE", PREFIX + "CACHE_DIR"),
                         description="Cache root: ONNX exports, batch-budget profiles, backend choices, "

@@ -1,10 +1,10 @@
 """The ``embedfleet`` entry point: the producer's commands (submit, status, plan) plus the
-worker's (run, worker, serve, shard), registered on one Typer app by importing their modules."""
+worker's (run, worker, serve, shard, models), registered on one Typer app by importing their modules."""
 
 from __future__ import annotations
 
 from producer.cli import app
-from worker.commands import run, serve, shard, worker  # noqa: F401  (each registers its command)
+from worker.commands import models, run, serve, shard, worker  # noqa: F401  (each registers its command)
 
 
 def main() -> None:

@@ -164,6 +164,12 @@ class NeuronBackend(Backend):
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto",
                  compiler: Compiler | None = None, grid: BucketGrid | None = None,
                  cache_root: str | None = None) -> None:
+        from worker.models.loading import transformers_only
+
+        # optimum-neuron compiles transformers' classes: the config checks apply, and the native
+        # families and a folder's own code are refused; the tensor-by-tensor check of
+        # worker.models.loading does not run here (optimum loads the weights itself)
+        transformers_only(info, "neuron", remote_code=False)
         name = canonical_dtype(dtype, NEURON_DTYPES, backend="neuron")
         cores_env = core_env(device)
         self.compiler: Compiler = compiler if compiler is not None else OptimumNeuronCompiler()

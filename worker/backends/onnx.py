@@ -134,11 +134,12 @@ def _with_head(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
 def _export_fp32(info: ModelInfo, dest: Path) -> None:
     """Export the fp32 model with pooling to ``dest/model.onnx`` and fuse it in place."""
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification
 
-    loader = AutoModel if info.kind == JobKind.embed else AutoModelForSequenceClassification
+    from worker.models.loading import load_model
+
     # Eager attention exports to the MatMul/Softmax pattern ORT's optimizer fuses into Attention.
-    model = loader.from_pretrained(str(info.path), dtype=torch.float32, attn_implementation="eager").eval()
+    # Faithfully or refused, as every backend loads (worker.models.loading).
+    model = load_model(info, torch.float32, attention="eager")
     takes_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
     names = list(INPUT_NAMES if takes_type_ids else INPUT_NAMES[:2])
     sample = torch.ones(2, 8, dtype=torch.long)
@@ -209,6 +210,9 @@ class OnnxBackend(Backend):
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto") -> None:
         import onnxruntime  # noqa: F401  (fail early, with the registry's install hint)
 
+        from worker.models.loading import transformers_only
+
+        transformers_only(info, "onnx")  # the export knows transformers' classes, not the native families
         self.info = info
         self.dtype = normalize_dtype(dtype)
         self.device, self._providers = providers_for(device)

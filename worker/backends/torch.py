@@ -25,6 +25,7 @@ from producer.settings import settings
 from worker.backends.base import Backend, Batch, MemoryDevice, canonical_dtype
 from worker.backends.varlen import equal_length_groups
 from worker.models.heads import pool, pool_varlen
+from worker.models.loading import load_model
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ class TorchBackend(Backend):
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto", *,
                  varlen: bool | None = None, fused: bool | None = None, approximate_gelu: bool | None = None,
                  dense_groups: bool | None = None) -> None:
-        from transformers import AutoModel, AutoModelForSequenceClassification
-
         self.info = info
         self.device = pick_device(device)
         self.torch_dtype = pick_dtype(dtype, self.device)
@@ -123,11 +122,11 @@ class TorchBackend(Backend):
         self.model: torch.nn.Module | None = None
         self._copy_stream = None
         self.unpadded = False
-        loader = AutoModel if info.kind == JobKind.embed else AutoModelForSequenceClassification
-        log.info("loading %s (%s) on %s in %s", info.name, info.architecture, self.device, self.dtype)
+        log.info("loading %s (%s, %s) on %s in %s", info.name, info.architecture, info.family, self.device, self.dtype)
         # Loaded on the host first: the unpadded encoder rearranges weights (fused QKV) there,
-        # so the GPU never holds two copies.
-        model = loader.from_pretrained(str(info.path), dtype=self.torch_dtype, attn_implementation="sdpa").eval()
+        # so the GPU never holds two copies. Faithfully or refused (worker.models.loading); the
+        # native families (JinaBERT, decoder rerankers) come back as modules of the same shape.
+        model = load_model(info, self.torch_dtype)
         want_varlen = self.cuda if varlen is None else varlen
         if want_varlen and info.kind == JobKind.embed:
             from worker.backends.varlen import build_encoder, unsupported_reason

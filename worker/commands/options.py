@@ -1,4 +1,4 @@
-"""The engine options every command that loads an engine takes (run, worker, serve, shard),
+"""The engine options every command that loads an engine takes (run, worker, serve, shard, models),
 declared once as Typer annotated types; their variables and defaults come from the settings."""
 
 from __future__ import annotations
@@ -24,3 +24,7 @@ MaxBatchTokens = Annotated[Optional[int], typer.Option(
 MemoryFraction = Annotated[Optional[float], typer.Option(
     "--memory-fraction", min=0.05, max=1.0, envvar=envvar("memory_fraction"),
     help=f"GPU: share of free memory the profiled batch budget may use (default {default('memory_fraction')})")]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", envvar=envvar("trust_remote_code"),
+    help="Run the code a model folder ships (config auto_map); off: such folders are refused unless native")]
+DEFAULT_TRUST_REMOTE_CODE: bool = bool(default("trust_remote_code"))

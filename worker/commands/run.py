@@ -34,7 +34,17 @@ from producer.options import (
     Verbose,
 )
 from producer.sources import check_columns, detect_format
-from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.options import (
+    DEFAULT_BACKEND,
+    DEFAULT_DTYPE,
+    DEFAULT_TRUST_REMOTE_CODE,
+    Backend,
+    Device,
+    Dtype,
+    MaxBatchTokens,
+    MemoryFraction,
+    TrustRemoteCode,
+)
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
 
@@ -54,6 +64,7 @@ def run(
     dtype: Dtype = DEFAULT_DTYPE,
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
+    trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
     concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards in flight (they share batches)"),
     normalize: Normalize = None,
     truncate: Truncate = True,
@@ -69,7 +80,8 @@ def run(
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
         fmt = detect_format(input)
         spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                          max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+                          max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                          trust_remote_code=trust_remote_code)
         with InProcessWorker(spec) as worker:
             engine = worker.engines[0]
             model_kind = engine.info.kind

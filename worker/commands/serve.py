@@ -23,7 +23,17 @@ from producer.http.settings import FacadeSettings
 from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
 from producer.options import ResultBackend, Verbose, envvar
-from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.options import (
+    DEFAULT_BACKEND,
+    DEFAULT_DTYPE,
+    DEFAULT_TRUST_REMOTE_CODE,
+    Backend,
+    Device,
+    Dtype,
+    MaxBatchTokens,
+    MemoryFraction,
+    TrustRemoteCode,
+)
 from worker.commands.worker import say_selections
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
@@ -97,6 +107,7 @@ def serve(
                                              help="Embedded mode: jobs in flight per worker")] = 64,
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
+    trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
     verbose: Verbose = False,
 ) -> None:
     """Serve OpenAI / infinity-compatible HTTP routes: /v1/embeddings, /v1/rerank, /v1/classify, /v1/models."""
@@ -115,7 +126,8 @@ def serve(
         raise fail(exc) from None
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                      trust_remote_code=trust_remote_code)
     try:
         asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:

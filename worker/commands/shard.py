@@ -24,12 +24,22 @@ import typer
 
 from producer import storage
 from producer.cli import app, console, fail
-from producer.errors import BadInput, EmbedfleetError, JobNotFound
+from producer.errors import BadInput, EmbedfleetError, JobNotFound, UnsupportedModel
 from producer.jobs import JOB_FILE, JobSpec, ShardJob, ShardReport
 from producer.logs import setup_logging
 from producer.options import Verbose, envvar
 from producer.settings import env
-from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.options import (
+    DEFAULT_BACKEND,
+    DEFAULT_DTYPE,
+    DEFAULT_TRUST_REMOTE_CODE,
+    Backend,
+    Device,
+    Dtype,
+    MaxBatchTokens,
+    MemoryFraction,
+    TrustRemoteCode,
+)
 
 ARRAY_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
 ATTEMPT_ENV = "AWS_BATCH_JOB_ATTEMPT"
@@ -98,15 +108,21 @@ def finalize_if_needed(spec: JobSpec) -> None:
 
 
 def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batch_tokens: int | None,
-                  memory_fraction: float | None, deliveries: int) -> ShardReport:
+                  memory_fraction: float | None, deliveries: int, trust_remote_code: bool = False) -> ShardReport:
     """Load the model, run the shard through the queue workers' own task, stop the engine."""
     from worker.hosting import registry as runtime
     from worker.hosting.host import WorkerSpec, load_engine
     from worker.hosting.tasks import run_shard
 
     spec = WorkerSpec(models=[job.model], device=device, backend=backend, dtype=dtype, concurrency=1,
-                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
-    engine, _ = load_engine(job.model, spec)
+                      max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                      trust_remote_code=trust_remote_code)
+    try:
+        engine, _ = load_engine(job.model, spec)
+    except UnsupportedModel as exc:  # refused, never half-loaded: no retry can help, so the shard fails now
+        from worker.hosting.tasks import park
+
+        return ShardReport.model_validate(park(job, f"{type(exc).__name__}: {exc}", deliveries))
     try:
         console.print(f"embedding shard {job.shard.index} of {job.n_shards} ({job.shard.n_rows:,} rows) with "
                       f"{engine.info.name} on {engine.backend.device} in {engine.backend.dtype}")
@@ -142,13 +158,15 @@ def shard_command(
     dtype: Dtype = DEFAULT_DTYPE,
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
+    trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
     verbose: Verbose = False,
 ) -> None:
     """Process exactly one shard of a planned job and publish it atomically (no broker).
 
     An AWS Batch array job of size K runs this in K children; together they embed a corpus of
-    K shards. Exit 0 when the shard is done (now or before), 1 when it failed, 2 on bad input,
-    143 when stopped by SIGTERM (nothing partial is left behind).
+    K shards. Exit 0 when the shard is done (now or before), 1 when it failed (a model that cannot
+    be served faithfully fails it at once, with the reason in its marker), 2 on bad input, 143
+    when stopped by SIGTERM (nothing partial is left behind).
     """
     setup_logging(verbose)
     if index is None:
@@ -167,7 +185,7 @@ def shard_command(
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         report = run_one_shard(job, backend, device, dtype, max_batch_tokens, memory_fraction,
-                               deliveries=_attempt())
+                               deliveries=_attempt(), trust_remote_code=trust_remote_code)
         finalize_if_needed(spec)
     except ShardStopped:
         console.print(f"[yellow]stopped by SIGTERM[/]: shard {index} left unpublished; a retry redoes it")
@@ -177,9 +195,12 @@ def shard_command(
         raise fail(exc) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if report.status != "done":
+        console.print(f"[bold red]shard {index} failed[/]: {report.failure}")
+        raise typer.Exit(1)
     console.print(f"[green]shard {index} done[/]: {report.rows_written:,} of {report.rows_in:,} rows, "
                   f"{len(report.errors)} rejected -> {spec.out}/{report.path}")
-    raise typer.Exit(0 if report.status == "done" else 1)
+    raise typer.Exit(0)
 
 
 __all__ = ["shard_command", "job_folder", "load_spec", "shard_job", "EXIT_SIGTERM"]

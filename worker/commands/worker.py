@@ -12,7 +12,17 @@ from producer.errors import EmbedfleetError
 from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
 from producer.options import Broker, ResultBackend, Verbose, default, envvar
-from worker.commands.options import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, Device, Dtype, MaxBatchTokens, MemoryFraction
+from worker.commands.options import (
+    DEFAULT_BACKEND,
+    DEFAULT_DTYPE,
+    DEFAULT_TRUST_REMOTE_CODE,
+    Backend,
+    Device,
+    Dtype,
+    MaxBatchTokens,
+    MemoryFraction,
+    TrustRemoteCode,
+)
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
 
@@ -21,6 +31,15 @@ def say_selections(worker: InProcessWorker) -> None:
     for engine, selection in zip(worker.engines, worker.selections):
         if selection.reason:
             console.print(f"{engine.info.name}: backend auto: {escape(selection.reason)}")
+
+
+def ready_line(worker: InProcessWorker, broker: str) -> str:
+    """What the worker serves, and what it refuses (its jobs fail with the reason printed above)."""
+    line = f"worker ready: {', '.join(e.info.name for e in worker.engines) or 'no model'} on {broker.split('@')[-1]}"
+    if worker.refused:
+        names = ", ".join(ref or info.name for ref, info in worker.refused)
+        line += f"; refused (their jobs fail with the reason): {names}"
+    return line
 
 
 @app.command("worker")
@@ -38,15 +57,22 @@ def worker_command(
         help="Inline calls in flight beside the shards (a lane shards never fill)")] = int(default("inline_slots")),  # type: ignore[call-overload]
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
+    trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
     verbose: Verbose = False,
 ) -> None:
-    """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM)."""
+    """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM).
+
+    A model it cannot serve faithfully is refused, not half-loaded: the worker still consumes that
+    model's queues, and its shards and calls fail at once with the reason.
+    """
     setup_logging(verbose)
     spec = WorkerSpec(models=list(model), device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                      inline_slots=inline_slots, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction)
+                      inline_slots=inline_slots, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                      trust_remote_code=trust_remote_code, keep_refused=True)
+
     def ready(worker: InProcessWorker) -> None:
         say_selections(worker)
-        console.print(f"worker ready: {', '.join(e.info.name for e in worker.engines)} on {broker.split('@')[-1]}")
+        console.print(ready_line(worker, broker))
 
     try:
         code = InProcessWorker(spec, broker=broker, backend=result_backend).serve_forever(on_ready=ready)

@@ -96,7 +96,9 @@ class Engine:
     ) -> None:
         self.info = info
         self.backend = backend
-        self.tokenizer = BatchTokenizer(info.path, info.max_length)
+        template = info.pair_template
+        self.tokenizer = BatchTokenizer(info.path, info.max_length,
+                                        frame=(template.head, template.tail) if template else ("", ""))
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
         sized = memory.batch_budget(backend, info.revision or info.name, info.max_length, memory_fraction,
@@ -199,31 +201,50 @@ class Engine:
                            param="raw_scores")
         self._prefix(options)
 
-    def _prefix(self, options: Options) -> str:
+    def _prompt(self, options: Options) -> str | None:
+        """The prompt that applies: the literal one, the named one, else the model's default (or none)."""
         if options.prompt is not None:
             return options.prompt
-        if options.prompt_name is not None:
-            if options.prompt_name not in self.info.prompts:
-                known = ", ".join(sorted(self.info.prompts)) or "none"
-                raise BadInput(f"prompt_name {options.prompt_name!r} is not defined by the model (it has: {known})",
-                               param="prompt_name")
-            return self.info.prompts[options.prompt_name]
-        return ""
+        name = options.prompt_name if options.prompt_name is not None else self.info.default_prompt_name
+        if name is None:
+            return None
+        if name not in self.info.prompts:
+            known = ", ".join(sorted(self.info.prompts)) or "none"
+            raise BadInput(f"prompt_name {name!r} is not defined by the model (it has: {known})", param="prompt_name")
+        return self.info.prompts[name]
+
+    def _prefix(self, options: Options) -> str:
+        return self._prompt(options) or ""
+
+    def _ids_prompt_reason(self, options: Options) -> str:
+        if options.prompt is None and options.prompt_name is None:
+            return (f"the model's default prompt ({self.info.default_prompt_name!r}) cannot be put before token ids; "
+                    "send text, or set prompt to \"\" to embed the ids without it")
+        return "a prompt cannot be put before token ids; send text instead"
+
+    def _pair(self, query: str, document: str, prompt: str | None) -> Any:
+        """A cross-encoder's pair (a prompt goes before the query, as sentence-transformers does), or a
+        decoder reranker's prompt body (the prompt is its instruction)."""
+        template = self.info.pair_template
+        if template is not None:
+            return template.body(query, document, prompt)
+        return ((prompt or "") + query, document)
 
     def _validate(self, inputs: Sequence[Any], options: Options, request: _Request) -> list[tuple[int, Any]]:
-        prefix = self._prefix(options)
+        prompt = self._prompt(options)
+        prefix = prompt or ""
         prepared: list[tuple[int, Any]] = []
         for index, value in enumerate(inputs):
             item: Any
             if self.info.kind == JobKind.rerank:
                 problem = pair_problem(value)
-                item = None if problem else (value[0], value[1])
+                item = None if problem else self._pair(value[0], value[1], prompt)
                 reason = problem.reason if problem else None
             elif isinstance(value, (list, tuple)):
                 problem = token_ids_problem(value, self.tokenizer.vocab_size)
                 reason = problem.reason if problem else None
                 if reason is None and prefix:
-                    reason = "a prompt cannot be put before token ids; send text instead"
+                    reason = self._ids_prompt_reason(options)
                 item = _TokenIds(value)
             else:
                 problem = text_problem(value)

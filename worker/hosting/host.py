@@ -22,7 +22,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue
-from producer.errors import Unavailable
+from producer.errors import Unavailable, UnsupportedModel
 from producer.jobs import inline_queue_name, queue_name
 from producer.settings import settings
 from worker.backends.select import Selection, load_backend
@@ -32,7 +32,7 @@ from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
 from worker.hosting.stop import begin_stop, reset_stop
-from worker.models.resolve import describe
+from worker.models.resolve import ModelInfo, describe
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,17 @@ class WorkerSpec:
     inline_slots: int = field(default_factory=lambda: settings().inline_slots)
     max_batch_tokens: int | None = None
     memory_fraction: float | None = None
+    #: run the code a model folder ships (config auto_map), see ``worker.models.loading``
+    trust_remote_code: bool = field(default_factory=lambda: settings().trust_remote_code)
+    #: a model refused as unfaithful (``UnsupportedModel``) stays on its queues, and its jobs fail at
+    #: once with the reason (``embedfleet worker``); otherwise the refusal ends the start (run, serve, shard)
+    keep_refused: bool = False
 
 
 def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]:
     """Resolve and load one model into a started engine, registered for the tasks; also returns
     how its backend was chosen (the table of candidates under ``--backend auto``)."""
-    info = describe(model)
+    info = describe(model, trust_remote_code=spec.trust_remote_code)
     selection = load_backend(spec.backend, info, spec.device, spec.dtype)
     engine = Engine(info, selection.backend, max_batch_tokens=spec.max_batch_tokens,
                     memory_fraction=spec.memory_fraction).start()
@@ -106,6 +111,8 @@ class InProcessWorker:
         self.engines: list[Engine] = []
         #: How each engine's backend was chosen, in the order of ``engines``.
         self.selections: list[Selection] = []
+        #: models asked for but refused (``WorkerSpec.keep_refused``): (reference, what it is)
+        self.refused: list[tuple[str | None, ModelInfo]] = []
         self.queues: list[str] = []  # shard queues
         self.inline_queues: list[str] = []
         self._controller: Any = None
@@ -118,11 +125,21 @@ class InProcessWorker:
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
-        loaded = [load_engine(model, self.spec) for model in self.spec.models]
-        self.engines = [engine for engine, _ in loaded]
-        self.selections = [selection for _, selection in loaded]
-        self.queues = queues_for(self.engines, self.spec.models)
-        self.inline_queues = inline_queues_for(self.engines, self.spec.models)
+        loaded: list[tuple[str | None, Engine, Selection]] = []
+        for model in self.spec.models:
+            try:
+                loaded.append((model, *load_engine(model, self.spec)))
+            except UnsupportedModel as exc:
+                if not self.spec.keep_refused:
+                    raise
+                self._refuse(model, exc)
+        self.engines = [engine for _, engine, _ in loaded]
+        self.selections = [selection for _, _, selection in loaded]
+        refs = [model for model, _, _ in loaded]
+        refused = [(ref or info.name, info) for ref, info in self.refused]
+        self.queues = sorted(set(queues_for(self.engines, refs)) | {queue_name(i.kind, r) for r, i in refused})
+        self.inline_queues = sorted(set(inline_queues_for(self.engines, refs))
+                                    | {inline_queue_name(i.kind, r) for r, i in refused})
         consume_without_acks(self.app, self.inline_queues)
         poison.use_broker(self.broker)
         for name in self.queues + self.inline_queues:
@@ -142,6 +159,13 @@ class InProcessWorker:
             self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
         log.info("worker consuming %s", ", ".join(self.queues + self.inline_queues))
         return self
+
+    def _refuse(self, model: str | None, error: UnsupportedModel) -> None:
+        """Keep a refused model's queues, so its shards fail with the reason instead of waiting."""
+        info = describe(model, trust_remote_code=self.spec.trust_remote_code)
+        runtime.refuse(info, error, model)
+        self.refused.append((model, info))
+        log.error("refusing to serve %s; its jobs on this worker fail with: %s", model or info.name, error)
 
     def _start_consumer(self) -> None:
         """A Celery consumer on a thread, feeding the engines already loaded (kept on restarts)."""

@@ -17,14 +17,17 @@ from celery import shared_task
 from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK, MODELS_COMMAND
+from producer.errors import UnsupportedModel
 from producer.jobs import inline_queue_name, queue_name
 from worker.engine.pipeline import Engine
 from worker.hosting import registry as runtime
+from worker.models.resolve import ModelInfo
 
 
 def describe_engine(engine: Engine) -> dict[str, Any]:
     """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats."""
     info = engine.info
+    facts = info.facts()
     return {
         "id": info.name,
         "ref": info.ref,
@@ -43,12 +46,35 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "revision": info.revision,
         "token_ids": engine.accepts_token_ids,
         "stats": {key: int(value) for key, value in dict(engine.stats).items()},
+        **{key: facts[key] for key in _FACTS},
+        "faithful": True,
+    }
+
+
+#: what a model folder is (``ModelInfo.facts``), reported beside the serving details
+_FACTS = ("family", "architecture", "pooling", "normalize", "default_prompt_name", "prompt_template")
+
+
+def describe_refusal(info: ModelInfo, error: UnsupportedModel) -> dict[str, Any]:
+    """A model this worker was asked to host but refused: where its jobs go (they fail with the
+    reason), what it is, and why it is not served."""
+    facts = info.facts()
+    return {
+        "id": info.name, "ref": info.ref, "kind": info.kind.value,
+        "queue": queue_name(info.kind, info.ref or info.name),
+        "inline_queue": inline_queue_name(info.kind, info.ref or info.name),
+        "dimensions": info.dims, "max_length": info.max_length, "labels": list(info.labels),
+        "prompts": sorted(info.prompts), "backend": "none", "device": "", "dtype": "", "max_batch_tokens": 0,
+        "revision": info.revision, "token_ids": False, "stats": {},
+        **{key: facts[key] for key in _FACTS},
+        "faithful": False, "refusal": error.message,
     }
 
 
 def hosted_models() -> list[dict[str, Any]]:
-    """One description per model this process hosts."""
-    return [describe_engine(engine) for engine in runtime.hosted()]
+    """One description per model this process hosts, and per model it refused."""
+    return ([describe_engine(engine) for engine in runtime.hosted()]
+            + [describe_refusal(info, error) for info, error in runtime.refused()])
 
 
 @shared_task(name=INFO_TASK)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import threading
 
-from producer.errors import BadInput, ModelNotServed
+from producer.errors import BadInput, ModelNotServed, UnsupportedModel
 from producer.jobs import JobKind, model_slug
 from worker.engine.pipeline import Engine
+from worker.models.resolve import ModelInfo
 
 _engines: dict[str, Engine] = {}
+#: models this worker was asked to host but refused (``worker.models.loading``): their jobs fail
+#: at once with the reason instead of waiting for a worker that will never serve them
+_refused: dict[str, tuple[ModelInfo, UnsupportedModel]] = {}
 _lock = threading.Lock()
 
 
@@ -28,10 +32,24 @@ def register(engine: Engine, *aliases: str | None) -> None:
                 _engines[model_slug(key)] = engine
 
 
+def refuse(info: ModelInfo, error: UnsupportedModel, *aliases: str | None) -> None:
+    """Record that this worker refuses ``info``'s model: ``engine_for`` raises ``error`` for it."""
+    with _lock:
+        for key in (info.name, info.ref, *aliases):
+            if key:
+                _refused[model_slug(key)] = (info, error)
+
+
+def refused() -> list[tuple[ModelInfo, UnsupportedModel]]:
+    with _lock:
+        return list({id(entry[1]): entry for entry in _refused.values()}.values())
+
+
 def unregister_all() -> list[Engine]:
     with _lock:
         engines = list({id(e): e for e in _engines.values()}.values())
         _engines.clear()
+        _refused.clear()
         return engines
 
 
@@ -39,7 +57,10 @@ def engine_for(model: str, kind: JobKind | None = None) -> Engine:
     """The engine hosting ``model``; a kind mismatch is an error naming both kinds."""
     with _lock:
         engine = _engines.get(model_slug(model))
+        refusal = _refused.get(model_slug(model))
         hosted = ", ".join(sorted(_engines)) or "none"
+    if engine is None and refusal is not None:  # a fresh error each time: tasks raise it concurrently
+        raise UnsupportedModel(refusal[1].message, param=refusal[1].param)
     if engine is None:
         raise ModelNotServed(f"model {model!r} is not hosted by this worker (it hosts: {hosted})")
     if kind is not None and engine.info.kind != kind:

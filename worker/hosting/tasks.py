@@ -19,7 +19,7 @@ from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
-from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel
 from producer.jobs import (
     InlineJob,
     InlineResult,
@@ -223,5 +223,5 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
 def _revision(model: str) -> str | None:
     try:
         return runtime.engine_for(model).info.revision
-    except ModelNotServed:
+    except (ModelNotServed, UnsupportedModel):  # not hosted, or refused (worker.hosting.registry)
         return None

