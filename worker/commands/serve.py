@@ -36,6 +36,7 @@ from worker.commands.options import (
 )
 from worker.commands.worker import say_selections
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.trust import StorageRoots
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def serve(
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code,
+                      storage_roots=StorageRoots())  # the embedded worker answers calls; it takes no shards
     try:
         asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:

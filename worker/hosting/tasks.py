@@ -19,7 +19,7 @@ from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
-from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
     InlineResult,
@@ -38,6 +38,7 @@ from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
+from worker.hosting.trust import check_shard, current_roots
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,12 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     job = ShardJob.model_validate(payload)
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
-    counter = poison.current()
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
+    refusal = untrusted(job)
+    if refusal is not None:
+        log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
+        return {"refused": refusal}
+    counter = poison.current()
     try:
         deliveries = counter.begin(task_id, self.request)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
@@ -173,6 +178,18 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
+
+
+def untrusted(job: ShardJob) -> str | None:
+    """Why this worker must not run the message (``worker.hosting.trust``), or ``None``."""
+    roots = current_roots()
+    if roots is None:
+        return None
+    try:
+        check_shard(job, roots)
+    except Untrusted as exc:
+        return str(exc)
+    return None
 
 
 def is_permanent(exc: BaseException) -> bool:
