@@ -61,6 +61,10 @@ class ServedModel:
     revision: str | None = None
     max_batch_tokens: int = 0
     placements: tuple[Placement, ...] = ()
+    #: embed models: the outputs offered and those a request naming none gets (``producer.outputs``)
+    outputs: tuple[str, ...] = ("dense",)
+    default_outputs: tuple[str, ...] = ("dense",)
+    multivector_dims: int = 0
 
     def names(self) -> set[str]:
         return {self.id, self.ref, model_slug(self.id), model_slug(self.ref)}
@@ -96,6 +100,8 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 prompts=tuple(d.get("prompts") or ()), pooling=str(d.get("pooling") or ""),
                 revision=d.get("revision"), max_batch_tokens=int(d.get("max_batch_tokens") or 0),
                 placements=placements,
+                outputs=tuple(d.get("outputs") or ("dense",)), default_outputs=tuple(d.get("default_outputs") or ("dense",)),
+                multivector_dims=int(d.get("multivector_dims") or 0),
             )
     return merged
 
@@ -278,7 +284,8 @@ class Directory:
                          dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
                          backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers),
                          stats=dict(model.stats), prompts=list(model.prompts),
-                         devices=[p.device for p in model.placements])
+                         devices=[p.device for p in model.placements],
+                         outputs=list(model.outputs) if model.kind == "embed" else [])
 
     def samples(self) -> list[WorkerSample]:
         return [WorkerSample(model=m.id, kind=m.kind, queue=m.queue, workers=len(m.workers),
