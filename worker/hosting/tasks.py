@@ -32,6 +32,7 @@ from producer.jobs import (
     TokensJob,
     part_name,
 )
+from producer.outputs import DENSE_ONLY
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -81,6 +82,7 @@ def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
         truncated=result.truncated,
         labels=list(result.labels),
         errors=result.errors,
+        **_other_outputs(result),
     ).model_dump(mode="json")
 
 
@@ -106,6 +108,17 @@ def inline_failure(payload: dict[str, Any], exc: BaseException) -> dict[str, Any
     if isinstance(exc, EmbedfleetError):
         return refused(payload, exc)
     raise exc
+
+
+def _other_outputs(result: Any) -> dict[str, Any]:
+    """The wire fields of sparse rows and multi-vectors (``producer.outputs``), when computed."""
+    if tuple(result.outputs) == DENSE_ONLY:
+        return {}
+    fields: dict[str, Any] = {"outputs": list(result.outputs)}
+    for rows in (result.sparse, result.multivector):
+        if rows is not None:
+            fields.update(rows.to_wire())
+    return fields
 
 
 def refused(payload: dict[str, Any], error: EmbedfleetError) -> dict[str, Any]:
@@ -140,6 +153,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         n_tokens=int(sum(result.n_tokens[i] for i in keep)),
         errors=errors,
         deliveries=deliveries,
+        device=runtime.device_of(engine),
     )
     sinks.write_marker(job.out, report)
     sinks.finalize_if_complete(job.out, engine.info.revision)
