@@ -249,6 +249,8 @@ class ShardReport(BaseModel):
     status: Literal["done", "failed"] = "done"
     failure: str | None = None
     deliveries: int = 1
+    #: the device of the engine that wrote it, as its host names it (``cuda:1``, ``cpu:0``)
+    device: str | None = None
 
 
 class JobManifest(BaseModel):

@@ -123,6 +123,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         n_tokens=int(sum(result.n_tokens[i] for i in keep)),
         errors=errors,
         deliveries=deliveries,
+        device=runtime.device_of(engine),
     )
     sinks.write_marker(job.out, report)
     sinks.finalize_if_complete(job.out, engine.info.revision)
