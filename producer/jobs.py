@@ -83,6 +83,10 @@ class Options(BaseModel):
                     "by default (dense for dense models). Only the outputs asked for are computed.",
     )
 
+    max_active_dims: int | None = Field(
+        default=None, ge=1, description="Sparse outputs: keep the k largest weights of each vector (top-k pruning, "
+                                        "sentence-transformers' max_active_dims).")
+
     @field_validator("outputs", mode="before")
     @classmethod
     def _known_outputs(cls, value: Any) -> Any:
