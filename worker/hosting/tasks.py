@@ -33,6 +33,7 @@ from producer.jobs import (
     part_name,
 )
 from producer.outputs import DENSE_ONLY
+from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -196,7 +197,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
-    refusal = untrusted(job)
+    refusal = untrusted(job, payload)
     if refusal is not None:
         log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
         return {"refused": refusal}
@@ -221,8 +222,11 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
 
 
-def untrusted(job: ShardJob) -> str | None:
-    """Why this worker must not run the message (``worker.hosting.trust``), or ``None``."""
+def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
+    """Why this worker must not run the message (``producer.signing``, ``worker.hosting.trust``), or ``None``."""
+    unsigned = signing.refusal(payload)
+    if unsigned:
+        return unsigned
     roots = current_roots()
     if roots is None:
         return None
