@@ -34,6 +34,7 @@ from producer.options import (
     Normalize,
     OptionalBroker,
     OutputDtype,
+    Outputs,
     Prompt,
     PromptName,
     QueryColumn,
@@ -81,11 +82,11 @@ def validation_message(exc: ValidationError) -> str:
 
 def build_options(
     normalize: Optional[bool], truncate: bool, dimensions: Optional[int], prompt_name: Optional[str],
-    prompt: Optional[str], output_dtype: str,
+    prompt: Optional[str], output_dtype: str, outputs: Optional[str] = None,
 ) -> Options:
     """Options from CLI flags; a bad combination is reported as a CLI error by the caller."""
     return Options(normalize=normalize, truncate=truncate, dimensions=dimensions, prompt_name=prompt_name,
-                   prompt=prompt, output_dtype=output_dtype)  # type: ignore[arg-type]
+                   prompt=prompt, output_dtype=output_dtype, outputs=outputs or None)  # type: ignore[arg-type]
 
 
 def follow(handle: JobHandle, poll: float = 0.25, started: float | None = None) -> tuple[JobManifest, float]:
@@ -161,15 +162,18 @@ def submit(
     query_column: QueryColumn = "query",
     document_column: DocumentColumn = "document",
     shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
+    outputs: Outputs = None,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     try:
         id_column = say_id_column(input, id_column)
-    except EmbedfleetError as exc:
+        options = Options(outputs=outputs or None)  # type: ignore[arg-type]
+    except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
     client = Client(broker=broker, result_backend=result_backend)
     handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
-                                  query_column=query_column, document_column=document_column, shard_rows=shard_rows)
+                                  query_column=query_column, document_column=document_column, shard_rows=shard_rows,
+                                  options=options)
     remember_job(client, handle)
     console.print(f"job {handle.job_id}: {handle.n_rows:,} rows in {handle.n_shards} shard(s), "
                   f"{handle.enqueued} enqueued, output in {out}")
@@ -238,6 +242,7 @@ def plan_command(
     prompt_name: PromptName = None,
     prompt: Prompt = None,
     output_dtype: OutputDtype = "float32",
+    outputs: Outputs = None,
 ) -> None:
     """Check a corpus, split it into shards and write {out}/_job.json, with no broker.
 
@@ -245,7 +250,7 @@ def plan_command(
     (``embedfleet shard`` then runs each child).
     """
     try:
-        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
+        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         spec = plan_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
                            options=options)

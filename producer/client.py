@@ -20,6 +20,7 @@ import pyarrow as pa
 from producer import sources, storage
 from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
 from producer.errors import BadInput, InputError, JobFailed, OutputConflict, from_wire
+from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows
 from producer.jobs import (
     DEFAULT_MODEL,
     JOB_FILE,
@@ -46,8 +47,8 @@ from producer.jobs import (
 
 DEFAULT_SHARD_ROWS = 10_000
 
-__all__ = ["Client", "JobHandle", "Progress", "Classification", "plan_corpus", "normalize_out", "decode_f32", "InputError",
-           "JobFailed", "DEFAULT_MODEL", "DEFAULT_SHARD_ROWS"]
+__all__ = ["Client", "JobHandle", "Progress", "Classification", "Embeddings", "plan_corpus", "normalize_out",
+           "decode_f32", "decode_outputs", "InputError", "JobFailed", "DEFAULT_MODEL", "DEFAULT_SHARD_ROWS"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,17 @@ def normalize_out(out: str) -> str:
 def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
     raw = np.frombuffer(base64.b64decode(data_b64), dtype="<f4")
     return raw.reshape(n_items, dims).astype(np.float32, copy=False)
+
+
+def decode_outputs(result: InlineResult) -> Embeddings:
+    """Every output an inline result carries (``producer.outputs``), decoded once."""
+    outputs = tuple(result.outputs) or DENSE_ONLY
+    dense = decode_f32(result.data_b64, result.n_items, result.dims) if "dense" in outputs else None
+    sparse = SparseRows.from_wire(result.sparse_counts, result.sparse_indices_b64, result.sparse_values_b64,
+                                  result.vocab_size) if "sparse" in outputs else None
+    multivector = MultiVectors.from_wire(result.multivector_counts, result.multivector_dims,
+                                         result.multivector_b64) if "multivector" in outputs else None
+    return Embeddings(dense=dense, sparse=sparse, multivector=multivector)
 
 
 class JobHandle:
@@ -198,12 +210,23 @@ class Client:
         """The raw inline result (vectors, token counts, per-item errors), for callers that want all."""
         return self._call(EmbedJob(model=model, inputs=list(texts), options=Options(**options)), timeout)
 
-    def embed(self, texts: list[str] | str, model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> np.ndarray:
-        """Vectors ``[n, dims]`` float32; raises ``InputError`` naming any rejected input."""
+    def embed(self, texts: list[str] | str, model: str = DEFAULT_MODEL, timeout: float | None = None,
+              **options: Any) -> Any:
+        """Vectors ``[n, dims]`` float32; raises ``InputError`` naming any rejected input.
+
+        With ``outputs=[...]`` (``dense``, ``sparse``, ``multivector``) it returns
+        ``producer.outputs.Embeddings`` instead: ``.dense`` ``[n, dims]``, ``.sparse[i]`` an
+        ``(indices, values)`` pair (``.sparse.to_scipy()``: a CSR matrix), ``.multivector[i]``
+        ``[n_vectors, d]``; a single text gives the same with one row."""
         single = isinstance(texts, str)
         result = self.embed_result([texts] if single else list(texts), model, timeout, **options)
         if result.errors:
             raise InputError(result.errors)
+        if options.get("outputs") is not None:
+            return decode_outputs(result)
+        if result.outputs and "dense" not in result.outputs:
+            raise BadInput(f"model {model!r} gives {', '.join(result.outputs)} outputs, not dense vectors; "
+                           f"call embed(..., outputs={list(result.outputs)!r})", param="outputs")
         vectors = decode_f32(result.data_b64, result.n_items, result.dims)
         return vectors[0] if single else vectors
 
@@ -305,7 +328,9 @@ def plan_corpus(
     shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
     job_id = stable_job_id(
         {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
-         "options": options.model_dump(), "shard_rows": shard_rows, "n_rows": n_rows}
+         # outputs left out unless named, so a job planned before outputs existed keeps its id
+         "options": options.model_dump(exclude={"outputs"} if options.outputs is None else None),
+         "shard_rows": shard_rows, "n_rows": n_rows}
     )
     spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
                    options=options, n_rows=n_rows, shards=shards)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from producer.outputs import OutputName, canonical_outputs
 from producer.rules import MAX_INLINE_INPUTS, count_problem
 
 SCHEMA_VERSION = 1
@@ -76,6 +77,18 @@ class Options(BaseModel):
     raw_scores: bool = Field(
         default=False, description="Rerank and classify: return raw logits instead of sigmoid or softmax scores."
     )
+    outputs: list[OutputName] | None = Field(
+        default=None,
+        description="Embed: which outputs to compute (dense, sparse, multivector); default: what the model gives "
+                    "by default (dense for dense models). Only the outputs asked for are computed.",
+    )
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _known_outputs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        return list(canonical_outputs(value)) if isinstance(value, (list, tuple)) else value
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "Options":
@@ -275,6 +288,17 @@ class InlineResult(BaseModel):
     #: ``n_tokens`` of them per input).
     tokens: list[list[dict[str, Any]]] = Field(default_factory=list)
     texts: list[str] = Field(default_factory=list)
+    #: Embed answers: the outputs computed (``producer.outputs``); empty means dense only. Dense
+    #: vectors are ``data_b64`` (``dims`` 0 when dense was not asked for); sparse rows and
+    #: multi-vectors travel as ``producer.outputs.SparseRows``/``MultiVectors`` wire fields.
+    outputs: list[str] = Field(default_factory=list)
+    sparse_counts: list[int] = Field(default_factory=list)
+    sparse_indices_b64: str = ""
+    sparse_values_b64: str = ""
+    vocab_size: int = 0
+    multivector_counts: list[int] = Field(default_factory=list)
+    multivector_dims: int = 0
+    multivector_b64: str = ""
 
 
 def queue_name(kind: JobKind | str, model: str) -> str:

@@ -47,5 +47,8 @@ Dimensions = Annotated[Optional[int], typer.Option("--dimensions", min=1,
 PromptName = Annotated[Optional[str], typer.Option("--prompt-name",
                                                     help="A prompt defined by the model, e.g. query")]
 Prompt = Annotated[Optional[str], typer.Option("--prompt", help="A literal prefix for every text")]
+Outputs = Annotated[Optional[str], typer.Option(
+    "--outputs", help="Embed: comma-separated outputs to compute, of dense, sparse, multivector "
+                      "(default: the model's own, dense for dense models); only these are computed")]
 OutputDtype = Annotated[str, typer.Option("--output-dtype", help="float32|float16 in Parquet")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO")]

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(3600, ge=1, description="Seconds before an unacknowledged message "
                                     "is delivered again (longer than any shard)")
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a shard is parked")
+    liveness_ttl: int = Field(30, ge=2, description="Redis: seconds a worker's heartbeat lives; the messages "
+                              "a worker silent this long held are delivered again (independent of the "
+                              "visibility timeout)")
     sweep_interval: int = Field(30, ge=1, description="Redis: seconds between checks for shard messages "
                                 "the broker lost")
     job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "

@@ -250,3 +250,37 @@ def save_remote_code_model(dest: Path, seed: int = 11) -> Path:
                                         "AutoModel": "modeling_tiny.TinyCustomModel"}}))
     copy_tokenizer(dest, 128)
     return dest
+
+
+def save_bge_m3(dest: Path, seed: int = 6, hidden: int = 32, colbert_dim: int = 24, max_length: int = 128,
+                heads: Iterable[str] = ("sparse", "multivector")) -> Path:
+    """A bge-m3 folder in FlagEmbedding's layout on a tiny random XLM-R: the encoder, the
+    sentence-transformers files (CLS pooling, normalized), ``sparse_linear.pt`` (hidden -> 1) and
+    ``colbert_linear.pt`` (hidden -> d) as ``torch.save(linear.state_dict())``, and a tokenizer
+    that names an eos token (XLM-R's ``</s>``; here the bundled tokenizer's ``[SEP]``)."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    config = XLMRobertaConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=max_length + 2, pad_token_id=0,
+                              bos_token_id=101, eos_token_id=102, type_vocab_size=1)
+    XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(dest)
+    copy_tokenizer(dest, max_length)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        named = json.loads((dest / name).read_text())
+        named["eos_token"] = "[SEP]"
+        (dest / name).write_text(json.dumps(named))
+    write_st_files(dest, "cls", max_length, hidden, normalize=True)
+    if "sparse" in heads:
+        sparse = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(sparse.weight, std=0.5)
+        torch.save(sparse.state_dict(), dest / "sparse_linear.pt")
+    if "multivector" in heads:
+        torch.save(torch.nn.Linear(hidden, colbert_dim).state_dict(), dest / "colbert_linear.pt")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_bge_m3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_bge_m3(tmp_path_factory.mktemp("models") / "tiny-bge-m3")

@@ -28,6 +28,7 @@ from producer.jobs import (
     marker_name,
     part_name,
 )
+from producer.outputs import MultiVectors, SparseRows
 from producer.storage import Location, list_names, locate, publish_json, publish_table, read_job, read_markers
 from worker.engine.pipeline import EngineResult
 from worker.models.resolve import ModelInfo
@@ -64,7 +65,12 @@ def result_table(
     width = result.values.shape[1] if result.values.ndim > 1 else 1
     values = result.values[keep].reshape(len(keep), width)
     if info.kind == JobKind.embed:
-        columns["embedding"] = _vectors(values, output_dtype)
+        if "dense" in result.outputs:
+            columns["embedding"] = _vectors(values, output_dtype)
+        if result.sparse is not None:
+            columns.update(sparse_columns(result.sparse.take(keep)))
+        if result.multivector is not None:
+            columns["multivector"] = multivector_column(result.multivector.take(keep), output_dtype)
     elif info.kind == JobKind.rerank:
         columns["score"] = pa.array(values.astype(np.float32).reshape(-1))
     else:
@@ -77,7 +83,34 @@ def result_table(
     columns["truncated"] = pa.array(np.asarray(result.truncated, dtype=bool)[keep], pa.bool_())
     table = pa.table(columns)
     normalized = info.normalize if normalize is None else normalize
-    return table.replace_schema_metadata(file_metadata(info, width, output_dtype, dtype, normalized))
+    metadata = file_metadata(info, width, output_dtype, dtype, normalized)
+    if info.kind == JobKind.embed:
+        metadata.update(outputs_metadata(info, result.outputs))
+    return table.replace_schema_metadata(metadata)
+
+
+def sparse_columns(rows: SparseRows) -> dict[str, pa.Array]:
+    """``sparse_indices: list<int32>`` and ``sparse_values: list<float32>``, one list per row,
+    sorted by index with zero weights dropped (``SparseRows`` holds them so already)."""
+    offsets = pa.array(rows.offsets.astype(np.int32))
+    return {"sparse_indices": pa.ListArray.from_arrays(offsets, pa.array(rows.indices, pa.int32())),
+            "sparse_values": pa.ListArray.from_arrays(offsets, pa.array(rows.values, pa.float32()))}
+
+
+def multivector_column(rows: MultiVectors, output_dtype: str) -> pa.Array:
+    """``multivector: list<fixed_size_list<float32, d>>``: each row's token vectors, in order."""
+    offsets = pa.array(rows.offsets.astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, _vectors(rows.vectors, output_dtype))
+
+
+def outputs_metadata(info: ModelInfo, outputs: tuple[str, ...]) -> dict[str, str]:
+    """Which outputs the file holds, the vocabulary size sparse indices count in, the multi-vector width."""
+    metadata = {"embedfleet.outputs": json.dumps(list(outputs))}
+    if "sparse" in outputs:
+        metadata["embedfleet.sparse.vocab_size"] = str(info.vocab_size)
+    if "multivector" in outputs:
+        metadata["embedfleet.multivector.dimensions"] = str(info.multivector_dims)
+    return metadata
 
 
 def file_metadata(info: ModelInfo, dims: int, output_dtype: str, dtype: str,

@@ -22,8 +22,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-from producer.client import decode_f32
+from producer.client import decode_outputs
 from producer.jobs import ClassifyJob, EmbedJob, InlineJob, InlineResult, RerankJob
+from producer.outputs import MultiVectors, SparseRows
 from producer.rules import MAX_INLINE_INPUTS
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ class Answer:
     errors: dict[int, str]
     tokens: list[list[dict[str, Any]]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    sparse: SparseRows | None = None
+    multivector: MultiVectors | None = None
 
     @classmethod
     def of(cls, result: InlineResult) -> "Answer":
-        values = decode_f32(result.data_b64, result.n_items, result.dims)
+        decoded = decode_outputs(result)
+        values = decoded.dense if decoded.dense is not None else np.zeros((result.n_items, 0), np.float32)
         return cls(values, list(result.n_tokens), list(result.labels), dict(result.errors), list(result.tokens),
-                   list(result.texts))
+                   list(result.texts), decoded.sparse, decoded.multivector)
 
 
 def merge_key(job: InlineJob) -> MergeKey | None:
@@ -82,7 +86,10 @@ def split(answer: Answer, sizes: Sequence[int]) -> list[Answer]:
     start = 0
     for n in sizes:
         errors = {index - start: message for index, message in answer.errors.items() if start <= index < start + n}
-        parts.append(Answer(answer.values[start:start + n], answer.n_tokens[start:start + n], answer.labels, errors))
+        rows = range(start, start + n)
+        parts.append(Answer(answer.values[start:start + n], answer.n_tokens[start:start + n], answer.labels, errors,
+                            sparse=answer.sparse.take(rows) if answer.sparse is not None else None,
+                            multivector=answer.multivector.take(rows) if answer.multivector is not None else None))
         start += n
     return parts
 

@@ -50,6 +50,10 @@ class ServedModel:
     pooling: str = ""
     revision: str | None = None
     max_batch_tokens: int = 0
+    #: embed models: the outputs offered and those a request naming none gets (``producer.outputs``)
+    outputs: tuple[str, ...] = ("dense",)
+    default_outputs: tuple[str, ...] = ("dense",)
+    multivector_dims: int = 0
 
     def names(self) -> set[str]:
         return {self.id, self.ref, model_slug(self.id), model_slug(self.ref)}
@@ -82,6 +86,8 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 token_ids=bool(d.get("token_ids", False)), workers=workers, stats=stats,
                 prompts=tuple(d.get("prompts") or ()), pooling=str(d.get("pooling") or ""),
                 revision=d.get("revision"), max_batch_tokens=int(d.get("max_batch_tokens") or 0),
+                outputs=tuple(d.get("outputs") or ("dense",)), default_outputs=tuple(d.get("default_outputs") or ("dense",)),
+                multivector_dims=int(d.get("multivector_dims") or 0),
             )
     return merged
 
@@ -263,7 +269,8 @@ class Directory:
         return ModelCard(id=model.id, created=self._created, kind=model.kind, capabilities=[model.kind],
                          dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
                          backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers),
-                         stats=dict(model.stats), prompts=list(model.prompts))
+                         stats=dict(model.stats), prompts=list(model.prompts),
+                         outputs=list(model.outputs) if model.kind == "embed" else [])
 
     def samples(self) -> list[WorkerSample]:
         return [WorkerSample(model=m.id, kind=m.kind, queue=m.queue, workers=len(m.workers),

@@ -58,6 +58,31 @@ def openai_rows(vectors: np.ndarray, body: EmbeddingRequest) -> list[Any]:
     return encodings.json_rows(vectors, kind)
 
 
+def vector_output(model: ServedModel, body: EmbeddingRequest) -> str:
+    """What ``/v1/embeddings`` answers with: the output asked (``output``), else the model's own
+    (a ColBERT-only model's multi-vectors; dense for everything else). Checked before any work."""
+    output = body.output or ("multivector" if "dense" not in model.default_outputs
+                             and "multivector" in model.default_outputs else "dense")
+    if output not in model.outputs:
+        raise bad(f"output {output!r}: model {model.id!r} gives {', '.join(model.outputs)} (sparse vectors come "
+                  "from /embed_sparse)", "output")
+    if output == "multivector":
+        if body.encoding_format not in ("float", "base64") or body.output_dtype not in (None, "float"):
+            raise bad("multi-vector embeddings are sent as float or base64 (float32), not quantized",
+                      "encoding_format")
+        if body.dimensions or body.output_dimension:
+            raise bad("dimensions applies to dense vectors, not to multi-vector embeddings", "dimensions")
+    return output
+
+
+def multivector_rows(result: Answer, body: EmbeddingRequest) -> list[Any]:
+    """Per item its token vectors: a list of float32 arrays, or base64 of the ``[n, d]`` float32 matrix."""
+    rows = list(result.multivector or [])
+    if body.encoding_format == "base64":
+        return [encodings.base64_rows(row.reshape(1, -1), "float", body.embed_dtype)[0] for row in rows]
+    return [list(row) for row in rows]
+
+
 class Facade:
     """State shared by the routes of one app, and the calls every route makes."""
 
@@ -81,7 +106,11 @@ class Facade:
 
     # -- the calls the routes share
     async def embed(self, model: ServedModel, inputs: list[Any], options: Options, param: str = "input") -> Answer:
-        """Embed checked inputs with ``model``; any rejected input makes the request a 400."""
+        """Embed checked inputs with ``model``; any rejected input makes the request a 400. A route
+        that names no outputs wants dense vectors: a model without them is a 400 naming its own."""
+        if options.outputs is None and "dense" not in model.default_outputs:
+            raise bad(f"model {model.id!r} gives {', '.join(model.default_outputs)} embeddings, not dense vectors "
+                      "(sparse vectors come from /embed_sparse)", "model")
         job = EmbedJob(model=model.id, inputs=inputs, options=options)
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, param)
@@ -117,11 +146,13 @@ class Facade:
         check_dimensions(dimensions, model)
         numeric_type(body)  # a contradiction is a 400 before any work
         prompt_name = prompt_for(model, body.input_type, body.prompt_name)
+        output = vector_output(model, body)
         options = Options(dimensions=dimensions, prompt_name=prompt_name, normalize=body.normalize,
-                          truncate=body.truncation)
+                          truncate=body.truncation,
+                          outputs=None if output == "dense" and model.default_outputs == ("dense",) else [output])
         result = await self.embed(model, inputs, options)
-        data = [{"object": "embedding", "index": i, "embedding": row}
-                for i, row in enumerate(openai_rows(result.values, body))]
+        rows = multivector_rows(result, body) if output == "multivector" else openai_rows(result.values, body)
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
         return json_response({"object": "list", "data": data, "model": model.id, "usage": usage(result),
                               **stamp("embd")})
 

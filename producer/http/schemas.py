@@ -48,13 +48,17 @@ class EmbeddingRequest(_Request):
     prompt_name: StrictStr | None = Field(default=None, description="A prompt named in the model's files")
     normalize: StrictBool | None = Field(default=None, description="L2-normalize; default: the model's files")
     truncation: StrictBool = Field(default=True, description="Cut over-long inputs (false: they are errors)")
+    output: Literal["dense", "multivector"] | None = Field(
+        default=None, description="embedfleet: dense vectors, or one vector per token (ColBERT: a list of vectors "
+        "per item, as infinity returns for ColBERT models; base64 of the [n_tokens, d] float32 matrix); default: "
+        "the model's own output")
     user: StrictStr | None = None
 
 
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: Union[list[float], list[list[float]], str]
 
 
 class Usage(BaseModel):
@@ -144,6 +148,8 @@ class ModelCard(BaseModel):
     workers: int
     stats: dict[str, int] = Field(description="Batches, items and tokens the workers ran (infinity's stats)")
     prompts: list[str] = Field(default_factory=list, description="Prompt names the model defines")
+    outputs: list[str] = Field(default_factory=list, description="Embed: the outputs offered (dense, sparse, "
+                               "multivector)")
 
 
 class ModelList(BaseModel):
@@ -173,6 +179,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------- TEI's native routes
 TEIInput = Union[Text, list[Text], TokenIds, list[TokenIds]]
 TruncationDirection = Literal["right", "Right", "left", "Left"]
+
+
+class TEIEmbedSparseRequest(_Request):
+    """TEI's ``/embed_sparse`` body."""
+
+    inputs: TEIInput = Field(description="A text, a list of texts, or token ids (one array, or one per input)")
+    model: ModelName = None
+    truncate: StrictBool | None = Field(default=None, description="default: true (this server auto-truncates)")
+    truncation_direction: TruncationDirection = "right"
+    prompt_name: StrictStr | None = None
+
+
+class SparseValue(BaseModel):
+    """One non-zero weight of a sparse vector (TEI's shape): a token id and its weight."""
+
+    index: int
+    value: float
 
 
 class TEIEmbedRequest(_Request):

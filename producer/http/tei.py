@@ -29,7 +29,9 @@ from producer.http.schemas import (
     Prediction,
     SimpleToken,
     TEIDecodeRequest,
+    SparseValue,
     TEIEmbedRequest,
+    TEIEmbedSparseRequest,
     TEIInfo,
     TEIPredictRequest,
     TEIRerankRequest,
@@ -60,6 +62,25 @@ async def embed(facade: Facade, body: TEIEmbedRequest) -> Response:
                       dimensions=body.dimensions, prompt_name=prompt_for(model, None, body.prompt_name))
     result = await facade.embed(model, inputs, options, "inputs")
     return json_response(encodings.json_rows(result.values))
+
+
+def require_output(model: ServedModel, output: str, route: str) -> None:
+    """A 400 naming the model's outputs when it does not give ``output``."""
+    if output not in model.outputs:
+        raise bad(f"model {model.id!r} does not give {output} embeddings, so {route} cannot serve it (it gives "
+                  f"{', '.join(model.outputs)})", "model")
+
+
+async def embed_sparse(facade: Facade, body: TEIEmbedSparseRequest) -> Response:
+    """TEI's sparse answer: per input, ``[{index, value}]`` for each non-zero weight, by index."""
+    model = facade.directory.resolve(body.model, JobKind.embed, "/embed_sparse")
+    require_output(model, "sparse", "/embed_sparse")
+    inputs = embedding_inputs(body.inputs, model, facade.settings, "inputs")
+    options = Options(truncate=truncation(body.truncate, body.truncation_direction), outputs=["sparse"],
+                      prompt_name=prompt_for(model, None, body.prompt_name))
+    result = await facade.embed(model, inputs, options, "inputs")
+    rows = result.sparse or []
+    return json_response([[{"index": int(i), "value": float(v)} for i, v in zip(*row)] for row in rows])
 
 
 def predict_texts(inputs: Any) -> tuple[list[str], bool]:
@@ -237,6 +258,10 @@ def register(router: APIRouter, facade: Facade) -> None:
     @router.post("/embed", response_model=list[list[float]], summary="Embed (TEI)")
     async def embed_route(body: TEIEmbedRequest) -> Response:
         return await embed(facade, body)
+
+    @router.post("/embed_sparse", response_model=list[list[SparseValue]], summary="Sparse embeddings (TEI)")
+    async def embed_sparse_route(body: TEIEmbedSparseRequest) -> Response:
+        return await embed_sparse(facade, body)
 
     @router.post("/predict", response_model=Union[list[Prediction], list[list[Prediction]]],  # type: ignore[arg-type]
                  summary="Classify (TEI)")

@@ -27,6 +27,8 @@ from .conftest import (
 )
 
 FAST_REDELIVERY = {"EMBEDFLEET_VISIBILITY_TIMEOUT": "4", "EMBEDFLEET_SWEEP_INTERVAL": "3"}
+#: The default visibility timeout (an hour): a dead worker's shards come back through liveness alone.
+FAST_LIVENESS = {"EMBEDFLEET_LIVENESS_TTL": "3"}
 
 
 def read_output(out: Path) -> tuple[list[str], np.ndarray]:
@@ -54,7 +56,7 @@ def assert_exactly_once(out: Path, corpus: Path, model: Path) -> float:
 def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_broker: PersistentRedis,
                                                          workers: list[WorkerProcess], tiny_embed_model: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus.parquet", 4000)
-    env = {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "10"}
+    env = {**FAST_LIVENESS, "EMBEDFLEET_MAX_DELIVERIES": "10"}
     for name in ("a", "b"):
         workers.append(WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / f"worker-{name}.log", env).start())
     for worker in workers:
@@ -70,7 +72,7 @@ def test_sigkill_workers_mid_job_every_row_exactly_once(tmp_path: Path, redis_br
         victim.kill(signal.SIGKILL)  # no cleanup at all, like a machine that dies
         kills += 1
         victim.start()
-    manifest = handle.wait(timeout=180)
+    manifest = handle.wait(timeout=60)  # an hour with the visibility timeout alone
     assert kills == 3
     assert manifest.status == "complete" and manifest.rows_written == 4000
     assert (out / "_SUCCESS").exists()

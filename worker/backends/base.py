@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from producer.errors import BadInput, Unavailable
+from producer.outputs import DENSE_ONLY
 from producer.settings import omp_threads
 
 
@@ -107,6 +108,32 @@ class Batch:
         return cls(stacked, np.ones_like(stacked), np.stack(types), np.full(n, seq_len, dtype=np.int32))
 
 
+@dataclass
+class BatchOutputs:
+    """What a batch gives when more than dense vectors are asked for (``Backend.launch_outputs``):
+    per output, one entry per input of the batch, in its order; ``None`` for outputs not asked for.
+
+    ``dense``: pooled vectors ``[n, hidden]`` as ``forward`` gives them (normalization and
+    Matryoshka follow in the engine); ``sparse``: per input an ``(indices int32 ascending, values
+    float32)`` pair, zeros dropped; ``multivector``: per input ``[n_vectors, d]`` float32.
+    """
+
+    dense: np.ndarray | None = None
+    sparse: list[tuple[np.ndarray, np.ndarray]] | None = None
+    multivector: list[np.ndarray] | None = None
+
+    def finite_rows(self) -> np.ndarray:
+        """Per input, whether every value it got is finite (a NaN never leaves the worker)."""
+        n = len(self.dense) if self.dense is not None else len(self.sparse or self.multivector or [])
+        ok = np.ones(n, dtype=bool)
+        if self.dense is not None:
+            ok &= np.isfinite(self.dense).all(axis=1)
+        for rows in (self.multivector, [values for _, values in self.sparse] if self.sparse is not None else None):
+            if rows is not None:
+                ok &= np.array([bool(np.isfinite(r).all()) for r in rows], dtype=bool)
+        return ok
+
+
 class MemoryDevice(Protocol):
     """A device whose memory a batch budget is sized to (``worker.engine.memory`` drives it)."""
 
@@ -173,6 +200,21 @@ class Backend:
         """Queue the batch and return a function that waits for its outputs (default: run now)."""
         output = self.forward(batch, precise)
         return lambda: output
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this backend computes for its model (``producer.outputs``). Default: dense."""
+        return DENSE_ONLY
+
+    def launch_outputs(self, batch: Batch, outputs: tuple[str, ...],
+                       precise: bool = False) -> Callable[[], BatchOutputs]:
+        """Like ``launch``, for the ``outputs`` asked (a subset of ``self.outputs``), all from one
+        forward pass. Default: dense only, through ``launch``."""
+        if tuple(outputs) != DENSE_ONLY:
+            raise BadInput(f"the {self.name} backend computes dense vectors only, not {', '.join(outputs)}; "
+                           "serve the model with --backend torch", param="outputs")
+        wait = self.launch(batch, precise)
+        return lambda: BatchOutputs(dense=wait())
 
     def token_states(self, batch: Batch) -> list[np.ndarray]:
         """Every token's final hidden state, ``[length, hidden]`` float32 per input of a padded

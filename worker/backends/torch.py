@@ -22,8 +22,10 @@ import torch
 from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import settings
-from worker.backends.base import Backend, Batch, MemoryDevice, canonical_dtype
+from producer.outputs import DENSE_ONLY
+from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.varlen import equal_length_groups
+from worker.models import bge_m3
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
 from worker.models.resolve import ModelInfo
@@ -156,6 +158,9 @@ class TorchBackend(Backend):
         if self.encoder is not None:
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
             self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
+        # bge-m3's sparse and ColBERT heads (tiny: loaded on the device beside the encoder)
+        heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
+        self.heads = heads.to(self.device) if heads is not None else None
         self.asynchronous = self.cuda
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)
@@ -288,6 +293,66 @@ class TorchBackend(Backend):
             hidden = self.encoder(ids, types, positions, cu, max_len, groups)
             result = pool_varlen(hidden, cu, self.info.pooling)
         return self._fetch(result)
+
+    # ------------------------------------------------------------------ sparse and multi-vector outputs
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return DENSE_ONLY + (self.heads.outputs if self.heads is not None else ())
+
+    @torch.inference_mode()
+    def launch_outputs(self, batch: Batch, outputs: tuple[str, ...],
+                       precise: bool = False) -> Callable[[], BatchOutputs]:
+        """Dense, sparse and multi-vector outputs of one forward pass; each head runs only if asked.
+
+        Token states are taken in the packed layout (``[total, hidden]``, input after input) on
+        both paths, so the heads see only real tokens; the host finishes each input's rows
+        (``bge_m3.M3Heads.lexical_weights``) in the returned function, off the device thread.
+        """
+        missing = [name for name in outputs if name not in self.outputs]
+        if missing:
+            raise BadInput(f"{self.info.name} does not give {', '.join(missing)} outputs (it gives "
+                           f"{', '.join(self.outputs)})", param="outputs")
+        with self._widen(precise):
+            tokens, dense = self._token_rows(batch)
+            cu = batch.cu_seqlens
+            fetched: dict[str, torch.Tensor] = {}
+            if "dense" in outputs:
+                fetched["dense"] = dense
+            if "sparse" in outputs and self.heads is not None:
+                fetched["sparse"] = self.heads.token_weights(tokens)
+            if "multivector" in outputs and self.heads is not None:
+                rest = np.ones(int(cu[-1]), dtype=bool)
+                rest[cu[:-1]] = False  # every token but each input's first
+                fetched["multivector"] = self.heads.colbert_vectors(tokens[torch.from_numpy(rest).to(tokens.device)])
+            waits = {name: self._fetch(tensor) for name, tensor in fetched.items()}
+        ids = batch.input_ids if batch.packed else batch.input_ids[batch.attention_mask.astype(bool)]
+        return lambda: self._finish_outputs({name: wait() for name, wait in waits.items()}, ids, cu)
+
+    def _token_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every real token's last hidden state ``[total, hidden]`` (input after input), and the pooled vectors."""
+        if batch.packed:
+            if self.encoder is None:
+                raise TypeError("this backend runs padded: give it padded batches")
+            ids, types, positions, cu = self._packed_inputs(batch)
+            groups = equal_length_groups(batch.lengths) if self.encoder.dense_groups else None  # type: ignore[union-attr]
+            hidden = self.encoder(ids, types, positions, cu, int(batch.lengths.max()), groups)
+            return hidden, pool_varlen(hidden, cu, self.info.pooling)
+        if self.model is None:
+            raise TypeError("this backend runs unpadded: give it packed batches (Batch.pack)")
+        inputs = self._padded_inputs(batch)
+        hidden = self.model(**inputs).last_hidden_state
+        return hidden[inputs["attention_mask"].bool()], pool(hidden, inputs["attention_mask"], self.info.pooling)
+
+    def _finish_outputs(self, host: dict[str, np.ndarray], ids: np.ndarray, cu: np.ndarray) -> BatchOutputs:
+        out = BatchOutputs(dense=host.get("dense"))
+        n = len(cu) - 1
+        if "sparse" in host and self.heads is not None:
+            weights = host["sparse"]
+            out.sparse = [self.heads.lexical_weights(ids[cu[i]:cu[i + 1]], weights[cu[i]:cu[i + 1]]) for i in range(n)]
+        if "multivector" in host:
+            vectors = host["multivector"]
+            out.multivector = [vectors[cu[i] - i:cu[i + 1] - i - 1] for i in range(n)]
+        return out
 
     @torch.inference_mode()
     def token_states(self, batch: Batch) -> list[np.ndarray]:

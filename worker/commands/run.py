@@ -25,6 +25,7 @@ from producer.options import (
     Model,
     Normalize,
     OutputDtype,
+    Outputs,
     Prompt,
     PromptName,
     QueryColumn,
@@ -72,12 +73,13 @@ def run(
     prompt_name: PromptName = None,
     prompt: Prompt = None,
     output_dtype: OutputDtype = "float32",
+    outputs: Outputs = None,
     verbose: Verbose = False,
 ) -> None:
     """Embed (or rerank, classify) a corpus into Parquet on this machine, with no broker."""
     setup_logging(verbose)
     try:
-        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype)
+        options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         fmt = detect_format(input)
         spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                           max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,

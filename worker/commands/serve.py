@@ -19,6 +19,7 @@ from producer.client import Client
 from producer.errors import BadInput, EmbedfleetError, Unavailable
 from producer.http.app import create_app
 from producer.http.directory import parse_wanted
+from producer.http.processes import serve_processes
 from producer.http.settings import FacadeSettings
 from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
@@ -103,6 +104,9 @@ def serve(
     device: Device = "auto",
     backend: Backend = DEFAULT_BACKEND,
     dtype: Dtype = DEFAULT_DTYPE,
+    processes: Annotated[int, typer.Option(
+        "--processes", min=1, max=256, help="Thin mode: facade processes on the one port (SO_REUSEPORT), "
+        "each with its own event loop and reply subscription")] = 1,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1,
                                              help="Embedded mode: jobs in flight per worker")] = 64,
     max_batch_tokens: MaxBatchTokens = None,
@@ -117,6 +121,10 @@ def serve(
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
                               max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker)
+    if processes > 1 and not broker:
+        raise fail(BadInput("--processes above 1 needs --broker: every process would host its own copy of the "
+                            "models; run one embedded server, or a thin facade in front of `embedfleet worker`",
+                            param="processes"))
     if broker and broker.startswith("sqs://") and not model:
         # SQS has no broadcast: the facade asks each named model's queue what serves it
         raise fail(BadInput("with an sqs:// broker, name the models to serve: --model REF (or --model rerank:REF)"))
@@ -128,6 +136,15 @@ def serve(
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
                       trust_remote_code=trust_remote_code)
+    # keep-alive longer than load balancers' idle timeouts (60 s on AWS), so a pooled
+    # connection is never closed by us just as a client reuses it
+    config = {"host": host, "port": port, "log_level": "info" if verbose else "warning", "access_log": verbose,
+              "timeout_keep_alive": KEEP_ALIVE_S}
+    if processes > 1:
+        console.print(f"embedfleet serve on http://{host}:{port} (thin, jobs to {broker.split('@')[-1]}, "  # type: ignore[union-attr]
+                      f"{processes} processes)")
+        status = serve_processes(lambda: build(broker, result_backend, hosted, settings, spec)[0], config, processes)
+        raise typer.Exit(status)
     try:
         asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:
@@ -137,10 +154,7 @@ def serve(
     mode = f"thin, jobs to {broker.split('@')[-1]}" if broker else f"embedded, hosting {', '.join(hosted)}"
     console.print(f"embedfleet serve on http://{host}:{port} ({mode})")
     try:
-        # keep-alive longer than load balancers' idle timeouts (60 s on AWS), so a pooled
-        # connection is never closed by us just as a client reuses it
-        uvicorn.run(asgi, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose,
-                    timeout_keep_alive=KEEP_ALIVE_S)
+        uvicorn.run(asgi, **config)
     finally:
         if worker is not None and worker.alive():
             worker.stop()

@@ -29,10 +29,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from producer.errors import BadInput, EngineStopped
+from producer.errors import BadInput, EngineStopped, UnsupportedModel
 from producer.jobs import JobKind, Options
+from producer.outputs import DENSE_ONLY, MultiVectors, SparseRows
 from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
-from worker.backends.base import Backend, Batch
+from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
 from worker.engine import packing
 from worker.engine.scheduler import Picked, Scheduler
@@ -60,6 +61,10 @@ class EngineResult:
     truncated: list[bool]
     errors: dict[int, str]
     labels: tuple[str, ...] = ()
+    #: embed: the outputs computed; ``values`` is ``[n, 0]`` when dense was not asked for
+    outputs: tuple[str, ...] = DENSE_ONLY
+    sparse: SparseRows | None = None
+    multivector: MultiVectors | None = None
 
     @property
     def ok(self) -> list[bool]:
@@ -72,7 +77,10 @@ class _Request:
     options: Options
     future: Future
     urgent: bool = False
+    outputs: tuple[str, ...] = DENSE_ONLY
     raw: np.ndarray | None = None
+    sparse: list[tuple[np.ndarray, np.ndarray] | None] | None = None
+    multivector: list[np.ndarray | None] | None = None
     n_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     errors: dict[int, str] = field(default_factory=dict)
@@ -114,6 +122,12 @@ class Engine:
                                         frame=(template.head, template.tail) if template else ("", ""))
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
+        #: The outputs this engine computes (``producer.outputs``): what the model and backend both offer.
+        self.outputs = tuple(o for o in info.outputs if o in backend.outputs) if info.kind == JobKind.embed \
+            else DENSE_ONLY
+        if info.kind == JobKind.embed and not set(info.default_outputs) <= set(self.outputs):
+            raise UnsupportedModel(f"{info.name} gives {', '.join(info.default_outputs)} outputs, which the "
+                                   f"{backend.name} backend does not compute; serve it with --backend torch")
         sized = memory.batch_budget(backend, info.revision or info.name, info.max_length, memory_fraction,
                                     cap=max_batch_tokens)
         #: How the batch budget was chosen (printed at start).
@@ -182,10 +196,11 @@ class Engine:
         ``urgent`` marks a call someone is waiting on (an HTTP request): its items go into the
         next batch ahead of pending bulk work (see ``Scheduler``)."""
         options = options or Options()
-        request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent)
+        self.check_options(options)
+        request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
+                           outputs=self.outputs_for(options))
         request.n_tokens = np.zeros(len(inputs), dtype=np.int64)
         request.truncated = np.zeros(len(inputs), dtype=bool)
-        self.check_options(options)
         texts, given = self._validate(inputs, options, request)
         request.remaining = len(texts) + len(given)
         with self._open_lock:
@@ -213,7 +228,23 @@ class Engine:
         if options.raw_scores and self.info.kind == JobKind.embed:
             raise BadInput("raw_scores applies to rerank and classify models, not to an embedding model",
                            param="raw_scores")
+        self.outputs_for(options)
         self._prefix(options)
+
+    def outputs_for(self, options: Options) -> tuple[str, ...]:
+        """The outputs a request gets: those it names, else the model's default; ``BadInput`` for
+        one this model (on this backend) does not give."""
+        if options.outputs is None:
+            return self.info.default_outputs if self.info.kind == JobKind.embed else DENSE_ONLY
+        asked = tuple(options.outputs)
+        if self.info.kind != JobKind.embed and asked != DENSE_ONLY:
+            raise BadInput(f"outputs apply to embedding models; {self.info.name} is {self.info.kind.a_model}",
+                           param="outputs")
+        missing = [name for name in asked if name not in self.outputs]
+        if missing:
+            raise BadInput(f"outputs: {self.info.name} does not give {', '.join(missing)} (it gives "
+                           f"{', '.join(self.outputs)})", param="outputs")
+        return asked
 
     def _prompt(self, options: Options) -> str | None:
         """The prompt that applies: the literal one, the named one, else the model's default (or none)."""
@@ -371,8 +402,11 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
+        requests = {block.request for block in slots.owners}
+        wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
-            wait = self.backend.launch(batch)
+            wait: Callable[[], Any] = self.backend.launch(batch) if wanted == DENSE_ONLY \
+                else self.backend.launch_outputs(batch, wanted)
         except Exception as exc:
             self._in_flight.release()
             if self.backend.is_out_of_memory(exc):
@@ -387,7 +421,7 @@ class Engine:
         self.stats["padded_tokens"] += int(batch.input_ids.size)
         self._post_pool.submit(self._complete_batch, slots, batch, wait)
 
-    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], np.ndarray]) -> None:
+    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any]) -> None:
         try:
             output = wait()
         except Exception as exc:  # a device error surfacing at the copy back
@@ -396,6 +430,9 @@ class Engine:
             return
         finally:
             self._in_flight.release()
+        if isinstance(output, BatchOutputs):
+            self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
+            return
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
 
@@ -426,7 +463,54 @@ class Engine:
         output[bad_rows] = redo
         return output
 
+    def _fix_non_finite_outputs(self, slots: Picked, output: BatchOutputs) -> BatchOutputs:
+        """``_fix_non_finite`` for several outputs: bad inputs are recomputed in a wider type, each
+        output of theirs replaced; still bad ones are left for ``_deliver_outputs`` to fail."""
+        bad_rows = np.flatnonzero(~output.finite_rows())
+        if bad_rows.size == 0:
+            return output
+        self.stats["recomputed"] += int(bad_rows.size)
+        subset = slots.take(bad_rows)
+        wanted = tuple(name for name in self.outputs if getattr(output, name) is not None)
+        try:
+            redo = self.backend.launch_outputs(self._collate(subset), wanted, precise=True)()
+        except Exception as exc:  # the recompute itself failed: those items fail, nothing else
+            log.warning("recompute failed: %s", exc)
+            return output
+        for name in wanted:
+            rows, fixed = getattr(output, name), getattr(redo, name)
+            if isinstance(rows, np.ndarray):
+                rows = rows.copy()
+            for position, row in enumerate(bad_rows):
+                rows[row] = fixed[position]
+            setattr(output, name, rows)
+        return output
+
     # ------------------------------------------------------------------ results
+    def _deliver_outputs(self, slots: Picked, output: BatchOutputs) -> None:
+        """Several outputs per input (sparse rows, multi-vectors are lists: one entry each)."""
+        finite = output.finite_rows()
+        for block, part, rows in slots.groups():
+            request: _Request = block.request
+            with request.lock:
+                if output.dense is not None and "dense" in request.outputs and request.raw is None:
+                    request.raw = np.zeros((request.size, output.dense.shape[1]), dtype=np.float32)
+                if "sparse" in request.outputs and request.sparse is None:
+                    request.sparse = [None] * request.size
+                if "multivector" in request.outputs and request.multivector is None:
+                    request.multivector = [None] * request.size
+                for position, index in zip(range(part.start, part.stop), block.index[rows].tolist()):
+                    if not finite[position]:
+                        request.errors[index] = "gave non-finite outputs even in a wider type"
+                        continue
+                    if request.raw is not None and output.dense is not None:
+                        request.raw[index] = output.dense[position]
+                    if request.sparse is not None and output.sparse is not None:
+                        request.sparse[index] = output.sparse[position]
+                    if request.multivector is not None and output.multivector is not None:
+                        request.multivector[index] = output.multivector[position]
+            self._complete(request, len(rows))
+
     def _deliver(self, slots: Picked, output: np.ndarray) -> None:
         """Each block's slice of the output into its request's array, by index (no loop per row)."""
         finite = np.isfinite(output).all(axis=1)
@@ -474,14 +558,35 @@ class Engine:
             values = class_probabilities(raw, self.info.multi_label)
         for index in request.errors:
             values[index] = 0
-        return EngineResult(
+        result = EngineResult(
             kind=self.info.kind,
             values=values,
             n_tokens=request.n_tokens.tolist(),
             truncated=request.truncated.tolist(),
             errors=dict(sorted(request.errors.items())),
             labels=self.info.labels,
+            outputs=request.outputs,
         )
+        return self._other_outputs(request, result) if request.outputs != DENSE_ONLY else result
+
+    def _other_outputs(self, request: _Request, result: EngineResult) -> EngineResult:
+        """Sparse rows and multi-vectors in input order (a failed input gets an empty row); dense
+        values only when asked for (``[n, 0]`` otherwise)."""
+        if "dense" not in request.outputs:
+            result.values = np.zeros((request.size, 0), dtype=np.float32)
+        failed = request.errors
+        if "sparse" in request.outputs:
+            empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+            rows = request.sparse or [None] * request.size
+            result.sparse = SparseRows.from_pairs(
+                [empty if i in failed or row is None else row for i, row in enumerate(rows)], self.info.vocab_size)
+        if "multivector" in request.outputs:
+            dims = self.info.multivector_dims
+            rows_mv = request.multivector or [None] * request.size
+            result.multivector = MultiVectors.from_arrays(
+                [np.zeros((0, dims), np.float32) if i in failed or row is None else row
+                 for i, row in enumerate(rows_mv)], dims)
+        return result
 
     def normalizes(self, options: Options) -> bool:
         """Whether vectors leave L2-normalized: as asked, else the model's files say; and always

@@ -120,6 +120,7 @@ class InProcessWorker:
         self._handle_signals = (not broker.startswith("memory://")) if handle_signals is None else handle_signals
         self._signalled = threading.Event()
         self._sweeper: Any = None
+        self._heartbeat: Any = None
         self.hostname = f"embedfleet-{os.getpid()}@{socket.gethostname()}"
 
     def start(self) -> "InProcessWorker":
@@ -152,8 +153,11 @@ class InProcessWorker:
         # a millisecond instead of ~200 ms, a pause that would otherwise land on some request.
         gc.collect()
         gc.freeze()
+        on_redis = self.broker.startswith(("redis://", "rediss://"))
+        if on_redis:  # alive (and claiming what it holds) before the first message arrives
+            self._heartbeat = _heartbeat(self.broker, self.hostname)
         self._start_consumer()
-        if self.broker.startswith(("redis://", "rediss://")):
+        if on_redis:
             from worker.hosting.sweeper import Sweeper
 
             self._sweeper = Sweeper(self.app, self.broker, self.queues).start()
@@ -256,6 +260,9 @@ class InProcessWorker:
                 self._controller.stop(in_sighandler=False, exitcode=0)
             if self._thread is not None:
                 self._thread.join(10)
+            if self._heartbeat is not None:  # last: what it held was given back by now
+                self._heartbeat.stop()
+                self._heartbeat = None
         finally:
             reset_stop()
 
@@ -277,6 +284,16 @@ class InProcessWorker:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _heartbeat(broker: str, hostname: str) -> Any:
+    """This worker's liveness key on the broker's Redis (``worker.hosting.liveness``)."""
+    import redis
+
+    from worker.hosting.liveness import Heartbeat
+
+    client = redis.Redis.from_url(broker, socket_connect_timeout=5, socket_timeout=10)
+    return Heartbeat(client, hostname, settings().liveness_ttl).start()
 
 
 def _arm_watchdog(seconds: int) -> None:

@@ -18,7 +18,7 @@ from celery.worker.control import inspect_command
 
 from producer.broker import INFO_TASK, MODELS_COMMAND
 from producer.errors import UnsupportedModel
-from producer.jobs import inline_queue_name, queue_name
+from producer.jobs import Options, inline_queue_name, queue_name
 from worker.engine.pipeline import Engine
 from worker.hosting import registry as runtime
 from worker.models.resolve import ModelInfo
@@ -45,6 +45,9 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,
         "token_ids": engine.accepts_token_ids,
+        "outputs": list(engine.outputs),
+        "default_outputs": list(engine.outputs_for(Options())),
+        "multivector_dims": info.multivector_dims,
         "stats": {key: int(value) for key, value in dict(engine.stats).items()},
         **{key: facts[key] for key in _FACTS},
         "faithful": True,

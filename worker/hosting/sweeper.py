@@ -1,4 +1,11 @@
-"""Re-send shard messages that Redis lost, so a SIGKILL can never lose a shard.
+"""Give back the messages of dead workers, and re-send shard messages that Redis lost.
+
+Dead workers first: a message a worker held when it died stays in kombu's ``unacked`` hash
+until the visibility timeout (an hour). Every ``EMBEDFLEET_LIVENESS_TTL`` / 3 seconds the sweeper
+asks ``worker.hosting.liveness`` which unacknowledged messages no live worker claims, and gives
+them back to their queue with kombu's own restore (a transaction on the hash, so an ack racing
+it, or another worker's sweeper, wins cleanly). A long shard on a live worker is claimed by its
+heartbeat and never given back.
 
 kombu's Redis transport pops a message with BRPOP and only then records it in its ``unacked``
 hash; a worker killed between the two loses that message (no visibility timeout can bring it
@@ -14,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from typing import Any
 
 from celery import Celery
 
@@ -21,10 +30,9 @@ from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK
 from producer.settings import settings
 from producer.jobs import MANIFEST, PARTS_DIR, marker_name
 from producer.storage import exists, list_names, locate
+from worker.hosting.liveness import CLAIM_MARGIN_S, UNACKED_KEY, orphans
 
 log = logging.getLogger(__name__)
-
-UNACKED_KEY = "unacked"
 
 
 class Sweeper:
@@ -37,6 +45,9 @@ class Sweeper:
         self.queues = set(queues)
         self.redis = redis.Redis.from_url(broker, socket_connect_timeout=5, socket_timeout=10)
         self.interval = settings().sweep_interval
+        self.restore_interval = max(1.0, settings().liveness_ttl / 3)
+        self.claim_margin = CLAIM_MARGIN_S
+        self._connection: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ef-sweeper", daemon=True)
 
@@ -46,13 +57,38 @@ class Sweeper:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(5)
+        if self._connection is not None:
+            self._connection.release()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        next_sweep = time.monotonic() + self.interval
+        while not self._stop.wait(self.restore_interval):
             try:
-                self.sweep()
+                self.restore_dead()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.interval
+                    self.sweep()
             except Exception as exc:  # a sweep is best effort; the next one tries again
                 log.warning("sweep failed: %s", exc)
+
+    def restore_dead(self) -> int:
+        """Give the messages no live worker holds back to their queues; returns how many."""
+        tags = orphans(self.redis, margin=self.claim_margin)
+        if not tags:
+            return 0
+        if self._connection is None:
+            self._connection = self.app.connection_for_write()
+        qos = self._connection.default_channel.qos
+        restored = 0
+        for tag in tags:
+            raw = self.redis.hget(UNACKED_KEY, tag)
+            if raw is None:
+                continue  # acknowledged meanwhile
+            qos.restore_by_tag(tag)
+            restored += 1
+            log.warning("the worker holding %s is gone: delivering it again", _describe(raw))
+        return restored
 
     def sweep(self) -> int:
         """One pass over the recorded jobs; returns how many messages were sent again."""
@@ -91,6 +127,7 @@ class Sweeper:
         return resent
 
     def _unacked_task_ids(self) -> set[str]:
+        """Task ids of the messages in kombu's unacked hash."""
         ids = set()
         for raw in self.redis.hvals(UNACKED_KEY):
             try:
@@ -99,3 +136,12 @@ class Sweeper:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
         return ids
+
+
+def _describe(raw: bytes) -> str:
+    """A restored message in a log line: its task name and id."""
+    try:
+        headers = json.loads(raw)[0]["headers"]
+        return f"{headers.get('task')} {headers.get('id')}"
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "an unreadable message"

@@ -31,6 +31,7 @@ from producer.jobs import (
     TokensJob,
     part_name,
 )
+from producer.outputs import DENSE_ONLY
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -75,7 +76,19 @@ def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
         truncated=result.truncated,
         labels=list(result.labels),
         errors=result.errors,
+        **_other_outputs(result),
     ).model_dump(mode="json")
+
+
+def _other_outputs(result: Any) -> dict[str, Any]:
+    """The wire fields of sparse rows and multi-vectors (``producer.outputs``), when computed."""
+    if tuple(result.outputs) == DENSE_ONLY:
+        return {}
+    fields: dict[str, Any] = {"outputs": list(result.outputs)}
+    for rows in (result.sparse, result.multivector):
+        if rows is not None:
+            fields.update(rows.to_wire())
+    return fields
 
 
 def refused(payload: dict[str, Any], error: EmbedfleetError) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Any
 
 from producer.errors import ModelNotFound
 from producer.jobs import DEFAULT_MODEL, JobKind, model_slug
+from producer.outputs import DENSE_ONLY
 from producer.settings import hf_offline
-from worker.models import jina_bert, qwen3_reranker
+from worker.models import bge_m3, jina_bert, qwen3_reranker
 from worker.models.qwen3_reranker import PairTemplate
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ class ModelInfo:
     trust_remote_code: bool = False
     #: the classes the config's auto_map names (code outside transformers), if any
     remote_code: tuple[str, ...] = ()
+    #: embed models: the outputs it offers (``producer.outputs``), and those a job naming none gets
+    outputs: tuple[str, ...] = DENSE_ONLY
+    default_outputs: tuple[str, ...] = DENSE_ONLY
+    #: the vocabulary sparse vectors index into, and the width of multi-vectors (0: none)
+    vocab_size: int = 0
+    multivector_dims: int = 0
 
     @property
     def dims(self) -> int:
@@ -84,6 +91,7 @@ class ModelInfo:
             "default_prompt_name": self.default_prompt_name, "dimensions": self.dims, "max_length": self.max_length,
             "labels": list(self.labels), "remote_code": list(self.remote_code),
             "prompt_template": self.pair_template.describe() if self.pair_template else None,
+            "outputs": list(self.outputs) if embed else [], "default_outputs": list(self.default_outputs) if embed else [],
         }
 
 
@@ -225,6 +233,7 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
     if decoder_reranker:
         kind = JobKind.rerank
         labels = (template.true_token if template else "yes",)
+    heads = bge_m3.head_outputs(path) if kind == JobKind.embed else ()
     return ModelInfo(
         ref=ref or DEFAULT_MODEL,
         name=name,
@@ -247,4 +256,7 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         pair_template=template,
         trust_remote_code=trust_remote_code,
         remote_code=_remote_code(config),
+        outputs=DENSE_ONLY + heads,
+        vocab_size=int(config.get("vocab_size") or 0),
+        multivector_dims=bge_m3.multivector_dims(path) if "multivector" in heads else 0,
     )

@@ -1,0 +1,398 @@
+"""The facade under load: requests/s, p50/p99 and the servers' CPU time per request, beside the engine's.
+
+A load generator in its own process (an asyncio client on raw keep-alive sockets, ~30 us of CPU
+per request; ``--gen-cpus`` pins it with taskset) drives each path with ``--clients`` closed-loop
+clients for ``--seconds``; the servers' CPU time comes from /proc (utime + stime of each server
+process and its children, before and after), which is stable on a shared machine where
+wall-clock rates are not. Paths, each with the same backend and dtype:
+
+* engine: ``Engine.submit`` in a process of its own, ``--clients`` requests kept in flight (no
+  queue, no HTTP): what the model can answer;
+* thin: ``embedfleet serve --broker redis://...`` (``--facade-workers`` processes on one port)
+  in front of one ``embedfleet worker``;
+* embedded: ``embedfleet serve`` (worker in the facade's process, memory transport).
+
+Shapes: one text per request (JSON floats), and ``--batch`` texts per request (base64, as
+OpenAI's SDK asks), for which tokens/s is reported. Passes alternate the paths, so a load swing
+hits all alike; the table gives the best pass and the spread.
+
+    python -m bench.facade_load --seconds 8 --passes 2 --out bench/RESULTS.md
+    python -m bench.facade_load --contender /tmp/prev    # the thin path of an older checkout beside
+
+On the H200 (``--device cuda --dtype bfloat16 --paths engine,thin --gen-cpus 12-15``) the same
+file measures the GPU worker behind the thin facade.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, stop
+
+MODEL = "all-MiniLM-L6-v2"
+WORDS = ("embedding server queue worker batch token vector model query passage answer fast latency "
+         "throughput request client facade redis engine").split()
+
+
+def texts_for(index: int, count: int) -> list[str]:
+    """``count`` distinct texts of ~12 words for request number ``index``."""
+    return [f"{TEXT} {WORDS[(index + i) % len(WORDS)]} {index} {i}" for i in range(count)]
+
+
+def body_for(index: int, count: int) -> bytes:
+    if count == 1:
+        return json.dumps({"input": texts_for(index, 1)[0], "model": MODEL}).encode()
+    return json.dumps({"input": texts_for(index, count), "model": MODEL, "encoding_format": "base64"}).encode()
+
+
+# ------------------------------------------------------------------------------ the load generator
+_TOKENS = re.compile(rb'"total_tokens":\s*(\d+)')
+
+
+async def _client(host: str, port: int, path: str, bodies: list[bytes], stop_at: float, begin: float,
+                  out: dict[str, Any]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    heads = [f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+    i = 0
+    try:
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at:
+                return
+            writer.write(heads[i % len(heads)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+            data = await reader.readexactly(length)
+            done = time.perf_counter()
+            if status != 200:
+                out["errors"][status] = out["errors"].get(status, 0) + 1
+                if len(out["samples"]) < 3:
+                    out["samples"].append(data[:300].decode(errors="replace"))
+                continue
+            if begin <= done <= stop_at:  # answers of the timed window only
+                out["latencies"].append(done - now)
+                match = _TOKENS.search(data)
+                out["tokens"] += int(match.group(1)) if match else 0
+    finally:
+        writer.close()
+
+
+async def _generate(url: str, path: str, clients: int, seconds: float, warmup: float, batch: int) -> dict[str, Any]:
+    host, port = url.split("//")[1].split(":")
+    out: dict[str, Any] = {"latencies": [], "tokens": 0, "errors": {}, "samples": []}
+    begin = time.perf_counter() + warmup
+    stop_at = begin + seconds
+    await asyncio.gather(*(_client(host, int(port), path, [body_for(k * 7919 + j, batch) for j in range(16)],
+                                   stop_at, begin, out) for k in range(clients)))
+    return out
+
+
+def generate(args: argparse.Namespace) -> None:
+    """The generator process: print one JSON line (requests, tokens, latencies' percentiles)."""
+    out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch))
+    ms = np.array(out["latencies"]) * 1000
+    print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": out["tokens"],
+                      "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+                      "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+                      "errors": out["errors"], "samples": out["samples"]}))
+
+
+# ------------------------------------------------------------------------------ the engine alone
+def engine_alone(args: argparse.Namespace) -> None:
+    """Serve nothing: keep ``clients`` requests in flight on a bare engine; its CPU time too."""
+    import threading
+
+    from worker.backends.select import load_backend
+    from worker.engine.pipeline import Engine
+    from worker.models.resolve import describe
+
+    info = describe(None)
+    engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
+    lock = threading.Lock()
+    stats: dict[str, Any] = {"latencies": [], "tokens": 0}
+    counter = [0]
+    begin = time.perf_counter() + args.warmup
+    stop_at = begin + args.seconds
+    finished = threading.Event()
+    live = [args.clients]
+
+    def launch(k: int) -> None:
+        with lock:
+            counter[0] += 1
+            index = counter[0]
+        started = time.perf_counter()
+        future = engine.submit(texts_for(index, args.batch), urgent=True)
+        future.add_done_callback(lambda f: landed(k, started, f))
+
+    def landed(k: int, started: float, future: Any) -> None:
+        done = time.perf_counter()
+        result = future.result()
+        with lock:
+            if begin <= done <= stop_at:
+                stats["latencies"].append(done - started)
+                stats["tokens"] += int(sum(result.n_tokens))
+        if done < stop_at:
+            launch(k)
+            return
+        with lock:
+            live[0] -= 1
+            if live[0] == 0:
+                finished.set()
+
+    for k in range(args.clients):
+        launch(k)
+    time.sleep(max(0.0, begin - time.perf_counter()))
+    cpu0 = time.process_time()
+    finished.wait(args.seconds + args.warmup + 120)
+    cpu = time.process_time() - cpu0
+    engine.stop()
+    ms = np.array(stats["latencies"]) * 1000
+    print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": stats["tokens"], "cpu_s": cpu,
+                      "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "errors": {}}))
+
+
+# ------------------------------------------------------------------------------ processes, CPU time
+def tree_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` and every descendant (uvicorn's worker processes), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(log.read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not ready: {log.read_text()[-3000:]}")
+
+
+def _pinned(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+def clients_for(args: argparse.Namespace, batch: int) -> int:
+    return args.clients if batch == 1 else args.batch_clients
+
+
+def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, Any]:
+    command = [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
+               "--clients", str(clients_for(args, batch)), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+               "--batch", str(batch)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_engine(args: argparse.Namespace, batch: int) -> dict[str, Any]:
+    command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--clients",
+               str(clients_for(args, batch)), "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--batch", str(batch),
+               "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Path_:
+    """One HTTP path under test: its URL and the server processes whose CPU time it costs."""
+
+    def __init__(self, name: str, url: str, procs: list[subprocess.Popen]) -> None:
+        self.name, self.url, self.procs = name, url, procs
+
+    def measure(self, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+        """One generator run; CPU seconds per server process (facade first), warm-up's share taken out."""
+        before = [tree_cpu_s(p.pid) for p in self.procs]
+        out = run_generator(args, self.url, batch)
+        share = args.seconds / (args.seconds + args.warmup)
+        out["cpu_each"] = [(tree_cpu_s(p.pid) - b) * share for p, b in zip(self.procs, before)]
+        out["cpu_s"] = sum(out["cpu_each"])
+        return out
+
+
+def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tuple[list[Path_], list[subprocess.Popen]]:
+    same = ["--device", args.device, "--backend", args.backend, "--dtype", args.dtype]
+    pinned = _pinned(args.server_cpus)
+    paths: list[Path_] = []
+    everything: list[subprocess.Popen] = []
+    checkouts = [("thin", REPO)] + ([("thin@contender", Path(args.contender))] if args.contender else [])
+    wanted = args.paths.split(",")
+    for name, cwd in checkouts:
+        if "thin" not in wanted:
+            continue
+        db = len(paths) + 1  # each checkout's fleet on its own Redis database: queues apart
+        broker = f"{redis.url[:-2]}/{db}"
+        port = free_port()
+        workers = ["--workers", str(args.facade_workers)] if args.facade_workers > 1 and cwd == REPO else []
+        worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
+                       work / f"{name}-worker.log", cwd)
+        facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers], work / f"{name}.log", cwd)
+        if pinned:
+            for proc in (worker, facade):
+                subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
+                               capture_output=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, [worker, facade], work / f"{name}.log")
+        paths.append(Path_(name, url, [facade, worker]))
+        everything += [worker, facade]
+    if "embedded" in wanted:
+        port = free_port()
+        embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
+                         work / "embedded.log")
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, [embedded], work / "embedded.log")
+        paths.append(Path_("embedded", url, [embedded]))
+        everything.append(embedded)
+    return paths, everything
+
+
+def spread(values: list[float]) -> str:
+    return f"{max(values):,.0f} ({max(values) - min(values):,.0f})"
+
+
+def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[str, Any]]], load: tuple[float, float]) -> str:
+    lines = [
+        f"## Facade under load — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (`bench/facade_load.py`)",
+        "",
+        f"Machine: {machine()}; load average {load[0]:.2f} before, {load[1]:.2f} after.",
+        f"Command: `python -m bench.facade_load {' '.join(sys.argv[1:])}`",
+        f"Model: bundled {MODEL}, {args.backend} {args.dtype} on {args.device} in every path; closed-loop clients for {args.seconds:g} s per pass ({args.warmup:g} s warm-up), {args.passes} passes; "
+        f"load generator pinned to {args.gen_cpus or 'no core'}, servers to {args.server_cpus or 'no core'}.",
+        "",
+    ]
+    for batch in (1, args.batch):
+        engine = results.get(("engine", batch))
+        best_engine = max(r["requests"] for r in engine) / args.seconds if engine else None
+        unit = "requests/s, best (spread)" if batch == 1 else "texts/s | tokens/s, best (spread)"
+        lines += [f"{batch} text{'s' if batch > 1 else ''} per request, {clients_for(args, batch)} clients:", "",
+                  f"| path | {unit} | vs engine | p50 ms | p99 ms | server CPU ms / request (facade + worker) | errors |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for (name, b), runs in results.items():
+            if b != batch:
+                continue
+            rates = [r["requests"] / args.seconds for r in runs]
+            best = max(runs, key=lambda r: r["requests"])
+            rate = spread(rates) if batch == 1 else \
+                f"{spread([x * batch for x in rates])} | {spread([r['tokens'] / args.seconds for r in runs])}"
+            ratio = f"{max(rates) / best_engine:.0%}" if best_engine and name != "engine" else "-"
+            cpu_run = min(runs, key=lambda r: r["cpu_s"] / max(1, r["requests"]))
+            cpu = f"{cpu_run['cpu_s'] * 1000 / max(1, cpu_run['requests']):.2f}"
+            if len(cpu_run.get("cpu_each", [])) == 2:
+                facade_ms, worker_ms = (c * 1000 / max(1, cpu_run["requests"]) for c in cpu_run["cpu_each"])
+                cpu += f" ({facade_ms:.2f} + {worker_ms:.2f})"
+            errors = sum(sum(r["errors"].values()) for r in runs)
+            lines.append(f"| {name} | {rate} | {ratio} | {best['p50']:.1f} | {best['p99']:.1f} | {cpu} | {errors} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> str:
+    work = Path(tempfile.mkdtemp(prefix="ef-load-"))
+    load_before = os.getloadavg()
+    redis = RedisProcess(work)
+    procs: list[subprocess.Popen] = []
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    try:
+        paths, procs = start_paths(args, work, redis)
+        for _ in range(args.passes):
+            for batch in (1, args.batch):
+                if "engine" in args.paths.split(","):
+                    results.setdefault(("engine", batch), []).append(run_engine(args, batch))
+                for path in paths:
+                    results.setdefault((path.name, batch), []).append(path.measure(args, batch))
+                print({k: [round(r["requests"] / args.seconds) for r in v] for k, v in results.items()}, flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+        redis.stop()
+    for key, runs in results.items():
+        for r in runs:
+            if r["errors"]:
+                print(f"{key}: errors {r['errors']} {r.get('samples')}", file=sys.stderr)
+    return report(args, results, (load_before[0], os.getloadavg()[0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode")
+    for name in ("generate", "engine"):
+        p = sub.add_parser(name)
+        p.add_argument("--url", default="")
+        p.add_argument("--path", default="/v1/embeddings")
+        p.add_argument("--clients", type=int, default=64)
+        p.add_argument("--seconds", type=float, default=8)
+        p.add_argument("--warmup", type=float, default=2)
+        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--backend", default="torch")
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--device", default="cpu")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32, help="Texts per request of the second shape")
+    parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
+    parser.add_argument("--paths", default="engine,thin,embedded")
+    parser.add_argument("--facade-workers", type=int, default=1, help="Thin facade processes on one port")
+    parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gen-cpus", default=None, help="taskset CPU list for the load generator")
+    parser.add_argument("--server-cpus", default=None, help="taskset CPU list for the servers and the engine")
+    parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    if args.mode == "generate":
+        return generate(args)
+    if args.mode == "engine":
+        return engine_alone(args)
+    text = bench(args)
+    print(text)
+    if args.out:
+        with args.out.open("a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

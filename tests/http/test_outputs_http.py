@@ -1,0 +1,116 @@
+"""Sparse and multi-vector outputs over a real fleet: a real Redis, an ``embedfleet worker``
+subprocess hosting the tiny bge-m3 (and a dense-only model), the thin facade over real HTTP, and
+``Client.embed(outputs=...)`` on the same broker. Answers are compared with the engine's outputs
+(themselves checked against FlagEmbedding's definition in tests/models/test_bge_m3.py)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from producer.jobs import Options
+
+from tests.conftest import RedisServer
+from tests.families import tiny_bge_m3_model  # noqa: F401  (fixture)
+from tests.fixtures_extra import make_engine, sample_texts
+from tests.http.servers import ServerThread, WorkerProcess, wait_ready
+
+pytestmark = pytest.mark.timeout(300)
+
+TEXTS = sample_texts(5, step=97)
+ALL = ["dense", "sparse", "multivector"]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_bge_m3_model: Path) -> Any:
+    engine = make_engine(tiny_bge_m3_model)
+    try:
+        return engine.run(TEXTS, Options(outputs=ALL))
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    from producer.client import Client
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
+
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    worker = WorkerProcess(redis.url, [str(tiny_bge_m3_model), str(tiny_embed_model)], log).start()
+    settings = FacadeSettings(timeout_s=60, refresh_s=1.0)
+    server = ServerThread(create_app(Client(broker=redis.url), settings)).start()
+    try:
+        wait_ready(server.url, proc=worker.proc, log=worker.log)
+        yield server.url, redis.url
+    finally:
+        server.stop()
+        worker.stop()
+        redis.stop()
+
+
+def test_tei_embed_sparse(fleet: tuple[str, str], expected: Any) -> None:
+    url, _ = fleet
+    response = httpx.post(f"{url}/embed_sparse", json={"model": "tiny-bge-m3", "inputs": TEXTS}, timeout=60)
+    assert response.status_code == 200, response.text
+    for row, want in zip(response.json(), expected.sparse):
+        assert [item["index"] for item in row] == want.indices.tolist()
+        np.testing.assert_allclose([item["value"] for item in row], want.values, atol=2e-5)
+    single = httpx.post(f"{url}/embed_sparse", json={"model": "tiny-bge-m3", "inputs": TEXTS[0]}, timeout=60)
+    assert [item["index"] for item in single.json()[0]] == expected.sparse[0].indices.tolist()
+
+
+def test_multivector_on_v1_embeddings_as_floats_and_base64(fleet: tuple[str, str], expected: Any) -> None:
+    url, _ = fleet
+    body = {"model": "tiny-bge-m3", "input": TEXTS, "output": "multivector"}
+    floats = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+    assert floats.status_code == 200, floats.text
+    encoded = httpx.post(f"{url}/v1/embeddings", json={**body, "encoding_format": "base64"}, timeout=60)
+    for item, b64, want in zip(floats.json()["data"], encoded.json()["data"], expected.multivector):
+        np.testing.assert_allclose(np.array(item["embedding"]), want, atol=2e-5)
+        raw = np.frombuffer(base64.b64decode(b64["embedding"]), dtype="<f4").reshape(-1, 24)
+        np.testing.assert_allclose(raw, want, atol=2e-5)
+    dense = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-bge-m3", "input": TEXTS}, timeout=60)
+    np.testing.assert_allclose(np.array([d["embedding"] for d in dense.json()["data"]]), expected.values, atol=2e-5)
+
+
+def test_outputs_a_model_lacks_are_400s_naming_them(fleet: tuple[str, str]) -> None:
+    url, _ = fleet
+    sparse = httpx.post(f"{url}/embed_sparse", json={"model": "tiny-bert", "inputs": "x"}, timeout=60)
+    assert sparse.status_code == 400 and "does not give sparse" in sparse.text and "gives dense" in sparse.text
+    multi = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-bert", "input": "x", "output": "multivector"},
+                       timeout=60)
+    assert multi.status_code == 400 and "gives dense" in multi.text
+    quantized = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-bge-m3", "input": "x",
+                                                          "output": "multivector", "encoding_format": "int8"},
+                           timeout=60)
+    assert quantized.status_code == 400 and "not quantized" in quantized.text
+    models = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]}
+    assert models["tiny-bge-m3"]["outputs"] == ALL and models["tiny-bert"]["outputs"] == ["dense"]
+
+
+def test_client_embed_with_outputs(fleet: tuple[str, str], expected: Any) -> None:
+    from producer.client import Client
+
+    _, broker = fleet
+    client = Client(broker=broker, timeout=60)
+    got = client.embed(TEXTS, model="tiny-bge-m3", outputs=ALL)
+    np.testing.assert_allclose(got.dense, expected.values, atol=2e-5)
+    for (indices, values), want in zip(got.sparse, expected.sparse):
+        assert indices.tolist() == want.indices.tolist()
+        np.testing.assert_allclose(values, want.values, atol=2e-5)
+    for rows, want in zip(got.multivector, expected.multivector):
+        np.testing.assert_allclose(rows, want, atol=2e-5)
+    matrix = got.sparse.to_scipy()
+    assert matrix.shape == (len(TEXTS), 30522) and matrix.nnz == len(got.sparse.values)
+    sparse_only = client.embed(TEXTS[:2], model="tiny-bge-m3", outputs=["sparse"])
+    assert sparse_only.dense is None and sparse_only.multivector is None
+    assert isinstance(client.embed(TEXTS[:2], model="tiny-bge-m3"), np.ndarray)  # no outputs named: dense, as ever
