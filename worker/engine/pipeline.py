@@ -38,7 +38,7 @@ from worker.engine import memory
 from worker.engine import packing
 from worker.engine.scheduler import Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
-from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores
+from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Engine:
         if options.raw_scores and self.info.kind == JobKind.embed:
             raise BadInput("raw_scores applies to rerank and classify models, not to an embedding model",
                            param="raw_scores")
-        self.outputs_for(options)
+        self._check_sparse_options(options, self.outputs_for(options))
         self._prefix(options)
 
     def outputs_for(self, options: Options) -> tuple[str, ...]:
@@ -245,6 +245,11 @@ class Engine:
             raise BadInput(f"outputs: {self.info.name} does not give {', '.join(missing)} (it gives "
                            f"{', '.join(self.outputs)})", param="outputs")
         return asked
+
+    def _check_sparse_options(self, options: Options, outputs: tuple[str, ...]) -> None:
+        if options.max_active_dims is not None and "sparse" not in outputs:
+            raise BadInput("max_active_dims prunes sparse vectors; ask for the sparse output "
+                           f"(this request gets {', '.join(outputs)})", param="max_active_dims")
 
     def _prompt(self, options: Options) -> str | None:
         """The prompt that applies: the literal one, the named one, else the model's default (or none)."""
@@ -578,8 +583,10 @@ class Engine:
         if "sparse" in request.outputs:
             empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
             rows = request.sparse or [None] * request.size
+            k = request.options.max_active_dims
             result.sparse = SparseRows.from_pairs(
-                [empty if i in failed or row is None else row for i, row in enumerate(rows)], self.info.vocab_size)
+                [empty if i in failed or row is None else top_k_sparse(*row, k) for i, row in enumerate(rows)],
+                self.info.vocab_size)
         if "multivector" in request.outputs:
             dims = self.info.multivector_dims
             rows_mv = request.multivector or [None] * request.size

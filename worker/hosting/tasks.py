@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -53,23 +54,28 @@ def encode_f32(values: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
 
 
-def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
-    job = _inline_adapter.validate_python(payload)
-    if isinstance(job, TokensJob):
-        return run_tokens(job)
-    kind = JobKind(job.kind)
-    engine = runtime.engine_for(job.model, kind)
+def inline_job(payload: dict[str, Any]) -> InlineJob:
+    """The inline message's job, validated (``ValidationError`` for a malformed one)."""
+    return _inline_adapter.validate_python(payload)
+
+
+def start_inline(job: InlineJob) -> tuple["Future[Any]", int]:
+    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count."""
+    engine = runtime.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    result = engine.run(inputs, job.options, timeout=INLINE_TIMEOUT_S, urgent=True)
-    values = result.values.reshape(len(inputs), -1)
+    return engine.submit(inputs, job.options, urgent=True), len(inputs)
+
+
+def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
+    """The engine's result as the ``InlineResult`` JSON the caller decodes."""
+    values = result.values.reshape(count, -1)
     return InlineResult(
-        kind=kind,
+        kind=JobKind(job.kind),
         model=job.model,
-        n_items=len(inputs),
+        n_items=count,
         dims=int(values.shape[1]),
         data_b64=encode_f32(values),
         n_tokens=result.n_tokens,
@@ -78,6 +84,30 @@ def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
         errors=result.errors,
         **_other_outputs(result),
     ).model_dump(mode="json")
+
+
+def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
+    job = inline_job(payload)
+    if isinstance(job, TokensJob):
+        return run_tokens(job)
+    future, count = start_inline(job)
+    return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
+
+
+def inline_failure(payload: dict[str, Any], exc: BaseException) -> dict[str, Any] | None:
+    """How an inline call that raised ``exc`` is answered: a refusal's result (its code), or
+    ``None`` when the worker's stop caught it (it must be sent again for another worker); any
+    other error is raised again (a task failure: the caller gets a 502)."""
+    if isinstance(exc, (EngineStopped, ModelNotServed)):
+        if isinstance(exc, EngineStopped) or stopping():
+            return None
+        return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
+    if isinstance(exc, ValidationError):
+        return refused(payload, BadInput(f"the job message is not valid: {exc.errors()[0].get('msg')}"))
+    if isinstance(exc, EmbedfleetError):
+        return refused(payload, exc)
+    raise exc
 
 
 def _other_outputs(result: Any) -> dict[str, Any]:
@@ -124,6 +154,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         n_tokens=int(np.asarray(result.n_tokens, dtype=np.int64)[keep].sum()),
         errors=errors,
         deliveries=deliveries,
+        device=runtime.device_of(engine),
     )
     sinks.write_marker(job.out, report)
     sinks.finalize_if_complete(job.out, engine.info.revision)
@@ -148,16 +179,13 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
         return run_inline(payload)
-    except (EngineStopped, ModelNotServed) as exc:
-        if isinstance(exc, EngineStopped) or stopping():
+    except Exception as exc:
+        answer = inline_failure(payload, exc)
+        if answer is None:
             log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
                         self.request.id)
             raise self.retry(exc=exc, countdown=0)
-        return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
-    except ValidationError as exc:
-        return refused(payload, BadInput(f"the job message is not valid: {exc.errors()[0].get('msg')}"))
-    except EmbedfleetError as exc:
-        return refused(payload, exc)
+        return answer
 
 
 @shared_task(name=SHARD_TASK, bind=True)
