@@ -141,8 +141,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     rows = read_shard(job.shard, job.kind, job.columns)
     result = engine.run(rows.values, job.options)
     errors = _row_errors(job, rows, result.errors)
-    failed = {e.row - job.shard.row_start for e in errors}
-    keep = [i for i in range(len(rows.values)) if i not in failed]
+    written = np.ones(len(rows.values), dtype=bool)
+    written[[e.row - job.shard.row_start for e in errors]] = False
+    keep = np.flatnonzero(written)
     normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
                                normalize=normalized)
@@ -152,7 +153,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         path=part_name(job.shard.index),
         rows_in=len(rows.values),
         rows_written=len(keep),
-        n_tokens=int(sum(result.n_tokens[i] for i in keep)),
+        n_tokens=int(np.asarray(result.n_tokens, dtype=np.int64)[keep].sum()),
         errors=errors,
         deliveries=deliveries,
         device=runtime.device_of(engine),
@@ -165,12 +166,11 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
     """Engine errors with the row number (counted from 0), id and the source column they concern."""
     field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
-    ids = rows.ids.to_pylist()
     out = []
-    for offset, reason in sorted(engine_errors.items()):
+    for offset, reason in sorted(engine_errors.items()):  # the failed rows only: no list of every id
         row = job.shard.row_start + offset
         text = rows.parse_errors.get(row) or f"row {row} (counted from 0): {reason}"
-        out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
+        out.append(RowError(row=row, id=rows.ids[offset].as_py(), field=field, reason=text))
     return out
 
 
