@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16 or int8 (onnx only)")
     memory_fraction: float = Field(0.8, gt=0.0, le=1.0,
                                    description="GPU: share of free memory the profiled batch budget may use")
+    devices: str | None = Field(None, description="worker: the devices to run one engine each on: 0,1,3 "
+                                "(GPUs; 0,0: two on one), cpu:N (the cores split into N), NeuronCores 0-1; "
+                                "default: every visible GPU (--device cuda/auto) or NeuronCore (--device neuron)")
     inline_slots: int = Field(4, ge=1, description="Inline calls in flight beside the shards (worker)")
     stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
     approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
@@ -64,6 +67,10 @@ class Settings(BaseSettings):
                                 "the broker lost")
     job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "
                          "for `status <id>`, its shard list) live after submission; none is kept forever")
+    storage_roots: str | None = Field(None, description="worker: comma-separated folders or URI prefixes "
+                                      "(s3://bucket/prefix/) its messages may read and write; '*' allows anything")
+    signing_key: str | None = Field(None, description="Producers sign shard messages with it, workers refuse "
+                                    "unsigned or altered ones (HMAC-SHA256 over the message)")
     # -- SQS
     sqs_region: str | None = Field(None, description="SQS region (else AWS_REGION / AWS_DEFAULT_REGION, "
                                    "else us-east-1)")

@@ -29,6 +29,16 @@ KINDS = {kind.value for kind in JobKind}
 DEPTH_EVERY_S = 0.5
 
 @dataclass(frozen=True)
+class Placement:
+    """One worker process serving a model: the device it runs on (as its host names it: ``cuda:1``,
+    ``cpu:0``) and its own batch stats, so /health, /v1/models and metrics can speak per device."""
+
+    worker: str
+    device: str
+    stats: dict[str, int]
+
+
+@dataclass(frozen=True)
 class ServedModel:
     """A model some worker answered for, merged over the workers that host it."""
 
@@ -50,6 +60,7 @@ class ServedModel:
     pooling: str = ""
     revision: str | None = None
     max_batch_tokens: int = 0
+    placements: tuple[Placement, ...] = ()
     #: embed models: the outputs offered and those a request naming none gets (``producer.outputs``)
     outputs: tuple[str, ...] = ("dense",)
     default_outputs: tuple[str, ...] = ("dense",)
@@ -78,6 +89,8 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
             if previous is not None:
                 stats = {k: stats.get(k, 0) + previous.stats.get(k, 0) for k in set(stats) | set(previous.stats)}
             workers = (previous.workers if previous else ()) + (worker,)
+            placements = (previous.placements if previous else ()) + (
+                Placement(worker, str(d["device"]), {k: int(v) for k, v in (d.get("stats") or {}).items()}),)
             merged[queue] = ServedModel(
                 id=str(d["id"]), ref=str(d.get("ref") or d["id"]), kind=str(d["kind"]), queue=queue,
                 inline_queue=str(d.get("inline_queue") or queue + INLINE_SUFFIX),
@@ -86,6 +99,7 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 token_ids=bool(d.get("token_ids", False)), workers=workers, stats=stats,
                 prompts=tuple(d.get("prompts") or ()), pooling=str(d.get("pooling") or ""),
                 revision=d.get("revision"), max_batch_tokens=int(d.get("max_batch_tokens") or 0),
+                placements=placements,
                 outputs=tuple(d.get("outputs") or ("dense",)), default_outputs=tuple(d.get("default_outputs") or ("dense",)),
                 multivector_dims=int(d.get("multivector_dims") or 0),
             )
@@ -270,6 +284,7 @@ class Directory:
                          dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
                          backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers),
                          stats=dict(model.stats), prompts=list(model.prompts),
+                         devices=[p.device for p in model.placements],
                          outputs=list(model.outputs) if model.kind == "embed" else [])
 
     def samples(self) -> list[WorkerSample]:
@@ -277,7 +292,9 @@ class Directory:
                              queue_depth=self.depths.get(m.queue), inline_queue=m.inline_queue,
                              inline_queue_depth=self.depths.get(m.inline_queue), batches=m.stats.get("batches", 0),
                              items=m.stats.get("items", 0), tokens=m.stats.get("tokens", 0),
-                             padded_tokens=m.stats.get("padded_tokens", 0))
+                             padded_tokens=m.stats.get("padded_tokens", 0),
+                             devices=tuple((p.worker, p.device, p.stats.get("batches", 0), p.stats.get("tokens", 0))
+                                           for p in m.placements))
                 for m in self.served()]
 
 

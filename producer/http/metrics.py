@@ -35,6 +35,8 @@ class WorkerSample:
     items: int
     tokens: int
     padded_tokens: int
+    #: per engine process: (worker, device, batches, tokens)
+    devices: tuple[tuple[str, str, int, int], ...] = ()
 
 
 class _WorkerCollector:
@@ -53,6 +55,10 @@ class _WorkerCollector:
         padded = CounterMetricFamily("embedfleet_worker_batch_padded_tokens", "Padded tokens in engine batches",
                                      labels=["model"])
         mean = GaugeMetricFamily("embedfleet_worker_mean_batch_size", "Mean inputs per engine batch", labels=["model"])
+        device_batches = CounterMetricFamily("embedfleet_device_batches", "Engine batches run, per engine process "
+                                             "and its device", labels=["model", "worker", "device"])
+        device_tokens = CounterMetricFamily("embedfleet_device_batch_tokens", "Real tokens in engine batches, per "
+                                            "engine process and its device", labels=["model", "worker", "device"])
         for s in samples:
             workers.add_metric([s.model, s.kind], s.workers)
             for queue, count in ((s.queue, s.queue_depth), (s.inline_queue, s.inline_queue_depth)):
@@ -63,7 +69,10 @@ class _WorkerCollector:
             tokens.add_metric([s.model], s.tokens)
             padded.add_metric([s.model], s.padded_tokens)
             mean.add_metric([s.model], s.items / s.batches if s.batches else 0.0)
-        return [workers, depth, batches, items, tokens, padded, mean]
+            for worker, device, n_batches, n_tokens in s.devices:
+                device_batches.add_metric([s.model, worker, device], n_batches)
+                device_tokens.add_metric([s.model, worker, device], n_tokens)
+        return [workers, depth, batches, items, tokens, padded, mean, device_batches, device_tokens]
 
 
 class FacadeMetrics:

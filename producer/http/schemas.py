@@ -148,6 +148,8 @@ class ModelCard(BaseModel):
     workers: int
     stats: dict[str, int] = Field(description="Batches, items and tokens the workers ran (infinity's stats)")
     prompts: list[str] = Field(default_factory=list, description="Prompt names the model defines")
+    devices: list[str] = Field(default_factory=list, description="The device of each worker process serving it "
+                               "(cuda:0, cpu:1, ...), one entry per engine")
     outputs: list[str] = Field(default_factory=list, description="Embed: the outputs offered (dense, sparse, "
                                "multivector)")
 

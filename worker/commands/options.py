@@ -19,6 +19,11 @@ Dtype = Annotated[str, typer.Option(
     "--dtype", envvar=envvar("dtype"),
     help="auto|float32|bfloat16|float16|int8 (int8: onnx only); the dtype asked for is the dtype used")]
 Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda[:N]|mps|neuron[:core]")]
+Devices = Annotated[Optional[str], typer.Option(
+    "--devices", envvar=envvar("devices"),
+    help="One engine process per device: 0,1,3 (GPU indices after CUDA_VISIBLE_DEVICES; 0,0: two on one GPU), "
+    "cpu:N (the cores split into N engines), NeuronCores 0,1 or 0-1; default: every visible GPU for "
+    "--device cuda/auto, every core of NEURON_RT_VISIBLE_CORES for --device neuron, one engine on CPU")]
 MaxBatchTokens = Annotated[Optional[int], typer.Option(
     "--max-batch-tokens", min=1, help="A cap on one batch's tokens; when given, no memory profile runs")]
 MemoryFraction = Annotated[Optional[float], typer.Option(

@@ -40,7 +40,7 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "prompts": sorted(info.prompts),
         "pooling": info.pooling,
         "backend": engine.backend.name,
-        "device": engine.backend.device,
+        "device": runtime.device_of(engine),
         "dtype": engine.backend.dtype,
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,

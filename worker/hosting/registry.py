@@ -18,6 +18,8 @@ _engines: dict[str, Engine] = {}
 #: at once with the reason instead of waiting for a worker that will never serve them
 _refused: dict[str, tuple[ModelInfo, UnsupportedModel]] = {}
 _lock = threading.Lock()
+#: how the host names the device this process's engines run on (``worker.hosting.devices``)
+_device_label: list[str] = []
 
 
 def register(engine: Engine, *aliases: str | None) -> None:
@@ -51,6 +53,19 @@ def unregister_all() -> list[Engine]:
         _engines.clear()
         _refused.clear()
         return engines
+
+
+def set_device_label(label: str) -> None:
+    """Name this process's device as its host does (``cpu:1``, ``cuda:3``): an engine process of a
+    multi-device worker reports it in /v1/models, /health, metrics and done-markers."""
+    with _lock:
+        _device_label[:] = [label]
+
+
+def device_of(engine: Engine) -> str:
+    """The device ``engine`` runs on, named as the host names it when that was set."""
+    with _lock:
+        return _device_label[0] if _device_label else str(engine.backend.device)
 
 
 def engine_for(model: str, kind: JobKind | None = None) -> Engine:
