@@ -81,7 +81,7 @@ def raw_rate(broker: str, n: int) -> tuple[float, float]:
 
 def start_worker(broker: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
     command = [EMBEDFLEET, "worker", "--broker", broker, "--device", "cpu", "--devices", "cpu:2",
-               "--backend", "torch", "--dtype", "float32", "--concurrency", "4"]
+               "--backend", "torch", "--dtype", "float32", "--concurrency", "4", "--storage-root", str(log.parent)]
     proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env})
     wait_for_line(proc, log, "worker ready")
     return proc

@@ -83,6 +83,10 @@ class Options(BaseModel):
                     "by default (dense for dense models). Only the outputs asked for are computed.",
     )
 
+    max_active_dims: int | None = Field(
+        default=None, ge=1, description="Sparse outputs: keep the k largest weights of each vector (top-k pruning, "
+                                        "sentence-transformers' max_active_dims).")
+
     @field_validator("outputs", mode="before")
     @classmethod
     def _known_outputs(cls, value: Any) -> Any:
@@ -222,6 +226,8 @@ class ShardJob(_Message):
     options: Options = Field(default_factory=Options)
     shard: ShardRef
     n_shards: int
+    #: HMAC-SHA256 over the rest, when producers hold ``EMBEDFLEET_SIGNING_KEY`` (``producer.signing``)
+    signature: str | None = None
 
 
 class RowError(BaseModel):

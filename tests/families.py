@@ -284,3 +284,33 @@ def save_bge_m3(dest: Path, seed: int = 6, hidden: int = 32, colbert_dim: int = 
 @pytest.fixture(scope="session")
 def tiny_bge_m3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_bge_m3(tmp_path_factory.mktemp("models") / "tiny-bge-m3")
+
+
+def save_splade(dest: Path, pooling: str = "max", activation: str = "relu", seed: int = 7,
+                prompts: dict[str, str] | None = None) -> Path:
+    """A SPLADE folder as sentence-transformers saves a SparseEncoder: a tiny random
+    BertForMaskedLM (fill-mask Transformer) followed by SpladePooling, with query/document prompts."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    raw = dest.parent / f"{dest.name}-mlm"
+    raw.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(config).eval().save_pretrained(raw)
+    copy_tokenizer(raw, 128)
+    encoder = SparseEncoder(modules=[Transformer(str(raw), transformer_task="fill-mask"),
+                                     SpladePooling(pooling, activation_function=activation)],
+                            prompts=prompts if prompts is not None else {"query": "query: ", "document": "passage: "},
+                            device="cpu")
+    encoder.save(str(dest))
+    shutil.rmtree(raw)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_splade_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_splade(tmp_path_factory.mktemp("models") / "tiny-splade")

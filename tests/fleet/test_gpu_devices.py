@@ -26,7 +26,8 @@ def test_two_engines_on_one_gpu_share_a_bulk_job(tmp_path: Path, redis_broker: P
                                                  workers: list[WorkerProcess], bundled_model: Path) -> None:
     worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log", concurrency=2)
     worker.args = [EMBEDFLEET, "worker", "--broker", redis_broker.url, "--model", str(bundled_model),
-                   "--device", "cuda", "--devices", "0,0", "--backend", "torch", "--concurrency", "2", "--verbose"]
+                   "--device", "cuda", "--devices", "0,0", "--backend", "torch", "--concurrency", "2", "--verbose",
+                   "--storage-root", str(tmp_path)]
     worker.env.pop("OMP_NUM_THREADS")
     workers.append(worker.start())
     worker.wait_ready(timeout=300)

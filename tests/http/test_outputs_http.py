@@ -16,7 +16,7 @@ import pytest
 from producer.jobs import Options
 
 from tests.conftest import RedisServer
-from tests.families import tiny_bge_m3_model  # noqa: F401  (fixture)
+from tests.families import tiny_bge_m3_model, tiny_splade_model  # noqa: F401  (fixtures)
 from tests.fixtures_extra import make_engine, sample_texts
 from tests.http.servers import ServerThread, WorkerProcess, wait_ready
 
@@ -36,7 +36,7 @@ def expected(tiny_bge_m3_model: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path,
+def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path, tiny_splade_model: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     from producer.client import Client
     from producer.http.app import create_app
@@ -45,7 +45,7 @@ def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path,
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = WorkerProcess(redis.url, [str(tiny_bge_m3_model), str(tiny_embed_model)], log).start()
+    worker = WorkerProcess(redis.url, [str(tiny_bge_m3_model), str(tiny_embed_model), str(tiny_splade_model)], log).start()
     settings = FacadeSettings(timeout_s=60, refresh_s=1.0)
     server = ServerThread(create_app(Client(broker=redis.url), settings)).start()
     try:
@@ -114,3 +114,22 @@ def test_client_embed_with_outputs(fleet: tuple[str, str], expected: Any) -> Non
     sparse_only = client.embed(TEXTS[:2], model="tiny-bge-m3", outputs=["sparse"])
     assert sparse_only.dense is None and sparse_only.multivector is None
     assert isinstance(client.embed(TEXTS[:2], model="tiny-bge-m3"), np.ndarray)  # no outputs named: dense, as ever
+
+
+def test_splade_on_embed_sparse_and_refused_where_dense_is_needed(fleet: tuple[str, str],
+                                                                   tiny_splade_model: Path) -> None:
+    url, _ = fleet
+    engine = make_engine(tiny_splade_model)
+    try:
+        want = engine.run(TEXTS[:3], Options(prompt_name="query")).sparse
+    finally:
+        engine.stop()
+    response = httpx.post(f"{url}/embed_sparse", json={"model": "tiny-splade", "inputs": TEXTS[:3],
+                                                        "prompt_name": "query"}, timeout=60)
+    assert response.status_code == 200, response.text
+    for row, expected_row in zip(response.json(), want):
+        assert [item["index"] for item in row] == expected_row.indices.tolist()
+        np.testing.assert_allclose([item["value"] for item in row], expected_row.values, rtol=1e-5, atol=1e-5)
+    for route, body in (("/v1/embeddings", {"input": "x"}), ("/embed", {"inputs": "x"})):
+        refused = httpx.post(f"{url}{route}", json={"model": "tiny-splade", **body}, timeout=60)
+        assert refused.status_code == 400 and "sparse" in refused.text, (route, refused.text)

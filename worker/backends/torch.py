@@ -25,7 +25,7 @@ from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.varlen import equal_length_groups
-from worker.models import bge_m3
+from worker.models import bge_m3, splade
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
 from worker.models.resolve import ModelInfo
@@ -130,6 +130,10 @@ class TorchBackend(Backend):
         # native families (JinaBERT, decoder rerankers) come back as modules of the same shape.
         model = load_model(info, self.torch_dtype)
         want_varlen = self.cuda if varlen is None else varlen
+        if want_varlen and info.splade is not None:
+            if varlen:
+                raise BadInput(f"varlen=True but {info.name} cannot run unpadded: SPLADE pools masked-LM logits")
+            want_varlen = False
         if want_varlen and info.kind == JobKind.embed:
             from worker.backends.varlen import build_encoder, unsupported_reason
 
@@ -195,8 +199,14 @@ class TorchBackend(Backend):
             out[key] = value.to(self.device, non_blocking=self.cuda)
         return out
 
+    def host_buffer(self, size: int) -> Any:
+        """Pinned memory on CUDA (from torch's caching host allocator: reused, not re-pinned)."""
+        return torch.empty(size, dtype=torch.int32, pin_memory=self.cuda)
+
     def _packed_host(self, batch: Batch) -> torch.Tensor:
         """One int32 host buffer: ids, type ids, positions, cu_seqlens (a single copy to the device)."""
+        if isinstance(batch.host, torch.Tensor):  # the engine packed it into our buffer already
+            return batch.host
         total = int(batch.input_ids.shape[0])
         cu = batch.cu_seqlens
         positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], batch.lengths)
@@ -253,7 +263,9 @@ class TorchBackend(Backend):
             raise TypeError("this backend runs unpadded: give it packed batches (Batch.pack)")
         inputs = self._padded_inputs(batch)
         with self._widen(precise):
-            if self.info.kind == JobKind.embed:
+            if self.info.splade is not None:  # the [n, vocab] weights (what the memory profile measures)
+                result = splade.pool(self.model(**inputs).logits, inputs["attention_mask"], self.info.splade)
+            elif self.info.kind == JobKind.embed:
                 hidden = self.model(**inputs).last_hidden_state
                 result = pool(hidden, inputs["attention_mask"], self.info.pooling)
             else:
@@ -291,6 +303,8 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------ sparse and multi-vector outputs
     @property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self.info.splade is not None:
+            return ("sparse",)
         return DENSE_ONLY + (self.heads.outputs if self.heads is not None else ())
 
     @torch.inference_mode()
@@ -306,6 +320,9 @@ class TorchBackend(Backend):
         if missing:
             raise BadInput(f"{self.info.name} does not give {', '.join(missing)} outputs (it gives "
                            f"{', '.join(self.outputs)})", param="outputs")
+        if self.info.splade is not None:
+            wait = self.launch(batch, precise)
+            return lambda: BatchOutputs(sparse=splade.sparse_rows(wait()))
         with self._widen(precise):
             tokens, dense = self._token_rows(batch)
             cu = batch.cu_seqlens

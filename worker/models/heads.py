@@ -75,3 +75,12 @@ def class_probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def top_k_sparse(indices: np.ndarray, values: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the ``k`` weights of largest magnitude (sentence-transformers' ``max_active_dims``), still
+    sorted by index; ``None`` keeps all."""
+    if k is None or len(values) <= k:
+        return indices, values
+    keep = np.sort(np.argpartition(-np.abs(values), k - 1)[:k])
+    return indices[keep], values[keep]

@@ -32,7 +32,7 @@ import torch
 
 from producer.errors import BadInput, UnsupportedModel
 from producer.jobs import JobKind
-from worker.models import checkpoint, jina_bert, qwen3_reranker
+from worker.models import checkpoint, jina_bert, qwen3_reranker, splade
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,10 @@ def transformers_only(info: ModelInfo, backend: str, remote_code: bool = True) -
     """For backends that compile transformers' own classes (onnx, neuron): refuse what the config
     check refuses, and the native families, whose maths those exporters do not know."""
     check_config(info)
+    if info.family == splade.FAMILY:
+        raise BadInput(f"--backend {backend} exports the encoder's hidden states; model {info.name!r} is a SPLADE "
+                       "sparse encoder (it pools its masked-LM logits), which runs on the torch backend: use "
+                       "--backend torch", param="backend")
     if info.family in NATIVE_FAMILIES or (info.family == "remote-code" and not remote_code):
         raise BadInput(f"--backend {backend} compiles transformers' own classes; model {info.name!r} is "
                        f"{NATIVE_FAMILIES.get(info.family, 'run by its own code')}, which runs on the torch backend: "
@@ -259,9 +263,12 @@ def _load(info: ModelInfo, dtype: torch.dtype, attention: str) -> tuple[torch.nn
         return _load_jina(info, dtype)
     if info.family == qwen3_reranker.FAMILY:
         return _load_decoder_reranker(info, dtype, attention)
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    loader = AutoModel if info.kind == JobKind.embed else AutoModelForSequenceClassification
+    if info.family == splade.FAMILY:  # SPLADE pools the masked-LM head's logits
+        loader: Any = AutoModelForMaskedLM
+    else:
+        loader = AutoModel if info.kind == JobKind.embed else AutoModelForSequenceClassification
     model, loading = _from_pretrained(info, loader, dtype, attention)
     return model, _report(info.kind, loading)
 

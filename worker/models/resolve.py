@@ -23,8 +23,9 @@ from producer.errors import ModelNotFound
 from producer.jobs import DEFAULT_MODEL, JobKind, model_slug
 from producer.outputs import DENSE_ONLY
 from producer.settings import hf_offline
-from worker.models import bge_m3, jina_bert, qwen3_reranker
+from worker.models import bge_m3, jina_bert, qwen3_reranker, splade
 from worker.models.qwen3_reranker import PairTemplate
+from worker.models.splade import SpladeConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class ModelInfo:
     #: the vocabulary sparse vectors index into, and the width of multi-vectors (0: none)
     vocab_size: int = 0
     multivector_dims: int = 0
+    #: SPLADE folders (``worker.models.splade``): how the masked-LM's logits are pooled
+    splade: SpladeConfig | None = None
 
     @property
     def dims(self) -> int:
@@ -202,8 +205,10 @@ def _remote_code(config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _family(config: dict[str, Any], is_reranker: bool, trust_remote_code: bool) -> str:
+def _family(config: dict[str, Any], is_reranker: bool, trust_remote_code: bool, sparse: bool = False) -> str:
     """Which code runs the model: a native family first, then the folder's own code if trusted."""
+    if sparse:
+        return splade.FAMILY
     if jina_bert.detect(config):
         return jina_bert.FAMILY
     if is_reranker:
@@ -234,6 +239,8 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         kind = JobKind.rerank
         labels = (template.true_token if template else "yes",)
     heads = bge_m3.head_outputs(path) if kind == JobKind.embed else ()
+    sparse = splade.detect(path, modules) if kind == JobKind.embed else None
+    outputs = ("sparse",) if sparse else DENSE_ONLY + heads
     return ModelInfo(
         ref=ref or DEFAULT_MODEL,
         name=name,
@@ -243,20 +250,22 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         model_type=str(config.get("model_type", "")),
         hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
         max_length=_max_length(path, config),
-        pooling="lasttoken" if decoder_reranker else _pooling(path, modules),
+        pooling="lasttoken" if decoder_reranker else "splade" if sparse else _pooling(path, modules),
         # With sentence-transformers files, normalize exactly when they say; without, normalize
         # (cosine is what nearly every embedding user computes).
-        normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True,
+        normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else sparse is None,
         prompts=dict(st_config.get("prompts") or {}),
         labels=labels,
         multi_label=config.get("problem_type") == "multi_label_classification",
         revision=fingerprint(path),
         default_prompt_name=st_config.get("default_prompt_name") or None,
-        family=_family(config, decoder_reranker, trust_remote_code),
+        family=_family(config, decoder_reranker, trust_remote_code, sparse is not None),
         pair_template=template,
         trust_remote_code=trust_remote_code,
         remote_code=_remote_code(config),
-        outputs=DENSE_ONLY + heads,
+        outputs=outputs,
+        default_outputs=("sparse",) if sparse else DENSE_ONLY,
+        splade=sparse,
         vocab_size=int(config.get("vocab_size") or 0),
         multivector_dims=bge_m3.multivector_dims(path) if "multivector" in heads else 0,
     )
