@@ -186,8 +186,18 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def requests_per_job(url: str) -> tuple[float, float]:
+    """The facade's requests-per-job histogram: (requests, jobs) so far (one process's, with several)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = dict(re.findall(r"^embedfleet_requests_per_job_(sum|count) (\S+)$", text, re.M))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
+
+
 def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 
@@ -242,7 +252,10 @@ class Path_:
     def measure(self, args: argparse.Namespace, batch: int) -> dict[str, Any]:
         """One generator run; CPU seconds per server process (facade first), warm-up's share taken out."""
         before = [tree_cpu_s(p.pid) for p in self.procs]
+        jobs_before = requests_per_job(self.url)
         out = run_generator(args, self.url, batch)
+        jobs_after = requests_per_job(self.url)
+        out["per_job"] = (jobs_after[0] - jobs_before[0]) / max(1.0, jobs_after[1] - jobs_before[1])
         share = args.seconds / (args.seconds + args.warmup)
         out["cpu_each"] = [(tree_cpu_s(p.pid) - b) * share for p, b in zip(self.procs, before)]
         out["cpu_s"] = sum(out["cpu_each"])
@@ -265,7 +278,8 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
         workers = ["--workers", str(args.facade_workers)] if args.facade_workers > 1 and cwd == REPO else []
         worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
                        work / f"{name}-worker.log", cwd)
-        facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers], work / f"{name}.log", cwd)
+        facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers, *args.facade_args.split()],
+                       work / f"{name}.log", cwd)
         if pinned:
             for proc in (worker, facade):
                 subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
@@ -304,8 +318,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
         best_engine = max(r["requests"] for r in engine) / args.seconds if engine else None
         unit = "requests/s, best (spread)" if batch == 1 else "texts/s | tokens/s, best (spread)"
         lines += [f"{batch} text{'s' if batch > 1 else ''} per request, {clients_for(args, batch)} clients:", "",
-                  f"| path | {unit} | vs engine | p50 ms | p99 ms | server CPU ms / request (facade + worker) | errors |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+                  f"| path | {unit} | vs engine | p50 ms | p99 ms | server CPU ms / request (facade + worker) | "
+                  "requests / job | errors |"]
+        lines.append("|---|" + "---:|" * (lines[-1].count("|") - 2))
         for (name, b), runs in results.items():
             if b != batch:
                 continue
@@ -320,7 +335,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
                 facade_ms, worker_ms = (c * 1000 / max(1, cpu_run["requests"]) for c in cpu_run["cpu_each"])
                 cpu += f" ({facade_ms:.2f} + {worker_ms:.2f})"
             errors = sum(sum(r["errors"].values()) for r in runs)
-            lines.append(f"| {name} | {rate} | {ratio} | {best['p50']:.1f} | {best['p99']:.1f} | {cpu} | {errors} |")
+            lines.append(f"| {name} | {rate} | {ratio} | {best['p50']:.1f} | {best['p99']:.1f} | {cpu} | {best.get('per_job', float('nan')):.1f} | {errors} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -373,6 +388,7 @@ def main() -> None:
     parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
     parser.add_argument("--paths", default="engine,thin,embedded")
     parser.add_argument("--facade-workers", type=int, default=1, help="Thin facade processes on one port")
+    parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
     parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")

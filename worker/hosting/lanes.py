@@ -12,7 +12,8 @@ shards) and no pool thread is free. ``LaneConsumer`` keeps the two apart:
 - the thread pool holds the shard slots plus ``inline slots`` threads that shards never fill.
 
 Inline items then also jump the engine's line (``Scheduler``'s urgent lane), so a call waits
-neither for a pool thread nor behind a shard's pending texts.
+neither for a pool thread nor behind a shard's pending texts. On a Redis fleet the inline lane
+skips the pool altogether (``worker.hosting.inline``): its messages go straight to the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
+
+from worker.hosting.inline import fast_lane_for
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ class InlineLane(bootsteps.StartStopStep):
         if not names:
             return
         queues = [c.app.amqp.queues[name] for name in names]  # declared no_ack by the worker
-        c.inline_consumer = c.app.amqp.TaskConsumer(c.connection.channel(), queues=queues,
-                                                    on_message=c.create_task_handler())
+        handler = fast_lane_for(c.app, c.create_task_handler())
+        c.inline_consumer = c.app.amqp.TaskConsumer(c.connection.channel(), queues=queues, on_message=handler)
         c.inline_consumer.consume()
 
     def stop(self, c: Any) -> None:

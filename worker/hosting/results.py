@@ -31,10 +31,14 @@ class InlineResultBackend(RedisBackend):
                       **kwargs: Any) -> Any:
         if state != states.SUCCESS or getattr(request, "task", None) != INLINE_TASK:
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
-        meta["task_id"] = bytes_to_str(task_id)
-        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        self.store_inline(task_id, result, request)
         return result
+
+    def store_inline(self, task_id: str, result: Any, request: Any = None) -> None:
+        """Write (and publish) a successful inline result: one SET and one PUBLISH, no read."""
+        meta = self._get_result_meta(result=result, state=states.SUCCESS, traceback=None, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), states.SUCCESS)
 
 
 def backend_url(url: str) -> str:

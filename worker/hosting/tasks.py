@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
-from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
     InlineResult,
@@ -32,6 +33,7 @@ from producer.jobs import (
     part_name,
 )
 from producer.outputs import DENSE_ONLY
+from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -39,6 +41,7 @@ from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
+from worker.hosting.trust import check_shard, current_roots
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +56,28 @@ def encode_f32(values: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
 
 
-def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
-    job = _inline_adapter.validate_python(payload)
-    if isinstance(job, TokensJob):
-        return run_tokens(job)
-    kind = JobKind(job.kind)
-    engine = runtime.engine_for(job.model, kind)
+def inline_job(payload: dict[str, Any]) -> InlineJob:
+    """The inline message's job, validated (``ValidationError`` for a malformed one)."""
+    return _inline_adapter.validate_python(payload)
+
+
+def start_inline(job: InlineJob) -> tuple["Future[Any]", int]:
+    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count."""
+    engine = runtime.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    result = engine.run(inputs, job.options, timeout=INLINE_TIMEOUT_S, urgent=True)
-    values = result.values.reshape(len(inputs), -1)
+    return engine.submit(inputs, job.options, urgent=True), len(inputs)
+
+
+def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
+    """The engine's result as the ``InlineResult`` JSON the caller decodes."""
+    values = result.values.reshape(count, -1)
     return InlineResult(
-        kind=kind,
+        kind=JobKind(job.kind),
         model=job.model,
-        n_items=len(inputs),
+        n_items=count,
         dims=int(values.shape[1]),
         data_b64=encode_f32(values),
         n_tokens=result.n_tokens,
@@ -78,6 +86,30 @@ def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
         errors=result.errors,
         **_other_outputs(result),
     ).model_dump(mode="json")
+
+
+def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
+    job = inline_job(payload)
+    if isinstance(job, TokensJob):
+        return run_tokens(job)
+    future, count = start_inline(job)
+    return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
+
+
+def inline_failure(payload: dict[str, Any], exc: BaseException) -> dict[str, Any] | None:
+    """How an inline call that raised ``exc`` is answered: a refusal's result (its code), or
+    ``None`` when the worker's stop caught it (it must be sent again for another worker); any
+    other error is raised again (a task failure: the caller gets a 502)."""
+    if isinstance(exc, (EngineStopped, ModelNotServed)):
+        if isinstance(exc, EngineStopped) or stopping():
+            return None
+        return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
+    if isinstance(exc, ValidationError):
+        return refused(payload, BadInput(f"the job message is not valid: {exc.errors()[0].get('msg')}"))
+    if isinstance(exc, EmbedfleetError):
+        return refused(payload, exc)
+    raise exc
 
 
 def _other_outputs(result: Any) -> dict[str, Any]:
@@ -109,8 +141,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     rows = read_shard(job.shard, job.kind, job.columns)
     result = engine.run(rows.values, job.options)
     errors = _row_errors(job, rows, result.errors)
-    failed = {e.row - job.shard.row_start for e in errors}
-    keep = [i for i in range(len(rows.values)) if i not in failed]
+    written = np.ones(len(rows.values), dtype=bool)
+    written[[e.row - job.shard.row_start for e in errors]] = False
+    keep = np.flatnonzero(written)
     normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
                                normalize=normalized)
@@ -120,7 +153,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         path=part_name(job.shard.index),
         rows_in=len(rows.values),
         rows_written=len(keep),
-        n_tokens=int(sum(result.n_tokens[i] for i in keep)),
+        n_tokens=int(np.asarray(result.n_tokens, dtype=np.int64)[keep].sum()),
         errors=errors,
         deliveries=deliveries,
         device=runtime.device_of(engine),
@@ -133,12 +166,11 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
     """Engine errors with the row number (counted from 0), id and the source column they concern."""
     field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
-    ids = rows.ids.to_pylist()
     out = []
-    for offset, reason in sorted(engine_errors.items()):
+    for offset, reason in sorted(engine_errors.items()):  # the failed rows only: no list of every id
         row = job.shard.row_start + offset
         text = rows.parse_errors.get(row) or f"row {row} (counted from 0): {reason}"
-        out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
+        out.append(RowError(row=row, id=rows.ids[offset].as_py(), field=field, reason=text))
     return out
 
 
@@ -149,16 +181,13 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
         return run_inline(payload)
-    except (EngineStopped, ModelNotServed) as exc:
-        if isinstance(exc, EngineStopped) or stopping():
+    except Exception as exc:
+        answer = inline_failure(payload, exc)
+        if answer is None:
             log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
                         self.request.id)
             raise self.retry(exc=exc, countdown=0)
-        return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
-    except ValidationError as exc:
-        return refused(payload, BadInput(f"the job message is not valid: {exc.errors()[0].get('msg')}"))
-    except EmbedfleetError as exc:
-        return refused(payload, exc)
+        return answer
 
 
 @shared_task(name=SHARD_TASK, bind=True)
@@ -167,8 +196,12 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     job = ShardJob.model_validate(payload)
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
-    counter = poison.current()
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
+    refusal = untrusted(job, payload)
+    if refusal is not None:
+        log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
+        return {"refused": refusal}
+    counter = poison.current()
     try:
         deliveries = counter.begin(task_id, self.request)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
@@ -187,6 +220,21 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
+
+
+def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
+    """Why this worker must not run the message (``producer.signing``, ``worker.hosting.trust``), or ``None``."""
+    unsigned = signing.refusal(payload)
+    if unsigned:
+        return unsigned
+    roots = current_roots()
+    if roots is None:
+        return None
+    try:
+        check_shard(job, roots)
+    except Untrusted as exc:
+        return str(exc)
+    return None
 
 
 def is_permanent(exc: BaseException) -> bool:

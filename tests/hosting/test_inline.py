@@ -1,0 +1,77 @@
+"""The inline lane's fast way on a Redis fleet: calls go straight into the engine and are answered
+exactly as the inline task answers them; what it does not take (expired, sent again, refused,
+token-level) is answered Celery's way."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from celery.exceptions import TaskRevokedError
+
+from producer.broker import INLINE_TASK, make_app
+from producer.client import decode_f32
+from producer.jobs import EmbedJob, InlineResult, Options, TokensJob, inline_queue_name
+from tests.conftest import RedisServer
+from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.inline import FastInline
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tiny_embed_model: Path) -> Iterator[tuple[InProcessWorker, Any]]:
+    spec = WorkerSpec(models=[str(tiny_embed_model)], device="cpu", backend="torch", dtype="float32",
+                      concurrency=1, inline_slots=1)
+    with InProcessWorker(spec, broker=redis_server.url, handle_signals=False) as worker:
+        yield worker, make_app(redis_server.url)
+
+
+def call(app: Any, payload: dict[str, Any], model: str = "tiny-bert", **options: Any) -> dict[str, Any]:
+    pending = app.send_task(INLINE_TASK, args=[payload], queue=inline_queue_name("embed", model), **options)
+    try:
+        return pending.get(timeout=60, disable_sync_subtasks=False)
+    finally:
+        pending.forget()
+
+
+def test_the_fast_way_is_taken_and_answers_as_the_task_does(fleet: tuple[InProcessWorker, Any]) -> None:
+    worker, app = fleet
+    assert isinstance(worker._controller.consumer.inline_consumer.on_message, FastInline)
+    engine = worker.engines[0]
+    texts = ["a first text", "and a somewhat longer second one", "word " * 600]
+    for options in (Options(), Options(dimensions=8), Options(normalize=False)):
+        payload = EmbedJob(model="tiny-bert", inputs=texts, options=options).model_dump(mode="json")
+        result = InlineResult.model_validate(call(app, payload))
+        want = engine.run(texts, options, timeout=60)
+        assert result.n_items == 3 and result.dims == want.values.shape[1] and not result.errors
+        np.testing.assert_allclose(decode_f32(result.data_b64, 3, result.dims), want.values, rtol=1e-5, atol=1e-6)
+        assert result.n_tokens == want.n_tokens and result.truncated == want.truncated == [False, False, True]
+    # a rejected input is an error for that input only, the others are answered
+    payload = EmbedJob(model="tiny-bert", inputs=["fine", "also fine"], options=Options(truncate=False))
+    payload_json = payload.model_dump(mode="json")
+    payload_json["inputs"][1] = "word " * 5000
+    result = InlineResult.model_validate(call(app, payload_json))
+    assert set(result.errors) == {1} and result.n_items == 2
+
+
+def test_what_the_fast_way_does_not_take_is_answered_the_task_s_way(fleet: tuple[InProcessWorker, Any]) -> None:
+    worker, app = fleet
+    # an option the model cannot honour: the refusal's code, from the task
+    payload = EmbedJob(model="tiny-bert", inputs=["x"], options=Options(dimensions=100_000)).model_dump(mode="json")
+    result = InlineResult.model_validate(call(app, payload))
+    assert result.error is not None and "dimensions" in result.error["message"]
+    # a message that does not validate
+    result = InlineResult.model_validate(call(app, {"kind": "embed", "model": "tiny-bert", "inputs": "not a list"}))
+    assert result.error is not None and "not valid" in result.error["message"]
+    # token-level jobs
+    tokens = call(app, TokensJob(model="tiny-bert", op="tokenize", inputs=["hello world"]).model_dump(mode="json"))
+    assert InlineResult.model_validate(tokens).tokens
+    # a call sent again (retries) runs as a task and is answered all the same
+    payload = EmbedJob(model="tiny-bert", inputs=["again"]).model_dump(mode="json")
+    assert InlineResult.model_validate(call(app, payload, retries=1)).n_items == 1
+    # an expired call is not computed: Celery records it revoked
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    with pytest.raises(TaskRevokedError):
+        call(app, payload, expires=past)

@@ -1,0 +1,125 @@
+"""Inline calls straight from the inline lane into the engine: no pool thread, no task trace.
+
+Celery runs a message as a task: a ``Request`` object, a hop to a pool thread, the task's trace
+(signals, state bookkeeping), then the result store; for a single-text call that is ~2 ms of the
+~4 ms the fleet adds over the engine, and a pool thread per call waiting on the engine's future.
+Here the consumer's callback decodes the message, hands the inputs to the engine (which never
+blocks: ``Engine.submit`` returns a future) and the engine's own thread stores the answer when
+it is ready. The answer is the very ``InlineResult`` the task would store (``tasks.inline_answer``).
+
+Only the common case takes this way; everything else goes to Celery's own handler, unchanged:
+a message of another task, one sent again (``retries``), one with an ETA, one already expired
+(Celery records it revoked), a token-level job, and any call the worker cannot start (a model it
+does not host or refused, bad options: the task answers those with their code). A call that fails
+inside the engine is answered as the task would answer it (``tasks.inline_failure``): sent again
+for another worker when this one is stopping, else the error's code, or a task failure.
+
+It needs the Redis result backend (``InlineResultBackend``); the embedded worker's in-memory
+backend wakes its facade through Celery's ``task_postrun`` signal, so it keeps Celery's path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from celery import Celery
+
+from producer.broker import INLINE_TASK
+from producer.jobs import TokensJob
+from worker.hosting.results import InlineResultBackend
+from worker.hosting.tasks import inline_answer, inline_failure, inline_job, start_inline
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], None]
+
+
+def fast_lane_for(app: Celery, celery_handler: Handler) -> Handler:
+    """The inline lane's message handler: the fast way where the result backend allows it."""
+    if isinstance(app.backend, InlineResultBackend):
+        return FastInline(app, celery_handler)
+    return celery_handler
+
+
+class FastInline:
+    """The inline lane's ``on_message``: start the call in the engine, or let Celery run it."""
+
+    def __init__(self, app: Celery, celery_handler: Handler) -> None:
+        self.app = app
+        self.backend: InlineResultBackend = app.backend
+        self.celery_handler = celery_handler
+
+    def __call__(self, message: Any) -> None:
+        headers = message.headers or {}
+        if headers.get("task") != INLINE_TASK or headers.get("retries") or headers.get("eta") \
+                or _expired(headers.get("expires")):
+            self.celery_handler(message)
+            return
+        try:
+            args = message.decode()[0]
+            payload = args[0]
+            job = inline_job(payload)
+            if isinstance(job, TokensJob):
+                raise LookupError("token-level jobs run as tasks")
+            future, count = start_inline(job)
+        except Exception:  # the task's own handling answers it (refusal codes, bad messages)
+            self.celery_handler(message)
+            return
+        task_id = str(headers["id"])
+        queue = (message.delivery_info or {}).get("routing_key")
+        future.add_done_callback(lambda done: self._finish(done, task_id, job, payload, count, headers, queue))
+
+    def _finish(self, done: Future, task_id: str, job: Any, payload: dict[str, Any], count: int,
+                headers: dict[str, Any], queue: str | None) -> None:
+        """On the engine's thread: store the answer, or what the task would have made of the failure."""
+        try:
+            answer = inline_answer(job, count, done.result())
+        except Exception as exc:
+            self._failed(task_id, payload, exc, headers, queue)
+            return
+        _guarded(task_id, self.backend.store_inline, task_id, answer)
+
+    def _failed(self, task_id: str, payload: dict[str, Any], exc: Exception, headers: dict[str, Any],
+                queue: str | None) -> None:
+        """A refusal's code, a send for another worker (this one is stopping), or a task failure (502)."""
+        try:
+            answer = inline_failure(payload, exc)
+        except Exception as unexpected:
+            log.error("inline call %s failed: %s: %s", task_id, type(unexpected).__name__, unexpected)
+            _guarded(task_id, self.backend.mark_as_failure, task_id, unexpected)
+            return
+        if answer is None:
+            log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
+                        task_id)
+            _guarded(task_id, self._send_again, task_id, payload, headers, queue)
+            return
+        _guarded(task_id, self.backend.store_inline, task_id, answer)
+
+    def _send_again(self, task_id: str, payload: dict[str, Any], headers: dict[str, Any], queue: str | None) -> None:
+        """The message again, under the same id and deadline; ``retries`` sends it Celery's way."""
+        expires = headers.get("expires")
+        self.app.send_task(INLINE_TASK, args=[payload], task_id=task_id, queue=queue, retries=1,
+                           expires=dt.datetime.fromisoformat(expires) if expires else None,
+                           argsrepr=headers.get("argsrepr"), kwargsrepr="{}")
+
+
+def _guarded(task_id: str, step: Callable[..., Any], *args: Any) -> None:
+    """Run a step that talks to Redis; if Redis is unreachable the caller times out (504)."""
+    try:
+        step(*args)
+    except Exception as exc:
+        log.error("inline call %s: cannot store its outcome: %s: %s", task_id, type(exc).__name__, exc)
+
+
+def _expired(expires: Any) -> bool:
+    if not expires:
+        return False
+    try:
+        moment = dt.datetime.fromisoformat(str(expires))
+    except ValueError:
+        return True  # let Celery judge what it cannot be read here
+    now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
+    return moment <= now
