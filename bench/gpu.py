@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.workloads import mixed_workload, seed_workload, vocabulary  # noqa: E402
+from bench.workloads import mixed_workload, seed_workload, short_workload, vocabulary  # noqa: E402
 
 GIB = float(1 << 30)
 LOG: list[str] = []
@@ -69,7 +69,8 @@ def _st_files(dest: Path, hidden: int, pooling: str, max_len: int) -> None:
 
 
 def build_model(kind: str, dest: Path, small: bool) -> Path:
-    """The bge-large-en-v1.5 (BERT-large) or bge-m3 (XLM-R large) architecture, random, fp32."""
+    """The bge-large-en-v1.5 (BERT-large), bge-base-en-v1.5 (BERT-base) or bge-m3 (XLM-R large)
+    architecture, random, fp32."""
     from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
     if (dest / "config.json").is_file():
@@ -77,9 +78,11 @@ def build_model(kind: str, dest: Path, small: bool) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small else \
         dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    if kind == "bge-base" and not small:
+        size = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is fast on the GPU
-        if kind == "bge-large":
+        if kind in ("bge-large", "bge-base"):
             model = BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **size))
         else:
             model = XLMRobertaModel(XLMRobertaConfig(vocab_size=250002, max_position_embeddings=8194, pad_token_id=1,
@@ -219,7 +222,7 @@ def make_backend(path: Path, dtype: str, variant: str) -> Any:
     return build(Recipe("torch", describe(str(path)), "cuda", dtype, tuple(sorted(VARIANTS[variant].items()))))
 
 
-def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = None
+def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = None, chunk: int | None = None
                   ) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
     """embedfleet's engine: concurrent requests (one per seed request, or chunks of the corpus)."""
     from worker.engine.pipeline import Engine
@@ -227,7 +230,8 @@ def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = Non
     start = time.perf_counter()
     backend = make_backend(path, dtype, variant)
     info = backend.info
-    engine = Engine(info, backend, max_batch_tokens=budget).start()
+    extra = {"tokenize_chunk": chunk} if chunk else {}
+    engine = Engine(info, backend, max_batch_tokens=budget, **extra).start()
     say(f"  engine {dtype} {variant}: loaded and sized in {time.perf_counter() - start:.1f}s; "
         f"{engine.budget_report}")
 
@@ -317,6 +321,38 @@ def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
             rows.append({"contender": label, "error": f"{type(exc).__name__}: {exc}"})
             free_gpu()
         say(f"  {label} done in {time.perf_counter() - start:.1f}s")
+
+
+def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    """Short texts (8-32 words, requests of 2,000): the bundled MiniLM and the bge-base
+    architecture, sentence-transformers fp16 beside the engine (tokenizer chunk sizes swept)."""
+    from worker.models.tokenizer import BatchTokenizer
+
+    words = vocabulary(bundled_path() / "vocab.txt")
+    requests = short_workload(words, n=2000 if args.small else args.short_n)
+    rows = results.setdefault("short", [])
+    for model_name, path in (("MiniLM", bundled_path()), ("bge-base arch", build_model("bge-base", workdir / "bge-base-arch", args.small))):
+        tokens = sum(e.n_tokens for r in requests for e in BatchTokenizer(path, 512).encode(r))
+        contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [
+            ("sentence-transformers fp16", lambda p=path: st_runner(p, torch.float16))]
+        for chunk in args.short_chunks.split(","):
+            contenders.append((f"embedfleet bf16 chunk {chunk}",
+                               lambda p=path, c=int(chunk): engine_runner(p, "bfloat16", "default", chunk=c)))
+        for label, make in contenders:
+            try:
+                obj, run = make()
+                row = measure(f"short {model_name} / {label}", lambda r=requests, f=run: f(r), tokens, args.passes)
+                row.update(model=model_name, contender=label)
+                if label.startswith("embedfleet"):
+                    row["stats"] = dict(obj.stats)
+                rows.append(row)
+                close(obj)
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                rows.append({"model": model_name, "contender": label, "error": f"{type(exc).__name__}: {exc}"})
+                free_gpu()
 
 
 def run_chunked(engine: Any, requests: list[list[str]], chunk: int = 500) -> list[np.ndarray]:
@@ -552,6 +588,17 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     for r in results.get("throughput", []):
         if "error" in r:
             lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+    if results.get("short"):
+        lines += ["", "## Short texts (8-32 words, requests of 2,000), end to end", "",
+                  "| model | contender | tokens/s | spread | x sentence-transformers |", "| --- | --- | ---: | ---: | ---: |"]
+        st_best = {r["model"]: r["best"] for r in results["short"] if r.get("contender", "").startswith("sentence")
+                   and "best" in r}
+        for r in results["short"]:
+            if "best" not in r:
+                lines.append(f"| {r['model']} | {r['contender']} | failed: {r['error'][:100]} | | |")
+                continue
+            ratio = r["best"] / st_best[r["model"]] if r["model"] in st_best else float("nan")
+            lines.append(f"| {r['model']} | {r['contender']} | {r['best']:,.0f} | {r['spread_pct']:.1f}% | {ratio:.2f}x |")
     if results.get("attention"):
         lines += ["", "## Attention alone (bf16, 145 texts x 450 tokens, 16 heads x 64)", "",
                   "| kernel | ms | TFLOP/s |", "| --- | ---: | ---: |"]
@@ -600,7 +647,9 @@ def main() -> None:
                         help=f"embedfleet variants, dtype:{'|'.join(VARIANTS)}[:budget], comma-separated")
     parser.add_argument("--quality-engines", default="bfloat16:default,float16:default,bfloat16:fused-exact")
     parser.add_argument("--kernel-variants", default="plain,fused-varlen,fused-exact,default")
-    parser.add_argument("--sections", default="kernels,throughput,quality,memory")
+    parser.add_argument("--sections", default="kernels,short,throughput,quality,memory")
+    parser.add_argument("--short-n", type=int, default=60_000, help="texts of the short workload")
+    parser.add_argument("--short-chunks", default="64,256,1024", help="tokenizer chunk sizes the engine is run with")
     parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
@@ -624,6 +673,7 @@ def main() -> None:
     sections = args.sections.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
     for name, fn in (("kernels", lambda: kernels(args, args.workdir, results)),
+                     ("short", lambda: short_texts(args, args.workdir, results)),
                      ("throughput", lambda: throughput(args, args.workdir, results)),
                      ("quality", lambda: quality(args, results)),
                      ("memory", lambda: memory(args, args.workdir, results))):

@@ -48,3 +48,10 @@ def mixed_workload(words: list[str], n: int = 4000, seed: int = 1) -> list[str]:
             length = int(np.clip(rng.lognormal(4.7, 0.5), 40, 300))
         texts.append(_sentence(rng, words, length))
     return texts
+
+
+def short_workload(words: list[str], n: int = 60_000, per_request: int = 2000, seed: int = 2) -> list[list[str]]:
+    """Queries and titles: ``n`` texts of 8-32 words, sent as requests of ``per_request``."""
+    rng = np.random.default_rng(seed)
+    texts = [_sentence(rng, words, int(rng.integers(8, 33))) for _ in range(n)]
+    return [texts[i:i + per_request] for i in range(0, n, per_request)]

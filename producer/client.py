@@ -20,6 +20,7 @@ import pyarrow as pa
 from producer import sources, storage
 from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
 from producer.errors import BadInput, InputError, JobFailed, OutputConflict, from_wire
+from producer.signing import sign
 from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows
 from producer.jobs import (
     DEFAULT_MODEL,
@@ -286,7 +287,7 @@ class Client:
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
             messages[shard.index] = {"task_id": f"{spec.job_id}-{shard.index:05d}-{attempt}", "queue": queue,
-                                     "payload": message.model_dump(mode="json")}
+                                     "payload": sign(message.model_dump(mode="json"))}
         record_job(self.app, spec.job_id, messages)  # recorded first: a lost message can be re-sent
         for entry in messages.values():
             self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],

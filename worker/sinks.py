@@ -10,7 +10,7 @@ markers, so two writers racing write the same bytes.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,18 +51,19 @@ def _vectors(values: np.ndarray, dtype: str) -> pa.Array:
 
 
 def result_table(
-    info: ModelInfo, result: EngineResult, ids: pa.Array, keep: list[int], output_dtype: str, dtype: str,
-    normalize: bool | None = None,
+    info: ModelInfo, result: EngineResult, ids: pa.Array, keep: Sequence[int] | np.ndarray, output_dtype: str,
+    dtype: str, normalize: bool | None = None,
 ) -> pa.Table:
     """The Parquet table of one shard: only the rows in ``keep`` (the others failed).
 
     ``normalize`` is the job's option (``None``: the model's default), so the file metadata says
     what was actually applied. A shard whose rows all failed gives an empty table, not an error.
+    Every column is built from whole arrays (vectors as a FixedSizeList over one flat buffer).
     """
-    take = pa.array(keep, pa.int64())
-    columns: dict[str, pa.Array] = {"id": ids_array(ids).take(take)}
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    columns: dict[str, pa.Array] = {"id": ids_array(ids).take(pa.array(keep, pa.int64()))}
     width = result.values.shape[1] if result.values.ndim > 1 else 1
-    values = (result.values[keep] if keep else result.values[:0]).reshape(len(keep), width)
+    values = result.values[keep].reshape(len(keep), width)
     if info.kind == JobKind.embed:
         if "dense" in result.outputs:
             columns["embedding"] = _vectors(values, output_dtype)
@@ -74,11 +75,12 @@ def result_table(
         columns["score"] = pa.array(values.astype(np.float32).reshape(-1))
     else:
         best = values.argmax(axis=1) if len(keep) else np.zeros(0, dtype=np.int64)
-        columns["label"] = pa.array([info.labels[i] for i in best], pa.string())
+        columns["label"] = pa.DictionaryArray.from_arrays(pa.array(best.astype(np.int32)),
+                                                          pa.array(list(info.labels), pa.string())).cast(pa.string())
         columns["score"] = pa.array(values[np.arange(len(keep)), best].astype(np.float32))
         columns["scores"] = _vectors(values, "float32")
-    columns["n_tokens"] = pa.array([result.n_tokens[i] for i in keep], pa.int32())
-    columns["truncated"] = pa.array([result.truncated[i] for i in keep], pa.bool_())
+    columns["n_tokens"] = pa.array(np.asarray(result.n_tokens, dtype=np.int32)[keep], pa.int32())
+    columns["truncated"] = pa.array(np.asarray(result.truncated, dtype=bool)[keep], pa.bool_())
     table = pa.table(columns)
     normalized = info.normalize if normalize is None else normalize
     metadata = file_metadata(info, width, output_dtype, dtype, normalized)

@@ -24,6 +24,7 @@ import torch
 from producer.jobs import JobKind, Options
 from producer.rules import MAX_INPUT_CHARS
 from worker.engine.pipeline import Engine, EngineResult
+from worker.engine.scheduler import Picked
 
 from tests.fixtures_extra import (
     EDGE_TEXTS,
@@ -275,8 +276,9 @@ def test_tiny_classify_matches_transformers_softmax(tiny_classify_model: Path) -
         np.testing.assert_allclose(result.values, probs, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.values.sum(1), 1.0, atol=1e-5)
         # The raw logits the backend hands the head are transformers' logits.
-        enc = engine.tokenizer.encode(texts[:4])
-        batch = engine._collate([type("S", (), {"encoded": e})() for e in enc])  # type: ignore[arg-type]
+        tokens = engine.tokenizer.encode_tokens(texts[:4])
+        block = type("Block", (), {"tokens": tokens})()
+        batch = engine._collate(Picked([block], np.zeros(4, np.int64), np.arange(4), tokens.lengths))
         np.testing.assert_allclose(engine.backend.forward(batch), logits[:4], rtol=1e-4, atol=2e-5)
     finally:
         engine.stop()

