@@ -19,7 +19,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
+from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries, record_unwritten
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
@@ -277,8 +277,15 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
     try:
         sinks.write_marker(job.out, report)
         sinks.finalize_if_complete(job.out, _revision(job.model))
-    except OSError as exc:  # storage is down even after retries: keep the message for later
-        raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+    except OSError as exc:
+        if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
+            raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+        # The output is unwritable or full on every delivery: record the failure beside the queue
+        # (the job's status reads it) and let the message go, instead of requeueing it forever.
+        failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+        record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
+        log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
+                  job.job_id, job.out, failure)
     return report.model_dump(mode="json")
 
 
