@@ -36,7 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     command = [EMBEDFLEET, "worker", "--broker", broker, "--model", model, "--device", args.device,
                "--backend", args.backend, "--dtype", args.dtype, "--concurrency", str(args.concurrency)]
-    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    env = dict(os.environ, EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # the corpus and outputs live there
+    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     wait_for_line(proc, log, "worker ready")
     return proc
 

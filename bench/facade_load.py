@@ -109,9 +109,7 @@ def generate(args: argparse.Namespace) -> None:
     out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch))
     ms = np.array(out["latencies"]) * 1000
     print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": out["tokens"],
-                      "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-                      "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-                      "errors": out["errors"], "samples": out["samples"]}))
+                      "ms": [round(float(x), 2) for x in ms], "errors": out["errors"], "samples": out["samples"]}))
 
 
 # ------------------------------------------------------------------------------ the engine alone
@@ -196,7 +194,8 @@ def requests_per_job(url: str) -> tuple[float, float]:
 
 
 def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 
@@ -226,11 +225,24 @@ def clients_for(args: argparse.Namespace, batch: int) -> int:
 
 
 def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, Any]:
-    command = [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
-               "--clients", str(clients_for(args, batch)), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-               "--batch", str(batch)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """``--gen-procs`` generator processes at once, the clients shared out; their counts summed."""
+    clients = clients_for(args, batch)
+    procs = max(1, min(args.gen_procs, clients))
+    running = [subprocess.Popen(
+        [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
+         "--clients", str(clients // procs + (k < clients % procs)), "--seconds", str(args.seconds),
+         "--warmup", str(args.warmup), "--batch", str(batch)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for k in range(procs)]
+    parts = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in running]
+    ms = np.array([x for part in parts for x in part["ms"]])
+    errors: dict[str, int] = {}
+    for part in parts:
+        for status, n in part["errors"].items():
+            errors[status] = errors.get(status, 0) + n
+    return {"requests": len(ms), "seconds": args.seconds, "tokens": sum(p["tokens"] for p in parts),
+            "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+            "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+            "errors": errors, "samples": [x for p in parts for x in p["samples"]]}
 
 
 def run_engine(args: argparse.Namespace, batch: int) -> dict[str, Any]:
@@ -274,7 +286,7 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
         db = len(paths) + 1  # each checkout's fleet on its own Redis database: queues apart
         broker = f"{redis.url[:-2]}/{db}"
         port = free_port()
-        workers = ["--workers", str(args.facade_workers)] if args.facade_workers > 1 and cwd == REPO else []
+        workers = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
         worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
                        work / f"{name}-worker.log", cwd)
         facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers, *args.facade_args.split()],
@@ -386,7 +398,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="Texts per request of the second shape")
     parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
     parser.add_argument("--paths", default="engine,thin,embedded")
-    parser.add_argument("--facade-workers", type=int, default=1, help="Thin facade processes on one port")
+    parser.add_argument("--facade-processes", type=int, default=1, help="Thin facade processes on one port "
+                        "(this checkout's `serve --processes`)")
+    parser.add_argument("--gen-procs", type=int, default=1, help="Load generator processes sharing the clients")
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
     parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
     parser.add_argument("--backend", default="torch")

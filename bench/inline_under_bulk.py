@@ -39,7 +39,8 @@ CORPUS = ROOT / "data" / "sample-corpus.parquet"
 def start_worker(checkout: Path, broker: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     """The worker of ``checkout``, run by that checkout's own virtualenv."""
     python = checkout / ".venv" / "bin" / "python"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # the corpus and the outputs live there
     command = [str(python), "-c", ENTRY, "worker", "--broker", broker, "--device", "cpu",
                "--backend", args.backend, "--dtype", args.dtype, "--concurrency", str(args.concurrency)]
     return subprocess.Popen(command, cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

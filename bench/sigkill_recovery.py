@@ -43,7 +43,8 @@ def start_worker(checkout: Path, broker: str, log: Path) -> subprocess.Popen:
     """A worker of ``checkout`` (its own virtualenv), default settings, waited for until ready."""
     python = checkout / ".venv" / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDFLEET_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # the one setting a worker cannot start without
     command = [str(python), "-c", ENTRY, "worker", "--broker", broker, "--device", "cpu", "--backend", "torch",
                "--concurrency", "2", "--verbose"]
     with log.open("a") as handle:

@@ -121,6 +121,13 @@ class OutputConflict(BadInput, FileExistsError):
 
 
 # ---------------------------------------------------------------------------- not found
+class Untrusted(BadInput):
+    """A broker message names storage outside the worker's roots, or a job its output folder does
+    not hold (``worker.hosting.trust``); it is refused, never run."""
+
+    code = "untrusted_message"
+
+
 class NotFound(EmbedfleetError, LookupError):
     """What was named does not exist here."""
 

@@ -226,6 +226,8 @@ class ShardJob(_Message):
     options: Options = Field(default_factory=Options)
     shard: ShardRef
     n_shards: int
+    #: HMAC-SHA256 over the rest, when producers hold ``EMBEDFLEET_SIGNING_KEY`` (``producer.signing``)
+    signature: str | None = None
 
 
 class RowError(BaseModel):

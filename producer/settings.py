@@ -67,6 +67,10 @@ class Settings(BaseSettings):
                                 "the broker lost")
     job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "
                          "for `status <id>`, its shard list) live after submission; none is kept forever")
+    storage_roots: str | None = Field(None, description="worker: comma-separated folders or URI prefixes "
+                                      "(s3://bucket/prefix/) its messages may read and write; '*' allows anything")
+    signing_key: str | None = Field(None, description="Producers sign shard messages with it, workers refuse "
+                                    "unsigned or altered ones (HMAC-SHA256 over the message)")
     # -- SQS
     sqs_region: str | None = Field(None, description="SQS region (else AWS_REGION / AWS_DEFAULT_REGION, "
                                    "else us-east-1)")

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from producer.errors import SourceError
@@ -111,9 +112,17 @@ class _PyObjects(list):
 
 
 def _stamp(uri: str) -> tuple[int | None, int | None]:
-    """Size and modification time: a rewritten file is a new cache entry, never stale rows."""
+    """Size and modification time: a rewritten file is a new cache entry, never stale rows.
+
+    Only a regular file is a source: a FIFO or a device would block the reading slot forever,
+    and a folder is not one corpus."""
     loc = locate(uri)
     info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"cannot read {uri!r}: no such file")
+    if info.type != pafs.FileType.File:
+        kind = "a folder" if info.type == pafs.FileType.Directory else "not a regular file (a FIFO, socket or device)"
+        raise SourceError(f"cannot read {uri!r}: it is {kind}")
     return info.size, info.mtime_ns
 
 

@@ -32,6 +32,7 @@ from producer.errors import EmbedfleetError
 from producer.http import cohere, tei
 from producer.http.checks import validation_message
 from producer.http.errors import bad, error_response, plain_response
+from producer.http.dispatch import Runner
 from producer.http.facade import Facade
 from producer.http.metrics import CONTENT_TYPE
 from producer.http.middleware import AssumeJson, BodyLimit, Observe
@@ -81,10 +82,12 @@ def _router(facade: Facade) -> APIRouter:
 
 
 
-def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdown: Any = None) -> FastAPI:
-    """The FastAPI app for ``client``'s broker; ``on_shutdown`` runs after the facade stops."""
+def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdown: Any = None,
+               runner: Runner | None = None) -> FastAPI:
+    """The FastAPI app for ``client``'s broker; ``on_shutdown`` runs after the facade stops;
+    ``runner``: the engines of this process (embedded mode), which take jobs without a message."""
     settings = settings or FacadeSettings()
-    facade = Facade(client, settings)
+    facade = Facade(client, settings, runner)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -30,7 +30,7 @@ from producer.http.checks import (
 )
 from producer.http.coalesce import Answer
 from producer.http.directory import Directory, ServedModel
-from producer.http.dispatch import Dispatcher
+from producer.http.dispatch import Dispatcher, Runner
 from producer.http.errors import bad, unauthorized
 from producer.http.metrics import FacadeMetrics
 from producer.http.render import json_response, stamp, usage
@@ -86,13 +86,13 @@ def multivector_rows(result: Answer, body: EmbeddingRequest) -> list[Any]:
 class Facade:
     """State shared by the routes of one app, and the calls every route makes."""
 
-    def __init__(self, client: Client, settings: FacadeSettings) -> None:
+    def __init__(self, client: Client, settings: FacadeSettings, runner: Runner | None = None) -> None:
         self.client = client
         self.settings = settings
         self.directory = Directory(client.app, settings)
         self.metrics = FacadeMetrics(self.directory.samples)
         self.dispatcher = Dispatcher(client.app, settings.timeout_s, settings.max_inflight, settings.max_queue_depth,
-                                     settings.jobs_per_worker, self.directory.depths_of, self.metrics)
+                                     settings.jobs_per_worker, self.directory.depths_of, self.metrics, runner)
 
     async def authorize(self, request: Request) -> None:
         """The bearer key check (async: FastAPI would run a plain function on a worker thread)."""

@@ -45,7 +45,7 @@ class WorkerProcess:
     def __init__(self, broker: str, model: Path, log: Path, env: dict[str, str] | None = None,
                  concurrency: int = 2) -> None:
         self.args = [EMBEDFLEET, "worker", "--broker", broker, "--model", str(model), "--device", "cpu",
-                     "--concurrency", str(concurrency), "--verbose"]
+                     "--concurrency", str(concurrency), "--verbose", "--storage-root", str(log.parent)]
         self.log_path = log
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "OMP_NUM_THREADS": "1", **(env or {})}

@@ -83,6 +83,7 @@ class WorkerProcess:
                 "--device", "cpu", "--concurrency", "64"]
         for model in self.models:
             args += ["--model", model]
+        args += ["--storage-root", str(self.log.parent)]  # inline calls only: it reads and writes no corpus
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         return self

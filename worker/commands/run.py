@@ -47,6 +47,7 @@ from worker.commands.options import (
     TrustRemoteCode,
 )
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.trust import StorageRoots
 
 
 @app.command()
@@ -83,7 +84,7 @@ def run(
         fmt = detect_format(input)
         spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                           max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, storage_roots=StorageRoots.parse([input, out]))
         with InProcessWorker(spec) as worker:
             engine = worker.engines[0]
             model_kind = engine.info.kind

@@ -2,7 +2,8 @@
 
 Thin mode holds no model: each request is a job on the model's queue, answered by whatever
 workers consume it. Embedded mode starts the same in-process worker ``embedfleet run`` uses
-(in-memory transport) and puts the same facade in front of it, so the request path is identical.
+(in-memory transport) and puts the same facade in front of it; its calls are handed to the
+engine directly (``worker.hosting.direct``), without a message in between.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from worker.commands.options import (
     TrustRemoteCode,
 )
 from worker.commands.worker import say_selections
+from worker.hosting.direct import EngineRunner
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.trust import StorageRoots
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def build(broker: Optional[str], result_backend: Optional[str], models: list[str
     if broker:
         return create_app(Client(broker=broker, result_backend=result_backend), settings), None
     worker = start_embedded(models, spec)
-    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop), worker
+    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop, runner=EngineRunner()), worker
 
 
 @app.command("serve")
@@ -135,7 +138,8 @@ def serve(
     hosted = [parse_wanted(entry)[1] for entry in model] or [DEFAULT_MODEL]
     spec = WorkerSpec(models=hosted, device=device, backend=backend, dtype=dtype, concurrency=concurrency,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code,
+                      storage_roots=StorageRoots())  # the embedded worker answers calls; it takes no shards
     # keep-alive longer than load balancers' idle timeouts (60 s on AWS), so a pooled
     # connection is never closed by us just as a client reuses it
     config = {"host": host, "port": port, "log_level": "info" if verbose else "warning", "access_log": verbose,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List
+import logging
+from typing import Annotated, List, Optional
 
 import typer
 from rich.markup import escape
 
 from producer.cli import app, console, fail
-from producer.errors import EmbedfleetError
+from producer.errors import BadInput, EmbedfleetError
 from producer.jobs import DEFAULT_MODEL
 from producer.logs import setup_logging
 from producer.options import Broker, ResultBackend, Verbose, default, envvar
+from producer.settings import settings
 from worker.commands.options import (
     DEFAULT_BACKEND,
     DEFAULT_DTYPE,
@@ -27,6 +29,9 @@ from worker.commands.options import (
 from worker.hosting.devices import DeviceSlot, plan_slots
 from worker.hosting.host import InProcessWorker, WorkerSpec
 from worker.hosting.supervisor import Supervisor
+from worker.hosting.trust import StorageRoots
+
+log = logging.getLogger(__name__)
 
 
 def say_selections(worker: InProcessWorker) -> None:
@@ -43,6 +48,20 @@ def ready_line(worker: InProcessWorker, broker: str) -> str:
         names = ", ".join(ref or info.name for ref, info in worker.refused)
         line += f"; refused (their jobs fail with the reason): {names}"
     return line
+
+
+def storage_roots(flags: list[str] | None) -> StorageRoots:
+    """The roots from ``--storage-root`` or the environment; none at all is refused, since any
+    message on the broker could otherwise make this worker read or write any file."""
+    given = list(flags or []) or [r for r in (settings().storage_roots or "").split(",") if r.strip()]
+    roots = StorageRoots.parse(given)
+    if roots.empty:
+        raise BadInput("name where the jobs may read and write: --storage-root DIR or s3://bucket/prefix/ "
+                       f"(repeatable, or {envvar('storage_roots')}); --storage-root '*' allows anything",
+                       param="storage_root")
+    if roots.anything:
+        log.warning("--storage-root '*': any message on the broker may make this worker read or write any file")
+    return roots
 
 
 @app.command("worker")
@@ -62,6 +81,9 @@ def worker_command(
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
+    storage_root: Annotated[Optional[List[str]], typer.Option(
+        "--storage-root", help="A folder or URI prefix (s3://bucket/prefix/) the jobs may read and write "
+        f"(repeatable; else {envvar('storage_roots')}, comma-separated); '*' allows anything")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Host models for a fleet: consume their queues on BROKER until stopped (Ctrl+C / SIGTERM).
@@ -75,12 +97,14 @@ def worker_command(
     """
     setup_logging(verbose)
     try:
+        roots = storage_roots(storage_root)
         slots = plan_slots(devices, device)
     except EmbedfleetError as exc:
         raise fail(exc) from None
     spec = WorkerSpec(models=list(model), device=slots[0].device, backend=backend, dtype=dtype,
                       concurrency=concurrency, inline_slots=inline_slots, max_batch_tokens=max_batch_tokens,
-                      memory_fraction=memory_fraction, trust_remote_code=trust_remote_code, keep_refused=True)
+                      memory_fraction=memory_fraction, trust_remote_code=trust_remote_code, keep_refused=True,
+                      storage_roots=roots)
     if len(slots) > 1:
         raise typer.Exit(supervise(slots, spec, broker, result_backend, verbose))
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from celery import Celery
 
-from producer.broker import default_backend, make_app
+from producer.broker import broker_kind, default_backend, make_app
 from worker.hosting.results import backend_url
+from worker.hosting.transport import TRANSPORT
 
 
 def worker_settings(prefetch: int) -> dict[str, Any]:
@@ -41,4 +42,10 @@ def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Ce
 
     app = make_app(broker, backend_url(backend or default_backend(broker)), name="embedfleet-worker")
     app.conf.update(worker_settings(prefetch))
+    if broker_kind(broker) == "redis":  # an undecodable entry is discarded, not a consumer crash
+        app.conf.broker_transport = TRANSPORT
+        if broker.startswith("rediss://") and not app.conf.broker_use_ssl:
+            import ssl  # kombu infers TLS from the scheme only when it picks the transport itself
+
+            app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app

@@ -32,6 +32,7 @@ from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
 from worker.hosting.stop import begin_stop, reset_stop
+from worker.hosting.trust import StorageRoots, use_roots
 from worker.models.resolve import ModelInfo, describe
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class WorkerSpec:
     #: a model refused as unfaithful (``UnsupportedModel``) stays on its queues, and its jobs fail at
     #: once with the reason (``embedfleet worker``); otherwise the refusal ends the start (run, serve, shard)
     keep_refused: bool = False
+    #: where broker messages may read and write (``worker.hosting.trust``); ``None`` checks nothing
+    storage_roots: StorageRoots | None = None
 
 
 def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]:
@@ -150,6 +153,7 @@ class InProcessWorker:
                                     | {inline_queue_name(i.kind, r) for r, i in refused})
         consume_without_acks(self.app, self.inline_queues)
         poison.use_broker(self.broker)
+        use_roots(self.spec.storage_roots)
         for name in self.queues + self.inline_queues:
             declare_queue(self.app, name)
         # Celery's thread pool traces tasks with the *current* app; unless it is this one, results

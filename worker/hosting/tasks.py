@@ -19,8 +19,8 @@ from celery import shared_task
 from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
-from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel
+from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries, record_unwritten
+from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
     InlineResult,
@@ -33,6 +33,7 @@ from producer.jobs import (
     part_name,
 )
 from producer.outputs import DENSE_ONLY
+from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
@@ -40,6 +41,7 @@ from worker.hosting import poison
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
+from worker.hosting.trust import check_shard, current_roots
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +219,12 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     job = ShardJob.model_validate(payload)
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
-    counter = poison.current()
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
+    refusal = untrusted(job, payload)
+    if refusal is not None:
+        log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
+        return {"refused": refusal}
+    counter = poison.current()
     try:
         deliveries = counter.begin(task_id, self.request)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
@@ -237,6 +243,21 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:
         return _after_failure(job, counter, task_id, deliveries, limit, exc)
+
+
+def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
+    """Why this worker must not run the message (``producer.signing``, ``worker.hosting.trust``), or ``None``."""
+    unsigned = signing.refusal(payload)
+    if unsigned:
+        return unsigned
+    roots = current_roots()
+    if roots is None:
+        return None
+    try:
+        check_shard(job, roots)
+    except Untrusted as exc:
+        return str(exc)
+    return None
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -279,8 +300,15 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
     try:
         sinks.write_marker(job.out, report)
         sinks.finalize_if_complete(job.out, _revision(job.model))
-    except OSError as exc:  # storage is down even after retries: keep the message for later
-        raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+    except OSError as exc:
+        if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
+            raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+        # The output is unwritable or full on every delivery: record the failure beside the queue
+        # (the job's status reads it) and let the message go, instead of requeueing it forever.
+        failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+        record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
+        log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
+                  job.job_id, job.out, failure)
     return report.model_dump(mode="json")
 
 

@@ -1,0 +1,55 @@
+"""Undecodable queue entries, pushed with redis-py, are discarded and counted; the consumer goes
+on and still gets the good message behind them (kombu's own transport raises out of its loop)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from tests.conftest import RedisServer
+from worker.hosting.transport import DISCARDED, TRANSPORT, UNDECODABLE
+
+HOSTILE = [b"not json", b"\xff\xfe", b"[]", b"42", b'{"body": "x"}', b'{"properties": 1}', b'"text"',
+           json.dumps({"body": "%%%", "properties": {"body_encoding": "base64", "delivery_tag": "t"},
+                       "headers": {}, "content-type": "application/json", "content-encoding": "utf-8"}).encode()]
+
+
+def _push_and_drain(redis_server: RedisServer, transport: str | None) -> list[object]:
+    queue = Queue("embed.tiny", Exchange("embed.tiny"), routing_key="embed.tiny")
+    received: list[object] = []
+    with Connection(redis_server.url, transport=transport) as connection:
+        Producer(connection.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key="embed.tiny",
+                                                     declare=[queue], serializer="json")
+        client = redis_server.client()
+        client.rpush("embed.tiny", *HOSTILE)  # BRPOP takes from the right: the garbage comes first
+        with Consumer(connection, [queue], callbacks=[lambda body, message: (received.append(body), message.ack())]):
+            for _ in range(len(HOSTILE) + 1):
+                if received:
+                    break
+                connection.drain_events(timeout=5)
+    return received
+
+
+def test_undecodable_entries_are_discarded_and_the_good_one_is_delivered(redis_server: RedisServer) -> None:
+    before = DISCARDED.labels(queue="embed.tiny")._value.get()
+    assert _push_and_drain(redis_server, TRANSPORT) == [{"n": 1}]
+    assert DISCARDED.labels(queue="embed.tiny")._value.get() - before == len(HOSTILE)
+    assert redis_server.client().llen("embed.tiny") == 0
+
+
+def test_kombus_own_transport_raises_out_of_the_consumer(redis_server: RedisServer) -> None:
+    """What the worker did before: the first entry ends the consumer's loop."""
+    with pytest.raises(UNDECODABLE):
+        _push_and_drain(redis_server, None)
+
+
+def test_the_workers_app_consumes_redis_with_it() -> None:
+    from worker.hosting.app import create_app
+    from worker.hosting.transport import Transport
+
+    for url in ("redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0"):
+        connection = create_app(url).connection_for_read()
+        assert type(connection.transport) is Transport
+        assert bool(connection.ssl) == url.startswith("rediss")

@@ -1,0 +1,77 @@
+"""kombu's Redis transport for workers, minus the consumer crash on an undecodable message.
+
+kombu decodes a message right after BRPOP took it off the queue; an entry that is not JSON, or
+JSON that is not a kombu envelope, raises out of the consumer's event loop, and Celery stops the
+consumer. Six such entries pushed onto a queue by anyone who can reach Redis stopped a worker
+(``MAX_CONSUMER_RESTARTS``), and N workers x 6 a fleet. Here such an entry, already off the
+queue, is discarded: counted (``embedfleet_discarded_messages``, in the worker's default
+Prometheus registry) and logged at most once a minute, and consumption goes on. Well-formed
+envelopes with a bad task inside are Celery's to reject, as before.
+
+Only the worker's app uses this transport (``worker.hosting.app``); producers publish with kombu's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from kombu.transport import redis
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+#: Where ``worker.hosting.app`` points Celery's ``broker_transport`` for Redis brokers.
+TRANSPORT = "worker.hosting.transport:Transport"
+#: What decoding a queue entry into a kombu message raises on garbage (JSON, base64, UTF-8, shape).
+UNDECODABLE = (ValueError, KeyError, TypeError, IndexError)
+LOG_EVERY_S = 60.0
+
+DISCARDED = Counter("embedfleet_discarded_messages", "Queue entries discarded as undecodable", ["queue"])
+
+
+class _Throttle:
+    """One log line per ``LOG_EVERY_S``, saying how many were discarded since the last one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._since = 0
+
+    def discarded(self, queue: str, exc: BaseException) -> None:
+        DISCARDED.labels(queue=queue).inc()
+        with self._lock:
+            self._since += 1
+            now = time.monotonic()
+            if now - self._last < LOG_EVERY_S:
+                return
+            count, self._since, self._last = self._since, 0, now
+        log.warning("discarded %d undecodable message(s) (latest on %s: %s: %s)", count, queue,
+                    type(exc).__name__, str(exc)[:200])
+
+
+throttle = _Throttle()
+
+
+class Channel(redis.Channel):
+    """kombu's Redis channel; a popped entry that cannot be decoded is discarded, not raised."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return bool(super()._brpop_read(**options))
+        except UNDECODABLE as exc:
+            throttle.discarded(self._last_queue(), exc)
+            return True  # the entry is off the queue; the next read goes on
+
+    def _last_queue(self) -> str:
+        """The queue the entry came from (kombu rotates its cycle to it before decoding)."""
+        try:
+            return str(self._queue_cycle.items[-1])
+        except (AttributeError, IndexError):
+            return "?"
+
+
+class Transport(redis.Transport):
+    Channel = Channel
