@@ -43,6 +43,7 @@ from producer.http.schemas import (
     ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    ImageEmbeddingRequest,
     ModelList,
     Rank,
     RerankBody,
@@ -62,6 +63,11 @@ def _router(facade: Facade) -> APIRouter:
     @router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
     async def embeddings(body: EmbeddingRequest) -> Response:
         return await facade.embeddings(body)
+
+    @router.post("/embeddings_image", response_model=EmbeddingResponse,
+                 summary="Embed images: URLs or data URIs (infinity-compatible; CLIP, SigLIP)")
+    async def embeddings_image(body: ImageEmbeddingRequest) -> Response:
+        return await facade.embeddings_image(body)
 
     @router.post("/rerank", response_model=Union[RerankResponse, list[Rank]],  # type: ignore[arg-type]
                  summary="Rerank documents against a query (Cohere/Jina body; TEI's body with `texts`)")
