@@ -197,7 +197,7 @@ def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> 
                               "(job records expire after EMBEDFLEET_JOB_TTL; give the output folder instead)")
         job = out
     try:
-        return JobHandle.open(job)
+        return JobHandle.open(job, broker=broker)
     except FileNotFoundError:
         raise JobNotFound(f"no embedfleet job at {job!r}: it holds no _job.json") from None
 
@@ -215,11 +215,19 @@ def status(
     except EmbedfleetError as exc:
         raise fail(exc) from None
     if wait:
-        manifest, _ = follow(handle)
+        try:
+            manifest, _ = follow(handle)
+        except EmbedfleetError as exc:  # e.g. an unwritable output: the storage error, in one line
+            raise fail(exc) from None
     else:
         manifest = handle.manifest()
         if manifest is None:
             p = handle.progress()
+            if p.finished:
+                try:
+                    handle.wait(timeout=0)
+                except EmbedfleetError as exc:  # the output is unwritable: the storage error, once
+                    raise fail(exc) from None
             console.print(f"job {handle.job_id}: {p.shards_done}/{p.n_shards} shards done, {p.rows_done:,} rows")
             raise typer.Exit(3)
     summarize(manifest, None)

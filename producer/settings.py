@@ -69,6 +69,12 @@ class Settings(BaseSettings):
                          "for `status <id>`, its shard list) live after submission; none is kept forever")
     storage_roots: str | None = Field(None, description="worker: comma-separated folders or URI prefixes "
                                       "(s3://bucket/prefix/) its messages may read and write; '*' allows anything")
+    image_max_pixels: int = Field(40_000_000, ge=1, description="Image inputs: the most pixels (width x height) "
+                                  "one image may have before it is decoded (the decompression-bomb limit)")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Image inputs: the most bytes one encoded "
+                                 "image may have (a data URI's payload or a download)")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Image inputs: seconds to download an "
+                                         "http(s) image")
     signing_key: str | None = Field(None, description="Producers sign shard messages with it, workers refuse "
                                     "unsigned or altered ones (HMAC-SHA256 over the message)")
     # -- SQS
