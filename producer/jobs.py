@@ -256,6 +256,9 @@ class ShardReport(BaseModel):
     deliveries: int = 1
     #: the device of the engine that wrote it, as its host names it (``cuda:1``, ``cpu:0``)
     device: str | None = None
+    #: wall seconds of each stage of the shard task (read, engine, table, write): where a shard's
+    #: time went, so per-shard fixed costs show beside the engine's
+    seconds: dict[str, float] = Field(default_factory=dict)
 
 
 class JobManifest(BaseModel):

@@ -273,6 +273,9 @@ class Directory:
                                   "model", int(self.settings.refresh_s) + 1)
         if len(of_kind) == 1:
             return of_kind[0]
+        if not served:  # no worker answers at all (thin facade): a wait, not a wrong name
+            raise unavailable("no worker answers right now; retry later", "no_worker", "model",
+                              int(self.settings.refresh_s) + 1)
         if not of_kind:
             raise not_found(f"no {kind.value} model is served here"
                             + (f" (served: {', '.join(sorted(m.id for m in served))})" if served else ""))

@@ -201,12 +201,11 @@ class Facade:
                    if not any(self.directory._matches(m, kind, ref) for m in served)]
         ready = self.directory.fresh() and bool(served) and not missing
         body = {"status": "ready" if ready else "not ready", "unix": time.time(),
-                "models": {m.id: {"kind": m.kind, "workers": len(m.workers),
-                                  "devices": [{"worker": p.worker, "device": p.device} for p in m.placements]}
+                "models": {m.id: {"kind": m.kind, "workers": len(m.workers),  # no host names: it is open
+                                  "devices": [{"device": p.device} for p in m.placements]}
                            for m in served}, "missing": missing}
         return json_response(body, 200 if ready else 503)
 
     def count(self, model: ServedModel, result: Answer) -> None:
         """Tokens and inputs a request ran, for the metrics."""
-        self.metrics.tokens.labels(model.id, model.kind).inc(int(sum(result.n_tokens)))
-        self.metrics.inputs.labels(model.kind).observe(len(result.n_tokens))
+        self.metrics.count(model.id, model.kind, int(sum(result.n_tokens)), len(result.n_tokens))

@@ -139,9 +139,12 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
         return done.model_dump(mode="json")
     engine = runtime.engine_for(job.model, job.kind)
+    clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
     values = image_cells(rows.values, job.shard.uri) if job.columns.image else rows.values
+    clock.lap("read")
     result = engine.run(values, job.options)
+    clock.lap("engine")
     errors = _row_errors(job, rows, result.errors)
     written = np.ones(len(rows.values), dtype=bool)
     written[[e.row - job.shard.row_start for e in errors]] = False
@@ -149,7 +152,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
                                normalize=normalized)
+    clock.lap("table")
     sinks.write_part(job.out, job.shard.index, table)
+    clock.lap("write")
     report = ShardReport(
         index=job.shard.index,
         path=part_name(job.shard.index),
@@ -159,10 +164,28 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         errors=errors,
         deliveries=deliveries,
         device=runtime.device_of(engine),
+        seconds=dict(clock.seconds),
     )
     sinks.write_marker(job.out, report)
+    clock.lap("marker")
     sinks.finalize_if_complete(job.out, engine.info.revision)
+    clock.lap("finalize")
+    log.info("shard %d of job %s: %s", job.shard.index, job.job_id,
+             ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in clock.seconds.items()))
     return report.model_dump(mode="json")
+
+
+class _Stages:
+    """Wall seconds per stage of a shard task, lap after lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 6)
+        self._last = now
 
 
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
