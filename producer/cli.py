@@ -16,19 +16,21 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.progress import TextColumn as TextField
+from rich.table import Table
 
-from producer import sources, storage
+from producer import capacity, sources, storage
 from producer.broker import find_job_out
 from producer.broker import remember_job as broker_remember_job
 from producer.client import DEFAULT_SHARD_ROWS, Client, JobHandle, plan_corpus
 from producer.client import Progress as JobProgress
 from producer.errors import BadInput, EmbedfleetError, JobFailed, JobNotFound
-from producer.jobs import DEFAULT_MODEL, JOB_FILE, JobKind, JobManifest, Options
+from producer.jobs import DEFAULT_MODEL, JOB_FILE, JobKind, JobManifest, JobSpec, Options
 from producer.options import (
     Broker,
     Dimensions,
     DocumentColumn,
     IdColumn,
+    ImageColumn,
     Kind,
     Model,
     Normalize,
@@ -163,6 +165,7 @@ def submit(
     document_column: DocumentColumn = "document",
     shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     try:
@@ -173,7 +176,7 @@ def submit(
     client = Client(broker=broker, result_backend=result_backend)
     handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                                   query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                                  options=options)
+                                  options=options, image_column=image_column)
     remember_job(client, handle)
     console.print(f"job {handle.job_id}: {handle.n_rows:,} rows in {handle.n_shards} shard(s), "
                   f"{handle.enqueued} enqueued, output in {out}")
@@ -196,7 +199,7 @@ def find_job(job: str, broker: Optional[str], result_backend: Optional[str]) -> 
                               "(job records expire after EMBEDFLEET_JOB_TTL; give the output folder instead)")
         job = out
     try:
-        return JobHandle.open(job)
+        return JobHandle.open(job, broker=broker)
     except FileNotFoundError:
         raise JobNotFound(f"no embedfleet job at {job!r}: it holds no _job.json") from None
 
@@ -214,15 +217,72 @@ def status(
     except EmbedfleetError as exc:
         raise fail(exc) from None
     if wait:
-        manifest, _ = follow(handle)
+        try:
+            manifest, _ = follow(handle)
+        except EmbedfleetError as exc:  # e.g. an unwritable output: the storage error, in one line
+            raise fail(exc) from None
     else:
         manifest = handle.manifest()
         if manifest is None:
             p = handle.progress()
+            if p.finished:
+                try:
+                    handle.wait(timeout=0)
+                except EmbedfleetError as exc:  # the output is unwritable: the storage error, once
+                    raise fail(exc) from None
             console.print(f"job {handle.job_id}: {p.shards_done}/{p.n_shards} shards done, {p.rows_done:,} rows")
             raise typer.Exit(3)
     summarize(manifest, None)
     raise typer.Exit(0 if manifest.status == "complete" else 1)
+
+
+#: rows of the first shard read to estimate the corpus's tokens per row
+SAMPLE_ROWS = 2000
+
+
+def sample_tokens(spec: JobSpec) -> float:
+    """Mean estimated tokens per row, from the first rows of the first shard (a pair counts both texts)."""
+    first = spec.shards[0]
+    sample = first.model_copy(update={"row_stop": min(first.row_stop, first.row_start + SAMPLE_ROWS)})
+    rows = sources.read_shard(sample, spec.kind, spec.columns)
+    texts = [" ".join(v) if isinstance(v, (list, tuple)) else str(v) for v in rows.values]
+    return capacity.estimate_tokens(texts)
+
+
+def print_capacity(spec: JobSpec, deadline_hours: float, override: float | None, prices: dict[str, float]) -> None:
+    """The capacity table: per instance type, what finishing within the deadline takes and costs."""
+    if not spec.shards:
+        return
+    per_row = sample_tokens(spec)
+    total = per_row * spec.n_rows
+    cls = capacity.model_class(spec.model, DEFAULT_MODEL)
+    rows = capacity.plan(total, len(spec.shards), deadline_hours, cls, override, prices)
+    table = Table(title=f"capacity plan: ~{total:,.0f} tokens (~{per_row:,.0f} per row, estimated from a sample), "
+                  f"done within {deadline_hours:g} h", title_justify="left")
+    for column in ("instance type", "devices", "tokens/s per device", "instances", "wall h", "instance-hours",
+                   "USD", "shard msg/s", "s per shard"):
+        table.add_column(column, justify="left" if column == "instance type" else "right")
+    for row in rows:
+        table.add_row(row.instance.name, f"{row.instance.devices} x {row.instance.device}",
+                      f"{row.device_tokens_per_s:,.0f}", str(row.instances), f"{row.wall_hours:.3g}",
+                      f"{row.instance_hours:.3g}", f"{row.dollars:,.2f}", f"{row.shards_per_s:.2f}",
+                      f"{row.shard_seconds:.1f}")
+    console.print(table)
+    for row in rows:
+        if row.how != "measured":
+            console.print(f"  {row.instance.name}: {row.how}")
+    console.print(f"  rates: {capacity.H200_MEASURED[cls].source}; model class '{cls}' for {spec.model!r} "
+                  "(an unknown model plans at the BERT-large rate); USD = instance-hours x on-demand price")
+    busiest = max(rows, key=lambda r: r.shards_per_s)
+    console.print(f"  broker: at most {busiest.shards_per_s:.1f} shard messages/s ({busiest.instance.name}), against "
+                  f"a ceiling of {capacity.REDIS_CEILING_MSG_S:,} msg/s for Redis and "
+                  f"{capacity.SQS_CEILING_MSG_S:,} for one SQS client measured here (bench/RESULTS.md)")
+    short = [r for r in rows if r.shard_seconds < capacity.MIN_SHARD_SECONDS]
+    if short:
+        worst = max(short, key=lambda r: r.device_tokens_per_s)
+        console.print(f"  [yellow]note[/]: shards of {worst.shard_seconds:.1f} s on a {worst.instance.device}; "
+                      f"--shard-rows {capacity.min_shard_rows(worst.device_tokens_per_s, per_row):,} keeps each "
+                      f">= {capacity.MIN_SHARD_SECONDS:g} s, so per-shard costs and the broker stay negligible")
 
 
 @app.command("plan")
@@ -243,18 +303,33 @@ def plan_command(
     prompt: Prompt = None,
     output_dtype: OutputDtype = "float32",
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
+    deadline_hours: float = typer.Option(1.0, "--deadline-hours", min=0.01,
+                                         help="Capacity plan: the wall-clock hours the job should take"),
+    device_tokens_per_s: Optional[float] = typer.Option(
+        None, "--device-tokens-per-s", min=1.0,
+        help="Capacity plan: your own measured tokens/s per device (embedfleet run prints it), instead of the "
+        "H200 figure and its scaled estimates"),
+    price: list[str] = typer.Option([], "--price", help="Capacity plan: TYPE=USD per hour, e.g. g6.xlarge=0.70 "
+                                    "(repeatable; default: recorded on-demand prices)"),
 ) -> None:
     """Check a corpus, split it into shards and write {out}/_job.json, with no broker.
 
-    Prints one JSON line: the job manifest URI and the array size to submit to AWS Batch
+    Prints a capacity plan (instances, hours and dollars per instance type, and the broker load),
+    then one JSON line: the job manifest URI and the array size to submit to AWS Batch
     (``embedfleet shard`` then runs each child).
     """
     try:
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         spec = plan_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                           options=options)
+                           options=options, image_column=image_column)
     except (EmbedfleetError, ValidationError) as exc:
+        raise fail(exc) from None
+    try:
+        prices = capacity.parse_prices(price)
+        print_capacity(spec, deadline_hours, device_tokens_per_s, prices)
+    except EmbedfleetError as exc:
         raise fail(exc) from None
     k = len(spec.shards)
     manifest = storage.locate(spec.out).child(JOB_FILE).uri

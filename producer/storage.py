@@ -9,6 +9,7 @@ are idempotent.
 from __future__ import annotations
 
 import functools
+import contextlib
 import json
 import os
 import uuid
@@ -167,11 +168,16 @@ def publish_bytes(loc: Location, data: bytes) -> None:
     if loc.is_local:
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, loc.path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, loc.path)
+        except BaseException:  # a full or failing disk: never leave the partial file behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     # S3: one PutObject; the object becomes visible whole, or not at all.
     bucket, _, key = loc.path.partition("/")
