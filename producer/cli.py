@@ -30,6 +30,7 @@ from producer.options import (
     Dimensions,
     DocumentColumn,
     IdColumn,
+    ImageColumn,
     Kind,
     Model,
     Normalize,
@@ -165,6 +166,7 @@ def submit(
     document_column: DocumentColumn = "document",
     shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     try:
@@ -176,7 +178,7 @@ def submit(
         client = Client(broker=broker, result_backend=result_backend)
         handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column,
                                       id_column=id_column, query_column=query_column, document_column=document_column,
-                                      shard_rows=shard_rows, options=options)
+                                      shard_rows=shard_rows, options=options, image_column=image_column)
         remember_job(client, handle)
     except (EmbedfleetError, ValidationError) as exc:  # one line, exit 2: never a traceback for a bad argument
         raise fail(exc) from None
@@ -313,6 +315,7 @@ def plan_command(
     prompt: Prompt = None,
     output_dtype: OutputDtype = "float32",
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
     deadline_hours: float = typer.Option(1.0, "--deadline-hours", min=0.01,
                                          help="Capacity plan: the wall-clock hours the job should take"),
     device_tokens_per_s: Optional[float] = typer.Option(
@@ -332,7 +335,7 @@ def plan_command(
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         spec = plan_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                           options=options)
+                           options=options, image_column=image_column)
     except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
     try:

@@ -160,6 +160,19 @@ def set_env(name: str, value: str, *, overwrite: bool = True) -> None:
         os.environ[name] = value
 
 
+def passive_openmp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless it is set: must run before torch is imported.
+
+    OpenMP's default lets each of torch's intra-op threads spin after every parallel region,
+    and every region waits for all of them. When anything else shares the cores (the facade's
+    event loop, the tokenizer, another process) a spinning or descheduled thread stalls every
+    operator: measured on a shared 2-core machine, one MiniLM text took 840-1,056 ms and 400-560 ms
+    of CPU with spinning, 20-38 ms and 15 ms passive; 64 clients 32-48 vs 96-192 requests/s
+    (bench/RESULTS.md, issue 20). Set ``OMP_WAIT_POLICY=ACTIVE`` to spin on a dedicated machine.
+    """
+    set_env("OMP_WAIT_POLICY", "PASSIVE", overwrite=False)
+
+
 def hf_offline() -> bool:
     """``HF_HUB_OFFLINE``: resolve hub ids from the local cache only."""
     return flag(env("HF_HUB_OFFLINE"), "HF_HUB_OFFLINE")

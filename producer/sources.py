@@ -214,7 +214,10 @@ def _csv_ids_at(uri: str, name: str, stamp: tuple[int | None, int | None]) -> pa
 
 
 def needed_columns(kind: JobKind, columns: Columns) -> list[str]:
-    wanted = [columns.query, columns.document] if kind == JobKind.rerank else [columns.text]
+    if kind == JobKind.rerank:
+        wanted = [columns.query, columns.document]
+    else:
+        wanted = [columns.image] if columns.image else [columns.text]
     return wanted + ([columns.id] if columns.id else [])
 
 
@@ -291,6 +294,8 @@ def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
         ids = _csv_ids_at(shard.uri, columns.id, _stamp(shard.uri)).slice(start, stop - start)
     if kind == JobKind.rerank:
         values: list[Any] = list(zip(cols[columns.query].to_pylist(), cols[columns.document].to_pylist()))
+    elif columns.image:  # image references as they are; the worker reads them (``worker.hosting.tasks``)
+        values = [{"image": value} for value in cols[columns.image].to_pylist()]
     else:
         values = cols[columns.text].to_pylist()
     return Rows(row_numbers, ids, values, parse_errors)

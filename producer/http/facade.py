@@ -208,5 +208,4 @@ class Facade:
 
     def count(self, model: ServedModel, result: Answer) -> None:
         """Tokens and inputs a request ran, for the metrics."""
-        self.metrics.tokens.labels(model.id, model.kind).inc(int(sum(result.n_tokens)))
-        self.metrics.inputs.labels(model.kind).observe(len(result.n_tokens))
+        self.metrics.count(model.id, model.kind, int(sum(result.n_tokens)), len(result.n_tokens))

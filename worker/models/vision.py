@@ -84,7 +84,9 @@ def _limits() -> tuple[int, int]:
 def image_bytes(ref: Any) -> bytes:
     """The encoded bytes of one image input: raw bytes, a ``data:`` URI, or an ``http(s)`` URL."""
     max_bytes, _ = _limits()
-    if isinstance(ref, (bytes, bytearray, memoryview)):
+    if callable(ref):  # a corpus file, read on the host pool (``worker.hosting.images``)
+        data = ref()
+    elif isinstance(ref, (bytes, bytearray, memoryview)):
         data = bytes(ref)
     elif isinstance(ref, str) and ref.startswith("data:"):
         header, _, payload = ref.partition(",")
