@@ -113,6 +113,9 @@ def image_bytes(ref: Any) -> bytes:
 
 
 def _download(url: str, max_bytes: int) -> bytes:
+    if not settings().image_fetch:
+        raise ImageProblem("image URLs are not downloaded by these workers (EMBEDFLEET_IMAGE_FETCH is off); "
+                           "send the image as a data URI")
     try:
         with urllib.request.urlopen(url, timeout=settings().image_fetch_timeout_s) as response:  # noqa: S310
             data = response.read(max_bytes + 1)
