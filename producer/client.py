@@ -425,7 +425,10 @@ def _materialize(source: Any, out: str) -> str:
 def _record(spec: JobSpec) -> None:
     """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
     root = storage.locate(spec.out)
-    storage.ensure_dir(root)
+    try:
+        storage.ensure_dir(root)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputConflict(f"--out {spec.out}: a file is in the way; an output folder is needed", param="out") from None
     job_file = root.child(JOB_FILE)
     if storage.exists(job_file):
         existing = storage.read_job(spec.out)

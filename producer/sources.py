@@ -261,8 +261,19 @@ def _parquet_range(uri: str, names: list[str], start: int, stop: int) -> pa.Tabl
             offset += rows
         if not groups:
             return pa.table({name: pa.array([], pfile.schema_arrow.field(name).type) for name in names})
-        table = pfile.read_row_groups(groups, columns=names)
+        table = pa.concat_tables([_row_group(pfile, uri, group, names) for group in groups])
     return table.slice(start - (first_row or 0), stop - start)
+
+
+def _row_group(pfile: pq.ParquetFile, uri: str, group: int, names: list[str]) -> pa.Table:
+    """One row group; a corrupt one is the data's fault (permanent), named by file and group."""
+    try:
+        return pfile.read_row_group(group, columns=names)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise SourceError(f"cannot read {uri!r}: row group {group} of {pfile.metadata.num_row_groups} is corrupt "
+                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:

@@ -207,3 +207,24 @@ def test_default_id_column_is_the_inputs_id(tmp_path: Path) -> None:
     without = tmp_path / "b.csv"
     without.write_text("key,text\n1,a\n")
     assert default_id_column(str(with_id), "csv") == "id" and default_id_column(str(without), "csv") is None
+
+
+def test_a_corrupt_row_group_is_a_permanent_error_naming_the_file_and_group(tmp_path: Path) -> None:
+    from worker.hosting.tasks import is_permanent
+
+    path = tmp_path / "corpus.parquet"
+    texts = [f"text {i} " + "word " * (i % 50) for i in range(400)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=200, compression="zstd")
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = (chunk.dictionary_page_offset or chunk.data_page_offset) + 32  # inside the first page's zstd frame
+    data[start:start + 32] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    columns = Columns(text="text")
+    first = read_shard(ShardRef(index=0, uri=str(path), format="parquet", row_start=0, row_stop=200),
+                       JobKind.embed, columns)
+    assert first.values == texts[:200]  # the intact group still reads
+    with pytest.raises(SourceError, match=r"corpus.parquet'.*row group 1 of 2 is corrupt") as caught:
+        read_shard(ShardRef(index=1, uri=str(path), format="parquet", row_start=200, row_stop=400),
+                   JobKind.embed, columns)
+    assert is_permanent(caught.value)
