@@ -74,6 +74,8 @@ CONTENDERS = [
     Contender("ef:torch:bfloat16:compile", "embedfleet torch bf16 + torch.compile", (("EMBEDFLEET_TORCH_COMPILE", "1"),)),
     Contender("ef:onnx:float32", "embedfleet onnx fp32 (fused)"),
     Contender("ef:onnx:int8", "embedfleet onnx int8"),
+    Contender("ef:openvino:float32", "embedfleet openvino fp32"),
+    Contender("ef:openvino:bfloat16", "embedfleet openvino bf16"),
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"
@@ -333,7 +335,8 @@ def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: 
     result["vectors"] = out
     if quality_file is not None:
         result["quality"] = out.with_suffix(".quality.npy")
-    selection = [line for line in proc.stderr.splitlines() if line.startswith(("candidate ", "torch/", "onnx/"))]
+    selection = [line for line in proc.stderr.splitlines()
+                 if line.startswith(("candidate ", "torch/", "onnx/", "openvino/"))]
     if selection:
         result["autoselect"] = "\n".join(selection)
     return result
@@ -385,8 +388,8 @@ def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]], quer
 
 
 def prepare_exports(model: Path, chosen: list[Contender]) -> None:
-    """Build the cached ONNX exports up front, so no contender's RSS or time includes exporting."""
-    if not any("onnx" in c.key or "auto" in c.key for c in chosen):
+    """Build the cached ONNX exports and OpenVINO IR up front, so no contender's RSS or time includes exporting."""
+    if not any("onnx" in c.key or "openvino" in c.key or "auto" in c.key for c in chosen):
         return
     from worker.backends.onnx import ensure_export
     from worker.models.resolve import describe
@@ -394,6 +397,11 @@ def prepare_exports(model: Path, chosen: list[Contender]) -> None:
     info = describe(str(model))
     ensure_export(info)
     ensure_export(info, quantized=True)
+    try:
+        from worker.backends.openvino import ensure_ir
+    except ImportError:
+        return
+    ensure_ir(info)
 
 
 def machine() -> str:
