@@ -17,7 +17,7 @@ OpenAI's SDK asks), for which tokens/s is reported. Passes alternate the paths, 
 hits all alike; the table gives the best pass and the spread.
 
     python -m bench.facade_load --seconds 8 --passes 2 --out bench/RESULTS.md
-    python -m bench.facade_load --contender /tmp/prev    # the thin path of an older checkout beside
+    python -m bench.facade_load --contender /tmp/prev    # an older checkout's thin and embedded paths beside
 
 On the H200 (``--device cuda --dtype bfloat16 --paths engine,thin --gen-cpus 12-15``) the same
 file measures the GPU worker behind the thin facade.
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, stop
+from producer.settings import passive_openmp
 
 MODEL = "all-MiniLM-L6-v2"
 WORDS = ("embedding server queue worker batch token vector model query passage answer fast latency "
@@ -278,35 +279,33 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
     pinned = _pinned(args.server_cpus)
     paths: list[Path_] = []
     everything: list[subprocess.Popen] = []
-    checkouts = [("thin", REPO)] + ([("thin@contender", Path(args.contender))] if args.contender else [])
+    checkouts = [("", REPO)] + ([("@contender", Path(args.contender))] if args.contender else [])
     wanted = args.paths.split(",")
-    for name, cwd in checkouts:
-        if "thin" not in wanted:
-            continue
+    for suffix, cwd in checkouts:
         db = len(paths) + 1  # each checkout's fleet on its own Redis database: queues apart
-        broker = f"{redis.url[:-2]}/{db}"
-        port = free_port()
-        workers = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
-        worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
-                       work / f"{name}-worker.log", cwd)
-        facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers, *args.facade_args.split()],
-                       work / f"{name}.log", cwd)
-        if pinned:
-            for proc in (worker, facade):
+        if "thin" in wanted:
+            broker = f"{redis.url[:-2]}/{db}"
+            port = free_port()
+            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
+            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
+                           work / f"thin{suffix}-worker.log", cwd)
+            facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split()],
+                           work / f"thin{suffix}.log", cwd)
+            for proc in (worker, facade) if pinned else ():
                 subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
                                capture_output=True)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, [worker, facade], work / f"{name}.log")
-        paths.append(Path_(name, url, [facade, worker]))
-        everything += [worker, facade]
-    if "embedded" in wanted:
-        port = free_port()
-        embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
-                         work / "embedded.log")
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, [embedded], work / "embedded.log")
-        paths.append(Path_("embedded", url, [embedded]))
-        everything.append(embedded)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, [worker, facade], work / f"thin{suffix}.log")
+            paths.append(Path_(f"thin{suffix}", url, [facade, worker]))
+            everything += [worker, facade]
+        if "embedded" in wanted:
+            port = free_port()
+            embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
+                             work / f"embedded{suffix}.log", cwd)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, [embedded], work / f"embedded{suffix}.log")
+            paths.append(Path_(f"embedded{suffix}", url, [embedded]))
+            everything.append(embedded)
     return paths, everything
 
 
@@ -411,6 +410,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if args.mode == "generate":
         return generate(args)

@@ -9,9 +9,11 @@ that can read the output folder can follow a job, even after the submitter is go
 from __future__ import annotations
 
 import base64
+import os
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -112,6 +114,20 @@ def decode_outputs(result: InlineResult) -> Embeddings:
     multivector = MultiVectors.from_wire(result.multivector_counts, result.multivector_dims,
                                          result.multivector_b64) if "multivector" in outputs else None
     return Embeddings(dense=dense, sparse=sparse, multivector=multivector)
+
+
+def image_reference(image: Any) -> str:
+    """An image as the wire carries it: a data URI (bytes, local files) or the URL as given."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, str) and image.startswith(("data:", "http://", "https://")):
+        return image
+    elif isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()
+    else:
+        raise BadInput(f"an image is bytes, a path, a data: URI or an http(s) URL, not {type(image).__name__}",
+                       param="images")
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
 
 
 class JobHandle:
@@ -255,6 +271,16 @@ class Client:
                            f"call embed(..., outputs={list(result.outputs)!r})", param="outputs")
         vectors = decode_f32(result.data_b64, result.n_items, result.dims)
         return vectors[0] if single else vectors
+
+    def embed_images(self, images: list[Any], model: str, timeout: float | None = None, **options: Any) -> np.ndarray:
+        """Image vectors ``[n, dims]`` of an image-text model (CLIP, SigLIP), in the same space as its
+        texts' ``embed``. Each image is bytes, a local path (read here and sent as a data URI), a
+        ``data:`` URI or an ``http(s)`` URL (fetched by the worker); ``InputError`` names bad ones."""
+        inputs = [{"image": image_reference(image)} for image in images]
+        result = self._call(EmbedJob(model=model, inputs=inputs, options=Options(**options)), timeout)
+        if result.errors:
+            raise InputError(result.errors)
+        return decode_f32(result.data_b64, result.n_items, result.dims)
 
     def rerank(self, query: str, documents: list[str], model: str, timeout: float | None = None, **options: Any) -> np.ndarray:
         """One relevance score per document, in the documents' order."""

@@ -94,6 +94,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 7997,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar=envvar("api_key"), help="Require 'Authorization: Bearer KEY' on the API routes")] = None,
+    protect_metrics: Annotated[bool, typer.Option(
+        "--protect-metrics", help="/metrics asks for the API key too (open by default, for Prometheus)")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request waits for a worker (504)")] = 30.0,
     max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="Requests in flight before 429")] = 256,
     max_queue_depth: Annotated[int, typer.Option("--max-queue-depth", min=1, help="Queued jobs before 429")] = 1024,
@@ -123,7 +125,8 @@ def serve(
     setup_logging(verbose)
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
-                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker)
+                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker,
+                              protect_metrics=protect_metrics)
     if processes > 1 and not broker:
         raise fail(BadInput("--processes above 1 needs --broker: every process would host its own copy of the "
                             "models; run one embedded server, or a thin facade in front of `embedfleet worker`",
