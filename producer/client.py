@@ -387,7 +387,9 @@ def plan_corpus(
         {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(exclude={"image"} if columns.image is None else None),
          # outputs left out unless named, so a job planned before outputs existed keeps its id
          "options": options.model_dump(exclude={"outputs"} if options.outputs is None else None),
-         "shard_rows": shard_rows, "n_rows": n_rows}
+         "shard_rows": shard_rows, "n_rows": n_rows,
+         # the content too: a corpus edited in place is another job, never the old vectors
+         "content": sources.fingerprint(uri, fmt)}
     )
     spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
                    options=options, n_rows=n_rows, shards=shards)
