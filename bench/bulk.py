@@ -99,7 +99,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             bare.append(bare_pass(engine, texts))
             fleet.append(fleet_pass(client, corpus, work / f"out-{round_}", model, args.shard_rows))
-            print(f"round {round_ + 1}: bare {bare[-1][0]:.1f} s, fleet {fleet[-1][0]:.1f} s", flush=True)
+            print(f"round {round_ + 1}: bare {bare[-1][0]:.1f} s, fleet {fleet[-1][0]:.1f} s; per shard: "
+                  f"{stage_summary(work / f'out-{round_}')}", flush=True)
     finally:
         engine.stop()
         worker.send_signal(signal.SIGTERM)
@@ -107,6 +108,18 @@ def main() -> None:
         redis.stop()
     report(args, model, bare, fleet, engine.backend.dtype)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def stage_summary(out: Path) -> str:
+    """Mean seconds per shard of each stage the shard task records (its done-markers' ``seconds``)."""
+    from producer.storage import read_markers
+
+    markers = list(read_markers(str(out)).values())
+    stages: dict[str, list[float]] = {}
+    for marker in markers:
+        for name, value in marker.seconds.items():
+            stages.setdefault(name, []).append(value)
+    return ", ".join(f"{name} {1000 * sum(v) / len(v):.0f} ms" for name, v in stages.items()) + f" ({len(markers)} shards)"
 
 
 def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype: str) -> None:  # type: ignore[type-arg]

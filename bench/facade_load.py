@@ -17,7 +17,7 @@ OpenAI's SDK asks), for which tokens/s is reported. Passes alternate the paths, 
 hits all alike; the table gives the best pass and the spread.
 
     python -m bench.facade_load --seconds 8 --passes 2 --out bench/RESULTS.md
-    python -m bench.facade_load --contender /tmp/prev    # the thin path of an older checkout beside
+    python -m bench.facade_load --contender /tmp/prev    # an older checkout's thin and embedded paths beside
 
 On the H200 (``--device cuda --dtype bfloat16 --paths engine,thin --gen-cpus 12-15``) the same
 file measures the GPU worker behind the thin facade.
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, stop
+from producer.settings import passive_openmp
 
 MODEL = "all-MiniLM-L6-v2"
 WORDS = ("embedding server queue worker batch token vector model query passage answer fast latency "
@@ -109,9 +110,7 @@ def generate(args: argparse.Namespace) -> None:
     out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch))
     ms = np.array(out["latencies"]) * 1000
     print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": out["tokens"],
-                      "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-                      "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-                      "errors": out["errors"], "samples": out["samples"]}))
+                      "ms": [round(float(x), 2) for x in ms], "errors": out["errors"], "samples": out["samples"]}))
 
 
 # ------------------------------------------------------------------------------ the engine alone
@@ -227,11 +226,24 @@ def clients_for(args: argparse.Namespace, batch: int) -> int:
 
 
 def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, Any]:
-    command = [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
-               "--clients", str(clients_for(args, batch)), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-               "--batch", str(batch)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """``--gen-procs`` generator processes at once, the clients shared out; their counts summed."""
+    clients = clients_for(args, batch)
+    procs = max(1, min(args.gen_procs, clients))
+    running = [subprocess.Popen(
+        [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
+         "--clients", str(clients // procs + (k < clients % procs)), "--seconds", str(args.seconds),
+         "--warmup", str(args.warmup), "--batch", str(batch)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for k in range(procs)]
+    parts = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in running]
+    ms = np.array([x for part in parts for x in part["ms"]])
+    errors: dict[str, int] = {}
+    for part in parts:
+        for status, n in part["errors"].items():
+            errors[status] = errors.get(status, 0) + n
+    return {"requests": len(ms), "seconds": args.seconds, "tokens": sum(p["tokens"] for p in parts),
+            "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+            "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+            "errors": errors, "samples": [x for p in parts for x in p["samples"]]}
 
 
 def run_engine(args: argparse.Namespace, batch: int) -> dict[str, Any]:
@@ -267,35 +279,33 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
     pinned = _pinned(args.server_cpus)
     paths: list[Path_] = []
     everything: list[subprocess.Popen] = []
-    checkouts = [("thin", REPO)] + ([("thin@contender", Path(args.contender))] if args.contender else [])
+    checkouts = [("", REPO)] + ([("@contender", Path(args.contender))] if args.contender else [])
     wanted = args.paths.split(",")
-    for name, cwd in checkouts:
-        if "thin" not in wanted:
-            continue
+    for suffix, cwd in checkouts:
         db = len(paths) + 1  # each checkout's fleet on its own Redis database: queues apart
-        broker = f"{redis.url[:-2]}/{db}"
-        port = free_port()
-        workers = ["--workers", str(args.facade_workers)] if args.facade_workers > 1 and cwd == REPO else []
-        worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
-                       work / f"{name}-worker.log", cwd)
-        facade = spawn(["serve", "--broker", broker, "--port", str(port), *workers, *args.facade_args.split()],
-                       work / f"{name}.log", cwd)
-        if pinned:
-            for proc in (worker, facade):
+        if "thin" in wanted:
+            broker = f"{redis.url[:-2]}/{db}"
+            port = free_port()
+            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
+            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
+                           work / f"thin{suffix}-worker.log", cwd)
+            facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split()],
+                           work / f"thin{suffix}.log", cwd)
+            for proc in (worker, facade) if pinned else ():
                 subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
                                capture_output=True)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, [worker, facade], work / f"{name}.log")
-        paths.append(Path_(name, url, [facade, worker]))
-        everything += [worker, facade]
-    if "embedded" in wanted:
-        port = free_port()
-        embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
-                         work / "embedded.log")
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, [embedded], work / "embedded.log")
-        paths.append(Path_("embedded", url, [embedded]))
-        everything.append(embedded)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, [worker, facade], work / f"thin{suffix}.log")
+            paths.append(Path_(f"thin{suffix}", url, [facade, worker]))
+            everything += [worker, facade]
+        if "embedded" in wanted:
+            port = free_port()
+            embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
+                             work / f"embedded{suffix}.log", cwd)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, [embedded], work / f"embedded{suffix}.log")
+            paths.append(Path_(f"embedded{suffix}", url, [embedded]))
+            everything.append(embedded)
     return paths, everything
 
 
@@ -387,7 +397,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="Texts per request of the second shape")
     parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
     parser.add_argument("--paths", default="engine,thin,embedded")
-    parser.add_argument("--facade-workers", type=int, default=1, help="Thin facade processes on one port")
+    parser.add_argument("--facade-processes", type=int, default=1, help="Thin facade processes on one port "
+                        "(this checkout's `serve --processes`)")
+    parser.add_argument("--gen-procs", type=int, default=1, help="Load generator processes sharing the clients")
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
     parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
     parser.add_argument("--backend", default="torch")
@@ -398,6 +410,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if args.mode == "generate":
         return generate(args)

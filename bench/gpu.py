@@ -333,11 +333,12 @@ def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
     rows = results.setdefault("short", [])
     for model_name, path in (("MiniLM", bundled_path()), ("bge-base arch", build_model("bge-base", workdir / "bge-base-arch", args.small))):
         tokens = sum(e.n_tokens for r in requests for e in BatchTokenizer(path, 512).encode(r))
-        contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [
+        contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [] if args.short_skip_st else [
             ("sentence-transformers fp16", lambda p=path: st_runner(p, torch.float16))]
-        for chunk in args.short_chunks.split(","):
+        for chunk in args.short_chunks.split(","):  # "default": the engine's own, sized from the cores
             contenders.append((f"embedfleet bf16 chunk {chunk}",
-                               lambda p=path, c=int(chunk): engine_runner(p, "bfloat16", "default", chunk=c)))
+                               lambda p=path, c=0 if chunk == "default" else int(chunk):
+                               engine_runner(p, "bfloat16", "default", chunk=c or None)))
         for label, make in contenders:
             try:
                 obj, run = make()
@@ -649,7 +650,9 @@ def main() -> None:
     parser.add_argument("--kernel-variants", default="plain,fused-varlen,fused-exact,default")
     parser.add_argument("--sections", default="kernels,short,throughput,quality,memory")
     parser.add_argument("--short-n", type=int, default=60_000, help="texts of the short workload")
-    parser.add_argument("--short-chunks", default="64,256,1024", help="tokenizer chunk sizes the engine is run with")
+    parser.add_argument("--short-chunks", default="default,256,1024",
+                        help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
+    parser.add_argument("--short-skip-st", action="store_true", help="no sentence-transformers in the short section")
     parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)

@@ -102,7 +102,8 @@ def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: st
     if args.chunk and checkout == REPO:
         command += ["--chunk", str(args.chunk)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "PYTHONPATH": str(checkout)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
         raise SystemExit(f"{checkout} {workload} {backend} failed:\n{proc.stderr[-3000:]}")

@@ -220,6 +220,39 @@ def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> N
     pipe.execute()
 
 
+JOB_UNWRITTEN_KEY = "embedfleet:job:{}:unwritten"
+#: The in-memory transport's record (``embedfleet run``): it lives as long as the process, as the queue does.
+_unwritten_here: dict[str, dict[int, str]] = {}
+
+
+def record_unwritten(broker_url: str, job_id: str, index: int, reason: str) -> None:
+    """Remember, beside the queue, a shard that failed and whose failure marker could not be
+    written either (the output is unwritable or full): ``JobHandle`` reads it, so the job ends
+    failed with the storage error instead of waiting for a marker that can never appear."""
+    kind = broker_kind(broker_url)
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(broker_url, socket_connect_timeout=5)
+        key = JOB_UNWRITTEN_KEY.format(job_id)
+        client.pipeline().hset(key, str(index), reason[:2000]).expire(key, job_ttl()).execute()
+    elif kind != "sqs":  # SQS moves such a message to its dead-letter queue (the redrive policy)
+        _unwritten_here.setdefault(job_id, {})[index] = reason
+
+
+def unwritten_shards(broker_url: str | None, job_id: str) -> dict[int, str]:
+    """Shard index -> the storage error, for the shards ``record_unwritten`` recorded."""
+    kind = broker_kind(broker_url or MEMORY_BROKER)
+    if kind == "redis":
+        import redis
+
+        raw = redis.Redis.from_url(str(broker_url), socket_connect_timeout=5).hgetall(JOB_UNWRITTEN_KEY.format(job_id))
+        return {int(k): v.decode("utf-8", "replace") for k, v in raw.items()}
+    if kind == "sqs":
+        return {}
+    return dict(_unwritten_here.get(job_id, {}))
+
+
 def job_record_key(job_id: str) -> str:
     """The result-backend key mapping a job id to its output folder (``status <job-id>``)."""
     return f"embedfleet-job-{job_id}"

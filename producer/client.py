@@ -9,16 +9,26 @@ that can read the output folder can follow a job, even after the submitter is go
 from __future__ import annotations
 
 import base64
+import os
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from producer import sources, storage
-from producer.broker import INLINE_TASK, MEMORY_BROKER, SHARD_TASK, declare_queue, make_app, record_job
+from producer.broker import (
+    INLINE_TASK,
+    MEMORY_BROKER,
+    SHARD_TASK,
+    declare_queue,
+    make_app,
+    record_job,
+    unwritten_shards,
+)
 from producer.errors import BadInput, InputError, JobFailed, OutputConflict, from_wire
 from producer.signing import sign
 from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows
@@ -106,12 +116,28 @@ def decode_outputs(result: InlineResult) -> Embeddings:
     return Embeddings(dense=dense, sparse=sparse, multivector=multivector)
 
 
+def image_reference(image: Any) -> str:
+    """An image as the wire carries it: a data URI (bytes, local files) or the URL as given."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, str) and image.startswith(("data:", "http://", "https://")):
+        return image
+    elif isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()
+    else:
+        raise BadInput(f"an image is bytes, a path, a data: URI or an http(s) URL, not {type(image).__name__}",
+                       param="images")
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
 class JobHandle:
     """Follow a bulk job through its output folder: progress, wait, outputs."""
 
     def __init__(self, out: str, job_id: str, n_shards: int, n_rows: int, enqueued: int = 0,
-                 skipped_rows: int = 0, skipped_tokens: int = 0) -> None:
+                 skipped_rows: int = 0, skipped_tokens: int = 0, broker: str | None = None) -> None:
         self.out = out
+        #: where the workers record shards whose failure could not be written (``broker.record_unwritten``)
+        self.broker = broker
         self.job_id = job_id
         self.n_shards = n_shards
         self.n_rows = n_rows
@@ -121,19 +147,24 @@ class JobHandle:
         self.skipped_tokens = skipped_tokens
 
     @classmethod
-    def open(cls, out: str) -> "JobHandle":
-        """A handle for the job whose output folder is ``out``."""
+    def open(cls, out: str, broker: str | None = None) -> "JobHandle":
+        """A handle for the job whose output folder is ``out`` (``broker``: see ``unwritten``)."""
         spec = storage.read_job(out)
-        return cls(out, spec.job_id, len(spec.shards), spec.n_rows)
+        return cls(out, spec.job_id, len(spec.shards), spec.n_rows, broker=broker)
+
+    def unwritten(self) -> dict[int, str]:
+        """Shards that failed where not even their failure marker could be written: index -> error."""
+        return unwritten_shards(self.broker, self.job_id)
 
     def progress(self) -> Progress:
         reports = storage.read_markers(self.out)
         done = [r for r in reports.values() if r.status == "done"]
         parked = sum(r.rows_in for r in reports.values() if r.status != "done")
+        lost = [i for i in self.unwritten() if i not in reports]
         return Progress(
             n_shards=self.n_shards,
             shards_done=len(done),
-            shards_failed=len(reports) - len(done),
+            shards_failed=len(reports) - len(done) + len(lost),
             rows_total=self.n_rows,
             rows_done=sum(r.rows_in for r in done),
             rows_failed=sum(len(r.errors) for r in done) + parked,
@@ -157,6 +188,8 @@ class JobHandle:
             if on_progress:
                 on_progress(progress)
             manifest = self.manifest() if progress.finished else None
+            if manifest is None and progress.finished:
+                self._raise_unwritten()
             if manifest is not None:
                 if raise_on_failure and manifest.status != "complete":
                     failed = ", ".join(str(s.index) for s in manifest.failed_shards)
@@ -165,6 +198,14 @@ class JobHandle:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.job_id} not finished after {timeout} s ({progress})")
             time.sleep(poll)
+
+    def _raise_unwritten(self) -> None:
+        """Every shard is accounted for, but some only beside the queue: the output is unwritable."""
+        lost = {i: r for i, r in self.unwritten().items() if i not in storage.read_markers(self.out)}
+        if lost:
+            index, reason = sorted(lost.items())[0]
+            raise JobFailed(f"job {self.job_id}: {len(lost)} shard(s) could not be written to {self.out} "
+                            f"(shard {index}: {reason})")
 
     def outputs(self) -> list[str]:
         """URIs of the Parquet parts (complete once the job is)."""
@@ -231,6 +272,16 @@ class Client:
         vectors = decode_f32(result.data_b64, result.n_items, result.dims)
         return vectors[0] if single else vectors
 
+    def embed_images(self, images: list[Any], model: str, timeout: float | None = None, **options: Any) -> np.ndarray:
+        """Image vectors ``[n, dims]`` of an image-text model (CLIP, SigLIP), in the same space as its
+        texts' ``embed``. Each image is bytes, a local path (read here and sent as a data URI), a
+        ``data:`` URI or an ``http(s)`` URL (fetched by the worker); ``InputError`` names bad ones."""
+        inputs = [{"image": image_reference(image)} for image in images]
+        result = self._call(EmbedJob(model=model, inputs=inputs, options=Options(**options)), timeout)
+        if result.errors:
+            raise InputError(result.errors)
+        return decode_f32(result.data_b64, result.n_items, result.dims)
+
     def rerank(self, query: str, documents: list[str], model: str, timeout: float | None = None, **options: Any) -> np.ndarray:
         """One relevance score per document, in the documents' order."""
         result = self._call(RerankJob(model=model, query=query, documents=list(documents), options=Options(**options)), timeout)
@@ -262,6 +313,7 @@ class Client:
         document_column: str = "document",
         shard_rows: int = DEFAULT_SHARD_ROWS,
         options: Options | None = None,
+        image_column: str | None = None,
     ) -> JobHandle:
         """Plan a corpus into shards, record the job in ``out``, and enqueue unfinished shards.
 
@@ -274,7 +326,7 @@ class Client:
         out = normalize_out(out)
         spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                           options=options)
+                           options=options, image_column=image_column)
         markers = storage.read_markers(out)
         done = _reopen_failed(out, markers)
         queue = queue_name(spec.kind, model)
@@ -295,7 +347,8 @@ class Client:
         enqueued = len(messages)
         skipped = [markers[i] for i in done]
         return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued,
-                         skipped_rows=sum(r.rows_in for r in skipped), skipped_tokens=sum(r.n_tokens for r in skipped))
+                         skipped_rows=sum(r.rows_in for r in skipped), skipped_tokens=sum(r.n_tokens for r in skipped),
+                         broker=str(self.app.conf.broker_url))
 
 
 def plan_corpus(
@@ -309,6 +362,7 @@ def plan_corpus(
     document_column: str = "document",
     shard_rows: int = DEFAULT_SHARD_ROWS,
     options: Options | None = None,
+    image_column: str | None = None,
 ) -> JobSpec:
     """Check a corpus, split it into shards and record the job in ``{out}/_job.json``.
 
@@ -323,15 +377,19 @@ def plan_corpus(
     fmt = sources.detect_format(uri)
     if id_column is None:
         id_column = sources.default_id_column(uri, fmt)
-    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+    if image_column is not None and kind != JobKind.embed:
+        raise BadInput(f"image_column: images are embedded, not {kind.value}ed", param="image_column")
+    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column, image=image_column)
     sources.check_columns(uri, fmt, kind, columns)
     n_rows = sources.count_rows(uri, fmt)
     shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
     job_id = stable_job_id(
-        {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
+        {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(exclude={"image"} if columns.image is None else None),
          # outputs left out unless named, so a job planned before outputs existed keeps its id
          "options": options.model_dump(exclude={"outputs"} if options.outputs is None else None),
-         "shard_rows": shard_rows, "n_rows": n_rows}
+         "shard_rows": shard_rows, "n_rows": n_rows,
+         # the content too: a corpus edited in place is another job, never the old vectors
+         "content": sources.fingerprint(uri, fmt)}
     )
     spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
                    options=options, n_rows=n_rows, shards=shards)
@@ -369,7 +427,10 @@ def _materialize(source: Any, out: str) -> str:
 def _record(spec: JobSpec) -> None:
     """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
     root = storage.locate(spec.out)
-    storage.ensure_dir(root)
+    try:
+        storage.ensure_dir(root)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputConflict(f"--out {spec.out}: a file is in the way; an output folder is needed", param="out") from None
     job_file = root.child(JOB_FILE)
     if storage.exists(job_file):
         existing = storage.read_job(spec.out)

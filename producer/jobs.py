@@ -183,6 +183,9 @@ class Columns(BaseModel):
     id: str | None = None
     query: str = "query"
     document: str = "document"
+    #: image-text models: the column holding images (bytes, local paths, s3:// or http(s) URIs),
+    #: embedded instead of the text column
+    image: str | None = None
 
 
 class ShardRef(BaseModel):
@@ -253,6 +256,9 @@ class ShardReport(BaseModel):
     deliveries: int = 1
     #: the device of the engine that wrote it, as its host names it (``cuda:1``, ``cpu:0``)
     device: str | None = None
+    #: wall seconds of each stage of the shard task (read, engine, table, write): where a shard's
+    #: time went, so per-shard fixed costs show beside the engine's
+    seconds: dict[str, float] = Field(default_factory=dict)
 
 
 class JobManifest(BaseModel):

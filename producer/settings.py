@@ -69,6 +69,14 @@ class Settings(BaseSettings):
                          "for `status <id>`, its shard list) live after submission; none is kept forever")
     storage_roots: str | None = Field(None, description="worker: comma-separated folders or URI prefixes "
                                       "(s3://bucket/prefix/) its messages may read and write; '*' allows anything")
+    image_max_pixels: int = Field(40_000_000, ge=1, description="Image inputs: the most pixels (width x height) "
+                                  "one image may have before it is decoded (the decompression-bomb limit)")
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Image inputs: the most bytes one encoded "
+                                 "image may have (a data URI's payload or a download)")
+    image_fetch: bool = Field(True, description="Image inputs: workers download http(s) image URLs (infinity "
+                              "does); turn off where workers must not reach URLs their callers name")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Image inputs: seconds to download an "
+                                         "http(s) image")
     signing_key: str | None = Field(None, description="Producers sign shard messages with it, workers refuse "
                                     "unsigned or altered ones (HMAC-SHA256 over the message)")
     # -- SQS
@@ -152,6 +160,19 @@ def set_env(name: str, value: str, *, overwrite: bool = True) -> None:
     """Set a variable for libraries that read it themselves (the Neuron runtime, tokenizers)."""
     if overwrite or name not in os.environ:
         os.environ[name] = value
+
+
+def passive_openmp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless it is set: must run before torch is imported.
+
+    OpenMP's default lets each of torch's intra-op threads spin after every parallel region,
+    and every region waits for all of them. When anything else shares the cores (the facade's
+    event loop, the tokenizer, another process) a spinning or descheduled thread stalls every
+    operator: measured on a shared 2-core machine, one MiniLM text took 840-1,056 ms and 400-560 ms
+    of CPU with spinning, 20-38 ms and 15 ms passive; 64 clients 32-48 vs 96-192 requests/s
+    (bench/RESULTS.md, issue 20). Set ``OMP_WAIT_POLICY=ACTIVE`` to spin on a dedicated machine.
+    """
+    set_env("OMP_WAIT_POLICY", "PASSIVE", overwrite=False)
 
 
 def hf_offline() -> bool:

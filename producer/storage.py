@@ -9,6 +9,7 @@ are idempotent.
 from __future__ import annotations
 
 import functools
+import contextlib
 import json
 import os
 import uuid
@@ -34,7 +35,7 @@ from tenacity import (
 T = TypeVar("T")
 
 _TRANSIENT: tuple[type[BaseException], ...] = (OSError, pa.ArrowException)
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _RETRYABLE_S3_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "503", "500"}
 
 try:  # boto3 is optional (the aws extra); its network errors are transient, as are S3's 5xx
@@ -167,11 +168,16 @@ def publish_bytes(loc: Location, data: bytes) -> None:
     if loc.is_local:
         os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, loc.path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, loc.path)
+        except BaseException:  # a full or failing disk: never leave the partial file behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     # S3: one PutObject; the object becomes visible whole, or not at all.
     bucket, _, key = loc.path.partition("/")
@@ -182,10 +188,12 @@ def publish_json(loc: Location, value: Any) -> None:
     publish_bytes(loc, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
 
-def publish_table(loc: Location, table: pa.Table, compression: str = "zstd") -> None:
-    """Serialize a table to Parquet in memory, then publish it atomically."""
+def publish_table(loc: Location, table: pa.Table, compression: str = "zstd",
+                  dictionary: bool | list[str] = True) -> None:
+    """Serialize a table to Parquet in memory, then publish it atomically. ``dictionary``: the
+    columns to dictionary-encode (pyarrow's ``use_dictionary``: all, none, or those named)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, use_dictionary=dictionary)
     publish_bytes(loc, sink.getvalue().to_pybytes())
 
 

@@ -18,6 +18,10 @@ from typing import Iterator
 
 import pytest
 
+from producer.settings import passive_openmp
+
+passive_openmp()  # as the `embedfleet` CLI does, before any test imports torch (shared cores: no spinning)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite pins the torch backend (exact fp32 on CPU) so vectors compare tightly and start-up

@@ -314,3 +314,43 @@ def save_splade(dest: Path, pooling: str = "max", activation: str = "relu", seed
 @pytest.fixture(scope="session")
 def tiny_splade_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_splade(tmp_path_factory.mktemp("models") / "tiny-splade")
+
+
+def save_image_text(dest: Path, family: str = "clip", seed: int = 8, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel or SiglipModel folder with its processor config (as save_pretrained of
+    the processor writes it) and the bundled tokenizer (texts up to 64 tokens, [SEP] as CLIP's eos)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
+    if family == "clip":
+        model: Any = CLIPModel(CLIPConfig(text_config={**text, "eos_token_id": 102, "bos_token_id": 101,
+                                                       "pad_token_id": 0},
+                                          vision_config=vision, projection_dim=24))
+        processor: Any = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    else:
+        model = SiglipModel(SiglipConfig(text_config={**text, "pad_token_id": 0}, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    model.eval().save_pretrained(dest)
+    processor.save_pretrained(dest)
+    copy_tokenizer(dest, 64)
+    return dest
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    """A random RGB image of the given size, encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -3,8 +3,12 @@ worker's (run, worker, serve, shard, models), registered on one Typer app by imp
 
 from __future__ import annotations
 
-from producer.cli import app
-from worker.commands import models, run, serve, shard, worker  # noqa: F401  (each registers its command)
+from producer.settings import passive_openmp
+
+passive_openmp()  # before the commands import torch: OpenMP reads it once, when torch loads it
+
+from producer.cli import app  # noqa: E402
+from worker.commands import models, run, serve, shard, worker  # noqa: E402,F401  (each registers its command)
 
 
 def main() -> None:

@@ -32,8 +32,10 @@ from producer.errors import EmbedfleetError
 from producer.http import cohere, tei
 from producer.http.checks import validation_message
 from producer.http.errors import bad, error_response, plain_response
+from producer.http.dispatch import Runner
 from producer.http.facade import Facade
 from producer.http.metrics import CONTENT_TYPE
+from producer.http.render import json_response
 from producer.http.middleware import AssumeJson, BodyLimit, Observe
 from producer.http.schemas import (
     ERRORS,
@@ -41,6 +43,7 @@ from producer.http.schemas import (
     ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    ImageEmbeddingRequest,
     ModelList,
     Rank,
     RerankBody,
@@ -60,6 +63,11 @@ def _router(facade: Facade) -> APIRouter:
     @router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
     async def embeddings(body: EmbeddingRequest) -> Response:
         return await facade.embeddings(body)
+
+    @router.post("/embeddings_image", response_model=EmbeddingResponse,
+                 summary="Embed images: URLs or data URIs (infinity-compatible; CLIP, SigLIP)")
+    async def embeddings_image(body: ImageEmbeddingRequest) -> Response:
+        return await facade.embeddings_image(body)
 
     @router.post("/rerank", response_model=Union[RerankResponse, list[Rank]],  # type: ignore[arg-type]
                  summary="Rerank documents against a query (Cohere/Jina body; TEI's body with `texts`)")
@@ -81,10 +89,25 @@ def _router(facade: Facade) -> APIRouter:
 
 
 
-def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdown: Any = None) -> FastAPI:
-    """The FastAPI app for ``client``'s broker; ``on_shutdown`` runs after the facade stops."""
+def _keyed_docs(app: FastAPI, facade: Facade) -> None:
+    """``/openapi.json`` and ``/docs`` behind the API key (FastAPI serves its own without any)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(facade.authorize)])
+    async def openapi() -> Response:
+        return json_response(app.openapi(), 200)
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(facade.authorize)])
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="embedfleet")
+
+
+def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdown: Any = None,
+               runner: Runner | None = None) -> FastAPI:
+    """The FastAPI app for ``client``'s broker; ``on_shutdown`` runs after the facade stops;
+    ``runner``: the engines of this process (embedded mode), which take jobs without a message."""
     settings = settings or FacadeSettings()
-    facade = Facade(client, settings)
+    facade = Facade(client, settings, runner)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,9 +124,13 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
             if on_shutdown is not None:
                 on_shutdown()
 
+    keyed = bool(settings.api_key)  # with a key, the schema and its page are behind it too
     app = FastAPI(title="embedfleet", version="1", lifespan=lifespan,
-                  description="OpenAI / infinity / Cohere-compatible embedding, rerank and classify endpoints.")
+                  description="OpenAI / infinity / Cohere-compatible embedding, rerank and classify endpoints.",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if keyed else {}))
     app.state.facade = facade
+    if keyed:
+        _keyed_docs(app, facade)
 
     @app.exception_handler(EmbedfleetError)
     async def _known(_: Request, exc: EmbedfleetError) -> Response:
@@ -138,7 +165,8 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
     async def health() -> Response:
         return facade.health()
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             dependencies=[Depends(facade.authorize)] if settings.protect_metrics else [])
     async def metrics() -> Response:
         return Response(facade.metrics.render(), media_type=CONTENT_TYPE)
 

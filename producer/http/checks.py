@@ -57,6 +57,47 @@ def embedding_inputs(value: Any, model: ServedModel, settings: FacadeSettings, p
     return fit_texts(texts)
 
 
+#: On an image-text model's routes, an input that is one of these is an image, not a text.
+IMAGE_DATA_URI = "data:image/"
+IMAGE_REFERENCES = ("data:", "http://", "https://")
+
+
+def image_or_text_inputs(value: Any, model: ServedModel, settings: FacadeSettings, param: str = "input") -> list[Any]:
+    """``embedding_inputs``, except that on an image-text model (CLIP, SigLIP) each ``data:image/...``
+    URI is an image input (``{"image": uri}``); the other items are checked as texts."""
+    items = [value] if isinstance(value, str) else value
+    if ("image" not in model.modalities or not isinstance(items, list) or not items
+            or not all(isinstance(v, str) for v in items) or not any(v.startswith(IMAGE_DATA_URI) for v in items)):
+        return embedding_inputs(value, model, settings, param)
+    problem = count_problem(items, settings.max_inputs, " per request")
+    if problem is not None:
+        raise problem.error(param)
+    out: list[Any] = []
+    for index, item in enumerate(items):
+        if item.startswith(IMAGE_DATA_URI):
+            out.append({"image": item})
+            continue
+        problem = text_problem(item, settings.max_chars)
+        if problem is not None:
+            raise problem.error(f"{param}[{index}]")
+        out.append(fit_texts([item])[0])
+    return out
+
+
+def image_inputs(value: Any, model: ServedModel, settings: FacadeSettings, param: str = "input") -> list[Any]:
+    """infinity's ``/embeddings_image`` inputs: URLs or data URIs, for an image-text model only."""
+    if "image" not in model.modalities:
+        raise bad(f"model {model.id!r} embeds text only; images need an image-text model (CLIP, SigLIP)", "model")
+    items = [value] if isinstance(value, str) else list(value)
+    problem = count_problem(items, settings.max_inputs, " per request")
+    if problem is not None:
+        raise problem.error(param)
+    for index, item in enumerate(items):
+        if not item.startswith(IMAGE_REFERENCES):
+            raise bad(f"{param}[{index}]: an image is an http(s) URL or a data: URI", f"{param}[{index}]")
+    return [{"image": item} for item in items]
+
+
 def _token_inputs(value: list[Any], model: ServedModel, settings: FacadeSettings, param: str) -> list[list[int]]:
     arrays = [value] if isinstance(value[0], int) else value
     if not model.token_ids:

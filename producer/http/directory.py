@@ -65,6 +65,8 @@ class ServedModel:
     outputs: tuple[str, ...] = ("dense",)
     default_outputs: tuple[str, ...] = ("dense",)
     multivector_dims: int = 0
+    #: what its inputs may be: ("text",), or ("text", "image") for image-text models
+    modalities: tuple[str, ...] = ("text",)
 
     def names(self) -> set[str]:
         return {self.id, self.ref, model_slug(self.id), model_slug(self.ref)}
@@ -102,6 +104,7 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 placements=placements,
                 outputs=tuple(d.get("outputs") or ("dense",)), default_outputs=tuple(d.get("default_outputs") or ("dense",)),
                 multivector_dims=int(d.get("multivector_dims") or 0),
+                modalities=tuple(d.get("modalities") or ("text",)),
             )
     return merged
 
@@ -270,6 +273,9 @@ class Directory:
                                   "model", int(self.settings.refresh_s) + 1)
         if len(of_kind) == 1:
             return of_kind[0]
+        if not served:  # no worker answers at all (thin facade): a wait, not a wrong name
+            raise unavailable("no worker answers right now; retry later", "no_worker", "model",
+                              int(self.settings.refresh_s) + 1)
         if not of_kind:
             raise not_found(f"no {kind.value} model is served here"
                             + (f" (served: {', '.join(sorted(m.id for m in served))})" if served else ""))
@@ -280,7 +286,8 @@ class Directory:
         raise not_found(f"model {name!r} is not served here ({kind.value} models served: {listed})")
 
     def card(self, model: ServedModel) -> ModelCard:
-        return ModelCard(id=model.id, created=self._created, kind=model.kind, capabilities=[model.kind],
+        capabilities = [model.kind] + (["image_embed"] if "image" in model.modalities else [])
+        return ModelCard(id=model.id, created=self._created, kind=model.kind, capabilities=capabilities,
                          dimensions=model.dimensions, max_length=model.max_length, labels=list(model.labels),
                          backend=model.backend, device=model.device, dtype=model.dtype, workers=len(model.workers),
                          stats=dict(model.stats), prompts=list(model.prompts),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Protocol
 
 from celery import Celery
 from celery.exceptions import NotRegistered, TaskRevokedError, WorkerLostError
@@ -30,11 +30,23 @@ from producer.jobs import InlineResult
 log = logging.getLogger(__name__)
 
 
+class Runner(Protocol):
+    """An engine in the facade's own process (embedded mode: ``worker.hosting.direct``), which
+    takes jobs without a message: no serialization of the inputs or of the vectors."""
+
+    def takes(self, job: InlineJob) -> bool:
+        """Whether ``job`` goes to the engine directly (else it travels as a message)."""
+
+    async def run(self, job: InlineJob, timeout: float) -> Answer:
+        """The engine's answer within ``timeout`` s; ``asyncio.TimeoutError`` after."""
+
+
 class Dispatcher:
     """Send inline jobs for one facade and wait for them, bounded and timed."""
 
     def __init__(self, app: Celery, timeout_s: float, max_inflight: int, max_queue_depth: int,
-                 jobs_per_worker: int, depth: Callable[[str], int | None], metrics: FacadeMetrics) -> None:
+                 jobs_per_worker: int, depth: Callable[[str], int | None], metrics: FacadeMetrics,
+                 runner: Runner | None = None) -> None:
         self.app = app
         self.timeout_s = timeout_s
         self.max_inflight = max_inflight
@@ -42,6 +54,7 @@ class Dispatcher:
         self.jobs_per_worker = jobs_per_worker
         self.depth = depth
         self.metrics = metrics
+        self.runner = runner
         self.inflight = 0
         self.replies: Replies = replies_for(app)
         self.publisher: Publisher = publisher_for(app, self.replies.sender)
@@ -82,10 +95,21 @@ class Dispatcher:
             self.metrics.inflight.dec()
 
     async def _run(self, job: InlineJob, queue: str, deadline: float) -> Answer:
-        """One message to ``queue``; the worker drops it unanswered once ``deadline`` has passed."""
+        """One message to ``queue`` (the worker drops it unanswered once ``deadline`` has passed),
+        or the job handed to this process's own engine."""
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise timed_out(job.model, self.timeout_s)
+        if self.runner is not None and self.runner.takes(job):
+            try:
+                return await self.runner.run(job, left)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise timed_out(job.model, self.timeout_s) from None
+            except EmbedfleetError:
+                raise
+            except Exception as exc:  # as a worker's failure would be answered: 502
+                log.error("the engine failed on model %s: %s: %s", job.model, type(exc).__name__, exc)
+                raise WorkerFailed(f"the worker failed: {type(exc).__name__}: {exc}", code="worker_error") from None
         payload = job.model_dump(mode="json")
         task_id = self.replies.new_task_id()
         # shown in the worker's logs instead of a repr of every input

@@ -25,16 +25,18 @@ from producer.http.checks import (
     check_texts,
     embedding_inputs,
     fit_texts,
+    image_inputs,
+    image_or_text_inputs,
     per_item_errors,
     prompt_for,
 )
 from producer.http.coalesce import Answer
 from producer.http.directory import Directory, ServedModel
-from producer.http.dispatch import Dispatcher
+from producer.http.dispatch import Dispatcher, Runner
 from producer.http.errors import bad, unauthorized
 from producer.http.metrics import FacadeMetrics
 from producer.http.render import json_response, stamp, usage
-from producer.http.schemas import ClassifyRequest, EmbeddingRequest, RerankRequest
+from producer.http.schemas import ClassifyRequest, EmbeddingRequest, ImageEmbeddingRequest, RerankRequest
 from producer.http.settings import FacadeSettings
 from producer.jobs import ClassifyJob, EmbedJob, JobKind, Options, RerankJob
 
@@ -86,13 +88,13 @@ def multivector_rows(result: Answer, body: EmbeddingRequest) -> list[Any]:
 class Facade:
     """State shared by the routes of one app, and the calls every route makes."""
 
-    def __init__(self, client: Client, settings: FacadeSettings) -> None:
+    def __init__(self, client: Client, settings: FacadeSettings, runner: Runner | None = None) -> None:
         self.client = client
         self.settings = settings
         self.directory = Directory(client.app, settings)
         self.metrics = FacadeMetrics(self.directory.samples)
         self.dispatcher = Dispatcher(client.app, settings.timeout_s, settings.max_inflight, settings.max_queue_depth,
-                                     settings.jobs_per_worker, self.directory.depths_of, self.metrics)
+                                     settings.jobs_per_worker, self.directory.depths_of, self.metrics, runner)
 
     async def authorize(self, request: Request) -> None:
         """The bearer key check (async: FastAPI would run a plain function on a worker thread)."""
@@ -141,7 +143,7 @@ class Facade:
     # -- OpenAI / infinity routes
     async def embeddings(self, body: EmbeddingRequest) -> Response:
         model = self.directory.resolve(body.model, JobKind.embed, "/v1/embeddings")
-        inputs = embedding_inputs(body.input, model, self.settings)
+        inputs = image_or_text_inputs(body.input, model, self.settings)
         dimensions = body.dimensions or body.output_dimension
         check_dimensions(dimensions, model)
         numeric_type(body)  # a contradiction is a 400 before any work
@@ -152,6 +154,17 @@ class Facade:
                           outputs=None if output == "dense" and model.default_outputs == ("dense",) else [output])
         result = await self.embed(model, inputs, options)
         rows = multivector_rows(result, body) if output == "multivector" else openai_rows(result.values, body)
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
+        return json_response({"object": "list", "data": data, "model": model.id, "usage": usage(result),
+                              **stamp("embd")})
+
+    async def embeddings_image(self, body: ImageEmbeddingRequest) -> Response:
+        """infinity's ``/embeddings_image``: image vectors of an image-text model, OpenAI-shaped."""
+        model = self.directory.resolve(body.model, JobKind.embed, "/embeddings_image")
+        inputs = image_inputs(body.input, model, self.settings)
+        result = await self.embed(model, inputs, Options())
+        rows = encodings.base64_rows(result.values) if body.encoding_format == "base64" else \
+            encodings.json_rows(result.values)
         data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
         return json_response({"object": "list", "data": data, "model": model.id, "usage": usage(result),
                               **stamp("embd")})
@@ -188,12 +201,11 @@ class Facade:
                    if not any(self.directory._matches(m, kind, ref) for m in served)]
         ready = self.directory.fresh() and bool(served) and not missing
         body = {"status": "ready" if ready else "not ready", "unix": time.time(),
-                "models": {m.id: {"kind": m.kind, "workers": len(m.workers),
-                                  "devices": [{"worker": p.worker, "device": p.device} for p in m.placements]}
+                "models": {m.id: {"kind": m.kind, "workers": len(m.workers),  # no host names: it is open
+                                  "devices": [{"device": p.device} for p in m.placements]}
                            for m in served}, "missing": missing}
         return json_response(body, 200 if ready else 503)
 
     def count(self, model: ServedModel, result: Answer) -> None:
         """Tokens and inputs a request ran, for the metrics."""
-        self.metrics.tokens.labels(model.id, model.kind).inc(int(sum(result.n_tokens)))
-        self.metrics.inputs.labels(model.kind).observe(len(result.n_tokens))
+        self.metrics.count(model.id, model.kind, int(sum(result.n_tokens)), len(result.n_tokens))

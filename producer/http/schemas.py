@@ -55,6 +55,15 @@ class EmbeddingRequest(_Request):
     user: StrictStr | None = None
 
 
+class ImageEmbeddingRequest(_Request):
+    """infinity's ``/embeddings_image`` body: images as http(s) URLs or data URIs."""
+
+    input: Union[StrictStr, list[StrictStr]] = Field(description="An image URL or data URI, or a list of them")
+    model: ModelName = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: StrictStr | None = None
+
+
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int

@@ -15,6 +15,9 @@ class FacadeSettings:
     models: list[str] = field(default_factory=list)
     """Models this facade serves (``ref`` or ``kind:ref``); empty: whatever workers answer."""
     api_key: str | None = None
+    protect_metrics: bool = False
+    """``/metrics`` asks for the API key too (``/health`` stays open for probes; ``/docs`` and
+    ``/openapi.json`` always ask for it when a key is set)."""
     timeout_s: float = 30.0
     max_inflight: int = 256
     max_queue_depth: int = 1024

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.backends.select import COSINE_GATE, candidates, sample_inputs, sorted_batches
+from worker.backends.quality import COSINE_GATE
+from worker.backends.select import candidates, sample_inputs, sorted_batches
 from worker.backends import torch_cpu
 from worker.backends.select import load_backend
 from worker.models.resolve import describe

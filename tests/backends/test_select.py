@@ -3,6 +3,7 @@ gate, picks the fastest of them, and explicit --backend / --dtype override it.""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -11,10 +12,14 @@ import pytest
 
 from worker.backends import select as autoselect
 from worker.backends.base import Backend
-from worker.backends.select import COSINE_GATE, Candidate, candidates, select_backend
+from worker.backends.quality import COSINE_GATE, RECALL_GATE
+from worker.backends.select import Candidate, candidates, select_backend
 from worker.backends.select import load_backend
 from worker.backends.torch_cpu import bf16_native
 from worker.models.resolve import describe
+
+#: The openvino candidate where its package is installed (the auto selection offers it then).
+OPENVINO_FP32 = {"openvino/float32"} if importlib.util.find_spec("openvino") else set()
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +90,7 @@ def test_gate_rejects_the_fastest_wrong_candidate(tiny_embed_model: Path, monkey
     trials = {str(t.candidate): t for t in selection.trials}
     assert trials["garbage/float32"].tokens_per_s > trials["torch/float32"].tokens_per_s
     assert not trials["garbage/float32"].passed and trials["garbage/float32"].cos_min < 0.9
+    assert trials["garbage/float32"].recall < 0.5 and trials["torch/float32"].recall == 1.0
     assert trials["slow/float32"].passed and trials["torch/float32"].passed
     assert backend.name == "torch" and backend.dtype == "float32"  # the fastest that passes
     assert made["garbage"].closed  # type: ignore[attr-defined]
@@ -96,7 +102,7 @@ def test_auto_picks_a_passing_real_candidate(bundled_model: Path) -> None:
     selection = load_backend("auto", info, "cpu", "auto")
     backend = selection.backend
     chosen = next(t for t in selection.trials if t.candidate == Candidate(backend.name, backend.dtype))
-    assert chosen.passed and chosen.cos_min >= COSINE_GATE
+    assert chosen.passed and chosen.cos_min >= COSINE_GATE and chosen.recall >= RECALL_GATE
     assert all(t.tokens_per_s <= chosen.tokens_per_s for t in selection.trials if t.passed)
     shown = {str(t.candidate) for t in selection.trials}
     assert {"torch/float32", "onnx/float32", "onnx/int8"} <= shown
@@ -109,15 +115,17 @@ def test_auto_picks_a_passing_real_candidate(bundled_model: Path) -> None:
 
 def test_rerank_models_are_gated_on_scores(tiny_rerank_model: Path) -> None:
     selection = select_backend(describe(str(tiny_rerank_model)), "cpu", "float32", n_texts=8, passes=1)
-    assert {str(t.candidate) for t in selection.trials} == {"torch/float32", "onnx/float32"}
+    assert {str(t.candidate) for t in selection.trials} == {"torch/float32", "onnx/float32"} | OPENVINO_FP32
     assert all(t.passed and t.max_score_diff <= autoselect.SCORE_TOLERANCE for t in selection.trials)
 
 
 def test_dtype_narrows_the_candidates() -> None:
     assert {c.dtype for c in candidates("cpu", "int8")} == {"int8"}
-    assert candidates("cpu", "fp32") == [Candidate("torch", "float32"), Candidate("onnx", "float32")]
+    fp32 = [Candidate("torch", "float32"), Candidate("onnx", "float32")]
+    assert candidates("cpu", "fp32") == fp32 + [Candidate("openvino", "float32")] * len(OPENVINO_FP32)
     if bf16_native():
-        assert candidates("cpu", "bf16") == [Candidate("torch", "bfloat16")]
+        assert candidates("cpu", "bf16") == [Candidate("torch", "bfloat16")] + [
+            Candidate("openvino", "bfloat16")] * len(OPENVINO_FP32)
     with pytest.raises(ValueError, match="dtype 'int3'"):
         candidates("cpu", "int3")
 
@@ -183,3 +191,21 @@ def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path)
     score = Trial(Candidate("onnx", "float32"), 900.0, float("nan"), float("nan"), 0.0001, True)
     table = format_table([embed, score], embed.candidate)
     assert "nan" not in table.lower() and " - " in table and "<- chosen" in table
+
+
+def test_a_dtype_asked_for_runs_even_under_the_gate(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--backend auto --dtype X: the fastest X runs (the dtype asked for is the dtype used), and
+    the reason says it is under the gate; without a dtype the same candidate is never chosen."""
+    info = describe(str(tiny_embed_model))
+    options = [Candidate("torch", "float32"), Candidate("garbage", "int8")]
+    monkeypatch.setattr(autoselect, "candidates",
+                        lambda device, dtype: [c for c in options if dtype == "auto" or c.dtype == dtype])
+
+    def loader(name: str, info_, device: str, dtype: str):  # type: ignore[no-untyped-def]
+        return FastButWrong(info.dims) if name == "garbage" else load_backend(name, info_, device, dtype).backend
+
+    asked = select_backend(info, "cpu", "int8", n_texts=8, passes=1, loader=loader)
+    assert asked.chosen == Candidate("garbage", "int8") and not asked.trials[0].passed
+    assert "UNDER the quality gate" in asked.reason and "--dtype int8 was asked" in asked.reason
+    free = select_backend(info, "cpu", "auto", n_texts=8, passes=1, loader=loader)
+    assert free.chosen == Candidate("torch", "float32") and "below the quality gate" in free.table

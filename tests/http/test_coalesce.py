@@ -152,3 +152,45 @@ def test_a_request_that_times_out_while_waiting_is_never_sent() -> None:
         assert run.sent == [["a"]]
 
     asyncio.run(scenario())
+
+
+def requests_per_job(url: str) -> tuple[float, float]:
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    found = dict(re.findall(r"^embedfleet_requests_per_job_(sum|count) (\S+)$", text, re.M))
+    return float(found["sum"]), float(found["count"])
+
+
+@pytest.mark.parametrize("mode", ["embedded", "thin"])
+def test_concurrent_requests_with_different_options_are_never_merged(mode: str, request: Any) -> None:
+    """Through real HTTP and a real worker: 64 concurrent requests in four option sets, merged
+    into shared jobs while the worker is busy, each answered exactly as when sent alone."""
+    import httpx
+
+    served = request.getfixturevalue(mode)
+    variants: list[dict[str, Any]] = [{}, {"dimensions": 8}, {"normalize": False}, {"dimensions": 8, "normalize": False}]
+    bodies = [{"input": f"text {i % 8} of the burst", "model": served.embed, **variants[i % 4]} for i in range(64)]
+    alone = {}
+    for body in bodies[:8]:  # every (text, options) pair once (i % 8 fixes both), one at a time
+        response = httpx.post(f"{served.url}/v1/embeddings", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        alone[repr(sorted(body.items()))] = response.json()["data"][0]["embedding"]
+    before = requests_per_job(served.url)
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/embeddings", json=b) for b in bodies))
+
+    responses = asyncio.run(burst())
+    after = requests_per_job(served.url)
+    assert after[0] - before[0] == 64
+    assert after[1] - before[1] < 64, "no request was merged: the test did not exercise merging"
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        got = response.json()["data"][0]["embedding"]
+        np.testing.assert_allclose(got, alone[repr(sorted(body.items()))], rtol=1e-5, atol=1e-6)
+        assert len(got) == body.get("dimensions", len(got))

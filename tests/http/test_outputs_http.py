@@ -1,4 +1,4 @@
-"""Sparse and multi-vector outputs over a real fleet: a real Redis, an ``embedfleet worker``
+"""Sparse and multi-vector outputs, and CLIP's image inputs, over a real fleet: a real Redis, an ``embedfleet worker``
 subprocess hosting the tiny bge-m3 (and a dense-only model), the thin facade over real HTTP, and
 ``Client.embed(outputs=...)`` on the same broker. Answers are compared with the engine's outputs
 (themselves checked against FlagEmbedding's definition in tests/models/test_bge_m3.py)."""
@@ -16,7 +16,7 @@ import pytest
 from producer.jobs import Options
 
 from tests.conftest import RedisServer
-from tests.families import tiny_bge_m3_model, tiny_splade_model  # noqa: F401  (fixtures)
+from tests.families import image_bytes, save_image_text, tiny_bge_m3_model, tiny_splade_model  # noqa: F401
 from tests.fixtures_extra import make_engine, sample_texts
 from tests.http.servers import ServerThread, WorkerProcess, wait_ready
 
@@ -36,7 +36,12 @@ def expected(tiny_bge_m3_model: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path, tiny_splade_model: Path,
+def clip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_image_text(tmp_path_factory.mktemp("vision") / "tiny-clip", "clip")
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path, tiny_splade_model: Path, clip_model: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     from producer.client import Client
     from producer.http.app import create_app
@@ -45,7 +50,8 @@ def fleet(tiny_bge_m3_model: Path, tiny_embed_model: Path, tiny_splade_model: Pa
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = WorkerProcess(redis.url, [str(tiny_bge_m3_model), str(tiny_embed_model), str(tiny_splade_model)], log).start()
+    worker = WorkerProcess(redis.url, [str(tiny_bge_m3_model), str(tiny_embed_model), str(tiny_splade_model),
+                                        str(clip_model)], log).start()
     settings = FacadeSettings(timeout_s=60, refresh_s=1.0)
     server = ServerThread(create_app(Client(broker=redis.url), settings)).start()
     try:
@@ -133,3 +139,54 @@ def test_splade_on_embed_sparse_and_refused_where_dense_is_needed(fleet: tuple[s
     for route, body in (("/v1/embeddings", {"input": "x"}), ("/embed", {"inputs": "x"})):
         refused = httpx.post(f"{url}{route}", json={"model": "tiny-splade", **body}, timeout=60)
         assert refused.status_code == 400 and "sparse" in refused.text, (route, refused.text)
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A plain HTTP server holding two images (an http(s) URL input is fetched by the worker)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("images")
+    (root / "a.png").write_bytes(image_bytes(40, 30, "PNG", 11))
+    (root / "b.jpg").write_bytes(image_bytes(50, 50, "JPEG", 12))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_clip_images_over_http_and_the_client(fleet: tuple[str, str], clip_model: Path, image_server: str,
+                                              tmp_path: Path) -> None:
+    from producer.client import Client
+
+    url, broker = fleet
+    png, jpg = image_bytes(40, 30, "PNG", 11), image_bytes(50, 50, "JPEG", 12)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    engine = make_engine(clip_model)
+    try:
+        want = engine.run([{"image": uri}, {"image": "data:image/jpeg;base64," + base64.b64encode(jpg).decode()},
+                           "a photo of a cat"]).values
+    finally:
+        engine.stop()
+    infinity = httpx.post(f"{url}/embeddings_image", json={"model": "tiny-clip", "input": [
+        f"{image_server}/a.png", f"{image_server}/b.jpg"]}, timeout=60)
+    assert infinity.status_code == 200, infinity.text
+    np.testing.assert_allclose([d["embedding"] for d in infinity.json()["data"]], want[:2], atol=2e-5)
+    mixed = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-clip", "input": [uri, "a photo of a cat"]},
+                       timeout=60)
+    assert mixed.status_code == 200, mixed.text
+    np.testing.assert_allclose([d["embedding"] for d in mixed.json()["data"]], want[[0, 2]], atol=2e-5)
+    (tmp_path / "b.jpg").write_bytes(jpg)
+    got = Client(broker=broker, timeout=60).embed_images([png, tmp_path / "b.jpg"], model="tiny-clip")
+    np.testing.assert_allclose(got, want[:2], atol=2e-5)
+    missing = httpx.post(f"{url}/embeddings_image", json={"model": "tiny-clip", "input": f"{image_server}/nope.png"},
+                         timeout=60)
+    assert missing.status_code == 400 and "could not download the image" in missing.text, missing.text
+    text_only = httpx.post(f"{url}/embeddings_image", json={"model": "tiny-bert", "input": uri}, timeout=60)
+    assert text_only.status_code == 400 and "embeds text only" in text_only.text
+    models = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]}
+    assert "image_embed" in models["tiny-clip"]["capabilities"]

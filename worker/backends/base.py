@@ -216,6 +216,12 @@ class Backend:
         wait = self.launch(batch, precise)
         return lambda: BatchOutputs(dense=wait())
 
+    def image_features(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """Image embeddings ``[n, dims]`` float32 of preprocessed ``[n, 3, H, W]`` pixel values
+        (image-text models). Default: not offered, and said so."""
+        raise BadInput(f"the {self.name} backend does not embed images; serve the model with --backend torch",
+                       param="input")
+
     def token_states(self, batch: Batch) -> list[np.ndarray]:
         """Every token's final hidden state, ``[length, hidden]`` float32 per input of a padded
         batch, without pooling (TEI's ``/embed_all``). Default: not offered, and said so."""

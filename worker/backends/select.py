@@ -7,11 +7,13 @@ passes the quality gate. It returns a ``Selection``: the backend and the table o
 
 Why measure instead of a rule: which stack wins depends on the CPU's units (AMX, AVX-512-BF16,
 VNNI), the model's shapes and the libraries installed, and rules of thumb go stale. So the worker
-runs every candidate on a short deterministic sample, compares each one's outputs with torch
-fp32 on the same sample, rejects any under the quality gate (embeddings: every vector's cosine
-to fp32 >= 0.999; rerank/classify: every score within 0.01), keeps the fastest of the rest,
-and logs the table. ``--backend`` and ``--dtype`` narrow the candidates (an explicit backend
-other than ``auto`` skips the selection entirely). On GPUs ``auto`` is the torch backend (bf16
+runs every candidate on a short deterministic sample (timed: retrieval-shaped texts of the mixed
+workload's lengths), compares each one's outputs with torch fp32 on real prose
+(``worker.backends.quality``: embeddings are of equal quality when recall@10 against fp32 >= 0.97
+and every cosine >= 0.99; rerank/classify: every score within 0.01), keeps the fastest of the
+equal-quality ones, and logs the table. ``--dtype`` narrows the candidates to that dtype, and
+then the fastest of them runs even under the gate (the dtype asked for is the dtype used; the
+reason says it is under the gate); an explicit backend other than ``auto`` skips the selection. On GPUs ``auto`` is the torch backend (bf16
 where supported): its CUDA path is the fastest measured there (bench/RESULTS.md).
 
 The choice is measured once per model revision, machine (CPU model, its matrix units, the
@@ -41,6 +43,7 @@ from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir
 from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads
+from worker.backends.quality import COSINE_GATE, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines, prose
 from worker.models.heads import class_probabilities, rerank_scores
 
 if TYPE_CHECKING:
@@ -48,14 +51,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COSINE_GATE = 0.999
-SCORE_TOLERANCE = 0.01
 SAMPLE_TEXTS = 64
+#: Real paragraphs embedded by every candidate for the quality rule (each one a query for recall@10).
+QUALITY_TEXTS = 384
 
 #: name -> (module, class, what to install when the import fails)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "torch": ("worker.backends.torch", "TorchBackend", "pip install torch"),
     "onnx": ("worker.backends.onnx", "OnnxBackend", "pip install 'embedfleet[onnx]'"),
+    "openvino": ("worker.backends.openvino", "OpenVinoBackend", "pip install 'embedfleet[openvino]'"),
     "neuron": ("worker.backends.neuron", "NeuronBackend", "pip install 'embedfleet[neuron]' on an inf2 instance"),
 }
 
@@ -104,6 +108,8 @@ class Trial:
     max_score_diff: float = float("nan")
     passed: bool = False
     error: str = ""
+    #: recall@10 against fp32 on the quality sample (embeddings only).
+    recall: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------- candidates
@@ -122,6 +128,14 @@ def _onnx_available() -> bool:
     return True
 
 
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
     """Backend/dtype pairs worth trying on ``device``; an explicit ``dtype`` keeps only its own."""
     found: list[Candidate] = [Candidate("torch", "float32")]
@@ -134,6 +148,10 @@ def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
             found.append(Candidate("torch", "float16"))
         if _onnx_available():
             found += [Candidate("onnx", "float32"), Candidate("onnx", "int8")]
+        if _openvino_available():
+            found.append(Candidate("openvino", "float32"))
+            if bf16_native():
+                found.append(Candidate("openvino", "bfloat16"))
     else:
         found += [Candidate("torch", "bfloat16"), Candidate("torch", "float16")]
         if _onnx_available():
@@ -206,14 +224,17 @@ def sorted_batches(info: "ModelInfo", inputs: list[Any], budget: int) -> tuple[l
 
 # ---------------------------------------------------------------------------------- measuring
 class _Run:
-    """One loaded candidate with its sample batches, timed pass by pass."""
+    """One loaded candidate with its sample batches, timed pass by pass, and its quality sample."""
 
-    def __init__(self, backend: Backend, info: "ModelInfo", inputs: list[Any]) -> None:
+    def __init__(self, backend: Backend, info: "ModelInfo", inputs: list[Any], quality: list[Any] | None = None) -> None:
         self.backend = backend
+        self.info = info
         self.rows, self.batches, self.tokens = sorted_batches(info, inputs, backend.preferred_batch_tokens)
         self.n = len(inputs)
+        self.quality_inputs = quality or []
         self.best = float("inf")
         self.values: np.ndarray | None = None
+        self.quality: np.ndarray | None = None
 
     def warm_up(self) -> None:
         self.backend.forward(self.batches[-1])  # the longest shape, then the shortest
@@ -224,13 +245,25 @@ class _Run:
         outputs = [self.backend.forward(batch) for batch in self.batches]
         self.best = min(self.best, time.perf_counter() - start)
         if self.values is None:
-            self.values = np.zeros((self.n, outputs[0].shape[1]), dtype=np.float32)
-            for index, output in zip(self.rows, outputs):
-                self.values[index] = output
+            self.values = _in_order(self.rows, outputs, self.n)
+
+    def quality_pass(self) -> None:
+        """Outputs on the quality sample (untimed); nothing to do when there is none."""
+        if self.quality_inputs:
+            rows, batches, _ = sorted_batches(self.info, self.quality_inputs, self.backend.preferred_batch_tokens)
+            self.quality = _in_order(rows, [self.backend.forward(b) for b in batches], len(self.quality_inputs))
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.best
+
+
+def _in_order(rows: list[np.ndarray], outputs: list[np.ndarray], n: int) -> np.ndarray:
+    """Batch outputs put back in input order."""
+    values = np.zeros((n, outputs[0].shape[1]), dtype=np.float32)
+    for index, output in zip(rows, outputs):
+        values[index] = output
+    return values
 
 
 def run_sample(backend: Backend, info: "ModelInfo", inputs: list[Any], passes: int = 2) -> tuple[np.ndarray, float]:
@@ -243,19 +276,28 @@ def run_sample(backend: Backend, info: "ModelInfo", inputs: list[Any], passes: i
     return run.values, run.tokens_per_s
 
 
-def compare(info: "ModelInfo", reference: np.ndarray, values: np.ndarray, trial: Trial) -> None:
-    """Fill ``trial``'s agreement with the fp32 reference and whether it passes the gate."""
+def compare(info: "ModelInfo", reference: _Run, run: _Run, trial: Trial) -> None:
+    """Fill ``trial``'s agreement with the fp32 reference and whether it is of equal quality.
+
+    Embeddings: recall@10 against fp32 on the quality sample (``worker.backends.quality``) and
+    the smallest cosine over both samples; scores: the largest difference from fp32's.
+    """
+    assert reference.values is not None and run.values is not None
     if info.kind == JobKind.embed:
-        a = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-        b = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
-        cosine = (a * b).sum(axis=1)
+        cosine = cosines(reference.values, run.values)
+        if run.quality is not None and reference.quality is not None:
+            measured = agreement(reference.quality, run.quality)
+            trial.recall = measured.recall
+            cosine = np.concatenate([cosine, cosines(reference.quality, run.quality)])
         trial.cos_min, trial.cos_mean = float(cosine.min()), float(cosine.mean())
-        trial.passed = bool(np.isfinite(cosine).all() and trial.cos_min >= COSINE_GATE)
+        recall_ok = trial.recall >= RECALL_GATE if trial.recall == trial.recall else True
+        trial.passed = bool(np.isfinite(cosine).all() and trial.cos_min >= COSINE_GATE and recall_ok)
         return
     if info.kind == JobKind.rerank:
-        ref_scores, scores = rerank_scores(reference, False), rerank_scores(values, False)
+        ref_scores, scores = rerank_scores(reference.values, False), rerank_scores(run.values, False)
     else:
-        ref_scores, scores = class_probabilities(reference, info.multi_label), class_probabilities(values, info.multi_label)
+        ref_scores = class_probabilities(reference.values, info.multi_label)
+        scores = class_probabilities(run.values, info.multi_label)
     trial.max_score_diff = float(np.abs(ref_scores - scores).max())
     trial.passed = bool(np.isfinite(scores).all() and trial.max_score_diff <= SCORE_TOLERANCE)
 
@@ -267,13 +309,14 @@ def _cell(value: float, spec: str, width: int) -> str:
 
 def format_table(trials: list[Trial], chosen: Candidate | None = None) -> str:
     """The selection table, one line per candidate, for the log."""
-    lines = [f"{'candidate':18} {'tokens/s':>9} {'cos min':>8} {'cos mean':>9} {'max|dp|':>8}  verdict"]
+    lines = [f"{'candidate':18} {'tokens/s':>9} {'recall@10':>9} {'cos min':>8} {'cos mean':>9} {'max|dp|':>8}  verdict"]
     for t in trials:
-        verdict = "error: " + t.error if t.error else ("pass" if t.passed else "below the quality gate")
+        verdict = "error: " + t.error if t.error else ("equal quality" if t.passed else "below the quality gate")
         if chosen is not None and t.candidate == chosen:
             verdict += "  <- chosen"
-        lines.append(f"{str(t.candidate):18} {t.tokens_per_s:9.0f} {_cell(t.cos_min, '8.5f', 8)} "
-                     f"{_cell(t.cos_mean, '9.5f', 9)} {_cell(t.max_score_diff, '8.4f', 8)}  {verdict}")
+        lines.append(f"{str(t.candidate):18} {t.tokens_per_s:9.0f} {_cell(t.recall, '9.4f', 9)} "
+                     f"{_cell(t.cos_min, '8.5f', 8)} {_cell(t.cos_mean, '9.5f', 9)} "
+                     f"{_cell(t.max_score_diff, '8.4f', 8)}  {verdict}")
     return "\n".join(lines)
 
 
@@ -297,7 +340,7 @@ class Selection:
 
 # ---------------------------------------------------------------------------------- the cache
 #: Libraries whose versions change what a candidate measures (a new one means measuring again).
-MEASURED_LIBRARIES = ("torch", "onnxruntime", "onnx", "transformers", "tokenizers", "embedfleet")
+MEASURED_LIBRARIES = ("torch", "onnxruntime", "onnx", "openvino", "transformers", "tokenizers", "embedfleet")
 #: CPU features that decide which dtypes are fast (AMX, AVX-512 BF16/FP16/VNNI, AVX2).
 CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2",
              "avx_vnni")
@@ -339,6 +382,7 @@ def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_te
     """The cache key of one selection: model revision, kind, device, candidates, machine, versions."""
     parts = {"model": info.revision or info.name, "kind": info.kind.value, "device": device,
              "candidates": [str(c) for c in options], "sample": [n_texts, passes], "machine": machine(),
+             "rule": [RECALL_GATE, COSINE_GATE, SCORE_TOLERANCE, QUALITY_TEXTS],
              "versions": library_versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -382,12 +426,19 @@ def why(chosen: Trial, trials: list[Trial]) -> str:
     """One line: the pick, its speed and agreement with fp32, and what it beat."""
     passing = [t for t in trials if t.passed and t is not chosen]
     runner = max(passing, key=lambda t: t.tokens_per_s) if passing else None
-    agreement = (f"cosine to fp32 >= {chosen.cos_min:.5f}" if chosen.cos_min == chosen.cos_min
-                 else f"scores within {chosen.max_score_diff:.4f} of fp32")
+    if chosen.cos_min == chosen.cos_min:
+        recall = f"recall@10 vs fp32 {chosen.recall:.4f}, " if chosen.recall == chosen.recall else ""
+        agreement = f"{recall}cosine to fp32 >= {chosen.cos_min:.5f}"
+    else:
+        agreement = f"scores within {chosen.max_score_diff:.4f} of fp32"
     beat = (f", {chosen.tokens_per_s / runner.tokens_per_s:.2f}x the next passing candidate ({runner.candidate})"
             if runner and runner.tokens_per_s > 0 else "")
-    below = [str(t.candidate) for t in trials if not t.passed and not t.error]
+    below = [str(t.candidate) for t in trials if not t.passed and not t.error and t is not chosen]
     rejected = f"; under the quality gate: {', '.join(below)}" if below else ""
+    if not chosen.passed:
+        return (f"{chosen.candidate}: the fastest of {len(trials)} candidates of the dtype asked for, UNDER the "
+                f"quality gate ({chosen.tokens_per_s:,.0f} tokens/s, {agreement}); run because --dtype "
+                f"{chosen.candidate.dtype} was asked{rejected}")
     return (f"{chosen.candidate}: the fastest of {len(trials)} candidates passing the quality gate "
             f"({chosen.tokens_per_s:,.0f} tokens/s, {agreement}{beat}){rejected}")
 
@@ -403,7 +454,8 @@ def load_backend(name: str, info: "ModelInfo", device: str, dtype: str, **option
     """Load ``info`` on ``device`` with the named backend (``options`` go to its constructor).
 
     ``auto`` on CPU measures the candidate backends/dtypes on a short sample and keeps the
-    fastest that passes the quality gate; ``dtype`` narrows the candidates. On GPUs ``auto`` is
+    fastest of equal quality to fp32; ``dtype`` narrows the candidates (and the fastest of
+    them runs, even under the gate). On GPUs ``auto`` is
     the torch backend (bf16 where supported).
     """
     if name == "auto":
@@ -435,7 +487,7 @@ def select_backend(info: "ModelInfo", device: str = "auto", dtype: str = "auto",
         cached = _cached_selection(key, info, device, load)
         if cached is not None:
             return cached
-    selection = _measure(info, device, options, n_texts, passes, load)
+    selection = _measure(info, device, options, n_texts, passes, load, asked=canonical_dtype(dtype) != "auto")
     if use_cache and selection.chosen is not None:
         store_choice(key, {"backend": selection.chosen.backend, "dtype": selection.chosen.dtype,
                            "reason": selection.reason, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -461,8 +513,11 @@ def _cached_selection(key: str, info: "ModelInfo", device: str, load: Loader) ->
 
 
 def _measure(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int,
-             load: Loader) -> Selection:
+             load: Loader, asked: bool = False) -> Selection:
+    """Time every candidate (interleaved), compare each with fp32, keep the fastest of equal
+    quality; with a dtype ``asked`` for, the fastest of that dtype even under the gate."""
     inputs = sample_inputs(info, n_texts)
+    quality = prose(max(QUALITY_TEXTS, n_texts)) if info.kind == JobKind.embed else []
     fp32 = Candidate("torch", "float32")
     order = [fp32] + [c for c in options if c != fp32]
     trials = {c: Trial(c) for c in order}
@@ -476,20 +531,20 @@ def _measure(info: "ModelInfo", device: str, options: list[Candidate], n_texts: 
                     raise
                 trials[candidate].error = f"{type(exc).__name__}: {exc}"
                 continue
-            runs[candidate] = _Run(backend, info, inputs)
+            runs[candidate] = _Run(backend, info, inputs, quality)
             _guarded(trials[candidate], runs, candidate, _Run.warm_up)
         for _ in range(max(1, passes)):
             for candidate in list(runs):
                 _guarded(trials[candidate], runs, candidate, _Run.timed_pass)
+        for candidate in list(runs):
+            _guarded(trials[candidate], runs, candidate, _Run.quality_pass)
         if fp32 not in runs or runs[fp32].values is None:
             raise BackendUnavailable(f"the torch float32 reference failed on {device}: {trials[fp32].error}")
-        reference = runs[fp32].values
         for candidate, run in runs.items():
             trials[candidate].tokens_per_s = run.tokens_per_s
-            assert run.values is not None
-            compare(info, reference, run.values, trials[candidate])
+            compare(info, runs[fp32], run, trials[candidate])
         shown = [trials[c] for c in order if c in options]
-        passing = [t for t in shown if t.passed and t.candidate in runs]
+        passing = [t for t in shown if (t.passed or asked) and t.candidate in runs]
         chosen = max(passing, key=lambda t: t.tokens_per_s).candidate if passing else None
         table = format_table(shown, chosen)
         log.info("backend auto selection for %s on %s (%d texts):\n%s", info.name, device, len(inputs), table)

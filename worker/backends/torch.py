@@ -25,7 +25,7 @@ from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.varlen import equal_length_groups
-from worker.models import bge_m3, splade
+from worker.models import bge_m3, splade, vision
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
 from worker.models.resolve import ModelInfo
@@ -130,6 +130,13 @@ class TorchBackend(Backend):
         # native families (JinaBERT, decoder rerankers) come back as modules of the same shape.
         model = load_model(info, self.torch_dtype)
         want_varlen = self.cuda if varlen is None else varlen
+        #: image-text models: both towers of transformers' CLIPModel / SiglipModel (padded texts)
+        self.image_text = "image" in info.modalities
+        self._siglip_pad = vision.pad_token_id(info.path) if info.family == "siglip" else None
+        if want_varlen and self.image_text:
+            if varlen:
+                raise BadInput(f"varlen=True but {info.name} cannot run unpadded: it is an image-text model")
+            want_varlen = False
         if want_varlen and info.splade is not None:
             if varlen:
                 raise BadInput(f"varlen=True but {info.name} cannot run unpadded: SPLADE pools masked-LM logits")
@@ -176,6 +183,8 @@ class TorchBackend(Backend):
     @property
     def mode(self) -> str:  # type: ignore[override]
         mode = "varlen" if self.unpadded else "padded"
+        if self.heads is not None:  # profiled with the heads running (worker.engine.memory.heaviest_forward)
+            mode += "-heads"
         if self.fused:
             mode += "-fused" + ("-tanh" if self.approximate_gelu else "")
         return mode
@@ -263,7 +272,9 @@ class TorchBackend(Backend):
             raise TypeError("this backend runs unpadded: give it packed batches (Batch.pack)")
         inputs = self._padded_inputs(batch)
         with self._widen(precise):
-            if self.info.splade is not None:  # the [n, vocab] weights (what the memory profile measures)
+            if self.image_text:
+                result = self._text_features(inputs)
+            elif self.info.splade is not None:  # the [n, vocab] weights (what the memory profile measures)
                 result = splade.pool(self.model(**inputs).logits, inputs["attention_mask"], self.info.splade)
             elif self.info.kind == JobKind.embed:
                 hidden = self.model(**inputs).last_hidden_state
@@ -271,6 +282,29 @@ class TorchBackend(Backend):
             else:
                 result = self.model(**inputs).logits
         return self._fetch(result)
+
+    def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The text tower's projected features; SigLIP's texts padded to its maximum length, unmasked,
+        as its processor's ``padding="max_length"`` gives them (how it was trained)."""
+        assert self.model is not None
+        if self._siglip_pad is None:
+            return vision.features(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                                attention_mask=inputs["attention_mask"]))
+        ids = inputs["input_ids"]
+        full = torch.full((ids.shape[0], self.info.max_length), self._siglip_pad, dtype=ids.dtype, device=ids.device)
+        full[:, :ids.shape[1]] = torch.where(inputs["attention_mask"].bool(), ids, self._siglip_pad)
+        return vision.features(self.model.get_text_features(input_ids=full))
+
+    @torch.inference_mode()
+    def image_features(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """The image tower's projected features of ``[n, 3, H, W]`` pixel values."""
+        if not self.image_text or self.model is None:
+            return super().image_features(pixels)
+        host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        if self.cuda:
+            host = host.pin_memory()
+        values = host.to(self.device, non_blocking=self.cuda).to(self.torch_dtype)
+        return self._fetch(vision.features(self.model.get_image_features(pixel_values=values)))
 
     def _fetch(self, result: torch.Tensor) -> Callable[[], np.ndarray]:
         """Start the copy of ``result`` to (pinned) host memory; the returned function waits for it."""
@@ -369,8 +403,10 @@ class TorchBackend(Backend):
     def token_states(self, batch: Batch) -> list[np.ndarray]:
         """Token states of a padded batch through the transformers model (the unpadded CUDA
         encoder keeps no such model: there, token embeddings are refused with the reason)."""
-        if self.model is None or self.info.kind != JobKind.embed:
-            why = "it runs the unpadded CUDA encoder" if self.model is None else f"it is a {self.info.kind.value} model"
+        if self.model is None or self.info.kind != JobKind.embed or self.image_text or self.info.splade is not None:
+            why = ("it runs the unpadded CUDA encoder" if self.model is None else
+                   f"it is a {self.info.kind.value} model" if self.info.kind != JobKind.embed else
+                   f"it is a {self.info.family} model, whose token states are not its embeddings")
             raise BadInput(f"token embeddings (/embed_all) are not offered for {self.info.name}: {why}", param="model")
         inputs = self._padded_inputs(batch)
         hidden = self.model(**inputs).last_hidden_state.float().cpu().numpy()

@@ -2,7 +2,8 @@
 
 Thin mode holds no model: each request is a job on the model's queue, answered by whatever
 workers consume it. Embedded mode starts the same in-process worker ``embedfleet run`` uses
-(in-memory transport) and puts the same facade in front of it, so the request path is identical.
+(in-memory transport) and puts the same facade in front of it; its calls are handed to the
+engine directly (``worker.hosting.direct``), without a message in between.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from worker.commands.options import (
     TrustRemoteCode,
 )
 from worker.commands.worker import say_selections
+from worker.hosting.direct import EngineRunner
 from worker.hosting.host import InProcessWorker, WorkerSpec
 from worker.hosting.trust import StorageRoots
 
@@ -76,7 +78,7 @@ def build(broker: Optional[str], result_backend: Optional[str], models: list[str
     if broker:
         return create_app(Client(broker=broker, result_backend=result_backend), settings), None
     worker = start_embedded(models, spec)
-    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop), worker
+    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop, runner=EngineRunner()), worker
 
 
 @app.command("serve")
@@ -92,6 +94,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 7997,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar=envvar("api_key"), help="Require 'Authorization: Bearer KEY' on the API routes")] = None,
+    protect_metrics: Annotated[bool, typer.Option(
+        "--protect-metrics", help="/metrics asks for the API key too (open by default, for Prometheus)")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request waits for a worker (504)")] = 30.0,
     max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="Requests in flight before 429")] = 256,
     max_queue_depth: Annotated[int, typer.Option("--max-queue-depth", min=1, help="Queued jobs before 429")] = 1024,
@@ -121,7 +125,8 @@ def serve(
     setup_logging(verbose)
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
-                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker)
+                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker,
+                              protect_metrics=protect_metrics)
     if processes > 1 and not broker:
         raise fail(BadInput("--processes above 1 needs --broker: every process would host its own copy of the "
                             "models; run one embedded server, or a thin facade in front of `embedfleet worker`",

@@ -37,6 +37,9 @@ from worker.models.resolve import ModelInfo, describe
 
 log = logging.getLogger(__name__)
 
+#: How often the in-memory transport's consumers look for messages (``embedfleet run``).
+MEMORY_POLL_S = 0.005
+
 
 @dataclass
 class WorkerSpec:
@@ -111,6 +114,10 @@ class InProcessWorker:
         self.spec = spec
         self.broker = broker
         self.app: Celery = create_app(broker, backend, prefetch=1)
+        if broker.startswith("memory://"):
+            # The in-memory transport polls its queues; kombu's default of 1 s left a shard slot
+            # idle for up to a second after each shard (`embedfleet run`: most of a small job).
+            self.app.conf.broker_transport_options = {"polling_interval": MEMORY_POLL_S}
         self.engines: list[Engine] = []
         #: How each engine's backend was chosen, in the order of ``engines``.
         self.selections: list[Selection] = []

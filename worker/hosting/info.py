@@ -48,6 +48,7 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "outputs": list(engine.outputs),
         "default_outputs": list(engine.outputs_for(Options())),
         "multivector_dims": info.multivector_dims,
+        "modalities": list(info.modalities),
         "stats": {key: int(value) for key, value in dict(engine.stats).items()},
         **{key: facts[key] for key in _FACTS},
         "faithful": True,

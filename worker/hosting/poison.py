@@ -124,6 +124,11 @@ def use_broker(url: str) -> None:
     _broker[0] = url
 
 
+def broker_url() -> str:
+    """The broker this process consumes from."""
+    return _broker[0]
+
+
 def current() -> Deliveries:
     """The counter of the broker this process consumes from."""
     return deliveries_for(_broker[0])

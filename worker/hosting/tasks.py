@@ -19,7 +19,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries
+from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries, record_unwritten
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
@@ -38,6 +38,7 @@ from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
 from worker.hosting import poison
+from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
@@ -138,8 +139,12 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
         return done.model_dump(mode="json")
     engine = runtime.engine_for(job.model, job.kind)
+    clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
-    result = engine.run(rows.values, job.options)
+    values = image_cells(rows.values, job.shard.uri) if job.columns.image else rows.values
+    clock.lap("read")
+    result = engine.run(values, job.options)
+    clock.lap("engine")
     errors = _row_errors(job, rows, result.errors)
     written = np.ones(len(rows.values), dtype=bool)
     written[[e.row - job.shard.row_start for e in errors]] = False
@@ -147,7 +152,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     normalized = engine.normalizes(job.options) if engine.info.kind == JobKind.embed else None
     table = sinks.result_table(engine.info, result, rows.ids, keep, job.options.output_dtype, engine.backend.dtype,
                                normalize=normalized)
+    clock.lap("table")
     sinks.write_part(job.out, job.shard.index, table)
+    clock.lap("write")
     report = ShardReport(
         index=job.shard.index,
         path=part_name(job.shard.index),
@@ -157,15 +164,34 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         errors=errors,
         deliveries=deliveries,
         device=runtime.device_of(engine),
+        seconds=dict(clock.seconds),
     )
     sinks.write_marker(job.out, report)
+    clock.lap("marker")
     sinks.finalize_if_complete(job.out, engine.info.revision)
+    clock.lap("finalize")
+    log.info("shard %d of job %s: %s", job.shard.index, job.job_id,
+             ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in clock.seconds.items()))
     return report.model_dump(mode="json")
+
+
+class _Stages:
+    """Wall seconds per stage of a shard task, lap after lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 6)
+        self._last = now
 
 
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
     """Engine errors with the row number (counted from 0), id and the source column they concern."""
-    field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
+    field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else \
+        job.columns.image or job.columns.text
     out = []
     for offset, reason in sorted(engine_errors.items()):  # the failed rows only: no list of every id
         row = job.shard.row_start + offset
@@ -277,8 +303,15 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
     try:
         sinks.write_marker(job.out, report)
         sinks.finalize_if_complete(job.out, _revision(job.model))
-    except OSError as exc:  # storage is down even after retries: keep the message for later
-        raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+    except OSError as exc:
+        if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
+            raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
+        # The output is unwritable or full on every delivery: record the failure beside the queue
+        # (the job's status reads it) and let the message go, instead of requeueing it forever.
+        failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+        record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
+        log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
+                  job.job_id, job.out, failure)
     return report.model_dump(mode="json")
 
 

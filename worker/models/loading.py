@@ -233,6 +233,9 @@ def transformers_only(info: ModelInfo, backend: str, remote_code: bool = True) -
     """For backends that compile transformers' own classes (onnx, neuron): refuse what the config
     check refuses, and the native families, whose maths those exporters do not know."""
     check_config(info)
+    if "image" in info.modalities:
+        raise BadInput(f"--backend {backend} exports text encoders; model {info.name!r} is an image-text model "
+                       f"({info.family}), which runs on the torch backend: use --backend torch", param="backend")
     if info.family == splade.FAMILY:
         raise BadInput(f"--backend {backend} exports the encoder's hidden states; model {info.name!r} is a SPLADE "
                        "sparse encoder (it pools its masked-LM logits), which runs on the torch backend: use "

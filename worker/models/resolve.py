@@ -23,7 +23,7 @@ from producer.errors import ModelNotFound
 from producer.jobs import DEFAULT_MODEL, JobKind, model_slug
 from producer.outputs import DENSE_ONLY
 from producer.settings import hf_offline
-from worker.models import bge_m3, jina_bert, qwen3_reranker, splade
+from worker.models import bge_m3, jina_bert, qwen3_reranker, splade, vision
 from worker.models.qwen3_reranker import PairTemplate
 from worker.models.splade import SpladeConfig
 
@@ -76,6 +76,8 @@ class ModelInfo:
     multivector_dims: int = 0
     #: SPLADE folders (``worker.models.splade``): how the masked-LM's logits are pooled
     splade: SpladeConfig | None = None
+    #: what its inputs may be: texts, and images for image-text models (``worker.models.vision``)
+    modalities: tuple[str, ...] = ("text",)
 
     @property
     def dims(self) -> int:
@@ -170,7 +172,7 @@ def _max_length(path: Path, config: dict[str, Any]) -> int:
     tok_max = tok_config.get("model_max_length")
     if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
         candidates.append(tok_max)
-    positions = config.get("max_position_embeddings")
+    positions = config.get("max_position_embeddings") or vision.text_max_length(config)
     if positions:
         # RoBERTa/XLM-R count positions from padding_idx + 1.
         offset = int(config.get("pad_token_id") or 0) + 1 if config.get("model_type") in {"roberta", "xlm-roberta"} else 0
@@ -209,6 +211,8 @@ def _family(config: dict[str, Any], is_reranker: bool, trust_remote_code: bool, 
     """Which code runs the model: a native family first, then the folder's own code if trusted."""
     if sparse:
         return splade.FAMILY
+    if vision.detect(config):
+        return str(vision.detect(config))
     if jina_bert.detect(config):
         return jina_bert.FAMILY
     if is_reranker:
@@ -241,6 +245,7 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
     heads = bge_m3.head_outputs(path) if kind == JobKind.embed else ()
     sparse = splade.detect(path, modules) if kind == JobKind.embed else None
     outputs = ("sparse",) if sparse else DENSE_ONLY + heads
+    image_text = vision.detect(config) if kind == JobKind.embed else None
     return ModelInfo(
         ref=ref or DEFAULT_MODEL,
         name=name,
@@ -248,9 +253,11 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         kind=kind,
         architecture=architecture,
         model_type=str(config.get("model_type", "")),
-        hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
+        hidden_size=vision.embedding_dims(config, image_text) if image_text else
+        int(config.get("hidden_size") or config.get("d_model") or 0),
         max_length=_max_length(path, config),
-        pooling="lasttoken" if decoder_reranker else "splade" if sparse else _pooling(path, modules),
+        pooling="lasttoken" if decoder_reranker else "splade" if sparse else image_text if image_text else
+        _pooling(path, modules),
         # With sentence-transformers files, normalize exactly when they say; without, normalize
         # (cosine is what nearly every embedding user computes).
         normalize=any(m.get("type", "").endswith("Normalize") for m in modules) if modules else sparse is None,
@@ -266,6 +273,7 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         outputs=outputs,
         default_outputs=("sparse",) if sparse else DENSE_ONLY,
         splade=sparse,
+        modalities=("text", "image") if image_text else ("text",),
         vocab_size=int(config.get("vocab_size") or 0),
         multivector_dims=bge_m3.multivector_dims(path) if "multivector" in heads else 0,
     )
