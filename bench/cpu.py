@@ -1,4 +1,5 @@
-"""CPU benchmark: embedfleet's engine beside the usual CPU stacks, on the mixed workload.
+"""CPU benchmark: embedfleet's engine beside the usual CPU stacks, on the mixed workload, with the
+quality rule of the CPU issue.
 
 Every contender runs in its own subprocess, one after another on the same machine, so each
 one's peak RSS (VmHWM) is its own and all of them see the same conditions. Contenders run in
@@ -6,17 +7,27 @@ one's peak RSS (VmHWM) is its own and all of them see the same conditions. Conte
 all alike); in each round a contender does a warm-up (the first ``--warmup`` texts), then
 ``--passes`` timed passes over all texts, from raw texts to vectors (tokenization included).
 The best pass counts; the spread (slowest-fastest pass) is reported beside it.
-Quality is every vector's cosine to sentence-transformers fp32 on the same texts.
 
-Contenders: sentence-transformers fp32 (``encode``, batch 32); plain transformers fp32 SDPA,
-length-sorted batches of 32; ONNX Runtime int8 (dynamic quantization, per channel, after ORT's
-transformer fusions: the strongest ORT int8 configuration found here) with length-sorted batches
-of 32; and embedfleet's engine with each CPU backend/dtype and with ``--backend auto``.
+Quality (``worker.backends.quality``): in its first round each contender also embeds the first
+``--quality-n`` texts of data/sample-corpus.parquet (12,000 real texts; untimed); against
+sentence-transformers fp32 on the same texts, the table gives recall@10 (``--queries`` of them as
+queries) and the min/mean cosine. Equal quality = recall@10 >= 0.97 and min cosine >= 0.99.
+
+Contenders: sentence-transformers fp32 (``encode``, batch 32) and, with ``--st-python`` (an
+interpreter with sentence-transformers[onnx,openvino], nncf and datasets; their pins clash with
+embedfleet's transformers, so they live in a venv of their own), its ONNX backend, its OpenVINO
+backend and OpenVINO int8 (static quantization with NNCF through optimum-intel, as
+sentence-transformers' export_static_quantized_openvino_model does, calibrated on 300 corpus
+texts instead of its default GLUE download); plain transformers fp32 SDPA, length-sorted batches
+of 32; ONNX Runtime int8 (dynamic quantization, per channel, after ORT's transformer fusions)
+with length-sorted batches of 32; and embedfleet's engine with each CPU backend/dtype and with
+``--backend auto``.
 
 Models: the bundled all-MiniLM-L6-v2 and the bge-small-en-v1.5 architecture with random weights
-(12 layers, hidden 384, 12 heads, FFN 1536, CLS pooling, normalized; MiniLM's tokenizer).
+(12 layers, hidden 384, 12 heads, FFN 1536, CLS pooling, normalized; MiniLM's tokenizer; its
+quality columns say nothing about a trained bge-small).
 
-    python -m bench.cpu --n 700 --rounds 2 --out bench/RESULTS-cpu.md
+    python -m bench.cpu --n 700 --rounds 2 --st-python /path/to/st-venv/bin/python --out bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -47,10 +58,15 @@ class Contender:
     key: str
     label: str
     env: tuple[tuple[str, str], ...] = ()
+    #: Runs under ``--st-python`` (sentence-transformers' ONNX/OpenVINO extras), skipped without it.
+    side: bool = False
 
 
 CONTENDERS = [
     Contender("st", "sentence-transformers fp32 (batch 32)"),
+    Contender("st-onnx", "sentence-transformers ONNX backend (batch 32)", side=True),
+    Contender("st-openvino", "sentence-transformers OpenVINO backend (batch 32)", side=True),
+    Contender("st-openvino-int8", "sentence-transformers OpenVINO int8 static (NNCF, batch 32)", side=True),
     Contender("hf", "transformers fp32 SDPA, sorted batches of 32"),
     Contender("ort-int8", "ONNX Runtime int8 dynamic, fused, sorted batches of 32"),
     Contender("ef:torch:float32", "embedfleet torch fp32"),
@@ -61,7 +77,6 @@ CONTENDERS = [
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"
-CONTRAST = "ort-int8"
 
 
 # ---------------------------------------------------------------------------------- models
@@ -110,6 +125,55 @@ def _embed_st(path: Path) -> Callable[[list[str]], np.ndarray]:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(path), device="cpu")
+    return lambda texts: model.encode(texts, batch_size=32, convert_to_numpy=True)
+
+
+def _st_export(path: Path, backend: str) -> Path:
+    """A copy of the model folder with sentence-transformers' own export saved in it (once)."""
+    from sentence_transformers import SentenceTransformer
+
+    work = Path(tempfile.gettempdir()) / "embedfleet-bench" / "st-exports" / f"{path.name}-{backend}"
+    if not (work / backend).is_dir():
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(path, work)
+        SentenceTransformer(str(work), device="cpu", backend=backend).save_pretrained(str(work))
+    return work
+
+
+def _st_openvino_int8(path: Path, calibration: list[str]) -> Path:
+    """Static int8 (NNCF via optimum-intel) as export_static_quantized_openvino_model does it,
+    with the calibration texts given instead of its GLUE download; saved beside the fp32 export."""
+    work = _st_export(path, "openvino")
+    target = work / "openvino" / "openvino_model_qint8_quantized.xml"
+    if target.is_file():
+        return work
+    import datasets
+    from optimum.intel import OVConfig, OVQuantizationConfig, OVQuantizer
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(work), device="cpu", backend="openvino")
+    features = model.tokenizer(calibration, padding="max_length", max_length=384, truncation=True)
+    dataset = datasets.Dataset.from_dict(dict(features))
+    config = OVQuantizationConfig(num_samples=len(calibration))
+    out = Path(tempfile.mkdtemp(dir=work))
+    OVQuantizer.from_pretrained(model.transformers_model).quantize(dataset, save_directory=str(out),
+                                                                   ov_config=OVConfig(quantization_config=config))
+    saved = next(out.rglob("openvino_model.xml"))
+    for suffix in (".xml", ".bin"):
+        saved.with_suffix(suffix).rename(target.with_suffix(suffix))
+    shutil.rmtree(out, ignore_errors=True)
+    return work
+
+
+def _embed_st_backend(path: Path, backend: str, calibration: list[str]) -> Callable[[list[str]], np.ndarray]:
+    from sentence_transformers import SentenceTransformer
+
+    if backend == "openvino-int8":
+        work = _st_openvino_int8(path, calibration)
+        model = SentenceTransformer(str(work), device="cpu", backend="openvino",
+                                    model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"})
+    else:
+        model = SentenceTransformer(str(_st_export(path, backend)), device="cpu", backend=backend)
     return lambda texts: model.encode(texts, batch_size=32, convert_to_numpy=True)
 
 
@@ -192,12 +256,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, warmup: int, budget: int | None) -> dict[str, Any]:
-    """Load one contender, warm it up, time its passes; vectors go to ``out`` (npy)."""
+def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, warmup: int, budget: int | None,
+              quality_file: Path | None = None) -> dict[str, Any]:
+    """Load one contender, warm it up, time its passes; vectors go to ``out`` (npy), and the
+    quality corpus's vectors (untimed, when ``quality_file`` is given) beside them."""
     texts = json.loads(texts_file.read_text())
+    corpus = json.loads(quality_file.read_text()) if quality_file else []
     start = time.perf_counter()
     if key == "st":
         embed = _embed_st(model)
+    elif key.startswith("st-"):
+        embed = _embed_st_backend(model, key[3:], corpus[-300:] or texts[:300])
     elif key == "hf":
         embed = _embed_hf(model)
     elif key == "ort-int8":
@@ -218,6 +287,8 @@ def run_child(key: str, model: Path, texts_file: Path, out: Path, passes: int, w
         vectors = embed(texts)
         seconds.append(time.perf_counter() - start)
     np.save(out, np.asarray(vectors, dtype=np.float32))
+    if corpus:
+        np.save(out.with_suffix(".quality.npy"), np.asarray(embed(corpus), dtype=np.float32))
     return {"seconds": seconds, "load_s": load_s, "warmup_s": warm_s, "peak_rss_mib": _peak_rss_mib(), **child_notes}
 
 
@@ -229,12 +300,6 @@ def count_tokens(model: Path, texts: list[str]) -> int:
 
     info = describe(str(model))
     return sum(e.n_tokens for e in BatchTokenizer(info.path, info.max_length).encode(texts))
-
-
-def cosines(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    a = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    b = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(axis=1)
 
 
 def merge(results: dict[str, dict[str, Any]], key: str, done: dict[str, Any]) -> None:
@@ -250,49 +315,71 @@ def merge(results: dict[str, dict[str, Any]], key: str, done: dict[str, Any]) ->
 
 
 def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: Path, args: argparse.Namespace,
-                  round_: int = 0) -> dict[str, Any]:
+                  round_: int = 0, quality_file: Path | None = None) -> dict[str, Any]:
     out = workdir / f"{contender.key.replace(':', '_')}-{round_}.npy"
     env = {**os.environ, **dict(contender.env)}
-    command = [sys.executable, "-m", "bench.cpu", "--child", contender.key, "--model", str(model),
+    python = args.st_python if contender.side else sys.executable
+    command = [python, "-m", "bench.cpu", "--child", contender.key, "--model", str(model),
                "--texts-file", str(texts_file), "--vectors", str(out), "--passes", str(args.passes),
                "--warmup", str(args.warmup)]
     if args.max_batch_tokens:
         command += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    if quality_file is not None:
+        command += ["--quality-file", str(quality_file)]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["vectors"] = out
+    if quality_file is not None:
+        result["quality"] = out.with_suffix(".quality.npy")
     selection = [line for line in proc.stderr.splitlines() if line.startswith(("candidate ", "torch/", "onnx/"))]
     if selection:
         result["autoselect"] = "\n".join(selection)
     return result
 
 
-def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]]) -> list[str]:
-    reference = np.load(results[REFERENCE]["vectors"]) if "vectors" in results.get(REFERENCE, {}) else None
-    contrast = results.get(CONTRAST, {})
-    contrast_rate = tokens / min(contrast["seconds"]) if "seconds" in contrast else None
-    lines = [f"### {model_name} ({tokens} tokens)", "",
-             "| contender | tokens/s (best) | spread of passes | x ORT int8 | cos min | cos mean | peak RSS MiB | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+def _verdicts(results: dict[str, dict[str, Any]], queries: int) -> dict[str, Any]:
+    """Each contender's agreement with sentence-transformers fp32 on the quality corpus."""
+    from worker.backends.quality import agreement
+
+    reference = results.get(REFERENCE, {})
+    if "quality" not in reference:
+        return {}
+    expected = np.load(reference["quality"])
+    return {key: agreement(expected, np.load(r["quality"]), n_queries=queries)
+            for key, r in results.items() if "quality" in r}
+
+
+def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]], queries: int = 1000,
+          corpus_n: int = 0) -> list[str]:
+    verdicts = _verdicts(results, queries)
+    rates = {key: tokens / min(r["seconds"]) for key, r in results.items() if "seconds" in r}
+    outside = [key for key in rates if not key.startswith("ef:")]
+    equal = [key for key in outside if key in verdicts and verdicts[key].equal_quality]
+    best_equal = max((rates[k] for k in equal), default=None)
+    best_any = max((rates[k] for k in outside), default=None)
+    lines = [f"### {model_name} ({tokens} tokens timed; quality on {corpus_n} corpus texts, {queries} queries)", "",
+             "| contender | tokens/s (best) | spread of passes | x best equal-quality other | x best other | "
+             "recall@10 vs fp32 | cos min | cos mean | equal quality | peak RSS MiB | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for contender in CONTENDERS:
         result = results.get(contender.key)
         if result is None:
             continue
         if "error" in result:
-            lines.append(f"| {contender.label} | failed: {result['error'][:120]} | | | | | | |")
+            lines.append(f"| {contender.label} | failed: {result['error'][:160]} | | | | | | | | | |")
             continue
-        rates = [tokens / s for s in result["seconds"]]
-        best = max(rates)
-        spread = f"{min(rates):.0f}-{best:.0f}"
-        ratio = f"{best / contrast_rate:.2f}" if contrast_rate else "n/a"
-        cos_min = cos_mean = "n/a"
-        if reference is not None:
-            c = cosines(reference, np.load(result["vectors"]))
-            cos_min, cos_mean = f"{c.min():.5f}", f"{c.mean():.5f}"
+        passes = [tokens / s for s in result["seconds"]]
+        best = max(passes)
+        spread = f"{min(passes):.0f}-{best:.0f}"
+        x_equal = f"{best / best_equal:.2f}" if best_equal else "n/a"
+        x_any = f"{best / best_any:.2f}" if best_any else "n/a"
+        verdict = verdicts.get(contender.key)
+        quality = (f"{verdict.recall:.4f} | {verdict.cos_min:.5f} | {verdict.cos_mean:.5f} | "
+                   f"{'yes' if verdict.equal_quality else 'no'}") if verdict else "n/a | n/a | n/a | n/a"
         notes = result.get("engine", "")
-        lines.append(f"| {contender.label} | {best:.0f} | {spread} | {ratio} | {cos_min} | {cos_mean} | "
+        lines.append(f"| {contender.label} | {best:.0f} | {spread} | {x_equal} | {x_any} | {quality} | "
                      f"{result['peak_rss_mib']:.0f} | {notes} |")
     return lines
 
@@ -325,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma list of contender keys (default: all)")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="engine budget (default: the backend's)")
     parser.add_argument("--out", type=Path, default=None, help="append the markdown tables to this file")
+    parser.add_argument("--quality-n", type=int, default=12000, help="sample-corpus texts for the quality rule (0: none)")
+    parser.add_argument("--queries", type=int, default=1000, help="queries of the recall@10 rule")
+    parser.add_argument("--st-python", default="", help="interpreter with sentence-transformers[onnx,openvino], nncf "
+                        "and datasets for the st-onnx/st-openvino contenders (skipped without it)")
+    parser.add_argument("--quality-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", type=Path, help=argparse.SUPPRESS)
@@ -332,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         result = run_child(args.child, args.model, args.texts_file, args.vectors, args.passes, args.warmup,
-                           args.max_batch_tokens)
+                           args.max_batch_tokens, args.quality_file)
         print(json.dumps(result))
         return
 
@@ -340,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
 
     texts = mixed_workload(vocabulary(), n=args.n)
     only = set(filter(None, args.only.split(",")))
-    chosen = [c for c in CONTENDERS if not only or c.key in only or c.key == REFERENCE]
+    chosen = [c for c in CONTENDERS if (not only or c.key in only or c.key == REFERENCE) and (args.st_python or not c.side)]
     root = Path(tempfile.gettempdir()) / "embedfleet-bench"
     root.mkdir(exist_ok=True)
     paths = {"minilm": ("all-MiniLM-L6-v2 (bundled)", bundled_model), "bge-small": ("bge-small-en-v1.5 architecture, random weights", lambda: bge_small_arch(root))}
@@ -352,6 +444,13 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(work)
         texts_file = workdir / "texts.json"
         texts_file.write_text(json.dumps(texts))
+        quality_file = None
+        if args.quality_n:
+            import pyarrow.parquet as pq
+
+            corpus = pq.read_table(REPO / "data" / "sample-corpus.parquet", columns=["text"]).column("text").to_pylist()
+            quality_file = workdir / "corpus.json"
+            quality_file.write_text(json.dumps(corpus[: args.quality_n]))
         for name in filter(None, args.models.split(",")):
             title, locate = paths[name]
             model = locate()
@@ -361,11 +460,12 @@ def main(argv: list[str] | None = None) -> None:
             for round_ in range(args.rounds):  # round-robin: a burst of outside load hits all alike
                 for contender in chosen:
                     print(f"[{name} round {round_ + 1}] {contender.label} ...", file=sys.stderr, flush=True)
-                    done = run_contender(contender, model, texts_file, workdir, args, round_)
+                    done = run_contender(contender, model, texts_file, workdir, args, round_,
+                                         quality_file if round_ == 0 else None)
                     print(f"    {done.get('error') or [round(tokens / s) for s in done['seconds']]}",
                           file=sys.stderr, flush=True)
                     merge(results, contender.key, done)
-            lines = table(title, tokens, results)
+            lines = table(title, tokens, results, args.queries, min(args.quality_n, 12000))
             autos = [r["autoselect"] for r in results.values() if r.get("autoselect")]
             if autos:
                 lines += ["", "Auto selection table (64-text sample, logged by the worker at start):", "", "```", autos[0], "```"]

@@ -23,13 +23,14 @@ from producer.broker import find_job_out
 from producer.broker import remember_job as broker_remember_job
 from producer.client import DEFAULT_SHARD_ROWS, Client, JobHandle, plan_corpus
 from producer.client import Progress as JobProgress
-from producer.errors import BadInput, EmbedfleetError, JobFailed, JobNotFound
+from producer.errors import BadInput, EmbedfleetError, JobFailed, JobNotFound, StorageError
 from producer.jobs import DEFAULT_MODEL, JOB_FILE, JobKind, JobManifest, JobSpec, Options
 from producer.options import (
     Broker,
     Dimensions,
     DocumentColumn,
     IdColumn,
+    ImageColumn,
     Kind,
     Model,
     Normalize,
@@ -90,7 +91,8 @@ def build_options(
                    prompt=prompt, output_dtype=output_dtype, outputs=outputs or None)  # type: ignore[arg-type]
 
 
-def follow(handle: JobHandle, poll: float = 0.25, started: float | None = None) -> tuple[JobManifest, float]:
+def follow(handle: JobHandle, poll: float = 0.25, started: float | None = None,
+           timeout: float | None = None) -> tuple[JobManifest, float]:
     """Show a progress bar until the job's manifest is written; returns it and the wall time.
 
     The bar counts rows (each once, rejected or not), the rows a rerun skips included; the rate
@@ -111,7 +113,7 @@ def follow(handle: JobHandle, poll: float = 0.25, started: float | None = None) 
             now = max(progress.rows_finished - handle.skipped_rows, 0)
             bar.update(task, completed=min(progress.rows_finished, handle.n_rows), rate=f"{now / elapsed:,.0f}")
 
-        manifest = handle.wait(poll=poll, on_progress=update, raise_on_failure=False)
+        manifest = handle.wait(timeout=timeout, poll=poll, on_progress=update, raise_on_failure=False)
     return manifest, time.monotonic() - started
 
 
@@ -164,6 +166,7 @@ def submit(
     document_column: DocumentColumn = "document",
     shard_rows: ShardRows = DEFAULT_SHARD_ROWS,
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
 ) -> None:
     """Submit a corpus as a bulk job to a fleet; prints the job id last."""
     try:
@@ -171,11 +174,16 @@ def submit(
         options = Options(outputs=outputs or None)  # type: ignore[arg-type]
     except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
-    client = Client(broker=broker, result_backend=result_backend)
-    handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
-                                  query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                                  options=options)
-    remember_job(client, handle)
+    try:
+        client = Client(broker=broker, result_backend=result_backend)
+        handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=text_column,
+                                      id_column=id_column, query_column=query_column, document_column=document_column,
+                                      shard_rows=shard_rows, options=options, image_column=image_column)
+        remember_job(client, handle)
+    except (EmbedfleetError, ValidationError) as exc:  # one line, exit 2: never a traceback for a bad argument
+        raise fail(exc) from None
+    except OSError as exc:  # the output cannot be written (permissions, a full disk)
+        raise fail(StorageError(f"cannot write the job to {out}: {exc}"), code=2) from None
     console.print(f"job {handle.job_id}: {handle.n_rows:,} rows in {handle.n_shards} shard(s), "
                   f"{handle.enqueued} enqueued, output in {out}")
     typer.echo(handle.job_id)
@@ -208,6 +216,8 @@ def status(
     broker: OptionalBroker = None,
     result_backend: ResultBackend = None,
     wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it finishes"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.0,
+                                            help="With --wait: give up after this many seconds (exit 3)"),
 ) -> None:
     """Show a job's progress; exit 0 when complete, 1 when it failed, 3 while it runs."""
     try:
@@ -216,9 +226,13 @@ def status(
         raise fail(exc) from None
     if wait:
         try:
-            manifest, _ = follow(handle)
+            manifest, _ = follow(handle, timeout=timeout)
         except EmbedfleetError as exc:  # e.g. an unwritable output: the storage error, in one line
             raise fail(exc) from None
+        except TimeoutError:
+            p = handle.progress()
+            raise fail(f"job {handle.job_id} not finished after {timeout:g} s: {p.shards_done}/{p.n_shards} shards "
+                       f"done; `embedfleet status {handle.out} --wait` follows it again", code=3) from None
     else:
         manifest = handle.manifest()
         if manifest is None:
@@ -301,6 +315,7 @@ def plan_command(
     prompt: Prompt = None,
     output_dtype: OutputDtype = "float32",
     outputs: Outputs = None,
+    image_column: ImageColumn = None,
     deadline_hours: float = typer.Option(1.0, "--deadline-hours", min=0.01,
                                          help="Capacity plan: the wall-clock hours the job should take"),
     device_tokens_per_s: Optional[float] = typer.Option(
@@ -320,7 +335,7 @@ def plan_command(
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         spec = plan_corpus(input, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                           options=options)
+                           options=options, image_column=image_column)
     except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
     try:

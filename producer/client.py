@@ -313,6 +313,7 @@ class Client:
         document_column: str = "document",
         shard_rows: int = DEFAULT_SHARD_ROWS,
         options: Options | None = None,
+        image_column: str | None = None,
     ) -> JobHandle:
         """Plan a corpus into shards, record the job in ``out``, and enqueue unfinished shards.
 
@@ -325,7 +326,7 @@ class Client:
         out = normalize_out(out)
         spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
-                           options=options)
+                           options=options, image_column=image_column)
         markers = storage.read_markers(out)
         done = _reopen_failed(out, markers)
         queue = queue_name(spec.kind, model)
@@ -361,6 +362,7 @@ def plan_corpus(
     document_column: str = "document",
     shard_rows: int = DEFAULT_SHARD_ROWS,
     options: Options | None = None,
+    image_column: str | None = None,
 ) -> JobSpec:
     """Check a corpus, split it into shards and record the job in ``{out}/_job.json``.
 
@@ -375,15 +377,19 @@ def plan_corpus(
     fmt = sources.detect_format(uri)
     if id_column is None:
         id_column = sources.default_id_column(uri, fmt)
-    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column)
+    if image_column is not None and kind != JobKind.embed:
+        raise BadInput(f"image_column: images are embedded, not {kind.value}ed", param="image_column")
+    columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column, image=image_column)
     sources.check_columns(uri, fmt, kind, columns)
     n_rows = sources.count_rows(uri, fmt)
     shards = sources.plan_shards(uri, fmt, n_rows, shard_rows)
     job_id = stable_job_id(
-        {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(),
+        {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(exclude={"image"} if columns.image is None else None),
          # outputs left out unless named, so a job planned before outputs existed keeps its id
          "options": options.model_dump(exclude={"outputs"} if options.outputs is None else None),
-         "shard_rows": shard_rows, "n_rows": n_rows}
+         "shard_rows": shard_rows, "n_rows": n_rows,
+         # the content too: a corpus edited in place is another job, never the old vectors
+         "content": sources.fingerprint(uri, fmt)}
     )
     spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
                    options=options, n_rows=n_rows, shards=shards)
@@ -421,7 +427,10 @@ def _materialize(source: Any, out: str) -> str:
 def _record(spec: JobSpec) -> None:
     """Write ``_job.json``; a different job already in ``out`` is an error, the same one is fine."""
     root = storage.locate(spec.out)
-    storage.ensure_dir(root)
+    try:
+        storage.ensure_dir(root)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputConflict(f"--out {spec.out}: a file is in the way; an output folder is needed", param="out") from None
     job_file = root.child(JOB_FILE)
     if storage.exists(job_file):
         existing = storage.read_job(spec.out)

@@ -183,6 +183,9 @@ class Columns(BaseModel):
     id: str | None = None
     query: str = "query"
     document: str = "document"
+    #: image-text models: the column holding images (bytes, local paths, s3:// or http(s) URIs),
+    #: embedded instead of the text column
+    image: str | None = None
 
 
 class ShardRef(BaseModel):

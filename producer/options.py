@@ -32,6 +32,9 @@ ResultBackend = Annotated[Optional[str], typer.Option("--result-backend", envvar
 Model = Annotated[str, typer.Option("--model", help="Local dir, hub id, or the bundled default")]
 Kind = Annotated[JobKind, typer.Option("--kind", help="embed|rerank|classify")]
 TextColumn = Annotated[str, typer.Option("--text-column", help="The input column holding the texts")]
+ImageColumn = Annotated[Optional[str], typer.Option(
+    "--image-column", help="Image-text models (CLIP, SigLIP): embed the images of this column (bytes, local paths "
+                           "relative to the corpus, s3:// or http(s) URIs) instead of texts")]
 IdColumn = Annotated[Optional[str], typer.Option("--id-column",
                                                   help="Kept as `id` (type kept); default: the input's `id` "
                                                   "column if it has one, else the row number (from 0)")]

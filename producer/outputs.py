@@ -61,6 +61,15 @@ def _offsets(counts: Sequence[int]) -> np.ndarray:
     return out
 
 
+def _gather(offsets: np.ndarray, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For CSR ``offsets``: the flat positions of ``rows``' entries, in row order, and the new offsets."""
+    rows = np.asarray(list(rows), dtype=np.int64)
+    starts, counts = offsets[rows], offsets[rows + 1] - offsets[rows]
+    new_offsets = _offsets(counts)
+    within = np.arange(int(new_offsets[-1]), dtype=np.int64) - np.repeat(new_offsets[:-1], counts)
+    return np.repeat(starts, counts) + within, new_offsets
+
+
 @dataclass(frozen=True)
 class SparseVector:
     """One input's sparse vector: ``indices`` (int32, ascending) and their ``values`` (float32).
@@ -114,7 +123,9 @@ class SparseRows:
         return np.diff(self.offsets).astype(int).tolist()
 
     def take(self, rows: Sequence[int]) -> "SparseRows":
-        return SparseRows.from_pairs([tuple(self[r]) for r in rows], self.vocab_size)  # type: ignore[misc]
+        """The rows ``rows``, in that order (one gather, no loop per row)."""
+        picked, offsets = _gather(self.offsets, rows)
+        return SparseRows(offsets, self.indices[picked], self.values[picked], self.vocab_size)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.csr_matrix`` ``[n, vocab_size]`` (scipy is imported only here)."""
@@ -163,7 +174,9 @@ class MultiVectors:
         return np.diff(self.offsets).astype(int).tolist()
 
     def take(self, rows: Sequence[int]) -> "MultiVectors":
-        return MultiVectors.from_arrays([self[r] for r in rows], self.dims)
+        """The rows ``rows``, in that order (one gather, no loop per row)."""
+        picked, offsets = _gather(self.offsets, rows)
+        return MultiVectors(offsets, np.ascontiguousarray(self.vectors[picked]))
 
     def to_wire(self) -> dict[str, Any]:
         return {"multivector_counts": self.counts, "multivector_dims": self.dims,

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
                                   "one image may have before it is decoded (the decompression-bomb limit)")
     image_max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Image inputs: the most bytes one encoded "
                                  "image may have (a data URI's payload or a download)")
+    image_fetch: bool = Field(True, description="Image inputs: workers download http(s) image URLs (infinity "
+                              "does); turn off where workers must not reach URLs their callers name")
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Image inputs: seconds to download an "
                                          "http(s) image")
     signing_key: str | None = Field(None, description="Producers sign shard messages with it, workers refuse "

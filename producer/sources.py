@@ -9,6 +9,7 @@ it instead of failing the whole shard.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -153,6 +154,35 @@ def _whole_table_at(uri: str, fmt: str, stamp: tuple[int | None, int | None]) ->
         raise SourceError(f"cannot read {uri!r} as {fmt}: {exc}") from exc
 
 
+def fingerprint(uri: str, fmt: str) -> dict[str, Any]:
+    """What a job id binds of its source's content, so a corpus edited in place is a new job
+    (whose output folder is then refused if the old job holds it) instead of stale vectors:
+    size and modification time (local files and S3 objects alike), and for Parquet a hash of the
+    footer, which holds every row group's sizes and statistics."""
+    size, mtime_ns = _stamp(uri)
+    stamp: dict[str, Any] = {"size": size, "mtime_ns": mtime_ns}
+    if fmt == "parquet":
+        stamp["footer_sha256"] = _footer_hash(uri)
+    return stamp
+
+
+def _footer_hash(uri: str) -> str:
+    """SHA-256 of a Parquet file's serialized footer (its last 8 bytes give the footer's length)."""
+    loc = locate(uri)
+    try:
+        with loc.fs.open_input_file(loc.path) as handle:
+            size = handle.size()
+            handle.seek(max(0, size - 8))
+            tail = handle.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length + 8 > size:
+                raise SourceError(f"cannot read {uri!r} as parquet: no Parquet footer")
+            handle.seek(size - 8 - length)
+            return hashlib.sha256(handle.read(length)).hexdigest()
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"cannot read {uri!r} as parquet: {exc}") from exc
+
+
 def column_names(uri: str, fmt: str) -> list[str]:
     if fmt == "parquet":
         return list(_parquet(uri).schema_arrow.names)
@@ -214,7 +244,10 @@ def _csv_ids_at(uri: str, name: str, stamp: tuple[int | None, int | None]) -> pa
 
 
 def needed_columns(kind: JobKind, columns: Columns) -> list[str]:
-    wanted = [columns.query, columns.document] if kind == JobKind.rerank else [columns.text]
+    if kind == JobKind.rerank:
+        wanted = [columns.query, columns.document]
+    else:
+        wanted = [columns.image] if columns.image else [columns.text]
     return wanted + ([columns.id] if columns.id else [])
 
 
@@ -258,8 +291,19 @@ def _parquet_range(uri: str, names: list[str], start: int, stop: int) -> pa.Tabl
             offset += rows
         if not groups:
             return pa.table({name: pa.array([], pfile.schema_arrow.field(name).type) for name in names})
-        table = pfile.read_row_groups(groups, columns=names)
+        table = pa.concat_tables([_row_group(pfile, uri, group, names) for group in groups])
     return table.slice(start - (first_row or 0), stop - start)
+
+
+def _row_group(pfile: pq.ParquetFile, uri: str, group: int, names: list[str]) -> pa.Table:
+    """One row group; a corrupt one is the data's fault (permanent), named by file and group."""
+    try:
+        return pfile.read_row_group(group, columns=names)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise SourceError(f"cannot read {uri!r}: row group {group} of {pfile.metadata.num_row_groups} is corrupt "
+                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
@@ -280,6 +324,8 @@ def read_shard(shard: ShardRef, kind: JobKind, columns: Columns) -> Rows:
         ids = _csv_ids_at(shard.uri, columns.id, _stamp(shard.uri)).slice(start, stop - start)
     if kind == JobKind.rerank:
         values: list[Any] = list(zip(cols[columns.query].to_pylist(), cols[columns.document].to_pylist()))
+    elif columns.image:  # image references as they are; the worker reads them (``worker.hosting.tasks``)
+        values = [{"image": value} for value in cols[columns.image].to_pylist()]
     else:
         values = cols[columns.text].to_pylist()
     return Rows(row_numbers, ids, values, parse_errors)

@@ -35,7 +35,7 @@ from tenacity import (
 T = TypeVar("T")
 
 _TRANSIENT: tuple[type[BaseException], ...] = (OSError, pa.ArrowException)
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _RETRYABLE_S3_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "503", "500"}
 
 try:  # boto3 is optional (the aws extra); its network errors are transient, as are S3's 5xx

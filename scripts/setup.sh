@@ -12,4 +12,4 @@ fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,onnx,aws,serve]"
+.venv/bin/python -m pip install -q -e ".[dev,onnx,openvino,aws,serve]"

@@ -86,6 +86,16 @@ def test_rows_match_the_engine_and_the_bad_row_is_recorded(three_outputs: Path, 
         np.testing.assert_allclose(np.array(multivector[row]), expected.multivector[row], atol=2e-5)
 
 
+def test_pandas_reads_the_parts_as_they_are(three_outputs: Path) -> None:
+    import pandas as pd
+
+    frame = pd.read_parquet(three_outputs, columns=["id", "sparse_indices", "sparse_values", "multivector", "n_tokens"])
+    assert len(frame) == len(TEXTS)
+    for _, row in frame.iterrows():
+        assert len(row.sparse_indices) == len(row.sparse_values) > 0
+        assert len(row.multivector) == row.n_tokens - 1 and len(row.multivector[0]) == 24
+
+
 def test_duckdb_reads_the_parts_as_they_are(three_outputs: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     glob = str(three_outputs / "part-*.parquet")

@@ -89,6 +89,13 @@ def test_each_bad_image_fails_alone(family_engine, monkeypatch: pytest.MonkeyPat
     assert np.abs(result.values[[0, 7, 8]]).sum(axis=1).min() > 0 and not result.values[1:7].any()
 
 
+def test_url_downloads_can_be_turned_off(family_engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    _, _, engine = family_engine
+    monkeypatch.setenv("EMBEDFLEET_IMAGE_FETCH", "0")
+    result = engine.run([{"image": "http://169.254.169.254/latest/meta-data/"}], timeout=60)
+    assert "EMBEDFLEET_IMAGE_FETCH is off" in result.errors[0]
+
+
 def test_images_on_a_text_model_are_refused_by_name(tiny_embed_model: Path) -> None:
     engine = make_engine(tiny_embed_model)
     try:

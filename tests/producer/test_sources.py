@@ -207,3 +207,47 @@ def test_default_id_column_is_the_inputs_id(tmp_path: Path) -> None:
     without = tmp_path / "b.csv"
     without.write_text("key,text\n1,a\n")
     assert default_id_column(str(with_id), "csv") == "id" and default_id_column(str(without), "csv") is None
+
+
+def test_a_corrupt_row_group_is_a_permanent_error_naming_the_file_and_group(tmp_path: Path) -> None:
+    from worker.hosting.tasks import is_permanent
+
+    path = tmp_path / "corpus.parquet"
+    texts = [f"text {i} " + "word " * (i % 50) for i in range(400)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=200, compression="zstd")
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = (chunk.dictionary_page_offset or chunk.data_page_offset) + 32  # inside the first page's zstd frame
+    data[start:start + 32] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    columns = Columns(text="text")
+    first = read_shard(ShardRef(index=0, uri=str(path), format="parquet", row_start=0, row_stop=200),
+                       JobKind.embed, columns)
+    assert first.values == texts[:200]  # the intact group still reads
+    with pytest.raises(SourceError, match=r"corpus.parquet'.*row group 1 of 2 is corrupt") as caught:
+        read_shard(ShardRef(index=1, uri=str(path), format="parquet", row_start=200, row_stop=400),
+                   JobKind.embed, columns)
+    assert is_permanent(caught.value)
+
+
+def test_a_corpus_edited_in_place_is_another_job(tmp_path: Path) -> None:
+    """Same path, same row count, one row edited: the job id changed before only with the path
+    and the count, so a resubmission reported '0 enqueued' and kept the old vector."""
+    import os
+
+    from producer.client import plan_corpus
+    from producer.errors import OutputConflict
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"]}), corpus)
+    first = plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    again = plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    assert again.job_id == first.job_id  # unchanged: the same job, its finished shards are kept
+    stat = corpus.stat()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "TWO"]}), corpus)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    assert corpus.stat().st_size == stat.st_size  # and the same size: the Parquet footer tells them apart
+    with pytest.raises(OutputConflict, match="already holds job"):
+        plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    edited = plan_corpus(str(corpus), str(tmp_path / "out2"), model="tiny", id_column="id")
+    assert edited.job_id != first.job_id

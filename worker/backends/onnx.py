@@ -92,8 +92,9 @@ def export_dir(info: ModelInfo, quantized: bool) -> Path:
     return cache_root() / f"{info.revision}-opset{OPSET}-{FUSION_LEVEL}{suffix}"
 
 
-def _publish(build: Any, dest: Path) -> Path:
-    """Run ``build(tmpdir)`` and rename the folder into ``dest`` (first writer wins)."""
+def publish(build: Any, dest: Path, marker: str = "model.onnx") -> Path:
+    """Run ``build(tmpdir)`` and rename the folder into ``dest`` (first writer wins; ``marker``
+    is the file a complete folder holds). The OpenVINO backend publishes its IR the same way."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -101,14 +102,14 @@ def _publish(build: Any, dest: Path) -> Path:
         try:
             tmp.rename(dest)
         except OSError:  # another worker published it first: theirs is identical
-            if not (dest / "model.onnx").is_file():
+            if not (dest / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _with_head(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
+def with_head(model: Any, info: ModelInfo, takes_type_ids: bool) -> Any:
     """The module exported: the model plus its pooling (embed) or its logits (rerank, classify)."""
     import torch
 
@@ -149,7 +150,7 @@ def _export_fp32(info: ModelInfo, dest: Path) -> None:
     axes["output"] = {0: "batch"}
     log.info("exporting %s to ONNX (opset %d)", info.name, OPSET)
     with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(_with_head(model, info, takes_type_ids), args, str(raw), input_names=names,
+        torch.onnx.export(with_head(model, info, takes_type_ids), args, str(raw), input_names=names,
                           output_names=["output"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     _fuse(raw, dest / "model.onnx", info, model.config)
     raw.unlink()
@@ -196,8 +197,8 @@ def ensure_export(info: ModelInfo, quantized: bool = False) -> Path:
         return dest
     if quantized:
         fp32 = ensure_export(info, quantized=False)
-        return _publish(lambda tmp: _quantize(fp32, tmp), dest)
-    return _publish(lambda tmp: _export_fp32(info, tmp), dest)
+        return publish(lambda tmp: _quantize(fp32, tmp), dest)
+    return publish(lambda tmp: _export_fp32(info, tmp), dest)
 
 
 # ---------------------------------------------------------------------------------- backend

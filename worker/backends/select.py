@@ -59,6 +59,7 @@ QUALITY_TEXTS = 384
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "torch": ("worker.backends.torch", "TorchBackend", "pip install torch"),
     "onnx": ("worker.backends.onnx", "OnnxBackend", "pip install 'embedfleet[onnx]'"),
+    "openvino": ("worker.backends.openvino", "OpenVinoBackend", "pip install 'embedfleet[openvino]'"),
     "neuron": ("worker.backends.neuron", "NeuronBackend", "pip install 'embedfleet[neuron]' on an inf2 instance"),
 }
 
@@ -127,6 +128,14 @@ def _onnx_available() -> bool:
     return True
 
 
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
     """Backend/dtype pairs worth trying on ``device``; an explicit ``dtype`` keeps only its own."""
     found: list[Candidate] = [Candidate("torch", "float32")]
@@ -139,6 +148,10 @@ def candidates(device: str, dtype: str = "auto") -> list[Candidate]:
             found.append(Candidate("torch", "float16"))
         if _onnx_available():
             found += [Candidate("onnx", "float32"), Candidate("onnx", "int8")]
+        if _openvino_available():
+            found.append(Candidate("openvino", "float32"))
+            if bf16_native():
+                found.append(Candidate("openvino", "bfloat16"))
     else:
         found += [Candidate("torch", "bfloat16"), Candidate("torch", "float16")]
         if _onnx_available():
@@ -327,7 +340,7 @@ class Selection:
 
 # ---------------------------------------------------------------------------------- the cache
 #: Libraries whose versions change what a candidate measures (a new one means measuring again).
-MEASURED_LIBRARIES = ("torch", "onnxruntime", "onnx", "transformers", "tokenizers", "embedfleet")
+MEASURED_LIBRARIES = ("torch", "onnxruntime", "onnx", "openvino", "transformers", "tokenizers", "embedfleet")
 #: CPU features that decide which dtypes are fast (AMX, AVX-512 BF16/FP16/VNNI, AVX2).
 CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2",
              "avx_vnni")

@@ -38,6 +38,7 @@ from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
 from worker.hosting import poison
+from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
@@ -140,8 +141,9 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     engine = runtime.engine_for(job.model, job.kind)
     clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
+    values = image_cells(rows.values, job.shard.uri) if job.columns.image else rows.values
     clock.lap("read")
-    result = engine.run(rows.values, job.options)
+    result = engine.run(values, job.options)
     clock.lap("engine")
     errors = _row_errors(job, rows, result.errors)
     written = np.ones(len(rows.values), dtype=bool)
@@ -188,7 +190,8 @@ class _Stages:
 
 def _row_errors(job: ShardJob, rows: Any, engine_errors: dict[int, str]) -> list[RowError]:
     """Engine errors with the row number (counted from 0), id and the source column they concern."""
-    field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else job.columns.text
+    field = f"{job.columns.query}/{job.columns.document}" if job.kind == JobKind.rerank else \
+        job.columns.image or job.columns.text
     out = []
     for offset, reason in sorted(engine_errors.items()):  # the failed rows only: no list of every id
         row = job.shard.row_start + offset

@@ -84,7 +84,9 @@ def _limits() -> tuple[int, int]:
 def image_bytes(ref: Any) -> bytes:
     """The encoded bytes of one image input: raw bytes, a ``data:`` URI, or an ``http(s)`` URL."""
     max_bytes, _ = _limits()
-    if isinstance(ref, (bytes, bytearray, memoryview)):
+    if callable(ref):  # a corpus file, read on the host pool (``worker.hosting.images``)
+        data = ref()
+    elif isinstance(ref, (bytes, bytearray, memoryview)):
         data = bytes(ref)
     elif isinstance(ref, str) and ref.startswith("data:"):
         header, _, payload = ref.partition(",")
@@ -111,6 +113,9 @@ def image_bytes(ref: Any) -> bytes:
 
 
 def _download(url: str, max_bytes: int) -> bytes:
+    if not settings().image_fetch:
+        raise ImageProblem("image URLs are not downloaded by these workers (EMBEDFLEET_IMAGE_FETCH is off); "
+                           "send the image as a data URI")
     try:
         with urllib.request.urlopen(url, timeout=settings().image_fetch_timeout_s) as response:  # noqa: S310
             data = response.read(max_bytes + 1)
