@@ -339,7 +339,8 @@ class Client:
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
             messages[shard.index] = {"task_id": f"{spec.job_id}-{shard.index:05d}-{attempt}", "queue": queue,
-                                     "payload": sign(message.model_dump(mode="json"))}
+                                     # no signature field unless signed: workers of before signing forbid it
+                                     "payload": sign(message.model_dump(mode="json", exclude={"signature"}))}
         record_job(self.app, spec.job_id, messages)  # recorded first: a lost message can be re-sent
         for entry in messages.values():
             self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],

@@ -1,5 +1,7 @@
 """The engine: tokenize -> schedule -> forward -> postprocess, overlapped, shared by all tasks.
 
+(Images of image-text models take their own lane beside this path: ``worker.engine.images``.)
+
 * Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
   reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
   chunks of ``TOKENIZE_CHUNK`` on a thread pool, one call to the Rust tokenizer's batch API per
