@@ -85,7 +85,11 @@ def test_two_engine_processes_share_a_job_survive_a_kill_and_stop_together(
     # not count as mid-shard (the redelivery is skipped as done), so try again on the restarted engine
     hit, victim = None, first["cpu:1"][0]
     for attempt in range(3):
-        index = wait_for(lambda: held_by(victim), 120, f"engine cpu:1 in the middle of a shard (try {attempt + 1}, "
+        def mid_shard() -> str | None:  # running, unacknowledged, and its output not yet published
+            held = held_by(victim)
+            return held if held is not None and not (out / "_parts" / marker_name(int(held))).exists() else None
+
+        index = wait_for(mid_shard, 120, f"engine cpu:1 in the middle of a shard (try {attempt + 1}, "
                          f"{count_markers(out)} of 20 shards done)", 0.01)
         os.kill(victim, signal.SIGKILL)  # like a CUDA error that takes the process down
         done_before = (out / "_parts" / marker_name(int(index))).exists()
@@ -125,6 +129,7 @@ def test_two_engine_processes_share_a_job_survive_a_kill_and_stop_together(
         (served,) = body["models"].values()
         assert served["workers"] == 2
         assert sorted(d["device"] for d in served["devices"]) == ["cpu:0", "cpu:1"]
+        assert all(d["max_batch_tokens"] > 0 for d in served["devices"])  # each engine's own budget
         (card,) = httpx.get(f"{facade.url}/v1/models", timeout=10).json()["data"]
         assert sorted(card["devices"]) == ["cpu:0", "cpu:1"]
         metrics = httpx.get(f"{facade.url}/metrics", timeout=10).text
