@@ -39,6 +39,7 @@ import numpy as np
 
 from bench.common import REPO as ROOT
 from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, stop
+from producer.settings import passive_openmp
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -271,6 +272,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    passive_openmp()  # the in-process engine with the OpenMP setting the CLI's servers give themselves
     sys.path.insert(0, str(ROOT))
     report = run(args)
     print(report)

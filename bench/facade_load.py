@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,8 @@ def tree_cpu_s(pid: int) -> float:
 
 def requests_per_job(url: str) -> tuple[float, float]:
     """The facade's requests-per-job histogram: (requests, jobs) so far (one process's, with several)."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
     found = dict(re.findall(r"^embedfleet_requests_per_job_(sum|count) (\S+)$", text, re.M))
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
@@ -202,16 +202,15 @@ def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
 
 
 def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise SystemExit(log.read_text()[-3000:])
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, or 503 until the workers answer (HTTPError is an OSError)
             pass
         time.sleep(0.25)
     raise SystemExit(f"{url} not ready: {log.read_text()[-3000:]}")

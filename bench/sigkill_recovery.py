@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import ENTRY, RedisProcess, machine, stop, wait_for_line  # noqa: E402
-from producer.client import Client  # noqa: E402
 
 CORPUS = ROOT / "data" / "sample-corpus.parquet"
 
@@ -53,6 +52,14 @@ def start_worker(checkout: Path, broker: str, log: Path) -> subprocess.Popen:
     return proc
 
 
+def submit(checkout: Path, broker: str, corpus: Path, out: Path, shard_rows: int) -> None:
+    """Submit with the checkout's own producer: messages of another version may not validate."""
+    python = checkout / ".venv" / "bin" / "python"
+    subprocess.run([str(python), "-c", ENTRY, "submit", str(corpus), "--out", str(out), "--broker", broker,
+                    "--id-column", "id", "--shard-rows", str(shard_rows)], cwd=checkout, check=True,
+                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
 def done_shards(out: Path) -> int:
     parts = out / "_parts"
     return len(list(parts.glob("part-*.json"))) if parts.exists() else 0
@@ -67,12 +74,13 @@ def storm(checkout: Path, args: argparse.Namespace, work: Path) -> dict[str, obj
     pq.write_table(pq.read_table(CORPUS).slice(0, args.rows), corpus)
     out = work / f"out-{checkout.name}"
     try:
-        handle = Client(broker=redis.url).submit_corpus(str(corpus), str(out), id_column="id",
-                                                         shard_rows=args.rows // args.shards)
+        submit(checkout, redis.url, corpus, out, args.rows // args.shards)
         last_kill = time.monotonic()
         for kill in range(args.kills):
             threshold = (kill + 1) * args.kill_every
-            while done_shards(out) < threshold:
+            while done_shards(out) < threshold:  # a contender may never get there (its shards stuck)
+                if time.monotonic() - last_kill > args.limit:
+                    return {"after_last_kill_s": None, "limit": args.limit, **check(out, corpus)}
                 time.sleep(0.05)
             victim = kill % 2
             procs[victim].send_signal(signal.SIGKILL)

@@ -339,7 +339,8 @@ class Client:
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
             messages[shard.index] = {"task_id": f"{spec.job_id}-{shard.index:05d}-{attempt}", "queue": queue,
-                                     "payload": sign(message.model_dump(mode="json"))}
+                                     # no signature field unless signed: workers of before signing forbid it
+                                     "payload": sign(message.model_dump(mode="json", exclude={"signature"}))}
         record_job(self.app, spec.job_id, messages)  # recorded first: a lost message can be re-sent
         for entry in messages.values():
             self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],
@@ -387,7 +388,9 @@ def plan_corpus(
         {"source": uri, "out": out, "model": model, "kind": kind.value, "columns": columns.model_dump(exclude={"image"} if columns.image is None else None),
          # outputs left out unless named, so a job planned before outputs existed keeps its id
          "options": options.model_dump(exclude={"outputs"} if options.outputs is None else None),
-         "shard_rows": shard_rows, "n_rows": n_rows}
+         "shard_rows": shard_rows, "n_rows": n_rows,
+         # the content too: a corpus edited in place is another job, never the old vectors
+         "content": sources.fingerprint(uri, fmt)}
     )
     spec = JobSpec(job_id=job_id, kind=kind, model=model, source=uri, out=out, columns=columns,
                    options=options, n_rows=n_rows, shards=shards)

@@ -9,6 +9,7 @@ it instead of failing the whole shard.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -151,6 +152,35 @@ def _whole_table_at(uri: str, fmt: str, stamp: tuple[int | None, int | None]) ->
         raise SourceError(f"cannot read {uri!r}: no such file") from exc
     except (OSError, pa.ArrowException, UnicodeError) as exc:
         raise SourceError(f"cannot read {uri!r} as {fmt}: {exc}") from exc
+
+
+def fingerprint(uri: str, fmt: str) -> dict[str, Any]:
+    """What a job id binds of its source's content, so a corpus edited in place is a new job
+    (whose output folder is then refused if the old job holds it) instead of stale vectors:
+    size and modification time (local files and S3 objects alike), and for Parquet a hash of the
+    footer, which holds every row group's sizes and statistics."""
+    size, mtime_ns = _stamp(uri)
+    stamp: dict[str, Any] = {"size": size, "mtime_ns": mtime_ns}
+    if fmt == "parquet":
+        stamp["footer_sha256"] = _footer_hash(uri)
+    return stamp
+
+
+def _footer_hash(uri: str) -> str:
+    """SHA-256 of a Parquet file's serialized footer (its last 8 bytes give the footer's length)."""
+    loc = locate(uri)
+    try:
+        with loc.fs.open_input_file(loc.path) as handle:
+            size = handle.size()
+            handle.seek(max(0, size - 8))
+            tail = handle.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length + 8 > size:
+                raise SourceError(f"cannot read {uri!r} as parquet: no Parquet footer")
+            handle.seek(size - 8 - length)
+            return hashlib.sha256(handle.read(length)).hexdigest()
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"cannot read {uri!r} as parquet: {exc}") from exc
 
 
 def column_names(uri: str, fmt: str) -> list[str]:

@@ -188,10 +188,12 @@ def publish_json(loc: Location, value: Any) -> None:
     publish_bytes(loc, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
 
-def publish_table(loc: Location, table: pa.Table, compression: str = "zstd") -> None:
-    """Serialize a table to Parquet in memory, then publish it atomically."""
+def publish_table(loc: Location, table: pa.Table, compression: str = "zstd",
+                  dictionary: bool | list[str] = True) -> None:
+    """Serialize a table to Parquet in memory, then publish it atomically. ``dictionary``: the
+    columns to dictionary-encode (pyarrow's ``use_dictionary``: all, none, or those named)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, use_dictionary=dictionary)
     publish_bytes(loc, sink.getvalue().to_pybytes())
 
 

@@ -162,3 +162,19 @@ def test_failed_shard_makes_a_partial_manifest_without_success(tmp_path: Path) -
     assert manifest is not None and manifest.status == "partial"
     assert manifest.parts == ["part-00000.parquet"] and manifest.failed_shards[0].failure == "boom"
     assert (out / MANIFEST).exists() and not (out / SUCCESS).exists()
+
+
+def test_vector_columns_are_written_without_a_dictionary(tmp_path: Path) -> None:
+    """Vectors never repeat: their column chunks are plain (pyarrow's dictionary attempt and fallback
+    cost three times the write); the other columns keep theirs, and the rows read back unchanged."""
+    values = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    table = sinks.result_table(_info(), _result(JobKind.embed, values), pa.array([f"r{i}" for i in range(50)]),
+                               list(range(50)), "float32", "float32")
+    sinks.write_part(str(tmp_path), 0, table)
+    path = tmp_path / "part-00000.parquet"
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: set(meta.column(i).encodings) for i in range(meta.num_columns)}
+    dictionary = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert not encodings["embedding.list.element"] & dictionary
+    assert encodings["id"] & dictionary
+    assert pq.read_table(path).equals(table)

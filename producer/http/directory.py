@@ -36,6 +36,8 @@ class Placement:
     worker: str
     device: str
     stats: dict[str, int]
+    #: this engine's batch budget (each device profiles its own memory: mixed GPUs differ)
+    max_batch_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def merge_answers(answers: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, 
                 stats = {k: stats.get(k, 0) + previous.stats.get(k, 0) for k in set(stats) | set(previous.stats)}
             workers = (previous.workers if previous else ()) + (worker,)
             placements = (previous.placements if previous else ()) + (
-                Placement(worker, str(d["device"]), {k: int(v) for k, v in (d.get("stats") or {}).items()}),)
+                Placement(worker, str(d["device"]), {k: int(v) for k, v in (d.get("stats") or {}).items()},
+                          int(d.get("max_batch_tokens") or 0)),)
             merged[queue] = ServedModel(
                 id=str(d["id"]), ref=str(d.get("ref") or d["id"]), kind=str(d["kind"]), queue=queue,
                 inline_queue=str(d.get("inline_queue") or queue + INLINE_SUFFIX),

@@ -202,7 +202,8 @@ class Facade:
         ready = self.directory.fresh() and bool(served) and not missing
         body = {"status": "ready" if ready else "not ready", "unix": time.time(),
                 "models": {m.id: {"kind": m.kind, "workers": len(m.workers),  # no host names: it is open
-                                  "devices": [{"device": p.device} for p in m.placements]}
+                                  "devices": [{"device": p.device, "max_batch_tokens": p.max_batch_tokens}
+                                              for p in m.placements]}
                            for m in served}, "missing": missing}
         return json_response(body, 200 if ready else 503)
 

@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, St
 
 #: Documented bounds (the configured limits may be lower; those are checked per request -> 413).
 Text = Annotated[StrictStr, Field(min_length=1)]
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+#: A token id travels as a 64-bit integer (the job message); a larger one is a 400 naming the field
+#: here, and one outside the model's vocabulary is refused by the engine with its limit.
+TokenId = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Request(BaseModel):

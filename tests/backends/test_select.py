@@ -92,7 +92,10 @@ def test_gate_rejects_the_fastest_wrong_candidate(tiny_embed_model: Path, monkey
     assert not trials["garbage/float32"].passed and trials["garbage/float32"].cos_min < 0.9
     assert trials["garbage/float32"].recall < 0.5 and trials["torch/float32"].recall == 1.0
     assert trials["slow/float32"].passed and trials["torch/float32"].passed
-    assert backend.name == "torch" and backend.dtype == "float32"  # the fastest that passes
+    # the rule, not a timing: the chosen one is the fastest of those that pass, as measured
+    fastest = max((t for t in selection.trials if t.passed), key=lambda t: t.tokens_per_s)
+    assert (backend.name, backend.dtype) == (fastest.candidate.backend, fastest.candidate.dtype)
+    assert backend.name in ("torch", "slow")
     assert made["garbage"].closed  # type: ignore[attr-defined]
     assert "below the quality gate" in selection.table and "<- chosen" in selection.table
 

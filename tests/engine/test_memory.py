@@ -148,3 +148,24 @@ def test_host_memory_backends_keep_their_preferred_budget() -> None:
 
     budget = memory.batch_budget(OnHost(), "rev", 512)
     assert budget.tokens == 2048 and "host" in budget.report
+
+
+def test_the_profile_runs_every_output_a_backend_offers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bge-m3's heads cost memory per token too: the budget is sized with them running."""
+    from producer.outputs import DENSE_ONLY
+    from worker.backends.base import BatchOutputs
+
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path))
+
+    class WithHeads(_Profiled):
+        outputs = ("dense", "sparse", "multivector")  # type: ignore[assignment]
+
+        def launch_outputs(self, batch: Batch, outputs: tuple[str, ...], precise: bool = False):  # type: ignore[no-untyped-def]
+            assert outputs == self.outputs and outputs != DENSE_ONLY
+            self.forward(batch)
+            self.device_.used += 30_000 * batch.n_real_tokens  # the heads' share
+            return lambda: BatchOutputs(dense=np.zeros((len(batch.lengths), 4), np.float32))
+
+    device = _Device(free=8 * GIB, fixed=GIB // 4, per_token=50_000)
+    budget = memory.batch_budget(WithHeads(device), "rev-heads", 512, fraction=0.5, in_child=False)
+    assert budget.tokens == budget_tokens(8 * GIB, 0.5, GIB // 4, 80_000, maximum=memory.MAX_BATCH_TOKENS)

@@ -73,6 +73,17 @@ def test_token_ids_embed_like_their_text(mode: str, request: pytest.FixtureReque
         assert response.json()["usage"]["prompt_tokens"] == by_text["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("mode", ["embedded", "thin"])
+def test_token_ids_past_64_bits_are_a_400_naming_the_field(mode: str, request: pytest.FixtureRequest) -> None:
+    """Found by schemathesis: an id past 64 bits could not travel in the job message (a 503)."""
+    served: Served = request.getfixturevalue(mode)
+    embed = _post(served.url, {"input": [[7592, 2**64]], "model": served.embed})
+    decode = httpx.post(f"{served.url}/decode", json={"ids": [[2**64]], "model": served.embed}, timeout=60)
+    for response in (embed, decode):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"]
+
+
 def test_wrong_kind_and_missing_model(embedded: Served) -> None:
     wrong = _post(embedded.url, {"input": "a", "model": embedded.rerank})
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_model_kind"

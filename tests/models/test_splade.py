@@ -48,6 +48,7 @@ def test_describe(tiny_splade_model: Path) -> None:
     info = describe(str(tiny_splade_model))
     assert info.family == "splade" and info.outputs == ("sparse",) and info.default_outputs == ("sparse",)
     assert info.vocab_size == 30522 and info.splade is not None and info.splade.pooling == "max"
+    assert info.dims == 30522  # as SparseEncoder.get_sentence_embedding_dimension: the vocabulary
 
 
 def test_matches_sparse_encoder(splade_engine, tiny_splade_model: Path) -> None:  # type: ignore[no-untyped-def]

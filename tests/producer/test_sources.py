@@ -228,3 +228,26 @@ def test_a_corrupt_row_group_is_a_permanent_error_naming_the_file_and_group(tmp_
         read_shard(ShardRef(index=1, uri=str(path), format="parquet", row_start=200, row_stop=400),
                    JobKind.embed, columns)
     assert is_permanent(caught.value)
+
+
+def test_a_corpus_edited_in_place_is_another_job(tmp_path: Path) -> None:
+    """Same path, same row count, one row edited: the job id changed before only with the path
+    and the count, so a resubmission reported '0 enqueued' and kept the old vector."""
+    import os
+
+    from producer.client import plan_corpus
+    from producer.errors import OutputConflict
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"]}), corpus)
+    first = plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    again = plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    assert again.job_id == first.job_id  # unchanged: the same job, its finished shards are kept
+    stat = corpus.stat()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "TWO"]}), corpus)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    assert corpus.stat().st_size == stat.st_size  # and the same size: the Parquet footer tells them apart
+    with pytest.raises(OutputConflict, match="already holds job"):
+        plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
+    edited = plan_corpus(str(corpus), str(tmp_path / "out2"), model="tiny", id_column="id")
+    assert edited.job_id != first.job_id

@@ -183,6 +183,8 @@ class TorchBackend(Backend):
     @property
     def mode(self) -> str:  # type: ignore[override]
         mode = "varlen" if self.unpadded else "padded"
+        if self.heads is not None:  # profiled with the heads running (worker.engine.memory.heaviest_forward)
+            mode += "-heads"
         if self.fused:
             mode += "-fused" + ("-tanh" if self.approximate_gelu else "")
         return mode

@@ -40,6 +40,12 @@ def report(info: ModelInfo, verdict: Verdict) -> dict[str, Any]:
             "reason": verdict.reason or None, "harmless": verdict.allowed}
 
 
+def _outputs(entry: dict[str, Any]) -> str | None:
+    """``dense, sparse, multivector (default: dense)`` for an embed model."""
+    offered, default = entry.get("outputs") or [], entry.get("default_outputs") or []
+    return f"{', '.join(offered)} (default: {', '.join(default)})" if offered else None
+
+
 def _lines(entry: dict[str, Any]) -> list[str]:
     prompts = ", ".join(f"{name}{' (default)' if name == entry['default_prompt_name'] else ''}: {text!r}"
                         for name, text in entry["prompts"].items()) or "none"
@@ -50,6 +56,7 @@ def _lines(entry: dict[str, Any]) -> list[str]:
         ("prompt template", entry["prompt_template"]), ("dimensions", entry["dimensions"]),
         ("max length", entry["max_length"]), ("labels", ", ".join(entry["labels"]) or None),
         ("remote code", ", ".join(entry["remote_code"]) or None),
+        ("outputs", _outputs(entry)), ("inputs", ", ".join(entry.get("modalities") or ["text"])),
     ]
     lines = [f"[bold]{entry['model']}[/] ({entry['path']})"]
     lines += [f"  {name:16} {value}" for name, value in rows if value is not None]

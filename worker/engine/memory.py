@@ -28,9 +28,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from producer.errors import Unavailable
+from producer.outputs import DENSE_ONLY
 from producer.settings import cache_dir, settings
 
 if TYPE_CHECKING:
@@ -159,6 +160,15 @@ def store_cached(key: str, profile: MemoryProfile, path: Path | None = None) -> 
         log.warning("could not cache the memory profile in %s: %s", path, exc)
 
 
+def heaviest_forward(backend: "Backend", batch: Any) -> None:
+    """A forward computing every output the backend offers (bge-m3's sparse and ColBERT heads too):
+    the budget must hold the heaviest request a batch can carry, not just dense ones."""
+    if tuple(backend.outputs) == DENSE_ONLY:
+        backend.forward(batch)
+    else:
+        backend.launch_outputs(batch, tuple(backend.outputs))()
+
+
 def profile_device(backend: "Backend", device: "MemoryDevice", usable_bytes: float, sizes: Sequence[int],
                    seq_len: int) -> MemoryProfile:
     """Run ``backend`` at growing token counts and record each one's peak activation memory.
@@ -174,7 +184,7 @@ def profile_device(backend: "Backend", device: "MemoryDevice", usable_bytes: flo
                 break
         base = device.reset_peak()
         try:
-            backend.forward(backend.synthetic_batch(tokens, seq_len))
+            heaviest_forward(backend, backend.synthetic_batch(tokens, seq_len))
         except Exception as exc:
             if not device.is_out_of_memory(exc):
                 raise

@@ -8,8 +8,8 @@ blocks: ``Engine.submit`` returns a future) and the engine's own thread stores t
 it is ready. The answer is the very ``InlineResult`` the task would store (``tasks.inline_answer``).
 
 Only the common case takes this way; everything else goes to Celery's own handler, unchanged:
-a message of another task, one sent again (``retries``), one with an ETA, one already expired
-(Celery records it revoked), a token-level job, and any call the worker cannot start (a model it
+a message of another task, one sent again (``retries``), one with an ETA, one already expired or
+revoked (Celery records it revoked), a token-level job, and any call the worker cannot start (a model it
 does not host or refused, bad options: the task answers those with their code). A call that fails
 inside the engine is answered as the task would answer it (``tasks.inline_failure``): sent again
 for another worker when this one is stopping, else the error's code, or a task failure.
@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from celery import Celery
+from celery.worker import state as worker_state
 
 from producer.broker import INLINE_TASK
 from producer.jobs import TokensJob
@@ -55,7 +56,7 @@ class FastInline:
     def __call__(self, message: Any) -> None:
         headers = message.headers or {}
         if headers.get("task") != INLINE_TASK or headers.get("retries") or headers.get("eta") \
-                or _expired(headers.get("expires")):
+                or _expired(headers.get("expires")) or headers.get("id") in worker_state.revoked:
             self.celery_handler(message)
             return
         try:

@@ -161,8 +161,8 @@ class Supervisor:
                 code = self._until(lambda: all(self.children[i].ready_at is not None for i in wave))
                 if code is not None:
                     return code
-            if self._stop.is_set():
-                return 0
+                if self._stop.is_set():  # a signal while starting: start no further wave
+                    return 0
             if on_ready is not None:
                 on_ready([child.last for child in self.children])
             code = self._until(lambda: False)
@@ -214,7 +214,10 @@ class Supervisor:
         self._stop.set()
         alive = [c for c in self.children if c.alive()]
         for child in alive:
-            os.kill(child.process.pid, signal.SIGTERM)
+            try:
+                os.kill(child.process.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it ended on its own meanwhile
+                pass
         deadline = time.monotonic() + settings().stop_grace + 2
         for child in alive:
             child.process.join(max(0.0, deadline - time.monotonic()))

