@@ -32,7 +32,9 @@ def _reference(path: Path, texts: list[str]) -> list[np.ndarray]:
     from transformers import AutoModel, AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path)).eval()
+    # float32 whatever the folder stores (transformers 5 loads a checkpoint in its own dtype: the
+    # H200 kit ships the bundled model in fp16, and the reference then ran in fp16)
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.inference_mode():
         return [model(**hf(t, return_tensors="pt")).last_hidden_state[0].numpy() for t in texts]
 
