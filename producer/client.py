@@ -48,6 +48,7 @@ from producer.jobs import (
     Options,
     RerankJob,
     ShardJob,
+    wire,
     ShardReport,
     marker_name,
     part_name,
@@ -237,7 +238,7 @@ class Client:
     def _call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None) -> InlineResult:
         queue = inline_queue_name(job.kind, job.model)
         declare_queue(self.app, queue)
-        async_result = self.app.send_task(INLINE_TASK, args=[job.model_dump(mode="json")], queue=queue)
+        async_result = self.app.send_task(INLINE_TASK, args=[wire(job)], queue=queue)
         try:
             # disable_sync_subtasks=False: in embedded mode the caller may share a process with the worker.
             payload = async_result.get(timeout=timeout or self.timeout, propagate=True, disable_sync_subtasks=False)
@@ -339,8 +340,8 @@ class Client:
             message = ShardJob(kind=spec.kind, job_id=spec.job_id, model=model, out=out, columns=spec.columns,
                                options=spec.options, shard=shard, n_shards=len(spec.shards))
             messages[shard.index] = {"task_id": f"{spec.job_id}-{shard.index:05d}-{attempt}", "queue": queue,
-                                     # no signature field unless signed: workers of before signing forbid it
-                                     "payload": sign(message.model_dump(mode="json", exclude={"signature"}))}
+                                     # fields at their default (signature too) left out: see jobs.wire
+                                     "payload": sign(wire(message))}
         record_job(self.app, spec.job_id, messages)  # recorded first: a lost message can be re-sent
         for entry in messages.values():
             self.app.send_task(SHARD_TASK, args=[entry["payload"]], queue=queue, task_id=entry["task_id"],

@@ -315,6 +315,21 @@ class InlineResult(BaseModel):
     multivector_b64: str = ""
 
 
+def wire(message: BaseModel) -> dict[str, Any]:
+    """A message's JSON for the broker, with every field at its default left out.
+
+    Workers forbid unknown fields (a misspelt option is an error, not silently ignored), so a
+    field added in a later version would make every message unreadable to the workers of before it
+    during a rolling upgrade. Left out at its default, a new option reaches old workers only in
+    the messages that use it; a worker reads the defaults back in when it parses the message.
+    ``kind`` always travels: it says which job the message is (inline jobs are told apart by it).
+    """
+    payload = message.model_dump(mode="json", exclude_defaults=True)
+    if "kind" in type(message).model_fields:
+        payload = {"kind": message.model_dump(mode="json", include={"kind"})["kind"], **payload}
+    return payload
+
+
 def queue_name(kind: JobKind | str, model: str) -> str:
     """The queue a job goes to: one per kind and model, so workers subscribe to what they host.
 

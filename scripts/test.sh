@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q "$@"
+# 3 processes on 2 cores: most tests wait on Redis, HTTP servers and worker subprocesses
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-3}" "$@"

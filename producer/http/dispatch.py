@@ -25,7 +25,7 @@ from producer.http.errors import overloaded, timed_out, unavailable
 from producer.http.metrics import FacadeMetrics
 from producer.http.publish import Publisher, publisher_for
 from producer.http.replies import Replies, replies_for
-from producer.jobs import InlineResult
+from producer.jobs import InlineResult, wire
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Dispatcher:
             except Exception as exc:  # as a worker's failure would be answered: 502
                 log.error("the engine failed on model %s: %s: %s", job.model, type(exc).__name__, exc)
                 raise WorkerFailed(f"the worker failed: {type(exc).__name__}: {exc}", code="worker_error") from None
-        payload = job.model_dump(mode="json")
+        payload = wire(job)
         task_id = self.replies.new_task_id()
         # shown in the worker's logs instead of a repr of every input
         shown = f"[{job.kind} job, {len(payload.get('inputs') or payload.get('documents') or ())} inputs]"

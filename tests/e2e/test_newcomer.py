@@ -70,9 +70,12 @@ def test_trailing_slash_is_the_same_job_and_a_rerun_says_what_it_skipped(cli, tm
     assert code == 0, first
     rate = re.search(r"9 of 9 rows written to \S+ in 3 part\(s\) in ([0-9.,]+) s: ([0-9,]+) texts/s", first)
     assert rate, first
-    seconds, per_s = float(rate.group(1).replace(",", "")), int(rate.group(2).replace(",", ""))
-    # the rate is this run's rows over this run's wall time (as printed, to rounding)
-    assert abs(per_s - 9 / max(seconds, 0.05)) <= max(2.0, 0.06 * per_s), first
+    printed = rate.group(1).replace(",", "")
+    seconds, per_s = float(printed), int(rate.group(2).replace(",", ""))
+    # the rate is this run's rows over this run's wall time, which the printed seconds give only to
+    # their rounding (a fast job prints 0.1 s for 0.114 s: 79 texts/s, not 90)
+    half = 0.5 * 10 ** -(len(printed.split(".")[1]) if "." in printed else 0)
+    assert 9 / (seconds + half) - 1 <= per_s <= 9 / max(seconds - half, 1e-3) + 1, first
     code, again = cli(source, "--out", tmp_path / "vectors", "--model", tiny_embed_model, "--shard-rows", "4")
     assert code == 0, again  # the same job: no "already holds job" conflict
     assert "9 of 9 rows skipped: their parts were done by an earlier run" in again
@@ -101,7 +104,7 @@ def test_backend_auto_says_what_it_chose_and_reuses_it(cli, tmp_path: Path, tiny
     args = ("--model", tiny_embed_model, "--backend", "auto", "--dtype", "float32")
     code, first = cli(source, "--out", tmp_path / "a", *args)
     assert code == 0, first
-    chosen = re.search(r"backend auto: (\w+/float32): the fastest of 2 candidates", first)
+    chosen = re.search(r"backend auto: (\w+/float32): the fastest of \d+ candidates", first)
     assert chosen and "measured now on 64 texts" in first and "max|dp|" in first and "nan" not in first, first
     code, again = cli(source, "--out", tmp_path / "b", *args)
     assert code == 0, again

@@ -68,7 +68,9 @@ def test_sqs_and_s3_bulk_inline_and_poison(tmp_path: Path, aws: dict[str, str], 
     client.app.send_task(SHARD_TASK, args=[messages[0]], queue=queue, task_id=f"{spec.job_id}-00000-x")
 
     env = {**aws, "EMBEDFLEET_RESULT_BACKEND": redis_broker.url}
-    workers.append(WorkerProcess("sqs://", tiny_embed_model, tmp_path / "worker.log", env).start())
+    worker = WorkerProcess("sqs://", tiny_embed_model, tmp_path / "worker.log", env)
+    worker.args += ["--storage-root", f"s3://{BUCKET}/"]  # its sources and outputs are in the bucket
+    workers.append(worker.start())
     workers[0].wait_ready()
 
     # the queue was created with a dead-letter queue and a redrive policy

@@ -104,3 +104,24 @@ def test_stable_job_id_depends_only_on_content() -> None:
 def test_layout_names() -> None:
     assert part_name(0) == "part-00000.parquet" and part_name(123) == "part-00123.parquet"
     assert marker_name(7) == "part-00007.json"
+
+
+def test_messages_leave_fields_at_their_default_out_for_older_workers() -> None:
+    """Workers forbid unknown fields: a message that uses no newer option must not carry it, so the
+    workers of before it (a rolling upgrade) still read it; the worker reads the defaults back in."""
+    from producer.jobs import Columns, EmbedJob, Options, RerankJob, ShardJob, ShardRef, wire
+
+    shard = ShardJob(kind="embed", job_id="j", model="m", out="/o", columns=Columns(text="t"),
+                     shard=ShardRef(uri="/c.parquet", index=0, format="parquet", row_start=0, row_stop=10),
+                     n_shards=1)
+    payload = wire(shard)
+    for newer in ("signature", "schema_version"):
+        assert newer not in payload
+    assert "image" not in payload["columns"] and "options" not in payload
+    assert ShardJob.model_validate(payload) == shard
+    asked = ShardJob(**{**shard.model_dump(), "options": Options(outputs=["dense", "sparse"])})
+    assert wire(asked)["options"]["outputs"] == ["dense", "sparse"]
+    inline = EmbedJob(model="m", inputs=["a"])
+    assert set(wire(inline)) == {"kind", "model", "inputs"} and EmbedJob.model_validate(wire(inline)) == inline
+    rerank = RerankJob(model="m", query="q", documents=["d"])
+    assert wire(rerank)["kind"] == "rerank"  # the discriminator always travels
