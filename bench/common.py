@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 #: The ``embedfleet`` console script of the interpreter running the benchmark.
@@ -95,3 +96,43 @@ def wait_for_line(proc: subprocess.Popen, log: Path, marker: str, timeout: float
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{marker!r} never appeared:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.2)
+
+
+def timed(fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
+    """One warm-up pass, then ``passes`` timed ones (the GPU synchronized around each, where there
+    is one): tokens/s of the best and the worst pass, and the spread between them."""
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(passes):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    rates = [tokens / t for t in times]
+    return {"tokens": tokens, "best": max(rates), "worst": min(rates),
+            "spread_pct": 100 * (max(rates) - min(rates)) / max(rates), "times_s": times}
+
+
+def write_corpus(texts: list[str], path: Path, row_group_size: int) -> Path:
+    """A Parquet corpus of ``texts`` with string ids ``t0000000``..., one row group per shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), path,
+                   row_group_size=row_group_size)
+    return path
+
+
+def print_report(text: str, out: Path | None) -> None:
+    """Print a benchmark's Markdown report, and append it to ``out`` (its ``--out``) when given."""
+    print(text)
+    if out:
+        with out.open("a") as handle:
+            handle.write(text + "\n")

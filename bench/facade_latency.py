@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 
 from bench.common import REPO as ROOT
-from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, stop
+from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, print_report, stop
 from producer.settings import passive_openmp
 
 
@@ -274,11 +274,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the in-process engine with the OpenMP setting the CLI's servers give themselves
     sys.path.insert(0, str(ROOT))
-    report = run(args)
-    print(report)
-    if args.out:
-        with args.out.open("a") as handle:
-            handle.write(report + "\n")
+    print_report(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, stop
+from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop
 from producer.settings import passive_openmp
 
 MODEL = "all-MiniLM-L6-v2"
@@ -415,11 +415,7 @@ def main() -> None:
         return generate(args)
     if args.mode == "engine":
         return engine_alone(args)
-    text = bench(args)
-    print(text)
-    if args.out:
-        with args.out.open("a") as handle:
-            handle.write(text + "\n")
+    print_report(bench(args), args.out)
 
 
 if __name__ == "__main__":

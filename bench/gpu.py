@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.common import timed  # noqa: E402
 from bench.workloads import mixed_workload, seed_workload, short_workload, vocabulary  # noqa: E402
 
 GIB = float(1 << 30)
@@ -105,20 +106,8 @@ def free_gpu() -> None:
 # ----------------------------------------------------------------------------- measuring
 def measure(label: str, fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
     """One warm-up pass, then ``passes`` timed passes; tokens/s of the best, and the spread."""
-    fn()
-    times = []
-    for _ in range(passes):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    rates = [tokens / t for t in times]
-    row = {"contender": label, "tokens": tokens, "best": max(rates), "worst": min(rates),
-           "spread_pct": 100 * (max(rates) - min(rates)) / max(rates), "times_s": times}
-    say(f"{label}: {row['best']:,.0f} tokens/s (spread {row['spread_pct']:.1f}%, {len(times)} passes)")
+    row = {"contender": label, **timed(fn, tokens, passes)}
+    say(f"{label}: {row['best']:,.0f} tokens/s (spread {row['spread_pct']:.1f}%, {len(row['times_s'])} passes)")
     return row
 
 

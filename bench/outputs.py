@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, timed  # noqa: E402
 from bench.workloads import mixed_workload, vocabulary  # noqa: E402
 
 GIB = 1024 ** 3
@@ -76,19 +75,8 @@ def build_m3(dest: Path, small: bool) -> Path:
 
 
 def measure(label: str, fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
-    fn()  # warm-up
-    times = []
-    for _ in range(passes):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    rates = [tokens / t for t in times]
-    row = {"contender": label, "best": max(rates), "worst": min(rates),
-           "spread_pct": 100 * (max(rates) - min(rates)) / max(rates), "times_s": times}
+    """One warm-up pass, then ``passes`` timed passes; tokens/s of the best, and the spread."""
+    row = {"contender": label, **timed(fn, tokens, passes)}
     say(f"{label}: {row['best']:,.0f} tokens/s (spread {row['spread_pct']:.1f}%)")
     return row
 
