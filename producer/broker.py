@@ -253,6 +253,29 @@ def unwritten_shards(broker_url: str | None, job_id: str) -> dict[int, str]:
     return dict(_unwritten_here.get(job_id, {}))
 
 
+#: kombu's Redis hash of delivered, unacknowledged messages (its default ``unacked_key``)
+UNACKED_KEY = "unacked"
+
+
+def job_forgotten(broker_url: str | None, job_id: str, queue: str) -> bool:
+    """Whether a Redis broker holds nothing of a job: no shard record, nothing queued, nothing in flight.
+
+    ``record_job`` keeps the record until the job's manifest is written, so for a job without a
+    manifest this is what a Redis restarted without persistence leaves: its shards will never come.
+    A message in flight names the job in its headers (task id and argsrepr). Other brokers keep
+    their messages and record nothing: never forgotten.
+    """
+    if broker_kind(broker_url or MEMORY_BROKER) != "redis":
+        return False
+    import redis
+
+    client = redis.Redis.from_url(str(broker_url), socket_connect_timeout=5)
+    if client.exists(JOB_SHARDS_KEY.format(job_id)) or client.llen(queue):
+        return False
+    needle = job_id.encode()
+    return not any(needle in raw for raw in client.hvals(UNACKED_KEY))
+
+
 def job_record_key(job_id: str) -> str:
     """The result-backend key mapping a job id to its output folder (``status <job-id>``)."""
     return f"embedfleet-job-{job_id}"

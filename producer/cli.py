@@ -189,6 +189,24 @@ def submit(
     typer.echo(handle.job_id)
 
 
+@app.command()
+def resume(
+    out: str = typer.Argument(..., help="The job's output folder or s3:// prefix (it holds _job.json)"),
+    broker: Broker = ...,  # type: ignore[assignment]
+    result_backend: ResultBackend = None,
+) -> None:
+    """Send again a job's shards that have no done-marker (after a broker lost its messages)."""
+    try:
+        client = Client(broker=broker, result_backend=result_backend)
+        handle = client.resume(out)
+        remember_job(client, handle)
+    except (EmbedfleetError, ValidationError) as exc:
+        raise fail(exc) from None
+    console.print(f"job {handle.job_id}: {handle.n_shards - handle.enqueued} of {handle.n_shards} shard(s) done, "
+                  f"{handle.enqueued} sent again; `embedfleet status {handle.out} --wait` follows it")
+    typer.echo(handle.job_id)
+
+
 def remember_job(client: Client, handle: JobHandle) -> None:
     """Map the job id to its output folder in the result backend, so `status JOB` can find it."""
     broker_remember_job(client.app, handle.job_id, handle.out)

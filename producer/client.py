@@ -25,11 +25,12 @@ from producer.broker import (
     MEMORY_BROKER,
     SHARD_TASK,
     declare_queue,
+    job_forgotten,
     make_app,
     record_job,
     unwritten_shards,
 )
-from producer.errors import BadInput, InputError, JobFailed, OutputConflict, from_wire
+from producer.errors import BadInput, InputError, JobFailed, JobLost, JobNotFound, OutputConflict, from_wire
 from producer.signing import sign
 from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows
 from producer.jobs import (
@@ -131,14 +132,23 @@ def image_reference(image: Any) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
 
 
+#: How long a job must stay forgotten by its broker before ``wait`` gives up on it: long enough
+#: for a resubmission or a sweeper in flight to record it again, short next to the 2 minutes a
+#: user should wait to learn that the broker lost their job.
+FORGOTTEN_GRACE_S = 15.0
+
+
 class JobHandle:
     """Follow a bulk job through its output folder: progress, wait, outputs."""
 
     def __init__(self, out: str, job_id: str, n_shards: int, n_rows: int, enqueued: int = 0,
-                 skipped_rows: int = 0, skipped_tokens: int = 0, broker: str | None = None) -> None:
+                 skipped_rows: int = 0, skipped_tokens: int = 0, broker: str | None = None,
+                 queue: str | None = None) -> None:
         self.out = out
         #: where the workers record shards whose failure could not be written (``broker.record_unwritten``)
         self.broker = broker
+        #: the job's queue on that broker (``wait`` tells a forgotten job by it)
+        self.queue = queue
         self.job_id = job_id
         self.n_shards = n_shards
         self.n_rows = n_rows
@@ -151,7 +161,22 @@ class JobHandle:
     def open(cls, out: str, broker: str | None = None) -> "JobHandle":
         """A handle for the job whose output folder is ``out`` (``broker``: see ``unwritten``)."""
         spec = storage.read_job(out)
-        return cls(out, spec.job_id, len(spec.shards), spec.n_rows, broker=broker)
+        return cls(out, spec.job_id, len(spec.shards), spec.n_rows, broker=broker,
+                   queue=queue_name(spec.kind, spec.model))
+
+    def forgotten(self) -> bool:
+        """Whether the broker lost this job: no record of it and nothing queued (``broker.job_forgotten``)."""
+        return bool(self.broker and self.queue) and job_forgotten(self.broker, self.job_id, str(self.queue))
+
+    def _lost(self, progress: Progress) -> JobLost:
+        missing = [i for i in range(self.n_shards) if i not in storage.read_markers(self.out)]
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        where = str(self.broker).split("@")[-1]
+        broker = self.broker if "@" not in str(self.broker) else "URL"
+        return JobLost(f"job {self.job_id}: the broker {where} holds no message of it any more, and "
+                       f"{len(missing)} of {self.n_shards} shards are not done (shards {shown}): it lost them "
+                       f"(a Redis restarted without persistence?); `embedfleet resume {self.out} --broker "
+                       f"{broker}` sends them again")
 
     def unwritten(self) -> dict[int, str]:
         """Shards that failed where not even their failure marker could be written: index -> error."""
@@ -184,10 +209,17 @@ class JobHandle:
     ) -> JobManifest:
         """Block until the manifest is written; raise ``JobFailed`` if shards were parked."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        forgotten_since: float | None = None  # when the broker was first seen to have lost the job
         while True:
             progress = self.progress()
             if on_progress:
                 on_progress(progress)
+            if progress.finished or not self.forgotten():
+                forgotten_since = None
+            elif forgotten_since is None:
+                forgotten_since = time.monotonic()
+            elif time.monotonic() - forgotten_since >= FORGOTTEN_GRACE_S:
+                raise self._lost(progress)
             manifest = self.manifest() if progress.finished else None
             if manifest is None and progress.finished:
                 self._raise_unwritten()
@@ -328,6 +360,25 @@ class Client:
         spec = plan_corpus(source, out, model=model, kind=kind, text_column=text_column, id_column=id_column,
                            query_column=query_column, document_column=document_column, shard_rows=shard_rows,
                            options=options, image_column=image_column)
+        return self._enqueue(spec, out)
+
+    def resume(self, out: str) -> JobHandle:
+        """Send again the shards of the job recorded in ``out`` that have no done-marker.
+
+        What a broker that lost its data (a Redis restarted without persistence) needs: the output
+        folder's ``_job.json`` holds the whole job, its ``_parts/`` markers what is done. Resuming a
+        job whose shards are still queued only duplicates work (markers keep every row once).
+        """
+        out = normalize_out(out)
+        try:
+            spec = storage.read_job(out)
+        except FileNotFoundError:
+            raise JobNotFound(f"no embedfleet job at {out!r}: it holds no _job.json") from None
+        return self._enqueue(spec, out)
+
+    def _enqueue(self, spec: JobSpec, out: str) -> JobHandle:
+        """Record and send the messages of ``spec``'s shards that have no done-marker yet."""
+        model = spec.model
         markers = storage.read_markers(out)
         done = _reopen_failed(out, markers)
         queue = queue_name(spec.kind, model)
@@ -350,7 +401,7 @@ class Client:
         skipped = [markers[i] for i in done]
         return JobHandle(out, spec.job_id, len(spec.shards), spec.n_rows, enqueued,
                          skipped_rows=sum(r.rows_in for r in skipped), skipped_tokens=sum(r.n_tokens for r in skipped),
-                         broker=str(self.app.conf.broker_url))
+                         broker=str(self.app.conf.broker_url), queue=queue)
 
 
 def plan_corpus(

@@ -197,6 +197,13 @@ class JobFailed(EmbedfleetError, RuntimeError):
     code = "job_failed"
 
 
+class JobLost(JobFailed):
+    """A running job's messages are gone from the broker (a Redis restarted without persistence):
+    its missing shards will not come unless they are sent again (``embedfleet resume OUT``)."""
+
+    code = "job_lost"
+
+
 class WorkerFailed(EmbedfleetError):
     """The worker hit an error that is not the caller's fault (a bug, a device error)."""
 

@@ -54,7 +54,9 @@ def test_serve_embedded_subprocess(tiny_embed_model: Path, tmp_path: Path) -> No
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["prompt_tokens"] == 3
         health = httpx.get(f"{url}/health").json()["models"]  # open without a key: no host names in it
-        assert health == {"tiny-bert": {"kind": "embed", "workers": 1, "devices": [{"device": "cpu"}]}}
+        # per device: where it runs and its batch budget (issue 17), never which host
+        assert health == {"tiny-bert": {"kind": "embed", "workers": 1,
+                                        "devices": [{"device": "cpu", "max_batch_tokens": 2048}]}}
 
 
 def test_serve_checks_its_port_before_loading_models(tmp_path: Path) -> None:
