@@ -120,6 +120,15 @@ def timed(fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
             "spread_pct": 100 * (max(rates) - min(rates)) / max(rates), "times_s": times}
 
 
+def gpu_used_gib() -> float:
+    """GPU memory in use on the current device, the CUDA context included (what nvidia-smi shows)."""
+    import torch
+
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 1024 ** 3
+
+
 def write_corpus(texts: list[str], path: Path, row_group_size: int) -> Path:
     """A Parquet corpus of ``texts`` with string ids ``t0000000``..., one row group per shard."""
     import pyarrow as pa

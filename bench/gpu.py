@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.common import timed  # noqa: E402
+from bench.common import gpu_used_gib as used, timed  # noqa: E402
 from bench.workloads import mixed_workload, seed_workload, short_workload, vocabulary  # noqa: E402
 
 GIB = float(1 << 30)
@@ -474,11 +474,6 @@ def quality(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 def memory_probe(mode: str, path: Path) -> dict[str, Any]:
     """In a fresh process: GPU memory used (context included) after load and after a 2-text request."""
-    def used() -> float:
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        return (total - free) / GIB
-
     texts = ["a short request", "and a second one"]
     torch.zeros(1, device="cuda")
     context = used()

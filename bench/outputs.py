@@ -29,10 +29,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import machine, timed  # noqa: E402
+from bench.common import gpu_used_gib as used, machine, timed  # noqa: E402
 from bench.workloads import mixed_workload, vocabulary  # noqa: E402
 
-GIB = 1024 ** 3
 OUTPUT_SETS = (("dense",), ("dense", "sparse"), ("dense", "multivector"), ("dense", "sparse", "multivector"))
 
 
@@ -112,11 +111,6 @@ def throughput(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def memory_probe(mode: str, path: Path) -> dict[str, Any]:
     """In a fresh process: GPU memory used after load and after a small request (context included)."""
-    def used() -> float:
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        return (total - free) / GIB
-
     texts = ["a short request", "and a second one"]
     torch.zeros(1, device="cuda")
     if mode == "transformers-fp16":

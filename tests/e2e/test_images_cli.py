@@ -13,21 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from tests.families import image_bytes, save_image_text
 from tests.fixtures_extra import make_engine
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def run_cli(*args: Any) -> tuple[int, str]:
-    from worker.cli import app
-
-    result = CliRunner().invoke(app, ["run", *map(str, args), "--device", "cpu"])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def engine_vectors(model: Path, images: list[bytes]) -> np.ndarray:
         engine.stop()
 
 
-def test_paths_in_an_image_column(clip: Path, tmp_path: Path) -> None:
+def test_paths_in_an_image_column(cli: Any, clip: Path, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
     images = [image_bytes(40, 30, "PNG", 1), image_bytes(50, 60, "JPEG", 2), image_bytes(32, 32, "PNG", 3)]
@@ -56,7 +46,7 @@ def test_paths_in_an_image_column(clip: Path, tmp_path: Path) -> None:
     (corpus / "broken.png").write_bytes(b"\x89PNG but not really")
     cells = ["a.png", "sub/b.jpg", str(corpus / "c.png"), "missing.png", str(outside), "broken.png"]
     pq.write_table(pa.table({"id": list(range(len(cells))), "image": cells}), corpus / "images.parquet")
-    code, output = run_cli(corpus / "images.parquet", "--out", tmp_path / "out", "--model", clip,
+    code, output = cli(corpus / "images.parquet", "--out", tmp_path / "out", "--model", clip,
                            "--image-column", "image")
     assert code == 0, output
     table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))[0])
@@ -71,11 +61,11 @@ def test_paths_in_an_image_column(clip: Path, tmp_path: Path) -> None:
     assert "not an image PIL can read" in errors[5]["reason"]
 
 
-def test_bytes_in_an_image_column(clip: Path, tmp_path: Path) -> None:
+def test_bytes_in_an_image_column(cli: Any, clip: Path, tmp_path: Path) -> None:
     images = [image_bytes(33, 47, "JPEG", 4), image_bytes(64, 20, "PNG", 5)]
     source = tmp_path / "bytes.parquet"
     pq.write_table(pa.table({"image": pa.array([images[0], b"", images[1]], pa.binary())}), source)
-    code, output = run_cli(source, "--out", tmp_path / "out", "--model", clip, "--image-column", "image")
+    code, output = cli(source, "--out", tmp_path / "out", "--model", clip, "--image-column", "image")
     assert code == 0, output
     table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))[0])
     assert table.column("id").to_pylist() == [0, 2]
@@ -85,8 +75,8 @@ def test_bytes_in_an_image_column(clip: Path, tmp_path: Path) -> None:
     assert [e["row"] for e in manifest["errors"]] == [1] and "empty" in manifest["errors"][0]["reason"]
 
 
-def test_an_image_column_on_a_text_model_is_refused(tmp_path: Path, tiny_embed_model: Path) -> None:
+def test_an_image_column_on_a_text_model_is_refused(cli: Any, tmp_path: Path, tiny_embed_model: Path) -> None:
     source = tmp_path / "bytes.parquet"
     pq.write_table(pa.table({"image": pa.array([image_bytes(8, 8)], pa.binary())}), source)
-    code, output = run_cli(source, "--out", tmp_path / "out", "--model", tiny_embed_model, "--image-column", "image")
+    code, output = cli(source, "--out", tmp_path / "out", "--model", tiny_embed_model, "--image-column", "image")
     assert code != 0 and "embeds text only" in output, output

@@ -7,33 +7,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def cli():  # type: ignore[no-untyped-def]
-    from producer.cli import console
-    from worker.cli import app
-
-    runner = CliRunner()
-    saved = console._width
-    console.width = 400
-
-    def invoke(*args: Any) -> tuple[int, str]:
-        result = runner.invoke(app, ["run", *map(str, args), "--device", "cpu"])
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result.exit_code, " ".join(result.output.split())
-
-    yield invoke
-    console._width = saved
 
 
 def _parts(out: Path) -> pa.Table:

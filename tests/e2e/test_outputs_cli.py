@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from producer.jobs import Options
 
@@ -28,15 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 TEXTS = sample_texts(12)
 
 
-def run_cli(*args: Any) -> tuple[int, str]:
-    from worker.cli import app
-
-    result = CliRunner().invoke(app, ["run", *map(str, args), "--device", "cpu"])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, " ".join(result.output.split())
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "texts.parquet"
@@ -46,9 +36,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def three_outputs(corpus: Path, tiny_bge_m3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def three_outputs(cli: Any, corpus: Path, tiny_bge_m3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out") / "m3"
-    code, output = run_cli(corpus, "--out", out, "--model", tiny_bge_m3_model, "--shard-rows", 5,
+    code, output = cli(corpus, "--out", out, "--model", tiny_bge_m3_model, "--shard-rows", 5,
                            "--outputs", "dense,sparse,multivector")
     assert code == 0, output
     return out
@@ -109,23 +99,23 @@ def test_duckdb_reads_the_parts_as_they_are(three_outputs: Path) -> None:
     assert top > 0
 
 
-def test_the_default_is_dense_only(corpus: Path, tiny_bge_m3_model: Path, tmp_path: Path) -> None:
-    code, output = run_cli(corpus, "--out", tmp_path / "dense", "--model", tiny_bge_m3_model)
+def test_the_default_is_dense_only(cli: Any, corpus: Path, tiny_bge_m3_model: Path, tmp_path: Path) -> None:
+    code, output = cli(corpus, "--out", tmp_path / "dense", "--model", tiny_bge_m3_model)
     assert code == 0, output
     part = pq.read_table(sorted((tmp_path / "dense").glob("part-*.parquet"))[0])
     assert "embedding" in part.column_names and "sparse_indices" not in part.column_names
     assert "multivector" not in part.column_names
 
 
-def test_sparse_only_in_float16_and_unknown_outputs_refused(corpus: Path, tiny_bge_m3_model: Path,
+def test_sparse_only_in_float16_and_unknown_outputs_refused(cli: Any, corpus: Path, tiny_bge_m3_model: Path,
                                                             tmp_path: Path) -> None:
-    code, output = run_cli(corpus, "--out", tmp_path / "mv", "--model", tiny_bge_m3_model,
+    code, output = cli(corpus, "--out", tmp_path / "mv", "--model", tiny_bge_m3_model,
                            "--outputs", "multivector", "--output-dtype", "float16")
     assert code == 0, output
     part = pq.read_table(sorted((tmp_path / "mv").glob("part-*.parquet"))[0])
     assert part.column_names[:2] == ["id", "multivector"] and "embedding" not in part.column_names
     assert part.schema.field("multivector").type == pa.list_(pa.list_(pa.float16(), 24))
-    code, output = run_cli(corpus, "--out", tmp_path / "bad", "--model", tiny_bge_m3_model, "--outputs", "colbert")
+    code, output = cli(corpus, "--out", tmp_path / "bad", "--model", tiny_bge_m3_model, "--outputs", "colbert")
     assert code != 0 and "unknown output 'colbert'" in output
-    code, output = run_cli(corpus, "--out", tmp_path / "bad2", "--outputs", "sparse")
+    code, output = cli(corpus, "--out", tmp_path / "bad2", "--outputs", "sparse")
     assert code != 0 and "does not give sparse" in output, output

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
 EMBEDFLEET = REPO / ".venv" / "bin" / "embedfleet"
@@ -28,26 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 # ---------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def cli():  # type: ignore[no-untyped-def]
-    """Invoke ``embedfleet`` in this process; returns (exit code, output with whitespace collapsed)."""
-    from producer.cli import console
-    from worker.cli import app
-
-    runner = CliRunner()
-    saved = console._width
-    console.width = 400  # keep rich from wrapping messages that tests match
-
-    def invoke(*args: Any) -> tuple[int, str]:
-        result = runner.invoke(app, ["run", *map(str, args), "--device", "cpu"])
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result.exit_code, " ".join(result.output.split())
-
-    yield invoke
-    console._width = saved
-
-
 def read_parts(out: Path) -> pa.Table:
     parts = sorted(out.glob("part-*.parquet"))
     assert parts, f"no part files in {out}: {sorted(p.name for p in out.iterdir())}"
