@@ -3,6 +3,8 @@
 * A shard holding ``KILL_MARK`` in a text makes its process exit at once (``os._exit``, like a
   native crash or the kernel's OOM killer), as soon as another shard runs beside it in the process,
   or after ``ALONE_S`` seconds alone: the poison shard that takes its innocent neighbours down.
+* A shard holding ``SLOW_MARK`` reads forever in Python (a loop of short sleeps): a slow source
+  that a soft time limit can interrupt.
 * A shard holding ``BLOCK_MARK`` never returns from reading its source: the thread waits on an
   event nobody sets (a C-level wait no exception reaches, like a hung network read or a FIFO).
 
@@ -21,6 +23,7 @@ import worker.hosting.tasks as tasks
 
 KILL_MARK = "embedfleet-test-kill-this-worker"
 BLOCK_MARK = "embedfleet-test-block-this-read"
+SLOW_MARK = "embedfleet-test-read-this-slowly"
 ALONE_S = 1.0
 
 _inside = [0]
@@ -51,6 +54,10 @@ def read_shard(*args: Any, **kwargs: Any) -> Any:
     if any(BLOCK_MARK in text for text in texts):
         print("faulty_worker: blocking this read forever", flush=True)
         threading.Event().wait()
+    if any(SLOW_MARK in text for text in texts):
+        print("faulty_worker: reading this slowly, forever", flush=True)
+        while True:
+            time.sleep(0.05)
     return rows
 
 

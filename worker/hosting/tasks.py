@@ -37,7 +37,7 @@ from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
-from worker.hosting import isolation, poison
+from worker.hosting import isolation, limits, poison
 from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
@@ -270,7 +270,9 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
             reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
             shared = f" ({forgiven} more lost together with other shards, not counted)" if forgiven else ""
             return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1)
-        return run_shard(payload, deliveries=deliveries)
+        what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
+        with limits.watchdog.watch(task_id, what, job.shard.n_rows):
+            return run_shard(payload, deliveries=deliveries)
     except Reject:
         raise
     except Exception as exc:
