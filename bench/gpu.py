@@ -655,8 +655,10 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
                   "| variant | tokens per batch | tokens/s | % of bf16 peak |", "| --- | ---: | ---: | ---: |"]
         for k in results["kernels"]:
             lines.append(f"| {k['variant']} | {k['budget']} | {k['tokens_per_s']:,.0f} | {k['pct_peak']:.1f}% |")
-    lines += ["", "## Throughput (end to end through the engine: tokenize, schedule, forward, pool, deliver)", "", "| contender | workload | tokens/s | spread | % of bf16 peak | x sentence-transformers | budget |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    if results.get("throughput"):
+        lines += ["", "## Throughput (end to end through the engine: tokenize, schedule, forward, pool, deliver)", "",
+                  "| contender | workload | tokens/s | spread | % of bf16 peak | x sentence-transformers | budget |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     rows = [r for r in results.get("throughput", []) if "best" in r]
     base = {r["workload"]: r["best"] for r in rows if r["contender"].startswith("sentence-transformers")}
     for r in rows:
