@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -96,6 +96,7 @@ class Scheduler:
         self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # not merged yet
         self._count = 0
         self._urgent_count = 0
+        self._tokens = 0  # sum of the pending items' lengths
         self._owners: dict[int, list[Any]] = {}  # key -> [owner, items still pending]
         self._next_key = 0
         self._urgent_streak = 0  # urgent-anchored batches since the last normal-anchored one
@@ -123,6 +124,7 @@ class Scheduler:
             self._arrived.append((lengths, np.full(n, urgent), np.full(n, key, dtype=np.int64), rows))
             self._count += n
             self._urgent_count += n if urgent else 0
+            self._tokens += int(lengths.sum())
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -138,13 +140,26 @@ class Scheduler:
             self._arrived.clear()
             self._len, self._urgent = self._len[:0], self._urgent[:0]
             self._block, self._row = self._block[:0], self._row[:0]
-            self._count = self._urgent_count = 0
+            self._count = self._urgent_count = self._tokens = 0
             return owners
 
-    def next_batch(self, timeout: float | None = None) -> Picked | None:
-        """Block until items are pending, then return one batch (``None`` on timeout or close)."""
+    def next_batch(self, timeout: float | None = None, wanted: Callable[[], bool] | None = None) -> Picked | None:
+        """Block until items are pending, then return one batch (``None`` on timeout or close).
+
+        ``wanted`` (adaptive micro-batching): a batch that would not fill the budget is formed
+        only once ``wanted()`` says the device would take it now; until then the items that
+        arrive join it. There is no fixed delay: an idle device takes the first item at once, a
+        busy one gets everything that arrived while it ran (call ``poke`` when ``wanted`` may
+        have turned true)."""
+        def ready() -> bool:
+            if self._closed:
+                return True
+            if not self._count:
+                return False
+            return wanted is None or self._full() or wanted()
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._count or self._closed, timeout=timeout):
+            if not self._cond.wait_for(ready, timeout=timeout):
                 return None
             if not self._count:
                 return None
@@ -152,7 +167,16 @@ class Scheduler:
             chosen = self._select()
             return self._remove(chosen)
 
+    def poke(self) -> None:
+        """Wake a ``next_batch`` waiting for its ``wanted`` to turn true."""
+        with self._cond:
+            self._cond.notify_all()
+
     # ------------------------------------------------------------------ internals
+    def _full(self) -> bool:
+        """The pending items fill a batch: waiting could not make it larger."""
+        return self._tokens >= self.max_batch_tokens or self._count >= self.max_batch_items
+
     def _merge(self) -> None:
         if not self._arrived:
             return
@@ -249,4 +273,5 @@ class Scheduler:
         self._block, self._row = self._block[keep], self._row[keep]
         self._count -= len(chosen)
         self._urgent_count -= n_urgent
+        self._tokens -= int(picked.lengths.sum())
         return picked
