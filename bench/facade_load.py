@@ -269,12 +269,13 @@ def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, A
 class EngineProcess:
     """The engine alone in a process of its own, loaded once for every pass (``engine --serve``)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, name: str = "engine", cwd: Path = REPO) -> None:
+        self.name = name
         command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                    "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
     def _line(self) -> dict[str, Any]:
@@ -333,8 +334,8 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
     everything: list[subprocess.Popen] = []
     waits: list[tuple[str, list[subprocess.Popen], Path]] = []
     checkouts = [("", REPO)] + ([("@contender", Path(args.contender))] if args.contender else [])
-    wanted = args.paths.split(",")
     for suffix, cwd in checkouts:
+        wanted = args.paths.split(",") if cwd == REPO else args.contender_paths.split(",")
         for variant, worker_args in thin_variants(args) if "thin" in wanted else ():
             if variant and cwd != REPO:
                 continue
@@ -415,21 +416,24 @@ def bench(args: argparse.Namespace) -> str:
     redis = RedisProcess(work)
     procs: list[subprocess.Popen] = []
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    engine: EngineProcess | None = None
+    engines: list[EngineProcess] = []
     try:
-        engine = EngineProcess(args) if "engine" in args.paths.split(",") else None
+        if "engine" in args.paths.split(","):
+            engines.append(EngineProcess(args))
+            if args.contender and "engine" in args.contender_paths.split(","):  # the older checkout's engine, this benchmark's driver (copied in beside it)
+                engines.append(EngineProcess(args, "engine@contender", Path(args.contender)))
         paths, procs = start_paths(args, work, redis)
-        if engine is not None:
+        for engine in engines:
             engine.ready()
         for _ in range(args.passes):
             for batch in (1, args.batch):
-                if engine is not None:
-                    results.setdefault(("engine", batch), []).append(engine.measure(args, batch))
+                for engine in engines:
+                    results.setdefault((engine.name, batch), []).append(engine.measure(args, batch))
                 for path in paths:
                     results.setdefault((path.name, batch), []).append(path.measure(args, batch))
                 print({k: [round(r["requests"] / args.seconds) for r in v] for k, v in results.items()}, flush=True)
     finally:
-        if engine is not None:
+        for engine in engines:
             engine.close()
         for proc in procs:
             stop(proc)
@@ -469,7 +473,9 @@ def main() -> None:
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
     parser.add_argument("--thin-worker", action="append", default=[], metavar="NAME=OPTIONS",
                         help="Another thin path whose worker gets these options (x3='--devices 0,0,0')")
-    parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
+    parser.add_argument("--contender", default=None, help="A checkout whose thin path (thin@contender) and engine "
+                        "(engine@contender: it needs this file's `engine --serve`) run beside")
+    parser.add_argument("--contender-paths", default="engine,thin,embedded", help="Which paths the contender runs")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
