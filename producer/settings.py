@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     liveness_ttl: int = Field(30, ge=2, description="Redis: seconds a worker's heartbeat lives; the messages "
                               "a worker silent this long held are delivered again (independent of the "
                               "visibility timeout)")
+    shard_time_base: float = Field(300.0, gt=0, description="worker: seconds every shard gets before its soft "
+                                   "time limit, plus EMBEDFLEET_SHARD_TIME_PER_ROW per row")
+    shard_time_per_row: float = Field(0.5, ge=0, description="worker: seconds per row added to a shard's soft "
+                                      "time limit")
+    shard_time_grace: float = Field(120.0, gt=0, description="worker: seconds past the soft time limit before "
+                                    "the hard one (the worker stops itself, the shard's delivery counts)")
     sweep_interval: int = Field(30, ge=1, description="Redis: seconds between checks for shard messages "
                                 "the broker lost")
     job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "
