@@ -123,6 +123,9 @@ def serve(
     max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Characters per input (413); above "
                                            "100,000, longer inputs are cut there, past any model's maximum")] = 100_000,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1024, help="Body size (413)")] = 8 * 1024 * 1024,
+    max_request_tokens: Annotated[int, typer.Option(
+        "--max-request-tokens", min=1, help="Tokens per request (413), counted as one per UTF-8 byte, at most "
+        "the model's maximum per input")] = FacadeSettings.max_request_tokens,
     jobs_per_worker: Annotated[int, typer.Option(
         "--jobs-per-worker", min=1, help="Jobs in flight per worker and model; concurrent requests past it "
         "are merged into the next job")] = FacadeSettings.jobs_per_worker,
@@ -146,7 +149,8 @@ def serve(
     setup_logging(verbose)
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
-                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker,
+                              max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
+                              jobs_per_worker=jobs_per_worker,
                               protect_metrics=protect_metrics)
     if processes > 1 and not broker:
         raise fail(BadInput("--processes above 1 needs --broker: every process would host its own copy of the "

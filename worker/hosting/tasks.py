@@ -9,6 +9,7 @@ its data is bad (``producer.errors``: ``permanent``), and given back on everythi
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 import time
 from concurrent.futures import Future
@@ -62,14 +63,16 @@ def inline_job(payload: dict[str, Any]) -> InlineJob:
     return _inline_adapter.validate_python(payload)
 
 
-def start_inline(job: InlineJob) -> tuple["Future[Any]", int]:
-    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count."""
+def start_inline(job: InlineJob, deadline: float | None = None) -> tuple["Future[Any]", int]:
+    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count.
+    Past ``deadline`` (``time.monotonic()``: when the caller stops waiting) the engine drops
+    what of it has not run yet."""
     engine = runtime.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    return engine.submit(inputs, job.options, urgent=True), len(inputs)
+    return engine.submit(inputs, job.options, urgent=True, deadline=deadline), len(inputs)
 
 
 def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
@@ -89,12 +92,25 @@ def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
+def monotonic_deadline(expires: Any) -> float | None:
+    """A message's ``expires`` (ISO wall-clock time: the caller's deadline) as ``time.monotonic()``."""
+    if not expires:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(str(expires))
+    except ValueError:
+        return None
+    now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
+    return time.monotonic() + (moment - now).total_seconds()
+
+
+def run_inline(payload: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON; past
+    ``deadline`` (``time.monotonic()``) the engine drops what has not run (``TimedOut``)."""
     job = inline_job(payload)
     if isinstance(job, TokensJob):
         return run_tokens(job)
-    future, count = start_inline(job)
+    future, count = start_inline(job, deadline)
     return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
 
 
@@ -206,7 +222,7 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     another worker answers it before its deadline (its queue keeps no unacknowledged copy to
     fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
-        return run_inline(payload)
+        return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)))
     except Exception as exc:
         answer = inline_failure(payload, exc)
         if answer is None:
