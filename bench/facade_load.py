@@ -410,6 +410,55 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
     return "\n".join(lines)
 
 
+def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
+    """One more single-text run per thin path, not counted, with py-spy sampling the threads that
+    hold the GIL in its facade and worker processes (children included): where the time goes."""
+    import shutil
+
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return "py-spy not found: no profile"
+    summaries = []
+    for path in paths:
+        if not path.name.startswith("thin"):
+            continue
+        files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
+        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--gil", "--nonblocking",
+                                   "--rate", "97", "--duration", str(int(args.seconds + args.warmup)),
+                                   "--format", "raw", "--output", str(out)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for proc, out in zip(path.procs, files)]
+        run_generator(args, path.url, 1)
+        for spy_proc in spies:
+            spy_proc.wait(timeout=60)
+        for role, out in zip(("facade", "worker"), files):
+            summaries.append(f"### {path.name} {role} (GIL-holding samples)\n{summarize_profile(out)}")
+    return "\n\n".join(summaries)
+
+
+def summarize_profile(raw: Path, top: int = 40) -> str:
+    """py-spy's raw stacks -> the functions holding the GIL, inclusive share of the samples."""
+    if not raw.exists():
+        return "(no samples)"
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0]
+            where = frame.rsplit("/", 1)[-1].split(":")[0] if "/" in frame else ""
+            key = f"{name} {where}".strip()
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + n
+    # the trunk every sample shares (process, CLI, event loop) says nothing: from 95% down
+    ranked = sorted(((k, n) for k, n in inclusive.items() if n < 0.95 * total), key=lambda kv: -kv[1])[:top]
+    return f"{total} samples\n" + "\n".join(f"{100 * n / max(1, total):5.1f}% {key}" for key, n in ranked)
+
+
 def bench(args: argparse.Namespace) -> str:
     work = Path(tempfile.mkdtemp(prefix="ef-load-"))
     load_before = os.getloadavg()
@@ -432,6 +481,9 @@ def bench(args: argparse.Namespace) -> str:
                 for path in paths:
                     results.setdefault((path.name, batch), []).append(path.measure(args, batch))
                 print({k: [round(r["requests"] / args.seconds) for r in v] for k, v in results.items()}, flush=True)
+            print(report(args, results, (load_before[0], os.getloadavg()[0])), flush=True)  # kept if cut short
+        if args.profile is not None:
+            args.profile.write_text(profile_paths(args, paths, work) + "\n")
     finally:
         for engine in engines:
             engine.close()
@@ -482,6 +534,8 @@ def main() -> None:
     parser.add_argument("--gen-cpus", default=None, help="taskset CPU list for the load generator")
     parser.add_argument("--server-cpus", default=None, help="taskset CPU list for the servers and the engine")
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
+    parser.add_argument("--profile", type=Path, default=None, help="After the passes, one uncounted single-text "
+                        "run per thin path under py-spy; the summary into this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself

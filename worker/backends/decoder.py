@@ -208,6 +208,7 @@ class Passes:
                  fused: bool) -> None:
         self.eps = eps
         self.fused = fused
+        self.dtype = dtype
         self.positions = positions
         self.inv_freq = inv_freq.to(positions.device)
         if not fused:  # cos, sin [total, 1, head_dim], fp32 then cast, as transformers computes them
@@ -236,7 +237,10 @@ class Passes:
         q = qkv[:, : heads * dim].view(total, heads, dim)
         k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(total, kv_heads, dim)
         q = _rotate(_rms_norm(q, layer.q_norm, self.eps), self.cos, self.sin)
-        return q, _rotate(_rms_norm(k, layer.k_norm, self.eps), self.cos, self.sin)
+        k = _rotate(_rms_norm(k, layer.k_norm, self.eps), self.cos, self.sin)
+        # in the compute dtype: under autocast (the fp16 -> bf16 recompute) a norm may come back in
+        # fp32, and the attention kernels take one half-precision dtype for q, k and v
+        return q.to(self.dtype), k.to(self.dtype)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.fused:
