@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16 or int8 (onnx only)")
     memory_fraction: float = Field(0.8, gt=0.0, le=1.0,
                                    description="GPU: share of free memory the profiled batch budget may use")
-    devices: str | None = Field(None, description="worker: the devices to run one engine each on: 0,1,3 "
+    devices: str | None = Field(None, description="worker, run, serve: the devices to run one engine each on: 0,1,3 "
                                 "(GPUs; 0,0: two on one), cpu:N (the cores split into N), NeuronCores 0-1; "
                                 "default: every visible GPU (--device cuda/auto) or NeuronCore (--device neuron)")
+    redis_server: str = Field("redis-server", description="run/serve on several devices: the redis-server "
+                              "binary (a name on PATH or a path) started as the engines' private host-local broker")
     inline_slots: int = Field(4, ge=1, description="Inline calls in flight beside the shards (worker)")
     stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
     approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
