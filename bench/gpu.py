@@ -233,7 +233,7 @@ def plain_runner(path: Path, pooling: str, budget: int = 32768, max_items: int =
 
 VARIANTS = {  # name -> TorchBackend keyword arguments ("default" is what a worker runs)
     "default": dict(),
-    "plain": dict(fused=False, dense_groups=False),
+    "plain": dict(fused=False, dense_groups=False),  # decoders: plain torch between the GEMMs
     "fused-varlen": dict(fused=True, approximate_gelu=False, dense_groups=False),
     "fused-exact": dict(fused=True, approximate_gelu=False, dense_groups=True),
     "generic": dict(varlen=False),  # transformers' padded model (what decoders ran before the varlen decoder)
@@ -747,7 +747,7 @@ def main() -> None:
     parser.add_argument("--short-chunks", default="default,256,1024",
                         help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
     parser.add_argument("--short-skip-st", action="store_true", help="no sentence-transformers in the short section")
-    parser.add_argument("--qwen-engines", default="bfloat16:default,float16:default,bfloat16:generic",
+    parser.add_argument("--qwen-engines", default="bfloat16:default,float16:default,bfloat16:plain,bfloat16:generic",
                         help="embedfleet variants for the qwen3 section, dtype:variant, comma-separated")
     parser.add_argument("--qwen-n", type=int, default=4000, help="texts of the qwen3 section's mixed workload")
     parser.add_argument("--qwen-quality", type=int, default=1000, help="texts checked against fp32 in qwen3")

@@ -30,11 +30,7 @@ def qwen3_embedding(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _packed(rng: np.random.Generator, lengths: list[int], vocab: int) -> tuple[Batch, list[np.ndarray]]:
     ids = [rng.integers(5, vocab, size=n).astype(np.int32) for n in lengths]
-    return Batch.pack(ids, [np.zeros(n, dtype=np.int32) for n in ids_lengths(ids)]), ids
-
-
-def ids_lengths(ids: list[np.ndarray]) -> list[int]:
-    return [len(x) for x in ids]
+    return Batch.pack(ids, [np.zeros(n, dtype=np.int32) for n in lengths]), ids
 
 
 def _positions(cu: np.ndarray, total: int) -> torch.Tensor:
@@ -107,3 +103,17 @@ def test_what_it_does_not_implement_is_refused(tmp_path: Path, config: dict, why
     with pytest.raises(BadInput, match=why):
         TorchBackend(info, "cpu", "float32", varlen=True)
     assert not TorchBackend(info, "cpu", "float32").unpadded
+
+
+def test_the_fp16_recompute_in_bf16_runs_the_decoder(qwen3_embedding: Path) -> None:
+    """An fp16 decoder's non-finite recompute (``precise``: autocast to bf16, weights kept in fp16)
+    mixes dtypes through the layers; it still gives the fp32 vectors (to bf16's precision)."""
+    info = describe(str(qwen3_embedding))
+    rng = np.random.default_rng(3)
+    batch, _ = _packed(rng, [40, 1, 12, 25], 400)
+    fp32 = TorchBackend(info, "cpu", "float32", varlen=True).forward(batch)
+    half = TorchBackend(info, "cpu", "float16", varlen=True)
+    precise = half.forward(batch, precise=True)
+    assert np.isfinite(precise).all()
+    cos = (precise * fp32).sum(1) / np.linalg.norm(precise, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() >= 0.999, cos

@@ -102,30 +102,31 @@ def test_flash_causal_gqa_equals_the_masked_reference() -> None:
     torch.testing.assert_close(first.view(8, 2, 128)[:, 0], v[int(cu[1])].float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_qwen3_decoder_on_cuda_against_fp32(qwen3_embedding: Path, dtype: str) -> None:
-    """The unpadded decoder's vectors on the GPU are as close to fp32 as the generic (padded
-    transformers) path's in the same dtype, and >= 0.999 (the issue's bar); fp32 on the GPU
-    (the SDPA fallback) equals the CPU reference."""
-    info = describe(str(qwen3_embedding))
-    texts = _long_texts()[:-1] + [" ".join(sample_texts(3000, step=3))[:20_000]]
-    reference = _run(info, "cpu", "float32", texts)
-    fast_backend = TorchBackend(info, "cuda", dtype)
-    assert fast_backend.mode.startswith("varlen-decoder")
-    engine = Engine(info, fast_backend, max_batch_tokens=32768).start()
+def _engine_values(info, backend: TorchBackend, texts: list) -> np.ndarray:  # type: ignore[no-untyped-def]
+    engine = Engine(info, backend, max_batch_tokens=32768).start()
     try:
         result = engine.run(texts, timeout=600)
     finally:
         engine.stop()
     assert not result.errors, result.errors
-    fast = cosine_rows(result.values, reference)
-    generic_engine = Engine(info, TorchBackend(info, "cuda", dtype, varlen=False), max_batch_tokens=32768).start()
-    try:
-        generic = cosine_rows(generic_engine.run(texts, timeout=600).values, reference)
-    finally:
-        generic_engine.stop()
-    print(f"{dtype}: min cosine to fp32, unpadded {fast.min():.6f}, generic {generic.min():.6f}")
-    assert fast.min() >= min(0.9999, generic.min() - 1e-4), (np.round(fast, 6), np.round(generic, 6))
-    assert fast.min() >= 0.999
+    return result.values
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_qwen3_decoder_on_cuda_against_fp32(qwen3_embedding: Path, dtype: str) -> None:
+    """The unpadded decoder's vectors on the GPU, with its fused Triton passes and without, are as
+    close to fp32 as the generic (padded transformers) path's in the same dtype, and >= 0.999 (the
+    issue's bar); fp32 on the GPU (plain passes, the SDPA fallback) equals the CPU reference."""
+    info = describe(str(qwen3_embedding))
+    texts = _long_texts()[:-1] + [" ".join(sample_texts(3000, step=3))[:20_000]]
+    reference = _run(info, "cpu", "float32", texts)
+    generic = cosine_rows(_engine_values(info, TorchBackend(info, "cuda", dtype, varlen=False), texts), reference)
+    for fused in (True, False):
+        backend = TorchBackend(info, "cuda", dtype, fused=fused)
+        assert backend.mode == "varlen-decoder" + ("-fused" if fused else "")
+        fast = cosine_rows(_engine_values(info, backend, texts), reference)
+        print(f"{dtype} fused={fused}: min cosine to fp32, unpadded {fast.min():.6f}, generic {generic.min():.6f}")
+        assert fast.min() >= min(0.9999, generic.min() - 1e-4), (fused, np.round(fast, 6), np.round(generic, 6))
+        assert fast.min() >= 0.999
     full = _run(info, "cuda", "float32", texts)
     assert cosine_rows(full, reference).min() >= 0.99999

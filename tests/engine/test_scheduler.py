@@ -353,3 +353,32 @@ def test_items_past_their_deadline_or_of_a_dead_owner_are_dropped_not_batched() 
     assert batch is not None and batch.owners == ["live"] and len(batch) == 2
     assert sorted(dropped) == [("cancelled", [0, 1, 2]), ("late", [0, 1, 2, 3, 4])]
     assert len(sched) == 0 and sched.next_batch(timeout=0) is None
+
+
+def test_a_batch_the_device_does_not_want_yet_gathers_what_arrives() -> None:
+    """Adaptive micro-batching: while ``wanted`` says the device is busy, a batch that would not
+    fill the budget is held and later arrivals join it; once the device wants one, it leaves
+    with everything pending."""
+    s = Scheduler(max_batch_tokens=100, padded=False)
+    busy = [True]
+    s.add(np.array([5]), np.array([0]))
+    assert s.next_batch(timeout=0.05, wanted=lambda: not busy[0]) is None
+    s.add(np.array([5, 5]), np.array([1, 2]))
+    busy[0] = False
+    s.poke()
+    picked = s.next_batch(timeout=5, wanted=lambda: not busy[0])
+    assert picked is not None and sorted(int(x) for x in _numbers(picked)) == [0, 1, 2]
+
+
+def test_a_full_batch_leaves_even_while_the_device_is_busy() -> None:
+    """Bulk work forms ahead: pending items that fill the budget are not held."""
+    s = Scheduler(max_batch_tokens=10, padded=False)
+    s.add(np.array([5, 5, 5]), np.array([0, 1, 2]))
+    picked = s.next_batch(timeout=5, wanted=lambda: False)
+    assert picked is not None and len(picked) == 2
+    assert s.next_batch(timeout=0.05, wanted=lambda: False) is None  # the remaining 5 tokens wait
+    assert s.next_batch(timeout=5) is not None  # no ``wanted``: eager, as for a synchronous device
+
+
+def _numbers(picked: Picked) -> list[int]:
+    return [int(picked.owners[int(o)][int(r)]) for o, r in zip(picked.owner, picked.rows)]

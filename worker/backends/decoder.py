@@ -167,7 +167,12 @@ class CausalPaddedIndex:
 
 
 class DecoderLayer(nn.Module):
-    """One pre-RMSNorm Qwen3 decoder layer over packed tokens (weights taken from the HF layer)."""
+    """One pre-RMSNorm Qwen3 decoder layer over packed tokens (weights taken from the HF layer).
+
+    ``forward`` takes the residual stream ``x`` and its first norm ``h`` and returns the stream
+    after attention and the MLP's output: the caller adds that and norms it for the next layer
+    in one step (``Passes.add_norm``), so each residual add lands in the norm that follows it.
+    """
 
     def __init__(self, hf_layer: Any, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
         super().__init__()
@@ -182,17 +187,68 @@ class DecoderLayer(nn.Module):
         self.norm2 = hf_layer.post_attention_layernorm.weight
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, ops: "Passes",
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         total = x.shape[0]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(_rms_norm(x, self.norm1, self.eps)).split((q_size, kv_size, kv_size), dim=-1)
-        q = _rotate(_rms_norm(q.view(total, self.heads, self.head_dim), self.q_norm, self.eps), cos, sin)
-        k = _rotate(_rms_norm(k.view(total, self.kv_heads, self.head_dim), self.k_norm, self.eps), cos, sin)
-        v = v.reshape(total, self.kv_heads, self.head_dim)
-        x = x + self.out(attend(q, k, v).reshape(total, q_size))
-        gate, up = self.gate_up(_rms_norm(x, self.norm2, self.eps)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        qkv = self.qkv(h)
+        q, k = ops.qk_norm_rope(qkv, self)
+        v = qkv[:, q_size + kv_size:].view(total, self.kv_heads, self.head_dim)
+        x, h = ops.add_norm(x, self.out(attend(q, k, v).reshape(total, q_size)), self.norm2)
+        return x, self.down(ops.silu_mul(self.gate_up(h)))
+
+
+class Passes:
+    """The memory-bound passes between the GEMMs, for one batch: fused Triton kernels
+    (``worker.backends.kernels``) on CUDA in half precision, plain torch elsewhere (CPU, fp32,
+    autocast), with the RoPE angles at each token's position in its own sequence."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, eps: float,
+                 fused: bool) -> None:
+        self.eps = eps
+        self.fused = fused
+        self.dtype = dtype
+        self.positions = positions
+        self.inv_freq = inv_freq.to(positions.device)
+        if not fused:  # cos, sin [total, 1, head_dim], fp32 then cast, as transformers computes them
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+            self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x + delta`` (the new residual stream; in place when fused) and its RMSNorm."""
+        if self.fused:
+            from worker.backends.kernels import fused_add_rms_norm
+
+            return x, fused_add_rms_norm(x, delta, weight, self.eps)
+        if delta is not None:
+            x = x + delta
+        return x, _rms_norm(x, weight, self.eps)
+
+    def qk_norm_rope(self, qkv: torch.Tensor, layer: DecoderLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        total, heads, kv_heads, dim = qkv.shape[0], layer.heads, layer.kv_heads, layer.head_dim
+        if self.fused:
+            from worker.backends.kernels import fused_qk_norm_rope
+
+            return fused_qk_norm_rope(qkv, layer.q_norm, layer.k_norm, self.positions, self.inv_freq, heads,
+                                      kv_heads, dim, self.eps)
+        q = qkv[:, : heads * dim].view(total, heads, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(total, kv_heads, dim)
+        q = _rotate(_rms_norm(q, layer.q_norm, self.eps), self.cos, self.sin)
+        k = _rotate(_rms_norm(k, layer.k_norm, self.eps), self.cos, self.sin)
+        # in the compute dtype: under autocast (the fp16 -> bf16 recompute) a norm may come back in
+        # fp32, and the attention kernels take one half-precision dtype for q, k and v
+        return q.to(self.dtype), k.to(self.dtype)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from worker.backends.kernels import fused_silu_mul
+
+            return fused_silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:
@@ -231,14 +287,8 @@ class DecoderEncoder(nn.Module):
         self.norm = hf_model.norm.weight
         self.register_buffer("inv_freq", hf_model.rotary_emb.inv_freq.detach().float().clone(), persistent=False)
         self.use_flash = True
+        self.fused = False  # set_fusion: the Triton passes (CUDA)
         self.dense_groups = False  # the BERT path's equal-length dense attention is not used here
-
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` ``[total, 1, head_dim]`` at each token's position (computed in fp32, as
-        transformers does, then cast to the compute dtype), shared by every layer of the batch."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def attention(self, cu_seqlens: torch.Tensor, max_len: int, dtype: torch.dtype
                   ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -254,11 +304,19 @@ class DecoderEncoder(nn.Module):
         x = self.embed_tokens(input_ids.long())
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        cos, sin = self.rotary(positions, dtype)
+        fused = bool(self.fused and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not autocast)
+        if fused:
+            from worker.backends.kernels import triton_available
+
+            fused = triton_available()
+        ops = Passes(positions, self.inv_freq, dtype, self.eps, fused)
         attend = self.attention(cu_seqlens, max_len, dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attend)
-        return _rms_norm(x, self.norm, self.eps)
+        norms = [layer.norm1 for layer in self.layers[1:]] + [self.norm]
+        x, h = ops.add_norm(x, None, self.layers[0].norm1)
+        for layer, norm in zip(self.layers, norms):
+            x, delta = layer(x, h, ops, attend)
+            x, h = ops.add_norm(x, delta, norm)
+        return h
 
     def to_arena(self, device: str | torch.device) -> "DecoderEncoder":
         """Every weight in one device allocation (``worker.backends.varlen.move_to_arena``)."""
@@ -266,7 +324,9 @@ class DecoderEncoder(nn.Module):
         return self.to(device)
 
     def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
-        """The BERT path's fused LayerNorm/GELU kernels do not apply (RMSNorm and SiLU here)."""
+        """Use the fused kernels of ``worker.backends.kernels`` (CUDA, half precision; plain torch
+        elsewhere). ``approximate_gelu`` does not apply: the MLP is SiLU-gated."""
+        self.fused = fused
 
 
 def build_decoder(hf_model: Any) -> DecoderEncoder:

@@ -165,13 +165,11 @@ class TorchBackend(Backend):
                 self.model = optimize(self.model, self.torch_dtype)
             params = inspect.signature(self.model.forward).parameters
             self._takes_type_ids = "token_type_ids" in params
-        # the fused kernels are the BERT layers' (LayerNorm, GELU); the decoder has neither
-        self.fused = bool((self.cuda if fused is None else fused) and self.encoder is not None
-                          and not isinstance(self.encoder, DecoderEncoder))
+        self.fused = bool((self.cuda if fused is None else fused) and self.encoder is not None)
         # On by default with the fused kernels: measured on the bundled model, min cosine to fp32
         # 0.999735 with it and 0.999736 without (bf16 rounding dominates), for ~8% more speed.
         approx = settings().approximate_gelu if approximate_gelu is None else approximate_gelu
-        self.approximate_gelu = bool(approx and self.fused)
+        self.approximate_gelu = bool(approx and self.fused and not isinstance(self.encoder, DecoderEncoder))
         if self.encoder is not None:
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
             if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's

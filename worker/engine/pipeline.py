@@ -183,6 +183,8 @@ class Engine:
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
+        self._launched = 0  # batches launched and not yet copied back
+        self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
         self._open_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -470,7 +472,7 @@ class Engine:
 
     def _form_batch(self) -> bool:
         """Take a batch from the scheduler and hand it to the device loop; False if none was."""
-        slots = self.scheduler.next_batch(timeout=0.2)
+        slots = self.scheduler.next_batch(timeout=0.2, wanted=self._device_wants if self.backend.asynchronous else None)
         if not slots:
             return False
         try:
@@ -487,6 +489,20 @@ class Engine:
                 continue
         self._fail_slots(slots, EngineStopped("the worker is stopping"))
         return False
+
+    def _device_wants(self) -> bool:
+        """An asynchronous device would launch a batch now: none formed waits for it and a launch
+        slot is free. Until then a batch that does not fill the budget is not formed, so the
+        requests arriving while the device runs join it instead of queueing as small batches,
+        each paying the launch's fixed CPU cost (on a GPU, concurrent single-text calls otherwise
+        became batches of a few items). Full batches are formed ahead as before."""
+        return self._ready.qsize() == 0 and self._launched < 2
+
+    def _launch_count(self, change: int) -> None:
+        with self._launched_lock:
+            self._launched += change
+        if change < 0:
+            self.scheduler.poke()
 
     def _stage(self, batch: Batch) -> None:
         """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
@@ -505,6 +521,8 @@ class Engine:
             if work is None:
                 break
             slots, batch = work
+            if self.backend.asynchronous:
+                self.scheduler.poke()  # the next batch may form while this one launches
             try:
                 self._run_batch(slots, batch)
             finally:
@@ -536,6 +554,7 @@ class Engine:
                 log.exception("forward failed on a batch of %d", len(slots))
                 self._fail_slots(slots, exc)
             return
+        self._launch_count(1)
         self.stats["batches"] += 1
         self.stats["items"] += len(slots)
         self.stats["tokens"] += batch.n_real_tokens
@@ -551,6 +570,7 @@ class Engine:
             return
         finally:
             self._in_flight.release()
+            self._launch_count(-1)
         if isinstance(output, BatchOutputs):
             self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
             return

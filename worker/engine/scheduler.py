@@ -118,6 +118,7 @@ class Scheduler:
         self._urgent_skips = 0  # urgent batches in a row without the oldest urgent item
         self._count = 0
         self._urgent_count = 0
+        self._tokens = 0  # sum of the pending items' lengths
         self._owners: dict[int, list[Any]] = {}  # key -> [owner, items still pending]
         self._next_key = 0
         self._urgent_streak = 0  # urgent-anchored batches since the last normal-anchored one
@@ -155,6 +156,7 @@ class Scheduler:
                                   np.full(n, np.inf if deadline is None else float(deadline))))
             self._count += n
             self._urgent_count += n if urgent else 0
+            self._tokens += int(lengths.sum())
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -173,14 +175,27 @@ class Scheduler:
             self._group, self._deadline = self._group[:0], self._deadline[:0]
             self._served.clear()
             self._group_left.clear()
-            self._count = self._urgent_count = 0
+            self._count = self._urgent_count = self._tokens = 0
             return owners
 
-    def next_batch(self, timeout: float | None = None) -> Picked | None:
+    def next_batch(self, timeout: float | None = None, wanted: Callable[[], bool] | None = None) -> Picked | None:
         """Block until items are pending, then return one batch (``None`` on timeout or close, or
-        when every pending item was dropped: past its deadline, or its owner dead)."""
+        when every pending item was dropped: past its deadline, or its owner dead).
+
+        ``wanted`` (adaptive micro-batching): a batch that would not fill the budget is formed
+        only once ``wanted()`` says the device would take it now; until then the items that
+        arrive join it. There is no fixed delay: an idle device takes the first item at once, a
+        busy one gets everything that arrived while it ran (call ``poke`` when ``wanted`` may
+        have turned true)."""
+        def ready() -> bool:
+            if self._closed:
+                return True
+            if not self._count:
+                return False
+            return wanted is None or self._full() or wanted()
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._count or self._closed, timeout=timeout):
+            if not self._cond.wait_for(ready, timeout=timeout):
                 return None
             if not self._count:
                 return None
@@ -192,7 +207,16 @@ class Scheduler:
                 self.on_dropped(owner, rows)
         return picked
 
+    def poke(self) -> None:
+        """Wake a ``next_batch`` waiting for its ``wanted`` to turn true."""
+        with self._cond:
+            self._cond.notify_all()
+
     # ------------------------------------------------------------------ internals
+    def _full(self) -> bool:
+        """The pending items fill a batch: waiting could not make it larger."""
+        return self._tokens >= self.max_batch_tokens or self._count >= self.max_batch_items
+
     def _merge(self) -> None:
         if not self._arrived:
             return
@@ -342,4 +366,5 @@ class Scheduler:
         self._group, self._deadline = self._group[keep], self._deadline[keep]
         self._count -= len(chosen)
         self._urgent_count -= n_urgent
+        self._tokens -= int(picked.lengths.sum())
         return picked
