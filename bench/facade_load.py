@@ -116,29 +116,47 @@ def generate(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------ the engine alone
 def engine_alone(args: argparse.Namespace) -> None:
-    """Serve nothing: keep ``clients`` requests in flight on a bare engine; its CPU time too."""
-    import threading
+    """Serve nothing: keep ``clients`` requests in flight on a bare engine; its CPU time too.
 
+    With ``--serve`` the engine stays loaded and runs one measurement per JSON line on stdin
+    (``{"clients": .., "batch": ..}``), so the passes of a run pay for one model load, not one each."""
     from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
     info = describe(None)
     engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
+    try:
+        if not args.serve:
+            print(json.dumps(measure_engine(engine, args.clients, args.batch, args.seconds, args.warmup)), flush=True)
+            return
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            ask = json.loads(line)
+            print(json.dumps(measure_engine(engine, ask["clients"], ask["batch"], args.seconds, args.warmup)), flush=True)
+    finally:
+        engine.stop()
+
+
+def measure_engine(engine: Any, clients: int, batch: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """``clients`` closed-loop submits of ``batch`` texts for ``seconds`` after ``warmup``."""
+    import threading
+
     lock = threading.Lock()
     stats: dict[str, Any] = {"latencies": [], "tokens": 0}
     counter = [0]
-    begin = time.perf_counter() + args.warmup
-    stop_at = begin + args.seconds
+    begin = time.perf_counter() + warmup
+    stop_at = begin + seconds
     finished = threading.Event()
-    live = [args.clients]
+    live = [clients]
+    batches = [0, 0]
 
     def launch(k: int) -> None:
         with lock:
             counter[0] += 1
             index = counter[0]
         started = time.perf_counter()
-        future = engine.submit(texts_for(index, args.batch), urgent=True)
+        future = engine.submit(texts_for(index, batch), urgent=True)
         future.add_done_callback(lambda f: landed(k, started, f))
 
     def landed(k: int, started: float, future: Any) -> None:
@@ -156,16 +174,19 @@ def engine_alone(args: argparse.Namespace) -> None:
             if live[0] == 0:
                 finished.set()
 
-    for k in range(args.clients):
+    for k in range(clients):
         launch(k)
     time.sleep(max(0.0, begin - time.perf_counter()))
     cpu0 = time.process_time()
-    finished.wait(args.seconds + args.warmup + 120)
+    batches[:] = [engine.stats["batches"], engine.stats["items"]]
+    time.sleep(max(0.0, stop_at - time.perf_counter()))
+    batches[:] = [engine.stats["batches"] - batches[0], engine.stats["items"] - batches[1]]
+    finished.wait(seconds + warmup + 120)
     cpu = time.process_time() - cpu0
-    engine.stop()
     ms = np.array(stats["latencies"]) * 1000
-    print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": stats["tokens"], "cpu_s": cpu,
-                      "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "errors": {}}))
+    return {"requests": len(ms), "seconds": seconds, "tokens": stats["tokens"], "cpu_s": cpu,
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "errors": {},
+            "per_batch": batches[1] / max(1, batches[0])}
 
 
 # ------------------------------------------------------------------------------ processes, CPU time
@@ -245,13 +266,35 @@ def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, A
             "errors": errors, "samples": [x for p in parts for x in p["samples"]]}
 
 
-def run_engine(args: argparse.Namespace, batch: int) -> dict[str, Any]:
-    command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--clients",
-               str(clients_for(args, batch)), "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--batch", str(batch),
-               "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class EngineProcess:
+    """The engine alone in a process of its own, loaded once for every pass (``engine --serve``)."""
+
+    def __init__(self, args: argparse.Namespace, name: str = "engine", cwd: Path = REPO) -> None:
+        self.name = name
+        command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
+                   "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+                   "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+
+    def _line(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise SystemExit(f"the engine process ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def ready(self) -> None:
+        self._line()
+
+    def measure(self, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps({"clients": clients_for(args, batch), "batch": batch}) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._line()
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        stop(self.proc)
 
 
 class Path_:
@@ -273,38 +316,55 @@ class Path_:
         return out
 
 
+def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(suffix, extra worker options) of each thin path of this checkout: the plain one, then
+    each ``--thin-worker NAME=OPTIONS`` (``x3=--devices 0,0,0``: three engine processes on one GPU)."""
+    variants = [("", [])]
+    for spec in args.thin_worker:
+        name, _, options = spec.partition("=")
+        variants.append((f"[{name}]", options.split()))
+    return variants
+
+
 def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tuple[list[Path_], list[subprocess.Popen]]:
+    """Every path's servers started at once (their model loads overlap), then each waited for."""
     same = ["--device", args.device, "--backend", args.backend, "--dtype", args.dtype]
     pinned = _pinned(args.server_cpus)
     paths: list[Path_] = []
     everything: list[subprocess.Popen] = []
+    waits: list[tuple[str, list[subprocess.Popen], Path]] = []
     checkouts = [("", REPO)] + ([("@contender", Path(args.contender))] if args.contender else [])
-    wanted = args.paths.split(",")
     for suffix, cwd in checkouts:
-        db = len(paths) + 1  # each checkout's fleet on its own Redis database: queues apart
-        if "thin" in wanted:
+        wanted = args.paths.split(",") if cwd == REPO else args.contender_paths.split(",")
+        for variant, worker_args in thin_variants(args) if "thin" in wanted else ():
+            if variant and cwd != REPO:
+                continue
+            db = len(paths) + 1  # each thin path's fleet on its own Redis database: queues apart
             broker = f"{redis.url[:-2]}/{db}"
             port = free_port()
             procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
-            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients)],
-                           work / f"thin{suffix}-worker.log", cwd)
+            name = f"thin{variant}{suffix}"
+            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients), *worker_args],
+                           work / f"{name}-worker.log", cwd)
             facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split()],
-                           work / f"thin{suffix}.log", cwd)
+                           work / f"{name}.log", cwd)
             for proc in (worker, facade) if pinned else ():
                 subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
                                capture_output=True)
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, [worker, facade], work / f"thin{suffix}.log")
-            paths.append(Path_(f"thin{suffix}", url, [facade, worker]))
+            waits.append((url, [worker, facade], work / f"{name}.log"))
+            paths.append(Path_(name, url, [facade, worker]))
             everything += [worker, facade]
         if "embedded" in wanted:
             port = free_port()
             embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
                              work / f"embedded{suffix}.log", cwd)
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, [embedded], work / f"embedded{suffix}.log")
+            waits.append((url, [embedded], work / f"embedded{suffix}.log"))
             paths.append(Path_(f"embedded{suffix}", url, [embedded]))
             everything.append(embedded)
+    for url, procs, log in waits:
+        wait_ready(url, procs, log)
     return paths, everything
 
 
@@ -328,7 +388,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
         unit = "requests/s, best (spread)" if batch == 1 else "texts/s | tokens/s, best (spread)"
         lines += [f"{batch} text{'s' if batch > 1 else ''} per request, {clients_for(args, batch)} clients:", "",
                   f"| path | {unit} | vs engine | p50 ms | p99 ms | server CPU ms / request (facade + worker) | "
-                  "requests / job | errors |"]
+                  "requests / job (engine: items / batch) | errors |"]
         lines.append("|---|" + "---:|" * (lines[-1].count("|") - 2))
         for (name, b), runs in results.items():
             if b != batch:
@@ -342,11 +402,61 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
             cpu = f"{cpu_run['cpu_s'] * 1000 / max(1, cpu_run['requests']):.2f}"
             if len(cpu_run.get("cpu_each", [])) == 2:
                 facade_ms, worker_ms = (c * 1000 / max(1, cpu_run["requests"]) for c in cpu_run["cpu_each"])
-                cpu += f" ({facade_ms:.2f} + {worker_ms:.2f})"
+                cpu += f" ({facade_ms:.2f} + {worker_ms:.2f}; cores busy {cpu_run['cpu_each'][0] / args.seconds:.1f}"
+                cpu += f" + {cpu_run['cpu_each'][1] / args.seconds:.1f})"
             errors = sum(sum(r["errors"].values()) for r in runs)
-            lines.append(f"| {name} | {rate} | {ratio} | {best['p50']:.1f} | {best['p99']:.1f} | {cpu} | {best.get('per_job', float('nan')):.1f} | {errors} |")
+            lines.append(f"| {name} | {rate} | {ratio} | {best['p50']:.1f} | {best['p99']:.1f} | {cpu} | {best.get('per_job', best.get('per_batch', float('nan'))):.1f} | {errors} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
+    """One more single-text run per thin path, not counted, with py-spy sampling the threads that
+    hold the GIL in its facade and worker processes (children included): where the time goes."""
+    import shutil
+
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return "py-spy not found: no profile"
+    summaries = []
+    for path in paths:
+        if not path.name.startswith("thin"):
+            continue
+        files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
+        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--gil", "--nonblocking",
+                                   "--rate", "97", "--duration", str(int(args.seconds + args.warmup)),
+                                   "--format", "raw", "--output", str(out)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for proc, out in zip(path.procs, files)]
+        run_generator(args, path.url, 1)
+        for spy_proc in spies:
+            spy_proc.wait(timeout=60)
+        for role, out in zip(("facade", "worker"), files):
+            summaries.append(f"### {path.name} {role} (GIL-holding samples)\n{summarize_profile(out)}")
+    return "\n\n".join(summaries)
+
+
+def summarize_profile(raw: Path, top: int = 40) -> str:
+    """py-spy's raw stacks -> the functions holding the GIL, inclusive share of the samples."""
+    if not raw.exists():
+        return "(no samples)"
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0]
+            where = frame.rsplit("/", 1)[-1].split(":")[0] if "/" in frame else ""
+            key = f"{name} {where}".strip()
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + n
+    # the trunk every sample shares (process, CLI, event loop) says nothing: from 95% down
+    ranked = sorted(((k, n) for k, n in inclusive.items() if n < 0.95 * total), key=lambda kv: -kv[1])[:top]
+    return f"{total} samples\n" + "\n".join(f"{100 * n / max(1, total):5.1f}% {key}" for key, n in ranked)
 
 
 def bench(args: argparse.Namespace) -> str:
@@ -355,16 +465,28 @@ def bench(args: argparse.Namespace) -> str:
     redis = RedisProcess(work)
     procs: list[subprocess.Popen] = []
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    engines: list[EngineProcess] = []
     try:
+        if "engine" in args.paths.split(","):
+            engines.append(EngineProcess(args))
+            if args.contender and "engine" in args.contender_paths.split(","):  # the older checkout's engine, this benchmark's driver (copied in beside it)
+                engines.append(EngineProcess(args, "engine@contender", Path(args.contender)))
         paths, procs = start_paths(args, work, redis)
+        for engine in engines:
+            engine.ready()
         for _ in range(args.passes):
             for batch in (1, args.batch):
-                if "engine" in args.paths.split(","):
-                    results.setdefault(("engine", batch), []).append(run_engine(args, batch))
+                for engine in engines:
+                    results.setdefault((engine.name, batch), []).append(engine.measure(args, batch))
                 for path in paths:
                     results.setdefault((path.name, batch), []).append(path.measure(args, batch))
                 print({k: [round(r["requests"] / args.seconds) for r in v] for k, v in results.items()}, flush=True)
+            print(report(args, results, (load_before[0], os.getloadavg()[0])), flush=True)  # kept if cut short
+        if args.profile is not None:
+            args.profile.write_text(profile_paths(args, paths, work) + "\n")
     finally:
+        for engine in engines:
+            engine.close()
         for proc in procs:
             stop(proc)
         redis.stop()
@@ -389,6 +511,7 @@ def main() -> None:
         p.add_argument("--backend", default="torch")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--serve", action="store_true", help="engine: one measurement per JSON line on stdin")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--warmup", type=float, default=2)
@@ -400,13 +523,19 @@ def main() -> None:
                         "(this checkout's `serve --processes`)")
     parser.add_argument("--gen-procs", type=int, default=1, help="Load generator processes sharing the clients")
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
-    parser.add_argument("--contender", default=None, help="A checkout whose thin path runs beside (thin@contender)")
+    parser.add_argument("--thin-worker", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="Another thin path whose worker gets these options (x3='--devices 0,0,0')")
+    parser.add_argument("--contender", default=None, help="A checkout whose thin path (thin@contender) and engine "
+                        "(engine@contender: it needs this file's `engine --serve`) run beside")
+    parser.add_argument("--contender-paths", default="engine,thin,embedded", help="Which paths the contender runs")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gen-cpus", default=None, help="taskset CPU list for the load generator")
     parser.add_argument("--server-cpus", default=None, help="taskset CPU list for the servers and the engine")
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
+    parser.add_argument("--profile", type=Path, default=None, help="After the passes, one uncounted single-text "
+                        "run per thin path under py-spy; the summary into this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself

@@ -1,6 +1,7 @@
 """GPU benchmark: embedfleet's engine beside sentence-transformers fp16 and plain transformers
 (SDPA, length-sorted batches) in one run, on the workloads and random-weight models of
-BENCH.md, plus the quality check on the bundled model and the bge-m3 memory check.
+BENCH.md (the qwen3 section: the Qwen3-Embedding-0.6B architecture, the unpadded decoder beside
+the generic path), plus the quality check on the bundled model and the bge-m3 memory check.
 
     python bench/gpu.py --out bench/RESULTS-gpu.md
 
@@ -65,6 +66,7 @@ def _st_files(dest: Path, hidden: int, pooling: str, max_len: int) -> None:
     (dest / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_lasttoken": pooling == "lasttoken",
         "pooling_mode_mean_sqrt_len_tokens": False}))
     (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_len, "do_lower_case": False}))
 
@@ -93,6 +95,40 @@ def build_model(kind: str, dest: Path, small: bool) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(bundled_path() / name, dest / name)
     _st_files(dest, size["hidden_size"], "cls", 512)
+    return dest
+
+
+def build_qwen3(dest: Path, small: bool) -> Path:
+    """The Qwen3-Embedding-0.6B architecture (28 layers, hidden 1024, 16/8 heads of 128, FFN 3072,
+    vocab 151669, last-token pooling, normalized), random, stored bf16 as the hub copy is.
+
+    Linear weights are N(0, 1/fan_in) and embeddings N(0, 1) (not transformers' 0.02, which makes
+    every last-token vector alike and the cosine check meaningless). The tokenizer is the bundled
+    WordPiece one: texts end in [SEP] as Qwen3's end in <|endoftext|>, so last-token pooling and
+    the token counts are those of the other sections (throughput depends on shapes).
+    """
+    from transformers import Qwen3Config, Qwen3Model
+
+    if (dest / "config.json").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128) if small else \
+        dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+             intermediate_size=3072)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen3Model(Qwen3Config(vocab_size=151669, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                                       rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, **size))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() == 2:
+                    param.normal_(0, 1.0 if "embed" in name else param.shape[1] ** -0.5)
+    model.to(torch.bfloat16).save_pretrained(dest)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(bundled_path() / name, dest / name)
+    _st_files(dest, size["hidden_size"], "lasttoken", 512)
     return dest
 
 
@@ -197,9 +233,10 @@ def plain_runner(path: Path, pooling: str, budget: int = 32768, max_items: int =
 
 VARIANTS = {  # name -> TorchBackend keyword arguments ("default" is what a worker runs)
     "default": dict(),
-    "plain": dict(fused=False, dense_groups=False),
+    "plain": dict(fused=False, dense_groups=False),  # decoders: plain torch between the GEMMs
     "fused-varlen": dict(fused=True, approximate_gelu=False, dense_groups=False),
     "fused-exact": dict(fused=True, approximate_gelu=False, dense_groups=True),
+    "generic": dict(varlen=False),  # transformers' padded model (what decoders ran before the varlen decoder)
 }
 
 
@@ -343,6 +380,62 @@ def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
                 traceback.print_exc()
                 rows.append({"model": model_name, "contender": label, "error": f"{type(exc).__name__}: {exc}"})
                 free_gpu()
+
+
+def qwen3(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    """The Qwen3-Embedding-0.6B architecture on the mixed workload: sentence-transformers fp16 beside
+    the engine's unpadded decoder (bf16, fp16) and its generic padded path, same run; each
+    contender's vectors against sentence-transformers fp32 on the first ``--qwen-quality`` texts."""
+    from worker.models.tokenizer import BatchTokenizer
+
+    path = build_qwen3(workdir / "qwen3-0.6b-arch", args.small)
+    words = vocabulary(bundled_path() / "vocab.txt")
+    texts = mixed_workload(words, n=300 if args.small else args.qwen_n)
+    lengths = [e.n_tokens for e in BatchTokenizer(path, 512).encode(texts)]
+    tokens = sum(lengths)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    # GEMMs (QKV with 8 KV heads, out, gate/up/down) and causal attention (half the QK^T and PV work)
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    gemm = 2 * (cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size)
+    fpt = sum(n * gemm + 2 * n * n * q for n in lengths) * cfg.num_hidden_layers / tokens
+    results["qwen3_workload"] = {"texts": len(texts), "tokens": tokens, "flops_per_token": fpt}
+    say(f"qwen3 mixed: {len(texts)} texts, {tokens:,} tokens, {fpt / 1e6:.0f} MFLOP/token")
+    head = texts[: args.qwen_quality]
+    model, run = st_runner(path, torch.float32)
+    reference = run([head])[0]
+    close(model)
+    contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [
+        ("sentence-transformers fp16", lambda: st_runner(path, torch.float16))]
+    for spec in args.qwen_engines.split(","):
+        dtype, mode = spec.split(":")
+        contenders.append((f"embedfleet {dtype} {mode}",
+                           lambda d=dtype, m=mode: engine_runner(path, d, m, args.qwen_budget)))
+    rows = results.setdefault("qwen3", [])
+    for label, make in contenders:
+        try:
+            obj, run = make()
+            engine = label.startswith("embedfleet")
+            fn = (lambda o=obj: run_chunked(o, [texts])) if engine else (lambda f=run: f([texts]))
+            row = measure(f"qwen3 / {label}", fn, tokens, args.passes)
+            got = np.concatenate(run_chunked(obj, [head]) if engine else run([head]))
+            cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+            row.update(contender=label, pct_peak=100 * row["best"] * fpt / (results["peak_tflops"] * 1e12),
+                       min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
+            if engine:
+                row["stats"] = dict(obj.stats)
+                row["mode"] = obj.backend.mode
+            say(f"  {label}: cosine to fp32 min {cos.min():.6f} mean {cos.mean():.6f}")
+            rows.append(row)
+            close(obj)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            say(f"  qwen3 {label} FAILED: {type(exc).__name__}: {exc}")
+            rows.append({"contender": label, "error": f"{type(exc).__name__}: {exc}"})
+            free_gpu()
 
 
 def run_chunked(engine: Any, requests: list[list[str]], chunk: int = 500) -> list[np.ndarray]:
@@ -562,8 +655,10 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
                   "| variant | tokens per batch | tokens/s | % of bf16 peak |", "| --- | ---: | ---: | ---: |"]
         for k in results["kernels"]:
             lines.append(f"| {k['variant']} | {k['budget']} | {k['tokens_per_s']:,.0f} | {k['pct_peak']:.1f}% |")
-    lines += ["", "## Throughput (end to end through the engine: tokenize, schedule, forward, pool, deliver)", "", "| contender | workload | tokens/s | spread | % of bf16 peak | x sentence-transformers | budget |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    if results.get("throughput"):
+        lines += ["", "## Throughput (end to end through the engine: tokenize, schedule, forward, pool, deliver)", "",
+                  "| contender | workload | tokens/s | spread | % of bf16 peak | x sentence-transformers | budget |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     rows = [r for r in results.get("throughput", []) if "best" in r]
     base = {r["workload"]: r["best"] for r in rows if r["contender"].startswith("sentence-transformers")}
     for r in rows:
@@ -573,6 +668,21 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     for r in results.get("throughput", []):
         if "error" in r:
             lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+    if results.get("qwen3"):
+        work = results.get("qwen3_workload", {})
+        lines += ["", f"## Qwen3-Embedding-0.6B architecture, mixed workload ({work.get('texts', 0)} texts, "
+                      f"{work.get('tokens', 0):,} tokens, {work.get('flops_per_token', 0) / 1e6:.0f} MFLOP/token; "
+                      "random weights), end to end", "",
+                  "| contender | tokens/s | spread | % of bf16 peak | x sentence-transformers | min cosine to fp32 | "
+                  "mean cosine |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        st = [r["best"] for r in results["qwen3"] if r["contender"].startswith("sentence") and "best" in r]
+        for r in results["qwen3"]:
+            if "best" not in r:
+                lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+                continue
+            ratio = r["best"] / st[0] if st else float("nan")
+            lines.append(f"| {r['contender']} | {r['best']:,.0f} | {r['spread_pct']:.1f}% | {r['pct_peak']:.1f}% | "
+                         f"{ratio:.2f}x | {r['min_cosine']:.6f} | {r['mean_cosine']:.6f} |")
     if results.get("short"):
         lines += ["", "## Short texts (8-32 words, requests of 2,000), end to end", "",
                   "| model | contender | tokens/s | spread | x sentence-transformers |", "| --- | --- | ---: | ---: | ---: |"]
@@ -632,11 +742,16 @@ def main() -> None:
                         help=f"embedfleet variants, dtype:{'|'.join(VARIANTS)}[:budget], comma-separated")
     parser.add_argument("--quality-engines", default="bfloat16:default,float16:default,bfloat16:fused-exact")
     parser.add_argument("--kernel-variants", default="plain,fused-varlen,fused-exact,default")
-    parser.add_argument("--sections", default="kernels,short,throughput,quality,memory")
+    parser.add_argument("--sections", default="kernels,short,throughput,qwen3,quality,memory")
     parser.add_argument("--short-n", type=int, default=60_000, help="texts of the short workload")
     parser.add_argument("--short-chunks", default="default,256,1024",
                         help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
     parser.add_argument("--short-skip-st", action="store_true", help="no sentence-transformers in the short section")
+    parser.add_argument("--qwen-engines", default="bfloat16:default,float16:default,bfloat16:plain,bfloat16:generic",
+                        help="embedfleet variants for the qwen3 section, dtype:variant, comma-separated")
+    parser.add_argument("--qwen-n", type=int, default=4000, help="texts of the qwen3 section's mixed workload")
+    parser.add_argument("--qwen-quality", type=int, default=1000, help="texts checked against fp32 in qwen3")
+    parser.add_argument("--qwen-budget", type=int, default=None, help="engine batch budget in qwen3 (default: sized)")
     parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
@@ -662,6 +777,7 @@ def main() -> None:
     for name, fn in (("kernels", lambda: kernels(args, args.workdir, results)),
                      ("short", lambda: short_texts(args, args.workdir, results)),
                      ("throughput", lambda: throughput(args, args.workdir, results)),
+                     ("qwen3", lambda: qwen3(args, args.workdir, results)),
                      ("quality", lambda: quality(args, results)),
                      ("memory", lambda: memory(args, args.workdir, results))):
         if name in sections:
@@ -681,6 +797,9 @@ def main() -> None:
     print("\nSUMMARY")
     for r in summary:
         print(f"{r['contender']:<40} {r['workload']:<6} {r['best']:>12,.0f} tok/s  {r['pct_peak']:5.1f}% peak")
+    for r in results.get("qwen3", []):
+        if "best" in r:
+            print(f"qwen3 {r['contender']:<34} {r['best']:>12,.0f} tok/s  min cos {r['min_cosine']:.6f}")
     for q in results.get("quality", []):
         print(f"quality {q['engine']:<22} min cos {q['min_cosine']:.6f}")
     for m in results.get("memory", []):

@@ -91,8 +91,8 @@ def throughput(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = Engine(info, TorchBackend(info, device, args.dtype)).start()
     texts = mixed_workload(vocabulary(), n=args.texts)
     try:
-        tokens = sum(engine.run(texts[i:i + 1000], timeout=600).n_tokens[j]
-                     for i in range(0, len(texts), 1000) for j in range(len(texts[i:i + 1000])))
+        tokens = sum(int(sum(engine.run(texts[i:i + 1000], timeout=600).n_tokens))
+                     for i in range(0, len(texts), 1000))
         say(f"{len(texts)} texts, {tokens:,} tokens; engine {engine.backend.mode}, batches <= {engine.max_batch_tokens}")
         rows = []
         for outputs in OUTPUT_SETS:

@@ -1,13 +1,15 @@
 """The capacity plan ``embedfleet plan`` prints: instances, hours and dollars per instance type for
 a corpus, and the broker load that implies.
 
-Why these numbers can be trusted as far as they go: the per-device rate of the H200 is measured
-on this code (the engine by bench/gpu.py, bulk through Redis and Parquet by bench/bulk.py, on the
-lent H200 on 2026-12-01, as ../shared/BENCH.md records them; bench/RESULTS.md holds the H100 run of
-the same benchmark), and every other device's rate is that figure scaled by
-its dense fp16/bf16 tensor peak relative to the H200, printed as an estimate with the arithmetic.
-The corpus's tokens are estimated from a sample of its rows (1.3 WordPiece tokens per
-whitespace word, plus the two special tokens), so the plan needs no model and no worker.
+Why these numbers can be trusted as far as they go: every figure the plan starts from was measured
+on this code and is recorded in bench/RESULTS.md; they live in one place, ``MEASURED`` below, each
+naming its section and command (a test holds them to the file). The H200's rate for small models
+is the bulk path measured end to end (Redis, a worker, Parquet); for large models it is the
+engine's measured rate plus the per-token cost of that bulk path outside the engine (both measured
+on the H200, the sum shown). Every other device's rate is the H200's scaled by its dense fp16/bf16
+tensor peak relative to the H200, printed as an estimate with the arithmetic. The corpus's tokens
+are estimated from a sample of its rows (1.3 WordPiece tokens per whitespace word, plus the two
+special tokens), so the plan needs no model and no worker.
 
 Prices are on-demand list prices (us-east-1) as recorded here; pass ``--price TYPE=USD`` for
 yours. The broker load is set against the ceiling measured by ``bench/broker_ceiling.py``.
@@ -29,6 +31,48 @@ MIN_SHARD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
+class Figure:
+    """One measurement the plan uses, as bench/RESULTS.md records it."""
+
+    value: float
+    #: the bench/RESULTS.md section (its heading starts so) and the command that measured it
+    section: str
+    command: str
+    #: the figure as the section prints it (a test finds this text in that section)
+    recorded: str
+
+
+#: Every measured figure the plan starts from, and where bench/RESULTS.md records it. Change a
+#: figure only together with its RESULTS.md section (tests/producer/test_capacity.py checks both).
+MEASURED = {
+    # H200, bundled MiniLM bf16, 100,000 mixed texts through Redis + one worker + Parquet
+    "h200_small_bulk": Figure(
+        386_911, "## The columnar host path (issue #13)",
+        "python -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4",
+        "fleet 386,911"),
+    # the same run's bare engine (Engine.run on the same corpus): the bulk path's cost outside it
+    "h200_small_engine": Figure(
+        2_305_931, "## The columnar host path (issue #13)",
+        "python -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4",
+        "bare engine 2,305,931"),
+    # H200, BERT-large architecture (bge-large), embedfleet bf16, the mixed workload, engine only
+    "h200_large_engine": Figure(
+        748_740, "## H200 runs of this stop (2026-12-02, lead)",
+        "python3 bench/gpu.py --sections throughput --passes 2 --engines bfloat16:default",
+        "748,740 (0.9%)"),
+    # the broker's ceiling on the 2-core development machine: shard-sized messages/s, one client process
+    "redis_publish": Figure(1_710, "## Every device of a host (issue #17)",
+                            "python -m bench.broker_ceiling --rounds 2 --shards 300 --seconds 10", "1,710"),
+    "redis_drain": Figure(1_659, "## Every device of a host (issue #17)",
+                          "python -m bench.broker_ceiling --rounds 2 --shards 300 --seconds 10", "1,659"),
+    "sqs_publish": Figure(80, "## Every device of a host (issue #17)",
+                          "python -m bench.broker_ceiling --rounds 2 --shards 300 --seconds 10", "80 (spread 74-80)"),
+    "sqs_drain": Figure(30, "## Every device of a host (issue #17)",
+                        "python -m bench.broker_ceiling --rounds 2 --shards 300 --seconds 10", "30 (spread 28-30)"),
+}
+
+
+@dataclass(frozen=True)
 class DeviceRate:
     """Tokens per second of job time one device sustains for a model class, and where it comes from."""
 
@@ -36,24 +80,32 @@ class DeviceRate:
     source: str
 
 
-#: Measured on the H200 (bulk through Redis + Parquet = 69% of the bare engine, 2026-12-01,
-#: ../shared/BENCH.md "Measured so far"; engine figures: bench/gpu.py on the lent H200).
-#: small: the bundled all-MiniLM-L6-v2 (engine 584k tokens/s on short texts; x 0.69);
-#: large: the bge-large architecture (BERT-large, mixed workload 581-605k bare; x 0.69 of 581k).
-H200_MEASURED = {
-    "small": DeviceRate(584_000 * 0.69, "H200 measured: MiniLM engine 584k tokens/s x 69% bulk efficiency"),
-    "large": DeviceRate(581_000 * 0.69, "H200 measured: BERT-large mixed 581k tokens/s x 69% bulk efficiency"),
-}
+def _h200_rates() -> dict[str, DeviceRate]:
+    """small: the bulk path measured end to end; large: the measured engine plus the bulk path's
+    measured seconds per token outside the engine (the same corpus and shard size, so the same
+    per-token share of the per-shard costs)."""
+    small = MEASURED["h200_small_bulk"].value
+    outside = 1.0 / small - 1.0 / MEASURED["h200_small_engine"].value
+    engine = MEASURED["h200_large_engine"].value
+    large = 1.0 / (1.0 / engine + outside)
+    return {
+        "small": DeviceRate(small, f"H200 small models: {small:,.0f} tokens/s measured end to end (MiniLM bf16, "
+                                   "bench.bulk, bench/RESULTS.md)"),
+        "large": DeviceRate(large, f"H200 large models: 1 / (1/{engine:,.0f} engine + {outside * 1e6:.3f} us/token "
+                                   f"outside it) = {large:,.0f} tokens/s (BERT-large bf16 engine and MiniLM bulk, "
+                                   "both measured, bench/RESULTS.md)"),
+    }
+
+
+H200_MEASURED = _h200_rates()
 #: dense fp16/bf16 tensor-core peak, TFLOP/s (vendor datasheets), for the scaling estimate
 H200_PEAK_TFLOPS = 989.0
 
-
-#: The broker's ceiling measured by bench/broker_ceiling.py on the 2-core development machine
-#: (bench/RESULTS.md, "Every device of a host"): shard-sized messages per second one Python client
-#: process publishes, and one consumer drains with acks (the lower of the two best passes). Redis
-#: itself carries far more; these bound what one producer or one worker process asks of it.
-REDIS_CEILING_MSG_S = 1_659
-SQS_CEILING_MSG_S = 30  # one kombu consumer on moto; AWS adds ~10-30 ms per call, and scales by consumers
+#: The broker's ceiling (the lower of publish and drain): what one producer or one worker process
+#: asks of it at most. Redis itself carries far more; SQS on AWS adds ~10-30 ms per call and scales
+#: by consumers.
+REDIS_CEILING_MSG_S = int(min(MEASURED["redis_publish"].value, MEASURED["redis_drain"].value))
+SQS_CEILING_MSG_S = int(min(MEASURED["sqs_publish"].value, MEASURED["sqs_drain"].value))
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,8 @@ def print_capacity(spec: JobSpec, deadline_hours: float, override: float | None,
     busiest = max(rows, key=lambda r: r.shards_per_s)
     console.print(f"  broker: at most {busiest.shards_per_s:.1f} shard messages/s ({busiest.instance.name}), against "
                   f"a ceiling of {capacity.REDIS_CEILING_MSG_S:,} msg/s for Redis and "
-                  f"{capacity.SQS_CEILING_MSG_S:,} for one SQS client measured here (bench/RESULTS.md)")
+                  f"{capacity.SQS_CEILING_MSG_S:,} for one SQS client (moto), the lower of publish and drain "
+                  "measured by bench/broker_ceiling.py (bench/RESULTS.md, \"Every device of a host\")")
     short = [r for r in rows if r.shard_seconds < capacity.MIN_SHARD_SECONDS]
     if short:
         worst = max(short, key=lambda r: r.device_tokens_per_s)

@@ -178,6 +178,15 @@ class TimedOut(EmbedfleetError, TimeoutError):
     code = "timeout"
 
 
+class ShardTimeLimit(TimedOut):
+    """A shard ran past its soft time limit (``worker.hosting.limits``): a failed delivery, retried."""
+
+    code = "shard_time_limit"
+
+    def __init__(self, message: str = "the shard ran past its soft time limit", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+
+
 class Unauthorized(EmbedfleetError):
     """A missing or wrong API key (HTTP 401)."""
 

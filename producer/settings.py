@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16 or int8 (onnx only)")
     memory_fraction: float = Field(0.8, gt=0.0, le=1.0,
                                    description="GPU: share of free memory the profiled batch budget may use")
-    devices: str | None = Field(None, description="worker: the devices to run one engine each on: 0,1,3 "
+    devices: str | None = Field(None, description="worker, run, serve: the devices to run one engine each on: 0,1,3 "
                                 "(GPUs; 0,0: two on one), cpu:N (the cores split into N), NeuronCores 0-1; "
                                 "default: every visible GPU (--device cuda/auto) or NeuronCore (--device neuron)")
+    redis_server: str = Field("redis-server", description="run/serve on several devices: the redis-server "
+                              "binary (a name on PATH or a path) started as the engines' private host-local broker")
     inline_slots: int = Field(4, ge=1, description="Inline calls in flight beside the shards (worker)")
     shard_lookahead: int | None = Field(None, ge=0, description="Shards a worker reads and tokenizes ahead of "
                                         "the --concurrency it computes, so the next ones wait in the engine "
@@ -54,6 +56,8 @@ class Settings(BaseSettings):
                                    "(0: exact erf GELU, ~10% slower on long texts)")
     torch_compile: bool = Field(False, description="CPU torch backend: torch.compile the model "
                                 "(~20% faster, tens of seconds more at start)")
+    openvino_streams: int = Field(0, ge=0, description="OpenVINO backend: batches run side by side, each on "
+                                  "its share of the cores (0: one per two cores)")
     trust_remote_code: bool = Field(False, description="Run the code a model folder ships (its config's "
                                     "auto_map); off: such a folder is refused unless a native family implements it")
     cache: Path = Field(default_factory=_default_cache,
@@ -67,6 +71,12 @@ class Settings(BaseSettings):
     liveness_ttl: int = Field(30, ge=2, description="Redis: seconds a worker's heartbeat lives; the messages "
                               "a worker silent this long held are delivered again (independent of the "
                               "visibility timeout)")
+    shard_time_base: float = Field(300.0, gt=0, description="worker: seconds every shard gets before its soft "
+                                   "time limit, plus EMBEDFLEET_SHARD_TIME_PER_ROW per row")
+    shard_time_per_row: float = Field(0.5, ge=0, description="worker: seconds per row added to a shard's soft "
+                                      "time limit")
+    shard_time_grace: float = Field(120.0, gt=0, description="worker: seconds past the soft time limit before "
+                                    "the hard one (the worker stops itself, the shard's delivery counts)")
     sweep_interval: int = Field(30, ge=1, description="Redis: seconds between checks for shard messages "
                                 "the broker lost")
     job_ttl: int = Field(7 * 86400, ge=60, description="Redis: seconds a job's keys (its id -> output record "

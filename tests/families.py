@@ -188,6 +188,50 @@ def save_qwen3_causal_lm(dest: Path, texts: list[str], seed: int = 5, tie: bool 
     return dest
 
 
+def save_qwen3_embedding(dest: Path, texts: list[str], seed: int = 3, layers: int = 2, max_length: int = 1024,
+                         **config: Any) -> Path:
+    """A tiny random Qwen3-Embedding folder: a bare Qwen3Model (GQA 4/2 heads, q/k norms), its own
+    tokenizer ending every text with ``<|endoftext|>`` as the real one does, and the
+    sentence-transformers files with last-token pooling and normalization."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    vocab = qwen_style_tokenizer(dest, texts, max_length=max_length)
+    fast = PreTrainedTokenizerFast.from_pretrained(str(dest))
+    eos = fast.convert_tokens_to_ids("<|endoftext|>")
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    fast.save_pretrained(str(dest))
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                    rope_theta=1_000_000.0, tie_word_embeddings=True, pad_token_id=eos, eos_token_id=eos,
+                    bos_token_id=None)
+    settings.update(config)
+    model = Qwen3Model(Qwen3Config(**settings)).eval()
+    with torch.no_grad():  # std 0.02 leaves every token state alike; spread them
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 1.0 / math.sqrt(param.shape[1]) if "embed" not in name else 1.0)
+            else:
+                param.uniform_(0.5, 1.5)  # the RMSNorm weights
+    model.save_pretrained(str(dest))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (dest / "modules.json").write_text(json.dumps(modules))
+    for sub in ("1_Pooling", "2_Normalize"):
+        (dest / sub).mkdir(exist_ok=True)
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": settings["hidden_size"], "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False, "pooling_mode_lasttoken": True}))
+    (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+    return dest
+
+
 # ---------------------------------------------------------------------------- a folder with its own code
 REMOTE_CONFIG_PY = '''
 from transformers import PretrainedConfig

@@ -1,7 +1,8 @@
 """Input checks at the HTTP door, so junk never reaches a worker (the rules are ``producer.rules``).
 
-A request is judged against this facade's own limits (``--max-inputs``, ``--max-chars``): the
-first problem is the whole request's 400 or 413, naming the field (``input[3]``), as OpenAI does.
+A request is judged against this facade's own limits (``--max-inputs``, ``--max-chars``,
+``--max-request-tokens``): the first problem is the whole request's 400 or 413, naming the field
+(``input[3]``), as OpenAI does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 
 from producer.http.coalesce import Answer
 from producer.http.directory import ServedModel
-from producer.http.errors import bad
+from producer.http.errors import bad, too_large
 from producer.http.schemas import BODY_TAGS
 from producer.http.settings import FacadeSettings
 from producer.rules import MAX_INPUT_CHARS, count_problem, dimensions_problem, text_problem, token_ids_problem
@@ -27,6 +28,47 @@ def check_texts(texts: list[str], settings: FacadeSettings, param: str) -> None:
         problem = text_problem(text, settings.max_chars)
         if problem is not None:
             raise problem.error(f"{param}[{index}]")
+
+
+#: Tokens a text can take beyond its bytes: the special tokens ([CLS] and [SEP], <s> and </s>).
+SPECIAL_TOKENS = 2
+
+
+def estimated_tokens(items: list[Any], max_length: int) -> int:
+    """Tokens ``items`` can cost a worker at most, counted without the model's tokenizer.
+
+    The thin facade holds no model files, and running the tokenizer at the door would spend the
+    very CPU the budget protects (a 2,048 x 256-token request takes ~0.3 s to tokenize on two
+    cores). So a text counts one token per UTF-8 byte plus the special tokens (a WordPiece or
+    byte-level BPE token spans at least one byte, so this never counts too few), at most the
+    model's maximum length (longer inputs are cut there, or refused with truncate=false); token
+    ids count as given; a (query, document) pair counts both texts; an image counts nothing
+    here (its cost is a fixed patch count, bounded by ``--max-inputs``). English prose runs ~4
+    bytes per token, so short texts are over-counted, never under-counted."""
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            n = len(item.encode("utf-8")) + SPECIAL_TOKENS
+        elif isinstance(item, tuple):
+            n = sum(len(part.encode("utf-8")) for part in item) + SPECIAL_TOKENS + 1
+        elif isinstance(item, list):
+            n = len(item) + SPECIAL_TOKENS
+        else:
+            continue
+        total += min(n, max_length)
+    return total
+
+
+def check_tokens(items: list[Any], model: ServedModel, settings: FacadeSettings, param: str) -> None:
+    """413 for a request whose tokens (``estimated_tokens``) exceed ``--max-request-tokens``."""
+    limit = settings.max_request_tokens
+    if len(items) * model.max_length <= limit:  # every input at the model's maximum still fits
+        return
+    tokens = estimated_tokens(items, model.max_length)
+    if tokens > limit:
+        raise too_large(f"{param}: about {tokens:,} tokens (counted as one per UTF-8 byte, at most "
+                        f"{model.max_length} per input), over the limit of {limit:,} per request; send "
+                        "fewer or shorter inputs per request, or submit a corpus job", param)
 
 
 def fit_texts(texts: list[str]) -> list[str]:

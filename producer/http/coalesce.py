@@ -10,6 +10,13 @@ across jobs anyway; coalescing only stops paying the per-message cost once per r
 
 A merged job that fails as a whole (a worker error, or a rejection) is sent again per request,
 so one request can never cost another its answer; a timeout is not retried.
+
+Deadlines stay per request: a merged job runs until the latest deadline of its requests, and
+each request stops waiting (``TimeoutError``: a 504) at its own, so a request merged into an
+older one never inherits the older one's deadline. Once every request of a sent job has stopped
+waiting (timed out, or its client went away: the handler's cancellation cancels its wait), the
+job's run is cancelled, which cancels it in an in-process engine (``worker.hosting.direct``);
+a message already on a queue carries its deadline to the worker's engine instead.
 """
 
 from __future__ import annotations
@@ -185,9 +192,15 @@ class Coalescer:
         try:
             self.on_sent(len(batch))
             if len(batch) == 1:
-                await self._answer(batch[0], self.run(batch[0].job, queue, batch[0].deadline))
+                work = asyncio.ensure_future(self._answer(batch[0], self.run(batch[0].job, queue, batch[0].deadline)))
             else:
-                await self._send_merged(queue, batch)
+                work = asyncio.ensure_future(self._send_merged(queue, batch))
+            abandon = _abandon_when_unwanted(work, batch)
+            for entry in batch:
+                entry.future.add_done_callback(abandon)
+            await asyncio.wait([work])
+            if not work.cancelled() and work.exception() is not None:
+                log.error("sending a job failed: %s", work.exception())
         finally:
             lane.inflight -= 1
             self._pump(queue, lane)
@@ -195,7 +208,8 @@ class Coalescer:
     async def _send_merged(self, queue: str, batch: list[_Entry]) -> None:
         jobs = [entry.job for entry in batch]
         try:
-            answer = await self.run(merge(jobs), queue, min(entry.deadline for entry in batch))  # type: ignore[arg-type]
+            # until the latest deadline: each request stops waiting at its own (``submit``)
+            answer = await self.run(merge(jobs), queue, max(entry.deadline for entry in batch))  # type: ignore[arg-type]
         except Exception as exc:
             if not self.retryable(exc):
                 for entry in batch:
@@ -214,6 +228,15 @@ class Coalescer:
             _settle(entry.future, await pending)
         except Exception as exc:
             _settle(entry.future, exc=exc)
+
+
+def _abandon_when_unwanted(work: asyncio.Future[None], batch: list[_Entry]) -> Callable[[Any], None]:
+    """A callback for each request's future: once none of ``batch`` waits any more, ``work`` (the
+    job's run) is cancelled. After a normal answer every future is done too, and so is the work."""
+    def check(_: Any) -> None:
+        if not work.done() and all(entry.future.done() for entry in batch):
+            work.cancel()
+    return check
 
 
 def _settle(future: asyncio.Future[Answer], answer: Answer | None = None, exc: BaseException | None = None) -> None:

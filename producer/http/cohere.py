@@ -3,7 +3,10 @@
 ``input_type`` maps onto the model's prompts (``producer.http.checks.prompt_for``),
 ``embedding_types`` are encoded by ``producer.http.encodings`` (Cohere's definitions),
 ``output_dimension`` is a Matryoshka cut, ``truncate`` END cuts over-long texts and NONE makes
-them errors. Images are not served here and say so.
+them errors. Images, for image-text models (CLIP, SigLIP): ``images`` as data URIs (as Cohere
+requires), or ``inputs`` whose ``content`` is one text or one ``image_url`` (a data URI or an
+http(s) URL) each; these models have no fused text-and-image embedding (Cohere's embed-v4 does),
+so an input of several components is refused, naming it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,31 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from producer.http import encodings
-from producer.http.checks import check_dimensions, check_max_tokens, embedding_inputs, prompt_for
+from producer.http.checks import (
+    IMAGE_DATA_URI,
+    IMAGE_REFERENCES,
+    check_dimensions,
+    check_max_tokens,
+    embedding_inputs,
+    image_inputs,
+    prompt_for,
+)
+from producer.http.directory import ServedModel
 from producer.http.facade import Facade
 from producer.http.errors import bad
 from producer.http.render import json_response, response_id, tokens
-from producer.http.schemas import ERRORS, CohereEmbedRequest, CohereEmbedResponse, CohereRerankResponse, RerankRequest
+from producer.http.schemas import (
+    ERRORS,
+    CohereEmbedInput,
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    CohereRerankResponse,
+    CohereTextContent,
+    RerankRequest,
+)
+from producer.http.settings import FacadeSettings
 from producer.jobs import JobKind, Options
-
+from producer.rules import count_problem, text_problem
 
 
 def _meta(**billed: int) -> dict[str, Any]:
@@ -42,20 +63,83 @@ def embeddings_by_type(vectors: Any, types: list[str]) -> dict[str, list[Any]]:
     return out
 
 
+def one_source(body: CohereEmbedRequest) -> str:
+    """Which of ``texts``, ``images``, ``inputs`` the request gives: exactly one, as Cohere requires."""
+    given = [name for name in ("texts", "images", "inputs") if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise bad("give exactly one of texts, images or inputs" + (f" (this request gives {', '.join(given)})"
+                                                                    if given else ""), given[-1] if given else "texts")
+    return given[0]
+
+
+def cohere_images(images: list[str], model: ServedModel, settings: FacadeSettings) -> list[Any]:
+    """``images``: data URIs only (Cohere's rule), for an image-text model."""
+    if "image" not in model.modalities:
+        raise bad(f"images: model {model.id!r} embeds text only; images need an image-text model (CLIP, SigLIP)",
+                  "images")
+    for index, image in enumerate(images):
+        if not image.startswith(IMAGE_DATA_URI):
+            raise bad(f"images[{index}]: an image here is a data URI (data:image/png;base64,...); http(s) URLs "
+                      "go in inputs as image_url content", f"images[{index}]")
+    return image_inputs(images, model, settings, "images")
+
+
+def cohere_inputs(inputs: list[CohereEmbedInput], model: ServedModel,
+                  settings: FacadeSettings) -> tuple[list[Any], list[str]]:
+    """``inputs``: one component each, a text or an image (a data URI or an http(s) URL); returns the
+    engine's inputs and the texts among them."""
+    problem = count_problem(inputs, settings.max_inputs, " per request")
+    if problem is not None:
+        raise problem.error("inputs")
+    items: list[Any] = []
+    for index, entry in enumerate(inputs):
+        where = f"inputs[{index}].content"
+        if len(entry.content) != 1:
+            raise bad(f"{where}: {len(entry.content)} components; {model.id!r} embeds one text or one image per "
+                      "input (a fused text-and-image embedding is Cohere embed-v4's, not CLIP's or SigLIP's): "
+                      "send them as separate inputs", where)
+        (part,) = entry.content
+        if isinstance(part, CohereTextContent):
+            problem = text_problem(part.text, settings.max_chars)
+            if problem is not None:
+                raise problem.error(f"{where}[0].text")
+            items.append(part.text)
+            continue
+        if "image" not in model.modalities:
+            raise bad(f"{where}[0]: model {model.id!r} embeds text only; images need an image-text model "
+                      "(CLIP, SigLIP)", f"{where}[0]")
+        url = part.image_url.url
+        if not url.startswith(IMAGE_REFERENCES):
+            raise bad(f"{where}[0].image_url.url: an image is an http(s) URL or a data: URI", f"{where}[0].image_url.url")
+        items.append({"image": url})
+    texts = [item for item in items if isinstance(item, str)]
+    if texts:  # the same checks and cut of over-long texts as ``texts`` get
+        checked = iter(embedding_inputs(texts, model, settings, "inputs"))
+        items = [next(checked) if isinstance(item, str) else item for item in items]
+    return items, [item for item in items if isinstance(item, str)]
+
+
 async def embed(facade: Facade, body: CohereEmbedRequest) -> Response:
-    if body.images or body.inputs:
-        raise bad("images and inputs are not served here: send texts", "images" if body.images else "inputs")
-    if not body.texts:
-        raise bad("texts: required (a list of at least one text)", "texts")
+    source = one_source(body)
     model = facade.directory.resolve(body.model, JobKind.embed, "/v2/embed")
-    texts = embedding_inputs(list(body.texts), model, facade.settings, "texts")
+    if source == "texts":
+        items: list[Any] = embedding_inputs(list(body.texts or []), model, facade.settings, "texts")
+        texts = items
+    elif source == "images":
+        items, texts = cohere_images(list(body.images or []), model, facade.settings), []
+    else:
+        items, texts = cohere_inputs(list(body.inputs or []), model, facade.settings)
     check_dimensions(body.output_dimension, model)
     check_max_tokens(body.max_tokens, model, "max_tokens")
+    # Cohere's input_type "image" names images; prompts apply to texts only
+    input_type = None if body.input_type == "image" else body.input_type
     options = Options(dimensions=body.output_dimension, truncate=truncate_flag(body.truncate),
-                      prompt_name=prompt_for(model, body.input_type, None))
-    result = await facade.embed(model, texts, options, "texts")
+                      prompt_name=prompt_for(model, input_type, None) if texts else None)
+    result = await facade.embed(model, items, options, source)
+    n_images = len(items) - len(texts)
+    billed = {"input_tokens": tokens(result), **({"images": n_images} if n_images else {})}
     answer = CohereEmbedResponse(id=response_id("embed"), embeddings={}, texts=texts,
-                                 meta=_meta(input_tokens=tokens(result))).model_dump()
+                                 meta=_meta(**billed)).model_dump()
     answer["embeddings"] = embeddings_by_type(result.values, list(body.embedding_types))
     return json_response(answer)
 

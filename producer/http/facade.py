@@ -23,6 +23,7 @@ from producer.http.checks import (
     check_dimensions,
     check_max_tokens,
     check_texts,
+    check_tokens,
     embedding_inputs,
     fit_texts,
     image_inputs,
@@ -113,6 +114,7 @@ class Facade:
         if options.outputs is None and "dense" not in model.default_outputs:
             raise bad(f"model {model.id!r} gives {', '.join(model.default_outputs)} embeddings, not dense vectors "
                       "(sparse vectors come from /embed_sparse)", "model")
+        check_tokens(inputs, model, self.settings, param)
         job = EmbedJob(model=model.id, inputs=inputs, options=options)
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, param)
@@ -124,6 +126,7 @@ class Facade:
         """One relevance score per document (``values[:, 0]``)."""
         check_texts(documents, self.settings, "documents")
         check_texts([query], self.settings, "query")
+        check_tokens([(query, document) for document in documents], model, self.settings, "documents")
         job = RerankJob(model=model.id, query=fit_texts([query])[0], documents=fit_texts(documents),
                         options=Options(raw_scores=raw_scores, truncate=truncate))
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
@@ -134,6 +137,7 @@ class Facade:
     async def classify_texts(self, model: ServedModel, texts: list[str], raw_scores: bool, param: str = "input",
                              truncate: bool = True) -> Answer:
         check_texts(texts, self.settings, param)
+        check_tokens(texts, model, self.settings, param)
         job = ClassifyJob(model=model.id, inputs=fit_texts(texts), options=Options(raw_scores=raw_scores, truncate=truncate))
         result = await self.dispatcher.call(job, model.inline_queue, len(model.workers))
         per_item_errors(result, param)

@@ -336,13 +336,41 @@ class TEIInfo(BaseModel):
 CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
 
 
+class CohereImageUrl(BaseModel):
+    """``{"url": ...}``: a data URI or an http(s) URL (Cohere's ``EmbedImageUrl``)."""
+
+    model_config = ConfigDict(extra="ignore")  # Cohere's ``detail`` (auto/low/high) changes nothing for CLIP/SigLIP
+    url: StrictStr
+
+
+class CohereTextContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class CohereImageContent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: CohereImageUrl
+
+
+class CohereEmbedInput(BaseModel):
+    """One of Cohere's ``inputs``: its ``content`` components (``cohere.EmbedInput``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    content: list[Annotated[Union[CohereTextContent, CohereImageContent], Field(discriminator="type")]] = Field(
+        min_length=1)
+
+
 class CohereEmbedRequest(_Request):
-    """Cohere's ``POST /v2/embed`` (``cohere.ClientV2``); images are not served here."""
+    """Cohere's ``POST /v2/embed`` (``cohere.ClientV2``): ``texts``, ``images`` (data URIs) or
+    ``inputs`` (text or image components); images for image-text models (CLIP, SigLIP)."""
 
     model: ModelName = None
     texts: list[Text] | None = Field(default=None, min_length=1)
-    images: list[Any] | None = None
-    inputs: list[Any] | None = None
+    images: list[StrictStr] | None = Field(default=None, min_length=1)
+    inputs: list[CohereEmbedInput] | None = Field(default=None, min_length=1)
     input_type: StrictStr | None = Field(default=None, description="search_document, search_query, "
                                          "classification, clustering: mapped onto the model's prompts")
     embedding_types: list[CohereEmbeddingType] = Field(default_factory=lambda: ["float"], min_length=1)

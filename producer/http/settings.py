@@ -24,6 +24,11 @@ class FacadeSettings:
     max_inputs: int = MAX_INLINE_INPUTS
     max_chars: int = MAX_INPUT_CHARS
     max_body_bytes: int = 8 * 1024 * 1024
+    max_request_tokens: int = 2048 * 256
+    """Tokens one request may carry (413 past it), counted at the door as ``producer.http.checks
+    .estimated_tokens`` does. The default admits the largest request the bundled model can be
+    given (2,048 inputs of its 256-token maximum) and bounds long-context models by work, not
+    by input count (2,048 inputs of 8,192 tokens would be 16.8 M tokens)."""
     jobs_per_worker: int = 4
     """Jobs in flight per worker and model; past it, concurrent requests wait and leave merged."""
     refresh_s: float = 5.0

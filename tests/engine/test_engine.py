@@ -351,6 +351,81 @@ def test_an_urgent_call_goes_ahead_of_a_pending_backlog(tiny_embed_model: Path) 
                           "urgent call")
 
 
+def test_a_small_call_is_not_queued_behind_a_large_call(tiny_embed_model: Path) -> None:
+    """A large inline call (300 texts, dozens of batches) is pending when a one-text call
+    arrives: the small call runs within the next two batches, long before the large one ends."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        large = engine.submit([f"short text {i}" for i in range(300)], urgent=True)
+        _wait_tokenized(engine)
+        call_text = "urgent " + " ".join(["call"] * 30)
+        small = engine.submit([call_text], urgent=True)
+        _wait_tokenized(engine)
+        backend.gate.set()
+        small.result(60), large.result(60), first.result(60)
+        urgent_id = first_token_id(engine, call_text)
+        batches = [c["first_ids"] for c in backend.calls]
+        assert len(batches) > 20, "the large call should need many batches"
+        position = next(i for i, ids in enumerate(batches) if urgent_id in ids)
+        assert position <= 2, f"the small call ran in batch {position} of {len(batches)}, behind the large one"
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
+def test_a_cancelled_call_is_not_computed(tiny_embed_model: Path) -> None:
+    """A call whose caller went away (its future cancelled) while it waited: none of its items
+    reaches the device; the call behind it is answered."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        gone = engine.submit([f"short text {i}" for i in range(300)], urgent=True)
+        _wait_tokenized(engine)
+        assert gone.cancel()
+        kept = engine.submit(["still wanted"], urgent=True)
+        backend.gate.set()
+        assert not kept.result(60).errors and not first.result(60).errors
+        ran = sum(call["n"] for call in backend.calls)
+        assert ran == 2, f"{ran} items computed; the cancelled call's 300 should have been dropped"
+        assert engine.stats["dropped"] == 300
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
+def test_a_call_past_its_deadline_is_dropped_and_fails_timed_out(tiny_embed_model: Path) -> None:
+    """A call whose deadline passes while it waits for the device fails with TimedOut and none
+    of its items is computed; one already past its deadline is not even tokenized."""
+    from producer.errors import TimedOut
+
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        soon = time.monotonic() + 0.3
+        late = engine.submit([f"short text {i}" for i in range(200)], urgent=True, deadline=soon)
+        expired = engine.submit(["already too late"], urgent=True, deadline=time.monotonic() - 1)
+        _wait_tokenized(engine)
+        while time.monotonic() <= soon:  # let the deadline pass while the device is held
+            time.sleep(0.05)
+        backend.gate.set()
+        for future in (late, expired):
+            with pytest.raises(TimedOut):
+                future.result(60)
+        first.result(60)
+        assert sum(call["n"] for call in backend.calls) == 1
+        assert engine.stats["dropped"] == 201
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_batches_are_formed_ahead_only_for_asynchronous_backends(tiny_embed_model: Path, asynchronous: bool) -> None:
     """While a batch runs, a CUDA-like backend has three more formed behind it (two queued, one

@@ -75,3 +75,18 @@ def test_what_the_fast_way_does_not_take_is_answered_the_task_s_way(fleet: tuple
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
     with pytest.raises(TaskRevokedError):
         call(app, payload, expires=past)
+
+
+def test_a_messages_expiry_becomes_the_engines_deadline() -> None:
+    """The facade's per-request deadline travels as the message's ``expires``; the worker hands
+    the engine the same moment on its own clock (so it drops the call's rest once it passes)."""
+    import time
+
+    from worker.hosting.tasks import monotonic_deadline
+
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)
+    deadline = monotonic_deadline(soon.isoformat())
+    assert deadline is not None and 29 < deadline - time.monotonic() <= 30
+    past = monotonic_deadline((dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).isoformat())
+    assert past is not None and past < time.monotonic()
+    assert monotonic_deadline(None) is None and monotonic_deadline("not a time") is None

@@ -53,3 +53,64 @@ def test_the_workers_app_consumes_redis_with_it() -> None:
         connection = create_app(url).connection_for_read()
         assert type(connection.transport) is Transport
         assert bool(connection.ssl) == url.startswith("rediss")
+
+
+# ---------------------------------------------------------------------------- SQS (moto over HTTP)
+SQS_HOSTILE = ["not json", "[]", "42", '{"body": "x"}', '{"properties": 1}', '"text"', "bm90IGpzb24="]
+
+
+@pytest.fixture
+def moto_sqs(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    moto_server = pytest.importorskip("moto.server")
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    server.stop()
+
+
+def test_undecodable_sqs_messages_are_deleted_and_counted(moto_sqs: None) -> None:
+    import boto3
+
+    from producer.broker import ensure_sqs_queue, sqs_transport_options
+    from worker.hosting.transport import SQS_TRANSPORT
+
+    name = "embed.tiny"
+    url = ensure_sqs_queue(name)  # with its dead-letter queue: the garbage must not land there either
+    queue = Queue(name, Exchange(name), routing_key=name)
+    received: list[object] = []
+    before = DISCARDED.labels(queue=name)._value.get()
+    sqs = boto3.client("sqs")
+    for body in SQS_HOSTILE:
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    options = {**sqs_transport_options([name]), "wait_time_seconds": 1}
+    with Connection("sqs://", transport=SQS_TRANSPORT, transport_options=options) as connection:
+        Producer(connection.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name,
+                                                     serializer="json", declare=[queue])
+        with Consumer(connection, [queue], callbacks=[lambda body, message: (received.append(body), message.ack())]):
+            for _ in range(len(SQS_HOSTILE) + 5):
+                if received:
+                    break
+                try:
+                    connection.drain_events(timeout=2)
+                except TimeoutError:
+                    continue
+    assert received == [{"n": 1}]
+    assert DISCARDED.labels(queue=name)._value.get() - before == len(SQS_HOSTILE)
+    left = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert left["ApproximateNumberOfMessages"] == left["ApproximateNumberOfMessagesNotVisible"] == "0"
+    dlq = sqs.get_queue_url(QueueName="embed-tiny-dlq")["QueueUrl"]
+    assert sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])[
+        "Attributes"]["ApproximateNumberOfMessages"] == "0"
+
+
+def test_the_workers_app_consumes_sqs_with_it(moto_sqs: None) -> None:
+    from worker.hosting.app import create_app
+    from worker.hosting.transport import SqsTransport
+
+    assert type(create_app("sqs://", backend="redis://127.0.0.1:1/0").connection_for_read().transport) is SqsTransport

@@ -154,6 +154,83 @@ def test_a_request_that_times_out_while_waiting_is_never_sent() -> None:
     asyncio.run(scenario())
 
 
+class DeadlineRecorder:
+    """A ``run`` that honours its deadline as a real send does (``TimeoutError`` past it), answers
+    when the test opens the gate of that call, and records what it was given and how it ended."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[Any], float]] = []
+        self.gates: list[asyncio.Event] = []
+        self.ended: list[str] = []
+
+    async def __call__(self, sent: Any, queue: str, deadline: float) -> Answer:
+        self.sent.append((list(sent.inputs), deadline))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        try:
+            await asyncio.wait_for(gate.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        except asyncio.TimeoutError:
+            self.ended.append("timed out")
+            raise
+        self.ended.append("answered")
+        return answer_for(sent)
+
+
+def test_a_request_merged_into_an_older_one_keeps_its_own_deadline() -> None:
+    """An older request (short deadline) and a newer one (long deadline) leave merged: the job
+    runs until the newer one's deadline, the older one times out at its own (a 504) and the newer
+    one gets its rows when the answer comes after that."""
+    async def scenario() -> None:
+        run = DeadlineRecorder()
+        coalescer = Coalescer(run, retry_client_errors)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(coalescer.submit(job("a"), "q", 1, loop.time() + 30))
+        await settle()
+        older_deadline, newer_deadline = loop.time() + 0.3, loop.time() + 30
+        older = asyncio.create_task(coalescer.submit(job("old"), "q", 1, older_deadline))
+        newer = asyncio.create_task(coalescer.submit(job("new", "newer"), "q", 1, newer_deadline))
+        await settle()
+        run.gates[0].set()
+        await first
+        await settle()
+        assert [inputs for inputs, _ in run.sent] == [["a"], ["old", "new", "newer"]]
+        assert run.sent[1][1] == newer_deadline, "the merged job took the older request's deadline"
+        with pytest.raises(asyncio.TimeoutError):
+            await older
+        assert not newer.done()
+        run.gates[1].set()
+        got = await newer
+        assert got.values[:, 0].tolist() == [1, 2] and got.n_tokens == [3, 5]
+        assert run.ended == ["answered", "answered"]
+
+    asyncio.run(scenario())
+
+
+def test_a_job_nobody_waits_for_any_more_is_cancelled() -> None:
+    """Every request of a sent job stopped waiting (timed out, or its client went away): the
+    job's run is cancelled, not left running until its own deadline."""
+    async def scenario() -> None:
+        run = DeadlineRecorder()
+        coalescer = Coalescer(run, retry_client_errors)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(asyncio.TimeoutError):  # the run's own deadline is far: only the wait ends
+            await coalescer.submit(job("gone"), "q", 1, loop.time() + 0.2)
+        await settle()
+        assert run.ended == ["cancelled"]
+        waiter = asyncio.create_task(coalescer.submit(job("client leaves"), "q", 1, loop.time() + 30))
+        await settle()
+        waiter.cancel()  # what a disconnect does to the request's handler
+        for _ in range(4):
+            await settle()
+        assert run.ended == ["cancelled", "cancelled"]
+        assert coalescer.lanes["q"].inflight == 0
+
+    asyncio.run(scenario())
+
+
 def requests_per_job(url: str) -> tuple[float, float]:
     import re
 

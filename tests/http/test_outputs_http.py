@@ -190,3 +190,55 @@ def test_clip_images_over_http_and_the_client(fleet: tuple[str, str], clip_model
     assert text_only.status_code == 400 and "embeds text only" in text_only.text
     models = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]}
     assert "image_embed" in models["tiny-clip"]["capabilities"]
+
+
+def test_cohere_v2_embed_images_and_inputs_with_the_cohere_client(fleet: tuple[str, str], clip_model: Path,
+                                                                   image_server: str) -> None:
+    """Cohere's ``images`` (data URIs) and ``inputs`` (text or image_url content) through the real
+    cohere.ClientV2 on the facade, against the engine's own vectors of the same images and text."""
+    import cohere
+
+    url, _ = fleet
+    png = "data:image/png;base64," + base64.b64encode(image_bytes(40, 30, "PNG", 11)).decode()
+    jpg = "data:image/jpeg;base64," + base64.b64encode(image_bytes(50, 50, "JPEG", 12)).decode()
+    engine = make_engine(clip_model)
+    try:
+        want = engine.run([{"image": png}, {"image": jpg}, "a photo of a cat"]).values
+    finally:
+        engine.stop()
+    client = cohere.ClientV2(api_key="unused", base_url=url)
+    images = client.embed(model="tiny-clip", input_type="image", embedding_types=["float", "base64"],
+                          images=[png, jpg])
+    np.testing.assert_allclose(np.array(images.embeddings.float_), want[:2], atol=2e-5)
+    decoded = [np.frombuffer(base64.b64decode(b), "<f4") for b in images.embeddings.base64]
+    np.testing.assert_allclose(np.array(decoded), want[:2], atol=2e-5)
+    assert images.texts == [] and images.meta.billed_units.images == 2
+
+    def image(ref: str) -> cohere.EmbedInput:
+        return cohere.EmbedInput(content=[cohere.ImageUrlEmbedContent(image_url=cohere.EmbedImageUrl(url=ref))])
+
+    mixed = client.embed(model="tiny-clip", input_type="search_document", embedding_types=["float"], inputs=[
+        image(f"{image_server}/b.jpg"), cohere.EmbedInput(content=[cohere.TextEmbedContent(text="a photo of a cat")]),
+        image(png)])
+    np.testing.assert_allclose(np.array(mixed.embeddings.float_), want[[1, 2, 0]], atol=2e-5)
+    assert mixed.texts == ["a photo of a cat"] and mixed.meta.billed_units.images == 2
+
+    fused = {"content": [{"type": "text", "text": "a cat"}, {"type": "image_url", "image_url": {"url": png}}]}
+    broken = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    for body, param, words in (
+            ({"inputs": [fused]}, "inputs[0].content", "2 components"),
+            ({"images": [f"{image_server}/a.png"]}, "images[0]", "data URI"),
+            ({"texts": ["a"], "images": [png]}, "images", "exactly one of texts, images or inputs"),
+            ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}]},
+             "inputs[0].content[0].image_url.url", "http(s) URL or a data: URI"),
+            ({"images": [png, broken]}, "images[1]", "image")):
+        reply = httpx.post(f"{url}/v2/embed", json={"model": "tiny-clip", "input_type": "image", **body}, timeout=60)
+        assert reply.status_code == 400, (body, reply.text)
+        error = reply.json()["error"]
+        assert error["param"] == param and words in error["message"], (param, error)
+    text_model = httpx.post(f"{url}/v2/embed", json={"model": "tiny-bert", "inputs": [
+        {"content": [{"type": "image_url", "image_url": {"url": png}}]}]}, timeout=60)
+    assert text_model.status_code == 400 and "embeds text only" in text_model.text, text_model.text
+    texts_as_inputs = client.embed(model="tiny-bert", input_type="search_query", embedding_types=["float"],
+                                   inputs=[cohere.EmbedInput(content=[cohere.TextEmbedContent(text="plain text")])])
+    assert texts_as_inputs.texts == ["plain text"] and len(texts_as_inputs.embeddings.float_) == 1

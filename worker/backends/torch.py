@@ -4,7 +4,8 @@ The dtype asked for is the dtype the weights are loaded in (no fp32 copy kept ar
 pooling runs on the device so only ``[batch, hidden]`` is copied back.
 
 On CUDA, BERT / RoBERTa / XLM-R embedding models run unpadded (``worker.backends.varlen``:
-packed tokens, fused QKV, varlen flash attention, fused bias+LayerNorm and GELU epilogues).
+packed tokens, fused QKV, varlen flash attention, fused bias+LayerNorm and GELU epilogues), and
+so do Qwen3 decoder embedders (``worker.backends.decoder``: causal varlen flash, GQA, RoPE).
 Other models, and CPU (where ``torch_cpu.optimize`` applies), keep the padded SDPA path. The
 batch budget on a GPU is sized by ``worker.engine.memory`` through ``memory_device``.
 """
@@ -24,6 +25,7 @@ from producer.jobs import JobKind
 from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
+from worker.backends.decoder import DecoderEncoder
 from worker.backends.varlen import equal_length_groups
 from worker.models import bge_m3, splade, vision
 from worker.models.heads import pool, pool_varlen
@@ -142,15 +144,17 @@ class TorchBackend(Backend):
                 raise BadInput(f"varlen=True but {info.name} cannot run unpadded: SPLADE pools masked-LM logits")
             want_varlen = False
         if want_varlen and info.kind == JobKind.embed:
-            from worker.backends.varlen import build_encoder, unsupported_reason
+            from worker.backends import decoder, varlen as encoder
 
-            reason = unsupported_reason(model)
+            unpadded = decoder if info.model_type in decoder.MODEL_TYPES else encoder
+            reason = unpadded.unsupported_reason(model)
             if reason and varlen:
                 raise BadInput(f"varlen=True but {info.name} cannot run unpadded: {reason}")
             if reason:
                 log.info("%s runs padded: %s", info.name, reason)
             else:
-                self.encoder = build_encoder(model).to_arena(self.device)
+                built = decoder.build_decoder(model) if unpadded is decoder else encoder.build_encoder(model)
+                self.encoder = built.to_arena(self.device)
                 self.unpadded = True
                 del model
         if self.encoder is None:
@@ -165,10 +169,11 @@ class TorchBackend(Backend):
         # On by default with the fused kernels: measured on the bundled model, min cosine to fp32
         # 0.999735 with it and 0.999736 without (bf16 rounding dominates), for ~8% more speed.
         approx = settings().approximate_gelu if approximate_gelu is None else approximate_gelu
-        self.approximate_gelu = bool(approx and self.fused)
+        self.approximate_gelu = bool(approx and self.fused and not isinstance(self.encoder, DecoderEncoder))
         if self.encoder is not None:
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
-            self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
+            if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's
+                self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
         # bge-m3's sparse and ColBERT heads (tiny: loaded on the device beside the encoder)
         heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
         self.heads = heads.to(self.device) if heads is not None else None
@@ -183,6 +188,8 @@ class TorchBackend(Backend):
     @property
     def mode(self) -> str:  # type: ignore[override]
         mode = "varlen" if self.unpadded else "padded"
+        if isinstance(self.encoder, DecoderEncoder):
+            mode += "-decoder"
         if self.heads is not None:  # profiled with the heads running (worker.engine.memory.heaviest_forward)
             mode += "-heads"
         if self.fused:

@@ -257,24 +257,8 @@ class VarlenEncoder(nn.Module):
         return x
 
     def to_arena(self, device: str | torch.device) -> "VarlenEncoder":
-        """Move every weight into one device allocation (aligned views), then the buffers.
-
-        One allocation means no allocator rounding or segment slack per tensor: the weights take
-        their exact size on the device, which is what keeps memory after load at transformers'.
-        """
-        params = list(self.parameters())
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) != 1 or torch.device(device).type == "cpu":
-            return self.to(device)
-        align = 128  # elements: 256-byte aligned starts for vectorized kernels and GEMMs
-        sizes = [(p.numel() + align - 1) // align * align for p in params]
-        arena = torch.empty(sum(sizes), dtype=dtypes.pop(), device=device)
-        offset = 0
-        for param, size in zip(params, sizes):
-            view = arena[offset : offset + param.numel()].view(param.shape)
-            view.copy_(param.data)
-            param.data = view
-            offset += size
+        """Every weight in one device allocation (:func:`move_to_arena`), then the buffers."""
+        move_to_arena(self, device)
         return self.to(device)
 
     def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
@@ -282,6 +266,29 @@ class VarlenEncoder(nn.Module):
         for layer in self.layers:
             layer.fused = fused
             layer.approximate_gelu = approximate_gelu
+
+
+def move_to_arena(module: nn.Module, device: str | torch.device) -> None:
+    """Move every weight of ``module`` into one device allocation (aligned views).
+
+    One allocation means no allocator rounding or segment slack per tensor: the weights take
+    their exact size on the device, which is what keeps memory after load at transformers'.
+    Mixed dtypes, or a CPU target, move tensor by tensor (``module.to``) instead.
+    """
+    params = list(module.parameters())
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or torch.device(device).type == "cpu":
+        module.to(device)
+        return
+    align = 128  # elements: 256-byte aligned starts for vectorized kernels and GEMMs
+    sizes = [(p.numel() + align - 1) // align * align for p in params]
+    arena = torch.empty(sum(sizes), dtype=dtypes.pop(), device=device)
+    offset = 0
+    for param, size in zip(params, sizes):
+        view = arena[offset : offset + param.numel()].view(param.shape)
+        view.copy_(param.data)
+        param.data = view
+        offset += size
 
 
 def build_encoder(hf_model: Any) -> VarlenEncoder:

@@ -1,14 +1,17 @@
 """``embedfleet run``: the embedded default, a whole corpus job on this machine with no broker.
 
-A worker runs in this process on the in-memory transport, fed by the same client and tasks a
-fleet uses, so a laptop run and a fleet run differ only in where the queue lives.
+On one device a worker runs in this process on the in-memory transport, fed by the same client
+and tasks a fleet uses, so a laptop run and a fleet run differ only in where the queue lives. On
+several (every visible GPU by default, or ``--devices``) it runs one engine process per device,
+the engines of ``embedfleet worker --devices``, on a private host-local Redis
+(``worker.hosting.local_fleet``): the job is then a fleet's job on this host.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -17,7 +20,7 @@ from rich.markup import escape
 from producer.cli import app, build_options, console, fail, follow, say_id_column, summarize
 from producer.client import Client
 from producer.errors import BadInput, EmbedfleetError
-from producer.jobs import DEFAULT_MODEL, Columns, JobKind
+from producer.jobs import DEFAULT_MODEL, ClassifyJob, Columns, EmbedJob, JobKind, Options, RerankJob
 from producer.logs import setup_logging
 from producer.options import (
     Dimensions,
@@ -43,13 +46,18 @@ from worker.commands.options import (
     DEFAULT_TRUST_REMOTE_CODE,
     Backend,
     Device,
+    Devices,
     Dtype,
     MaxBatchTokens,
     MemoryFraction,
     TrustRemoteCode,
 )
+from worker.commands.worker import engine_line
+from worker.hosting.devices import DeviceSlot, plan_slots
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.local_fleet import LocalFleet, engine_work
 from worker.hosting.trust import StorageRoots
+from worker.models.resolve import ModelInfo, describe
 
 
 def run_roots(input: str, out: str, image_column: str | None) -> list[str]:
@@ -73,6 +81,7 @@ def run(
     document_column: DocumentColumn = "document",
     shard_rows: ShardRows = 2048,
     device: Device = "auto",
+    devices: Devices = None,
     backend: Backend = DEFAULT_BACKEND,
     dtype: Dtype = DEFAULT_DTYPE,
     max_batch_tokens: MaxBatchTokens = None,
@@ -89,42 +98,108 @@ def run(
     image_column: ImageColumn = None,
     verbose: Verbose = False,
 ) -> None:
-    """Embed (or rerank, classify) a corpus into Parquet on this machine, with no broker."""
+    """Embed (or rerank, classify) a corpus into Parquet on this machine, with no broker.
+
+    With several devices (every visible GPU by default, or --devices 0,1 / 0,0 / cpu:N), each runs
+    its own engine process taking shards of the job; a dead one is restarted and its shard redone."""
     setup_logging(verbose)
     try:
         options = build_options(normalize, truncate, dimensions, prompt_name, prompt, output_dtype, outputs)
         fmt = detect_format(input)
-        spec = WorkerSpec(models=[model], device=device, backend=backend, dtype=dtype, concurrency=concurrency,
-                          max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
-                          trust_remote_code=trust_remote_code, storage_roots=StorageRoots.parse(run_roots(input, out, image_column)))
-        with InProcessWorker(spec) as worker:
-            engine = worker.engines[0]
-            model_kind = engine.info.kind
-            if kind is not None and kind != model_kind:
-                raise BadInput(f"--kind {kind.value}: model {model!r} is {model_kind.a_model}", param="kind")
-            engine.check_options(options)
-            if image_column and "image" not in engine.info.modalities:
-                raise BadInput(f"--image-column: model {model!r} embeds text only (images need an image-text model: "
-                               "CLIP, SigLIP)", param="image_column")
-            id_column = say_id_column(input, id_column)
-            columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column,
-                              image=image_column)
-            check_columns(input, fmt, model_kind, columns)
-            console.print(f"model {engine.info.name} ({model_kind.value}, {engine.info.dims} dims) on "
-                          f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
-            selection = worker.selections[0]
-            if selection.reason:
-                console.print(f"backend auto: {escape(selection.reason)}")
-            if selection.table and not selection.cached:
-                console.print(selection.table)
-            client = Client(app=worker.app)
-            started = time.monotonic()
-            handle = client.submit_corpus(input, out, model=model, kind=model_kind, text_column=text_column,
-                                          id_column=id_column, query_column=query_column,
-                                          document_column=document_column, shard_rows=shard_rows, options=options,
-                                          image_column=image_column)
-            manifest, seconds = follow(handle, poll=0.1, started=started)
+        slots = plan_slots(devices, device)
+        spec = WorkerSpec(models=[model], device=slots[0].device, backend=backend, dtype=dtype,
+                          concurrency=concurrency, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                          trust_remote_code=trust_remote_code,
+                          storage_roots=StorageRoots.parse(run_roots(input, out, image_column)))
+        columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column,
+                          image=image_column)
+        if len(slots) > 1:
+            manifest, seconds, handle = run_on_devices(slots, spec, input, out, fmt, kind, columns, shard_rows,
+                                                       options, verbose)
+        else:
+            manifest, seconds, handle = run_here(spec, input, out, fmt, kind, columns, shard_rows, options)
     except (EmbedfleetError, ValidationError) as exc:
         raise fail(exc) from None
     summarize(manifest, seconds, handle)
     raise typer.Exit(0 if manifest.status == "complete" else 1)
+
+
+def check_job(info: ModelInfo, kind: JobKind | None, input: str, fmt: str, columns: Columns) -> Columns:
+    """The checks before any work is queued: the kind, images, the columns; returns the columns
+    with the id column ``say_id_column`` settled on."""
+    if kind is not None and kind != info.kind:
+        raise BadInput(f"--kind {kind.value}: model {info.ref!r} is {info.kind.a_model}", param="kind")
+    if columns.image and "image" not in info.modalities:
+        raise BadInput(f"--image-column: model {info.ref!r} embeds text only (images need an image-text model: "
+                       "CLIP, SigLIP)", param="image_column")
+    columns = columns.model_copy(update={"id": say_id_column(input, columns.id)})
+    check_columns(input, fmt, info.kind, columns)
+    return columns
+
+
+def submit(client: Client, input: str, out: str, kind: JobKind, columns: Columns, shard_rows: int,
+           options: Any, model: str) -> tuple[Any, float, Any]:
+    """Submit the corpus and follow it to its manifest."""
+    started = time.monotonic()
+    handle = client.submit_corpus(input, out, model=model, kind=kind, text_column=columns.text,
+                                  id_column=columns.id, query_column=columns.query,
+                                  document_column=columns.document, shard_rows=shard_rows, options=options,
+                                  image_column=columns.image)
+    manifest, seconds = follow(handle, poll=0.1, started=started)
+    return manifest, seconds, handle
+
+
+def run_here(spec: WorkerSpec, input: str, out: str, fmt: str, kind: JobKind | None, columns: Columns,
+             shard_rows: int, options: Any) -> tuple[Any, float, Any]:
+    """One device: the engine in this process, on the in-memory transport."""
+    model = str(spec.models[0])
+    with InProcessWorker(spec) as worker:
+        engine = worker.engines[0]
+        columns = check_job(engine.info, kind, input, fmt, columns)
+        engine.check_options(options)
+        console.print(f"model {engine.info.name} ({engine.info.kind.value}, {engine.info.dims} dims) on "
+                      f"{engine.backend.device} in {engine.backend.dtype}, batches of <= {engine.max_batch_tokens} tokens")
+        selection = worker.selections[0]
+        if selection.reason:
+            console.print(f"backend auto: {escape(selection.reason)}")
+        if selection.table and not selection.cached:
+            console.print(selection.table)
+        return submit(Client(app=worker.app), input, out, engine.info.kind, columns, shard_rows, options, model)
+
+
+#: the inline call that has an engine check a job's options before its corpus is queued
+OPTIONS_CHECK_TIMEOUT_S = 120.0
+
+
+def check_options_on(client: Client, kind: JobKind, model: str, options: Options) -> None:
+    """The job's options checked by a real engine before anything is queued (this process loads no
+    model): one inline call of one short input with those options; a refusal raises as it would
+    from ``Engine.check_options`` in this process."""
+    job: EmbedJob | RerankJob | ClassifyJob
+    if kind == JobKind.rerank:
+        job = RerankJob(model=model, query="options check", documents=["options check"], options=options)
+    elif kind == JobKind.classify:
+        job = ClassifyJob(model=model, inputs=["options check"], options=options)
+    else:
+        job = EmbedJob(model=model, inputs=["options check"], options=options)
+    client.call(job, timeout=OPTIONS_CHECK_TIMEOUT_S)
+
+
+def run_on_devices(slots: list[DeviceSlot], spec: WorkerSpec, input: str, out: str, fmt: str,
+                   kind: JobKind | None, columns: Columns, shard_rows: int, options: Any,
+                   verbose: bool) -> tuple[Any, float, Any]:
+    """Several devices: one engine process each on a private Redis; this process only submits and
+    follows (the model's files are read for the checks, its weights are loaded by the engines)."""
+    model = str(spec.models[0])
+    info = describe(model, trust_remote_code=spec.trust_remote_code)
+    columns = check_job(info, kind, input, fmt, columns)
+    console.print(f"model {info.name} ({info.kind.value}, {info.dims} dims): starting {len(slots)} engine processes: "
+                  + ", ".join(f"{s.label} ({len(s.cores)} cores)" if s.cores else s.label for s in slots))
+    with LocalFleet(slots, spec, verbose, on_engine_ready=lambda m: console.print(engine_line(m))) as fleet:
+        client = Client(broker=fleet.url, result_backend=fleet.url)
+        check_options_on(client, info.kind, model, options)
+        answer = submit(client, input, out, info.kind, columns, shard_rows, options, model)
+        for row in engine_work(client.app):
+            console.print(f"engine {row['device']} (pid {row['pid']}): {row.get('batches', 0):,} batches, "
+                          f"{row.get('items', 0):,} inputs, {row.get('tokens', 0):,} tokens")
+        return answer

@@ -3,13 +3,18 @@
 Thin mode holds no model: each request is a job on the model's queue, answered by whatever
 workers consume it. Embedded mode starts the same in-process worker ``embedfleet run`` uses
 (in-memory transport) and puts the same facade in front of it; its calls are handed to the
-engine directly (``worker.hosting.direct``), without a message in between.
+engine directly (``worker.hosting.direct``), without a message in between. With several devices
+(every visible GPU by default, or ``--devices``) embedded mode runs one engine process per device
+on a private host-local Redis (``worker.hosting.local_fleet``) and the facade in front of them is
+the thin one: each call takes one Redis hop to whichever engine asks first, and /health,
+/v1/models and /metrics report each engine's device.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import replace
 from typing import Annotated, Any, List, Optional
 
 import typer
@@ -31,14 +36,17 @@ from worker.commands.options import (
     DEFAULT_TRUST_REMOTE_CODE,
     Backend,
     Device,
+    Devices,
     Dtype,
     MaxBatchTokens,
     MemoryFraction,
     TrustRemoteCode,
 )
-from worker.commands.worker import say_selections
+from worker.commands.worker import engine_line, say_selections
+from worker.hosting.devices import DeviceSlot, plan_slots
 from worker.hosting.direct import EngineRunner
 from worker.hosting.host import InProcessWorker, WorkerSpec
+from worker.hosting.local_fleet import LocalFleet
 from worker.hosting.trust import StorageRoots
 
 log = logging.getLogger(__name__)
@@ -77,8 +85,20 @@ def build(broker: Optional[str], result_backend: Optional[str], models: list[str
     """The ASGI app and, in embedded mode, the worker behind it (stopped with the app)."""
     if broker:
         return create_app(Client(broker=broker, result_backend=result_backend), settings), None
+    # (several devices: ``build_on_devices``)
     worker = start_embedded(models, spec)
     return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop, runner=EngineRunner()), worker
+
+
+def build_on_devices(slots: list[DeviceSlot], settings: FacadeSettings, spec: WorkerSpec,
+                     verbose: bool) -> tuple[Any, LocalFleet]:
+    """Embedded on several devices: the engine processes on a private Redis, the thin facade in
+    front of them (the engines and the broker are stopped with the app)."""
+    console.print("starting {} engine processes: {}".format(
+        len(slots), ", ".join(f"{s.label} ({len(s.cores)} cores)" if s.cores else s.label for s in slots)))
+    fleet = LocalFleet(slots, spec, verbose, on_engine_ready=lambda m: console.print(engine_line(m))).start()
+    client = Client(broker=fleet.url, result_backend=fleet.url)
+    return create_app(client, settings, on_shutdown=fleet.stop), fleet
 
 
 @app.command("serve")
@@ -103,10 +123,14 @@ def serve(
     max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Characters per input (413); above "
                                            "100,000, longer inputs are cut there, past any model's maximum")] = 100_000,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1024, help="Body size (413)")] = 8 * 1024 * 1024,
+    max_request_tokens: Annotated[int, typer.Option(
+        "--max-request-tokens", min=1, help="Tokens per request (413), counted as one per UTF-8 byte, at most "
+        "the model's maximum per input")] = FacadeSettings.max_request_tokens,
     jobs_per_worker: Annotated[int, typer.Option(
         "--jobs-per-worker", min=1, help="Jobs in flight per worker and model; concurrent requests past it "
         "are merged into the next job")] = FacadeSettings.jobs_per_worker,
     device: Device = "auto",
+    devices: Devices = None,
     backend: Backend = DEFAULT_BACKEND,
     dtype: Dtype = DEFAULT_DTYPE,
     processes: Annotated[int, typer.Option(
@@ -125,12 +149,16 @@ def serve(
     setup_logging(verbose)
     settings = FacadeSettings(models=list(model), api_key=api_key, timeout_s=timeout, max_inflight=max_inflight,
                               max_queue_depth=max_queue_depth, max_inputs=max_inputs, max_chars=max_chars,
-                              max_body_bytes=max_body_bytes, jobs_per_worker=jobs_per_worker,
+                              max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
+                              jobs_per_worker=jobs_per_worker,
                               protect_metrics=protect_metrics)
     if processes > 1 and not broker:
         raise fail(BadInput("--processes above 1 needs --broker: every process would host its own copy of the "
                             "models; run one embedded server, or a thin facade in front of `embedfleet worker`",
                             param="processes"))
+    if broker and devices:
+        raise fail(BadInput("--devices applies to embedded mode (no --broker): a thin facade holds no model; "
+                            "give --devices to `embedfleet worker`", param="devices"))
     if broker and broker.startswith("sqs://") and not model:
         # SQS has no broadcast: the facade asks each named model's queue what serves it
         raise fail(BadInput("with an sqs:// broker, name the models to serve: --model REF (or --model rerank:REF)"))
@@ -152,16 +180,26 @@ def serve(
                       f"{processes} processes)")
         status = serve_processes(lambda: build(broker, result_backend, hosted, settings, spec)[0], config, processes)
         raise typer.Exit(status)
+    fleet: LocalFleet | None = None
+    worker: InProcessWorker | None = None
     try:
-        asgi, worker = build(broker, result_backend, hosted, settings, spec)
+        slots = plan_slots(devices, device) if not broker else []
+        if len(slots) > 1:
+            asgi, fleet = build_on_devices(slots, settings, replace(spec, device=slots[0].device), verbose)
+        else:
+            asgi, worker = build(broker, result_backend, hosted, settings, spec)
     except EmbedfleetError as exc:
         raise fail(exc) from None
     if worker is not None:
         say_selections(worker)
     mode = f"thin, jobs to {broker.split('@')[-1]}" if broker else f"embedded, hosting {', '.join(hosted)}"
+    if fleet is not None:
+        mode += f" on {len(slots)} engine processes ({', '.join(s.label for s in slots)})"
     console.print(f"embedfleet serve on http://{host}:{port} ({mode})")
     try:
         uvicorn.run(asgi, **config)
     finally:
         if worker is not None and worker.alive():
             worker.stop()
+        if fleet is not None and fleet.alive():
+            fleet.stop()

@@ -15,6 +15,11 @@
   it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
   copy from pinned memory) while the current one runs.
 * Results are copied back and post-processed on a small pool, then put back in input order.
+* A request nobody waits for any more is not computed: past its deadline (``submit(deadline=)``,
+  ``time.monotonic()``) or with its future cancelled (the caller went away), its remaining items
+  are dropped when the next batch is formed and its chunks not yet tokenized are skipped; it
+  fails with ``TimedOut`` (``stats["dropped"]`` counts the items). Requests share the urgent lane
+  fairly (``worker.engine.scheduler``): a small call is not queued behind a large one.
 * Out-of-memory splits a batch in halves (never retried whole); a single input that still does
   not fit fails alone. Non-finite outputs are recomputed in a wider type; if still not finite,
   the item fails with a clear message: a NaN never leaves the worker.
@@ -22,7 +27,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -33,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from producer.errors import BadInput, EngineStopped, UnsupportedModel
+from producer.errors import BadInput, EngineStopped, TimedOut, UnsupportedModel
 from producer.jobs import JobKind, Options
 from producer.outputs import DENSE_ONLY, MultiVectors, SparseRows
 from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
@@ -104,6 +111,14 @@ class _Request:
     errors: dict[int, str] = field(default_factory=dict)
     remaining: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: ``time.monotonic()`` past which nobody waits for the answer (infinity: no deadline)
+    deadline: float = math.inf
+    #: the scheduler's name for this request (its blocks share the device as one request)
+    group: int = 0
+
+    def unwanted(self) -> bool:
+        """Nobody waits for this request any more: its caller cancelled, or its deadline passed."""
+        return self.future.cancelled() or time.monotonic() > self.deadline
 
 
 @dataclass(eq=False)
@@ -152,7 +167,9 @@ class Engine:
         self.budget_report = sized.report
         budget = sized.tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
-        self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32))
+        self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32),
+                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped)
+        self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[Picked, Batch] | None] = queue.Queue(maxsize=2)
@@ -166,6 +183,8 @@ class Engine:
         self._stop = threading.Event()
         # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
         self._in_flight = threading.Semaphore(2)
+        self._launched = 0  # batches launched and not yet copied back
+        self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
         self._open_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -177,7 +196,8 @@ class Engine:
 
             self._preprocess = Preprocessor(info.path)
             self.images = ImageLane(backend, self._deliver_images, self._fail_indices)
-        self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0}
+        self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0,
+                      "dropped": 0}
 
     @property
     def max_batch_tokens(self) -> int:
@@ -234,15 +254,18 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, inputs: Sequence[Any], options: Options | None = None,
-               urgent: bool = False) -> "Future[EngineResult]":
+               urgent: bool = False, deadline: float | None = None) -> "Future[EngineResult]":
         """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future.
 
         ``urgent`` marks a call someone is waiting on (an HTTP request): its items go into the
-        next batch ahead of pending bulk work (see ``Scheduler``)."""
+        next batch ahead of pending bulk work (see ``Scheduler``). Past ``deadline``
+        (``time.monotonic()``), or once the future is cancelled, its remaining items are dropped
+        instead of computed and the future fails with ``TimedOut``."""
         options = options or Options()
         self.check_options(options)
         request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
-                           outputs=self.outputs_for(options))
+                           outputs=self.outputs_for(options), group=next(self._groups),
+                           deadline=math.inf if deadline is None else float(deadline))
         request.n_tokens = np.zeros(len(inputs), dtype=np.int64)
         request.truncated = np.zeros(len(inputs), dtype=bool)
         texts, given, images = self._validate(inputs, options, request)
@@ -261,9 +284,9 @@ class Engine:
         return request.future
 
     def run(self, inputs: Sequence[Any], options: Options | None = None, timeout: float | None = None,
-            urgent: bool = False) -> EngineResult:
+            urgent: bool = False, deadline: float | None = None) -> EngineResult:
         """Submit and wait."""
-        return self.submit(inputs, options, urgent).result(timeout)
+        return self.submit(inputs, options, urgent, deadline).result(timeout)
 
     def check_options(self, options: Options) -> None:
         """Raise ``BadInput`` for options this model cannot honour, before any work is queued."""
@@ -405,6 +428,9 @@ class Engine:
 
     def _tokenize(self, request: _Request, chunk: list[tuple[int, Any]], as_ids: bool) -> None:
         """One tokenizer call for the chunk; its rows go to the scheduler as one block."""
+        if request.unwanted():
+            self._drop(request, len(chunk))
+            return
         index = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
         values = [value for _, value in chunk]
         try:
@@ -427,9 +453,23 @@ class Engine:
         if rejected.size < len(index):
             rows = np.flatnonzero(keep)
             try:
-                self.scheduler.add(lengths[rows], _Block(request, index, tokens), rows=rows, urgent=request.urgent)
+                self.scheduler.add(lengths[rows], _Block(request, index, tokens), rows=rows, urgent=request.urgent,
+                                   group=request.group,
+                                   deadline=None if math.isinf(request.deadline) else request.deadline)
             except EngineStopped as exc:
                 self._fail_request(request, exc)
+
+    def _dropped(self, block: _Block, rows: np.ndarray) -> None:
+        """The scheduler dropped these rows of a block (deadline passed, or the caller cancelled)."""
+        self._drop(block.request, int(rows.size))
+
+    def _drop(self, request: _Request, count: int) -> None:
+        """``count`` items of an unwanted request are not computed; the request fails (once)."""
+        self.stats["dropped"] += count
+        if not request.future.done():
+            log.info("dropping %d items of a request past its deadline", count)
+        self._fail_request(request, TimedOut("the request's deadline passed before all its inputs ran; the rest "
+                                             "was dropped", code="timeout"))
 
     # ------------------------------------------------------------------ device side
     def _collate(self, picked: Picked) -> Batch:
@@ -446,7 +486,7 @@ class Engine:
 
     def _form_batch(self) -> bool:
         """Take a batch from the scheduler and hand it to the device loop; False if none was."""
-        slots = self.scheduler.next_batch(timeout=0.2)
+        slots = self.scheduler.next_batch(timeout=0.2, wanted=self._device_wants if self.backend.asynchronous else None)
         if not slots:
             return False
         try:
@@ -463,6 +503,20 @@ class Engine:
                 continue
         self._fail_slots(slots, EngineStopped("the worker is stopping"))
         return False
+
+    def _device_wants(self) -> bool:
+        """An asynchronous device would launch a batch now: none formed waits for it and a launch
+        slot is free. Until then a batch that does not fill the budget is not formed, so the
+        requests arriving while the device runs join it instead of queueing as small batches,
+        each paying the launch's fixed CPU cost (on a GPU, concurrent single-text calls otherwise
+        became batches of a few items). Full batches are formed ahead as before."""
+        return self._ready.qsize() == 0 and self._launched < 2
+
+    def _launch_count(self, change: int) -> None:
+        with self._launched_lock:
+            self._launched += change
+        if change < 0:
+            self.scheduler.poke()
 
     def _stage(self, batch: Batch) -> None:
         """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
@@ -481,6 +535,8 @@ class Engine:
             if work is None:
                 break
             slots, batch = work
+            if self.backend.asynchronous:
+                self.scheduler.poke()  # the next batch may form while this one launches
             try:
                 self._run_batch(slots, batch)
             finally:
@@ -512,6 +568,7 @@ class Engine:
                 log.exception("forward failed on a batch of %d", len(slots))
                 self._fail_slots(slots, exc)
             return
+        self._launch_count(1)
         self.stats["batches"] += 1
         self.stats["items"] += len(slots)
         self.stats["tokens"] += batch.n_real_tokens
@@ -527,6 +584,7 @@ class Engine:
             return
         finally:
             self._in_flight.release()
+            self._launch_count(-1)
         if isinstance(output, BatchOutputs):
             self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
             return

@@ -13,6 +13,18 @@ of a second; the urgent items alone take milliseconds). After ``fair_every`` urg
 a row one batch is built around the oldest normal item, so bulk work keeps moving even when
 interactive traffic alone would fill the device.
 
+Among urgent items, requests share the device: the next urgent batch is built around the oldest
+item of the urgent request that has had the fewest items run so far (least attained service),
+from the items of the least-served requests only, so a single-text call goes out in the very next
+batch while a maximum-size request (2,048 long texts) is pending, in a batch as short as itself
+(several small calls share it), and the large one takes the batch after. The oldest urgent item
+is never passed over more than ``fair_every`` batches in a row.
+
+A request that is no longer wanted is dropped, not computed: every item carries its request's
+deadline (``time.monotonic()``; infinity when none), and ``dead(owner)`` (a cancelled caller)
+is asked of each pending owner when a batch is formed. Dropped items leave through
+``on_dropped(owner, rows)`` (called outside the lock), so the engine can answer for them.
+
 Everything is held as arrays, never as a Python object per item: items arrive in blocks (a
 chunk of one request: its lengths and an owner the engine gives), and a batch is chosen with
 one sort of the window by length and cumulative sums and maxima for the budget, so forming a
@@ -22,8 +34,9 @@ batch of thousands of short texts costs a few numpy calls.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -80,6 +93,8 @@ class Scheduler:
         window: int = 4096,
         max_batch_items: int = 1024,
         fair_every: int = 4,
+        dead: Callable[[Any], bool] | None = None,
+        on_dropped: Callable[[Any, np.ndarray], None] | None = None,
     ) -> None:
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -88,14 +103,22 @@ class Scheduler:
         self.window = max(1, window)
         self.max_batch_items = max(1, max_batch_items)
         self.fair_every = fair_every
-        # The pending items, oldest first, one entry per item across five arrays.
+        self.dead = dead
+        self.on_dropped = on_dropped
+        # The pending items, oldest first, one entry per item across these arrays.
         self._len = np.zeros(0, dtype=np.int64)
         self._urgent = np.zeros(0, dtype=bool)
         self._block = np.zeros(0, dtype=np.int64)  # key of the owner in _owners
         self._row = np.zeros(0, dtype=np.int64)
-        self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # not merged yet
+        self._group = np.zeros(0, dtype=np.int64)  # the request an item belongs to
+        self._deadline = np.zeros(0, dtype=np.float64)  # time.monotonic(); inf: none
+        self._arrived: list[tuple[np.ndarray, ...]] = []  # not merged yet
+        self._served: dict[int, int] = {}  # group -> items of it handed out so far (while it has items pending)
+        self._group_left: dict[int, int] = {}  # group -> items still pending
+        self._urgent_skips = 0  # urgent batches in a row without the oldest urgent item
         self._count = 0
         self._urgent_count = 0
+        self._tokens = 0  # sum of the pending items' lengths
         self._owners: dict[int, list[Any]] = {}  # key -> [owner, items still pending]
         self._next_key = 0
         self._urgent_streak = 0  # urgent-anchored batches since the last normal-anchored one
@@ -106,9 +129,14 @@ class Scheduler:
         with self._cond:
             return self._count
 
-    def add(self, lengths: np.ndarray, owner: Any, rows: np.ndarray | None = None, urgent: bool = False) -> None:
+    def add(self, lengths: np.ndarray, owner: Any, rows: np.ndarray | None = None, urgent: bool = False,
+            group: int | None = None, deadline: float | None = None) -> None:
         """Queue a block of items: ``lengths[k]`` tokens each, answered as ``rows[k]`` of ``owner``
-        (default: ``0..n-1``). An item longer than the whole budget still runs, alone."""
+        (default: ``0..n-1``). An item longer than the whole budget still runs, alone.
+
+        ``group`` names the request the block belongs to (blocks of one request share it; default:
+        the block is its own request), for fairness between urgent requests; ``deadline``
+        (``time.monotonic()``) is when its items stop being worth computing."""
         lengths = np.asarray(lengths, dtype=np.int64)
         n = int(lengths.shape[0])
         if n == 0:
@@ -120,9 +148,15 @@ class Scheduler:
             key = self._next_key
             self._next_key += 1
             self._owners[key] = [owner, n]
-            self._arrived.append((lengths, np.full(n, urgent), np.full(n, key, dtype=np.int64), rows))
+            team = -1 - key if group is None else int(group)
+            self._group_left[team] = self._group_left.get(team, 0) + n
+            self._served.setdefault(team, 0)
+            self._arrived.append((lengths, np.full(n, urgent), np.full(n, key, dtype=np.int64), rows,
+                                  np.full(n, team, dtype=np.int64),
+                                  np.full(n, np.inf if deadline is None else float(deadline))))
             self._count += n
             self._urgent_count += n if urgent else 0
+            self._tokens += int(lengths.sum())
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -138,21 +172,51 @@ class Scheduler:
             self._arrived.clear()
             self._len, self._urgent = self._len[:0], self._urgent[:0]
             self._block, self._row = self._block[:0], self._row[:0]
-            self._count = self._urgent_count = 0
+            self._group, self._deadline = self._group[:0], self._deadline[:0]
+            self._served.clear()
+            self._group_left.clear()
+            self._count = self._urgent_count = self._tokens = 0
             return owners
 
-    def next_batch(self, timeout: float | None = None) -> Picked | None:
-        """Block until items are pending, then return one batch (``None`` on timeout or close)."""
+    def next_batch(self, timeout: float | None = None, wanted: Callable[[], bool] | None = None) -> Picked | None:
+        """Block until items are pending, then return one batch (``None`` on timeout or close, or
+        when every pending item was dropped: past its deadline, or its owner dead).
+
+        ``wanted`` (adaptive micro-batching): a batch that would not fill the budget is formed
+        only once ``wanted()`` says the device would take it now; until then the items that
+        arrive join it. There is no fixed delay: an idle device takes the first item at once, a
+        busy one gets everything that arrived while it ran (call ``poke`` when ``wanted`` may
+        have turned true)."""
+        def ready() -> bool:
+            if self._closed:
+                return True
+            if not self._count:
+                return False
+            return wanted is None or self._full() or wanted()
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._count or self._closed, timeout=timeout):
+            if not self._cond.wait_for(ready, timeout=timeout):
                 return None
             if not self._count:
                 return None
             self._merge()
-            chosen = self._select()
-            return self._remove(chosen)
+            dropped = self._drop_unwanted()
+            picked = self._remove(self._select()) if self._count else None
+        for owner, rows in dropped:
+            if self.on_dropped is not None:
+                self.on_dropped(owner, rows)
+        return picked
+
+    def poke(self) -> None:
+        """Wake a ``next_batch`` waiting for its ``wanted`` to turn true."""
+        with self._cond:
+            self._cond.notify_all()
 
     # ------------------------------------------------------------------ internals
+    def _full(self) -> bool:
+        """The pending items fill a batch: waiting could not make it larger."""
+        return self._tokens >= self.max_batch_tokens or self._count >= self.max_batch_items
+
     def _merge(self) -> None:
         if not self._arrived:
             return
@@ -162,6 +226,21 @@ class Scheduler:
         self._urgent = np.concatenate([self._urgent, *parts[1]])
         self._block = np.concatenate([self._block, *parts[2]])
         self._row = np.concatenate([self._row, *parts[3]])
+        self._group = np.concatenate([self._group, *parts[4]])
+        self._deadline = np.concatenate([self._deadline, *parts[5]])
+
+    def _drop_unwanted(self) -> list[tuple[Any, np.ndarray]]:
+        """Take out the items past their deadline and those of dead owners: (owner, rows) each."""
+        drop = self._deadline < time.monotonic()
+        if self.dead is not None:
+            dead_keys = [key for key, entry in self._owners.items() if self.dead(entry[0])]
+            if dead_keys:
+                drop |= np.isin(self._block, dead_keys)
+        positions = np.flatnonzero(drop)
+        if positions.size == 0:
+            return []
+        picked = self._remove(positions, served=False)
+        return [(owner, rows) for owner, _, rows in picked.groups()]
 
     def _anchor(self) -> tuple[int, np.ndarray]:
         """The position the next batch is built around, and the window of candidate positions
@@ -169,8 +248,12 @@ class Scheduler:
         normal_waits = self._urgent_count < self._count
         if self._urgent_count and not (normal_waits and self._urgent_streak >= self.fair_every):
             self._urgent_streak = self._urgent_streak + 1 if normal_waits else 0
-            window = np.flatnonzero(self._urgent)[: self.window]
-            return int(window[0]), window
+            urgent = np.flatnonzero(self._urgent)
+            anchor, urgent = self._urgent_anchor(urgent)
+            window = urgent[: self.window]
+            if anchor > window[-1]:  # a request beyond the window's reach still gets its turn
+                window = np.concatenate([window[: self.window - 1], [anchor]])
+            return anchor, window
         self._urgent_streak = 0
         head = np.arange(min(self._count, self.window))
         if not self._urgent[0]:
@@ -178,6 +261,25 @@ class Scheduler:
         anchor = int(np.argmin(self._urgent))  # the fair turn: around the oldest normal item
         others = head[head != anchor][: self.window - 1]
         return anchor, np.sort(np.concatenate([[anchor], others]))
+
+    def _urgent_anchor(self, urgent: np.ndarray) -> tuple[int, np.ndarray]:
+        """The oldest item of the least-served request among the ``urgent`` positions, and the
+        positions its batch may take: those of the least-served requests only, so a small call's
+        batch is not made as slow as a large call's (on a CPU a full batch of long texts takes
+        most of a second). Once the oldest urgent item has been passed over ``fair_every`` times
+        in a row, it is the anchor and every urgent item a candidate."""
+        if self._urgent_skips >= self.fair_every:
+            return int(urgent[0]), urgent
+        groups = self._group[urgent]
+        teams, first = np.unique(groups, return_index=True)
+        if teams.size == 1:
+            return int(urgent[0]), urgent
+        served = np.fromiter((self._served.get(int(t), 0) for t in teams), dtype=np.int64, count=teams.size)
+        fewest = served == served.min()
+        if fewest.all():
+            return int(urgent[0]), urgent
+        anchor = int(urgent[int(first[fewest].min())])
+        return anchor, urgent[np.isin(groups, teams[fewest])]
 
     def _select(self) -> np.ndarray:
         """Positions of the next batch: a run of the length-sorted window around the anchor,
@@ -227,9 +329,23 @@ class Scheduler:
             (counts <= cap)
         return lo - int(more.size if ok.all() else np.argmin(ok)), hi
 
-    def _remove(self, chosen: np.ndarray) -> Picked:
-        """Take the chosen positions out of the pool, grouped by owner (age order within)."""
+    def _remove(self, chosen: np.ndarray, served: bool = True) -> Picked:
+        """Take the chosen positions out of the pool, grouped by owner (age order within);
+        ``served``: they leave as a batch (counted for fairness), not dropped."""
         chosen = np.sort(chosen)  # back to arrival order: each owner's rows keep their order
+        if served and self._urgent_count:
+            oldest_urgent = int(np.argmax(self._urgent))
+            self._urgent_skips = 0 if np.any(chosen == oldest_urgent) else self._urgent_skips + 1
+        teams, per_team = np.unique(self._group[chosen], return_counts=True)
+        for team, taken in zip(teams.tolist(), per_team.tolist()):
+            left = self._group_left[team] - taken
+            if left <= 0:
+                del self._group_left[team]
+                self._served.pop(team, None)
+            else:
+                self._group_left[team] = left
+                if served:
+                    self._served[team] += taken
         keys = self._block[chosen]
         by_owner = np.argsort(keys, kind="stable")
         chosen, keys = chosen[by_owner], keys[by_owner]
@@ -247,6 +363,8 @@ class Scheduler:
         keep[chosen] = False
         self._len, self._urgent = self._len[keep], self._urgent[keep]
         self._block, self._row = self._block[keep], self._row[keep]
+        self._group, self._deadline = self._group[keep], self._deadline[keep]
         self._count -= len(chosen)
         self._urgent_count -= n_urgent
+        self._tokens -= int(picked.lengths.sum())
         return picked

@@ -15,7 +15,7 @@ from celery import Celery
 
 from producer.broker import broker_kind, default_backend, make_app
 from worker.hosting.results import backend_url
-from worker.hosting.transport import TRANSPORT
+from worker.hosting.transport import SQS_TRANSPORT, TRANSPORT
 
 
 def worker_settings(prefetch: int) -> dict[str, Any]:
@@ -48,4 +48,6 @@ def create_app(broker: str, backend: str | None = None, prefetch: int = 1) -> Ce
             import ssl  # kombu infers TLS from the scheme only when it picks the transport itself
 
             app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    elif broker_kind(broker) == "sqs":
+        app.conf.broker_transport = SQS_TRANSPORT
     return app

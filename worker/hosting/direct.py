@@ -13,6 +13,7 @@ their answers are not rows.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,10 @@ class EngineRunner:
 
     async def run(self, job: InlineJob, timeout: float) -> Answer:
         """The engine's answer to ``job`` within ``timeout`` s (``asyncio.TimeoutError`` after)."""
-        future, count = start_inline(job)  # a refusal (bad options, a model not hosted) raises as it is
+        # a refusal (bad options, a model not hosted) raises as it is; past the deadline, or once
+        # the wait below is cancelled (timeout, the client went away: that cancels the engine's
+        # future too), the engine drops what has not run
+        future, count = start_inline(job, time.monotonic() + timeout)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except EngineStopped:

@@ -27,7 +27,7 @@ from producer.jobs import inline_queue_name, queue_name
 from producer.settings import settings
 from worker.backends.select import Selection, load_backend
 from worker.engine.pipeline import Engine
-from worker.hosting import poison
+from worker.hosting import limits, poison
 from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
@@ -154,6 +154,8 @@ class InProcessWorker:
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
+            limits.watchdog.on_hard = limits.stop_at_hard_limit(lambda task_id, reason:
+                                                                poison.current().note_failure(task_id, reason))
         loaded: list[tuple[str | None, Engine, Selection]] = []
         for model in self.spec.models:
             try:
@@ -239,7 +241,7 @@ class InProcessWorker:
         self._signalled.set()
         log.warning("signal %d: stopping (unfinished work goes back to the queue)", signum)
         begin_stop()
-        _arm_watchdog(settings().stop_grace)
+        _arm_watchdog(settings().stop_grace, limits.EXIT_TIME_LIMIT if limits.watchdog.tripped else 1)
         raise KeyboardInterrupt
 
     def serve_forever(self, on_ready: Callable[["InProcessWorker"], None] | None = None) -> int:
@@ -266,7 +268,7 @@ class InProcessWorker:
                 time.sleep(1.0)
                 self._start_consumer()
         except KeyboardInterrupt:
-            return 0
+            return limits.EXIT_TIME_LIMIT if limits.watchdog.tripped else 0
         finally:
             self.stop()
 
@@ -325,8 +327,8 @@ def _heartbeat(broker: str, hostname: str) -> Any:
     return Heartbeat(client, hostname, settings().liveness_ttl).start()
 
 
-def _arm_watchdog(seconds: int) -> None:
+def _arm_watchdog(seconds: int, code: int = 1) -> None:
     """Whatever hangs during shutdown (a stuck device call, a dead network), exit anyway."""
-    timer = threading.Timer(seconds, lambda: os._exit(1))
+    timer = threading.Timer(seconds, lambda: os._exit(code))
     timer.daemon = True
     timer.start()

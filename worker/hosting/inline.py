@@ -14,6 +14,10 @@ does not host or refused, bad options: the task answers those with their code). 
 inside the engine is answered as the task would answer it (``tasks.inline_failure``): sent again
 for another worker when this one is stopping, else the error's code, or a task failure.
 
+The message's deadline (its ``expires`` header, the facade's per-request deadline) goes into the
+engine with the job: past it the engine drops whatever of the call has not run yet, so a call
+the facade already answered with a 504 stops costing the device.
+
 It needs the Redis result backend (``InlineResultBackend``); the embedded worker's in-memory
 backend wakes its facade through Celery's ``task_postrun`` signal, so it keeps Celery's path.
 """
@@ -31,7 +35,7 @@ from celery.worker import state as worker_state
 from producer.broker import INLINE_TASK
 from producer.jobs import TokensJob
 from worker.hosting.results import InlineResultBackend
-from worker.hosting.tasks import inline_answer, inline_failure, inline_job, start_inline
+from worker.hosting.tasks import inline_answer, inline_failure, inline_job, monotonic_deadline, start_inline
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class FastInline:
             job = inline_job(payload)
             if isinstance(job, TokensJob):
                 raise LookupError("token-level jobs run as tasks")
-            future, count = start_inline(job)
+            future, count = start_inline(job, monotonic_deadline(headers.get("expires")))
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self.celery_handler(message)
             return
@@ -124,3 +128,4 @@ def _expired(expires: Any) -> bool:
         return True  # let Celery judge what it cannot be read here
     now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
     return moment <= now
+

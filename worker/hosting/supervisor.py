@@ -99,6 +99,8 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._stop = threading.Event()
         self._signals = 0
+        #: why the worker ended when an engine could not start (its label and reason), else None
+        self.failure: str | None = None
 
     # ------------------------------------------------------------------ children
     def _spawn(self, child: EngineChild) -> None:
@@ -140,6 +142,7 @@ class Supervisor:
         if not child.ever_ready:
             reason = child.last.get("error") or f"it ended with {how} while starting (see the log above)"
             log.error("engine %s could not start: %s; stopping the worker", child.slot.label, reason)
+            self.failure = f"engine {child.slot.label} could not start: {reason}"
             return int(child.last.get("code") or 1)
         served = time.monotonic() - (child.ready_at or child.started_at)
         child.failures = 1 if child.ready_at is not None and served >= STABLE_S else child.failures + 1
@@ -207,6 +210,10 @@ class Supervisor:
             os._exit(128 + signum)
         log.warning("signal %d: stopping %d engine(s) (unfinished work goes back to the queue)", signum,
                     sum(c.alive() for c in self.children))
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` (running on another thread) to stop every engine and return."""
         self._stop.set()
 
     def stop(self) -> None:

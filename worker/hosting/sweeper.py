@@ -5,7 +5,8 @@ until the visibility timeout (an hour). Every ``EMBEDFLEET_LIVENESS_TTL`` / 3 se
 asks ``worker.hosting.liveness`` which unacknowledged messages no live worker claims, and gives
 them back to their queue with kombu's own restore (a transaction on the hash, so an ack racing
 it, or another worker's sweeper, wins cleanly). A long shard on a live worker is claimed by its
-heartbeat and never given back.
+heartbeat and never given back. Before a shard goes back, ``worker.hosting.isolation`` judges the
+loss: shared with other shards, it is not counted and the shard runs alone next.
 
 kombu's Redis transport pops a message with BRPOP and only then records it in its ``unacked``
 hash; a worker killed between the two loses that message (no visibility timeout can bring it
@@ -30,6 +31,7 @@ from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK
 from producer.settings import settings
 from producer.jobs import MANIFEST, PARTS_DIR, marker_name
 from producer.storage import exists, list_names, locate
+from worker.hosting.isolation import after_loss
 from worker.hosting.liveness import CLAIM_MARGIN_S, UNACKED_KEY, orphans
 
 log = logging.getLogger(__name__)
@@ -85,9 +87,12 @@ class Sweeper:
             raw = self.redis.hget(UNACKED_KEY, tag)
             if raw is None:
                 continue  # acknowledged meanwhile
+            company = _judge(self.redis, raw)  # before the restore: the next delivery must see the mark
             qos.restore_by_tag(tag)
             restored += 1
-            log.warning("the worker holding %s is gone: delivering it again", _describe(raw))
+            shared = f" (it was running with {company - 1} other shard(s): not counted, runs alone next)" \
+                if company > 1 else ""
+            log.warning("the worker holding %s is gone: delivering it again%s", _describe(raw), shared)
         return restored
 
     def sweep(self) -> int:
@@ -136,6 +141,17 @@ class Sweeper:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
         return ids
+
+
+def _judge(client: Any, raw: bytes) -> int:
+    """How many shards the dead worker was running with this one (``worker.hosting.isolation``)."""
+    try:
+        headers = json.loads(raw)[0]["headers"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return 0
+    if headers.get("task") != SHARD_TASK or not headers.get("id"):
+        return 0
+    return after_loss(client, str(headers["id"]))
 
 
 def _describe(raw: bytes) -> str:

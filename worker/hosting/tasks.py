@@ -9,6 +9,7 @@ its data is bad (``producer.errors``: ``permanent``), and given back on everythi
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 import time
 from concurrent.futures import Future
@@ -19,7 +20,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries, record_unwritten
+from producer.broker import INLINE_TASK, SHARD_TASK, broker_kind, max_deliveries, record_unwritten
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
@@ -37,7 +38,7 @@ from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
-from worker.hosting import poison
+from worker.hosting import isolation, limits, poison
 from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
 from worker.hosting.stop import stopping
@@ -62,14 +63,16 @@ def inline_job(payload: dict[str, Any]) -> InlineJob:
     return _inline_adapter.validate_python(payload)
 
 
-def start_inline(job: InlineJob) -> tuple["Future[Any]", int]:
-    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count."""
+def start_inline(job: InlineJob, deadline: float | None = None) -> tuple["Future[Any]", int]:
+    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count.
+    Past ``deadline`` (``time.monotonic()``: when the caller stops waiting) the engine drops
+    what of it has not run yet."""
     engine = runtime.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    return engine.submit(inputs, job.options, urgent=True), len(inputs)
+    return engine.submit(inputs, job.options, urgent=True, deadline=deadline), len(inputs)
 
 
 def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
@@ -89,12 +92,25 @@ def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def run_inline(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON."""
+def monotonic_deadline(expires: Any) -> float | None:
+    """A message's ``expires`` (ISO wall-clock time: the caller's deadline) as ``time.monotonic()``."""
+    if not expires:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(str(expires))
+    except ValueError:
+        return None
+    now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
+    return time.monotonic() + (moment - now).total_seconds()
+
+
+def run_inline(payload: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON; past
+    ``deadline`` (``time.monotonic()``) the engine drops what has not run (``TimedOut``)."""
     job = inline_job(payload)
     if isinstance(job, TokensJob):
         return run_tokens(job)
-    future, count = start_inline(job)
+    future, count = start_inline(job, deadline)
     return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
 
 
@@ -206,7 +222,7 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     another worker answers it before its deadline (its queue keeps no unacknowledged copy to
     fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
-        return run_inline(payload)
+        return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)))
     except Exception as exc:
         answer = inline_failure(payload, exc)
         if answer is None:
@@ -218,7 +234,10 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 @shared_task(name=SHARD_TASK, bind=True)
 def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Count the delivery, park the shard after too many, else run it; never lose it on a stop."""
+    """Count the delivery, park the shard after too many, else run it; never lose it on a stop.
+
+    A shard that died with other shards in its worker runs alone from then on, and such a loss
+    is not counted against it (``worker.hosting.isolation``)."""
     job = ShardJob.model_validate(payload)
     if stopping():
         raise Reject("the worker is stopping", requeue=True)
@@ -228,24 +247,52 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
         return {"refused": refusal}
     counter = poison.current()
+    solo = isolation.current()
     try:
-        deliveries = counter.begin(task_id, self.request)
+        alone = solo.isolated(task_id)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
-        raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
+        raise Reject(f"cannot read the shard's marks: {exc}", requeue=True) from exc
+    try:
+        with solo.slot(alone):
+            try:
+                deliveries = counter.begin(task_id, self.request)
+                solo.began(task_id)
+                forgiven = solo.forgiven(task_id)
+            except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
+                raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
+            try:
+                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven)
+            finally:
+                solo.ended(task_id)
+            solo.done(task_id)
+            return answer
+    except isolation.StoppingWhileWaiting as exc:
+        raise Reject("the worker is stopping", requeue=True) from exc
+
+
+def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str, deliveries: int,
+             forgiven: int) -> dict[str, Any]:
+    """One counted delivery: skip a done shard, park one over the limit, else run it.
+
+    ``deliveries - forgiven`` is what counts: losses shared with other shards are not evidence."""
     limit = max_deliveries()
+    charged = deliveries - forgiven
     try:
         done = read_marker(job.out, job.shard.index)
         if done is not None:
             log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
             return done.model_dump(mode="json")
-        if deliveries > limit:
+        if charged > limit:
             reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
-            return park(job, f"parked after {deliveries - 1} deliveries: {reason}", deliveries - 1)
-        return run_shard(payload, deliveries=deliveries)
+            shared = f" ({forgiven} more lost together with other shards, not counted)" if forgiven else ""
+            return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1)
+        what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
+        with limits.watchdog.watch(task_id, what, job.shard.n_rows):
+            return run_shard(payload, deliveries=deliveries)
     except Reject:
         raise
     except Exception as exc:
-        return _after_failure(job, counter, task_id, deliveries, limit, exc)
+        return _after_failure(job, counter, task_id, charged, limit, exc)
 
 
 def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
@@ -309,6 +356,12 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
         # The output is unwritable or full on every delivery: record the failure beside the queue
         # (the job's status reads it) and let the message go, instead of requeueing it forever.
         failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+        if broker_kind(poison.broker_url()) == "sqs":
+            # No record beside an SQS queue: the message is left to the redrive policy, which moves
+            # it to the dead-letter queue on its next receive (acknowledged, it would vanish).
+            log.error("shard %d of job %s: the output %s is unwritable; leaving the message to the dead-letter "
+                      "queue: %s", job.shard.index, job.job_id, job.out, failure)
+            raise Reject(failure, requeue=False) from exc
         record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
         log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
                   job.job_id, job.out, failure)
