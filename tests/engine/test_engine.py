@@ -622,3 +622,18 @@ def test_stop_resolves_every_pending_request(tiny_embed_model: Path, pool: str) 
         future.result(timeout=5)  # a liveness bound, not a timing: stop() has already returned
     except Exception as exc:  # EngineStopped is the honest answer
         assert type(exc).__name__ == "EngineStopped", repr(exc)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_rerank_model"])
+def test_warm_up_runs_batches_and_leaves_the_engine_serving(fixture: str, request: pytest.FixtureRequest) -> None:
+    """``Engine.warm_up`` (run at start for CUDA engines, so a device's first-batch costs are not a
+    job's) really runs batches, long inputs truncated, and the engine answers as before afterwards."""
+    model = request.getfixturevalue(fixture)
+    with make_engine(model) as engine:
+        inputs = [("a query", "a document")] if engine.info.kind == JobKind.rerank else ["a text"]
+        before = engine.run(inputs).values
+        batches = engine.stats["batches"]
+        assert engine.warm_up() > 0
+        assert engine.stats["batches"] > batches
+        assert engine.stats["items"] >= 4 * 65 + len(inputs)
+        np.testing.assert_allclose(engine.run(inputs).values, before, rtol=1e-5, atol=1e-6)
