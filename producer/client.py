@@ -281,6 +281,10 @@ class Client:
             raise from_wire(result.error)
         return result
 
+    def call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None = None) -> InlineResult:
+        """One prepared inline job as it is; raises the worker's refusal (bad options, unsupported model)."""
+        return self._call(job, timeout)
+
     def embed_result(self, texts: list[str], model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> InlineResult:
         """The raw inline result (vectors, token counts, per-item errors), for callers that want all."""
         return self._call(EmbedJob(model=model, inputs=list(texts), options=Options(**options)), timeout)
