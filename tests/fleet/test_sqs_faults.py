@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from producer.broker import sqs_name
 from producer.client import Client
+from producer.errors import JobFailed
 from producer.jobs import queue_name
 
-from .conftest import PersistentRedis, WorkerProcess, count_markers, make_corpus, wait_for
+from .conftest import EMBEDFLEET, PersistentRedis, WorkerProcess, count_markers, make_corpus, wait_for
 from .test_redis_fleet import assert_exactly_once, markers
 from .test_sqs_fleet import aws  # noqa: F401  (the moto fixture)
 
@@ -26,6 +30,20 @@ FAST = {"EMBEDFLEET_VISIBILITY_TIMEOUT": "4", "EMBEDFLEET_BACKEND": "torch"}
 
 def _sqs_worker(tmp_path: Path, name: str, model: Path, env: dict[str, str]) -> WorkerProcess:
     return WorkerProcess("sqs://", model, tmp_path / f"worker-{name}.log", env)
+
+
+def unwritable(folder: Path, request: pytest.FixtureRequest) -> None:
+    """Make ``folder`` refuse new files while it still lists and reads: read-only for a normal
+    user; immutable (``chattr +i``) for root, who ignores permissions; else skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i (CAP_LINUX_IMMUTABLE): no way to make a folder unwritable")
+    request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(folder)], check=False))
 
 
 def test_sigkill_storm_on_sqs_every_row_once(tmp_path: Path, aws: dict[str, str],  # noqa: F811
@@ -60,11 +78,11 @@ def test_sigkill_storm_on_sqs_every_row_once(tmp_path: Path, aws: dict[str, str]
 
 def test_a_shard_that_cannot_be_parked_reaches_the_dead_letter_queue(
     tmp_path: Path, aws: dict[str, str], redis_broker: PersistentRedis,  # noqa: F811
-    workers: list[WorkerProcess], tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch
+    workers: list[WorkerProcess], tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest
 ) -> None:
-    """Every delivery fails to write its done-marker (the output's ``_parts`` is a file, not a
-    folder: an unwritable output, even for root), and so does the failure marker that would park
-    it. Acknowledged, the message would vanish; left unacknowledged, SQS's redrive policy moves it
+    """Every delivery fails to write its done-marker (the output's ``_parts`` folder is
+    unwritable), and so does the failure marker that would park it. Acknowledged, the message would vanish; left unacknowledged, SQS's redrive policy moves it
     to the dead-letter queue after ``maxReceiveCount`` (``EMBEDFLEET_MAX_DELIVERIES`` + 1) receives.
     Meanwhile garbage on the same queue is discarded, not sent there."""
     import boto3
@@ -77,8 +95,7 @@ def test_a_shard_that_cannot_be_parked_reaches_the_dead_letter_queue(
     client = Client(broker="sqs://")
     handle = client.submit_corpus(str(corpus), str(out), model=str(tiny_embed_model), id_column="id",
                                   shard_rows=100)
-    shutil.rmtree(out / "_parts", ignore_errors=True)
-    (out / "_parts").write_text("not a folder")
+    unwritable(out / "_parts", request)
     sqs = boto3.client("sqs")
     name = sqs_name(queue_name("embed", str(tiny_embed_model)))
     url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
@@ -91,7 +108,7 @@ def test_a_shard_that_cannot_be_parked_reaches_the_dead_letter_queue(
     worker.wait_ready()
 
     def dead_letters() -> list[dict]:
-        got = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, VisibilityTimeout=30, WaitTimeSeconds=1,
+        got = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=1,
                                   AttributeNames=["All"])
         return got.get("Messages", [])
 
@@ -105,5 +122,12 @@ def test_a_shard_that_cannot_be_parked_reaches_the_dead_letter_queue(
     assert "leaving the message to the dead-letter queue" in log
     assert "undecodable message(s)" in log
     assert not (out / "_manifest.json").exists()
+    # the job ends, failed, naming where the shard went (instead of waiting for a marker forever)
+    with pytest.raises(JobFailed, match=r"1 shard\(s\) could not be written .*shard 0: its message is in the "
+                                        r"dead-letter queue " + re.escape(name + "-dlq")):
+        handle.wait(timeout=60, raise_on_failure=False)
+    status = subprocess.run([EMBEDFLEET, "status", str(out), "--broker", "sqs://"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **env})
+    assert status.returncode == 1 and "dead-letter queue" in status.stdout + status.stderr, status
     print(f"dead-lettered after {landed[0].get('Attributes', {}).get('ApproximateReceiveCount', '?')} receives "
           f"in the DLQ; garbage discarded")
