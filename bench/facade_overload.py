@@ -9,6 +9,10 @@ is seen too). Reported per checkout: the large request's status and seconds, and
 calls' count, p50, p99, max and failures (a 504 counts at the seconds it took), best pass by p99
 with the spread over passes.
 
+``--thin`` measures thin facades instead (``serve --broker`` in front of one ``embedfleet worker``,
+on a redis-server of the benchmark's own per checkout): the large call travels as one inline
+message, and its deadline with it.
+
 ``--contender PATH`` measures another checkout side by side in the same run (servers up at the
 same time, passes alternating; a pass starts once every server is idle, so what one server's
 large request left running never loads the other's pass), e.g. the commit before:
@@ -33,25 +37,35 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ENTRY, REPO, TEXT, free_port, machine, print_report, stop  # noqa: E402
+from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop  # noqa: E402
 
 #: ~250 tokens of the bundled model's vocabulary (it cuts at 256).
 LONG = " ".join(f"benchmark sentence {i} about embedding servers under heavy load" for i in range(24))
 
 
-def serve(checkout: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    """``embedfleet serve`` of ``checkout``, run by that checkout's own virtualenv."""
+def serve(checkout: Path, port: int, args: argparse.Namespace, log: Path, broker: str | None = None
+          ) -> list[subprocess.Popen]:
+    """``embedfleet serve`` of ``checkout``, run by that checkout's own virtualenv; with ``broker``
+    a thin facade and an ``embedfleet worker`` behind it (the worker first)."""
     python = checkout / ".venv" / "bin" / "python"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [str(python), "-c", ENTRY, "serve", "--port", str(port), "--device", "cpu",
-               "--backend", args.backend, "--dtype", args.dtype, "--timeout", str(args.timeout)]
-    return subprocess.Popen(command, cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
+    engine = ["--device", "cpu", "--backend", args.backend, "--dtype", args.dtype]
+    procs = []
+    if broker:
+        worker_log = log.with_suffix(".worker.log")
+        procs.append(subprocess.Popen([str(python), "-c", ENTRY, "worker", "--broker", broker, *engine], cwd=checkout,
+                                      env=env, stdout=worker_log.open("w"), stderr=subprocess.STDOUT))
+    command = [str(python), "-c", ENTRY, "serve", "--port", str(port), "--timeout", str(args.timeout),
+               *(["--broker", broker] if broker else engine)]
+    procs.append(subprocess.Popen(command, cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
+    return procs
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if any(proc.poll() is not None for proc in procs):
             raise SystemExit(log.read_text()[-3000:])
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
@@ -140,21 +154,25 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="The servers' --timeout")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--thin", action="store_true",
+                        help="Thin facades (serve --broker) in front of an embedfleet worker, on a redis-server of "
+                             "the benchmark's own, instead of embedded servers")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"facade-overload-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     checkouts = [REPO, *[path.resolve() for path in args.contender]]
-    servers: list[tuple[Path, str, subprocess.Popen]] = []
+    servers: list[tuple[Path, str, list[subprocess.Popen]]] = []
+    redis = [RedisProcess(work) for _ in checkouts] if args.thin else []  # one broker per checkout
     try:
         for n, checkout in enumerate(checkouts):
             port = free_port()
             log = work / f"serve-{n}.log"
-            proc = serve(checkout, port, args, log)
+            procs = serve(checkout, port, args, log, redis[n].url if redis else None)
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc, log)
-            servers.append((checkout, url, proc))
+            servers.append((checkout, url, procs))
+            wait_ready(url, procs, log)
         results: dict[int, list[dict[str, object]]] = {n: [] for n in range(len(servers))}
         for p in range(args.passes):
             for n, (checkout, url, _) in enumerate(servers):
@@ -164,10 +182,14 @@ def main() -> None:
                 print(f"pass {p + 1} {checkout}: {got}", flush=True)
                 results[n].append(got)
                 for other in servers:  # what a large request left running ends before the next pass
-                    wait_idle(other[2])
+                    for proc in other[2]:
+                        wait_idle(proc)
     finally:
-        for _, _, proc in servers:
-            stop(proc)
+        for _, _, procs in servers:
+            for proc in procs:
+                stop(proc)
+        for broker in redis:
+            broker.stop()
     print_report(report(servers, results, args), args.out)
 
 
@@ -177,13 +199,15 @@ def describe(checkout: Path) -> str:
     return head[:70] or str(checkout)
 
 
-def report(servers: list[tuple[Path, str, subprocess.Popen]], results: dict[int, list[dict[str, object]]],
+def report(servers: list[tuple[Path, str, list[subprocess.Popen]]], results: dict[int, list[dict[str, object]]],
            args: argparse.Namespace) -> str:
-    lines = [f"\n## Facade under a maximum-size request ({dt.date.today().isoformat()})\n",
+    lines = [f"\n## Facade under a maximum-size request{' (thin)' if args.thin else ''} ({dt.date.today().isoformat()})\n",
              f"Machine: {machine()} (shared with other work). Command: `python bench/facade_overload.py "
              + " ".join(f"--contender {c}" for c, _, _ in servers[1:])
              + f" --passes {args.passes} --seconds {args.seconds:g} --clients {args.clients} --inputs {args.inputs}"
-             f" --backend {args.backend} --dtype {args.dtype}`. Embedded `serve --timeout {args.timeout:g}`, bundled "
+             f" --backend {args.backend} --dtype {args.dtype}{' --thin' if args.thin else ''}`. "
+             f"{'Thin `serve --broker` + `worker` (own redis-server)' if args.thin else 'Embedded `serve`'} "
+             f"`--timeout {args.timeout:g}`, bundled "
              f"all-MiniLM-L6-v2 on CPU; one request of {args.inputs} x ~256 tokens, and {args.clients} clients "
              f"sending single texts back to back for {args.seconds:g} s from its start. \"while it ran\": the "
              "calls sent before the large request ended (answered or 504); \"window\": all of them (what it "
