@@ -180,7 +180,7 @@ class JobHandle:
 
     def unwritten(self) -> dict[int, str]:
         """Shards that failed where not even their failure marker could be written: index -> error."""
-        return unwritten_shards(self.broker, self.job_id)
+        return unwritten_shards(self.broker, self.job_id, self.queue)
 
     def progress(self) -> Progress:
         reports = storage.read_markers(self.out)
@@ -280,6 +280,10 @@ class Client:
         if result.error is not None:  # the worker refused the call (an unsupported model, bad options)
             raise from_wire(result.error)
         return result
+
+    def call(self, job: EmbedJob | RerankJob | ClassifyJob, timeout: float | None = None) -> InlineResult:
+        """One prepared inline job as it is; raises the worker's refusal (bad options, unsupported model)."""
+        return self._call(job, timeout)
 
     def embed_result(self, texts: list[str], model: str = DEFAULT_MODEL, timeout: float | None = None, **options: Any) -> InlineResult:
         """The raw inline result (vectors, token counts, per-item errors), for callers that want all."""

@@ -155,3 +155,15 @@ def test_without_redis_server_several_devices_are_a_clear_error(tmp_path: Path, 
     log = " ".join(run.log().split())
     assert "several devices on one host need redis-server" in log and "EMBEDFLEET_REDIS_SERVER" in log, log[-2000:]
     assert not (tmp_path / "out" / "_job.json").exists()  # refused before anything was queued
+
+
+def test_options_an_engine_refuses_end_the_run_before_anything_is_queued(tmp_path: Path,
+                                                                          tiny_embed_model: Path) -> None:
+    corpus = make_corpus(tmp_path / "corpus.parquet", 10)
+    run = command(tmp_path, "run", ["run", str(corpus), "--out", str(tmp_path / "out"), "--model",
+                                    str(tiny_embed_model), "--device", "cpu", "--devices", "cpu:2",
+                                    "--backend", "torch", "--dimensions", "9999"])
+    run.start()
+    assert run.proc is not None and run.proc.wait(180) == 2, run.log()[-2000:]
+    assert "dimensions=9999 is over the model's 32 dimensions" in " ".join(run.log().split())
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from rich.markup import escape
 from producer.cli import app, build_options, console, fail, follow, say_id_column, summarize
 from producer.client import Client
 from producer.errors import BadInput, EmbedfleetError
-from producer.jobs import DEFAULT_MODEL, Columns, JobKind
+from producer.jobs import DEFAULT_MODEL, ClassifyJob, Columns, EmbedJob, JobKind, Options, RerankJob
 from producer.logs import setup_logging
 from producer.options import (
     Dimensions,
@@ -87,7 +87,7 @@ def run(
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
-    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards in flight (they share batches)"),
+    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)"),
     normalize: Normalize = None,
     truncate: Truncate = True,
     dimensions: Dimensions = None,
@@ -167,6 +167,24 @@ def run_here(spec: WorkerSpec, input: str, out: str, fmt: str, kind: JobKind | N
         return submit(Client(app=worker.app), input, out, engine.info.kind, columns, shard_rows, options, model)
 
 
+#: the inline call that has an engine check a job's options before its corpus is queued
+OPTIONS_CHECK_TIMEOUT_S = 120.0
+
+
+def check_options_on(client: Client, kind: JobKind, model: str, options: Options) -> None:
+    """The job's options checked by a real engine before anything is queued (this process loads no
+    model): one inline call of one short input with those options; a refusal raises as it would
+    from ``Engine.check_options`` in this process."""
+    job: EmbedJob | RerankJob | ClassifyJob
+    if kind == JobKind.rerank:
+        job = RerankJob(model=model, query="options check", documents=["options check"], options=options)
+    elif kind == JobKind.classify:
+        job = ClassifyJob(model=model, inputs=["options check"], options=options)
+    else:
+        job = EmbedJob(model=model, inputs=["options check"], options=options)
+    client.call(job, timeout=OPTIONS_CHECK_TIMEOUT_S)
+
+
 def run_on_devices(slots: list[DeviceSlot], spec: WorkerSpec, input: str, out: str, fmt: str,
                    kind: JobKind | None, columns: Columns, shard_rows: int, options: Any,
                    verbose: bool) -> tuple[Any, float, Any]:
@@ -179,6 +197,7 @@ def run_on_devices(slots: list[DeviceSlot], spec: WorkerSpec, input: str, out: s
                   + ", ".join(f"{s.label} ({len(s.cores)} cores)" if s.cores else s.label for s in slots))
     with LocalFleet(slots, spec, verbose, on_engine_ready=lambda m: console.print(engine_line(m))) as fleet:
         client = Client(broker=fleet.url, result_backend=fleet.url)
+        check_options_on(client, info.kind, model, options)
         answer = submit(client, input, out, info.kind, columns, shard_rows, options, model)
         for row in engine_work(client.app):
             console.print(f"engine {row['device']} (pid {row['pid']}): {row.get('batches', 0):,} batches, "

@@ -232,6 +232,20 @@ class Engine:
             self._fail_request(request, EngineStopped("the worker is stopping"))
         self.backend.close()
 
+    def warm_up(self) -> float:
+        """Run a few batches of made-up texts of growing length, so a device's one-time costs
+        (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
+        ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        started = time.perf_counter()
+        if self.info.kind == JobKind.rerank:
+            inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
+        else:
+            inputs = ["warm up " * n for n in (1, 30, 120, 500)]
+        for copies in (1, 64):
+            self.run(inputs * copies, Options(truncate=True), timeout=300)
+        return time.perf_counter() - started
+
     def __enter__(self) -> "Engine":
         return self.start()
 

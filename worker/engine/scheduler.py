@@ -14,11 +14,11 @@ a row one batch is built around the oldest normal item, so bulk work keeps movin
 interactive traffic alone would fill the device.
 
 Among urgent items, requests share the device: the next urgent batch is built around the oldest
-item of the urgent request that has had the fewest items run so far (least attained service), so
-a single-text call goes out in the very next batch while a maximum-size request (2,048 long
-texts) is pending, and that batch is filled up with the large request's items of similar length,
-so the large one keeps moving. The oldest urgent item is never passed over more than
-``fair_every`` batches in a row.
+item of the urgent request that has had the fewest items run so far (least attained service),
+from the items of the least-served requests only, so a single-text call goes out in the very next
+batch while a maximum-size request (2,048 long texts) is pending, in a batch as short as itself
+(several small calls share it), and the large one takes the batch after. The oldest urgent item
+is never passed over more than ``fair_every`` batches in a row.
 
 A request that is no longer wanted is dropped, not computed: every item carries its request's
 deadline (``time.monotonic()``; infinity when none), and ``dead(owner)`` (a cancelled caller)
@@ -249,7 +249,7 @@ class Scheduler:
         if self._urgent_count and not (normal_waits and self._urgent_streak >= self.fair_every):
             self._urgent_streak = self._urgent_streak + 1 if normal_waits else 0
             urgent = np.flatnonzero(self._urgent)
-            anchor = self._urgent_anchor(urgent)
+            anchor, urgent = self._urgent_anchor(urgent)
             window = urgent[: self.window]
             if anchor > window[-1]:  # a request beyond the window's reach still gets its turn
                 window = np.concatenate([window[: self.window - 1], [anchor]])
@@ -262,17 +262,24 @@ class Scheduler:
         others = head[head != anchor][: self.window - 1]
         return anchor, np.sort(np.concatenate([[anchor], others]))
 
-    def _urgent_anchor(self, urgent: np.ndarray) -> int:
-        """The oldest item of the least-served request among the ``urgent`` positions (the oldest
-        urgent item itself once it has been passed over ``fair_every`` times in a row)."""
+    def _urgent_anchor(self, urgent: np.ndarray) -> tuple[int, np.ndarray]:
+        """The oldest item of the least-served request among the ``urgent`` positions, and the
+        positions its batch may take: those of the least-served requests only, so a small call's
+        batch is not made as slow as a large call's (on a CPU a full batch of long texts takes
+        most of a second). Once the oldest urgent item has been passed over ``fair_every`` times
+        in a row, it is the anchor and every urgent item a candidate."""
         if self._urgent_skips >= self.fair_every:
-            return int(urgent[0])
-        teams, first = np.unique(self._group[urgent], return_index=True)
+            return int(urgent[0]), urgent
+        groups = self._group[urgent]
+        teams, first = np.unique(groups, return_index=True)
         if teams.size == 1:
-            return int(urgent[0])
+            return int(urgent[0]), urgent
         served = np.fromiter((self._served.get(int(t), 0) for t in teams), dtype=np.int64, count=teams.size)
         fewest = served == served.min()
-        return int(urgent[int(first[fewest].min())])
+        if fewest.all():
+            return int(urgent[0]), urgent
+        anchor = int(urgent[int(first[fewest].min())])
+        return anchor, urgent[np.isin(groups, teams[fewest])]
 
     def _select(self) -> np.ndarray:
         """Positions of the next batch: a run of the length-sorted window around the anchor,
