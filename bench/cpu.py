@@ -75,7 +75,9 @@ CONTENDERS = [
     Contender("ef:onnx:float32", "embedfleet onnx fp32 (fused)"),
     Contender("ef:onnx:int8", "embedfleet onnx int8"),
     Contender("ef:openvino:float32", "embedfleet openvino fp32"),
-    Contender("ef:openvino:bfloat16", "embedfleet openvino bf16"),
+    Contender("ef:openvino:bfloat16:1stream", "embedfleet openvino bf16, 1 stream (LATENCY)",
+              (("EMBEDFLEET_OPENVINO_STREAMS", "1"),)),
+    Contender("ef:openvino:bfloat16", "embedfleet openvino bf16 (default streams)"),
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"

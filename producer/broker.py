@@ -12,8 +12,10 @@ timeout, deliveries before parking, SQS region, long polling, queue creation) ar
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -240,8 +242,9 @@ def record_unwritten(broker_url: str, job_id: str, index: int, reason: str) -> N
         _unwritten_here.setdefault(job_id, {})[index] = reason
 
 
-def unwritten_shards(broker_url: str | None, job_id: str) -> dict[int, str]:
-    """Shard index -> the storage error, for the shards ``record_unwritten`` recorded."""
+def unwritten_shards(broker_url: str | None, job_id: str, queue: str | None = None) -> dict[int, str]:
+    """Shard index -> the storage error, for the shards ``record_unwritten`` recorded; on SQS, the
+    shards of the job that its queue's redrive policy moved to the dead-letter queue."""
     kind = broker_kind(broker_url or MEMORY_BROKER)
     if kind == "redis":
         import redis
@@ -249,8 +252,62 @@ def unwritten_shards(broker_url: str | None, job_id: str) -> dict[int, str]:
         raw = redis.Redis.from_url(str(broker_url), socket_connect_timeout=5).hgetall(JOB_UNWRITTEN_KEY.format(job_id))
         return {int(k): v.decode("utf-8", "replace") for k, v in raw.items()}
     if kind == "sqs":
-        return {}
+        return dead_lettered(queue, job_id) if queue else {}
     return dict(_unwritten_here.get(job_id, {}))
+
+
+#: A peek at a dead-letter queue reads at most this many batches of 10 (SQS bills every call).
+DLQ_PEEK_CALLS = 5
+#: ... and is repeated at most this often for one job (``JobHandle.wait`` polls twice a second).
+DLQ_PEEK_EVERY_S = 10.0
+_peeked: dict[tuple[str, str], tuple[float, dict[int, str]]] = {}
+
+
+def dead_lettered(queue: str, job_id: str, client: Any = None) -> dict[int, str]:
+    """Shards of ``job_id`` in the dead-letter queue of ``queue``: index -> why they are there.
+
+    SQS moves a shard there only when no delivery could finish it and not even the worker's
+    parking could be written (``worker.hosting.tasks.park``). A peek: up to
+    ``DLQ_PEEK_CALLS`` receives of 10 with a visibility timeout of 0, so the messages stay where
+    they are for whoever inspects or redrives them (a large DLQ may hide some from one peek).
+    """
+    key = (queue, job_id)
+    now = time.monotonic()
+    cached = _peeked.get(key)
+    if cached is not None and now - cached[0] < DLQ_PEEK_EVERY_S:
+        return dict(cached[1])
+    client = client or _sqs_client()
+    name = sqs_name(queue) + DLQ_SUFFIX
+    try:
+        url = client.get_queue_url(QueueName=name)["QueueUrl"]
+    except client.exceptions.QueueDoesNotExist:
+        return {}
+    found: dict[int, str] = {}
+    for _ in range(DLQ_PEEK_CALLS):
+        messages = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0,
+                                          WaitTimeSeconds=0).get("Messages", [])
+        for message in messages:
+            shard = _shard_in(message.get("Body", ""))
+            if shard is not None and shard[0] == job_id:
+                found[shard[1]] = (f"its message is in the dead-letter queue {name}: no delivery finished it and "
+                                   f"its failure could not be recorded in the output either (see the workers' logs)")
+        if len(messages) < 10:
+            break
+    _peeked[key] = (now, found)
+    return dict(found)
+
+
+def _shard_in(body: str) -> tuple[str, int] | None:
+    """(job id, shard index) of a shard message as kombu's SQS transport sends it, else ``None``."""
+    try:
+        envelope = json.loads(base64.b64decode(body))
+        inner = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            inner = base64.b64decode(inner)
+        payload = json.loads(inner)[0][0]
+        return str(payload["job_id"]), int(payload["shard"]["index"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 #: kombu's Redis hash of delivered, unacknowledged messages (its default ``unacked_key``)

@@ -180,7 +180,7 @@ class JobHandle:
 
     def unwritten(self) -> dict[int, str]:
         """Shards that failed where not even their failure marker could be written: index -> error."""
-        return unwritten_shards(self.broker, self.job_id)
+        return unwritten_shards(self.broker, self.job_id, self.queue)
 
     def progress(self) -> Progress:
         reports = storage.read_markers(self.out)

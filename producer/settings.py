@@ -47,11 +47,17 @@ class Settings(BaseSettings):
     redis_server: str = Field("redis-server", description="run/serve on several devices: the redis-server "
                               "binary (a name on PATH or a path) started as the engines' private host-local broker")
     inline_slots: int = Field(4, ge=1, description="Inline calls in flight beside the shards (worker)")
+    shard_lookahead: int | None = Field(None, ge=0, description="Shards a worker reads and tokenizes ahead of "
+                                        "the --concurrency it computes, so the next ones wait in the engine "
+                                        "while the current ones run and are written (default: as many as "
+                                        "--concurrency; 0: none)")
     stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
     approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
                                    "(0: exact erf GELU, ~10% slower on long texts)")
     torch_compile: bool = Field(False, description="CPU torch backend: torch.compile the model "
                                 "(~20% faster, tens of seconds more at start)")
+    openvino_streams: int = Field(0, ge=0, description="OpenVINO backend: batches run side by side, each on "
+                                  "its share of the cores (0: one per core, at most two)")
     trust_remote_code: bool = Field(False, description="Run the code a model folder ships (its config's "
                                     "auto_map); off: such a folder is refused unless a native family implements it")
     cache: Path = Field(default_factory=_default_cache,

@@ -36,7 +36,7 @@ from producer.http.dispatch import Runner
 from producer.http.facade import Facade
 from producer.http.metrics import CONTENT_TYPE
 from producer.http.render import json_response
-from producer.http.middleware import AssumeJson, BodyLimit, Observe
+from producer.http.middleware import AssumeJson, BodyLimit, CancelOnDisconnect, Observe
 from producer.http.schemas import (
     ERRORS,
     ClassifyRequest,
@@ -170,6 +170,7 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
     async def metrics() -> Response:
         return Response(facade.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(AssumeJson)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=facade.metrics)

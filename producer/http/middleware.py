@@ -1,11 +1,13 @@
 """Plain-ASGI middleware of the facade: JSON bodies whatever their content type, the body size
-limit and the request metrics.
+limit, the request metrics, and a request whose client went away cancelled.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: no task and no body copy per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -13,6 +15,8 @@ from fastapi import HTTPException
 
 from producer.http.errors import error_response, too_large
 from producer.http.metrics import FacadeMetrics
+
+log = logging.getLogger(__name__)
 
 API_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/embed", "/embed_all", "/predict", "/similarity",
              "/tokenize", "/decode", "/info")
@@ -35,6 +39,57 @@ class AssumeJson:
             if not given.split(b";")[0].strip().lower().endswith((b"/json", b"+json")):
                 scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
         await self.app(scope, receive, send)
+
+
+class CancelOnDisconnect:
+    """A client that hangs up before its answer cancels its request's handler: the request stops
+    waiting, which cancels its job (``producer.http.coalesce``) and, in an embedded server, the
+    engine drops what of it has not run (``worker.engine.pipeline``). The metrics record 499
+    (nginx's "client closed request"). Only POST requests (the API calls) are watched, and only
+    once their body is read: a watch is one small task waiting on the server's ``receive``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        responded = gone = False
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not responded and task is not None:
+                gone = True
+                task.cancel()
+
+        async def read() -> dict[str, Any]:
+            nonlocal watcher
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False) and watcher is None:
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.start":
+                responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, read, tracked)
+        except asyncio.CancelledError:
+            if not gone or task is None or task.uncancel() > 0:
+                raise
+            log.debug("the client of %s went away before its answer: request cancelled", scope.get("path"))
+            await send({"type": "http.response.start", "status": 499, "headers": []})  # the server drops it
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 class BodyLimit:

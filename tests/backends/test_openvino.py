@@ -69,6 +69,35 @@ def test_the_ir_is_cached_and_keyed_by_model_and_release(tiny_embed_model: Path,
     assert ov_backend.ir_dir(tiny) != first.path and "ov9999.1" in ov_backend.ir_dir(tiny).name
 
 
+def test_streams_run_batches_side_by_side_with_the_same_results(bundled_model: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two streams: two batches in flight at once (launch returns before the batch is done), each
+    wait gets its own batch's vectors, equal to one stream's; the stream count is the backend's
+    mode, defaults to one per core (at most two), and a negative count is refused by name."""
+    info = describe(str(bundled_model))
+    texts = prose(48)
+    _, batches, _ = sorted_batches(info, texts, 512)
+    one = ov_backend.OpenVinoBackend(info, "cpu", "float32", streams=1)
+    two = ov_backend.OpenVinoBackend(info, "cpu", "float32", streams=2)
+    assert (one.asynchronous, one.mode, two.asynchronous, two.mode) == (False, "streams1", True, "streams2")
+    expected = [one.forward(batch) for batch in batches]
+    waits = [two.launch(batch) for batch in batches[:2]]  # both start before either is waited for
+    got = [wait() for wait in reversed(waits)][::-1] + [two.launch(batch)() for batch in batches[2:]]
+    assert len(got) == len(expected) >= 3
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape and cosines(b, a).min() > 0.99999
+    assert ov_backend.stream_count() == min(2, ov_backend.cpu_threads())
+    assert ov_backend.OpenVinoBackend(info, "cpu", "float32").streams == ov_backend.stream_count()
+    monkeypatch.setattr(ov_backend, "cpu_threads", lambda: 1)
+    assert ov_backend.stream_count() == 1
+    monkeypatch.setattr(ov_backend, "cpu_threads", lambda: 5)
+    assert ov_backend.stream_count() == 2 and ov_backend.stream_count(3) == 3
+    monkeypatch.setenv("EMBEDFLEET_OPENVINO_STREAMS", "1")
+    assert ov_backend.stream_count() == 1
+    with pytest.raises(ValueError, match="openvino streams must be 0"):
+        ov_backend.stream_count(-1)
+
+
 def test_rerank_scores_agree_with_torch(tiny_rerank_model: Path) -> None:
     info = describe(str(tiny_rerank_model))
     pairs = [("what is openvino", t) for t in prose(12)]

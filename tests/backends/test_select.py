@@ -187,6 +187,19 @@ def test_the_choice_is_measured_once_then_cached(tiny_embed_model: Path, monkeyp
     assert not fresh.cached and "measured now" in fresh.reason
 
 
+def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A choice measured with one OpenVINO stream count (or torch.compile setting) is not reused
+    under another: each changes which candidate is fastest."""
+    info = describe(str(tiny_embed_model))
+    options = autoselect.candidates("cpu", "auto")
+    keys = {autoselect.selection_key(info, "cpu", options, 8, 1)}
+    monkeypatch.setenv("EMBEDFLEET_OPENVINO_STREAMS", "3")  # never the default (one per core, at most two)
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    monkeypatch.setenv("EMBEDFLEET_TORCH_COMPILE", "1")
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    assert len(keys) == 3
+
+
 def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:
     from worker.backends.select import Trial, format_table
 

@@ -444,6 +444,42 @@ def test_batches_are_formed_ahead_only_for_asynchronous_backends(tiny_embed_mode
         assert not bulk.result(60).errors and not first.result(60).errors
 
 
+def test_calls_arriving_while_an_asynchronous_device_is_busy_share_one_batch(tiny_embed_model: Path) -> None:
+    """Adaptive micro-batching: while a CUDA-like device is busy (one batch running, one formed
+    waiting for it), single-text calls that arrive are not formed into batches of their own; when
+    the device frees they leave together, each with its own answer. Eagerly formed, they would be
+    four batches of one (up to four are formed ahead)."""
+    def wrap(inner):  # type: ignore[no-untyped-def]
+        gated = GatedBackend(inner)
+        gated.asynchronous = True
+        return gated
+
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096, wrap=wrap)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    try:
+        first = engine.submit(["the request that holds the device"], urgent=True)
+        assert backend.entered.wait(30)
+        second = engine.submit(["the call formed behind it"], urgent=True)
+        deadline = time.monotonic() + 30
+        while engine._ready.qsize() < 1 and time.monotonic() < deadline:  # forming is quick
+            time.sleep(0.01)
+        texts = [f"a later single-text call number {i}" for i in range(4)]
+        later = []
+        for text in texts:
+            later.append(engine.submit([text], urgent=True))
+            _wait_tokenized(engine)
+        assert engine._ready.qsize() == 1 and len(engine.scheduler) == 4, "the later calls were formed eagerly"
+        backend.gate.set()
+        for future in (first, second, *later):
+            assert not future.result(60).errors
+        assert [call["n"] for call in backend.calls] == [1, 1, 4]
+        singles = reference_embed(tiny_embed_model, texts, 64, "cls", True)
+        assert_close_rows(np.vstack([f.result().values for f in later]), singles, "batched single calls")
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
 @contextmanager
 def _device_held_with_a_backlog(model: Path, asynchronous: bool = False) -> Iterator[tuple]:
     """A gated engine whose device is held by one request while 300 short bulk texts wait,
@@ -622,3 +658,18 @@ def test_stop_resolves_every_pending_request(tiny_embed_model: Path, pool: str) 
         future.result(timeout=5)  # a liveness bound, not a timing: stop() has already returned
     except Exception as exc:  # EngineStopped is the honest answer
         assert type(exc).__name__ == "EngineStopped", repr(exc)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_rerank_model"])
+def test_warm_up_runs_batches_and_leaves_the_engine_serving(fixture: str, request: pytest.FixtureRequest) -> None:
+    """``Engine.warm_up`` (run at start for CUDA engines, so a device's first-batch costs are not a
+    job's) really runs batches, long inputs truncated, and the engine answers as before afterwards."""
+    model = request.getfixturevalue(fixture)
+    with make_engine(model) as engine:
+        inputs = [("a query", "a document")] if engine.info.kind == JobKind.rerank else ["a text"]
+        before = engine.run(inputs).values
+        batches = engine.stats["batches"]
+        assert engine.warm_up() > 0
+        assert engine.stats["batches"] > batches
+        assert engine.stats["items"] >= 4 * 65 + len(inputs)
+        np.testing.assert_allclose(engine.run(inputs).values, before, rtol=1e-5, atol=1e-6)

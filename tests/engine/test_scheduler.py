@@ -292,16 +292,18 @@ def test_an_urgent_item_goes_out_next_behind_a_big_backlog(padded: bool) -> None
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_a_small_request_goes_out_next_behind_a_large_urgent_one(padded: bool) -> None:
-    """A maximum-size call (2,048 texts of 256 tokens) is pending and has had a batch; a single-text
-    call that arrives then is in the very next batch, which the large call's items fill up."""
+    """A maximum-size call (2,048 texts of 256 tokens) is pending and has had a batch; single-text
+    calls that arrive then are the very next batch, without the large call's long items (which
+    would make it as slow as theirs); the large call has the batch after."""
     model = Model(Scheduler(256 * 16, padded=padded))
     model.add([256] * 2048, urgent=True)
     first = model.take()
     assert len(first) == 16 and max(first) < 2048
     (call,) = model.add([12], urgent=True)
+    (other,) = model.add([30], urgent=True)
     batch = model.take()
-    assert call in batch, "the single text waited behind the large request"
-    assert len(batch) > 1, "the batch around the single text was not filled with the large request's items"
+    assert sorted(batch) == [call, other], "the single texts waited behind, or with, the large request"
+    assert all(i < 2048 for i in model.take()), "the large request did not have the next batch"
 
 
 def test_a_stream_of_small_requests_does_not_starve_a_large_one() -> None:
@@ -380,3 +382,17 @@ def test_a_full_batch_leaves_even_while_the_device_is_busy() -> None:
 
 def _numbers(picked: Picked) -> list[int]:
     return [int(picked.owners[int(o)][int(r)]) for o, r in zip(picked.owner, picked.rows)]
+
+
+def test_a_large_requests_batches_are_capped_while_small_ones_take_turns() -> None:
+    """With ``shared_batch_tokens``, the large request's batches right after a small call's are
+    at most that budget (a small call waits for the batch in progress); alone, it gets the full one."""
+    model = Model(Scheduler(256 * 8, padded=True, shared_batch_tokens=256 * 4, fair_every=4))
+    model.add([256] * 200, urgent=True)
+    assert len(model.take()) == 8  # alone: the full budget
+    model.add([12], urgent=True)
+    assert len(model.take()) == 1  # the small call, alone
+    assert len(model.take()) == 4  # the large one, capped while small ones are about
+    for _ in range(4):
+        model.take()
+    assert len(model.take()) == 8  # no small call for fair_every batches: the full budget again

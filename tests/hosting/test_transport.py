@@ -111,6 +111,6 @@ def test_undecodable_sqs_messages_are_deleted_and_counted(moto_sqs: None) -> Non
 
 def test_the_workers_app_consumes_sqs_with_it(moto_sqs: None) -> None:
     from worker.hosting.app import create_app
-    from worker.hosting.transport import SqsTransport
+    from worker.hosting.sqs_transport import SqsTransport
 
     assert type(create_app("sqs://", backend="redis://127.0.0.1:1/0").connection_for_read().transport) is SqsTransport

@@ -102,3 +102,32 @@ def test_a_timed_out_request_is_dropped_in_the_engine_and_others_are_answered(
         assert small.status_code == 200, small.text
     finally:
         server.stop()
+
+
+def test_a_client_that_hangs_up_has_its_request_dropped_in_the_engine(embedded: Served, bundled_model: Path) -> None:
+    """The client of a 2,048 x 256-token request gives up after a second and closes its
+    connection (the server's own timeout is a minute away): the request is cancelled, the
+    engine drops its remaining inputs, the metrics count a 499, and the server keeps answering."""
+    import re
+
+    from worker.hosting import registry
+
+    engine = registry.engine_for(str(bundled_model), JobKind.embed)
+    server = facade(embedded, bundled_model, True, timeout_s=60)
+    try:
+        before = dict(engine.stats)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/embeddings", json={"input": [LONG] * 2048},
+                       timeout=httpx.Timeout(60, read=1.0))
+        deadline = time.monotonic() + 120
+        while engine.stats["dropped"] == before["dropped"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.stats["dropped"] > before["dropped"], "the abandoned request kept running in the engine"
+        assert engine.stats["items"] - before["items"] < 2048
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert re.search(r'^embedfleet_http_requests_total\{[^}]*status="499"[^}]*\} 1\.0$', metrics, re.M), \
+            [line for line in metrics.splitlines() if "requests_total" in line]
+        small = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a single text"}, timeout=60)
+        assert small.status_code == 200, small.text
+    finally:
+        server.stop()

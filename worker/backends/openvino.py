@@ -18,6 +18,16 @@ plugin silently runs bf16 on CPUs with bf16 units, and the dtype asked for is th
 ``bfloat16`` runs the plugin's bf16 precision (where the CPU has bf16 units: AVX-512-BF16 or
 AMX; elsewhere refused rather than emulated). Anything else is refused by name. ``device``:
 ``cpu`` (or ``auto``).
+
+``streams``: how many batches run at once. One stream runs one batch on every core
+(``PERFORMANCE_HINT=LATENCY``); ``n`` streams (``THROUGHPUT``) run ``n`` batches side by side on
+the cores split between them, each through its own infer request started asynchronously
+(``launch``), so the engine forms and tokenizes the next batch while they compute, and the small
+per-layer ops (layer norm, softmax, GELU) of a 384-wide encoder stop paying for cross-core
+synchronisation. The default, ``EMBEDFLEET_OPENVINO_STREAMS`` = 0, is one stream per core up to
+two (what was measured, on the 2-core Xeon: bench/RESULTS.md; more streams on larger machines are
+not measured, so not the default); it is part of the backend's ``mode`` and of the auto
+selection's cache key.
 """
 
 from __future__ import annotations
@@ -25,14 +35,15 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import queue
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from producer.errors import BadInput
-from producer.settings import cache_dir
+from producer.settings import cache_dir, settings
 from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
 from worker.backends.onnx import INPUT_NAMES, publish, with_head
 from worker.models.resolve import ModelInfo
@@ -55,6 +66,15 @@ def normalize_dtype(dtype: str) -> str:
         raise BadInput("dtype 'bfloat16' on the openvino backend needs a CPU with bf16 units (AVX-512-BF16 or AMX); "
                        "this one has neither: use float32", param="dtype")
     return name
+
+
+def stream_count(streams: int | None = None) -> int:
+    """Streams to run: ``streams`` if given, else the setting; 0 means one per core, at most two."""
+    wanted = settings().openvino_streams if streams is None else streams
+    if wanted < 0:
+        raise BadInput(f"openvino streams must be 0 (one per core, at most two) or more, not {wanted}",
+                       param="openvino_streams")
+    return wanted or min(2, cpu_threads())
 
 
 def ir_dir(info: ModelInfo) -> Path:
@@ -103,7 +123,7 @@ class OpenVinoBackend(Backend):
     unpadded = False
     preferred_batch_tokens = 2048  # activations stay in the caches, as on ONNX Runtime's CPU path
 
-    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto", streams: int | None = None) -> None:
         import openvino as ov
 
         from worker.models.loading import transformers_only
@@ -114,34 +134,65 @@ class OpenVinoBackend(Backend):
         self.info = info
         self.device = "cpu"
         self.dtype = normalize_dtype(dtype)
+        self.streams = stream_count(streams)
+        self.asynchronous = self.streams > 1  # the engine keeps a batch per stream in flight
+        self.mode = f"streams{self.streams}"
+        # The same tokens per core as one stream's 2048 on two cores: each stream runs on its share.
+        self.preferred_batch_tokens = max(512, 2048 // self.streams)
         self.path = ensure_ir(info)
         self._core = ov.Core()
         self._model = self._core.read_model(str(self.path / "model.xml"))
         self._input_names = [port.get_any_name() for port in self._model.inputs]
-        self._request = self._compile(self.dtype)
-        self._precise: Any = None
-        log.info("openvino backend: %s on the CPU (%s, %d threads), %s", info.name, self.dtype, cpu_threads(),
-                 self.path)
+        self._free = self._compile(self.dtype, self.streams)
+        self._precise: queue.Queue[Any] | None = None
+        log.info("openvino backend: %s on the CPU (%s, %d threads, %d streams), %s", info.name, self.dtype,
+                 cpu_threads(), self.streams, self.path)
 
-    def _compile(self, dtype: str) -> Any:
-        config = {"INFERENCE_PRECISION_HINT": PRECISION[dtype], "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
-        return self._core.compile_model(self._model, "CPU", config).create_infer_request()
+    def _compile(self, dtype: str, streams: int) -> "queue.Queue[Any]":
+        """The model compiled for ``dtype`` with ``streams`` streams: a queue of that many free infer requests."""
+        config = {"INFERENCE_PRECISION_HINT": PRECISION[dtype],
+                  "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+                  "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
+        compiled = self._core.compile_model(self._model, "CPU", config)
+        free: queue.Queue[Any] = queue.Queue()
+        for _ in range(streams):
+            free.put(compiled.create_infer_request())
+        return free
 
-    def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
-        """Pooled vectors or logits, float32; ``precise`` on bf16 reruns the batch in fp32."""
-        request = self._request
+    def launch(self, batch: Batch, precise: bool = False) -> Callable[[], np.ndarray]:
+        """Start the batch on a free infer request (waiting for one); the function returned waits
+        for its pooled vectors or logits (float32). ``precise`` on bf16 runs the batch in fp32."""
+        free = self._free
         if precise and self.dtype != "float32":
             if self._precise is None:
-                self._precise = self._compile("float32")
-            request = self._precise
+                self._precise = self._compile("float32", 1)
+            free = self._precise
         arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "token_type_ids": batch.token_type_ids}
         feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int64) for name in self._input_names}
-        output = request.infer(feed)
-        return np.array(output[request.model_outputs[0]], dtype=np.float32)
+        request = free.get()
+        try:
+            request.start_async(feed, share_inputs=True)  # ``feed`` lives until wait() returns
+        except BaseException:
+            free.put(request)
+            raise
+
+        def wait() -> np.ndarray:
+            try:
+                request.wait()
+                return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+            finally:
+                del feed_kept[:]
+                free.put(request)
+
+        feed_kept = [feed]
+        return wait
+
+    def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
+        """Pooled vectors or logits, float32; ``precise`` on bf16 reruns the batch in fp32."""
+        return self.launch(batch, precise)()
 
     def close(self) -> None:
-        self._request = None
+        self._free = queue.Queue()
         self._precise = None
         self._model = None

@@ -41,7 +41,7 @@ import numpy as np
 
 from producer.errors import BadInput
 from producer.jobs import JobKind
-from producer.settings import cache_dir
+from producer.settings import cache_dir, settings
 from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads
 from worker.backends.quality import COSINE_GATE, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines, prose
 from worker.models.heads import class_probabilities, rerank_scores
@@ -378,9 +378,17 @@ def cache_path() -> Path:
     return cache_dir("backend-choices.json")
 
 
+def knobs() -> dict[str, object]:
+    """The settings that change how fast a candidate runs (a change means measuring again)."""
+    from worker.backends.openvino import stream_count  # pure: OpenVINO itself is imported on use only
+
+    return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile}
+
+
 def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int) -> str:
-    """The cache key of one selection: model revision, kind, device, candidates, machine, versions."""
-    parts = {"model": info.revision or info.name, "kind": info.kind.value, "device": device,
+    """The cache key of one selection: model revision, kind, device, candidates, machine, versions,
+    and the speed knobs (``knobs``)."""
+    parts = {"knobs": knobs(), "model": info.revision or info.name, "kind": info.kind.value, "device": device,
              "candidates": [str(c) for c in options], "sample": [n_texts, passes], "machine": machine(),
              "rule": [RECALL_GATE, COSINE_GATE, SCORE_TOLERANCE, QUALITY_TEXTS],
              "versions": library_versions()}

@@ -87,7 +87,7 @@ def run(
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
-    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards in flight (they share batches)"),
+    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)"),
     normalize: Normalize = None,
     truncate: Truncate = True,
     dimensions: Dimensions = None,

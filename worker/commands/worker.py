@@ -74,7 +74,7 @@ def worker_command(
     backend: Backend = DEFAULT_BACKEND,
     dtype: Dtype = DEFAULT_DTYPE,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1,
-                                             help="Shards in flight; they share one engine")] = 4,
+                                             help="Shards computing at once; they share one engine (EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)")] = 4,
     inline_slots: Annotated[int, typer.Option(
         "--inline-slots", min=1, envvar=envvar("inline_slots"),
         help="Inline calls in flight beside the shards (a lane shards never fill)")] = int(default("inline_slots")),  # type: ignore[call-overload]

@@ -168,7 +168,8 @@ class Engine:
         budget = sized.tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32),
-                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped)
+                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped,
+                                   shared_batch_tokens=None if backend.asynchronous else max(1, budget // 2))
         self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
@@ -231,6 +232,20 @@ class Engine:
         for request in still_open:
             self._fail_request(request, EngineStopped("the worker is stopping"))
         self.backend.close()
+
+    def warm_up(self) -> float:
+        """Run a few batches of made-up texts of growing length, so a device's one-time costs
+        (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
+        ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        started = time.perf_counter()
+        if self.info.kind == JobKind.rerank:
+            inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
+        else:
+            inputs = ["warm up " * n for n in (1, 30, 120, 500)]
+        for copies in (1, 64):
+            self.run(inputs * copies, Options(truncate=True), timeout=300)
+        return time.perf_counter() - started
 
     def __enter__(self) -> "Engine":
         return self.start()

@@ -2,7 +2,8 @@
 
 Late acks and reject-on-worker-lost mean a message is acknowledged only after its output is
 published, so a worker that dies mid-shard gives the shard back to the queue. A prefetch
-multiplier of 1 reserves exactly as many messages as the worker runs at once: every in-flight
+multiplier of 1 reserves exactly as many messages as the worker runs at once (its shard slots:
+``--concurrency`` plus the shards it reads ahead, ``WorkerSpec.shard_slots``): every in-flight
 task feeds the one engine (their texts share batches), and nothing sits reserved behind them
 where a dead worker would hold it until the visibility timeout.
 """

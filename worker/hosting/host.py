@@ -52,6 +52,8 @@ class WorkerSpec:
     concurrency: int = 4
     #: Pool threads kept for inline calls beside the ``concurrency`` shard slots (``worker.hosting.lanes``).
     inline_slots: int = field(default_factory=lambda: settings().inline_slots)
+    #: Shards held beyond ``concurrency``, read and tokenized ahead (``None``: as many as ``concurrency``).
+    lookahead: int | None = field(default_factory=lambda: settings().shard_lookahead)
     max_batch_tokens: int | None = None
     memory_fraction: float | None = None
     #: run the code a model folder ships (config auto_map), see ``worker.models.loading``
@@ -62,6 +64,20 @@ class WorkerSpec:
     #: where broker messages may read and write (``worker.hosting.trust``); ``None`` checks nothing
     storage_roots: StorageRoots | None = None
 
+    @property
+    def shard_slots(self) -> int:
+        """Shards in flight: ``concurrency`` computing plus the lookahead.
+
+        Every shard task submits its texts to the one engine as soon as it has read them; the
+        engine's scheduler builds each batch around its oldest pending item, so the shards run
+        roughly in arrival order and those read ahead wait behind the current ones. When a shard
+        finishes, its write, marker and acknowledgement (and the read and tokenization of the
+        shard that takes its slot) happen while the device works on those ahead: the pipeline
+        does not drain at a shard boundary.
+        """
+        ahead = self.concurrency if self.lookahead is None else self.lookahead
+        return self.concurrency + ahead
+
 
 def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]:
     """Resolve and load one model into a started engine, registered for the tasks; also returns
@@ -70,6 +86,8 @@ def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]
     selection = load_backend(spec.backend, info, spec.device, spec.dtype)
     engine = Engine(info, selection.backend, max_batch_tokens=spec.max_batch_tokens,
                     memory_fraction=spec.memory_fraction).start()
+    if selection.backend.asynchronous:
+        log.info("%s warmed up on %s in %.2f s", info.name, selection.backend.device, engine.warm_up())
     runtime.register(engine, model)
     return engine, selection
 
@@ -187,13 +205,13 @@ class InProcessWorker:
     def _start_consumer(self) -> None:
         """A Celery consumer on a thread, feeding the engines already loaded (kept on restarts)."""
         ready = threading.Event()
-        self.app.conf[SHARD_SLOTS] = self.spec.concurrency
+        self.app.conf[SHARD_SLOTS] = self.spec.shard_slots
         self.app.conf[INLINE_QUEUES] = self.inline_queues
         self._controller = self.app.WorkController(
             app=self.app,
             pool_cls="threads",
             consumer_cls=LaneConsumer,
-            concurrency=self.spec.concurrency + (self.spec.inline_slots if self.inline_queues else 0),
+            concurrency=self.spec.shard_slots + (self.spec.inline_slots if self.inline_queues else 0),
             queues=self.queues,
             hostname=self.hostname,
             without_heartbeat=True,

@@ -11,6 +11,14 @@ shards) and no pool thread is free. ``LaneConsumer`` keeps the two apart:
   ``no_ack`` and so outside any prefetch window;
 - the thread pool holds the shard slots plus ``inline slots`` threads that shards never fill.
 
+The consumer also hands a finished task's acknowledgement on without waiting: Celery queues it
+for the consumer's loop (``call_soon``), and before Celery/kombu 5.7 nothing woke that loop, so
+the freed prefetch slot was refilled only when its poll timed out (Redis, SQS: up to 1 s; the
+in-memory transport of ``embedfleet run``: up to 2 s). On an H200 that idled the device after
+every round of shards (bench/RESULTS.md, issue 13). ``LaneConsumer.call_soon`` wakes the event
+loop through a pipe it watches, and without an event loop runs acknowledgements at once, as
+Celery 5.7 does (``call_soon_ack``).
+
 Inline items then also jump the engine's line (``Scheduler``'s urgent lane), so a call waits
 neither for a pool thread nor behind a shard's pending texts. On a Redis fleet the inline lane
 skips the pool altogether (``worker.hosting.inline``): its messages go straight to the engine.
@@ -19,10 +27,13 @@ skips the pool altogether (``worker.hosting.inline``): its messages go straight 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
+from vine import ppartial
 
 from worker.hosting.inline import fast_lane_for
 
@@ -77,6 +88,39 @@ class LaneConsumer(Consumer):
         if self.initial_prefetch_count:  # 0 would mean "no limit"; keep Celery's choice then
             self.initial_prefetch_count = self.max_prefetch_count
 
+    def call_soon(self, p: Any, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``call_soon`` (how a pool thread hands an acknowledgement to the consumer),
+        plus a prompt hand-over: the event loop is woken (``_Waker``); without one (the in-memory
+        transport's blocking loop) an acknowledgement or rejection runs now, on the calling
+        thread, instead of when the loop's 2 s drain ends."""
+        if self.hub is None and getattr(p, "__name__", None) in _ACKS:
+            try:
+                ppartial(p, *args, **kwargs)()
+            except Exception:  # as Celery's pending operations do: logged, the loop goes on
+                log.exception("acknowledging a message failed")
+            return p
+        handle = super().call_soon(p, *args, **kwargs)
+        waker = getattr(self, "_waker", None)
+        if waker is not None:
+            waker.wake()
+        return handle
+
+    def register_with_event_loop(self, hub: Any) -> None:
+        super().register_with_event_loop(hub)
+        waker = getattr(self, "_waker", None)
+        if waker is None or waker.hub is not hub:
+            if waker is not None:
+                waker.close()
+            self._waker = _Waker(hub)
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            waker, self._waker = getattr(self, "_waker", None), None
+            if waker is not None:
+                waker.close()
+
     @property
     def max_prefetch_count(self) -> int:
         """Celery sizes the window by the pool; here the pool is larger than the shard slots."""
@@ -91,6 +135,53 @@ class LaneConsumer(Consumer):
             inline.cancel_by_queue(queue)
             return
         super().cancel_task_queue(queue)
+
+
+#: kombu ``Message`` methods Celery hands to ``call_soon`` when a task is done with its message.
+_ACKS = frozenset({"ack_log_error", "reject_log_error"})
+
+
+class _Waker:
+    """A pipe the event loop watches: a byte written from any thread ends its ``poll`` at once."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self._lock = threading.Lock()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        hub.add_reader(self._read, self._drain)
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._write < 0:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:  # the pipe is full: a wake-up is already pending
+                pass
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            read, write, self._read, self._write = self._read, self._write, -1, -1
+        if read < 0:
+            return
+        try:
+            self.hub.remove_reader(read)
+        except Exception as exc:  # the loop is gone already
+            log.debug("removing the wake-up pipe: %s", exc)
+        for fd in (read, write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 __all__ = ["LaneConsumer", "InlineLane", "SHARD_SLOTS", "INLINE_QUEUES"]

@@ -20,7 +20,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, max_deliveries, record_unwritten
+from producer.broker import INLINE_TASK, SHARD_TASK, broker_kind, max_deliveries, record_unwritten
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
@@ -356,6 +356,12 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
         # The output is unwritable or full on every delivery: record the failure beside the queue
         # (the job's status reads it) and let the message go, instead of requeueing it forever.
         failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+        if broker_kind(poison.broker_url()) == "sqs":
+            # No record beside an SQS queue: the message is left to the redrive policy, which moves
+            # it to the dead-letter queue on its next receive (acknowledged, it would vanish).
+            log.error("shard %d of job %s: the output %s is unwritable; leaving the message to the dead-letter "
+                      "queue: %s", job.shard.index, job.job_id, job.out, failure)
+            raise Reject(failure, requeue=False) from exc
         record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
         log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
                   job.job_id, job.out, failure)

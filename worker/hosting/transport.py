@@ -1,4 +1,4 @@
-"""kombu's Redis and SQS transports for workers, minus what an undecodable message does to them.
+"""kombu's Redis transport for workers, minus what an undecodable message does to them.
 
 kombu decodes a message right after BRPOP took it off the queue; an entry that is not JSON, or
 JSON that is not a kombu envelope, raises out of the consumer's event loop, and Celery stops the
@@ -8,10 +8,8 @@ queue, is discarded: counted (``embedfleet_discarded_messages``, in the worker's
 Prometheus registry) and logged at most once a minute, and consumption goes on. Well-formed
 envelopes with a bad task inside are Celery's to reject, as before.
 
-On SQS, kombu wraps a body that is not its JSON envelope into one with no task, which Celery
-rejects as an unknown message; with the redrive policy such a message is received again and again
-until SQS moves it to the dead-letter queue, beside the shards that really failed. Here it is
-deleted on receipt instead, counted and logged the same way.
+The SQS counterpart is ``worker.hosting.sqs_transport``, a module of its own so that a worker on
+Redis never imports botocore (kombu's SQS transport needs it at import time).
 
 Only the worker's app uses these transports (``worker.hosting.app``); producers publish with kombu's.
 """
@@ -23,19 +21,15 @@ import threading
 import time
 from typing import Any
 
-from queue import Empty
-
-from kombu.transport import SQS, redis
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.transport import redis
 from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
 #: Where ``worker.hosting.app`` points Celery's ``broker_transport`` for Redis brokers.
 TRANSPORT = "worker.hosting.transport:Transport"
-#: The same for SQS brokers.
-SQS_TRANSPORT = "worker.hosting.transport:SqsTransport"
+#: The same for SQS brokers (imported by Celery only when the broker is SQS).
+SQS_TRANSPORT = "worker.hosting.sqs_transport:SqsTransport"
 #: What decoding a queue entry into a kombu message raises on garbage (JSON, base64, UTF-8, shape).
 UNDECODABLE = (ValueError, KeyError, TypeError, IndexError)
 LOG_EVERY_S = 60.0
@@ -86,45 +80,3 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
-
-
-class SqsChannel(SQS.Channel):
-    """kombu's SQS channel; a received body that is not a kombu envelope is deleted and counted."""
-
-    def _get(self, queue: str) -> Any:
-        try:
-            return super()._get(queue)
-        except IndexError:  # the one message received was discarded
-            raise Empty() from None
-
-    def _messages_to_python(self, messages: list[dict[str, Any]], queue: str) -> list[Any]:
-        kept = [m for m in messages if self._decodable(m, queue, self._new_queue(queue))]
-        return super()._messages_to_python(kept, queue)
-
-    def _on_messages_ready(self, queue: str, qname: str, messages: dict[str, Any]) -> int:
-        received = messages.get("Messages") or []
-        kept = [m for m in received if self._decodable(m, qname, queue)]
-        return int(super()._on_messages_ready(queue, qname, {**messages, "Messages": kept}))
-
-    def _decodable(self, message: dict[str, Any], queue: str, queue_url: str) -> bool:
-        """Whether the body is a kombu envelope; if not, the message is deleted and counted."""
-        try:
-            payload = loads(bytes_to_str(self._decode_python_message_body(message["Body"])))
-            if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict) \
-                    or "body" not in payload:
-                raise ValueError("not a kombu message envelope")
-        except (*UNDECODABLE, AttributeError) as exc:
-            self._discard(message, queue, queue_url, exc)
-            return False
-        return True
-
-    def _discard(self, message: dict[str, Any], queue: str, queue_url: str, exc: BaseException) -> None:
-        throttle.discarded(queue, exc)
-        try:
-            self.sqs(queue=queue).delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-        except Exception as error:  # it comes back after the visibility timeout, and is discarded again
-            log.warning("could not delete an undecodable message from %s: %s", queue, error)
-
-
-class SqsTransport(SQS.Transport):
-    Channel = SqsChannel
