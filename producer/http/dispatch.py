@@ -94,6 +94,14 @@ class Dispatcher:
             self.inflight -= 1
             self.metrics.inflight.dec()
 
+    def _withdraw(self, task_id: str) -> None:
+        """Revoke a sent call nobody waits for (broadcast: the worker running it drops the rest in
+        its engine; otherwise it would run until its deadline). Off the event loop; where the
+        broker has no broadcast (SQS) the deadline alone ends it."""
+        if not self.app.conf.worker_enable_remote_control:
+            return
+        asyncio.get_running_loop().run_in_executor(None, _withdraw_in_background, self.app, task_id)
+
     async def _run(self, job: InlineJob, queue: str, deadline: float) -> Answer:
         """One message to ``queue`` (the worker drops it unanswered once ``deadline`` has passed),
         or the job handed to this process's own engine."""
@@ -125,6 +133,10 @@ class Dispatcher:
 
         try:
             value = await self.replies.call(send, task_id, left)
+        except asyncio.CancelledError:  # nobody waits for it any more (its client hung up)
+            if asyncio.get_running_loop().time() < deadline:  # past it, the worker drops it anyway
+                self._withdraw(task_id)
+            raise
         except (asyncio.TimeoutError, TimeoutError):
             raise timed_out(job.model, self.timeout_s) from None
         except EmbedfleetError:
@@ -135,6 +147,13 @@ class Dispatcher:
         if result.error is not None:
             raise from_wire(result.error)
         return Answer.of(result)
+
+
+def _withdraw_in_background(app: Celery, task_id: str) -> None:
+    try:
+        app.control.revoke(task_id)
+    except Exception as exc:  # the worker drops it at its deadline anyway
+        log.debug("could not revoke %s: %s", task_id, exc)
 
 
 def _retry_alone(exc: BaseException) -> bool:

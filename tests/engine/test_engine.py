@@ -398,6 +398,27 @@ def test_a_cancelled_call_is_not_computed(tiny_embed_model: Path) -> None:
         engine.stop()
 
 
+def test_a_withdrawn_call_is_not_computed(tiny_embed_model: Path) -> None:
+    """A call its caller withdrew (``withdrawn()`` turns true: a revoked message) while it waited
+    for the device: none of its items is computed; the call behind it is answered."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=64, wrap=GatedBackend)
+    backend: GatedBackend = engine.backend  # type: ignore[assignment]
+    revoked = threading.Event()
+    try:
+        first = engine.submit(["the request that holds the device"])
+        assert backend.entered.wait(30)
+        engine.submit([f"short text {i}" for i in range(100)], urgent=True, withdrawn=revoked.is_set)
+        _wait_tokenized(engine)
+        revoked.set()
+        kept = engine.submit(["still wanted"], urgent=True)
+        backend.gate.set()
+        assert not kept.result(60).errors and not first.result(60).errors
+        assert sum(call["n"] for call in backend.calls) == 2 and engine.stats["dropped"] == 100
+    finally:
+        backend.gate.set()
+        engine.stop()
+
+
 def test_a_call_past_its_deadline_is_dropped_and_fails_timed_out(tiny_embed_model: Path) -> None:
     """A call whose deadline passes while it waits for the device fails with TimedOut and none
     of its items is computed; one already past its deadline is not even tokenized."""

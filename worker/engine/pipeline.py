@@ -115,10 +115,16 @@ class _Request:
     deadline: float = math.inf
     #: the scheduler's name for this request (its blocks share the device as one request)
     group: int = 0
+    #: whether the caller withdrew the call by other means than cancelling the future (a revoke)
+    withdrawn: Callable[[], bool] | None = None
+
+    def gone(self) -> bool:
+        """The caller cancelled the future, or withdrew the call."""
+        return self.future.cancelled() or (self.withdrawn is not None and self.withdrawn())
 
     def unwanted(self) -> bool:
-        """Nobody waits for this request any more: its caller cancelled, or its deadline passed."""
-        return self.future.cancelled() or time.monotonic() > self.deadline
+        """Nobody waits for this request any more: its caller went away, or its deadline passed."""
+        return self.gone() or time.monotonic() > self.deadline
 
 
 @dataclass(eq=False)
@@ -168,7 +174,7 @@ class Engine:
         budget = sized.tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32),
-                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped,
+                                   dead=lambda block: block.request.gone(), on_dropped=self._dropped,
                                    shared_batch_tokens=None if backend.asynchronous else max(1, budget // 2))
         self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
@@ -255,18 +261,20 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, inputs: Sequence[Any], options: Options | None = None,
-               urgent: bool = False, deadline: float | None = None) -> "Future[EngineResult]":
+               urgent: bool = False, deadline: float | None = None,
+               withdrawn: Callable[[], bool] | None = None) -> "Future[EngineResult]":
         """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future.
 
         ``urgent`` marks a call someone is waiting on (an HTTP request): its items go into the
         next batch ahead of pending bulk work (see ``Scheduler``). Past ``deadline``
         (``time.monotonic()``), or once the future is cancelled, its remaining items are dropped
-        instead of computed and the future fails with ``TimedOut``."""
+        instead of computed and the future fails with ``TimedOut``; so do they once ``withdrawn()``
+        says the caller withdrew the call (asked when batches are formed: keep it cheap)."""
         options = options or Options()
         self.check_options(options)
         request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
                            outputs=self.outputs_for(options), group=next(self._groups),
-                           deadline=math.inf if deadline is None else float(deadline))
+                           deadline=math.inf if deadline is None else float(deadline), withdrawn=withdrawn)
         request.n_tokens = np.zeros(len(inputs), dtype=np.int64)
         request.truncated = np.zeros(len(inputs), dtype=bool)
         texts, given, images = self._validate(inputs, options, request)

@@ -16,7 +16,8 @@ for another worker when this one is stopping, else the error's code, or a task f
 
 The message's deadline (its ``expires`` header, the facade's per-request deadline) goes into the
 engine with the job: past it the engine drops whatever of the call has not run yet, so a call
-the facade already answered with a 504 stops costing the device.
+the facade already answered with a 504 stops costing the device; so does a call the facade
+revoked (its client hung up: Celery's revoke puts its id in ``worker_state.revoked``).
 
 It needs the Redis result backend (``InlineResultBackend``); the embedded worker's in-memory
 backend wakes its facade through Celery's ``task_postrun`` signal, so it keeps Celery's path.
@@ -69,11 +70,12 @@ class FastInline:
             job = inline_job(payload)
             if isinstance(job, TokensJob):
                 raise LookupError("token-level jobs run as tasks")
-            future, count = start_inline(job, monotonic_deadline(headers.get("expires")))
+            task_id = str(headers["id"])
+            future, count = start_inline(job, monotonic_deadline(headers.get("expires")),
+                                         withdrawn=lambda: task_id in worker_state.revoked)
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self.celery_handler(message)
             return
-        task_id = str(headers["id"])
         queue = (message.delivery_info or {}).get("routing_key")
         future.add_done_callback(lambda done: self._finish(done, task_id, job, payload, count, headers, queue))
 

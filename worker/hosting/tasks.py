@@ -13,11 +13,12 @@ import datetime as dt
 import logging
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from celery import shared_task
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 from pydantic import TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK, SHARD_TASK, broker_kind, max_deliveries, record_unwritten
@@ -63,16 +64,17 @@ def inline_job(payload: dict[str, Any]) -> InlineJob:
     return _inline_adapter.validate_python(payload)
 
 
-def start_inline(job: InlineJob, deadline: float | None = None) -> tuple["Future[Any]", int]:
+def start_inline(job: InlineJob, deadline: float | None = None,
+                 withdrawn: Callable[[], bool] | None = None) -> tuple["Future[Any]", int]:
     """Hand an embed / rerank / classify job to its engine: the engine's future and the input count.
     Past ``deadline`` (``time.monotonic()``: when the caller stops waiting) the engine drops
-    what of it has not run yet."""
+    what of it has not run yet, and so once ``withdrawn()`` says the caller withdrew it."""
     engine = runtime.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    return engine.submit(inputs, job.options, urgent=True, deadline=deadline), len(inputs)
+    return engine.submit(inputs, job.options, urgent=True, deadline=deadline, withdrawn=withdrawn), len(inputs)
 
 
 def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
@@ -104,13 +106,14 @@ def monotonic_deadline(expires: Any) -> float | None:
     return time.monotonic() + (moment - now).total_seconds()
 
 
-def run_inline(payload: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+def run_inline(payload: dict[str, Any], deadline: float | None = None,
+               withdrawn: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON; past
     ``deadline`` (``time.monotonic()``) the engine drops what has not run (``TimedOut``)."""
     job = inline_job(payload)
     if isinstance(job, TokensJob):
         return run_tokens(job)
-    future, count = start_inline(job, deadline)
+    future, count = start_inline(job, deadline, withdrawn)
     return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
 
 
@@ -222,7 +225,9 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     another worker answers it before its deadline (its queue keeps no unacknowledged copy to
     fall back on: ``producer.jobs.inline_queue_name``). Refusals are answered with their code."""
     try:
-        return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)))
+        task_id = self.request.id
+        return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)),
+                          withdrawn=lambda: task_id in worker_state.revoked)
     except Exception as exc:
         answer = inline_failure(payload, exc)
         if answer is None:
