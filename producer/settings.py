@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     torch_compile: bool = Field(False, description="CPU torch backend: torch.compile the model "
                                 "(~20% faster, tens of seconds more at start)")
     openvino_streams: int = Field(0, ge=0, description="OpenVINO backend: batches run side by side, each on "
-                                  "its share of the cores (0: one per two cores)")
+                                  "its share of the cores (0: one per core, at most two)")
     trust_remote_code: bool = Field(False, description="Run the code a model folder ships (its config's "
                                     "auto_map); off: such a folder is refused unless a native family implements it")
     cache: Path = Field(default_factory=_default_cache,

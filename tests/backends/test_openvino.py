@@ -73,7 +73,7 @@ def test_streams_run_batches_side_by_side_with_the_same_results(bundled_model: P
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Two streams: two batches in flight at once (launch returns before the batch is done), each
     wait gets its own batch's vectors, equal to one stream's; the stream count is the backend's
-    mode, defaults to one per two cores, and a negative count is refused by name."""
+    mode, defaults to one per core (at most two), and a negative count is refused by name."""
     info = describe(str(bundled_model))
     texts = prose(48)
     _, batches, _ = sorted_batches(info, texts, 512)
@@ -86,6 +86,10 @@ def test_streams_run_batches_side_by_side_with_the_same_results(bundled_model: P
     assert len(got) == len(expected) >= 3
     for a, b in zip(got, expected):
         assert a.shape == b.shape and cosines(b, a).min() > 0.99999
+    assert ov_backend.stream_count() == min(2, ov_backend.cpu_threads())
+    assert ov_backend.OpenVinoBackend(info, "cpu", "float32").streams == ov_backend.stream_count()
+    monkeypatch.setattr(ov_backend, "cpu_threads", lambda: 1)
+    assert ov_backend.stream_count() == 1
     monkeypatch.setattr(ov_backend, "cpu_threads", lambda: 5)
     assert ov_backend.stream_count() == 2 and ov_backend.stream_count(3) == 3
     monkeypatch.setenv("EMBEDFLEET_OPENVINO_STREAMS", "1")

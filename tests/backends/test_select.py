@@ -193,7 +193,7 @@ def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monke
     info = describe(str(tiny_embed_model))
     options = autoselect.candidates("cpu", "auto")
     keys = {autoselect.selection_key(info, "cpu", options, 8, 1)}
-    monkeypatch.setenv("EMBEDFLEET_OPENVINO_STREAMS", "1")
+    monkeypatch.setenv("EMBEDFLEET_OPENVINO_STREAMS", "3")  # never the default (one per core, at most two)
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setenv("EMBEDFLEET_TORCH_COMPILE", "1")
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))

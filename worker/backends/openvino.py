@@ -24,9 +24,10 @@ AMX; elsewhere refused rather than emulated). Anything else is refused by name. 
 the cores split between them, each through its own infer request started asynchronously
 (``launch``), so the engine forms and tokenizes the next batch while they compute, and the small
 per-layer ops (layer norm, softmax, GELU) of a 384-wide encoder stop paying for cross-core
-synchronisation. The default, ``EMBEDFLEET_OPENVINO_STREAMS`` = 0, is one stream per two cores
-(bench/RESULTS.md: measured on the 2-core Xeon); it is part of the backend's ``mode`` and of the
-auto selection's cache key.
+synchronisation. The default, ``EMBEDFLEET_OPENVINO_STREAMS`` = 0, is one stream per core up to
+two (what was measured, on the 2-core Xeon: bench/RESULTS.md; more streams on larger machines are
+not measured, so not the default); it is part of the backend's ``mode`` and of the auto
+selection's cache key.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ def normalize_dtype(dtype: str) -> str:
 
 
 def stream_count(streams: int | None = None) -> int:
-    """Streams to run: ``streams`` if given, else the setting; 0 means one per two cores (at least one)."""
+    """Streams to run: ``streams`` if given, else the setting; 0 means one per core, at most two."""
     wanted = settings().openvino_streams if streams is None else streams
     if wanted < 0:
-        raise BadInput(f"openvino streams must be 0 (one per two cores) or more, not {wanted}", param="openvino_streams")
-    return wanted or max(1, cpu_threads() // 2)
+        raise BadInput(f"openvino streams must be 0 (one per core, at most two) or more, not {wanted}",
+                       param="openvino_streams")
+    return wanted or min(2, cpu_threads())
 
 
 def ir_dir(info: ModelInfo) -> Path:

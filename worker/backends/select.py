@@ -380,8 +380,9 @@ def cache_path() -> Path:
 
 def knobs() -> dict[str, object]:
     """The settings that change how fast a candidate runs (a change means measuring again)."""
-    current = settings()
-    return {"openvino_streams": current.openvino_streams, "torch_compile": current.torch_compile}
+    from worker.backends.openvino import stream_count  # pure: OpenVINO itself is imported on use only
+
+    return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile}
 
 
 def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int) -> str:
