@@ -382,3 +382,17 @@ def test_a_full_batch_leaves_even_while_the_device_is_busy() -> None:
 
 def _numbers(picked: Picked) -> list[int]:
     return [int(picked.owners[int(o)][int(r)]) for o, r in zip(picked.owner, picked.rows)]
+
+
+def test_a_large_requests_batches_are_capped_while_small_ones_take_turns() -> None:
+    """With ``shared_batch_tokens``, the large request's batches right after a small call's are
+    at most that budget (a small call waits for the batch in progress); alone, it gets the full one."""
+    model = Model(Scheduler(256 * 8, padded=True, shared_batch_tokens=256 * 4, fair_every=4))
+    model.add([256] * 200, urgent=True)
+    assert len(model.take()) == 8  # alone: the full budget
+    model.add([12], urgent=True)
+    assert len(model.take()) == 1  # the small call, alone
+    assert len(model.take()) == 4  # the large one, capped while small ones are about
+    for _ in range(4):
+        model.take()
+    assert len(model.take()) == 8  # no small call for fair_every batches: the full budget again

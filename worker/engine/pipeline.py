@@ -168,7 +168,8 @@ class Engine:
         budget = sized.tokens
         # Short texts must still fill a large budget: allow as many items as 32-token texts take.
         self.scheduler = Scheduler(budget, padded=not backend.unpadded, max_batch_items=max(1024, budget // 32),
-                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped)
+                                   dead=lambda block: block.request.future.cancelled(), on_dropped=self._dropped,
+                                   shared_batch_tokens=None if backend.asynchronous else max(1, budget // 2))
         self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")

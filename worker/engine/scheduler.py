@@ -18,7 +18,9 @@ item of the urgent request that has had the fewest items run so far (least attai
 from the items of the least-served requests only, so a single-text call goes out in the very next
 batch while a maximum-size request (2,048 long texts) is pending, in a batch as short as itself
 (several small calls share it), and the large one takes the batch after. The oldest urgent item
-is never passed over more than ``fair_every`` batches in a row.
+is never passed over more than ``fair_every`` batches in a row. While small calls take turns with
+a large one, the large one's batches may be capped (``shared_batch_tokens``, the engine's choice
+for synchronous devices: half the budget), since a small call waits for the batch in progress.
 
 A request that is no longer wanted is dropped, not computed: every item carries its request's
 deadline (``time.monotonic()``; infinity when none), and ``dead(owner)`` (a cancelled caller)
@@ -95,6 +97,7 @@ class Scheduler:
         fair_every: int = 4,
         dead: Callable[[Any], bool] | None = None,
         on_dropped: Callable[[Any, np.ndarray], None] | None = None,
+        shared_batch_tokens: int | None = None,
     ) -> None:
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -105,6 +108,12 @@ class Scheduler:
         self.fair_every = fair_every
         self.dead = dead
         self.on_dropped = on_dropped
+        #: The budget of a large request's batches while small ones take turns with it (one was
+        #: served within the last ``fair_every`` batches): on a synchronous device (a CPU) a small
+        #: call waits for the batch in progress, so a shorter one bounds that wait. None: no cap.
+        self.shared_batch_tokens = shared_batch_tokens
+        self._since_small = fair_every + 1  # batches since one was built around a less-served request
+        self._budget = max_batch_tokens  # the budget of the batch being chosen
         # The pending items, oldest first, one entry per item across these arrays.
         self._len = np.zeros(0, dtype=np.int64)
         self._urgent = np.zeros(0, dtype=bool)
@@ -249,7 +258,12 @@ class Scheduler:
         if self._urgent_count and not (normal_waits and self._urgent_streak >= self.fair_every):
             self._urgent_streak = self._urgent_streak + 1 if normal_waits else 0
             urgent = np.flatnonzero(self._urgent)
+            oldest = int(urgent[0])
             anchor, urgent = self._urgent_anchor(urgent)
+            if anchor != oldest:
+                self._since_small = 0
+            elif self.shared_batch_tokens and self._since_small < self.fair_every:
+                self._budget = min(self._budget, self.shared_batch_tokens)
             window = urgent[: self.window]
             if anchor > window[-1]:  # a request beyond the window's reach still gets its turn
                 window = np.concatenate([window[: self.window - 1], [anchor]])
@@ -284,6 +298,8 @@ class Scheduler:
     def _select(self) -> np.ndarray:
         """Positions of the next batch: a run of the length-sorted window around the anchor,
         grown towards the nearer length while the cost fits (then towards the other side)."""
+        self._budget = self.max_batch_tokens
+        self._since_small += 1
         anchor, window = self._anchor()
         order = window[np.argsort(self._len[window], kind="stable")]  # by length, then age
         lens = self._len[order]
@@ -298,7 +314,7 @@ class Scheduler:
         """The run ``[lo, hi)`` around ``a`` of the sorted lengths ``lens``: candidates are taken
         nearest length first (shorter first on a tie) while the batch fits; once the next one does
         not, only the other side can still grow (its items may fit where that one did not)."""
-        budget, cap = self.max_batch_tokens, self.max_batch_items
+        budget, cap = self._budget, self.max_batch_items
         left = np.arange(a - 1, -1, -1)
         right = np.arange(a + 1, lens.shape[0])
         cand = np.concatenate([left, right])
