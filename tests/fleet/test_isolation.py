@@ -35,7 +35,9 @@ def test_a_poison_shard_is_parked_alone_and_its_neighbours_complete(
     texts = table.column("text").to_pylist()
     texts[5] = f"{texts[5]} {faulty_worker.KILL_MARK}"  # shard 0 of 6 is the poison
     pq.write_table(table.set_column(1, "text", pa.array(texts)), corpus, row_group_size=200)
-    env = {"EMBEDFLEET_LIVENESS_TTL": "3", "EMBEDFLEET_MAX_DELIVERIES": "1", "EMBEDFLEET_BACKEND": "torch"}
+    # two shards held (no read-ahead): the poison takes exactly one neighbour down
+    env = {"EMBEDFLEET_LIVENESS_TTL": "3", "EMBEDFLEET_MAX_DELIVERIES": "1", "EMBEDFLEET_BACKEND": "torch",
+           "EMBEDFLEET_SHARD_LOOKAHEAD": "0"}
     worker = faulty(redis_broker.url, tiny_embed_model, tmp_path / "worker.log", env, concurrency=2)
     workers.append(worker.start())
     worker.wait_ready()

@@ -120,7 +120,9 @@ def test_poison_shard_is_parked_and_resubmission_redoes_only_it(
     counter_key = f"embedfleet:deliveries:{poison_id}"
     redis = redis_broker.client()
     worker = WorkerProcess(redis_broker.url, tiny_embed_model, tmp_path / "worker.log",
-                           {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "2"}, concurrency=1)
+                           {**FAST_REDELIVERY, "EMBEDFLEET_MAX_DELIVERIES": "2",
+                            # one shard held at a time: a kill then costs shard 1 a delivery, and no other
+                            "EMBEDFLEET_SHARD_LOOKAHEAD": "0"}, concurrency=1)
     workers.append(worker.start())
     for delivery in (1, 2):  # the "poison": whoever takes shard 1 dies, mid-shard
         wait_for(lambda: int(redis.get(counter_key) or 0) >= delivery, 120, f"delivery {delivery} of shard 1", 0.005)
@@ -247,7 +249,9 @@ def test_an_inline_call_is_answered_while_every_slot_runs_a_shard(
     on the inline lane's own channel, runs on a pool thread shards never fill, and its text goes
     into the engine's next batch ahead of the shard's pending texts. So it is answered while the
     shard still runs; on one shared lane it would wait for the shard to finish."""
-    worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log", TORCH, concurrency=1)
+    # one shard slot and no read-ahead: the second shard stays queued while the first runs
+    worker = WorkerProcess(redis_broker.url, bundled_model, tmp_path / "worker.log",
+                           {**TORCH, "EMBEDFLEET_SHARD_LOOKAHEAD": "0"}, concurrency=1)
     workers.append(worker.start())
     worker.wait_ready()
     corpus = make_corpus(tmp_path / "corpus.parquet", 1300, seed=6)

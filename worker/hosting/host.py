@@ -86,7 +86,7 @@ def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]
     selection = load_backend(spec.backend, info, spec.device, spec.dtype)
     engine = Engine(info, selection.backend, max_batch_tokens=spec.max_batch_tokens,
                     memory_fraction=spec.memory_fraction).start()
-    if selection.backend.asynchronous:
+    if selection.backend.asynchronous and selection.backend.device != "cpu":  # CPU streams (openvino) need none
         log.info("%s warmed up on %s in %.2f s", info.name, selection.backend.device, engine.warm_up())
     runtime.register(engine, model)
     return engine, selection
