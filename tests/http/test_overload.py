@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from producer.jobs import JobKind
+from tests.conftest import RedisServer
 from tests.http.servers import Served, ServerThread, wait_ready
 
 #: ~250 tokens of the bundled model's vocabulary; 1,300 bytes (the estimate caps it at 256).
@@ -127,6 +128,53 @@ def test_a_client_that_hangs_up_has_its_request_dropped_in_the_engine(embedded: 
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert re.search(r'^embedfleet_http_requests_total\{[^}]*status="499"[^}]*\} 1\.0$', metrics, re.M), \
             [line for line in metrics.splitlines() if "requests_total" in line]
+        small = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a single text"}, timeout=60)
+        assert small.status_code == 200, small.text
+    finally:
+        server.stop()
+
+
+def test_thin_a_client_that_hangs_up_has_its_call_revoked_and_dropped_by_the_worker(
+        thin: Served, redis_module: RedisServer, bundled_model: Path) -> None:
+    """Thin facade, real Redis, an ``embedfleet worker`` subprocess: the client of a 2,048 x
+    256-token call hangs up after a second while the facade would wait five minutes; the facade
+    revokes the call and the worker's engine drops the rest, so the answer the worker stores is
+    the timeout code, not 2,048 vectors computed for nobody."""
+    import json
+
+    import redis
+
+    from producer.client import Client
+    from producer.http.app import create_app
+    from producer.http.settings import FacadeSettings
+
+    server = ServerThread(create_app(Client(broker=redis_module.url),
+                                     FacadeSettings(models=[str(bundled_model)], timeout_s=300,
+                                                    refresh_s=1.0))).start()
+    store = redis.Redis.from_url(redis_module.url)
+    try:
+        wait_ready(server.url)
+        seen = set(store.keys("celery-task-meta-*"))
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/embeddings", json={"input": [LONG] * 2048},
+                       timeout=httpx.Timeout(60, read=1.0))
+        def answers() -> list[dict]:
+            """New inline answers in the result store (other tasks, e.g. discovery, store theirs too)."""
+            found = []
+            for key in store.keys("celery-task-meta-*"):
+                value = store.get(key) if key not in seen else None
+                result = json.loads(value).get("result") if value else None
+                if isinstance(result, dict) and result.get("model") == "all-MiniLM-L6-v2":
+                    found.append(result)
+            return found
+
+        deadline = time.monotonic() + 240
+        stored: list[dict] = []
+        while not stored and time.monotonic() < deadline:
+            stored = answers()
+            time.sleep(0.2)
+        assert stored, "the worker stored no answer for the abandoned call"
+        assert (stored[0].get("error") or {}).get("code") == "timeout", str(stored[0])[:500]
         small = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a single text"}, timeout=60)
         assert small.status_code == 200, small.text
     finally:
