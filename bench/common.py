@@ -98,6 +98,28 @@ def wait_for_line(proc: subprocess.Popen, log: Path, marker: str, timeout: float
         time.sleep(0.2)
 
 
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
+    """Until ``url``/health answers 200; a server process that exits meanwhile ends the benchmark with its log.
+
+    urllib rather than httpx, so the benchmarks that run on the device machine need nothing more there.
+    """
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit(log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, or 503 until the workers answer (HTTPError is an OSError)
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not ready: {log.read_text()[-3000:]}")
+
+
 def timed(fn: Callable[[], Any], tokens: int, passes: int) -> dict[str, Any]:
     """One warm-up pass, then ``passes`` timed ones (the GPU synchronized around each, where there
     is one): tokens/s of the best and the worst pass, and the spread between them."""

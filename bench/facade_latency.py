@@ -37,9 +37,12 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-from bench.common import REPO as ROOT
-from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, print_report, stop
-from producer.settings import passive_openmp
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # `python bench/facade_latency.py` from the root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO as ROOT  # noqa: E402
+from bench.common import ENTRY, TEXT, RedisProcess, free_port, machine, print_report, stop, wait_healthy  # noqa: E402
+from producer.settings import passive_openmp  # noqa: E402
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -52,20 +55,6 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
                EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready: {log.read_text()[-3000:]}")
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -201,9 +190,9 @@ def run(args: argparse.Namespace) -> str:
         thin = spawn(["serve", "--broker", redis.url, "--port", str(t_port)], work / "thin.log")
         procs = [embedded, worker, thin]
         e_url, t_url = f"http://127.0.0.1:{e_port}", f"http://127.0.0.1:{t_port}"
-        wait_ready(e_url, embedded, work / "embedded.log")
-        wait_ready(t_url, worker, work / "worker.log")
-        wait_ready(t_url, thin, work / "thin.log")
+        wait_healthy(e_url, [embedded], work / "embedded.log")
+        wait_healthy(t_url, [worker], work / "worker.log")
+        wait_healthy(t_url, [thin], work / "thin.log")
         card = httpx.get(f"{e_url}/v1/models").json()["data"][0]
         thin_card = httpx.get(f"{t_url}/v1/models").json()["data"][0]
         loaded = (engine.backend.name, engine.backend.dtype)
@@ -273,7 +262,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the in-process engine with the OpenMP setting the CLI's servers give themselves
-    sys.path.insert(0, str(ROOT))
     print_report(run(args), args.out)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop
+from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop, wait_healthy
 from producer.settings import passive_openmp
 
 MODEL = "all-MiniLM-L6-v2"
@@ -222,21 +222,6 @@ def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit(log.read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # refused, or 503 until the workers answer (HTTPError is an OSError)
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} not ready: {log.read_text()[-3000:]}")
-
-
 def _pinned(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
@@ -364,7 +349,7 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             paths.append(Path_(f"embedded{suffix}", url, [embedded]))
             everything.append(embedded)
     for url, procs, log in waits:
-        wait_ready(url, procs, log)
+        wait_healthy(url, procs, log)
     return paths, everything
 
 

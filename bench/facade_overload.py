@@ -37,7 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop  # noqa: E402
+from bench.common import (ENTRY, REPO, TEXT, RedisProcess, free_port, machine, print_report, stop,  # noqa: E402
+                          wait_healthy)
 
 #: ~250 tokens of the bundled model's vocabulary (it cuts at 256).
 LONG = " ".join(f"benchmark sentence {i} about embedding servers under heavy load" for i in range(24))
@@ -60,20 +61,6 @@ def serve(checkout: Path, port: int, args: argparse.Namespace, log: Path, broker
                *(["--broker", broker] if broker else engine)]
     procs.append(subprocess.Popen(command, cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
     return procs
-
-
-def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(proc.poll() is not None for proc in procs):
-            raise SystemExit(log.read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready: {log.read_text()[-3000:]}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -172,7 +159,7 @@ def main() -> None:
             procs = serve(checkout, port, args, log, redis[n].url if redis else None)
             url = f"http://127.0.0.1:{port}"
             servers.append((checkout, url, procs))
-            wait_ready(url, procs, log)
+            wait_healthy(url, procs, log, timeout=300)
         results: dict[int, list[dict[str, object]]] = {n: [] for n in range(len(servers))}
         for p in range(args.passes):
             for n, (checkout, url, _) in enumerate(servers):
