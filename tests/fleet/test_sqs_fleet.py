@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # moto keeps its backends in process-wide state that outlives a server: queues an earlier test of
+    # this process declared (with its own EMBEDFLEET_MAX_DELIVERIES) would still be there
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "EMBEDFLEET_SQS_WAIT": "1",
            "EMBEDFLEET_MAX_DELIVERIES": "2"}
