@@ -131,12 +131,15 @@ class NanBackend(WrappedBackend):
 
 
 class GatedBackend(WrappedBackend):
-    """Blocks the first forward until ``gate`` is set, so requests pile up behind it."""
+    """Blocks the first forward until ``gate`` is set, so requests pile up behind it;
+    ``asynchronous`` (when given) makes it look like a CUDA (asynchronous) or CPU device to the engine."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, asynchronous: bool | None = None) -> None:
         super().__init__(inner)
         self.gate = threading.Event()
         self.entered = threading.Event()
+        if asynchronous is not None:
+            self.asynchronous = asynchronous
 
     def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
         self.entered.set()

@@ -470,12 +470,8 @@ def test_calls_arriving_while_an_asynchronous_device_is_busy_share_one_batch(tin
     waiting for it), single-text calls that arrive are not formed into batches of their own; when
     the device frees they leave together, each with its own answer. Eagerly formed, they would be
     four batches of one (up to four are formed ahead)."""
-    def wrap(inner):  # type: ignore[no-untyped-def]
-        gated = GatedBackend(inner)
-        gated.asynchronous = True
-        return gated
-
-    engine = make_engine(tiny_embed_model, max_batch_tokens=4096, wrap=wrap)
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096,
+                         wrap=lambda inner: GatedBackend(inner, asynchronous=True))
     backend: GatedBackend = engine.backend  # type: ignore[assignment]
     try:
         first = engine.submit(["the request that holds the device"], urgent=True)
@@ -505,12 +501,7 @@ def test_calls_arriving_while_an_asynchronous_device_is_busy_share_one_batch(tin
 def _device_held_with_a_backlog(model: Path, asynchronous: bool = False) -> Iterator[tuple]:
     """A gated engine whose device is held by one request while 300 short bulk texts wait,
     tokenized; yields ``(engine, backend, first, bulk)`` and stops the engine afterwards."""
-    def wrap(inner):  # type: ignore[no-untyped-def]
-        gated = GatedBackend(inner)
-        gated.asynchronous = asynchronous
-        return gated
-
-    engine = make_engine(model, max_batch_tokens=64, wrap=wrap)
+    engine = make_engine(model, max_batch_tokens=64, wrap=lambda inner: GatedBackend(inner, asynchronous))
     backend: GatedBackend = engine.backend  # type: ignore[assignment]
     try:
         first = engine.submit(["the request that holds the device"])
