@@ -387,7 +387,10 @@ def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
     words = vocabulary(bundled_path() / "vocab.txt")
     requests = short_workload(words, n=2000 if args.small else args.short_n)
     rows = results.setdefault("short", [])
-    for model_name, path in (("MiniLM", bundled_path()), ("bge-base arch", build_model("bge-base", workdir / "bge-base-arch", args.small))):
+    models = {"MiniLM": lambda: bundled_path(),
+              "bge-base arch": lambda: build_model("bge-base", workdir / "bge-base-arch", args.small)}
+    for model_name in args.short_models.split(","):
+        path = models[model_name]()
         tokens = sum(e.n_tokens for r in requests for e in BatchTokenizer(path, 512).encode(r))
         contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [] if args.short_skip_st else [
             (f"sentence-transformers fp16 batch {b}", lambda p=path, b=int(b): st_runner(p, torch.float16, b))
@@ -397,7 +400,8 @@ def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
                 contenders.append((f"embedfleet bf16 chunk {chunk} processes {procs}",
                                    lambda p=path, c=0 if chunk == "default" else int(chunk),
                                    n=None if procs == "default" else int(procs):
-                                   engine_runner(p, "bfloat16", "default", chunk=c or None, processes=n)))
+                                   engine_runner(p, "bfloat16", "default", args.short_budget, chunk=c or None,
+                                                 processes=n)))
         alone_done = False
         for label, make in contenders:
             try:
@@ -795,6 +799,9 @@ def main() -> None:
     parser.add_argument("--short-chunks", default="default,256,1024",
                         help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
     parser.add_argument("--short-skip-st", action="store_true", help="no sentence-transformers in the short section")
+    parser.add_argument("--short-models", default="MiniLM,bge-base arch", help="models of the short section")
+    parser.add_argument("--short-budget", type=int, default=None,
+                        help="engine batch budget in the short section (default: profiled; 65536 was the profile's)")
     parser.add_argument("--short-st-batches", default="32",
                         help="sentence-transformers batch sizes in the short section (32: its default)")
     parser.add_argument("--short-processes", default="default,0",
