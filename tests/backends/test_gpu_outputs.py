@@ -81,6 +81,31 @@ def test_bge_m3_three_outputs_on_cuda(m3: Path, dtype: str, varlen: bool) -> Non
     np.testing.assert_allclose(dense_only.values, got.values, atol=2e-2)
 
 
+def test_bge_m3_on_cuda_holds_its_weights_only_after_load(m3: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded as a worker loads it (a recipe), the batch budget is profiled in a throwaway process,
+    so the serving process runs no forward before its first request (its peak allocation since load
+    is what load left), and the heads lie in the encoder's one weight allocation (on their own, the
+    allocator would give ColBERT's weight a segment of its own with slack)."""
+    from worker.backends.select import load_backend
+
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path))  # no cached profile: one is measured now
+    info = describe(str(m3))
+    backend = load_backend("torch", info, "cuda", "float16").backend
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = torch.cuda.memory_allocated()
+    engine = Engine(info, backend)
+    try:
+        assert "cached profile" not in engine.budget_report, engine.budget_report
+        assert torch.cuda.max_memory_allocated() == loaded
+        arena = backend.encoder.layers[0].qkv.weight.untyped_storage().data_ptr()
+        assert backend.heads.colbert.weight.untyped_storage().data_ptr() == arena
+        assert backend.heads.sparse.bias.untyped_storage().data_ptr() == arena
+    finally:
+        engine.stop()
+
+
 def test_splade_on_cuda(tmp_path: Path) -> None:
     folder = save_splade(tmp_path / "splade")
     reference = _run(folder, "cpu", "float32", Options())

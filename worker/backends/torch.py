@@ -26,7 +26,7 @@ from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.decoder import DecoderEncoder
-from worker.backends.varlen import equal_length_groups
+from worker.backends.varlen import equal_length_groups, move_to_arena
 from worker.models import bge_m3, splade, vision
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
@@ -70,6 +70,19 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {value: key for key, value in TORCH_DTYPES.items()}[dtype]
+
+
+def _to_arena(encoder: torch.nn.Module, heads: torch.nn.Module | None, device: str) -> torch.nn.Module:
+    """The unpadded encoder's weights and bge-m3's heads in one device allocation, then the buffers.
+
+    Why the heads too: on their own, the caching allocator gives ColBERT's 2 MiB weight a 20 MiB
+    segment (sizes between 1 and 10 MiB get one) and the biases a 2 MiB one, so three outputs
+    would hold ~20 MiB more than the weights after load; inside the arena they take their size.
+    """
+    modules = torch.nn.ModuleList([encoder] + ([heads] if heads is not None else []))
+    move_to_arena(modules, device)
+    modules.to(device)  # the buffers (position ids); every weight is already there
+    return encoder
 
 
 class CudaMemory:
@@ -131,6 +144,8 @@ class TorchBackend(Backend):
         # so the GPU never holds two copies. Faithfully or refused (worker.models.loading); the
         # native families (JinaBERT, decoder rerankers) come back as modules of the same shape.
         model = load_model(info, self.torch_dtype)
+        # bge-m3's sparse and ColBERT heads, on the host until they go to the device with the encoder
+        heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
         want_varlen = self.cuda if varlen is None else varlen
         #: image-text models: both towers of transformers' CLIPModel / SiglipModel (padded texts)
         self.image_text = "image" in info.modalities
@@ -154,7 +169,7 @@ class TorchBackend(Backend):
                 log.info("%s runs padded: %s", info.name, reason)
             else:
                 built = decoder.build_decoder(model) if unpadded is decoder else encoder.build_encoder(model)
-                self.encoder = built.to_arena(self.device)
+                self.encoder = _to_arena(built, heads, self.device)
                 self.unpadded = True
                 del model
         if self.encoder is None:
@@ -174,9 +189,7 @@ class TorchBackend(Backend):
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
             if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's
                 self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
-        # bge-m3's sparse and ColBERT heads (tiny: loaded on the device beside the encoder)
-        heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
-        self.heads = heads.to(self.device) if heads is not None else None
+        self.heads = heads.to(self.device) if heads is not None else None  # already there when unpadded
         self.asynchronous = self.cuda
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)

@@ -243,7 +243,11 @@ class Engine:
         """Run a few batches of made-up texts of growing length, so a device's one-time costs
         (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
         ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
-        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time.
+
+        The activations' memory is given back to the device afterwards (kernels and library
+        workspaces stay: serving needs them): a started worker holds what transformers holds
+        after load, not the allocator cache of the largest warm-up batch."""
         started = time.perf_counter()
         if self.info.kind == JobKind.rerank:
             inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
@@ -251,6 +255,9 @@ class Engine:
             inputs = ["warm up " * n for n in (1, 30, 120, 500)]
         for copies in (1, 64):
             self.run(inputs * copies, Options(truncate=True), timeout=300)
+        device = self.backend.memory_device()
+        if device is not None:
+            device.release()
         return time.perf_counter() - started
 
     def __enter__(self) -> "Engine":
