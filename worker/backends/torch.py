@@ -137,7 +137,6 @@ class TorchBackend(Backend):
         self.cuda = self.device.startswith("cuda")
         self.encoder: torch.nn.Module | None = None
         self.model: torch.nn.Module | None = None
-        self._copy_stream = None
         self.unpadded = False
         log.info("loading %s (%s, %s) on %s in %s", info.name, info.architecture, info.family, self.device, self.dtype)
         # Loaded on the host first: the unpadded encoder rearranges weights (fused QKV) there,
@@ -190,9 +189,10 @@ class TorchBackend(Backend):
             if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's
                 self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
         self.heads = heads.to(self.device) if heads is not None else None  # already there when unpadded
+        # No side stream for the input copy: creating one makes torch create its stream pool, which
+        # held ~69 MiB of device memory outside the allocator on the H200 (bench/RESULTS-outputs.md),
+        # more than the bar over transformers allows; the copy it overlapped is < 1 MB per batch.
         self.asynchronous = self.cuda
-        if self.cuda:
-            self._copy_stream = torch.cuda.Stream(device=self.device)
         # On CPU small batches win (cache-resident activations): measured best at 1-4k tokens.
         # On a GPU this is only the fallback: the engine sizes the budget to the device's memory.
         self.preferred_batch_tokens = 16384 if self.cuda else 2048
@@ -247,25 +247,10 @@ class TorchBackend(Backend):
         ids, types, positions = flat[:total], flat[total:2 * total], flat[2 * total:3 * total]
         return ids, types, positions, flat[3 * total:]
 
-    def stage(self, batch: Batch) -> Any:
-        """Copy a packed batch to the GPU on a side stream, so it overlaps the running batch."""
-        if not (self.cuda and batch.packed):
-            return None
-        host = self._packed_host(batch)
-        with torch.cuda.stream(self._copy_stream):
-            flat = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return flat, event
-
     def _packed_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        if batch.staged is not None:
-            flat, event = batch.staged
-            batch.staged = None
-            torch.cuda.current_stream().wait_event(event)
-            flat.record_stream(torch.cuda.current_stream())
-        else:
-            flat = self._packed_host(batch).to(self.device, non_blocking=self.cuda)
+        """The packed batch on the device: one asynchronous copy from pinned memory, queued on the
+        compute stream ahead of the batch's kernels (so the device thread does not wait for it)."""
+        flat = self._packed_host(batch).to(self.device, non_blocking=self.cuda)
         return self._split_packed(flat, batch)
 
     # ------------------------------------------------------------------ forward
