@@ -5,7 +5,9 @@
 * Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
   reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
   chunks of ``TOKENIZE_CHUNK`` on a thread pool, one call to the Rust tokenizer's batch API per
-  chunk (it spreads over the cores outside the GIL, so this overlaps with the device).
+  chunk (it spreads over the cores outside the GIL, so this overlaps with the device). A GPU
+  engine on enough cores hands its chunks to tokenizer processes instead
+  (``worker.engine.tokenizing``), so the tokenizer's per-text Python work leaves this process.
 * The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
   tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
@@ -47,6 +49,7 @@ from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
 from worker.engine.images import ImageLane
 from worker.engine import packing
+from worker.engine.tokenizing import PROCESS_CHUNK, TokenizerProcesses, default_processes
 from worker.engine.scheduler import Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
@@ -151,13 +154,20 @@ class Engine:
         tokenize_workers: int = 2,
         post_workers: int = 1,
         tokenize_chunk: int | None = None,
+        tokenize_processes: int | None = None,
     ) -> None:
         self.info = info
-        self.tokenize_chunk = max(1, tokenize_chunk or default_tokenize_chunk())
         self.backend = backend
         template = info.pair_template
         self.tokenizer = BatchTokenizer(info.path, info.max_length,
                                         frame=(template.head, template.tail) if template else ("", ""))
+        accelerated = backend.asynchronous and not str(backend.device).startswith("cpu")
+        processes = default_processes(accelerated) if tokenize_processes is None else tokenize_processes
+        #: the tokenizer processes (``worker.engine.tokenizing``), or None: this process's threads tokenize
+        self.tokenizer_processes = TokenizerProcesses(self.tokenizer, processes) if processes else None
+        if processes:  # one thread per process waits for its chunk, so every process has one
+            tokenize_workers = max(tokenize_workers, processes)
+        self.tokenize_chunk = max(1, tokenize_chunk or (PROCESS_CHUNK if processes else default_tokenize_chunk()))
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
         #: The outputs this engine computes (``producer.outputs``): what the model and backend both offer.
@@ -231,6 +241,8 @@ class Engine:
             self.images.stop(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.close()
         # Work cancelled in the pools above belongs to requests that would otherwise never end.
         with self._open_lock:
             still_open = list(self._open)
@@ -248,6 +260,8 @@ class Engine:
         workspaces stay: serving needs them): a started worker holds what transformers holds
         after load, not the allocator cache of the largest warm-up batch."""
         started = time.perf_counter()
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.wait_ready()
         if self.info.kind == JobKind.rerank:
             inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
         else:
@@ -448,8 +462,9 @@ class Engine:
             return
         index = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
         values = [value for _, value in chunk]
+        tokenizer: Any = self.tokenizer_processes or self.tokenizer
         try:
-            tokens = self.tokenizer.encode_ids_tokens(values) if as_ids else self.tokenizer.encode_tokens(values)
+            tokens = tokenizer.encode_ids_tokens(values) if as_ids else tokenizer.encode_tokens(values)
         except Exception as exc:  # a tokenizer bug must fail the request, not hang it
             log.exception("tokenization failed")
             self._fail_request(request, exc)
