@@ -17,7 +17,8 @@ resident. Each reading splits the total (``mem_get_info``) into the caching allo
 modules, library handles): after load, after a 2-text request, after that with the allocator's cache
 released, and (embedfleet) after the worker's warm-up, which releases the cache it filled.
 
-    python bench/outputs.py --texts 20000 --passes 2 --out bench/RESULTS-outputs.md    # on the H200
+    python bench/outputs.py --texts 20000 --passes 2 --out bench/RESULTS-outputs.md    # on the H200 (adds a section)
+    python bench/outputs.py --memory-only --probes transformers-fp16,embedfleet-fp16-three,embedfleet-fp16-dense
     python bench/outputs.py --small --texts 200 --passes 1                               # a CPU smoke run
 """
 
@@ -259,7 +260,8 @@ def memory_table(mem: list[dict[str, Any]]) -> list[str]:
 
 def write(path: Path | None, rows: list[dict[str, Any]], mem: list[dict[str, Any]], command: str) -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    lines = [f"# bge-m3 outputs ({datetime.date.today()}, {gpu}; {machine()})", "", f"Command: `{command}`"]
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## bge-m3 outputs ({when}, {gpu}; {machine()})", "", f"Command: `{command}`"]
     if rows:
         lines += ["", "| outputs | tokens/s (best) | worst | spread | vs dense only |", "| --- | ---: | ---: | ---: | ---: |"]
     dense = rows[0]["best"] if rows else 1.0
@@ -270,9 +272,10 @@ def write(path: Path | None, rows: list[dict[str, Any]], mem: list[dict[str, Any
         lines += memory_table(mem)
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
-    if path is not None:
-        path.write_text(text)
-        say(f"wrote {path}")
+    if path is not None:  # a log (bench/RESULTS-outputs.md): each run adds its section
+        with path.open("a") as handle:
+            handle.write(("\n" if path.exists() and path.stat().st_size else "") + text)
+        say(f"added a section to {path}")
 
 
 def main() -> None:
@@ -282,7 +285,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--small", action="store_true", help="a 2-layer model (a smoke run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/embedfleet-bench-outputs"))
-    parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
+    parser.add_argument("--out", type=Path, default=None, help="add the tables to this markdown log")
     parser.add_argument("--memory-only", action="store_true", help="the memory probes, no throughput table")
     parser.add_argument("--no-memory", action="store_true", help="the throughput table only")
     parser.add_argument("--probes", default=",".join(PROBES), help="which memory probes, in order (comma-separated)")
