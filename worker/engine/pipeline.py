@@ -13,9 +13,8 @@
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
   request's output array by slices. Nothing on the hot path makes a Python object per input.
 * The batch budget is the engine's: ``worker.engine.memory`` sizes it for the backend.
-* One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
-  it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
-  copy from pinned memory) while the current one runs.
+* One device thread owns the model. A preparer thread forms the next batch and pads it (or
+  packs it into pinned memory, for unpadded backends) while the current one runs.
 * Results are copied back and post-processed on a small pool, then put back in input order.
 * A request nobody waits for any more is not computed: past its deadline (``submit(deadline=)``,
   ``time.monotonic()``) or with its future cancelled (the caller went away), its remaining items
@@ -255,7 +254,11 @@ class Engine:
         """Run a few batches of made-up texts of growing length, so a device's one-time costs
         (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
         ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
-        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time.
+
+        The activations' memory is given back to the device afterwards (kernels and library
+        workspaces stay: serving needs them): a started worker holds what transformers holds
+        after load, not the allocator cache of the largest warm-up batch."""
         started = time.perf_counter()
         if self.tokenizer_processes is not None:
             self.tokenizer_processes.wait_ready()
@@ -265,6 +268,9 @@ class Engine:
             inputs = ["warm up " * n for n in (1, 30, 120, 500)]
         for copies in (1, 64):
             self.run(inputs * copies, Options(truncate=True), timeout=300)
+        device = self.backend.memory_device()
+        if device is not None:
+            device.release()
         return time.perf_counter() - started
 
     def __enter__(self) -> "Engine":
@@ -518,7 +524,6 @@ class Engine:
         except Exception as exc:
             self._fail_slots(slots, exc)
             return False
-        self._stage(batch)
         while not self._stop.is_set():
             try:
                 self._ready.put((slots, batch), timeout=0.2)
@@ -541,14 +546,6 @@ class Engine:
             self._launched += change
         if change < 0:
             self.scheduler.poke()
-
-    def _stage(self, batch: Batch) -> None:
-        """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
-        try:
-            batch.staged = self.backend.stage(batch)
-        except Exception as exc:  # e.g. out of memory while the running batch peaks
-            log.debug("staging a batch failed (%s); it is copied when it runs", exc)
-            batch.staged = None
 
     def _device_loop(self) -> None:
         while not self._stop.is_set():
