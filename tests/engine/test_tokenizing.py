@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,6 +95,20 @@ def test_a_killed_child_loses_nothing(tokenizer: BatchTokenizer) -> None:
         same(pool.encode_tokens(TEXTS), tokenizer.encode_tokens(TEXTS))
     finally:
         pool.close()
+
+
+def test_a_thread_waiting_for_a_child_when_the_pool_closes_tokenizes_itself(tokenizer: BatchTokenizer) -> None:
+    pool = TokenizerProcesses(tokenizer, 1)
+    pool.wait_ready()
+    held = pool._idle.get()  # the only child is busy elsewhere
+    got: list[Tokens] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.encode_tokens(TEXTS)), daemon=True)
+    waiter.start()
+    pool.close()
+    waiter.join(60)
+    assert not waiter.is_alive() and len(got) == 1
+    same(got[0], tokenizer.encode_tokens(TEXTS))
+    assert held.process.wait(10) is not None  # closed with the pool
 
 
 def test_a_tokenizer_error_reaches_the_caller_and_the_child_stays(tokenizer: BatchTokenizer,

@@ -123,6 +123,10 @@ def serve() -> None:
             _send(outbox, ("error", RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
 
 
+class ChildLost(Exception):
+    """A tokenizer process is gone (its pipes broke or closed): the pool is not used again."""
+
+
 class _Child:
     """One tokenizer process and its two pipes; used by one thread at a time."""
 
@@ -135,20 +139,34 @@ class _Child:
         self._in.write(len(tokenizer_blob).to_bytes(8, "little") + tokenizer_blob)
         self._in.flush()
         self.pid: int | None = None
+        self._started = threading.Lock()
 
     def ready(self) -> int:
-        if self.pid is None:
-            kind, self.pid = _receive(self._out)
-            assert kind == "ready", kind
+        """Wait for the child's "ready" (once); ``ChildLost`` if it died first."""
+        with self._started:
+            if self.pid is None:
+                kind, pid = self._talk(None)
+                if kind != "ready":
+                    raise ChildLost(f"the tokenizer process said {kind!r} instead of 'ready'")
+                self.pid = pid
         return self.pid
 
     def encode(self, values: list[Any], as_ids: bool) -> Tokens:
+        """The child's ``Tokens`` for ``values``; the tokenizer's own error is raised as it was there."""
         self.ready()
-        _send(self._in, (as_ids, values))
-        kind, payload = _receive(self._out)
+        kind, payload = self._talk((as_ids, values))
         if kind == "error":
             raise payload
         return payload
+
+    def _talk(self, message: Any) -> Any:
+        """Send ``message`` (None: nothing) and read the answer; any pipe failure is ``ChildLost``."""
+        try:
+            if message is not None:
+                _send(self._in, message)
+            return _receive(self._out)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:  # ValueError: a closed pipe
+            raise ChildLost(f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         for stream in (self._in, self._out):
@@ -177,14 +195,22 @@ class TokenizerProcesses:
         self._lock = threading.Lock()
         blob = pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
         self._children = [_Child(blob) for _ in range(processes)]
-        self._idle: queue.Queue[_Child] = queue.Queue()
+        self._idle: queue.Queue[_Child | None] = queue.Queue()
         for child in self._children:
             self._idle.put(child)
         self._broken = False
 
     def wait_ready(self) -> list[int]:
-        """Wait until every process has loaded the tokenizer; their process ids."""
-        return [child.ready() for child in self._children]
+        """Wait until every process has loaded the tokenizer; their process ids (none if one died
+        first: the pool is given up and the engine's threads tokenize)."""
+        pids = []
+        for child in list(self._children):
+            try:
+                pids.append(child.ready())
+            except ChildLost as exc:
+                self._give_up(exc)
+                return []
+        return pids
 
     @property
     def broken(self) -> bool:
@@ -200,16 +226,19 @@ class TokenizerProcesses:
     def _run(self, values: Sequence[Any], as_ids: bool) -> Tokens:
         if not self._broken and len(values) >= MIN_PROCESS_CHUNK:
             child = self._idle.get()
-            try:
-                tokens = child.encode(list(values), as_ids)
-            except (EOFError, OSError, AssertionError) as exc:  # the child died: never trust the pool again
-                self._give_up(exc)
-            except BaseException:  # the tokenizer's own error, raised there: the child is fine
-                self._idle.put(child)
-                raise
+            if child is None:  # the pool closed while this thread waited: pass the word on
+                self._idle.put(None)
             else:
-                self._idle.put(child)
-                return tokens
+                try:
+                    tokens = child.encode(list(values), as_ids)
+                except ChildLost as exc:  # the child died: never trust the pool again
+                    self._give_up(exc)
+                except BaseException:  # the tokenizer's own error, raised there: the child is fine
+                    self._idle.put(child)
+                    raise
+                else:
+                    self._idle.put(child)
+                    return tokens
         local = self.tokenizer
         return local.encode_ids_tokens(values) if as_ids else local.encode_tokens(values)
 
@@ -223,9 +252,11 @@ class TokenizerProcesses:
         self.close()
 
     def close(self) -> None:
-        """End the processes (their stdin closes, so they exit)."""
+        """End the processes (their stdin closes, so they exit). Threads waiting for an idle child
+        get a ``None`` instead (passed on to the next waiter) and tokenize in their own thread."""
         with self._lock:
             self._broken = True
             children, self._children = self._children, []
+        self._idle.put(None)
         for child in children:
             child.close()
