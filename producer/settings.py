@@ -51,6 +51,11 @@ class Settings(BaseSettings):
                                         "the --concurrency it computes, so the next ones wait in the engine "
                                         "while the current ones run and are written (default: as many as "
                                         "--concurrency; 0: none)")
+    switch_interval: float | None = Field(None, gt=0, le=1, description="Seconds a thread running Python "
+                                          "keeps the interpreter before one waiting for it gets it "
+                                          "(sys.setswitchinterval), set when an engine starts; a GPU engine's "
+                                          "threads wait on the device and need it back at once (not yet "
+                                          "measured: bench.bulk with and without it); default: Python's 0.005")
     stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
     approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
                                    "(0: exact erf GELU, ~10% slower on long texts)")
