@@ -327,7 +327,7 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             db = len(paths) + 1  # each thin path's fleet on its own Redis database: queues apart
             broker = f"{redis.url[:-2]}/{db}"
             port = free_port()
-            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
+            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 else []
             name = f"thin{variant}{suffix}"
             worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients), *worker_args],
                            work / f"{name}-worker.log", cwd)
@@ -505,7 +505,7 @@ def main() -> None:
     parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
     parser.add_argument("--paths", default="engine,thin,embedded")
     parser.add_argument("--facade-processes", type=int, default=1, help="Thin facade processes on one port "
-                        "(this checkout's `serve --processes`)")
+                        "(`serve --processes`, the contender's too: it needs that option)")
     parser.add_argument("--gen-procs", type=int, default=1, help="Load generator processes sharing the clients")
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
     parser.add_argument("--thin-worker", action="append", default=[], metavar="NAME=OPTIONS",

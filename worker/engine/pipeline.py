@@ -5,15 +5,16 @@
 * Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
   reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
   chunks of ``TOKENIZE_CHUNK`` on a thread pool, one call to the Rust tokenizer's batch API per
-  chunk (it spreads over the cores outside the GIL, so this overlaps with the device).
+  chunk (it spreads over the cores outside the GIL, so this overlaps with the device). A GPU
+  engine on enough cores hands its chunks to tokenizer processes instead
+  (``worker.engine.tokenizing``), so the tokenizer's per-text Python work leaves this process.
 * The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
   tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
   request's output array by slices. Nothing on the hot path makes a Python object per input.
 * The batch budget is the engine's: ``worker.engine.memory`` sizes it for the backend.
-* One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
-  it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
-  copy from pinned memory) while the current one runs.
+* One device thread owns the model. A preparer thread forms the next batch and pads it (or
+  packs it into pinned memory, for unpadded backends) while the current one runs.
 * Results are copied back and post-processed on a small pool, then put back in input order.
 * A request nobody waits for any more is not computed: past its deadline (``submit(deadline=)``,
   ``time.monotonic()``) or with its future cancelled (the caller went away), its remaining items
@@ -50,6 +51,7 @@ from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
 from worker.engine.images import ImageLane
 from worker.engine import packing
+from worker.engine.tokenizing import PROCESS_CHUNK, TokenizerProcesses, default_processes
 from worker.engine.scheduler import Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
@@ -169,13 +171,20 @@ class Engine:
         tokenize_workers: int = 2,
         post_workers: int = 1,
         tokenize_chunk: int | None = None,
+        tokenize_processes: int | None = None,
     ) -> None:
         self.info = info
-        self.tokenize_chunk = max(1, tokenize_chunk or default_tokenize_chunk())
         self.backend = backend
         template = info.pair_template
         self.tokenizer = BatchTokenizer(info.path, info.max_length,
                                         frame=(template.head, template.tail) if template else ("", ""))
+        accelerated = backend.asynchronous and not str(backend.device).startswith("cpu")
+        processes = default_processes(accelerated) if tokenize_processes is None else tokenize_processes
+        #: the tokenizer processes (``worker.engine.tokenizing``), or None: this process's threads tokenize
+        self.tokenizer_processes = TokenizerProcesses(self.tokenizer, processes) if processes else None
+        if processes:  # one thread per process waits for its chunk, so every process has one
+            tokenize_workers = max(tokenize_workers, processes)
+        self.tokenize_chunk = max(1, tokenize_chunk or (PROCESS_CHUNK if processes else default_tokenize_chunk()))
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
         #: The outputs this engine computes (``producer.outputs``): what the model and backend both offer.
@@ -253,6 +262,8 @@ class Engine:
             self.images.stop(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.close()
         # Work cancelled in the pools above belongs to requests that would otherwise never end.
         with self._open_lock:
             still_open = list(self._open)
@@ -264,14 +275,23 @@ class Engine:
         """Run a few batches of made-up texts of growing length, so a device's one-time costs
         (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
         ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
-        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time.
+
+        The activations' memory is given back to the device afterwards (kernels and library
+        workspaces stay: serving needs them): a started worker holds what transformers holds
+        after load, not the allocator cache of the largest warm-up batch."""
         started = time.perf_counter()
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.wait_ready()
         if self.info.kind == JobKind.rerank:
             inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
         else:
             inputs = ["warm up " * n for n in (1, 30, 120, 500)]
         for copies in (1, 64):
             self.run(inputs * copies, Options(truncate=True), timeout=300)
+        device = self.backend.memory_device()
+        if device is not None:
+            device.release()
         return time.perf_counter() - started
 
     def __enter__(self) -> "Engine":
@@ -463,8 +483,9 @@ class Engine:
             return
         index = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
         values = [value for _, value in chunk]
+        tokenizer: Any = self.tokenizer_processes or self.tokenizer
         try:
-            tokens = self.tokenizer.encode_ids_tokens(values) if as_ids else self.tokenizer.encode_tokens(values)
+            tokens = tokenizer.encode_ids_tokens(values) if as_ids else tokenizer.encode_tokens(values)
         except Exception as exc:  # a tokenizer bug must fail the request, not hang it
             log.exception("tokenization failed")
             self._fail_request(request, exc)
@@ -524,7 +545,6 @@ class Engine:
         except Exception as exc:
             self._fail_slots(slots, exc)
             return False
-        self._stage(batch)
         while not self._stop.is_set():
             try:
                 self._ready.put((slots, batch), timeout=0.2)
@@ -547,14 +567,6 @@ class Engine:
             self._launched += change
         if change < 0:
             self.scheduler.poke()
-
-    def _stage(self, batch: Batch) -> None:
-        """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
-        try:
-            batch.staged = self.backend.stage(batch)
-        except Exception as exc:  # e.g. out of memory while the running batch peaks
-            log.debug("staging a batch failed (%s); it is copied when it runs", exc)
-            batch.staged = None
 
     def _device_loop(self) -> None:
         while not self._stop.is_set():
@@ -585,6 +597,7 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
+        launched = time.perf_counter()
         requests = {block.request for block in slots.owners}
         wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
@@ -598,7 +611,6 @@ class Engine:
                 log.exception("forward failed on a batch of %d", len(slots))
                 self._fail_slots(slots, exc)
             return
-        launched = time.perf_counter()
         self._launch_count(1)
         self.stats["batches"] += 1
         self.stats["items"] += len(slots)
