@@ -31,6 +31,12 @@ from bench.common import EMBEDFLEET, RedisProcess, machine, print_report, wait_f
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# The bare engine runs here as the worker runs in `embedfleet`: torch's threads sleep between
+# operators (else on a shared CPU they spin and starve the tokenizer threads: the bare pass of a
+# tiny model took 16-22 s against the worker's 3-5 s on the same texts).
+from producer.settings import passive_openmp  # noqa: E402  (before torch is imported)
+
+passive_openmp()
 
 
 def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
@@ -44,9 +50,10 @@ def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -
 
 def fleet_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> tuple[float, int, int, float, float]:  # type: ignore[no-untyped-def]
     """Submit the corpus, wait for the manifest; seconds, rows written, real tokens, the seconds
-    seen by the 0.05 s poll of the manifest, and the submission's ``time.time()``. The first figure is the job's exact time (from the
-    submission to the last part's durable write: ``JobManifest.seconds_since``); the poll's adds
-    the manifest's own write and up to one poll interval."""
+    seen by the 0.05 s poll of the manifest, and the submission's ``time.time()``. The first
+    figure is the job's exact time (from the submission to the last part's durable write:
+    ``JobManifest.seconds_since``); the poll's adds the manifest's own write and up to one poll
+    interval."""
     started, submitted = time.perf_counter(), time.time()
     handle = client.submit_corpus(str(corpus), str(out), model=model, id_column="id", shard_rows=shard_rows)
     manifest = handle.wait(poll=0.05, timeout=3600)
@@ -143,7 +150,8 @@ def stage_summary(out: Path, submitted: float) -> str:
     for marker in markers:
         for name, value in marker.seconds.items():
             stages.setdefault(name, []).append(value)
-    return ", ".join(f"{name} {1000 * sum(v) / len(v):.0f} ms" for name, v in stages.items()) + f" ({len(markers)} shards{span})"
+    means = ", ".join(f"{name} {1000 * sum(v) / len(v):.0f} ms" for name, v in stages.items())
+    return f"{means} ({len(markers)} shards{span})"
 
 
 def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype: str) -> None:  # type: ignore[type-arg]
