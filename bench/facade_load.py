@@ -409,7 +409,7 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
             continue
         files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
         spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--gil", "--nonblocking",
-                                   "--rate", "97", "--duration", str(int(args.seconds + args.warmup)),
+                                   "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
                                    "--format", "raw", "--output", str(out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for proc, out in zip(path.procs, files)]
@@ -521,6 +521,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     parser.add_argument("--profile", type=Path, default=None, help="After the passes, one uncounted single-text "
                         "run per thin path under py-spy; the summary into this file")
+    parser.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second (--profile)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself

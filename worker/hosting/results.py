@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from celery import states
 from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
@@ -35,10 +36,28 @@ class InlineResultBackend(RedisBackend):
         return result
 
     def store_inline(self, task_id: str, result: Any, request: Any = None) -> None:
-        """Write (and publish) a successful inline result: one SET and one PUBLISH, no read."""
+        """Write (and publish) a successful inline result: one SET and one PUBLISH, no read.
+
+        The meta is Celery's own (``_get_result_meta``: status, result, traceback, children,
+        date_done, task_id), written by orjson when the results are plain JSON: Celery's encoder
+        (the standard library's, with kombu's type hooks) took 147-324 us for a 10-vector answer on
+        the worker's answer path (2-core AMD, idle vs loaded), orjson 50 us loaded, and any JSON
+        reader decodes the same object."""
+        key = self.get_key_for_task(task_id)
+        if self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result"):
+            meta = {"status": states.SUCCESS, "result": result, "traceback": None,
+                    "children": self.current_task_children(request),
+                    "date_done": self.app.now().isoformat(), "task_id": bytes_to_str(task_id)}
+            try:
+                payload = orjson.dumps(meta)
+            except TypeError:  # a value orjson does not know: Celery's encoder has kombu's hooks
+                payload = None
+            if payload is not None:
+                self._set_with_state(key, payload, states.SUCCESS)
+                return
         meta = self._get_result_meta(result=result, state=states.SUCCESS, traceback=None, request=request)
         meta["task_id"] = bytes_to_str(task_id)
-        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), states.SUCCESS)
+        self._set_with_state(key, self.encode(meta), states.SUCCESS)
 
 
 def backend_url(url: str) -> str:
