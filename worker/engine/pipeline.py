@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +46,7 @@ from producer.errors import BadInput, EngineStopped, TimedOut, UnsupportedModel
 from producer.jobs import JobKind, Options
 from producer.outputs import DENSE_ONLY, MultiVectors, SparseRows
 from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
+from producer.settings import settings
 from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
 from worker.engine.images import ImageLane
@@ -75,6 +77,21 @@ def default_tokenize_chunk() -> int:
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
     return min(MAX_TOKENIZE_CHUNK, TOKENIZE_CHUNK * max(1, cores))
+
+
+def use_switch_interval() -> None:
+    """Set the interpreter's switch interval when ``EMBEDFLEET_SWITCH_INTERVAL`` says so.
+
+    Why it may matter: the device, preparer and post-processing threads each give up the GIL
+    while they wait (for the device, for a batch) and need it back at once to launch or form the
+    next batch. With another thread running Python meanwhile (a bulk job's shard tasks read,
+    tokenize and write in the same process), Python hands the GIL over only after the switch
+    interval, 5 ms by default. Not measured on a GPU yet (issue 13): the setting exists so that
+    ``bench.bulk`` can be run with and without it; the default leaves Python's. Process-wide.
+    """
+    chosen = settings().switch_interval
+    if chosen is not None:
+        sys.setswitchinterval(chosen)
 
 
 @dataclass
@@ -202,6 +219,7 @@ class Engine:
         self._launched = 0  # batches launched and not yet copied back
         self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
+        self._last_done = 0.0  # when the last batch's results were back (``stats["busy_ms"]``)
         self._open_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         #: image-text models: images go through their own lane (``worker.engine.images``)
@@ -212,8 +230,10 @@ class Engine:
 
             self._preprocess = Preprocessor(info.path)
             self.images = ImageLane(backend, self._deliver_images, self._fail_indices)
+        #: counters; ``busy_ms``: time with a batch on the device (from a launch, or the previous
+        #: batch's return, to its results' return): over a job's wall time, how well the host fed it
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0,
-                      "dropped": 0}
+                      "dropped": 0, "busy_ms": 0.0}
 
     @property
     def max_batch_tokens(self) -> int:
@@ -221,6 +241,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
+        use_switch_interval()
         for target, name in ((self._prepare_loop, "ef-prepare"), (self._device_loop, "ef-device")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -576,6 +597,7 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
+        launched = time.perf_counter()
         requests = {block.request for block in slots.owners}
         wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
@@ -594,9 +616,9 @@ class Engine:
         self.stats["items"] += len(slots)
         self.stats["tokens"] += batch.n_real_tokens
         self.stats["padded_tokens"] += int(batch.input_ids.size)
-        self._post_pool.submit(self._complete_batch, slots, batch, wait)
+        self._post_pool.submit(self._complete_batch, slots, batch, wait, launched)
 
-    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any]) -> None:
+    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any], launched: float = 0.0) -> None:
         try:
             output = wait()
         except Exception as exc:  # a device error surfacing at the copy back
@@ -606,11 +628,20 @@ class Engine:
         finally:
             self._in_flight.release()
             self._launch_count(-1)
+            self._count_busy(launched)
         if isinstance(output, BatchOutputs):
             self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
             return
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
+
+    def _count_busy(self, launched: float) -> None:
+        """Add this batch's device time to ``busy_ms``: batches return in launch order (one
+        post-processing thread), so overlapping ones are counted once. A return noticed late (the
+        thread still delivering the previous batch) counts as busy: an upper bound."""
+        done = time.perf_counter()
+        self.stats["busy_ms"] += 1000 * (done - max(launched, self._last_done))
+        self._last_done = done
 
     def _split_after_oom(self, slots: Picked, error: BaseException) -> None:
         if len(slots) == 1:
