@@ -29,7 +29,7 @@ def test_a_stored_inline_answer_is_celerys_meta_and_every_reader_gets_it(redis_s
     moment = dt.datetime.fromisoformat(ours["date_done"])
     assert moment.tzinfo is not None and abs((moment - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 60
     reader = make_app(redis_server.url)
-    assert reader.AsyncResult("t-1").get(timeout=5) == ANSWER  # Celery's own reader (Client, other producers)
+    assert reader.AsyncResult("t-1").get(timeout=5, disable_sync_subtasks=False) == ANSWER  # Celery's own reader (Client, other producers)
     replies = RedisReplies(reader)
     assert replies._decode(stored) == reader.backend.decode_result(stored)
 
@@ -41,3 +41,59 @@ def test_a_stored_failure_reads_back_as_the_workers_exception(redis_server: Redi
     reader = make_app(redis_server.url)
     meta = RedisReplies(reader)._decode(stored)
     assert meta["status"] == "FAILURE" and isinstance(meta["result"], Exception) and "broken" in str(meta["result"])
+
+
+def test_the_answer_writer_stores_every_answer_and_what_waits_in_one_round_trip(redis_server: RedisServer) -> None:
+    import threading
+
+    from worker.hosting.inline import AnswerWriter
+
+    backend = create_app(redis_server.url).backend
+    calls: list[int] = []
+    first_taken, release = threading.Event(), threading.Event()
+    real = backend.store_inlines
+
+    def gated(answers: list[tuple[str, Any]]) -> None:
+        calls.append(len(answers))
+        if len(calls) == 1:
+            first_taken.set()
+            release.wait(10)  # the first write is slow: the next answers queue behind it
+        real(answers)
+
+    backend.store_inlines = gated  # type: ignore[method-assign]
+    writer = AnswerWriter(backend)
+    writer.put("w-0", ANSWER)
+    assert first_taken.wait(10)
+    for i in range(1, 6):
+        writer.put(f"w-{i}", {**ANSWER, "n_tokens": [i, i]})
+    release.set()
+    assert writer.flush(10)
+    assert calls == [1, 5]
+    reader = make_app(redis_server.url)
+    for i in range(6):
+        got = reader.AsyncResult(f"w-{i}").get(timeout=5, disable_sync_subtasks=False)
+        assert got["n_tokens"] == ([4, 5] if i == 0 else [i, i])
+
+
+def test_an_answer_the_writer_cannot_store_does_not_stop_it(redis_server: RedisServer) -> None:
+    from worker.hosting.inline import AnswerWriter
+
+    backend = create_app(redis_server.url).backend
+    real = backend.store_inlines
+    failures = iter([ConnectionError("down")])
+
+    def flaky(answers: list[tuple[str, Any]]) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(answers)
+
+    backend.store_inlines = flaky  # type: ignore[method-assign]
+    writer = AnswerWriter(backend)
+    writer.put("lost", ANSWER)
+    assert writer.flush(10)  # failed: its caller times out (504), as before
+    writer.put("kept", ANSWER)
+    assert writer.flush(10)
+    client = redis_server.client()
+    assert client.get(backend.get_key_for_task("lost")) is None
+    assert make_app(redis_server.url).AsyncResult("kept").get(timeout=5, disable_sync_subtasks=False) == ANSWER
