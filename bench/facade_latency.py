@@ -50,10 +50,10 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ processes
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
+def spawn(args: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
-    return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=ROOT, env=env, stdout=log.open("w"),
+    return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 
 
@@ -98,8 +98,10 @@ class LeanClient:
             raise RuntimeError(f"{response.status}: {data[:300]!r}")
 
 
-def callers(engine: Any, broker: str, embedded_url: str, thin_url: str) -> dict[str, Callable[[], None]]:
-    """One single-text call per path; all paths live at once so they are timed turn by turn."""
+def callers(engine: Any, broker: str, embedded_url: str, thin_url: str,
+            contender: dict[str, str] | None = None) -> dict[str, Callable[[], None]]:
+    """One single-text call per path; all paths live at once so they are timed turn by turn.
+    ``contender``: path name -> URL of an older checkout's servers, timed in the same rounds."""
     from producer.broker import INLINE_TASK, make_app
     from producer.jobs import EmbedJob, Options, inline_queue_name
 
@@ -116,13 +118,17 @@ def callers(engine: Any, broker: str, embedded_url: str, thin_url: str) -> dict[
         result.get(timeout=60)
         result.forget()
 
-    return {
+    calls: dict[str, Callable[[], None]] = {
         "engine": lambda: engine.run([TEXT], Options()),
         "queue": queue,
         "embedded": lambda: embedded.post("/v1/embeddings", raw),
         "thin": lambda: thin.post("/v1/embeddings", raw),
         "thin_httpx": lambda: thin_httpx.post("/v1/embeddings", json=body).raise_for_status(),
     }
+    for name, url in (contender or {}).items():
+        client = LeanClient(url)
+        calls[name] = lambda client=client: client.post("/v1/embeddings", raw)  # type: ignore[misc]
+    return calls
 
 
 def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int, gap: float) -> dict[str, list[float]]:
@@ -190,22 +196,37 @@ def run(args: argparse.Namespace) -> str:
         thin = spawn(["serve", "--broker", redis.url, "--port", str(t_port)], work / "thin.log")
         procs = [embedded, worker, thin]
         e_url, t_url = f"http://127.0.0.1:{e_port}", f"http://127.0.0.1:{t_port}"
+        contender: dict[str, str] = {}
+        if args.contender:  # an older checkout's embedded server, and its thin facade and worker on db 2
+            old, c_broker = Path(args.contender), f"{redis.url[:-2]}/2"
+            ce_port, ct_port = free_port(), free_port()
+            procs += [spawn(["serve", "--port", str(ce_port), *same, "--concurrency", str(args.clients)],
+                            work / "embedded-c.log", old),
+                      spawn(["worker", "--broker", c_broker, *same, "--concurrency", str(args.clients)],
+                            work / "worker-c.log", old),
+                      spawn(["serve", "--broker", c_broker, "--port", str(ct_port)], work / "thin-c.log", old)]
+            contender = {"embedded@contender": f"http://127.0.0.1:{ce_port}",
+                         "thin@contender": f"http://127.0.0.1:{ct_port}"}
         wait_healthy(e_url, [embedded], work / "embedded.log")
         wait_healthy(t_url, [worker], work / "worker.log")
         wait_healthy(t_url, [thin], work / "thin.log")
+        for url, log in zip(contender.values(), ("embedded-c.log", "thin-c.log")):
+            wait_healthy(url, procs[3:], work / log)
         card = httpx.get(f"{e_url}/v1/models").json()["data"][0]
         thin_card = httpx.get(f"{t_url}/v1/models").json()["data"][0]
         loaded = (engine.backend.name, engine.backend.dtype)
         for name, c in (("embedded", card), ("thin", thin_card)):
             if (c["backend"], c["dtype"]) != loaded:
                 raise SystemExit(f"the {name} server runs {c['backend']} {c['dtype']}, the engine {loaded}: not comparable")
-        ms = interleaved(callers(engine, redis.url, e_url, t_url), args.requests, args.warmup, args.gap)
+        ms = interleaved(callers(engine, redis.url, e_url, t_url, contender), args.requests, args.warmup, args.gap)
         stats = {name: summary(values) for name, values in ms.items()}
         print({k: round(v["p50"], 2) for k, v in stats.items()}, flush=True)
-        tput = {"engine": (engine_throughput(engine, args.clients, args.total), float("nan"))}
-        tput["embedded"] = http_throughput(e_url, args.clients, args.total)
-        tput["thin"] = http_throughput(t_url, args.clients, args.total)
-        print(tput, flush=True)
+        tput: dict[str, tuple[float, float]] = {}
+        if args.total:
+            tput["engine"] = (engine_throughput(engine, args.clients, args.total), float("nan"))
+            tput["embedded"] = http_throughput(e_url, args.clients, args.total)
+            tput["thin"] = http_throughput(t_url, args.clients, args.total)
+            print(tput, flush=True)
     finally:
         for proc in procs:
             stop(proc)
@@ -236,7 +257,13 @@ def run(args: argparse.Namespace) -> str:
         line("embedded", "embedded: HTTP -> facade -> memory transport -> worker"),
         line("thin", "thin: HTTP -> facade -> Redis -> `embedfleet worker`"),
         line("thin_httpx", "thin, the client being httpx instead of http.client"),
+        *([line("embedded@contender", f"embedded, {args.contender}"), line("thin@contender", f"thin, {args.contender}")]
+          if args.contender else []),
         "",
+    ]
+    if not tput:
+        return "\n".join(lines)
+    lines += [
         f"Throughput, {args.clients} concurrent clients, one text per request ({args.total} timed requests):",
         "",
         "| path | requests/s | p50 ms under load |",
@@ -254,7 +281,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--total", type=int, default=1280, help="Timed requests in the throughput run")
+    parser.add_argument("--total", type=int, default=1280, help="Timed requests in the throughput run (0: none)")
+    parser.add_argument("--contender", default=None, help="An older checkout whose embedded and thin paths are "
+                        "timed in the same rounds (its own worker, on Redis database 2)")
     parser.add_argument("--gap", type=float, default=0.05, help="Seconds of quiet before each timed call")
     parser.add_argument("--backend", default="torch", help="Backend of the engine, the worker and the servers")
     parser.add_argument("--dtype", default="float32", help="Their dtype (the same in every path)")

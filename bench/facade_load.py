@@ -301,13 +301,17 @@ class Path_:
         return out
 
 
-def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(suffix, extra worker options) of each thin path of this checkout: the plain one, then
-    each ``--thin-worker NAME=OPTIONS`` (``x3=--devices 0,0,0``: three engine processes on one GPU)."""
-    variants = [("", [])]
+def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
+    """(suffix, extra worker options, extra facade options) of each thin path of this checkout:
+    the plain one, then each ``--thin-worker NAME=OPTIONS`` (``x3=--devices 0,0,0``: three engine
+    processes on one GPU) and each ``--thin-facade NAME=OPTIONS`` (``j16=--jobs-per-worker 16``)."""
+    variants: list[tuple[str, list[str], list[str]]] = [("", [], [])]
     for spec in args.thin_worker:
         name, _, options = spec.partition("=")
-        variants.append((f"[{name}]", options.split()))
+        variants.append((f"[{name}]", options.split(), []))
+    for spec in args.thin_facade:
+        name, _, options = spec.partition("=")
+        variants.append((f"[{name}]", [], options.split()))
     return variants
 
 
@@ -321,17 +325,18 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
     checkouts = [("", REPO)] + ([("@contender", Path(args.contender))] if args.contender else [])
     for suffix, cwd in checkouts:
         wanted = args.paths.split(",") if cwd == REPO else args.contender_paths.split(",")
-        for variant, worker_args in thin_variants(args) if "thin" in wanted else ():
+        for variant, worker_args, facade_args in thin_variants(args) if "thin" in wanted else ():
             if variant and cwd != REPO:
                 continue
             db = len(paths) + 1  # each thin path's fleet on its own Redis database: queues apart
             broker = f"{redis.url[:-2]}/{db}"
             port = free_port()
-            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 and cwd == REPO else []
+            procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 else []
             name = f"thin{variant}{suffix}"
             worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients), *worker_args],
                            work / f"{name}-worker.log", cwd)
-            facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split()],
+            facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split(),
+                            *facade_args],
                            work / f"{name}.log", cwd)
             for proc in (worker, facade) if pinned else ():
                 subprocess.run(["taskset", "-a", "-p", "-c", args.server_cpus, str(proc.pid)], check=False,
@@ -396,8 +401,10 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
 
 
 def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
-    """One more single-text run per thin path, not counted, with py-spy sampling the threads that
-    hold the GIL in its facade and worker processes (children included): where the time goes."""
+    """One more single-text run per thin path of this checkout, not counted, with py-spy sampling
+    its facade and worker processes (children included): the threads that hold the GIL
+    (``--profile-mode gil``: where the Python time goes), or every thread on a CPU (``cpu``: a
+    thread spinning in C, such as a wait for the device, shows too)."""
     import shutil
 
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -405,11 +412,12 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
         return "py-spy not found: no profile"
     summaries = []
     for path in paths:
-        if not path.name.startswith("thin"):
+        if not path.name.startswith("thin") or "@" in path.name:  # this checkout's thin paths
             continue
         files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
-        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--gil", "--nonblocking",
-                                   "--rate", "97", "--duration", str(int(args.seconds + args.warmup)),
+        gil = ["--gil"] if args.profile_mode == "gil" else []
+        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
+                                   "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
                                    "--format", "raw", "--output", str(out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for proc, out in zip(path.procs, files)]
@@ -417,7 +425,8 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
         for spy_proc in spies:
             spy_proc.wait(timeout=60)
         for role, out in zip(("facade", "worker"), files):
-            summaries.append(f"### {path.name} {role} (GIL-holding samples)\n{summarize_profile(out)}")
+            kind = "GIL-holding" if args.profile_mode == "gil" else "on-CPU"
+            summaries.append(f"### {path.name} {role} ({kind} samples)\n{summarize_profile(out)}")
     return "\n\n".join(summaries)
 
 
@@ -427,7 +436,7 @@ def summarize_profile(raw: Path, top: int = 40) -> str:
         return "(no samples)"
     inclusive: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
+    for line in raw.read_text(errors="replace").splitlines():  # py-spy can write undecodable names
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
@@ -505,9 +514,11 @@ def main() -> None:
     parser.add_argument("--batch-clients", type=int, default=8, help="Concurrent clients of the second shape")
     parser.add_argument("--paths", default="engine,thin,embedded")
     parser.add_argument("--facade-processes", type=int, default=1, help="Thin facade processes on one port "
-                        "(this checkout's `serve --processes`)")
+                        "(`serve --processes`, the contender's too: it needs that option)")
     parser.add_argument("--gen-procs", type=int, default=1, help="Load generator processes sharing the clients")
     parser.add_argument("--facade-args", default="", help="More `serve` options for every thin facade")
+    parser.add_argument("--thin-facade", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="Another thin path whose facade gets these options (j16='--jobs-per-worker 16')")
     parser.add_argument("--thin-worker", action="append", default=[], metavar="NAME=OPTIONS",
                         help="Another thin path whose worker gets these options (x3='--devices 0,0,0')")
     parser.add_argument("--contender", default=None, help="A checkout whose thin path (thin@contender) and engine "
@@ -521,6 +532,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
     parser.add_argument("--profile", type=Path, default=None, help="After the passes, one uncounted single-text "
                         "run per thin path under py-spy; the summary into this file")
+    parser.add_argument("--profile-mode", choices=("gil", "cpu"), default="gil", help="--profile: threads holding "
+                        "the GIL, or every thread on a CPU (a thread spinning in C without the GIL too)")
+    parser.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second (--profile)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself

@@ -177,14 +177,15 @@ def flops_per_token(lengths: list[int], hidden: int, layers: int, ffn: int) -> f
 
 
 # ----------------------------------------------------------------------------- contenders
-def st_runner(path: Path, dtype: torch.dtype) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
+def st_runner(path: Path, dtype: torch.dtype, batch_size: int = 32
+              ) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(path), device="cuda")
     model = model.to(dtype)
 
     def run(requests: list[list[str]]) -> list[np.ndarray]:
-        return [model.encode(texts, batch_size=32, convert_to_numpy=True) for texts in requests]
+        return [model.encode(texts, batch_size=batch_size, convert_to_numpy=True) for texts in requests]
 
     return model, run
 
@@ -248,15 +249,18 @@ def make_backend(path: Path, dtype: str, variant: str) -> Any:
     return build(Recipe("torch", describe(str(path)), "cuda", dtype, tuple(sorted(VARIANTS[variant].items()))))
 
 
-def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = None, chunk: int | None = None
-                  ) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
-    """embedfleet's engine: concurrent requests (one per seed request, or chunks of the corpus)."""
+def engine_runner(path: Path, dtype: str, variant: str, budget: int | None = None, chunk: int | None = None,
+                  processes: int | None = None) -> tuple[Any, Callable[[list[list[str]]], list[np.ndarray]]]:
+    """embedfleet's engine: concurrent requests (one per seed request, or chunks of the corpus);
+    ``processes``: its tokenizer processes (None: the engine's default)."""
     from worker.engine.pipeline import Engine
 
     start = time.perf_counter()
     backend = make_backend(path, dtype, variant)
     info = backend.info
-    extra = {"tokenize_chunk": chunk} if chunk else {}
+    extra: dict[str, Any] = {"tokenize_chunk": chunk} if chunk else {}
+    if processes is not None:
+        extra["tokenize_processes"] = processes
     engine = Engine(info, backend, max_batch_tokens=budget, **extra).start()
     say(f"  engine {dtype} {variant}: loaded and sized in {time.perf_counter() - start:.1f}s; "
         f"{engine.budget_report}")
@@ -349,22 +353,56 @@ def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         say(f"  {label} done in {time.perf_counter() - start:.1f}s")
 
 
+def forward_alone(engine: Any, requests: list[list[str]], passes: int) -> dict[str, Any]:
+    """The engine's backend on the short workload pre-tokenized and pre-packed into batches of the
+    engine's budget (host-to-device copy, forward, pooling, copy back; no tokenizer, scheduler or
+    delivery): what the device could do on these shapes, beside what the engine does."""
+    from worker.backends.base import Batch
+
+    texts = [t for r in requests for t in r]
+    tokens = engine.tokenizer.encode_tokens(texts)
+    lengths, budget = tokens.lengths, engine.max_batch_tokens
+    batches, start = [], 0
+    while start < len(lengths):
+        cut = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), budget, side="right")))
+        lo, hi = int(tokens.offsets[start]), int(tokens.offsets[cut])
+        batches.append(Batch(tokens.ids[lo:hi].copy(), np.zeros(0, np.int32), tokens.token_types()[lo:hi].copy(),
+                             lengths[start:cut].astype(np.int32), packed=True))
+        start = cut
+
+    def run() -> None:
+        waits = [engine.backend.launch(batch) for batch in batches]
+        for wait in waits:
+            wait()
+
+    return {**timed(run, int(lengths.sum()), passes), "batches": len(batches)}
+
+
 def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     """Short texts (8-32 words, requests of 2,000): the bundled MiniLM and the bge-base
-    architecture, sentence-transformers fp16 beside the engine (tokenizer chunk sizes swept)."""
+    architecture, sentence-transformers fp16 beside the engine (tokenizer chunk sizes and
+    tokenizer process counts swept), and the engine's backend alone on the same batches."""
     from worker.models.tokenizer import BatchTokenizer
 
     words = vocabulary(bundled_path() / "vocab.txt")
     requests = short_workload(words, n=2000 if args.small else args.short_n)
     rows = results.setdefault("short", [])
-    for model_name, path in (("MiniLM", bundled_path()), ("bge-base arch", build_model("bge-base", workdir / "bge-base-arch", args.small))):
+    models = {"MiniLM": lambda: bundled_path(),
+              "bge-base arch": lambda: build_model("bge-base", workdir / "bge-base-arch", args.small)}
+    for model_name in args.short_models.split(","):
+        path = models[model_name]()
         tokens = sum(e.n_tokens for r in requests for e in BatchTokenizer(path, 512).encode(r))
         contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [] if args.short_skip_st else [
-            ("sentence-transformers fp16", lambda p=path: st_runner(p, torch.float16))]
+            (f"sentence-transformers fp16 batch {b}", lambda p=path, b=int(b): st_runner(p, torch.float16, b))
+            for b in args.short_st_batches.split(",")]
         for chunk in args.short_chunks.split(","):  # "default": the engine's own, sized from the cores
-            contenders.append((f"embedfleet bf16 chunk {chunk}",
-                               lambda p=path, c=0 if chunk == "default" else int(chunk):
-                               engine_runner(p, "bfloat16", "default", chunk=c or None)))
+            for procs in args.short_processes.split(","):  # "default": the engine's own; 0: threads only
+                contenders.append((f"embedfleet bf16 chunk {chunk} processes {procs}",
+                                   lambda p=path, c=0 if chunk == "default" else int(chunk),
+                                   n=None if procs == "default" else int(procs):
+                                   engine_runner(p, "bfloat16", "default", args.short_budget, chunk=c or None,
+                                                 processes=n)))
+        alone_done = False
         for label, make in contenders:
             try:
                 obj, run = make()
@@ -372,7 +410,19 @@ def short_texts(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
                 row.update(model=model_name, contender=label)
                 if label.startswith("embedfleet"):
                     row["stats"] = dict(obj.stats)
+                    row["tokenize_processes"] = obj.tokenizer_processes.processes if getattr(
+                        obj, "tokenizer_processes", None) else 0
                 rows.append(row)
+                if label.startswith("embedfleet") and not alone_done:
+                    alone_done = True
+                    try:
+                        alone = forward_alone(obj, requests, args.passes)
+                        alone.update(model=model_name, contender="forward alone (backend on pre-packed batches)")
+                        say(f"short {model_name} / forward alone: {alone['best']:,.0f} tokens/s "
+                            f"(spread {alone['spread_pct']:.1f}%, {alone['batches']} batches)")
+                        rows.append(alone)
+                    except Exception as exc:
+                        say(f"short {model_name} / forward alone FAILED: {type(exc).__name__}: {exc}")
                 close(obj)
             except Exception as exc:
                 import traceback
@@ -686,8 +736,10 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     if results.get("short"):
         lines += ["", "## Short texts (8-32 words, requests of 2,000), end to end", "",
                   "| model | contender | tokens/s | spread | x sentence-transformers |", "| --- | --- | ---: | ---: | ---: |"]
-        st_best = {r["model"]: r["best"] for r in results["short"] if r.get("contender", "").startswith("sentence")
-                   and "best" in r}
+        st_best: dict[str, float] = {}  # the strongest sentence-transformers row per model
+        for r in results["short"]:
+            if r.get("contender", "").startswith("sentence") and "best" in r:
+                st_best[r["model"]] = max(st_best.get(r["model"], 0.0), r["best"])
         for r in results["short"]:
             if "best" not in r:
                 lines.append(f"| {r['model']} | {r['contender']} | failed: {r['error'][:100]} | | |")
@@ -747,6 +799,13 @@ def main() -> None:
     parser.add_argument("--short-chunks", default="default,256,1024",
                         help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
     parser.add_argument("--short-skip-st", action="store_true", help="no sentence-transformers in the short section")
+    parser.add_argument("--short-models", default="MiniLM,bge-base arch", help="models of the short section")
+    parser.add_argument("--short-budget", type=int, default=None,
+                        help="engine batch budget in the short section (default: profiled; 65536 was the profile's)")
+    parser.add_argument("--short-st-batches", default="32",
+                        help="sentence-transformers batch sizes in the short section (32: its default)")
+    parser.add_argument("--short-processes", default="default,0",
+                        help="engine tokenizer processes in the short section ('default': the engine's own; 0: none)")
     parser.add_argument("--qwen-engines", default="bfloat16:default,float16:default,bfloat16:plain,bfloat16:generic",
                         help="embedfleet variants for the qwen3 section, dtype:variant, comma-separated")
     parser.add_argument("--qwen-n", type=int, default=4000, help="texts of the qwen3 section's mixed workload")
@@ -800,6 +859,9 @@ def main() -> None:
     for r in results.get("qwen3", []):
         if "best" in r:
             print(f"qwen3 {r['contender']:<34} {r['best']:>12,.0f} tok/s  min cos {r['min_cosine']:.6f}")
+    for r in results.get("short", []):
+        if "best" in r:
+            print(f"short {r['model']:<14} {r['contender']:<50} {r['best']:>12,.0f} tok/s  spread {r['spread_pct']:.1f}%")
     for q in results.get("quality", []):
         print(f"quality {q['engine']:<22} min cos {q['min_cosine']:.6f}")
     for m in results.get("memory", []):

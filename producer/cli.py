@@ -125,7 +125,8 @@ def summarize(manifest: JobManifest, seconds: float | None, handle: JobHandle | 
         rows = manifest.n_rows - handle.skipped_rows
         tokens = max(manifest.n_tokens - handle.skipped_tokens, 0)
         if rows > 0:
-            rate = (f" in {seconds:,.1f} s: {rows / seconds:,.0f} texts/s, {tokens / seconds:,.0f} tokens/s"
+            digits = 1 if seconds >= 10 else 3  # a job's exact time (run), not a poll's
+            rate = (f" in {seconds:,.{digits}f} s: {rows / seconds:,.0f} texts/s, {tokens / seconds:,.0f} tokens/s"
                     + (f" over the {rows:,} rows this run did" if handle.skipped_rows else ""))
         else:
             rate = " (nothing left to do: every part was done by an earlier run)"

@@ -259,6 +259,10 @@ class ShardReport(BaseModel):
     #: wall seconds of each stage of the shard task (read, engine, table, write): where a shard's
     #: time went, so per-shard fixed costs show beside the engine's
     seconds: dict[str, float] = Field(default_factory=dict)
+    #: when the task began and when its part was durable (``time.time()`` on the worker's clock):
+    #: the manifest's ``finished_at`` and a job's exact time come from these, not from a poll
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class JobManifest(BaseModel):
@@ -278,6 +282,18 @@ class JobManifest(BaseModel):
     errors: list[RowError]
     failed_shards: list[ShardReport] = Field(default_factory=list)
     status: Literal["complete", "partial"]
+    #: the first shard's start and the last part's durable write (``time.time()`` on the workers'
+    #: clocks; taken from the markers, so two writers racing still write the same bytes)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def seconds_since(self, submitted: float) -> float | None:
+        """The job's exact time: from ``submitted`` (``time.time()`` when it was sent) to its last
+        part's durable write; ``None`` when the markers hold no times (older workers) or this run
+        wrote no part after ``submitted`` (everything was done before)."""
+        if self.finished_at is None or self.finished_at <= submitted:
+            return None
+        return self.finished_at - submitted
 
 
 class InlineResult(BaseModel):

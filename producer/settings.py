@@ -51,6 +51,15 @@ class Settings(BaseSettings):
                                         "the --concurrency it computes, so the next ones wait in the engine "
                                         "while the current ones run and are written (default: as many as "
                                         "--concurrency; 0: none)")
+    switch_interval: float | None = Field(None, gt=0, le=1, description="Seconds a thread running Python "
+                                          "keeps the interpreter before one waiting for it gets it "
+                                          "(sys.setswitchinterval), set when an engine starts; a GPU engine's "
+                                          "threads wait on the device and need it back at once (not yet "
+                                          "measured: bench.bulk with and without it); default: Python's 0.005")
+    tokenize_processes: int | None = Field(None, ge=0, description="Processes that tokenize beside an engine, "
+                                           "so the tokenizer's per-text Python work leaves the engine's GIL "
+                                           "(default: all cores but 2 for a GPU engine on 4 or more cores, "
+                                           "else 0; 0: the engine's own threads tokenize)")
     stop_grace: int = Field(20, ge=1, description="Seconds after a stop signal before the process exits regardless")
     approximate_gelu: bool = Field(True, description="GPU fast path: tanh GELU fused into the GEMM "
                                    "(0: exact erf GELU, ~10% slower on long texts)")

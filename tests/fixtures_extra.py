@@ -43,13 +43,14 @@ EDGE_TEXTS = [
 
 
 def make_engine(model: Path | str | None, max_batch_tokens: int | None = None,
-                wrap: Callable[[Any], Any] | None = None) -> Engine:
-    """A started engine on CPU in fp32, optionally with its backend wrapped."""
+                wrap: Callable[[Any], Any] | None = None, **options: Any) -> Engine:
+    """A started engine on CPU in fp32, optionally with its backend wrapped (``options``: the
+    Engine's other keyword arguments)."""
     info = describe(None if model is None else str(model))
     backend: Any = TorchBackend(info, device="cpu", dtype="float32")
     if wrap is not None:
         backend = wrap(backend)
-    return Engine(info, backend, max_batch_tokens=max_batch_tokens).start()
+    return Engine(info, backend, max_batch_tokens=max_batch_tokens, **options).start()
 
 
 @pytest.fixture(scope="module")

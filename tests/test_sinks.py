@@ -178,3 +178,38 @@ def test_vector_columns_are_written_without_a_dictionary(tmp_path: Path) -> None
     assert not encodings["embedding.list.element"] & dictionary
     assert encodings["id"] & dictionary
     assert pq.read_table(path).equals(table)
+
+
+def test_the_manifest_times_the_job_from_its_markers(tmp_path: Path) -> None:
+    """``started_at`` / ``finished_at`` come from the markers (the first start, the last durable
+    part), so a job's time is exact, not a status poll's, and racing writers still agree."""
+    out = tmp_path / "job"
+    _spec(out, 2)
+    for index, (start, end) in enumerate([(100.5, 101.25), (100.0, 100.75)]):
+        sinks.write_marker(str(out), ShardReport(index=index, path=f"part-0000{index}.parquet", rows_in=2,
+                                                 rows_written=2, n_tokens=4, started_at=start, finished_at=end))
+    manifest = sinks.finalize_if_complete(str(out), None)
+    assert manifest is not None and (manifest.started_at, manifest.finished_at) == (100.0, 101.25)
+    assert manifest.seconds_since(99.0) == pytest.approx(2.25)
+    assert manifest.seconds_since(101.25) is None  # nothing written after that submission: no time
+    old = manifest.model_copy(update={"started_at": None, "finished_at": None})
+    assert old.seconds_since(99.0) is None  # markers of workers that did not record times
+
+
+def test_ids_follow_the_kept_rows_in_every_order() -> None:
+    """No failed row (the usual shard) takes the ids as they are, without a ``take``; any other
+    ``keep`` (rows dropped, or in another order) still takes exactly those rows."""
+    ids = pa.array(["a", "b", "c"])
+    values = np.ones((3, 4), np.float32)
+    whole = sinks.result_table(_info(), _result(JobKind.embed, values), ids, [0, 1, 2], "float32", "float32")
+    assert whole.column("id").to_pylist() == ["a", "b", "c"]
+    part = sinks.result_table(_info(), _result(JobKind.embed, values), ids, [0, 2], "float32", "float32")
+    assert part.column("id").to_pylist() == ["a", "c"]
+    swapped = sinks.result_table(_info(), _result(JobKind.embed, values), ids, [1, 0, 2], "float32", "float32")
+    assert swapped.column("id").to_pylist() == ["b", "a", "c"]
+
+
+@pytest.mark.parametrize("kind", [JobKind.embed, JobKind.rerank, JobKind.classify])
+def test_the_sink_warm_up_builds_and_serializes_a_part(kind: JobKind) -> None:
+    info = _info(kind, labels=("neg", "pos") if kind == JobKind.classify else ())
+    assert sinks.warm_up(info, "float32") >= 0

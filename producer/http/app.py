@@ -11,7 +11,9 @@ reaches a worker: 400 bad input, 401 bad key, 404 unknown model, 413 too large, 
 
 The OpenAI / infinity routes are mounted here (their handlers are ``producer.http.facade``'s);
 TEI's native routes come from ``producer.http.tei``, Cohere's v2 routes from
-``producer.http.cohere``; all of them call the same ``Facade`` methods.
+``producer.http.cohere``; all of them call the same ``Facade`` methods. The hot calls (a valid
+``/v1/embeddings`` or TEI ``/embed`` body) are answered before FastAPI's routing, by the same
+handlers, in ``producer.http.fast``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from producer.http.checks import validation_message
 from producer.http.errors import bad, error_response, plain_response
 from producer.http.dispatch import Runner
 from producer.http.facade import Facade
+from producer.http.fast import FastRoutes
 from producer.http.metrics import CONTENT_TYPE
 from producer.http.render import json_response
 from producer.http.middleware import AssumeJson, BodyLimit, CancelOnDisconnect, Observe
@@ -170,6 +173,7 @@ def create_app(client: Client, settings: FacadeSettings | None = None, on_shutdo
     async def metrics() -> Response:
         return Response(facade.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(FastRoutes, facade=facade)  # innermost: inside the metrics, limits and the hang-up watch
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(AssumeJson)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

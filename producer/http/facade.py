@@ -99,10 +99,14 @@ class Facade:
 
     async def authorize(self, request: Request) -> None:
         """The bearer key check (async: FastAPI would run a plain function on a worker thread)."""
+        if self.settings.api_key:
+            self.check_key(request.headers.get("authorization", ""))
+
+    def check_key(self, header: str) -> None:
+        """401 unless ``header`` (the ``Authorization`` value) carries the API key, when one is set."""
         key = self.settings.api_key
         if not key:
             return
-        header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
             raise unauthorized()

@@ -81,6 +81,67 @@ def test_bge_m3_three_outputs_on_cuda(m3: Path, dtype: str, varlen: bool) -> Non
     np.testing.assert_allclose(dense_only.values, got.values, atol=2e-2)
 
 
+def test_bge_m3_on_cuda_holds_its_weights_only_after_load(m3: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded as a worker loads it (a recipe), the batch budget is profiled in a throwaway process,
+    so the serving process runs no forward before its first request (its peak allocation since load
+    is what load left), and the heads lie in the encoder's one weight allocation (on their own, the
+    allocator would give ColBERT's weight a segment of its own with slack)."""
+    from worker.backends.select import load_backend
+
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path))  # no cached profile: one is measured now
+    info = describe(str(m3))
+    backend = load_backend("torch", info, "cuda", "float16").backend
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = torch.cuda.memory_allocated()
+    engine = Engine(info, backend)
+    try:
+        assert "cached profile" not in engine.budget_report, engine.budget_report
+        assert torch.cuda.max_memory_allocated() == loaded
+        arena = backend.encoder.layers[0].qkv.weight.untyped_storage().data_ptr()
+        assert backend.heads.colbert.weight.untyped_storage().data_ptr() == arena
+        assert backend.heads.sparse.bias.untyped_storage().data_ptr() == arena
+    finally:
+        engine.stop()
+
+
+LOAD_PROBE = """
+import json, sys, torch
+from worker.backends.select import load_backend
+from worker.models.resolve import describe
+
+def outside_allocator():
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+torch.zeros(1, device="cuda")
+info = describe(sys.argv[1])
+before = outside_allocator()
+backend = load_backend("torch", info, "cuda", "float16").backend
+print(json.dumps({"grown": outside_allocator() - before, "heads": backend.heads is not None}))
+"""
+
+
+def test_loading_bge_m3_on_cuda_holds_nothing_outside_the_allocator(m3: Path) -> None:
+    """In a fresh process (torch's stream pool, library handles and kernel modules are per
+    process), building the backend adds device memory only through the caching allocator, as
+    transformers' load does (bench/outputs.py measured 0 there on the H200, and 69 MiB for our
+    load while it created a side copy stream: torch's pool of streams). A failure names what grew."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(m3)], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["heads"]
+    assert result["grown"] < 16 * 2 ** 20, f"{result['grown'] / 2 ** 20:.1f} MiB outside the allocator after load"
+
+
 def test_splade_on_cuda(tmp_path: Path) -> None:
     folder = save_splade(tmp_path / "splade")
     reference = _run(folder, "cpu", "float32", Options())

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.models.tokenizer import BatchTokenizer, Encoded, Tokens
+from worker.models.tokenizer import AsciiShortcut, BatchTokenizer, Encoded, Tokens
 
 CORPUS = [
     "",
@@ -77,3 +77,40 @@ def test_an_empty_batch(bundled_model: Path) -> None:
     tok = BatchTokenizer(bundled_model, 32)
     for got in (tok.encode_tokens([]), tok.encode_ids_tokens([])):
         assert len(got) == 0 and got.ids.shape == (0,) and got.offsets.tolist() == [0]
+
+
+# ------------------------------------------------------------------ the ASCII shortcut
+ASCII_CORPUS = [
+    "Hello World", "MiXeD CaSe and PUNCT!?,.;:'\"()[]{}<>@#$%^&*_-+=~`|\\/", "",
+    "tab\there\nnewline\rreturn \x00nul\x01\x0b\x0c\x1f\x7fend",
+    "a[CLS]b", "x[cls]y", "[MASK] at the start", "ends with [SEP]", "[UnK]", "[pad]ding",
+    "word " * 300,  # over-long
+    "snake_case CamelCase ALLCAPS 123 4.56 e-mail@example.com https://x.y/z?q=1",
+    *[f"c{chr(i)}d E{chr(i)}F {chr(i)}" for i in range(128)],  # every ASCII character, inside and alone
+]
+
+
+def test_the_ascii_shortcut_gives_the_full_tokenizers_ids(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 64)
+    assert tok._ascii is not None  # the bundled model's normalizer is BertNormalizer
+    taken = [text for text in ASCII_CORPUS if tok._ascii.prepare(text) is not None]
+    assert len(taken) > len(ASCII_CORPUS) - 10  # most go the short way: the comparison is not vacuous
+    assert all(tok._ascii.prepare(text) is None for text in ("a[CLS]b", "x[cls]y", "[UnK]", "Ünïcode"))
+    mixed = ASCII_CORPUS + CORPUS  # a chunk with non-ASCII texts: split between the two paths, order kept
+    for batch in (ASCII_CORPUS, mixed, [t for t in mixed if not t.isascii()]):
+        assert as_list(tok.encode_tokens(batch)) == reference(tok.encode(batch))
+
+
+def test_the_ascii_shortcut_keeps_frames(bundled_model: Path) -> None:
+    tok = BatchTokenizer(bundled_model, 40, frame=("judge this:", "answer yes or no"))
+    assert as_list(tok.encode_tokens(ASCII_CORPUS)) == reference(tok.encode(ASCII_CORPUS))
+
+
+def test_no_shortcut_without_a_bert_normalizer(bundled_model: Path) -> None:
+    from tokenizers import normalizers
+
+    tok = BatchTokenizer(bundled_model, 64)
+    tok._tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
+    assert AsciiShortcut.of(tok._tokenizer) is None
+    tok._ascii = None
+    assert as_list(tok.encode_tokens(ASCII_CORPUS)) == reference(tok.encode(ASCII_CORPUS))

@@ -251,3 +251,70 @@ def test_a_corpus_edited_in_place_is_another_job(tmp_path: Path) -> None:
         plan_corpus(str(corpus), str(tmp_path / "out"), model="tiny", id_column="id")
     edited = plan_corpus(str(corpus), str(tmp_path / "out2"), model="tiny", id_column="id")
     assert edited.job_id != first.job_id
+
+
+def test_a_row_group_shared_by_shards_is_decoded_once_and_each_shard_gets_its_rows(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 6,000-row group, 1,000-row shards read together (read-ahead): the group is decoded
+    once, not once per shard, and every shard still gets exactly its rows."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer import sources
+
+    path = tmp_path / "one-group.parquet"
+    n = 6000
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)]}), path,
+                   row_group_size=n)
+    decoded: list[int] = []
+    real, waiter = sources._row_group, threading.Event()
+
+    def counted(pfile, uri, group, names):  # type: ignore[no-untyped-def]
+        decoded.append(group)
+        waiter.wait(10)  # decode only once another shard waits for this group
+        return real(pfile, uri, group, names)
+
+    monkeypatch.setattr(sources, "_row_group", counted)
+    monkeypatch.setattr(sources, "_shared_groups", sources._SharedGroups())
+    plain_get = sources._SharedGroups.get
+
+    def get(self, key, load):  # type: ignore[no-untyped-def]
+        if key in self._entries and not self._entries[key].done():
+            waiter.set()
+        return plain_get(self, key, load)
+
+    monkeypatch.setattr(sources._SharedGroups, "get", get)
+    shards = plan_shards(str(path), "parquet", n, 1000)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda s: read_shard(s, JobKind.embed, Columns(id="id")), shards))
+    assert decoded == [0]
+    for shard, rows in zip(shards, results):
+        assert rows.values == [f"text {i}" for i in range(shard.row_start, shard.row_stop)]
+        assert rows.ids.to_pylist() == [f"r{i}" for i in range(shard.row_start, shard.row_stop)]
+
+
+def test_a_shared_row_group_that_fails_fails_every_waiting_shard_and_is_read_again() -> None:
+    from producer.sources import _SharedGroups
+
+    shared, calls = _SharedGroups(), []
+
+    def broken() -> pa.Table:
+        calls.append(1)
+        raise SourceError("row group 0 of 1 is corrupt")
+
+    for _ in range(2):
+        with pytest.raises(SourceError, match="corrupt"):
+            shared.get("k", broken)
+    assert len(calls) == 2  # the failure was not kept: the next shard reads the group again
+    table = pa.table({"text": ["a"]})
+    assert shared.get("k", lambda: table) is table and shared.get("k", broken) is table
+
+
+def test_a_large_shared_row_group_is_not_kept() -> None:
+    from producer.sources import _SharedGroups
+
+    shared = _SharedGroups(max_bytes=10)
+    big = pa.table({"text": ["x" * 100]})
+    assert shared.get("k", lambda: big) is big
+    again = pa.table({"text": ["y" * 100]})
+    assert shared.get("k", lambda: again) is again  # decoded again: nothing over max_bytes stays

@@ -57,8 +57,7 @@ class Batch:
     Padded (the default): ``input_ids``/``token_type_ids``/``attention_mask`` are ``[n, longest]``.
     Packed (``packed=True``, for backends with ``unpadded = True``): ``input_ids`` and
     ``token_type_ids`` are the ``[total]`` concatenation of every input's tokens,
-    ``attention_mask`` is empty, and ``lengths`` delimits the inputs. ``staged`` holds what a
-    backend already copied to its device ahead of time (see ``Backend.stage``). ``host`` is set
+    ``attention_mask`` is empty, and ``lengths`` delimits the inputs. ``host`` is set
     when the engine packed the batch into a buffer of the backend's (``Backend.host_buffer``):
     int32 ``[ids | type ids | positions | cu_seqlens]``, which the views above point into.
     """
@@ -68,7 +67,6 @@ class Batch:
     token_type_ids: np.ndarray
     lengths: np.ndarray
     packed: bool = False
-    staged: Any = None
     host: Any = None
 
     @property
@@ -233,11 +231,6 @@ class Backend:
         ``np.asarray`` views without a copy). Default: plain memory; CUDA gives pinned memory, so
         the batch goes to the device in one transfer with no staging copy."""
         return np.empty(size, dtype=np.int32)
-
-    def stage(self, batch: Batch) -> Any:
-        """Start copying ``batch`` to the device ahead of its run (called off the device thread);
-        whatever is returned lands in ``batch.staged``. Default: nothing to copy."""
-        return None
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         """Whether ``error`` means the batch did not fit, so the engine splits it."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.backends.varlen import flash_available, move_to_arena
+from worker.backends.varlen import flash_available
 
 log = logging.getLogger(__name__)
 
@@ -317,11 +317,6 @@ class DecoderEncoder(nn.Module):
             x, delta = layer(x, h, ops, attend)
             x, h = ops.add_norm(x, delta, norm)
         return h
-
-    def to_arena(self, device: str | torch.device) -> "DecoderEncoder":
-        """Every weight in one device allocation (``worker.backends.varlen.move_to_arena``)."""
-        move_to_arena(self, device)
-        return self.to(device)
 
     def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
         """Use the fused kernels of ``worker.backends.kernels`` (CUDA, half precision; plain torch

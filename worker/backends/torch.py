@@ -26,7 +26,7 @@ from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.decoder import DecoderEncoder
-from worker.backends.varlen import equal_length_groups
+from worker.backends.varlen import equal_length_groups, move_to_arena
 from worker.models import bge_m3, splade, vision
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
@@ -70,6 +70,19 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {value: key for key, value in TORCH_DTYPES.items()}[dtype]
+
+
+def _to_arena(encoder: torch.nn.Module, heads: torch.nn.Module | None, device: str) -> torch.nn.Module:
+    """The unpadded encoder's weights and bge-m3's heads in one device allocation, then the buffers.
+
+    Why the heads too: on their own, the caching allocator gives ColBERT's 2 MiB weight a 20 MiB
+    segment (sizes between 1 and 10 MiB get one) and the biases a 2 MiB one, so three outputs
+    would hold ~20 MiB more than the weights after load; inside the arena they take their size.
+    """
+    modules = torch.nn.ModuleList([encoder] + ([heads] if heads is not None else []))
+    move_to_arena(modules, device)
+    modules.to(device)  # the buffers (position ids); every weight is already there
+    return encoder
 
 
 class CudaMemory:
@@ -124,13 +137,14 @@ class TorchBackend(Backend):
         self.cuda = self.device.startswith("cuda")
         self.encoder: torch.nn.Module | None = None
         self.model: torch.nn.Module | None = None
-        self._copy_stream = None
         self.unpadded = False
         log.info("loading %s (%s, %s) on %s in %s", info.name, info.architecture, info.family, self.device, self.dtype)
         # Loaded on the host first: the unpadded encoder rearranges weights (fused QKV) there,
         # so the GPU never holds two copies. Faithfully or refused (worker.models.loading); the
         # native families (JinaBERT, decoder rerankers) come back as modules of the same shape.
         model = load_model(info, self.torch_dtype)
+        # bge-m3's sparse and ColBERT heads, on the host until they go to the device with the encoder
+        heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
         want_varlen = self.cuda if varlen is None else varlen
         #: image-text models: both towers of transformers' CLIPModel / SiglipModel (padded texts)
         self.image_text = "image" in info.modalities
@@ -154,7 +168,7 @@ class TorchBackend(Backend):
                 log.info("%s runs padded: %s", info.name, reason)
             else:
                 built = decoder.build_decoder(model) if unpadded is decoder else encoder.build_encoder(model)
-                self.encoder = built.to_arena(self.device)
+                self.encoder = _to_arena(built, heads, self.device)
                 self.unpadded = True
                 del model
         if self.encoder is None:
@@ -174,12 +188,11 @@ class TorchBackend(Backend):
             self.encoder.set_fusion(self.fused, self.approximate_gelu)  # type: ignore[operator]
             if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's
                 self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
-        # bge-m3's sparse and ColBERT heads (tiny: loaded on the device beside the encoder)
-        heads = bge_m3.load_heads(info.path, info.hidden_size, self.torch_dtype) if info.kind == JobKind.embed else None
-        self.heads = heads.to(self.device) if heads is not None else None
+        self.heads = heads.to(self.device) if heads is not None else None  # already there when unpadded
+        # No side stream for the input copy: creating one makes torch create its stream pool, which
+        # held ~69 MiB of device memory outside the allocator on the H200 (bench/RESULTS-outputs.md),
+        # more than the bar over transformers allows; the copy it overlapped is < 1 MB per batch.
         self.asynchronous = self.cuda
-        if self.cuda:
-            self._copy_stream = torch.cuda.Stream(device=self.device)
         # On CPU small batches win (cache-resident activations): measured best at 1-4k tokens.
         # On a GPU this is only the fallback: the engine sizes the budget to the device's memory.
         self.preferred_batch_tokens = 16384 if self.cuda else 2048
@@ -234,25 +247,10 @@ class TorchBackend(Backend):
         ids, types, positions = flat[:total], flat[total:2 * total], flat[2 * total:3 * total]
         return ids, types, positions, flat[3 * total:]
 
-    def stage(self, batch: Batch) -> Any:
-        """Copy a packed batch to the GPU on a side stream, so it overlaps the running batch."""
-        if not (self.cuda and batch.packed):
-            return None
-        host = self._packed_host(batch)
-        with torch.cuda.stream(self._copy_stream):
-            flat = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return flat, event
-
     def _packed_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        if batch.staged is not None:
-            flat, event = batch.staged
-            batch.staged = None
-            torch.cuda.current_stream().wait_event(event)
-            flat.record_stream(torch.cuda.current_stream())
-        else:
-            flat = self._packed_host(batch).to(self.device, non_blocking=self.cuda)
+        """The packed batch on the device: one asynchronous copy from pinned memory, queued on the
+        compute stream ahead of the batch's kernels (so the device thread does not wait for it)."""
+        flat = self._packed_host(batch).to(self.device, non_blocking=self.cuda)
         return self._split_packed(flat, batch)
 
     # ------------------------------------------------------------------ forward

@@ -256,11 +256,6 @@ class VarlenEncoder(nn.Module):
             x = layer(x, attend)
         return x
 
-    def to_arena(self, device: str | torch.device) -> "VarlenEncoder":
-        """Every weight in one device allocation (:func:`move_to_arena`), then the buffers."""
-        move_to_arena(self, device)
-        return self.to(device)
-
     def set_fusion(self, fused: bool, approximate_gelu: bool = False) -> None:
         """Use the fused kernels of ``worker.backends.kernels`` (they fall back to torch off-GPU)."""
         for layer in self.layers:

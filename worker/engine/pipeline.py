@@ -5,15 +5,16 @@
 * Requests are validated per item against ``producer.rules`` (a bad item fails alone, with a
   reason that names no position: callers add ``input[3]`` or ``row 17``) and tokenized in
   chunks of ``TOKENIZE_CHUNK`` on a thread pool, one call to the Rust tokenizer's batch API per
-  chunk (it spreads over the cores outside the GIL, so this overlaps with the device).
+  chunk (it spreads over the cores outside the GIL, so this overlaps with the device). A GPU
+  engine on enough cores hands its chunks to tokenizer processes instead
+  (``worker.engine.tokenizing``), so the tokenizer's per-text Python work leaves this process.
 * The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
   tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
   request's output array by slices. Nothing on the hot path makes a Python object per input.
 * The batch budget is the engine's: ``worker.engine.memory`` sizes it for the backend.
-* One device thread owns the model. A preparer thread forms the next batch, pads it (or packs
-  it, for unpadded backends) and stages it on the device (``backend.stage``, a side-stream
-  copy from pinned memory) while the current one runs.
+* One device thread owns the model. A preparer thread forms the next batch and pads it (or
+  packs it into pinned memory, for unpadded backends) while the current one runs.
 * Results are copied back and post-processed on a small pool, then put back in input order.
 * A request nobody waits for any more is not computed: past its deadline (``submit(deadline=)``,
   ``time.monotonic()``) or with its future cancelled (the caller went away), its remaining items
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,10 +46,12 @@ from producer.errors import BadInput, EngineStopped, TimedOut, UnsupportedModel
 from producer.jobs import JobKind, Options
 from producer.outputs import DENSE_ONLY, MultiVectors, SparseRows
 from producer.rules import dimensions_problem, pair_problem, text_problem, token_ids_problem
+from producer.settings import settings
 from worker.backends.base import Backend, Batch, BatchOutputs
 from worker.engine import memory
 from worker.engine.images import ImageLane
 from worker.engine import packing
+from worker.engine.tokenizing import PROCESS_CHUNK, TokenizerProcesses, default_processes
 from worker.engine.scheduler import Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
@@ -73,6 +77,21 @@ def default_tokenize_chunk() -> int:
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
     return min(MAX_TOKENIZE_CHUNK, TOKENIZE_CHUNK * max(1, cores))
+
+
+def use_switch_interval() -> None:
+    """Set the interpreter's switch interval when ``EMBEDFLEET_SWITCH_INTERVAL`` says so.
+
+    Why it may matter: the device, preparer and post-processing threads each give up the GIL
+    while they wait (for the device, for a batch) and need it back at once to launch or form the
+    next batch. With another thread running Python meanwhile (a bulk job's shard tasks read,
+    tokenize and write in the same process), Python hands the GIL over only after the switch
+    interval, 5 ms by default. Not measured on a GPU yet (issue 13): the setting exists so that
+    ``bench.bulk`` can be run with and without it; the default leaves Python's. Process-wide.
+    """
+    chosen = settings().switch_interval
+    if chosen is not None:
+        sys.setswitchinterval(chosen)
 
 
 @dataclass
@@ -152,13 +171,20 @@ class Engine:
         tokenize_workers: int = 2,
         post_workers: int = 1,
         tokenize_chunk: int | None = None,
+        tokenize_processes: int | None = None,
     ) -> None:
         self.info = info
-        self.tokenize_chunk = max(1, tokenize_chunk or default_tokenize_chunk())
         self.backend = backend
         template = info.pair_template
         self.tokenizer = BatchTokenizer(info.path, info.max_length,
                                         frame=(template.head, template.tail) if template else ("", ""))
+        accelerated = backend.asynchronous and not str(backend.device).startswith("cpu")
+        processes = default_processes(accelerated) if tokenize_processes is None else tokenize_processes
+        #: the tokenizer processes (``worker.engine.tokenizing``), or None: this process's threads tokenize
+        self.tokenizer_processes = TokenizerProcesses(self.tokenizer, processes) if processes else None
+        if processes:  # one thread per process waits for its chunk, so every process has one
+            tokenize_workers = max(tokenize_workers, processes)
+        self.tokenize_chunk = max(1, tokenize_chunk or (PROCESS_CHUNK if processes else default_tokenize_chunk()))
         #: Embed and classify inputs may be token ids (the facade asks before sending them).
         self.accepts_token_ids = info.kind != JobKind.rerank
         #: The outputs this engine computes (``producer.outputs``): what the model and backend both offer.
@@ -193,6 +219,7 @@ class Engine:
         self._launched = 0  # batches launched and not yet copied back
         self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
+        self._last_done = 0.0  # when the last batch's results were back (``stats["busy_ms"]``)
         self._open_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         #: image-text models: images go through their own lane (``worker.engine.images``)
@@ -203,8 +230,10 @@ class Engine:
 
             self._preprocess = Preprocessor(info.path)
             self.images = ImageLane(backend, self._deliver_images, self._fail_indices)
+        #: counters; ``busy_ms``: time with a batch on the device (from a launch, or the previous
+        #: batch's return, to its results' return): over a job's wall time, how well the host fed it
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0,
-                      "dropped": 0}
+                      "dropped": 0, "busy_ms": 0.0}
 
     @property
     def max_batch_tokens(self) -> int:
@@ -212,6 +241,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
+        use_switch_interval()
         for target, name in ((self._prepare_loop, "ef-prepare"), (self._device_loop, "ef-device")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -232,6 +262,8 @@ class Engine:
             self.images.stop(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.close()
         # Work cancelled in the pools above belongs to requests that would otherwise never end.
         with self._open_lock:
             still_open = list(self._open)
@@ -243,14 +275,23 @@ class Engine:
         """Run a few batches of made-up texts of growing length, so a device's one-time costs
         (CUDA's lazy kernel loading, cuBLAS heuristics, Triton's compiles for the first shapes;
         ~1 s on the H200) land in the worker's start, not in its first job. Returns the seconds.
-        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time."""
+        Only asynchronous (CUDA) backends need it; on a CPU it would only cost time.
+
+        The activations' memory is given back to the device afterwards (kernels and library
+        workspaces stay: serving needs them): a started worker holds what transformers holds
+        after load, not the allocator cache of the largest warm-up batch."""
         started = time.perf_counter()
+        if self.tokenizer_processes is not None:
+            self.tokenizer_processes.wait_ready()
         if self.info.kind == JobKind.rerank:
             inputs: list[Any] = [("warm", "up " * n) for n in (1, 30, 120, 500)]
         else:
             inputs = ["warm up " * n for n in (1, 30, 120, 500)]
         for copies in (1, 64):
             self.run(inputs * copies, Options(truncate=True), timeout=300)
+        device = self.backend.memory_device()
+        if device is not None:
+            device.release()
         return time.perf_counter() - started
 
     def __enter__(self) -> "Engine":
@@ -442,8 +483,9 @@ class Engine:
             return
         index = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
         values = [value for _, value in chunk]
+        tokenizer: Any = self.tokenizer_processes or self.tokenizer
         try:
-            tokens = self.tokenizer.encode_ids_tokens(values) if as_ids else self.tokenizer.encode_tokens(values)
+            tokens = tokenizer.encode_ids_tokens(values) if as_ids else tokenizer.encode_tokens(values)
         except Exception as exc:  # a tokenizer bug must fail the request, not hang it
             log.exception("tokenization failed")
             self._fail_request(request, exc)
@@ -503,7 +545,6 @@ class Engine:
         except Exception as exc:
             self._fail_slots(slots, exc)
             return False
-        self._stage(batch)
         while not self._stop.is_set():
             try:
                 self._ready.put((slots, batch), timeout=0.2)
@@ -526,14 +567,6 @@ class Engine:
             self._launched += change
         if change < 0:
             self.scheduler.poke()
-
-    def _stage(self, batch: Batch) -> None:
-        """Start the batch's host-to-device copy early; if that fails, forward copies it itself."""
-        try:
-            batch.staged = self.backend.stage(batch)
-        except Exception as exc:  # e.g. out of memory while the running batch peaks
-            log.debug("staging a batch failed (%s); it is copied when it runs", exc)
-            batch.staged = None
 
     def _device_loop(self) -> None:
         while not self._stop.is_set():
@@ -564,6 +597,7 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
+        launched = time.perf_counter()
         requests = {block.request for block in slots.owners}
         wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
@@ -582,9 +616,9 @@ class Engine:
         self.stats["items"] += len(slots)
         self.stats["tokens"] += batch.n_real_tokens
         self.stats["padded_tokens"] += int(batch.input_ids.size)
-        self._post_pool.submit(self._complete_batch, slots, batch, wait)
+        self._post_pool.submit(self._complete_batch, slots, batch, wait, launched)
 
-    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any]) -> None:
+    def _complete_batch(self, slots: Picked, batch: Batch, wait: Callable[[], Any], launched: float = 0.0) -> None:
         try:
             output = wait()
         except Exception as exc:  # a device error surfacing at the copy back
@@ -594,11 +628,20 @@ class Engine:
         finally:
             self._in_flight.release()
             self._launch_count(-1)
+            self._count_busy(launched)
         if isinstance(output, BatchOutputs):
             self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
             return
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
+
+    def _count_busy(self, launched: float) -> None:
+        """Add this batch's device time to ``busy_ms``: batches return in launch order (one
+        post-processing thread), so overlapping ones are counted once. A return noticed late (the
+        thread still delivering the previous batch) counts as busy: an upper bound."""
+        done = time.perf_counter()
+        self.stats["busy_ms"] += 1000 * (done - max(launched, self._last_done))
+        self._last_done = done
 
     def _split_after_oom(self, slots: Picked, error: BaseException) -> None:
         if len(slots) == 1:

@@ -25,6 +25,7 @@ from producer.broker import MEMORY_BROKER, declare_queue
 from producer.errors import Unavailable, UnsupportedModel
 from producer.jobs import inline_queue_name, queue_name
 from producer.settings import settings
+from worker import sinks
 from worker.backends.select import Selection, load_backend
 from worker.engine.pipeline import Engine
 from worker.hosting import limits, poison
@@ -88,6 +89,8 @@ def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]
                     memory_fraction=spec.memory_fraction).start()
     if selection.backend.asynchronous and selection.backend.device != "cpu":  # CPU streams (openvino) need none
         log.info("%s warmed up on %s in %.2f s", info.name, selection.backend.device, engine.warm_up())
+    # the first part's one-time costs (pyarrow's compute module, the Parquet writer) at start, not in a job
+    log.debug("the Parquet sink warmed up in %.2f s", sinks.warm_up(info, selection.backend.dtype))
     runtime.register(engine, model)
     return engine, selection
 

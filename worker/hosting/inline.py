@@ -4,8 +4,8 @@ Celery runs a message as a task: a ``Request`` object, a hop to a pool thread, t
 (signals, state bookkeeping), then the result store; for a single-text call that is ~2 ms of the
 ~4 ms the fleet adds over the engine, and a pool thread per call waiting on the engine's future.
 Here the consumer's callback decodes the message, hands the inputs to the engine (which never
-blocks: ``Engine.submit`` returns a future) and the engine's own thread stores the answer when
-it is ready. The answer is the very ``InlineResult`` the task would store (``tasks.inline_answer``).
+blocks: ``Engine.submit`` returns a future) and the answer is stored when it is ready. The
+answer is the very ``InlineResult`` the task would store (``tasks.inline_answer``).
 
 Only the common case takes this way; everything else goes to Celery's own handler, unchanged:
 a message of another task, one sent again (``retries``), one with an ETA, one already expired or
@@ -19,6 +19,11 @@ engine with the job: past it the engine drops whatever of the call has not run y
 the facade already answered with a 504 stops costing the device; so does a call the facade
 revoked (its client hung up: Celery's revoke puts its id in ``worker_state.revoked``).
 
+Answers are stored by one writer thread (``AnswerWriter``), every answer waiting at that moment in
+one Redis round trip: the engine's post-processing thread, which delivers a batch's results to
+every call in it, no longer waits for a SET and a PUBLISH per call before it can take the next
+batch off the device.
+
 It needs the Redis result backend (``InlineResultBackend``); the embedded worker's in-memory
 backend wakes its facade through Celery's ``task_postrun`` signal, so it keeps Celery's path.
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
+import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -57,6 +64,11 @@ class FastInline:
         self.app = app
         self.backend: InlineResultBackend = app.backend
         self.celery_handler = celery_handler
+        self.writer = AnswerWriter.of(self.backend)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The lane is stopping: wait until the answers already made are stored."""
+        self.writer.flush(timeout)
 
     def __call__(self, message: Any) -> None:
         headers = message.headers or {}
@@ -87,7 +99,7 @@ class FastInline:
         except Exception as exc:
             self._failed(task_id, payload, exc, headers, queue)
             return
-        _guarded(task_id, self.backend.store_inline, task_id, answer)
+        self.writer.put(task_id, answer)
 
     def _failed(self, task_id: str, payload: dict[str, Any], exc: Exception, headers: dict[str, Any],
                 queue: str | None) -> None:
@@ -111,6 +123,62 @@ class FastInline:
         self.app.send_task(INLINE_TASK, args=[payload], task_id=task_id, queue=queue, retries=1,
                            expires=dt.datetime.fromisoformat(expires) if expires else None,
                            argsrepr=headers.get("argsrepr"), kwargsrepr="{}")
+
+
+_WRITERS_LOCK = threading.Lock()
+
+
+class AnswerWriter:
+    """Stores successful inline answers from a thread of its own, all those waiting in one round trip.
+
+    ``put`` never blocks the engine's thread; the writer takes everything queued since its last
+    write and stores it with one pipeline (``InlineResultBackend.store_inlines``). If Redis cannot
+    take them, the callers time out (504), as with a store that failed before. The thread lives
+    as long as the process: calls still running when the lane stops (a reconnect) are stored too."""
+
+    def __init__(self, backend: InlineResultBackend) -> None:
+        self.backend = backend
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._unwritten = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ef-inline-answers", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def of(cls, backend: InlineResultBackend) -> "AnswerWriter":
+        """The one writer of ``backend`` (a lane restarted after a reconnect keeps it)."""
+        with _WRITERS_LOCK:
+            writer = getattr(backend, "_answer_writer", None)
+            if writer is None:
+                writer = backend._answer_writer = cls(backend)  # type: ignore[attr-defined]
+            return writer
+
+    def put(self, task_id: str, answer: Any) -> None:
+        with self._idle:
+            self._unwritten += 1
+        self._queue.put((task_id, answer))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every answer put so far is written (or failed); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unwritten == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            answers = [self._queue.get()]
+            while True:
+                try:
+                    answers.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.backend.store_inlines(answers)
+            except Exception as exc:
+                log.error("cannot store %d inline answers (%s): %s: %s", len(answers),
+                          ", ".join(task_id for task_id, _ in answers[:3]), type(exc).__name__, exc)
+            with self._idle:
+                self._unwritten -= len(answers)
+                self._idle.notify_all()
 
 
 def _guarded(task_id: str, step: Callable[..., Any], *args: Any) -> None:

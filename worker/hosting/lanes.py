@@ -67,7 +67,8 @@ class InlineLane(bootsteps.StartStopStep):
         inline, c.inline_consumer = c.inline_consumer, None
         if inline is None:
             return
-        for step in (inline.cancel, inline.channel.close):
+        close = getattr(inline.on_message, "close", None)  # the fast lane's answer writer: store what waits
+        for step in (inline.cancel, inline.channel.close, *([close] if close else [])):
             try:
                 step()
             except Exception as exc:  # the connection is already gone: nothing to release

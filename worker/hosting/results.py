@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from celery import states
 from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
@@ -34,11 +35,46 @@ class InlineResultBackend(RedisBackend):
         self.store_inline(task_id, result, request)
         return result
 
+    def store_inlines(self, answers: list[tuple[str, Any]]) -> None:
+        """Write (and publish) several successful inline results in one Redis round trip."""
+        items = [(self.get_key_for_task(task_id), self._inline_payload(task_id, result)) for task_id, result in answers]
+        self.ensure(self._set_many, (items,))
+
+    def _set_many(self, items: list[tuple[Any, Any]]) -> None:
+        """``RedisBackend._set`` for many keys: SET (with the results' expiry) and PUBLISH each."""
+        with self.client.pipeline() as pipe:
+            for key, value in items:
+                if self.expires:
+                    pipe.setex(key, self.expires, value)
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+            pipe.execute()
+
     def store_inline(self, task_id: str, result: Any, request: Any = None) -> None:
-        """Write (and publish) a successful inline result: one SET and one PUBLISH, no read."""
+        """Write (and publish) a successful inline result: one SET and one PUBLISH, no read.
+
+        The meta is Celery's own (``_get_result_meta``: status, result, traceback, children,
+        date_done, task_id), written by orjson when the results are plain JSON: Celery's encoder
+        (the standard library's, with kombu's type hooks) took 147-324 us for a 10-vector answer on
+        the worker's answer path (2-core AMD, idle vs loaded), orjson 50 us loaded, and any JSON
+        reader decodes the same object."""
+        self._set_with_state(self.get_key_for_task(task_id), self._inline_payload(task_id, result, request),
+                             states.SUCCESS)
+
+    def _inline_payload(self, task_id: str, result: Any, request: Any = None) -> Any:
+        """The stored bytes of a successful inline result (see ``store_inline``)."""
+        if self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result"):
+            meta = {"status": states.SUCCESS, "result": result, "traceback": None,
+                    "children": self.current_task_children(request),
+                    "date_done": self.app.now().isoformat(), "task_id": bytes_to_str(task_id)}
+            try:
+                return orjson.dumps(meta)
+            except TypeError:  # a value orjson does not know: Celery's encoder has kombu's hooks
+                pass
         meta = self._get_result_meta(result=result, state=states.SUCCESS, traceback=None, request=request)
         meta["task_id"] = bytes_to_str(task_id)
-        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), states.SUCCESS)
+        return self.encode(meta)
 
 
 def backend_url(url: str) -> str:

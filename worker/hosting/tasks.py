@@ -158,6 +158,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
         return done.model_dump(mode="json")
     engine = runtime.engine_for(job.model, job.kind)
+    started_at = time.time()
     clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
     values = image_cells(rows.values, job.shard.uri) if job.columns.image else rows.values
@@ -174,6 +175,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
     clock.lap("table")
     sinks.write_part(job.out, job.shard.index, table)
     clock.lap("write")
+    finished_at = time.time()
     report = ShardReport(
         index=job.shard.index,
         path=part_name(job.shard.index),
@@ -184,6 +186,8 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         deliveries=deliveries,
         device=runtime.device_of(engine),
         seconds=dict(clock.seconds),
+        started_at=started_at,
+        finished_at=finished_at,
     )
     sinks.write_marker(job.out, report)
     clock.lap("marker")

@@ -1,0 +1,99 @@
+"""Inline answers written without Celery's encoder (worker.hosting.results) and read without its
+decoder (producer.http.replies): the same meta Celery writes, read alike by Celery and the facade."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from producer.broker import make_app
+from producer.http.replies import RedisReplies
+from tests.conftest import RedisServer
+from worker.hosting.app import create_app
+
+ANSWER: dict[str, Any] = {"kind": "embed", "model": "m", "n_items": 2, "dims": 3, "data_b64": "AAAA" * 6,
+                          "n_tokens": [4, 5], "truncated": [False, True], "labels": [], "errors": {"1": "too long"}}
+
+
+def test_a_stored_inline_answer_is_celerys_meta_and_every_reader_gets_it(redis_server: RedisServer) -> None:
+    worker = create_app(redis_server.url)
+    backend = worker.backend
+    backend.store_inline("t-1", ANSWER)
+    stored = redis_server.client().get(backend.get_key_for_task("t-1"))
+    celery_way = backend._get_result_meta(result=ANSWER, state="SUCCESS", traceback=None, request=None)
+    celery_way["task_id"] = "t-1"
+    ours, theirs = json.loads(stored), json.loads(backend.encode(celery_way))
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if k != "date_done"} == {k: v for k, v in theirs.items() if k != "date_done"}
+    moment = dt.datetime.fromisoformat(ours["date_done"])
+    assert moment.tzinfo is not None and abs((moment - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 60
+    reader = make_app(redis_server.url)
+    assert reader.AsyncResult("t-1").get(timeout=5, disable_sync_subtasks=False) == ANSWER  # Celery's own reader (Client, other producers)
+    replies = RedisReplies(reader)
+    assert replies._decode(stored) == reader.backend.decode_result(stored)
+
+
+def test_a_stored_failure_reads_back_as_the_workers_exception(redis_server: RedisServer) -> None:
+    worker = create_app(redis_server.url)
+    worker.backend.mark_as_failure("t-2", ValueError("broken"))
+    stored = redis_server.client().get(worker.backend.get_key_for_task("t-2"))
+    reader = make_app(redis_server.url)
+    meta = RedisReplies(reader)._decode(stored)
+    assert meta["status"] == "FAILURE" and isinstance(meta["result"], Exception) and "broken" in str(meta["result"])
+
+
+def test_the_answer_writer_stores_every_answer_and_what_waits_in_one_round_trip(redis_server: RedisServer) -> None:
+    import threading
+
+    from worker.hosting.inline import AnswerWriter
+
+    backend = create_app(redis_server.url).backend
+    calls: list[int] = []
+    first_taken, release = threading.Event(), threading.Event()
+    real = backend.store_inlines
+
+    def gated(answers: list[tuple[str, Any]]) -> None:
+        calls.append(len(answers))
+        if len(calls) == 1:
+            first_taken.set()
+            release.wait(10)  # the first write is slow: the next answers queue behind it
+        real(answers)
+
+    backend.store_inlines = gated  # type: ignore[method-assign]
+    writer = AnswerWriter(backend)
+    writer.put("w-0", ANSWER)
+    assert first_taken.wait(10)
+    for i in range(1, 6):
+        writer.put(f"w-{i}", {**ANSWER, "n_tokens": [i, i]})
+    release.set()
+    assert writer.flush(10)
+    assert calls == [1, 5]
+    reader = make_app(redis_server.url)
+    for i in range(6):
+        got = reader.AsyncResult(f"w-{i}").get(timeout=5, disable_sync_subtasks=False)
+        assert got["n_tokens"] == ([4, 5] if i == 0 else [i, i])
+
+
+def test_an_answer_the_writer_cannot_store_does_not_stop_it(redis_server: RedisServer) -> None:
+    from worker.hosting.inline import AnswerWriter
+
+    backend = create_app(redis_server.url).backend
+    real = backend.store_inlines
+    failures = iter([ConnectionError("down")])
+
+    def flaky(answers: list[tuple[str, Any]]) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(answers)
+
+    backend.store_inlines = flaky  # type: ignore[method-assign]
+    writer = AnswerWriter(backend)
+    writer.put("lost", ANSWER)
+    assert writer.flush(10)  # failed: its caller times out (504), as before
+    writer.put("kept", ANSWER)
+    assert writer.flush(10)
+    client = redis_server.client()
+    assert client.get(backend.get_key_for_task("lost")) is None
+    assert make_app(redis_server.url).AsyncResult("kept").get(timeout=5, disable_sync_subtasks=False) == ANSWER
