@@ -73,7 +73,7 @@ CONTENDERS = [
     Contender("ef:torch:bfloat16", "embedfleet torch bf16"),
     Contender("ef:torch:bfloat16:compile", "embedfleet torch bf16 + torch.compile", (("EMBEDFLEET_TORCH_COMPILE", "1"),)),
     Contender("ef:onnx:float32", "embedfleet onnx fp32 (fused)"),
-    Contender("ef:onnx:int8", "embedfleet onnx int8"),
+    Contender("ef:onnx:int8", "embedfleet onnx int8, per-token activation scales"),
     Contender("ef:openvino:float32", "embedfleet openvino fp32"),
     Contender("ef:openvino:bfloat16:1stream", "embedfleet openvino bf16, 1 stream (LATENCY)",
               (("EMBEDFLEET_OPENVINO_STREAMS", "1"),)),
@@ -214,7 +214,7 @@ def _embed_ort_int8(path: Path) -> Callable[[list[str]], np.ndarray]:
     from worker.models.resolve import describe
 
     info = describe(str(path))
-    export = ensure_export(info, quantized=True)  # built outside the timed passes
+    export = ensure_export(info, quantized=True, scheme="dynamic")  # built outside the timed passes
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_threads()
     session = ort.InferenceSession(str(export / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -398,6 +398,7 @@ def prepare_exports(model: Path, chosen: list[Contender]) -> None:
 
     info = describe(str(model))
     ensure_export(info)
+    ensure_export(info, quantized=True, scheme="dynamic")
     ensure_export(info, quantized=True)
     try:
         from worker.backends.openvino import ensure_ir

@@ -1,5 +1,5 @@
 """The onnx backend: export with pooling agrees with torch, the cache is reused and invalidated,
-int8 is measurably lossy, and unsupported dtypes/devices fail with clear errors."""
+int8 keeps the quality rule where ORT's plain dynamic int8 does not, and unsupported dtypes/devices fail with clear errors."""
 
 from __future__ import annotations
 
@@ -68,21 +68,63 @@ def test_bundled_export_agrees_with_torch(bundled_model: Path) -> None:
     assert {"Attention", "SkipLayerNormalization"} <= ops
 
 
-def test_bundled_int8_is_quantized_and_measurably_lossy(bundled_model: Path) -> None:
-    """int8 is close to fp32 but under the 0.999 gate: the auto selection must be able to see that."""
-    info = describe(str(bundled_model))
-    batch = make_batch(info.path, TEXTS)
-    fp32 = load_backend("onnx", info, "cpu", "float32").backend.forward(batch)
-    int8 = load_backend("onnx", info, "cpu", "int8").backend
-    values = int8.forward(batch)
-    c = cosine(values, fp32)
-    assert 0.9 < c.min() < 0.99999
+def test_bundled_int8_is_per_token_and_of_equal_quality_where_dynamic_int8_is_not(bundled_model: Path) -> None:
+    """The backend's int8 (MatMulNBits, per-token activation scales) keeps the quality rule on real
+    prose; ONNX Runtime's plain dynamic int8 (one activation scale per batch) of the same graph
+    does not, and both really run int8 (neither equals fp32)."""
     import onnx
+    import onnxruntime as ort
 
-    ops = {node.op_type for node in onnx.load(str(int8.path / "model.onnx")).graph.node}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}
+    from worker.backends.quality import agreement, prose
+    from worker.backends.select import sorted_batches
+
+    info = describe(str(bundled_model))
+    texts = prose(240)
+    rows, batches, _ = sorted_batches(info, texts, 2048)
+
+    def embed(run) -> np.ndarray:  # type: ignore[no-untyped-def]
+        out = np.zeros((len(texts), 384), np.float32)
+        for index, batch in zip(rows, batches):
+            out[index] = run(batch)
+        return out
+
+    fp32 = embed(load_backend("onnx", info, "cpu", "float32").backend.forward)
+    int8 = load_backend("onnx", info, "cpu", "int8").backend
+    assert int8.path.name.endswith(f"-int8tok{onnx_backend.onnx_int8.BLOCK}")
+    graph = onnx.load(str(int8.path / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    constants = {init.name for init in graph.initializer}
+    assert len(nbits) == 18 and not any(n.op_type == "MatMul" and n.input[1] in constants for n in graph.node)
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    token = agreement(fp32, embed(int8.forward))
+    assert token.equal_quality and token.cos_min < 0.99999  # equal quality, and really int8
+
+    dynamic = ort.InferenceSession(str(onnx_backend.ensure_export(info, True, scheme="dynamic") / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    plain = agreement(fp32, embed(lambda b: dynamic.run(["output"], {
+        "input_ids": b.input_ids.astype(np.int64), "attention_mask": b.attention_mask.astype(np.int64),
+        "token_type_ids": b.token_type_ids.astype(np.int64)})[0]))
+    assert not plain.equal_quality and plain.recall < token.recall and plain.cos_min < token.cos_min
     # precise=True (the engine's recompute for non-finite rows) runs the fp32 graph
-    np.testing.assert_allclose(int8.forward(batch, precise=True), fp32, atol=1e-5)
+    np.testing.assert_allclose(int8.forward(batches[0], precise=True), fp32[rows[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [64, 50])
+def test_weights_are_int8_per_channel_and_block(k: int) -> None:
+    """Each (output channel, block of 32 along K) has its own scale: a column of large weights
+    does not coarsen the others; K that is no multiple of the block is zero-padded."""
+    from worker.backends.onnx_int8 import BLOCK, dequantize_weight, quantize_weight
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, 6)).astype(np.float32)
+    weight[:, 0] *= 1000.0  # one outlier channel
+    quantized, scales = quantize_weight(weight)
+    blocks = -(-k // BLOCK)
+    assert quantized.dtype == np.uint8 and quantized.shape == (6, blocks, BLOCK) and scales.shape == (6 * blocks,)
+    back = dequantize_weight(quantized, scales, k)
+    step = scales.reshape(6, blocks).repeat(BLOCK, axis=1)[:, :k].T
+    assert np.all(np.abs(back - weight) <= step / 2 + 1e-6)
+    assert np.abs(back[:, 1:] - weight[:, 1:]).max() < 0.05  # the outlier channel did not coarsen these
 
 
 @pytest.mark.parametrize("fixture,inputs", [
@@ -133,8 +175,11 @@ def test_export_cache_reused_and_invalidated(tiny_embed_model: Path, tmp_path: P
     batch = make_batch(model, TEXTS, new_info.max_length)
     reference = load_backend("torch", new_info, "cpu", "float32").backend.forward(batch)
     np.testing.assert_allclose(load_backend("onnx", new_info, "cpu", "float32").backend.forward(batch), reference, atol=2e-4)
-    # the int8 export sits beside it under its own key
-    assert onnx_backend.ensure_export(new_info, quantized=True).name == second.name + "-int8"
+    # the int8 exports sit beside it under their own keys (per-token, and ORT's plain dynamic one)
+    assert onnx_backend.ensure_export(new_info, quantized=True).name == second.name + "-int8tok32"
+    assert onnx_backend.ensure_export(new_info, True, scheme="dynamic").name == second.name + "-int8"
+    with pytest.raises(Exception, match="scheme"):
+        onnx_backend.export_dir(new_info, True, scheme="static")
 
 
 def test_engine_runs_on_the_onnx_backend(tiny_embed_model: Path) -> None:

@@ -73,8 +73,8 @@ def _embed(backend, info, texts: list[str]) -> np.ndarray:  # type: ignore[no-un
 
 
 def test_cpu_candidates_of_the_bundled_model_against_the_rule(bundled_model: Path) -> None:
-    """fp32 (ONNX) and bf16 are of equal quality; plain ORT int8 dynamic quantization is measured
-    and its verdict is whatever the numbers say, but it must be visibly lossier than bf16."""
+    """fp32 (ONNX) and bf16 are of equal quality; the onnx backend's int8 is measured and its
+    verdict is whatever the numbers say, but it must be visibly lossier than fp32."""
     info = describe(str(bundled_model))
     texts = prose(240)
     fp32 = _embed(load_backend("torch", info, "cpu", "float32").backend, info, texts)

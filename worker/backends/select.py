@@ -380,9 +380,11 @@ def cache_path() -> Path:
 
 def knobs() -> dict[str, object]:
     """The settings that change how fast a candidate runs (a change means measuring again)."""
+    from worker.backends.onnx import SCHEMES  # pure: onnxruntime itself is imported on use only
     from worker.backends.openvino import stream_count  # pure: OpenVINO itself is imported on use only
 
-    return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile}
+    return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile,
+            "onnx_int8": SCHEMES["token"]}
 
 
 def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int) -> str:
