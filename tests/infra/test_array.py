@@ -164,7 +164,11 @@ def test_rerun_restores_a_shard_lost_before_its_marker(array_job: dict[str, Any]
     np.testing.assert_allclose(np.asarray(part_after.column("embedding").to_pylist()),
                                np.asarray(part_before.column("embedding").to_pylist()), rtol=1e-5, atol=1e-6)
     manifest_after = json.loads(client.get_object(Bucket=BUCKET, Key=key(MANIFEST))["Body"].read())
-    assert manifest_after == manifest_before
+    # the times come from the markers, and shard 1's new marker holds the rerun's: only they move
+    times = ("started_at", "finished_at")
+    assert manifest_after["finished_at"] > manifest_before["finished_at"]
+    assert {k: v for k, v in manifest_after.items() if k not in times} == \
+        {k: v for k, v in manifest_before.items() if k not in times}
     assert key(SUCCESS) in after
 
 
