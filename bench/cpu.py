@@ -78,6 +78,7 @@ CONTENDERS = [
     Contender("ef:openvino:bfloat16:1stream", "embedfleet openvino bf16, 1 stream (LATENCY)",
               (("EMBEDFLEET_OPENVINO_STREAMS", "1"),)),
     Contender("ef:openvino:bfloat16", "embedfleet openvino bf16 (default streams)"),
+    Contender("ef:openvino:int8", "embedfleet openvino int8 weights, per-token activations (VNNI/AMX)"),
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"
@@ -402,9 +403,12 @@ def prepare_exports(model: Path, chosen: list[Contender]) -> None:
     ensure_export(info, quantized=True)
     try:
         from worker.backends.openvino import ensure_ir
+        from worker.backends.openvino_int8 import int8_native
     except ImportError:
         return
     ensure_ir(info)
+    if int8_native():
+        ensure_ir(info, int8=True)
 
 
 def machine() -> str:

@@ -16,8 +16,15 @@ export is), so concurrent workers never read half of one.
 ``dtype``: ``float32`` runs in fp32 (``INFERENCE_PRECISION_HINT=f32``: left alone, the CPU
 plugin silently runs bf16 on CPUs with bf16 units, and the dtype asked for is the dtype used);
 ``bfloat16`` runs the plugin's bf16 precision (where the CPU has bf16 units: AVX-512-BF16 or
-AMX; elsewhere refused rather than emulated). Anything else is refused by name. ``device``:
-``cpu`` (or ``auto``).
+AMX; elsewhere refused rather than emulated); ``int8`` runs an IR whose MatMul weights are int8
+per output channel with activations quantized per token at run time
+(``worker.backends.openvino_int8``; the other ops in bf16 where the CPU has bf16 units, else
+fp32), where the CPU has int8 dot products (VNNI or AMX; elsewhere refused: the plugin would
+decompress the weights to fp32). Anything else is refused by name. ``device``: ``cpu`` (or
+``auto``).
+
+The int8 IR is cached beside the fp32 one, its folder name ending in ``-i8ch`` (the weight
+scheme), built from the fp32 IR.
 
 ``streams``: how many batches run at once. One stream runs one batch on every core
 (``PERFORMANCE_HINT=LATENCY``); ``n`` streams (``THROUGHPUT``) run ``n`` batches side by side on
@@ -44,28 +51,44 @@ import numpy as np
 
 from producer.errors import BadInput
 from producer.settings import cache_dir, settings
+from worker.backends import openvino_int8
 from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
 from worker.backends.onnx import INPUT_NAMES, publish, with_head
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 
-#: The CPU plugin's precision for each dtype this backend runs.
+#: The CPU plugin's precision for each dtype this backend runs (int8: see ``_precision``).
 PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 #: Attention as exported (part of the cache key): transformers' SDPA, which the converter fuses.
 ATTENTION = "sdpa"
 
 
 def normalize_dtype(dtype: str) -> str:
-    """``--dtype`` to what this backend runs; bf16 only where the CPU has bf16 units."""
+    """``--dtype`` to what this backend runs; bf16 only where the CPU has bf16 units, int8 only
+    where it has int8 dot products."""
+    from worker.backends.openvino_int8 import int8_native
     from worker.backends.torch_cpu import bf16_native
 
-    name = canonical_dtype(dtype, ("float32", "bfloat16"), backend="openvino")
+    name = canonical_dtype(dtype, ("float32", "bfloat16", "int8"), backend="openvino")
     name = "float32" if name == "auto" else name
     if name == "bfloat16" and not bf16_native():
         raise BadInput("dtype 'bfloat16' on the openvino backend needs a CPU with bf16 units (AVX-512-BF16 or AMX); "
                        "this one has neither: use float32", param="dtype")
+    if name == "int8" and not int8_native():
+        raise BadInput("dtype 'int8' on the openvino backend needs a CPU with int8 dot products (AVX-512-VNNI, "
+                       "AVX-VNNI or AMX); without them OpenVINO decompresses int8 weights to fp32: use float32, "
+                       "or --backend onnx --dtype int8", param="dtype")
     return name
+
+
+def _precision(dtype: str) -> str:
+    """The plugin's precision hint: int8 runs its non-int8 ops in bf16 where the CPU has bf16 units."""
+    from worker.backends.torch_cpu import bf16_native
+
+    if dtype == "int8":
+        return "bf16" if bf16_native() else "f32"
+    return PRECISION[dtype]
 
 
 def stream_count(streams: int | None = None) -> int:
@@ -77,12 +100,14 @@ def stream_count(streams: int | None = None) -> int:
     return wanted or min(2, cpu_threads())
 
 
-def ir_dir(info: ModelInfo) -> Path:
-    """The cache folder of one conversion: model revision, OpenVINO release, attention."""
+def ir_dir(info: ModelInfo, int8: bool = False) -> Path:
+    """The cache folder of one conversion: model revision, OpenVINO release, attention, and the
+    int8 weight scheme for the int8 IR."""
     if not info.revision:
         raise BadInput(f"model {info.name!r} has no revision fingerprint, so its conversion cannot be cached")
     release = ".".join(metadata.version("openvino").split(".")[:2])
-    return cache_dir("openvino") / f"{info.revision}-ov{release}-{ATTENTION}"
+    suffix = f"-{openvino_int8.WEIGHT_SCHEME}" if int8 else ""
+    return cache_dir("openvino") / f"{info.revision}-ov{release}-{ATTENTION}{suffix}"
 
 
 def _convert(info: ModelInfo, dest: Path) -> None:
@@ -108,16 +133,33 @@ def _convert(info: ModelInfo, dest: Path) -> None:
     }))
 
 
-def ensure_ir(info: ModelInfo) -> Path:
-    """The cached IR folder for ``info`` (converted on first use); holds model.xml/.bin, export.json."""
-    dest = ir_dir(info)
+def _quantize(src: Path, dest: Path) -> None:
+    """The fp32 IR in ``src`` with its MatMul weights int8 per channel, to ``dest`` (``openvino_int8``)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src / "model.xml"))
+    replaced = openvino_int8.compress_weights(model)
+    ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
+    export = json.loads((src / "export.json").read_text())
+    (dest / "export.json").write_text(json.dumps({
+        **export, "quantization": f"int8 weights per output channel ({replaced} MatMuls), activations per "
+                                  f"token in groups of {openvino_int8.ACTIVATION_GROUP} at run time"}))
+
+
+def ensure_ir(info: ModelInfo, int8: bool = False) -> Path:
+    """The cached IR folder for ``info`` (converted on first use; ``int8``: the int8-weight IR, made
+    from the fp32 one); holds model.xml/.bin, export.json."""
+    dest = ir_dir(info, int8)
     if (dest / "model.xml").is_file():
         return dest
+    if int8:
+        fp32 = ensure_ir(info)
+        return publish(lambda tmp: _quantize(fp32, tmp), dest, marker="model.xml")
     return publish(lambda tmp: _convert(info, tmp), dest, marker="model.xml")
 
 
 class OpenVinoBackend(Backend):
-    """A converted model compiled by OpenVINO's CPU plugin in fp32 or bf16."""
+    """A converted model compiled by OpenVINO's CPU plugin in fp32, bf16 or int8."""
 
     name = "openvino"
     unpadded = False
@@ -139,7 +181,7 @@ class OpenVinoBackend(Backend):
         self.mode = f"streams{self.streams}"
         # The same tokens per core as one stream's 2048 on two cores: each stream runs on its share.
         self.preferred_batch_tokens = max(512, 2048 // self.streams)
-        self.path = ensure_ir(info)
+        self.path = ensure_ir(info, int8=self.dtype == "int8")
         self._core = ov.Core()
         self._model = self._core.read_model(str(self.path / "model.xml"))
         self._input_names = [port.get_any_name() for port in self._model.inputs]
@@ -150,10 +192,15 @@ class OpenVinoBackend(Backend):
 
     def _compile(self, dtype: str, streams: int) -> "queue.Queue[Any]":
         """The model compiled for ``dtype`` with ``streams`` streams: a queue of that many free infer requests."""
-        config = {"INFERENCE_PRECISION_HINT": PRECISION[dtype],
-                  "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
-                  "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
-        compiled = self._core.compile_model(self._model, "CPU", config)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _precision(dtype),
+                                  "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+                                  "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
+        model = self._model
+        if dtype == "int8":  # per-token activation scales; 0 would leave activations in fp32/bf16
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = openvino_int8.ACTIVATION_GROUP
+        elif self.dtype == "int8":  # the precise path of an int8 backend: the fp32 IR
+            model = self._core.read_model(str(ensure_ir(self.info) / "model.xml"))
+        compiled = self._core.compile_model(model, "CPU", config)
         free: queue.Queue[Any] = queue.Queue()
         for _ in range(streams):
             free.put(compiled.create_infer_request())
@@ -161,7 +208,7 @@ class OpenVinoBackend(Backend):
 
     def launch(self, batch: Batch, precise: bool = False) -> Callable[[], np.ndarray]:
         """Start the batch on a free infer request (waiting for one); the function returned waits
-        for its pooled vectors or logits (float32). ``precise`` on bf16 runs the batch in fp32."""
+        for its pooled vectors or logits (float32). ``precise`` on bf16 or int8 runs the batch in fp32."""
         free = self._free
         if precise and self.dtype != "float32":
             if self._precise is None:
@@ -189,7 +236,7 @@ class OpenVinoBackend(Backend):
         return wait
 
     def forward(self, batch: Batch, precise: bool = False) -> np.ndarray:
-        """Pooled vectors or logits, float32; ``precise`` on bf16 reruns the batch in fp32."""
+        """Pooled vectors or logits, float32; ``precise`` on bf16 or int8 reruns the batch in fp32."""
         return self.launch(batch, precise)()
 
     def close(self) -> None:
