@@ -79,6 +79,8 @@ CONTENDERS = [
               (("EMBEDFLEET_OPENVINO_STREAMS", "1"),)),
     Contender("ef:openvino:bfloat16", "embedfleet openvino bf16 (default streams)"),
     Contender("ef:openvino:int8", "embedfleet openvino int8 weights, per-token activations (VNNI/AMX)"),
+    Contender("ef:openvino:int8:1stream", "embedfleet openvino int8, 1 stream (LATENCY)",
+              (("EMBEDFLEET_OPENVINO_STREAMS", "1"),)),
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"

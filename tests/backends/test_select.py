@@ -202,7 +202,13 @@ def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monke
 
     monkeypatch.setitem(onnx_backend.SCHEMES, "token", "-int8tok128")  # another int8 scheme: measured again
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
-    assert len(keys) == 4
+    from worker.backends import openvino_int8
+
+    monkeypatch.setattr(openvino_int8, "ACTIVATION_GROUP", 128)  # OpenVINO's int8: another activation group
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1.3)  # another timing rule
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    assert len(keys) == 6
 
 
 def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:
@@ -230,3 +236,93 @@ def test_a_dtype_asked_for_runs_even_under_the_gate(tiny_embed_model: Path, monk
     assert "UNDER the quality gate" in asked.reason and "--dtype int8 was asked" in asked.reason
     free = select_backend(info, "cpu", "auto", n_texts=8, passes=1, loader=loader)
     assert free.chosen == Candidate("torch", "float32") and "below the quality gate" in free.table
+
+
+class Replay(Backend):
+    """Exact outputs (torch fp32's, computed ahead) after a fixed sleep per batch, plus a burst of
+    outside load: in pass p, batch p of the sample takes ``burst`` seconds more."""
+
+    def __init__(self, inner, per_batch: float, burst: float, name: str) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.per_batch, self.burst = inner, per_batch, burst
+        self.name, self.device, self.dtype = name, "cpu", "float32"
+        self.unpadded, self.preferred_batch_tokens = False, 64
+        self.calls = 0
+        self.batches_per_pass = 0
+
+    def forward(self, batch, precise: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
+        out = self.inner.forward(batch, precise)
+        self.calls += 1
+        if self.batches_per_pass:
+            timed = self.calls - 2  # after the two warm-up batches
+            pass_, index = divmod(timed - 1, self.batches_per_pass)
+            time.sleep(self.per_batch + (self.burst if 0 <= pass_ == index else 0.0))
+        return out
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_burst_of_outside_load_does_not_decide_the_choice(tiny_embed_model: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch counts at its fastest pass: a candidate hit by a burst in one batch of every
+    pass (as on a shared machine) still beats a steadily slower one (0.01 s a batch against 0.02);
+    timed by whole passes, each pass's burst (0.02 s x batches) would have made the slower one win."""
+    info = describe(str(tiny_embed_model))
+    options = [Candidate("torch", "float32"), Candidate("bursty", "float32"), Candidate("steady", "float32")]
+    monkeypatch.setattr(autoselect, "candidates", lambda device, dtype: options)
+    monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1.0)  # no runoff: the timing rule alone decides
+    made: dict[str, Replay] = {}
+
+    def loader(name: str, info_, device: str, dtype: str):  # type: ignore[no-untyped-def]
+        inner = load_backend("torch", info_, device, "float32").backend
+        if name == "torch":
+            return inner
+        made[name] = Replay(inner, 0.01 if name == "bursty" else 0.02, 0.1 if name == "bursty" else 0.0, name)
+        return made[name]
+
+    real_init = autoselect._Run.__init__
+
+    def counting_init(run, backend, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(run, backend, *args, **kwargs)
+        if isinstance(backend, Replay):
+            backend.batches_per_pass = len(run.batches)
+            if backend.burst:  # a whole pass of the bursty one: 0.01 n + 0.02 n, more than the steady 0.02 n
+                backend.burst = 0.02 * len(run.batches)
+
+    monkeypatch.setattr(autoselect._Run, "__init__", counting_init)
+    selection = select_backend(info, "cpu", "auto", n_texts=16, passes=4, loader=loader)
+    assert made["bursty"].batches_per_pass >= 4  # every pass had a burst in one of its batches
+    trials = {str(t.candidate): t for t in selection.trials}
+    assert trials["bursty/float32"].passed and trials["steady/float32"].passed
+    assert trials["bursty/float32"].tokens_per_s > trials["steady/float32"].tokens_per_s
+    assert selection.chosen in (Candidate("bursty", "float32"), Candidate("torch", "float32"))
+
+
+def test_close_candidates_get_a_runoff(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two eligible candidates within the margin get more passes, the two alone; one clearly
+    ahead, or one under the gate, gets none."""
+    info = describe(str(tiny_embed_model))
+    options = [Candidate("torch", "float32"), Candidate("garbage", "float32")]
+    monkeypatch.setattr(autoselect, "candidates", lambda device, dtype: options)
+    passes: list[str] = []
+    real_pass = autoselect._Run.timed_pass
+
+    def counted(run) -> None:  # type: ignore[no-untyped-def]
+        passes.append(run.backend.name)
+        real_pass(run)
+
+    monkeypatch.setattr(autoselect._Run, "timed_pass", counted)
+
+    def loader(name: str, info_, device: str, dtype: str):  # type: ignore[no-untyped-def]
+        return FastButWrong(info.dims) if name == "garbage" else load_backend(name, info_, device, dtype).backend
+
+    select_backend(info, "cpu", "auto", n_texts=8, passes=2, loader=loader)
+    assert passes.count("torch") == 2  # only torch passes the gate: nothing to run off
+    passes.clear()
+    options[1] = Candidate("onnx", "float32") if importlib.util.find_spec("onnxruntime") else Candidate("torch", "bfloat16")
+    monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1e9)  # every pair is close
+    select_backend(info, "cpu", "auto", n_texts=8, passes=2, loader=lambda n, i, d, t: load_backend(n, i, d, t).backend)
+    assert len(passes) == 2 * 2 + 2 * 2 * 2  # 2 passes each, then 4 more each for the two
