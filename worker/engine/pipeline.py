@@ -8,6 +8,9 @@
   chunk (it spreads over the cores outside the GIL, so this overlaps with the device). A GPU
   engine on enough cores hands its chunks to tokenizer processes instead
   (``worker.engine.tokenizing``), so the tokenizer's per-text Python work leaves this process.
+  Small calls (at most one chunk of texts) that arrive while the tokenize threads are busy wait
+  together and go through one tokenizer call and one hand-over to the scheduler (no delay at low
+  load: the first finds a thread free); each keeps its own block, options and group.
 * The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
   tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
@@ -52,7 +55,7 @@ from worker.engine import memory
 from worker.engine.images import ImageLane
 from worker.engine import packing
 from worker.engine.tokenizing import PROCESS_CHUNK, TokenizerProcesses, default_processes
-from worker.engine.scheduler import Picked, Scheduler
+from worker.engine.scheduler import Incoming, Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
 from worker.models.resolve import ModelInfo
@@ -204,6 +207,11 @@ class Engine:
                                    shared_batch_tokens=None if backend.asynchronous else max(1, budget // 2))
         self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
+        # Small calls waiting to be tokenized together (``_tokenize_small``), and whether a task
+        # that will take them is queued on the pool.
+        self._small: list[tuple[_Request, list[tuple[int, Any]]]] = []
+        self._small_lock = threading.Lock()
+        self._small_queued = False
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[Picked, Batch] | None] = queue.Queue(maxsize=2)
         # Batches formed but not yet launched. An asynchronous backend (CUDA) gets up to four
@@ -325,6 +333,9 @@ class Engine:
         if not request.remaining:
             self._finish(request)
             return request.future
+        if texts and len(texts) <= self.tokenize_chunk:
+            self._queue_small(request, texts)
+            texts = []
         for group, as_ids in ((texts, False), (given, True)):
             for start in range(0, len(group), self.tokenize_chunk):
                 chunk = group[start : start + self.tokenize_chunk]
@@ -490,25 +501,100 @@ class Engine:
             log.exception("tokenization failed")
             self._fail_request(request, exc)
             return
-        lengths = tokens.lengths
+        rows = self._admit(request, index, tokens.lengths, tokens.truncated)
+        if rows.size:
+            self._schedule([Incoming(tokens.lengths[rows], _Block(request, index, tokens), rows, request.urgent,
+                                     request.group, None if math.isinf(request.deadline) else request.deadline)])
+
+    def _queue_small(self, request: _Request, texts: list[tuple[int, Any]]) -> None:
+        """Tokenize a small call's texts together with the other small calls waiting.
+
+        Adaptive, with no delay: the first call finds no task queued and queues one, which a free
+        pool thread starts at once; calls arriving while every pool thread is busy wait for that
+        task and go in its one tokenizer call. Under load many single-text calls become one call
+        to the Rust tokenizer and one hand-over to the thread forming batches, instead of one of
+        each per call (measured with bench/engine_cycle.py: each took its own thread wake-ups,
+        a tokenizer call and a scheduler wake-up)."""
+        with self._small_lock:
+            self._small.append((request, texts))
+            if self._small_queued:
+                return
+            self._small_queued = True
+        self._tokenize_pool.submit(self._tokenize_small)
+
+    def _take_small(self) -> list[tuple[_Request, list[tuple[int, Any]]]]:
+        """The small calls waiting, up to one chunk of texts (at least one call); a task for the
+        rest is queued."""
+        with self._small_lock:
+            taken = count = 0
+            for taken, (_, texts) in enumerate(self._small, 1):
+                count += len(texts)
+                if count >= self.tokenize_chunk:
+                    break
+            pending, self._small = self._small[:taken], self._small[taken:]
+            self._small_queued = again = bool(self._small)
+        if again:
+            self._tokenize_pool.submit(self._tokenize_small)
+        return pending
+
+    def _tokenize_small(self) -> None:
+        """The waiting small calls' texts in one tokenizer call, into the scheduler at once.
+
+        The calls' rows share one ``Tokens`` and one index (each call's block names its own rows),
+        so nothing is copied apart. Options never mix: each call keeps its own block, request and
+        group (prompts were applied to its texts before, truncation is judged per call here)."""
+        wanted = []
+        for request, texts in self._take_small():
+            if request.unwanted():
+                self._drop(request, len(texts))
+            else:
+                wanted.append((request, texts))
+        if not wanted:
+            return
+        values = [value for _, texts in wanted for _, value in texts]
+        tokenizer: Any = self.tokenizer_processes or self.tokenizer
+        try:
+            tokens = tokenizer.encode_tokens(values)
+        except Exception:  # each call alone: a tokenizer failure is one call's, not its neighbours'
+            for request, texts in wanted:
+                self._tokenize(request, texts, False)
+            return
+        index = np.fromiter((i for _, texts in wanted for i, _ in texts), dtype=np.int64, count=len(values))
+        lengths, truncated = tokens.lengths, tokens.truncated
+        blocks, start = [], 0
+        for request, texts in wanted:
+            part = slice(start, start + len(texts))
+            rows = self._admit(request, index[part], lengths[part], truncated[part]) + start
+            start = part.stop
+            if rows.size:
+                blocks.append(Incoming(lengths[rows], _Block(request, index, tokens), rows, request.urgent,
+                                       request.group, None if math.isinf(request.deadline) else request.deadline))
+        self._schedule(blocks)
+
+    def _admit(self, request: _Request, index: np.ndarray, lengths: np.ndarray, truncated: np.ndarray) -> np.ndarray:
+        """Record the token counts of a request's tokenized inputs (``index``); the positions (into
+        these arrays) of those that run. Cut inputs fail here unless the request allows truncation."""
         request.n_tokens[index] = lengths
-        request.truncated[index] = tokens.truncated
-        keep = np.ones(len(index), dtype=bool) if request.options.truncate else ~tokens.truncated
-        rejected = np.flatnonzero(~keep)
-        if rejected.size:
-            reason = f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
-            with request.lock:
-                for i in index[rejected].tolist():
-                    request.errors[i] = reason
-            self._complete(request, int(rejected.size))
-        if rejected.size < len(index):
-            rows = np.flatnonzero(keep)
-            try:
-                self.scheduler.add(lengths[rows], _Block(request, index, tokens), rows=rows, urgent=request.urgent,
-                                   group=request.group,
-                                   deadline=None if math.isinf(request.deadline) else request.deadline)
-            except EngineStopped as exc:
-                self._fail_request(request, exc)
+        request.truncated[index] = truncated
+        if request.options.truncate or not truncated.any():
+            return np.arange(index.shape[0], dtype=np.int64)
+        rejected = np.flatnonzero(truncated)
+        reason = f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
+        with request.lock:
+            for i in index[rejected].tolist():
+                request.errors[i] = reason
+        self._complete(request, int(rejected.size))
+        return np.flatnonzero(~truncated)
+
+    def _schedule(self, blocks: list[Incoming]) -> None:
+        """Blocks into the scheduler in one step; their requests fail if the engine is stopping."""
+        if not blocks:
+            return
+        try:
+            self.scheduler.add_many(blocks)
+        except EngineStopped as exc:
+            for block in blocks:
+                self._fail_request(block.owner.request, exc)
 
     def _dropped(self, block: _Block, rows: np.ndarray) -> None:
         """The scheduler dropped these rows of a block (deadline passed, or the caller cancelled)."""
