@@ -280,9 +280,10 @@ def serve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = None if args.model == "bundled" else str(tiny_model(Path(tmp) / "tiny"))
         info = describe(path)
-        backend: Any = TorchBackend(info, device="cpu", dtype="float32")
-        torch.set_num_threads(args.torch_threads)  # the forward is not what is measured: no OpenMP spinning
-        if args.asynchronous:
+        backend: Any = TorchBackend(info, device=args.device, dtype=args.dtype)
+        if args.device == "cpu":
+            torch.set_num_threads(args.torch_threads)  # the forward is not what is measured: no OpenMP spinning
+        if args.asynchronous and args.device == "cpu":
             backend = DeviceTime(backend, args.device_ms)
         engine = Engine(info, backend, max_batch_tokens=args.max_batch_tokens)
         stamps: dict[int, dict[str, float]] = {}
@@ -290,6 +291,8 @@ def serve(args: argparse.Namespace) -> None:
         profiles = profile_threads() if args.profile else []
         engine.start()
         try:
+            if backend.asynchronous and args.device != "cpu":
+                engine.warm_up()
             engine.run(["warm up"] * 64, timeout=60)
             for passes in range(args.passes):
                 for clients in args.clients:
@@ -311,11 +314,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the real asynchronous path (no --device-ms)")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--asynchronous", action="store_true", help="the engine's CUDA-like path")
     parser.add_argument("--device-ms", type=float, default=0.0, help="device time per batch (with --asynchronous)")
     parser.add_argument("--profile", help="write the engine threads' merged cProfile (top 40, own time) here")
-    parser.add_argument("--against", help="a commit: the same measurement on a worktree of it, run after this one")
+    parser.add_argument("--against", help="a commit (measured on a worktree of it) or a checkout's folder (as it "
+                        "is, no git needed): the same measurement there, run after this one")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -328,7 +334,9 @@ def run_all(args: argparse.Namespace) -> None:
     forwarded = _without(sys.argv[1:], "--against")
     trees = [("this tree", REPO)]
     worktree = None
-    if args.against:
+    if args.against and Path(args.against).is_dir():
+        trees.append((args.against, Path(args.against).resolve()))
+    elif args.against:
         worktree = Path(tempfile.mkdtemp(prefix="cycle-")) / "old"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.against],
                        check=True, capture_output=True)
@@ -338,7 +346,8 @@ def run_all(args: argparse.Namespace) -> None:
         rows: list[tuple[str, dict[str, Any]]] = []
         for label, tree in trees:
             out = subprocess.run([sys.executable, str(REPO / "bench" / "engine_cycle.py"), *forwarded, "--serve"],
-                                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
+                                 cwd=tree, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                     [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}, capture_output=True,
                                  text=True, timeout=600)
             if out.returncode:
                 print(out.stderr[-3000:])
