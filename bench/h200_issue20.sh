@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 20's H200 call (bench/RESULTS-facade.md): the engine's cycle for small calls, then the thin
-# facade under load, this tree against the checkout one folder up (main, as `run` lays it out with
-# this tree copied to .wt20) in the same call. Each step has its own timeout, sized for a cold machine.
-# Run from the main checkout's root: bash .wt20/bench/h200_issue20.sh (with .gpu carried).
+# facade under load, this tree against another checkout (the previous commit's tree) in the same
+# call. Each step has its own timeout, sized for a cold machine. Run from the main checkout's root,
+# with this tree and the other carried beside .gpu: bash .wt20/bench/h200_issue20.sh .wt20prev
 set -o pipefail
-ROOT=$(pwd)
 source .gpu/env.sh || exit 1
+ROOT=$(cd "${1:?the other checkout}" && pwd)
 cd "$(dirname "$0")/.."
 export EMBEDFLEET_CACHE=/tmp/efcache
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
