@@ -10,12 +10,12 @@ cd "$(dirname "$0")/.."
 export EMBEDFLEET_CACHE=/tmp/efcache
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
 echo "== 1 engine cycle (bundled MiniLM fp16, this tree then $ROOT)"; date -u +%T
-timeout 80 taskset -c 0-11 python3 -m bench.engine_cycle --model bundled --device cuda --dtype float16 \
-  --clients 1,96 --seconds 2 --warmup 0.5 --passes 2 --against "$ROOT" > "$OUT/cycle.log" 2>&1; echo rc=$?
+timeout 70 taskset -c 0-11 python3 -m bench.engine_cycle --model bundled --device cuda --dtype float16 \
+  --clients 1,96 --seconds 1.5 --warmup 0.5 --passes 2 --against "$ROOT" > "$OUT/cycle.log" 2>&1; echo rc=$?
 tail -12 "$OUT/cycle.log"
 echo "== 2 facade load (thin, 4 facade processes; engine and thin of both trees)"; date -u +%T
-timeout 170 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
-  --contender "$ROOT" --contender-paths engine,thin --clients 96 --batch-clients 32 --seconds 2.5 --warmup 1 \
+timeout 140 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
+  --contender "$ROOT" --contender-paths engine,thin --clients 96 --batch-clients 32 --seconds 2 --warmup 1 \
   --passes 2 --facade-processes 4 --gen-procs 3 --gen-cpus 12-15 --out "$OUT/facade.md" > "$OUT/facade.log" 2>&1
 echo rc=$?; tail -45 "$OUT/facade.log"
 date -u +%T
