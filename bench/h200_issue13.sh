@@ -3,7 +3,8 @@
 # cold machine (its second call printed nothing within 66 s: two workers and a bare engine starting). Run from
 # anywhere, .gpu carried: bash bench/h200_issue13.sh PREV, where PREV is a checkout of the commit to compare against
 # (e.g. `git archive <main before issue-13-s26> | tar -x -C .wtprev`, carried too). Steps, most wanted first:
-#   1. the GPU test that a packed launch does not synchronize (CLS and mean pooling), with the kernel variants;
+#   1. the GPU tests that a packed launch does not synchronize (CLS and mean pooling; bge-m3 three outputs), with the
+#      kernel variants;
 #   2. bulk MiniLM 100k through Redis + Parquet against PREV in the same rounds, plus a 1 ms switch interval variant;
 #   3. bulk, BERT-large architecture (CLS pooling: the sync never applied there), 30k texts, against PREV;
 #   4. short texts, MiniLM, against PREV (mean pooling: the sync applied to every batch);
@@ -19,7 +20,8 @@ source .gpu/env.sh || exit 1
 export PYTHONPATH=/tmp/site:$ROOT/.gpu/shim:$ROOT EMBEDFLEET_CACHE=/tmp/efcache
 date -u; git log -1 --format=%h 2>/dev/null; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 echo "== 1 GPU test: launches queue without a device sync"; date -u +%T
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_paths.py -k "launch_queues or kernel_variants" 2>&1 | tail -4
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_paths.py tests/backends/test_gpu_outputs.py \
+  -k "launch_queues or kernel_variants" 2>&1 | tail -4
 echo "== 2 bulk MiniLM 100k: this vs $PREV, + si1"; date -u +%T
 timeout 240 python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
   --variant "prev@$PREV" --variant si1:EMBEDFLEET_SWITCH_INTERVAL=0.001 --out $OUT/bulk.md > $OUT/bulk.log 2>&1
