@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,21 +79,6 @@ def default_tokenize_chunk() -> int:
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
     return min(MAX_TOKENIZE_CHUNK, TOKENIZE_CHUNK * max(1, cores))
-
-
-def use_switch_interval() -> None:
-    """Set the interpreter's switch interval when ``EMBEDFLEET_SWITCH_INTERVAL`` says so.
-
-    Why it may matter: the device, preparer and post-processing threads each give up the GIL
-    while they wait (for the device, for a batch) and need it back at once to launch or form the
-    next batch. With another thread running Python meanwhile (a bulk job's shard tasks read,
-    tokenize and write in the same process), Python hands the GIL over only after the switch
-    interval, 5 ms by default. Not measured on a GPU yet (issue 13): the setting exists so that
-    ``bench.bulk`` can be run with and without it; the default leaves Python's. Process-wide.
-    """
-    chosen = settings().switch_interval
-    if chosen is not None:
-        sys.setswitchinterval(chosen)
 
 
 @dataclass
@@ -175,6 +159,7 @@ class Engine:
         post_workers: int = 1,
         tokenize_chunk: int | None = None,
         tokenize_processes: int | None = None,
+        batches_in_flight: int | None = None,
     ) -> None:
         self.info = info
         self.backend = backend
@@ -222,8 +207,11 @@ class Engine:
         # of waiting behind batches formed earlier (each can take most of a second on few cores).
         self._formed = threading.Semaphore(4 if backend.asynchronous else 1)
         self._stop = threading.Event()
-        # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
-        self._in_flight = threading.Semaphore(2)
+        # Batches launched but not yet copied back: two keep the GPU busy across the boundary
+        # when the host threads get the GIL at once; more give slack against waits for it
+        # (``EMBEDFLEET_BATCHES_IN_FLIGHT``; on one stream, activations are not held per batch).
+        self.batches_in_flight = batches_in_flight or settings().batches_in_flight
+        self._in_flight = threading.Semaphore(self.batches_in_flight)
         self._launched = 0  # batches launched and not yet copied back
         self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
@@ -239,9 +227,10 @@ class Engine:
             self._preprocess = Preprocessor(info.path)
             self.images = ImageLane(backend, self._deliver_images, self._fail_indices)
         #: counters; ``busy_ms``: time with a batch on the device (from a launch, or the previous
-        #: batch's return, to its results' return): over a job's wall time, how well the host fed it
+        #: batch's return, to its results' return): over a job's wall time, how well the host fed it;
+        #: ``launch_ms`` / ``launch_cpu_ms``: the device thread's wall / CPU time in launches
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0,
-                      "dropped": 0, "busy_ms": 0.0}
+                      "dropped": 0, "busy_ms": 0.0, "launch_ms": 0.0, "launch_cpu_ms": 0.0}
 
     @property
     def max_batch_tokens(self) -> int:
@@ -249,7 +238,6 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
-        use_switch_interval()
         for target, name in ((self._prepare_loop, "ef-prepare"), (self._device_loop, "ef-device")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -646,7 +634,7 @@ class Engine:
         requests arriving while the device runs join it instead of queueing as small batches,
         each paying the launch's fixed CPU cost (on a GPU, concurrent single-text calls otherwise
         became batches of a few items). Full batches are formed ahead as before."""
-        return self._ready.qsize() == 0 and self._launched < 2
+        return self._ready.qsize() == 0 and self._launched < self.batches_in_flight
 
     def _launch_count(self, change: int) -> None:
         with self._launched_lock:
@@ -683,12 +671,13 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
-        launched = time.perf_counter()
+        launched, cpu = time.perf_counter(), time.thread_time()
         requests = {block.request for block in slots.owners}
         wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
             wait: Callable[[], Any] = self.backend.launch(batch) if wanted == DENSE_ONLY \
                 else self.backend.launch_outputs(batch, wanted)
+            self._count_launch(launched, cpu)
         except Exception as exc:
             self._in_flight.release()
             if self.backend.is_out_of_memory(exc):
@@ -720,6 +709,15 @@ class Engine:
             return
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
+
+    def _count_launch(self, launched: float, cpu: float) -> None:
+        """Add the launch's wall time (``launch_ms``) and this thread's CPU time in it
+        (``launch_cpu_ms``). Why both: on a GPU the launch is Python (one call per kernel), so
+        wall time well above CPU time means the device thread waited, for the GIL or a blocking
+        CUDA call, while the device may have run dry (issue 13: bulk batches ran slower in a
+        worker than in the bare engine)."""
+        self.stats["launch_ms"] += 1000 * (time.perf_counter() - launched)
+        self.stats["launch_cpu_ms"] += 1000 * (time.thread_time() - cpu)
 
     def _count_busy(self, launched: float) -> None:
         """Add this batch's device time to ``busy_ms``: batches return in launch order (one
