@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 
 from producer.settings import passive_openmp
+from tests.schedule import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401  (longest first)
 
 passive_openmp()  # as the `embedfleet` CLI does, before any test imports torch (shared cores: no spinning)
 
