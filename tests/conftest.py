@@ -78,6 +78,16 @@ def _save(model, dest: Path, st_pooling: str | None = None, normalize: bool = Fa
     return dest
 
 
+def export_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache root (``EMBEDFLEET_CACHE``) the backend tests share: one per test run, common to
+    every xdist process, so the bundled model is exported to ONNX and converted to OpenVINO IR
+    once a run rather than once a process (seconds of CPU each). Exports are published by an
+    atomic rename, first writer wins (``worker.backends.onnx.publish``), as for workers sharing
+    a cache; never the user's own cache."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ef-cache"
+
+
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
     return bundled_path()
