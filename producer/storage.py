@@ -8,10 +8,12 @@ are idempotent.
 
 from __future__ import annotations
 
-import functools
+import collections
 import contextlib
+import functools
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -202,9 +204,31 @@ def read_table(loc: Location) -> pa.Table:
     return pq.read_table(loc.path, filesystem=loc.fs)
 
 
+#: The last job specs read, by location: the file's bytes and the spec validated from them.
+_JOB_SPECS: "collections.OrderedDict[str, tuple[bytes, JobSpec]]" = collections.OrderedDict()
+_JOB_SPECS_LOCK = threading.Lock()
+
+
 def read_job(out: str) -> JobSpec:
-    """The job spec a producer wrote to ``{out}/_job.json``."""
-    return JobSpec.model_validate(read_json(locate(out).child(JOB_FILE)))
+    """The job spec a producer wrote to ``{out}/_job.json`` (treat it as read-only: it may be shared).
+
+    Why the cache: a worker reads the spec twice per shard (the trust check, the manifest's
+    check), and validating a spec of N shards is N shard references. On the H200 that Python ran
+    on a bulk job's shard threads beside the device thread (bench.bulk's GIL profile, issue 13).
+    The file is still read every time; only bytes equal to the last read skip the validation."""
+    loc = locate(out).child(JOB_FILE)
+    data = read_bytes(loc)
+    with _JOB_SPECS_LOCK:
+        cached = _JOB_SPECS.get(loc.uri)
+    if cached is not None and cached[0] == data:
+        return cached[1]
+    spec = JobSpec.model_validate(json.loads(data))
+    with _JOB_SPECS_LOCK:
+        _JOB_SPECS[loc.uri] = (data, spec)
+        _JOB_SPECS.move_to_end(loc.uri)
+        while len(_JOB_SPECS) > 8:
+            _JOB_SPECS.popitem(last=False)
+    return spec
 
 
 def read_marker(out: str, index: int) -> ShardReport | None:

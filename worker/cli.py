@@ -3,9 +3,10 @@ worker's (run, worker, serve, shard, models), registered on one Typer app by imp
 
 from __future__ import annotations
 
-from producer.settings import passive_openmp
+from producer.settings import passive_openmp, use_switch_interval
 
 passive_openmp()  # before the commands import torch: OpenMP reads it once, when torch loads it
+use_switch_interval()  # process-wide: here, not per engine (EMBEDFLEET_SWITCH_INTERVAL)
 
 from producer.cli import app  # noqa: E402
 from worker.commands import models, run, serve, shard, worker  # noqa: E402,F401  (each registers its command)

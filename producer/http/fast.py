@@ -28,6 +28,7 @@ from producer.errors import EmbedfleetError
 from producer.http import tei
 from producer.http.errors import error_response, plain_response
 from producer.http.facade import Facade
+from producer.http.middleware import header
 from producer.http.schemas import EmbeddingRequest, TEIEmbedRequest
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class FastRoutes:
         except orjson.JSONDecodeError:
             return None
         try:
-            self.facade.check_key(_header(scope, b"authorization"))  # before the body, as FastAPI orders them
+            self.facade.check_key(header(scope, b"authorization").decode("latin-1"))  # before the body, as FastAPI orders them
             try:
                 body = shape.model_validate(parsed)
             except ValidationError:
@@ -113,9 +114,3 @@ def _replay(raw: bytes, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]]
 
     return replayed
 
-
-def _header(scope: dict[str, Any], name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return ""

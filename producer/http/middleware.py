@@ -18,6 +18,15 @@ from producer.http.metrics import FacadeMetrics
 
 log = logging.getLogger(__name__)
 
+def header(scope: dict[str, Any], name: bytes) -> bytes:
+    """The first value of the request header ``name`` (lower-case, as ASGI names them), b"" if
+    none: the one lookup the middleware and the hot routes (``producer.http.fast``) share."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return b""
+
+
 API_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/embed", "/embed_all", "/predict", "/similarity",
              "/tokenize", "/decode", "/info")
 KNOWN_PATHS = ({prefix + path for prefix in ("", "/v1") for path in API_PATHS}
@@ -34,9 +43,9 @@ class AssumeJson:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
-            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-            given = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+            given = header(scope, b"content-type")
             if not given.split(b";")[0].strip().lower().endswith((b"/json", b"+json")):
+                headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
                 scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
         await self.app(scope, receive, send)
 
@@ -103,11 +112,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                response = error_response(self._error())
-                await response(scope, receive, send)
-                return
+        length = header(scope, b"content-length")  # uvicorn's parsers refuse two differing ones
+        if length.isdigit() and int(length) > self.limit:
+            response = error_response(self._error())
+            await response(scope, receive, send)
+            return
         received = 0
 
         async def limited() -> dict[str, Any]:

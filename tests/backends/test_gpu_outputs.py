@@ -169,3 +169,24 @@ def test_image_text_on_cuda(tmp_path: Path, family: str) -> None:
             engine.stop()
     assert not results[1].errors
     assert cosine_rows(results[1].values, results[0].values).min() >= 0.99
+
+
+def test_bge_m3_launch_queues_its_outputs_without_a_device_sync(m3: Path) -> None:
+    """All three heads' launch only queues work (the ColBERT rows are taken by an index made on the
+    host, not a boolean mask the device must count): the device thread can run ahead (issue 13)."""
+    from worker.backends.base import Batch
+
+    info = describe(str(m3))
+    backend = TorchBackend(info, "cuda", "bfloat16", varlen=True)
+    rng = np.random.default_rng(9)
+    lengths = [int(n) for n in rng.integers(3, 60, size=10)]
+    batch = Batch.pack([rng.integers(5, 1000, size=n).astype(np.int32) for n in lengths],
+                       [np.zeros(n, dtype=np.int32) for n in lengths])
+    backend.launch_outputs(batch, tuple(ALL))()  # the first use loads and compiles, which may synchronize
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        wait = backend.launch_outputs(batch, tuple(ALL))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = wait()
+    assert out.dense.shape[0] == 10 and [len(v) for v in out.multivector] == [n - 1 for n in lengths]

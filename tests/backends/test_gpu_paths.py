@@ -228,6 +228,25 @@ def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: s
 
 
 @gpu
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
+def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, request: pytest.FixtureRequest) -> None:
+    """A launch only queues work. One synchronizing call in it (mean pooling's repeat_interleave
+    without output_size was one) makes the device thread wait for every batch to finish, so none
+    is queued ahead and each host delay idles the GPU (issue 13's bulk gap)."""
+    info = describe(str(request.getfixturevalue(fixture)))
+    backend = TorchBackend(info, "cuda", "bfloat16", varlen=True)
+    rng = np.random.default_rng(8)
+    packed, _ = _batches(rng, _random_lengths(rng, 12, 100))
+    backend.forward(packed)  # the first use loads and compiles, which may synchronize
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        wait = backend.launch(packed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert wait().shape == (12, info.dims)
+
+
+@gpu
 @pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense"])
 def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
     """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups) against fp32 padded."""

@@ -498,6 +498,99 @@ def test_calls_arriving_while_an_asynchronous_device_is_busy_share_one_batch(tin
         engine.stop()
 
 
+def _hold_tokenize_pool(engine: Engine) -> threading.Event:
+    """Keep every tokenize pool thread busy until the returned event is set, so the calls
+    submitted meanwhile wait together for the engine's small-call task."""
+    workers = engine._tokenize_pool._max_workers
+    release, started = threading.Event(), threading.Barrier(workers + 1)
+    for _ in range(workers):
+        engine._tokenize_pool.submit(lambda: (started.wait(30), release.wait(60)))
+    started.wait(30)
+    return release
+
+
+def _count_tokenizer_calls(engine: Engine, fail_on: str | None = None) -> list[list[str]]:
+    """The engine's tokenizer, recording the texts of each columnar call (and raising on any
+    call holding ``fail_on``)."""
+    calls: list[list[str]] = []
+    encode = engine.tokenizer.encode_tokens
+
+    def recorded(values):  # type: ignore[no-untyped-def]
+        calls.append(list(values))
+        if fail_on is not None and any(fail_on in value for value in values):
+            raise RuntimeError("the tokenizer failed on this text")
+        return encode(values)
+
+    engine.tokenizer.encode_tokens = recorded  # type: ignore[method-assign]
+    return calls
+
+
+def test_small_calls_waiting_together_share_one_tokenizer_call_but_never_their_options(
+        tiny_embed_model: Path) -> None:
+    """Small calls that arrive while the tokenize threads are busy go through one tokenizer call
+    (and one hand-over to the scheduler), and each still gets exactly its own options: prompt,
+    truncation (a cut input fails only where truncate=false), dimensions, normalization."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096)
+    calls = _count_tokenizer_calls(engine)
+    text, long_text = "plain text one", " ".join(["word"] * 200)
+    asks = [([text], Options()), ([text], Options(prompt_name="query")), ([text, long_text], Options(truncate=False)),
+            ([long_text], Options(truncate=True)), ([text], Options(dimensions=8)), ([text], Options(normalize=False))]
+    try:
+        items = engine.stats["items"]
+        release = _hold_tokenize_pool(engine)
+        futures = [engine.submit(inputs, options, urgent=True) for inputs, options in asks]
+        release.set()
+        results = [future.result(60) for future in futures]
+        assert [len(call) for call in calls] == [7], "the waiting calls were not tokenized together"
+        assert engine.stats["items"] - items == 6 and not engine._open
+    finally:
+        engine.stop()
+    raw = reference_embed(tiny_embed_model, [text, "query: " + text, long_text], 64, "cls", False)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    cut = raw[:1, :8] / np.linalg.norm(raw[:1, :8])
+    assert [r.errors for r in results] == [{}, {}, {1: results[2].errors.get(1, "missing")}, {}, {}, {}]
+    assert "longer than the model's maximum" in results[2].errors[1] and results[3].truncated == [True]
+    for got, want, what in ((results[0].values, unit[:1], "plain"), (results[1].values, unit[1:2], "prompt"),
+                            (results[2].values[:1], unit[:1], "truncate=false"), (results[3].values, unit[2:], "cut"),
+                            (results[4].values, cut, "dimensions"), (results[5].values, raw[:1], "normalize=false")):
+        assert_close_rows(got, want, what)
+    assert not results[2].values[1].any()
+
+
+def test_a_tokenizer_failure_in_a_shared_call_fails_only_its_own_call(tiny_embed_model: Path) -> None:
+    """The shared call failed: each call is tokenized alone again, so only the one holding the
+    text the tokenizer cannot take fails; the others are answered."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096)
+    calls = _count_tokenizer_calls(engine, fail_on="poison")
+    try:
+        release = _hold_tokenize_pool(engine)
+        good, bad, other = (engine.submit([t], urgent=True) for t in ("fine text", "poison text", "another one"))
+        release.set()
+        assert not good.result(60).errors and not other.result(60).errors
+        with pytest.raises(RuntimeError, match="the tokenizer failed"):
+            bad.result(60)
+        assert sorted(len(call) for call in calls) == [1, 1, 1, 3]
+    finally:
+        engine.stop()
+
+
+def test_small_calls_beyond_one_chunk_are_tokenized_a_chunk_at_a_time(tiny_embed_model: Path) -> None:
+    """Waiting small calls are taken a chunk's worth at a time (whole calls, at least one), the
+    rest by the next task; every call is answered once, with its own vectors."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096, tokenize_chunk=4)
+    calls = _count_tokenizer_calls(engine)
+    texts = [f"small call number {i}" for i in range(7)]
+    try:
+        release = _hold_tokenize_pool(engine)
+        futures = [engine.submit([t], urgent=True) for t in texts[:5]] + [engine.submit(texts[5:], urgent=True)]
+        release.set()
+        values = np.vstack([future.result(60).values for future in futures])
+        assert [len(call) for call in calls] == [4, 3]
+    finally:
+        engine.stop()
+    assert_close_rows(values, reference_embed(tiny_embed_model, texts, 64, "cls", True), "a chunk at a time")
+
+
 @contextmanager
 def _device_held_with_a_backlog(model: Path, asynchronous: bool = False) -> Iterator[tuple]:
     """A gated engine whose device is held by one request while 300 short bulk texts wait,

@@ -7,6 +7,8 @@ import datetime as dt
 import json
 from typing import Any
 
+import pytest
+
 from producer.broker import make_app
 from producer.http.replies import RedisReplies
 from tests.conftest import RedisServer
@@ -97,3 +99,54 @@ def test_an_answer_the_writer_cannot_store_does_not_stop_it(redis_server: RedisS
     client = redis_server.client()
     assert client.get(backend.get_key_for_task("lost")) is None
     assert make_app(redis_server.url).AsyncResult("kept").get(timeout=5, disable_sync_subtasks=False) == ANSWER
+
+
+class _Recorder:
+    """A pipeline that logs the commands it is given (and sends them: the keys are real)."""
+
+    def __init__(self, pipe: Any, log: list[tuple[str, tuple]]) -> None:
+        self._pipe, self._log = pipe, log
+
+    def __enter__(self) -> "_Recorder":
+        self._pipe.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._pipe.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._pipe, name)
+
+        def logged(*args: Any, **kwargs: Any) -> Any:
+            self._log.append((name, args, tuple(sorted(kwargs.items()))))
+            return method(*args, **kwargs)
+
+        return logged
+
+
+@pytest.mark.parametrize("expires", [None, 60])
+def test_the_batched_store_sends_celerys_own_commands(redis_server: RedisServer, expires: int | None) -> None:
+    """``InlineResultBackend._set_many`` repeats ``RedisBackend._set`` for a pipeline; if Celery's
+    changes (other commands, order, expiry handling), this fails, so the two move together."""
+    from celery.backends.redis import RedisBackend
+
+    backend = create_app(redis_server.url).backend
+    backend.expires = expires
+    client = backend.client
+    real = client.pipeline
+    logs: list[list[tuple[str, tuple]]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> _Recorder:
+        return _Recorder(real(*args, **kwargs), logs[-1])
+
+    client.pipeline = recording  # type: ignore[method-assign]
+    try:
+        logs.append([])
+        RedisBackend._set(backend, "celery-task-meta-x", b'{"a": 1}')
+        logs.append([])
+        backend._set_many([("celery-task-meta-x", b'{"a": 1}')])
+    finally:
+        del client.pipeline
+    assert logs[0] == logs[1] and [name for name, _, _ in logs[1]][-1] == "execute"
+    assert redis_server.client().get("celery-task-meta-x") == b'{"a": 1}'
+    assert (redis_server.client().ttl("celery-task-meta-x") > 0) == bool(expires)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from producer.client import Client, decode_f32
 from producer.errors import SourceError
-from producer.jobs import EmbedJob, InlineResult, Options, RerankJob
+from producer.jobs import EmbedJob, InlineResult, JobKind, Options, RerankJob
 from tests.fixtures_extra import make_engine, sample_texts
 from worker.engine.pipeline import Engine
 from worker.hosting import registry, tasks
@@ -46,6 +47,30 @@ def test_inline_answers_and_refusals(hosted: Engine) -> None:
         result = _inline(job)
         assert result.error is not None and result.error["code"] == code, (job, result.error)
         assert words in result.error["message"], result.error
+
+
+@pytest.mark.parametrize("kind", ["embed", "classify"])
+def test_a_dense_answer_is_exactly_what_the_inline_result_model_writes(kind: str) -> None:
+    """``inline_answer`` writes dense answers without the model: the same JSON, field for field
+    and type for type (a field added to InlineResult, or one written differently, fails here)."""
+    import numpy as np
+
+    from producer.jobs import ClassifyJob
+    from worker.engine.pipeline import EngineResult
+
+    values = np.arange(3 * 4, dtype=np.float32).reshape(3, 4) / 7
+    result = EngineResult(kind=JobKind(kind), values=values, n_tokens=list(np.array([5, 0, 9])),
+                          truncated=[False, False, True], errors={1: "an empty text"},
+                          labels=("neg", "pos") if kind == "classify" else ())
+    job = ClassifyJob(model="m", inputs=["a", "", "c"]) if kind == "classify" else EmbedJob(model="m", inputs=["a", "", "c"])
+    want = InlineResult(kind=JobKind(kind), model="m", n_items=3, dims=4, data_b64=tasks.encode_f32(values),
+                        n_tokens=[5, 0, 9], truncated=[False, False, True], labels=list(result.labels),
+                        errors={1: "an empty text"}).model_dump(mode="json")
+    got = tasks.inline_answer(job, 3, result)
+    assert orjson.dumps(got) == orjson.dumps(want)
+    assert [type(v) for v in got.values()] == [type(v) for v in want.values()]
+    got["tokens"].append("x")  # answers share no mutable default with each other
+    assert tasks.inline_answer(job, 3, result)["tokens"] == []
 
 
 def _corpus(path: Path, n: int) -> Path:

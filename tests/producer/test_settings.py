@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from producer.errors import SettingsError
-from producer.settings import PREFIX, Settings, cache_dir, described, flag, hf_offline, omp_threads, settings
+from producer.settings import (PREFIX, Settings, cache_dir, described, flag, hf_offline, omp_threads, settings,
+                               use_switch_interval)
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted((REPO / "producer").rglob("*.py")) + sorted((REPO / "worker").rglob("*.py"))
@@ -88,3 +89,21 @@ def test_the_readme_documents_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [Settings.env_name(name) for name in Settings.model_fields if Settings.env_name(name) not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_switch_interval_is_applied_when_set_and_a_bad_value_is_left_to_the_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.setenv("EMBEDFLEET_SWITCH_INTERVAL", "0.002")
+        use_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        monkeypatch.setenv("EMBEDFLEET_SWITCH_INTERVAL", "-1")  # out of range: no change, no traceback here
+        use_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        with pytest.raises(SettingsError, match="SWITCH_INTERVAL"):
+            settings()
+    finally:
+        sys.setswitchinterval(before)

@@ -373,7 +373,11 @@ class TorchBackend(Backend):
             if "multivector" in outputs and self.heads is not None:
                 rest = np.ones(int(cu[-1]), dtype=bool)
                 rest[cu[:-1]] = False  # every token but each input's first
-                fetched["multivector"] = self.heads.colbert_vectors(tokens[torch.from_numpy(rest).to(tokens.device)])
+                # rows by index, found on the host: a boolean mask on the device makes the launch
+                # wait for the device to count its rows (as mean pooling's sync did, issue 13)
+                keep = torch.from_numpy(np.flatnonzero(rest))
+                keep = (keep.pin_memory() if self.cuda else keep).to(tokens.device, non_blocking=self.cuda)
+                fetched["multivector"] = self.heads.colbert_vectors(tokens.index_select(0, keep))
             waits = {name: self._fetch(tensor) for name, tensor in fetched.items()}
         ids = batch.input_ids if batch.packed else batch.input_ids[batch.attention_mask.astype(bool)]
         return lambda: self._finish_outputs({name: wait() for name, wait in waits.items()}, ids, cu)

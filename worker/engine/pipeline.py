@@ -8,6 +8,9 @@
   chunk (it spreads over the cores outside the GIL, so this overlaps with the device). A GPU
   engine on enough cores hands its chunks to tokenizer processes instead
   (``worker.engine.tokenizing``), so the tokenizer's per-text Python work leaves this process.
+  Small calls (at most one chunk of texts) that arrive while the tokenize threads are busy wait
+  together and go through one tokenizer call and one hand-over to the scheduler (no delay at low
+  load: the first finds a thread free); each keeps its own block, options and group.
 * The host path is columnar: a chunk's tokens stay flat numpy arrays (``Tokens``) from the
   tokenizer to the batch; the scheduler works on arrays of lengths; a batch is one gather
   (``worker.engine.packing``) into the backend's (pinned) buffer; results go back into each
@@ -33,7 +36,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,7 +54,7 @@ from worker.engine import memory
 from worker.engine.images import ImageLane
 from worker.engine import packing
 from worker.engine.tokenizing import PROCESS_CHUNK, TokenizerProcesses, default_processes
-from worker.engine.scheduler import Picked, Scheduler
+from worker.engine.scheduler import Incoming, Picked, Scheduler
 from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.heads import class_probabilities, finish_embeddings, rerank_scores, top_k_sparse
 from worker.models.resolve import ModelInfo
@@ -77,21 +79,6 @@ def default_tokenize_chunk() -> int:
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
     return min(MAX_TOKENIZE_CHUNK, TOKENIZE_CHUNK * max(1, cores))
-
-
-def use_switch_interval() -> None:
-    """Set the interpreter's switch interval when ``EMBEDFLEET_SWITCH_INTERVAL`` says so.
-
-    Why it may matter: the device, preparer and post-processing threads each give up the GIL
-    while they wait (for the device, for a batch) and need it back at once to launch or form the
-    next batch. With another thread running Python meanwhile (a bulk job's shard tasks read,
-    tokenize and write in the same process), Python hands the GIL over only after the switch
-    interval, 5 ms by default. Not measured on a GPU yet (issue 13): the setting exists so that
-    ``bench.bulk`` can be run with and without it; the default leaves Python's. Process-wide.
-    """
-    chosen = settings().switch_interval
-    if chosen is not None:
-        sys.setswitchinterval(chosen)
 
 
 @dataclass
@@ -172,6 +159,7 @@ class Engine:
         post_workers: int = 1,
         tokenize_chunk: int | None = None,
         tokenize_processes: int | None = None,
+        batches_in_flight: int | None = None,
     ) -> None:
         self.info = info
         self.backend = backend
@@ -204,6 +192,11 @@ class Engine:
                                    shared_batch_tokens=None if backend.asynchronous else max(1, budget // 2))
         self._groups = itertools.count()
         self._tokenize_pool = ThreadPoolExecutor(tokenize_workers, thread_name_prefix="ef-tokenize")
+        # Small calls waiting to be tokenized together (``_tokenize_small``), and whether a task
+        # that will take them is queued on the pool.
+        self._small: list[tuple[_Request, list[tuple[int, Any]]]] = []
+        self._small_lock = threading.Lock()
+        self._small_queued = False
         self._post_pool = ThreadPoolExecutor(post_workers, thread_name_prefix="ef-post")
         self._ready: queue.Queue[tuple[Picked, Batch] | None] = queue.Queue(maxsize=2)
         # Batches formed but not yet launched. An asynchronous backend (CUDA) gets up to four
@@ -214,8 +207,11 @@ class Engine:
         # of waiting behind batches formed earlier (each can take most of a second on few cores).
         self._formed = threading.Semaphore(4 if backend.asynchronous else 1)
         self._stop = threading.Event()
-        # Batches launched but not yet copied back: two keep the GPU busy across the boundary.
-        self._in_flight = threading.Semaphore(2)
+        # Batches launched but not yet copied back: two keep the GPU busy across the boundary
+        # when the host threads get the GIL at once; more give slack against waits for it
+        # (``EMBEDFLEET_BATCHES_IN_FLIGHT``; on one stream, activations are not held per batch).
+        self.batches_in_flight = batches_in_flight or settings().batches_in_flight
+        self._in_flight = threading.Semaphore(self.batches_in_flight)
         self._launched = 0  # batches launched and not yet copied back
         self._launched_lock = threading.Lock()
         self._open: set[_Request] = set()  # requests whose future is not resolved yet
@@ -231,9 +227,10 @@ class Engine:
             self._preprocess = Preprocessor(info.path)
             self.images = ImageLane(backend, self._deliver_images, self._fail_indices)
         #: counters; ``busy_ms``: time with a batch on the device (from a launch, or the previous
-        #: batch's return, to its results' return): over a job's wall time, how well the host fed it
+        #: batch's return, to its results' return): over a job's wall time, how well the host fed it;
+        #: ``launch_ms`` / ``launch_cpu_ms``: the device thread's wall / CPU time in launches
         self.stats = {"batches": 0, "items": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0, "recomputed": 0,
-                      "dropped": 0, "busy_ms": 0.0}
+                      "dropped": 0, "busy_ms": 0.0, "launch_ms": 0.0, "launch_cpu_ms": 0.0}
 
     @property
     def max_batch_tokens(self) -> int:
@@ -241,7 +238,6 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
-        use_switch_interval()
         for target, name in ((self._prepare_loop, "ef-prepare"), (self._device_loop, "ef-device")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -325,6 +321,9 @@ class Engine:
         if not request.remaining:
             self._finish(request)
             return request.future
+        if texts and len(texts) <= self.tokenize_chunk:
+            self._queue_small(request, texts)
+            texts = []
         for group, as_ids in ((texts, False), (given, True)):
             for start in range(0, len(group), self.tokenize_chunk):
                 chunk = group[start : start + self.tokenize_chunk]
@@ -490,25 +489,100 @@ class Engine:
             log.exception("tokenization failed")
             self._fail_request(request, exc)
             return
-        lengths = tokens.lengths
+        rows = self._admit(request, index, tokens.lengths, tokens.truncated)
+        if rows.size:
+            self._schedule([Incoming(tokens.lengths[rows], _Block(request, index, tokens), rows, request.urgent,
+                                     request.group, None if math.isinf(request.deadline) else request.deadline)])
+
+    def _queue_small(self, request: _Request, texts: list[tuple[int, Any]]) -> None:
+        """Tokenize a small call's texts together with the other small calls waiting.
+
+        Adaptive, with no delay: the first call finds no task queued and queues one, which a free
+        pool thread starts at once; calls arriving while every pool thread is busy wait for that
+        task and go in its one tokenizer call. Under load many single-text calls become one call
+        to the Rust tokenizer and one hand-over to the thread forming batches, instead of one of
+        each per call (measured with bench/engine_cycle.py: each took its own thread wake-ups,
+        a tokenizer call and a scheduler wake-up)."""
+        with self._small_lock:
+            self._small.append((request, texts))
+            if self._small_queued:
+                return
+            self._small_queued = True
+        self._tokenize_pool.submit(self._tokenize_small)
+
+    def _take_small(self) -> list[tuple[_Request, list[tuple[int, Any]]]]:
+        """The small calls waiting, up to one chunk of texts (at least one call); a task for the
+        rest is queued."""
+        with self._small_lock:
+            taken = count = 0
+            for taken, (_, texts) in enumerate(self._small, 1):
+                count += len(texts)
+                if count >= self.tokenize_chunk:
+                    break
+            pending, self._small = self._small[:taken], self._small[taken:]
+            self._small_queued = again = bool(self._small)
+        if again:
+            self._tokenize_pool.submit(self._tokenize_small)
+        return pending
+
+    def _tokenize_small(self) -> None:
+        """The waiting small calls' texts in one tokenizer call, into the scheduler at once.
+
+        The calls' rows share one ``Tokens`` and one index (each call's block names its own rows),
+        so nothing is copied apart. Options never mix: each call keeps its own block, request and
+        group (prompts were applied to its texts before, truncation is judged per call here)."""
+        wanted = []
+        for request, texts in self._take_small():
+            if request.unwanted():
+                self._drop(request, len(texts))
+            else:
+                wanted.append((request, texts))
+        if not wanted:
+            return
+        values = [value for _, texts in wanted for _, value in texts]
+        tokenizer: Any = self.tokenizer_processes or self.tokenizer
+        try:
+            tokens = tokenizer.encode_tokens(values)
+        except Exception:  # each call alone: a tokenizer failure is one call's, not its neighbours'
+            for request, texts in wanted:
+                self._tokenize(request, texts, False)
+            return
+        index = np.fromiter((i for _, texts in wanted for i, _ in texts), dtype=np.int64, count=len(values))
+        lengths, truncated = tokens.lengths, tokens.truncated
+        blocks, start = [], 0
+        for request, texts in wanted:
+            part = slice(start, start + len(texts))
+            rows = self._admit(request, index[part], lengths[part], truncated[part]) + start
+            start = part.stop
+            if rows.size:
+                blocks.append(Incoming(lengths[rows], _Block(request, index, tokens), rows, request.urgent,
+                                       request.group, None if math.isinf(request.deadline) else request.deadline))
+        self._schedule(blocks)
+
+    def _admit(self, request: _Request, index: np.ndarray, lengths: np.ndarray, truncated: np.ndarray) -> np.ndarray:
+        """Record the token counts of a request's tokenized inputs (``index``); the positions (into
+        these arrays) of those that run. Cut inputs fail here unless the request allows truncation."""
         request.n_tokens[index] = lengths
-        request.truncated[index] = tokens.truncated
-        keep = np.ones(len(index), dtype=bool) if request.options.truncate else ~tokens.truncated
-        rejected = np.flatnonzero(~keep)
-        if rejected.size:
-            reason = f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
-            with request.lock:
-                for i in index[rejected].tolist():
-                    request.errors[i] = reason
-            self._complete(request, int(rejected.size))
-        if rejected.size < len(index):
-            rows = np.flatnonzero(keep)
-            try:
-                self.scheduler.add(lengths[rows], _Block(request, index, tokens), rows=rows, urgent=request.urgent,
-                                   group=request.group,
-                                   deadline=None if math.isinf(request.deadline) else request.deadline)
-            except EngineStopped as exc:
-                self._fail_request(request, exc)
+        request.truncated[index] = truncated
+        if request.options.truncate or not truncated.any():
+            return np.arange(index.shape[0], dtype=np.int64)
+        rejected = np.flatnonzero(truncated)
+        reason = f"longer than the model's maximum of {self.info.max_length} tokens (set truncate=true to cut it)"
+        with request.lock:
+            for i in index[rejected].tolist():
+                request.errors[i] = reason
+        self._complete(request, int(rejected.size))
+        return np.flatnonzero(~truncated)
+
+    def _schedule(self, blocks: list[Incoming]) -> None:
+        """Blocks into the scheduler in one step; their requests fail if the engine is stopping."""
+        if not blocks:
+            return
+        try:
+            self.scheduler.add_many(blocks)
+        except EngineStopped as exc:
+            for block in blocks:
+                self._fail_request(block.owner.request, exc)
 
     def _dropped(self, block: _Block, rows: np.ndarray) -> None:
         """The scheduler dropped these rows of a block (deadline passed, or the caller cancelled)."""
@@ -560,7 +634,7 @@ class Engine:
         requests arriving while the device runs join it instead of queueing as small batches,
         each paying the launch's fixed CPU cost (on a GPU, concurrent single-text calls otherwise
         became batches of a few items). Full batches are formed ahead as before."""
-        return self._ready.qsize() == 0 and self._launched < 2
+        return self._ready.qsize() == 0 and self._launched < self.batches_in_flight
 
     def _launch_count(self, change: int) -> None:
         with self._launched_lock:
@@ -597,12 +671,13 @@ class Engine:
             if self._stop.is_set():
                 self._fail_slots(slots, EngineStopped("the worker is stopping"))
                 return
-        launched = time.perf_counter()
+        launched, cpu = time.perf_counter(), time.thread_time()
         requests = {block.request for block in slots.owners}
         wanted = tuple(o for o in self.outputs if any(o in request.outputs for request in requests))
         try:
             wait: Callable[[], Any] = self.backend.launch(batch) if wanted == DENSE_ONLY \
                 else self.backend.launch_outputs(batch, wanted)
+            self._count_launch(launched, cpu)
         except Exception as exc:
             self._in_flight.release()
             if self.backend.is_out_of_memory(exc):
@@ -634,6 +709,15 @@ class Engine:
             return
         output = self._fix_non_finite(slots, batch, output)
         self._deliver(slots, output)
+
+    def _count_launch(self, launched: float, cpu: float) -> None:
+        """Add the launch's wall time (``launch_ms``) and this thread's CPU time in it
+        (``launch_cpu_ms``). Why both: on a GPU the launch is Python (one call per kernel), so
+        wall time well above CPU time means the device thread waited, for the GIL or a blocking
+        CUDA call, while the device may have run dry (issue 13: bulk batches ran slower in a
+        worker than in the bare engine)."""
+        self.stats["launch_ms"] += 1000 * (time.perf_counter() - launched)
+        self.stats["launch_cpu_ms"] += 1000 * (time.thread_time() - cpu)
 
     def _count_busy(self, launched: float) -> None:
         """Add this batch's device time to ``busy_ms``: batches return in launch order (one

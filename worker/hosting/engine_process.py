@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from producer.errors import EmbedfleetError
-from producer.settings import set_env, settings
+from producer.settings import set_env, settings, use_switch_interval
 from worker.hosting.devices import DeviceSlot
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
@@ -70,6 +70,7 @@ def run_engine(slot: DeviceSlot, spec: WorkerSpec, broker: str, result_backend: 
     os.setpgid(0, 0)  # a terminal's Ctrl+C reaches the parent only, which stops the children in order
     watch_parent()
     pin(slot)
+    use_switch_interval()
     from producer.logs import setup_logging
     from worker.hosting import registry
 

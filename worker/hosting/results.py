@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
 from producer.broker import INLINE_TASK
@@ -41,7 +42,14 @@ class InlineResultBackend(RedisBackend):
         self.ensure(self._set_many, (items,))
 
     def _set_many(self, items: list[tuple[Any, Any]]) -> None:
-        """``RedisBackend._set`` for many keys: SET (with the results' expiry) and PUBLISH each."""
+        """``RedisBackend._set`` for many keys in one pipeline: Celery has no batched store, so
+        this repeats its commands (SETEX with the results' expiry, else SET; then PUBLISH on the
+        key's channel, which the facade's reader subscribes to) and ``set``'s size check. The two
+        must change together: tests/hosting/test_results.py compares the commands sent by this and
+        by Celery's own ``_set`` and fails when Celery's change."""
+        for _, value in items:
+            if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+                raise BackendStoreError("value too large for Redis backend")
         with self.client.pipeline() as pipe:
             for key, value in items:
                 if self.expires:

@@ -39,7 +39,12 @@ def pool_varlen(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> to
     if mode == "lasttoken":
         return hidden[ends - 1]
     lengths = (ends - starts).to(torch.float32)
-    segment = torch.repeat_interleave(torch.arange(len(starts), device=hidden.device), (ends - starts))
+    # output_size: the total is known on the host, so the device is not asked for it. Without it
+    # repeat_interleave copies the lengths' sum back and waits for the batch's whole forward pass
+    # (on the H200, mean pooling made each launch wait for its batch: launch wall = device time,
+    # so the next batch could not be queued ahead and every host delay idled the GPU).
+    segment = torch.repeat_interleave(torch.arange(len(starts), device=hidden.device), (ends - starts),
+                                      output_size=hidden.shape[0])
     if mode in ("mean", "mean_sqrt_len"):
         out = torch.zeros(len(starts), hidden.shape[1], device=hidden.device, dtype=torch.float32)
         out.index_add_(0, segment, hidden.to(torch.float32))
