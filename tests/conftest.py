@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 
 from producer.settings import passive_openmp
+from tests.schedule import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401  (longest first)
 
 passive_openmp()  # as the `embedfleet` CLI does, before any test imports torch (shared cores: no spinning)
 
@@ -75,6 +76,16 @@ def _save(model, dest: Path, st_pooling: str | None = None, normalize: bool = Fa
             "prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None,
         }))
     return dest
+
+
+def export_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache root (``EMBEDFLEET_CACHE``) the backend tests share: one per test run, common to
+    every xdist process, so the bundled model is exported to ONNX and converted to OpenVINO IR
+    once a run rather than once a process (seconds of CPU each). Exports are published by an
+    atomic rename, first writer wins (``worker.backends.onnx.publish``), as for workers sharing
+    a cache; never the user's own cache."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ef-cache"
 
 
 @pytest.fixture(scope="session")

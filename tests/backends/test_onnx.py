@@ -18,6 +18,8 @@ from worker.backends.base import Batch  # noqa: E402
 from worker.models.tokenizer import BatchTokenizer  # noqa: E402
 from worker.models.resolve import describe  # noqa: E402
 
+from tests.conftest import export_cache_root  # noqa: E402
+
 TEXTS = [
     "a short query",
     "embeddings map text to vectors so that similar meanings end up close together",
@@ -30,7 +32,7 @@ PAIRS = [("what is onnx", t) for t in TEXTS]
 @pytest.fixture(autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Exports go to a per-session temporary cache, never the user's."""
-    root = tmp_path_factory.getbasetemp() / "ef-cache"
+    root = export_cache_root(tmp_path_factory)
     monkeypatch.setenv("EMBEDFLEET_CACHE", str(root))
     return root / "onnx"
 

@@ -17,10 +17,12 @@ from worker.backends.quality import agreement, cosines, prose  # noqa: E402
 from worker.backends.select import candidates, load_backend, sorted_batches  # noqa: E402
 from worker.models.resolve import describe  # noqa: E402
 
+from tests.conftest import export_cache_root  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def ir_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path_factory.getbasetemp() / "ef-cache"
+    root = export_cache_root(tmp_path_factory)
     monkeypatch.setenv("EMBEDFLEET_CACHE", str(root))
     return root / "openvino"
 
@@ -56,7 +58,10 @@ def test_bundled_fp32_agrees_with_torch_and_bf16_is_of_equal_quality(bundled_mod
 
 
 def test_the_ir_is_cached_and_keyed_by_model_and_release(tiny_embed_model: Path, bundled_model: Path,
-                                                        ir_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a cache of its own: the conversion happens here, not in another test sharing the run's cache
+    ir_cache = tmp_path / "cache" / "openvino"
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(ir_cache.parent))
     tiny, bundled = describe(str(tiny_embed_model)), describe(str(bundled_model))
     first = load_backend("openvino", tiny, "cpu", "float32").backend
     assert first.path.parent == ir_cache and (first.path / "model.xml").is_file()

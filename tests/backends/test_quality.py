@@ -17,10 +17,12 @@ from worker.backends.select import load_backend, sorted_batches
 from worker.backends.torch_cpu import bf16_native
 from worker.models.resolve import describe
 
+from tests.conftest import export_cache_root
+
 
 @pytest.fixture(autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path_factory.getbasetemp() / "ef-cache"))
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(export_cache_root(tmp_path_factory)))
 
 
 def test_neighbours_exclude_the_query_itself() -> None:

@@ -18,13 +18,15 @@ from worker.backends.select import load_backend
 from worker.backends.torch_cpu import bf16_native
 from worker.models.resolve import describe
 
+from tests.conftest import export_cache_root
+
 #: The openvino candidate where its package is installed (the auto selection offers it then).
 OPENVINO_FP32 = {"openvino/float32"} if importlib.util.find_spec("openvino") else set()
 
 
 @pytest.fixture(autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path_factory.getbasetemp() / "ef-cache"))
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(export_cache_root(tmp_path_factory)))
 
 
 class FastButWrong(Backend):
@@ -101,8 +103,12 @@ def test_gate_rejects_the_fastest_wrong_candidate(tiny_embed_model: Path, monkey
 
 
 def test_auto_picks_a_passing_real_candidate(bundled_model: Path) -> None:
+    """Every real candidate on the real model, judged by the real rule (384 paragraphs). The timed
+    sample is 16 texts timed once instead of 64 twice: its size only changes how well speed is
+    measured, and this test asserts the rule, not a timing (``--backend auto`` with the default
+    sample runs in tests/e2e/test_newcomer.py); the default took 72 s of CPU here."""
     info = describe(str(bundled_model))
-    selection = load_backend("auto", info, "cpu", "auto")
+    selection = select_backend(info, "cpu", "auto", n_texts=16, passes=1)
     backend = selection.backend
     chosen = next(t for t in selection.trials if t.candidate == Candidate(backend.name, backend.dtype))
     assert chosen.passed and chosen.cos_min >= COSINE_GATE and chosen.recall >= RECALL_GATE

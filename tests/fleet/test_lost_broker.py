@@ -46,6 +46,8 @@ def test_a_job_redis_forgot_is_reported_and_resumed(tmp_path: Path, workers: lis
         ids = pq.read_table(sorted(out.glob("part-*.parquet")), columns=["id"]).column("id").to_pylist()
         assert sorted(ids) == sorted(pq.read_table(corpus).column("id").to_pylist())  # every row once
     finally:
+        for worker in workers:  # while their broker is up: without it a stopping worker waits on reconnects
+            worker.stop()
         redis.stop()
 
 
