@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = 64
-#: Batches an asynchronous backend has in flight while timed (the engine's ``_in_flight``).
-IN_FLIGHT = 2
 #: Real paragraphs embedded by every candidate for the quality rule (each one a query for recall@10).
 QUALITY_TEXTS = 384
 
@@ -236,8 +234,8 @@ class _Run:
     a shared machine a burst of outside load lands in some batches of every pass, and a whole-pass
     minimum keeps that burst (a choice cached under load was 13% wrong that way, stop 25),
     while each batch's minimum drops it as soon as one pass ran that batch undisturbed. An
-    asynchronous backend (OpenVINO's streams) keeps two batches in flight, as the engine does, and
-    each pair of batches is timed as one.
+    asynchronous backend (OpenVINO's streams) keeps as many batches in flight as the engine does
+    (``EMBEDFLEET_BATCHES_IN_FLIGHT``), and each such group of batches is timed as one.
     """
 
     def __init__(self, backend: Backend, info: "ModelInfo", inputs: list[Any], quality: list[Any] | None = None) -> None:
@@ -246,7 +244,7 @@ class _Run:
         self.rows, self.batches, self.tokens = sorted_batches(info, inputs, backend.preferred_batch_tokens)
         self.n = len(inputs)
         self.quality_inputs = quality or []
-        depth = IN_FLIGHT if backend.asynchronous else 1
+        depth = settings().batches_in_flight if backend.asynchronous else 1  # as the engine keeps them
         self.groups = [self.batches[i:i + depth] for i in range(0, len(self.batches), depth)]
         self.group_best = [float("inf")] * len(self.groups)
         self.values: np.ndarray | None = None
@@ -274,7 +272,7 @@ class _Run:
 
     @property
     def best(self) -> float:
-        """Seconds for the sample: each batch (or pair in flight) at its fastest pass."""
+        """Seconds for the sample: each batch (or group in flight) at its fastest pass."""
         return sum(self.group_best)
 
     @property
@@ -410,7 +408,7 @@ def knobs() -> dict[str, object]:
 
     return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile,
             "onnx_int8": SCHEMES["token"], "openvino_int8": f"{WEIGHT_SCHEME}-g{ACTIVATION_GROUP}",
-            "timing": f"batch-min-runoff{RUNOFF_MARGIN}"}
+            "timing": f"batch-min-runoff{RUNOFF_MARGIN}", "in_flight": settings().batches_in_flight}
 
 
 def selection_key(info: "ModelInfo", device: str, options: list[Candidate], n_texts: int, passes: int) -> str:
