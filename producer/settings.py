@@ -209,10 +209,10 @@ def use_switch_interval() -> None:
     process), not by each engine. Why it may matter: a GPU engine's device, preparer and
     post-processing threads wait (for the device, for a batch) and need the GIL back at once,
     while a bulk job's shard tasks run Python beside them; a waiting thread gets it only after
-    the interval. Measured on the H200 (bench/RESULTS-bulk.md, issue 13): 1 ms gave the fleet 2.834
-    / 2.932 s against 3.004 / 3.397 s with Python's 5 ms, same rounds, while each launch still
-    waited for its batch (the mean-pooling sync, since removed); not measured after that fix, so
-    the default stays Python's.
+    the interval. Measured on the H200 (bench.bulk, MiniLM 100k, same rounds): 1 ms gave the fleet
+    2.834 / 2.932 s against 3.004 / 3.397 s with Python's 5 ms on 9482179, but 3.261 s against
+    2.925 s (67.6% against 75.4% of bare) after the mean-pooling change (bench/RESULTS.md, stop 26),
+    so the default stays Python's.
     """
     import sys
 
