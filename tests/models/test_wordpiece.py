@@ -133,19 +133,24 @@ def test_only_bert_wordpiece_tokenizers_get_it(bundled_model: Path) -> None:
     assert AsciiWordPiece.of(Tokenizer.from_str(json.dumps(config))) is None
 
 
-def test_words_remembered_are_bounded(bundled_model: Path) -> None:
+def test_words_remembered_are_bounded(bundled_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.models import wordpiece
+
+    monkeypatch.setattr(wordpiece, "MAX_REMEMBERED", 10)
     tokenizer = _variant(bundled_model)
     shortcut = AsciiWordPiece.of(tokenizer)
     assert shortcut is not None
-    shortcut.codes.limit = len(shortcut.codes) + 10
+    vocabulary_only = len(shortcut.codes)
     rng = random.Random(5)
     texts = [" ".join("".join(rng.choice("bcdfgqxz") for _ in range(9)) for _ in range(5)) for _ in range(200)]
-    for _ in range(2):  # the second pass finds most words not remembered, and splits them again
+    reference_ids = content_ids(tokenizer, texts)
+    first = shortcut.codes
+    for _ in range(2):  # the first call fills the words remembered past the bound; the second starts afresh
         _, ids, lengths = shortcut.content(texts)
-        assert len(shortcut.codes) == shortcut.codes.limit
-        reference_ids = content_ids(tokenizer, texts)
         assert ids.tolist() == [i for x in reference_ids for i in x]
         assert lengths.tolist() == [len(x) for x in reference_ids]
+    assert shortcut.codes is not first and len(first) > vocabulary_only + 10
+    assert len(shortcut.codes) <= vocabulary_only + 1 + 5 * len(texts)  # one chunk's words at most
 
 
 def test_a_copy_for_a_tokenizer_process_gives_the_same_ids(bundled_model: Path) -> None:
@@ -168,3 +173,31 @@ def test_tokens_merge_keeps_positions_and_segment_ids() -> None:
     same = Tokens.merge(3, [(np.array([2]), a.__class__(np.array([5], np.int32), np.array([0, 1]),
                                                          np.array([False]), None, 0)), (np.array([0, 1]), a)])
     assert same.type_ids is None and as_list(same) == [([1, 2], [0, 0], False), ([3], [0], True), ([5], [0], False)]
+
+
+def test_threads_splitting_new_words_at_once_get_their_own_ids(bundled_model: Path) -> None:
+    """The engine's tokenize threads share one shortcut: a word split by one thread never takes
+    the code of a word another thread split at the same moment."""
+    import sys
+    import threading
+
+    tokenizer = _variant(bundled_model)
+    shortcut = AsciiWordPiece.of(tokenizer)
+    assert shortcut is not None
+    rng = random.Random(9)
+    batches = [[" ".join("".join(rng.choice("bcdfgkmpqxz") for _ in range(7)) for _ in range(8))
+                for _ in range(40)] for _ in range(8)]
+    got: dict[int, list[int]] = {}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, shortcut.content(batches[k])[1].tolist()))
+                   for k in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    for k, texts in enumerate(batches):
+        assert got[k] == [i for x in content_ids(tokenizer, texts) for i in x]

@@ -269,7 +269,9 @@ class BatchTokenizer:
         """
         framed = bool(self._head or self._tail)
         pairs = bool(inputs) and not isinstance(inputs[0], str)
-        if self._wordpiece is not None and inputs and not pairs and (framed or self._constant_type):
+        # A single text goes to Rust: its one call costs less than the chunk path's fixed numpy
+        # calls (measured 26 against 41 µs a call for a 10-word query; from 4 texts on, 95 against 48).
+        if self._wordpiece is not None and len(inputs) > 1 and not pairs and (framed or self._constant_type):
             return self._wordpiece_tokens(list(inputs), framed)
         return self._rust_tokens(list(inputs), framed, pairs)
 

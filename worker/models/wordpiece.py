@@ -49,7 +49,7 @@ _CONTROL_BYTES = bytes([*range(0x20), 0x7f])
 ASCII_CLEAN = {**{c: None for c in [*range(0x00, 0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f]},
                0x09: " ", 0x0a: " ", 0x0d: " "}
 #: Words remembered beyond the vocabulary (per process): bounds the memory that unique strings
-#: (ids, hashes, numbers) take; past it a word not seen is split each time it comes.
+#: (ids, hashes, numbers) take; past it the next chunk starts again from the vocabulary alone.
 MAX_REMEMBERED = 262_144
 
 
@@ -64,18 +64,25 @@ class _Codes(dict):
         self.unk_id = unk_id
         self.prefix = prefix
         self.max_chars = max_chars
-        self.multi: list[tuple[int, ...]] = []
+        #: the words of several tokens, by the ``k`` of their code (a dict filled under a counter:
+        #: the engine's tokenize threads share it, and each new word must keep its own ``k``)
+        self.multi: dict[int, tuple[int, ...]] = {}
+        self._next = itertools.count()
         self.limit = len(self) + MAX_REMEMBERED
+
+    def full(self) -> bool:
+        """Whether it remembers ``MAX_REMEMBERED`` words or more (then a fresh one replaces it)."""
+        return len(self) >= self.limit
 
     def __missing__(self, word: str) -> int:
         ids = self.split(word)
         if len(ids) == 1:
             code = ids[0]
         else:
-            code = -2 - len(self.multi)
-            self.multi.append(ids)
-        if len(self) < self.limit:
-            self[word] = code
+            k = next(self._next)
+            self.multi[k] = ids
+            code = -2 - k
+        self[word] = code
         return code
 
     def split(self, word: str) -> tuple[int, ...]:
@@ -174,9 +181,12 @@ class AsciiWordPiece:
         raw = joined.encode("ascii") if raw is None else raw
         plain = len(raw.translate(None, _PUNCT_BYTES)) == len(raw)
         pieces = joined.split() if plain else _PIECES.findall(joined)
-        codes = np.fromiter(map(self.codes.__getitem__, pieces), dtype=np.int64, count=len(pieces))
+        lookup = self.codes  # this call's own: another thread may replace a full one meanwhile
+        if lookup.full():
+            self.codes = lookup = _Codes(lookup.vocab, lookup.unk_id, lookup.prefix, lookup.max_chars)
+        codes = np.fromiter(map(lookup.__getitem__, pieces), dtype=np.int64, count=len(pieces))
         if (codes < _SEP_CODE).any():
-            codes = self._expand(codes)
+            codes = _expand(codes, lookup.multi)
         seps = np.flatnonzero(codes == _SEP_CODE)
         bounds = np.empty(n + 1, dtype=np.int64)
         bounds[0], bounds[1:-1], bounds[-1] = -1, seps, codes.shape[0]
@@ -184,18 +194,18 @@ class AsciiWordPiece:
         ids = np.delete(codes, seps).astype(np.int32) if seps.size else codes.astype(np.int32)
         return ids, lengths
 
-    def _expand(self, codes: np.ndarray) -> np.ndarray:
-        """Codes with each word of several tokens replaced by its ids."""
-        where = np.flatnonzero(codes < _SEP_CODE)
-        multi = self.codes.multi
-        words = [multi[-2 - code] for code in codes[where].tolist()]
-        counts = np.ones(codes.shape[0], dtype=np.int64)
-        counts[where] = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        out = np.repeat(codes, counts)
-        starts = np.zeros(codes.shape[0] + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        sizes = counts[where]
-        inside = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        out[np.repeat(starts[where], sizes) + inside] = np.fromiter(itertools.chain.from_iterable(words),
-                                                                    dtype=np.int64, count=inside.shape[0])
-        return out
+
+def _expand(codes: np.ndarray, multi: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """Codes with each word of several tokens replaced by its ids."""
+    where = np.flatnonzero(codes < _SEP_CODE)
+    words = [multi[-2 - code] for code in codes[where].tolist()]
+    counts = np.ones(codes.shape[0], dtype=np.int64)
+    counts[where] = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    out = np.repeat(codes, counts)
+    starts = np.zeros(codes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    sizes = counts[where]
+    inside = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    out[np.repeat(starts[where], sizes) + inside] = np.fromiter(itertools.chain.from_iterable(words),
+                                                                dtype=np.int64, count=inside.shape[0])
+    return out
