@@ -201,3 +201,11 @@ def test_threads_splitting_new_words_at_once_get_their_own_ids(bundled_model: Pa
         sys.setswitchinterval(interval)
     for k, texts in enumerate(batches):
         assert got[k] == [i for x in content_ids(tokenizer, texts) for i in x]
+
+
+@pytest.mark.parametrize("max_length", [1, 3])  # (2: the probe for special tokens fails, as before)
+def test_a_maximum_with_no_room_for_content_is_the_rust_tokenizers(bundled_model: Path, max_length: int) -> None:
+    tok = BatchTokenizer(bundled_model, max_length)
+    texts = ["hello world", "", "a"]
+    assert as_list(tok.encode_tokens(texts)) == [(e.ids.tolist(), e.type_ids.tolist(), e.truncated)
+                                                 for e in tok.encode(texts)]
