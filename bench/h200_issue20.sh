@@ -10,7 +10,7 @@ source .gpu/env.sh || exit 1
 ROOT=$(cd "${1:?the other checkout}" && pwd)
 SPY=${2:+$(cd "$(dirname "$2")" && pwd)/$(basename "$2")}
 cd "$(dirname "$0")/.."
-export EMBEDFLEET_CACHE=/tmp/efcache PYTHONPATH=/tmp/site:$(pwd)
+export EMBEDFLEET_CACHE=/tmp/efcache PYTHONPATH=/tmp/site:$OLDPWD/.gpu/shim:$(pwd)
 if [ -n "$SPY" ] && [ -f "$SPY" ]; then
   mkdir -p /tmp/spy && python3 -c "import lzma, sys; open('/tmp/spy/py-spy', 'wb').write(lzma.open(sys.argv[1]).read())" \
     "$SPY" && chmod +x /tmp/spy/py-spy && export PATH=/tmp/spy:$PATH
@@ -18,7 +18,7 @@ fi
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc; which py-spy
 echo "== facade load (thin, 4 facade processes; engine and thin of both trees; thin[si1] of this one)"; date -u +%T
 PROFILE=(); command -v py-spy >/dev/null && PROFILE=(--profile "$OUT/prof.md" --profile-batch 1,32 --profile-rate 250)
-timeout 200 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
+timeout 165 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
   --thin-worker si1=EMBEDFLEET_SWITCH_INTERVAL=0.001 --contender "$ROOT" --contender-paths engine,thin \
   --clients 96 --batch-clients 32 --seconds 2 --warmup 1 --passes 2 --facade-processes 4 --gen-procs 3 \
   --gen-cpus 12-15 --out "$OUT/facade.md" "${PROFILE[@]}" > "$OUT/facade.log" 2>&1
