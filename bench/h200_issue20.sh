@@ -18,11 +18,15 @@ fi
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc; which py-spy
 echo "== facade load (thin, 4 facade processes; engine and thin of both trees; thin[si1] of this one)"; date -u +%T
 PROFILE=(); command -v py-spy >/dev/null && PROFILE=(--profile "$OUT/prof.md" --profile-batch 1,32 --profile-rate 250)
-timeout 165 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
+timeout 135 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
   --thin-worker si1=EMBEDFLEET_SWITCH_INTERVAL=0.001 --contender "$ROOT" --contender-paths engine,thin \
-  --clients 96 --batch-clients 32 --seconds 2 --warmup 1 --passes 2 --facade-processes 4 --gen-procs 3 \
+  --clients 96 --batch-clients 32 --seconds 2 --warmup 0.5 --passes 2 --facade-processes 4 --gen-procs 3 \
   --gen-cpus 12-15 --out "$OUT/facade.md" "${PROFILE[@]}" > "$OUT/facade.log" 2>&1
-echo rc=$?; date -u +%T
+rc=$?; echo rc=$rc; date -u +%T
+if [ $rc -ne 0 ]; then  # which server stopped, and why: the tail of every server log of the run
+  for f in /tmp/ef-load-*/*.log; do echo "--- $f"; grep -v "Loading weights" "$f" | tail -n 12; done > "$OUT/server-logs.txt" 2>&1
+  tail -c 6000 "$OUT/server-logs.txt"
+fi
 ls "$OUT"/*.raw >/dev/null 2>&1 && (cd "$OUT" && python3 -c "import glob, tarfile; t = tarfile.open('prof-raw.tar.xz', 'w:xz'); [t.add(f) for f in sorted(glob.glob('*.raw'))]; t.close()" && rm -f ./*.raw)
 tail -40 "$OUT/facade.log"
 grep -A14 "worker, " "$OUT/prof.md" 2>/dev/null | head -70
