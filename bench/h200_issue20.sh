@@ -18,8 +18,8 @@ fi
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc; which py-spy
 echo "== facade load (thin, 4 facade processes; engine and thin of both trees; thin[si1] of this one)"; date -u +%T
 PROFILE=(); command -v py-spy >/dev/null && PROFILE=(--profile "$OUT/prof.md" --profile-batch 1,32 --profile-rate 250)
-timeout 135 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
-  --thin-worker si1=EMBEDFLEET_SWITCH_INTERVAL=0.001 --contender "$ROOT" --contender-paths engine,thin \
+timeout 112 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
+  --thin-worker si1=EMBEDFLEET_SWITCH_INTERVAL=0.001 --contender "$ROOT" --contender-paths thin \
   --clients 96 --batch-clients 32 --seconds 2 --warmup 0.5 --passes 2 --facade-processes 4 --gen-procs 3 \
   --gen-cpus 12-15 --out "$OUT/facade.md" "${PROFILE[@]}" > "$OUT/facade.log" 2>&1
 rc=$?; echo rc=$rc; date -u +%T
