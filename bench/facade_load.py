@@ -225,10 +225,17 @@ def requests_per_job(url: str) -> tuple[float, float]:
 
 
 def spawn(args: list[str], log: Path, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd),
                EMBEDFLEET_STORAGE_ROOTS=str(log.parent), **(extra_env or {}))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
+
+
+def own_path(checkout: Path) -> str:
+    """``PYTHONPATH`` with ``checkout`` first: a server's helper processes (the engine's tokenizer
+    processes get the parent's path minus its working directory) import that checkout's code,
+    not whichever tree the benchmark's own ``PYTHONPATH`` names (two trees in one run)."""
+    return os.pathsep.join([str(Path(checkout).resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 def _model(args: argparse.Namespace) -> list[str]:
@@ -273,7 +280,7 @@ class EngineProcess:
         command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                    "--backend", args.backend, "--dtype", args.dtype, "--device", args.device, *_model(args)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd))
         self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
