@@ -23,20 +23,20 @@ OUT=${OUT:-/tmp/h200-out}; mkdir -p "$OUT"
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 step() { [[ $STEPS == *$1* ]] && { echo "== $1 $2"; date -u +%T; }; }
 if step 1 "GPU tests: launches queue without a sync, graph replays = eager, kernel variants"; then
-  timeout 70 python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_paths.py \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_paths.py \
     -k "launch_queues or graph_replays or kernel_variants" 2>&1 | tail -4
 fi
 if step 2 "launch vs device time, graphs vs eager"; then
-  timeout 50 python3 -m bench.launch_diag --n 30000 --variants 2 2>&1 | grep -v "Loading weights" > $OUT/diag.log
+  timeout 45 python3 -m bench.launch_diag --n 30000 --variants 2 2>&1 | grep -v "Loading weights" > $OUT/diag.log
   echo rc=$?; grep -v "^      " $OUT/diag.log
 fi
 if step 3 "bulk MiniLM 100k: this vs $PREV"; then
-  timeout 160 python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
+  timeout 150 python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
     --variant "prev@$PREV" --out $OUT/bulk.md > $OUT/bulk.log 2>&1
   echo rc=$?; grep -v "Loading weights" $OUT/bulk.log | tail -14
 fi
 if step 4 "embedfleet run x2"; then
-  for limit in 60 35; do timeout $limit embedfleet run data/sample-corpus.parquet --out /tmp/run$limit --id-column id \
+  for limit in 50 30; do timeout $limit embedfleet run data/sample-corpus.parquet --out /tmp/run$limit --id-column id \
     --device cuda --dtype bfloat16 2>&1 | tail -2; done
 fi
 if step 5 "bulk BERT-large arch 30k: this vs $PREV"; then
