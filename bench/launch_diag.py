@@ -190,23 +190,38 @@ def engine_passes(info: Any, backend: Any, texts: list[str], budget: int, rounds
     return "\n".join(out)
 
 
-def quality(info: Any, backend: Any, texts: list[str], budget: int) -> str:
-    """Per-vector cosine of the graphed bf16 engine to an fp32 engine (eager) on the same texts."""
+def quality(info: Any, backend: Any, texts: list[str], budget: int, runs: int = 3) -> str:
+    """Per-vector cosine of the graphed bf16 engine to an fp32 engine (eager) on the same texts, run
+    ``runs`` times (a bucket is captured at its second batch, so later runs replay more)."""
     from worker.backends.torch import TorchBackend
     from worker.engine.pipeline import Engine
 
     with Engine(info, TorchBackend(info, "cuda", "float32"), max_batch_tokens=budget) as engine:
         reference = engine.run(texts).values
     set_variant(backend, True, False, True)
-    original_close = backend.close
+    counts = Counter()
+    graphs = backend.graphs
+    original_launch, original_close = graphs.launch, backend.close
+
+    def launch(flat: Any, lengths: Any) -> Any:
+        out = original_launch(flat, lengths)
+        counts["replayed" if out is not None else "eager"] += 1
+        return out
+
+    graphs.launch = launch
     backend.close = lambda: None  # this engine's stop must leave the backend for the passes after it
+    lines = []
     try:
         with Engine(info, backend, max_batch_tokens=budget) as engine:
-            got = engine.run(texts).values
+            for run in range(runs):
+                counts.clear()
+                got = engine.run(texts).values
+                cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+                lines.append(f"  run {run + 1}, {len(texts)} texts: min {cosine.min():.6f}, mean {cosine.mean():.6f} "
+                             f"(bar 0.999); batches replayed {counts['replayed']}, eager {counts['eager']}")
     finally:
-        backend.close = original_close
-    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
-    return f"  {len(texts)} texts: min {cosine.min():.6f}, mean {cosine.mean():.6f} (bar 0.999)"
+        graphs.launch, backend.close = original_launch, original_close
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -217,6 +232,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--quality-only", action="store_true", help="only the quality check (and its replays)")
     parser.add_argument("--variants", type=int, default=len(VARIANTS), help="the first N of VARIANTS per shape")
     args = parser.parse_args()
 
@@ -238,6 +254,11 @@ def main() -> None:
         backend.forward(warm)  # compiles (Triton) and loads kernels
     torch.cuda.synchronize()
 
+    if args.quality_only:
+        texts = mixed_workload(vocabulary(), n=args.n)
+        print("== quality: graphed bf16 vs fp32, the bundled model", flush=True)
+        print(quality(info, backend, texts, args.budget), flush=True)
+        return
     for salt, (label, fused, dense, graphs) in enumerate(VARIANTS[:args.variants]):
         set_variant(backend, fused, dense, graphs)
         print(f"== {label} (fused {fused}, dense groups {dense}, graphs {graphs})", flush=True)

@@ -294,6 +294,7 @@ def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, grap
     rng = np.random.default_rng(8)
     packed, _ = _batches(rng, _random_lengths(rng, 12, 100))
     backend.forward(packed)  # the first use loads and compiles, which may synchronize
+    backend.forward(packed)  # graphs: a bucket is captured at its second batch
     torch.cuda.set_sync_debug_mode("error")
     try:
         wait = backend.launch(packed)
@@ -306,21 +307,32 @@ def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, grap
 @gpu
 @pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
 def test_graph_replays_equal_eager_launches_on_gpu(fixture: str, request: pytest.FixtureRequest) -> None:
-    """Replays (new buckets, and one bucket replayed with other inputs) give the eager path's vectors."""
+    """Replays give the eager path's vectors: several buckets replayed in turn, several batches queued
+    at once, a bucket replayed with other inputs; a bucket's first batch runs eagerly."""
+    from worker.backends.varlen import graph_layout
+
     info = describe(str(request.getfixturevalue(fixture)))
     graphed = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=True)
     eager = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=False, dense_groups=False)
+    assert graphed.graphs is not None
     rng = np.random.default_rng(9)
+    batches = [_batches(rng, _random_lengths(rng, n, 100))[0] for n in (5, 17, 64, 300)]
+    same_bucket = Batch.pack([rng.integers(1000, 20000, size=int(n)).astype(np.int32) for n in batches[2].lengths],
+                             [np.zeros(int(n), dtype=np.int32) for n in batches[2].lengths])  # other ids
+    keys = {graph_layout(b.lengths)[:3] for b in batches}  # type: ignore[index]
+    assert len(keys) == len(batches)
+    expected = [eager.forward(b) for b in batches + [same_bucket]]
     waits = []
-    for n in (5, 17, 64, 300, 17, 5, 64):  # the repeats replay captured buckets with new inputs
-        packed, _ = _batches(rng, _random_lengths(rng, n, 100))
-        waits.append((graphed.launch(packed), eager.forward(packed)))  # several replays queued at once
-    for wait, expected in waits:
+    for round_ in range(3):  # 1: eager (first batch of each bucket), 2: captures, 3: replays
+        waits += [(graphed.launch(b), i) for i, b in enumerate(batches)]  # queued at once, read after
+        if round_ == 2:
+            waits.append((graphed.launch(same_bucket), len(batches)))
+        assert len(graphed.graphs.graphs) == (0 if round_ == 0 else len(keys))
+    for wait, i in waits:
         got = wait()
-        cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
-        assert got.shape == expected.shape and cosine.min() > 0.9999, cosine.min()
-    assert graphed.graphs is not None and graphed.graphs.failed is None
-    assert 1 < len(graphed.graphs.graphs) <= 4
+        cosine = (got * expected[i]).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected[i], axis=1)
+        assert got.shape == expected[i].shape and cosine.min() > 0.999, (i, cosine.min())
+    assert graphed.graphs.failed is None
 
 
 @gpu
@@ -340,10 +352,11 @@ def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
             lengths = sorted([100] * n + lengths[:3])  # a few runs of equal lengths
         packed, padded = _batches(rng, lengths)
         a, b = fast.forward(packed), reference.forward(padded)
-        if variant == "dense":  # a run shape's second batch takes the dense kernels (the first: varlen)
+        if variant in ("dense", "graphs"):  # the second batch of a run shape / bucket takes that path
             a = fast.forward(packed)
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.999, (variant, n, cosine.min())
+    assert variant != "graphs" or (fast.graphs is not None and len(fast.graphs.graphs) == 3)
 
 
 @gpu

@@ -320,7 +320,7 @@ def graph_layout(lengths: Any, max_items: int = 16384) -> tuple[int, int, int, A
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     total, n = int(lengths.sum()), int(lengths.shape[0])
-    longest = max(64, _next_pow2(int(lengths.max())))
+    longest = max(128, _next_pow2(int(lengths.max())))  # flash's query tile: shorter bounds save nothing
     tokens = token_bucket(total)
     pad = tokens - total
     pad_seqs = -(-pad // longest)
@@ -348,9 +348,9 @@ class GraphedEncoder:
     graph's static input (ids | type ids | positions | cu_seqlens) by one host-to-device copy, the
     padding tokens have id 0 at position 0, and the pooled rows of the real inputs are the first
     ``n`` rows of the graph's static output. All graphs share one memory pool (they replay one at a
-    time on one stream, so their intermediates may alias); each new bucket is captured once (a
-    warm-up run, then the capture: a few milliseconds of host time), up to ``max_graphs``; past
-    that, and for batches no bucket takes, the caller runs eagerly.
+    time on one stream, so their intermediates may alias); a bucket is captured at its second batch
+    (a warm-up run, then the capture), up to ``max_graphs``; its first batch, batches past that,
+    and batches no bucket takes run eagerly (the caller's path).
     """
 
     def __init__(self, encoder: "VarlenEncoder", pool: Callable[..., torch.Tensor], pooling: str,
@@ -361,6 +361,7 @@ class GraphedEncoder:
         self.device = torch.device(device)
         self.max_graphs = max_graphs
         self.graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._seen: set[tuple[int, int, int]] = set()  # buckets that had one batch (captured at the next)
         self._mempool: Any = None
         self._stream: Any = None
         self.failed: str | None = None  # why capture was given up (then every launch runs eagerly)
@@ -371,10 +372,9 @@ class GraphedEncoder:
         hidden = self.encoder(ids, types, positions, cu, longest, None)
         return self.pool_fn(hidden, cu, self.pooling).float()
 
-    def _capture(self, key: tuple[int, int, int], cu: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        tokens, sequences, longest = key
-        static = torch.zeros(3 * tokens + sequences + 1, dtype=torch.int32, device=self.device)
-        static[3 * tokens:] = torch.from_numpy(cu).to(self.device)  # a valid layout for the warm-up run
+    def _capture(self, key: tuple[int, int, int], static: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Capture the bucket's graph over ``static`` (already holding this batch, staged)."""
+        tokens, _, longest = key
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
             self._mempool = torch.cuda.graph_pool_handle()
@@ -398,28 +398,34 @@ class GraphedEncoder:
         """Queue the batch packed in ``flat`` (host int32 ids | type ids | positions | cu_seqlens, as
         ``TorchBackend._packed_host`` makes it) as a graph replay; its pooled ``[n, H]`` float32 rows
         (a view of the graph's static output, valid until the next replay of that graph on this
-        stream), or ``None`` when the caller must run it eagerly."""
+        stream), or ``None`` when the caller must run it eagerly: a bucket's first batch (a bucket is
+        captured on its second, so a short job whose batches all differ never pays for captures:
+        ~20 ms of host time each on the H200), no bucket, or past ``max_graphs``."""
         if self.failed is not None:
             return None
         layout = graph_layout(lengths)
         if layout is None:
             return None
-        tokens, sequences, longest, cu = layout
-        key = (tokens, sequences, longest)
+        key = layout[:3]
         entry = self.graphs.get(key)
+        if entry is None and (key not in self._seen or len(self.graphs) >= self.max_graphs):
+            if len(self._seen) < 16 * self.max_graphs:
+                self._seen.add(key)
+            return None
+        tokens, sequences, _ = key
+        static = torch.empty(3 * tokens + sequences + 1, dtype=torch.int32, device=self.device) \
+            if entry is None else entry[1]
+        staging = torch.empty(static.shape[0], dtype=torch.int32, pin_memory=True)
+        stage(flat.numpy(), len(lengths), layout, staging.numpy())
+        static.copy_(staging, non_blocking=True)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                return None
             try:
-                entry = self._capture(key, cu)
+                entry = self._capture(key, static)
             except Exception as exc:  # never fail a batch for a graph: run it eagerly from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graph capture failed, the encoder runs eagerly: %s", self.failed)
                 return None
-        graph, static, out = entry
-        staging = torch.empty(static.shape[0], dtype=torch.int32, pin_memory=True)
-        stage(flat.numpy(), len(lengths), layout, staging.numpy())
-        static.copy_(staging, non_blocking=True)
+        graph, _, out = entry
         graph.replay()
         return out[:len(lengths)]
 
