@@ -342,7 +342,10 @@ class GraphedEncoder:
     bf16): launching one packed batch eagerly costs ~3 ms of host CPU (~70 kernel launches through
     Python, ~45 us each) against 5.5 ms on the device for 65k tokens, and 6.6-7.8 ms per launch in
     the engine, where every op's release of the GIL can hand it to another thread for up to a
-    switch interval; so the device ran dry between batches. A replay is one call.
+    switch interval; so the device ran dry between batches. A replay is one call: 0.35-0.6 ms of
+    host time for the same batches (one ``cudaGraphLaunch`` instead of 69 launches; 2.6 ms for a
+    batch of 2,000 short texts, not explained yet), at the same device time (+0-1.5% for the
+    padding), measured in the same H200 call.
 
     A batch runs in the graph of its bucket (``graph_layout``): its tokens are staged into the
     graph's static input (ids | type ids | positions | cu_seqlens) by one host-to-device copy, the
