@@ -55,10 +55,17 @@ def texts_for(index: int, count: int) -> list[str]:
     return [f"{TEXT} {WORDS[(index + i) % len(WORDS)]} {index} {i}" for i in range(count)]
 
 
-def body_for(index: int, count: int) -> bytes:
+def model_name(ref: str | None) -> str:
+    """The name requests give: the bundled model's, or the slug of ``--model`` (what the worker serves it as)."""
+    from producer.jobs import model_slug
+
+    return MODEL if ref is None else model_slug(ref)
+
+
+def body_for(index: int, count: int, model: str = MODEL) -> bytes:
     if count == 1:
-        return json.dumps({"input": texts_for(index, 1)[0], "model": MODEL}).encode()
-    return json.dumps({"input": texts_for(index, count), "model": MODEL, "encoding_format": "base64"}).encode()
+        return json.dumps({"input": texts_for(index, 1)[0], "model": model}).encode()
+    return json.dumps({"input": texts_for(index, count), "model": model, "encoding_format": "base64"}).encode()
 
 
 # ------------------------------------------------------------------------------ the load generator
@@ -96,19 +103,21 @@ async def _client(host: str, port: int, path: str, bodies: list[bytes], stop_at:
         writer.close()
 
 
-async def _generate(url: str, path: str, clients: int, seconds: float, warmup: float, batch: int) -> dict[str, Any]:
+async def _generate(url: str, path: str, clients: int, seconds: float, warmup: float, batch: int,
+                    model: str = MODEL) -> dict[str, Any]:
     host, port = url.split("//")[1].split(":")
     out: dict[str, Any] = {"latencies": [], "tokens": 0, "errors": {}, "samples": []}
     begin = time.perf_counter() + warmup
     stop_at = begin + seconds
-    await asyncio.gather(*(_client(host, int(port), path, [body_for(k * 7919 + j, batch) for j in range(16)],
+    await asyncio.gather(*(_client(host, int(port), path, [body_for(k * 7919 + j, batch, model) for j in range(16)],
                                    stop_at, begin, out) for k in range(clients)))
     return out
 
 
 def generate(args: argparse.Namespace) -> None:
     """The generator process: print one JSON line (requests, tokens, latencies' percentiles)."""
-    out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch))
+    out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch,
+                                model_name(args.model)))
     ms = np.array(out["latencies"]) * 1000
     print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": out["tokens"],
                       "ms": [round(float(x), 2) for x in ms], "errors": out["errors"], "samples": out["samples"]}))
@@ -124,7 +133,7 @@ def engine_alone(args: argparse.Namespace) -> None:
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
-    info = describe(None)
+    info = describe(args.model)
     engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
     try:
         if not args.serve:
@@ -215,11 +224,16 @@ def requests_per_job(url: str) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+def spawn(args: list[str], log: Path, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent), **(extra_env or {}))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
+
+
+def _model(args: argparse.Namespace) -> list[str]:
+    """``--model`` for a child (generator, engine, worker), when one is given."""
+    return ["--model", args.model] if args.model else []
 
 
 def _pinned(cpus: str | None) -> list[str]:
@@ -237,7 +251,7 @@ def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, A
     running = [subprocess.Popen(
         [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
          "--clients", str(clients // procs + (k < clients % procs)), "--seconds", str(args.seconds),
-         "--warmup", str(args.warmup), "--batch", str(batch)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+         "--warmup", str(args.warmup), "--batch", str(batch), *_model(args)], cwd=REPO, stdout=subprocess.PIPE, text=True)
         for k in range(procs)]
     parts = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in running]
     ms = np.array([x for part in parts for x in part["ms"]])
@@ -258,7 +272,7 @@ class EngineProcess:
         self.name = name
         command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-                   "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
+                   "--backend", args.backend, "--dtype", args.dtype, "--device", args.device, *_model(args)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
@@ -304,7 +318,9 @@ class Path_:
 def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
     """(suffix, extra worker options, extra facade options) of each thin path of this checkout:
     the plain one, then each ``--thin-worker NAME=OPTIONS`` (``x3=--devices 0,0,0``: three engine
-    processes on one GPU) and each ``--thin-facade NAME=OPTIONS`` (``j16=--jobs-per-worker 16``)."""
+    processes on one GPU; an ``EMBEDFLEET_*=value`` among them goes into that worker's environment
+    only: ``si1=EMBEDFLEET_SWITCH_INTERVAL=0.001``) and each ``--thin-facade NAME=OPTIONS``
+    (``j16=--jobs-per-worker 16``)."""
     variants: list[tuple[str, list[str], list[str]]] = [("", [], [])]
     for spec in args.thin_worker:
         name, _, options = spec.partition("=")
@@ -318,6 +334,7 @@ def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str], list[s
 def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tuple[list[Path_], list[subprocess.Popen]]:
     """Every path's servers started at once (their model loads overlap), then each waited for."""
     same = ["--device", args.device, "--backend", args.backend, "--dtype", args.dtype]
+    hosted = _model(args)
     pinned = _pinned(args.server_cpus)
     paths: list[Path_] = []
     everything: list[subprocess.Popen] = []
@@ -333,8 +350,10 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             port = free_port()
             procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 else []
             name = f"thin{variant}{suffix}"
-            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients), *worker_args],
-                           work / f"{name}-worker.log", cwd)
+            settings_env = {k: v for k, _, v in (a.partition("=") for a in worker_args) if k.startswith("EMBEDFLEET_")}
+            options = [a for a in worker_args if a.partition("=")[0] not in settings_env]
+            worker = spawn(["worker", "--broker", broker, *same, *hosted, "--concurrency", str(args.clients),
+                            *options], work / f"{name}-worker.log", cwd, settings_env)
             facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split(),
                             *facade_args],
                            work / f"{name}.log", cwd)
@@ -347,7 +366,7 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             everything += [worker, facade]
         if "embedded" in wanted:
             port = free_port()
-            embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
+            embedded = spawn(["serve", "--port", str(port), *same, *hosted, "--concurrency", str(args.clients)],
                              work / f"embedded{suffix}.log", cwd)
             url = f"http://127.0.0.1:{port}"
             waits.append((url, [embedded], work / f"embedded{suffix}.log"))
@@ -368,7 +387,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
         "",
         f"Machine: {machine()}; load average {load[0]:.2f} before, {load[1]:.2f} after.",
         f"Command: `python -m bench.facade_load {' '.join(sys.argv[1:])}`",
-        f"Model: bundled {MODEL}, {args.backend} {args.dtype} on {args.device} in every path; closed-loop clients for {args.seconds:g} s per pass ({args.warmup:g} s warm-up), {args.passes} passes; "
+        f"Model: {args.model or 'bundled ' + MODEL}, {args.backend} {args.dtype} on {args.device} in every path; closed-loop clients for {args.seconds:g} s per pass ({args.warmup:g} s warm-up), {args.passes} passes; "
         f"load generator pinned to {args.gen_cpus or 'no core'}, servers to {args.server_cpus or 'no core'}.",
         "",
     ]
@@ -401,8 +420,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
 
 
 def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
-    """One more single-text run per thin path of this checkout, not counted, with py-spy sampling
-    its facade and worker processes (children included): the threads that hold the GIL
+    """One more run per thin path of this checkout (``--profile-batch`` texts a request), not
+    counted, with py-spy sampling its facade and worker processes (children included; the raw
+    stacks are kept beside ``--profile``): the threads that hold the GIL
     (``--profile-mode gil``: where the Python time goes), or every thread on a CPU (``cpu``: a
     thread spinning in C, such as a wait for the device, shows too)."""
     import shutil
@@ -414,14 +434,15 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
     for path in paths:
         if not path.name.startswith("thin") or "@" in path.name:  # this checkout's thin paths
             continue
-        files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
+        stem = re.sub(r"[^A-Za-z0-9_-]", "", path.name)  # thin[si1] -> thinsi1: the raw stacks beside --profile
+        files = [args.profile.with_name(f"{args.profile.stem}-{stem}-{role}.raw") for role in ("facade", "worker")]
         gil = ["--gil"] if args.profile_mode == "gil" else []
         spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
                                    "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
                                    "--format", "raw", "--output", str(out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for proc, out in zip(path.procs, files)]
-        run_generator(args, path.url, 1)
+        run_generator(args, path.url, args.profile_batch)
         for spy_proc in spies:
             spy_proc.wait(timeout=60)
         for role, out in zip(("facade", "worker"), files):
@@ -505,6 +526,7 @@ def main() -> None:
         p.add_argument("--backend", default="torch")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--model", default=None)
         p.add_argument("--serve", action="store_true", help="engine: one measurement per JSON line on stdin")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8)
@@ -527,6 +549,8 @@ def main() -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="A model folder every path hosts instead of the bundled "
+                        "model (a tiny random one shows the servers' own cost: the forward costs ~nothing)")
     parser.add_argument("--gen-cpus", default=None, help="taskset CPU list for the load generator")
     parser.add_argument("--server-cpus", default=None, help="taskset CPU list for the servers and the engine")
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
@@ -535,6 +559,8 @@ def main() -> None:
     parser.add_argument("--profile-mode", choices=("gil", "cpu"), default="gil", help="--profile: threads holding "
                         "the GIL, or every thread on a CPU (a thread spinning in C without the GIL too)")
     parser.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second (--profile)")
+    parser.add_argument("--profile-batch", type=int, default=1, help="--profile: texts per request of its run "
+                        "(1, or --batch for the second shape, with --batch-clients clients)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself
