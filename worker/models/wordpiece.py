@@ -6,8 +6,8 @@ most of it building what the engine never reads: per text an ``Encoding`` with t
 offsets, alignment maps, word ids and masks, then a Python object and a list of ids. For ASCII
 texts of a BERT tokenizer (``BertNormalizer`` with ``clean_text``, ``BertPreTokenizer``,
 ``WordPiece``) the same content ids come from: the chunk's texts joined with a separator,
-lower-cased once, split into words and punctuation marks (``str.split``, or one regex where the
-chunk has punctuation), each piece looked up in a dict that starts as the vocabulary and keeps
+lower-cased once, split into words and punctuation marks (``str.split``, each mark the chunk holds
+spaced first), each piece looked up in a dict that starts as the vocabulary and keeps
 every word it has split since (greedy longest match first, as ``WordPiece`` does; a word too long
 or with no match is ``[UNK]``). Text boundaries are where the separator's code lands. Special
 tokens and truncation are the caller's (``worker.models.tokenizer``, with numpy).
@@ -36,10 +36,10 @@ _SEP = "\x01"
 _JOIN = f" {_SEP} "
 #: The separator's code in the looked-up pieces; codes below it name a word of several tokens.
 _SEP_CODE = -1
-#: ASCII punctuation, each mark a piece of its own to BertPreTokenizer.
+#: ASCII punctuation, each mark a piece of its own to BertPreTokenizer; everything else (deleted
+#: from a chunk's bytes, what is left is the marks it holds).
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-_PUNCT_BYTES = _PUNCT.encode("ascii")
-_PIECES = re.compile(r"[0-9A-Za-z]+|[!-/:-@\[-`{-~\x01]")
+_NOT_PUNCT_BYTES = bytes(c for c in range(256) if chr(c) not in _PUNCT)
 #: Control characters other than the separator (BertNormalizer removes or maps them).
 _CONTROL = re.compile(r"[\x00\x02-\x1f\x7f]")
 #: Every ASCII control character, the separator included (a chunk's count of them is checked in C).
@@ -179,8 +179,9 @@ class AsciiWordPiece:
         if n == 0:
             return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
         raw = joined.encode("ascii") if raw is None else raw
-        plain = len(raw.translate(None, _PUNCT_BYTES)) == len(raw)
-        pieces = joined.split() if plain else _PIECES.findall(joined)
+        for mark in set(raw.translate(None, _NOT_PUNCT_BYTES).decode("ascii")):
+            joined = joined.replace(mark, f" {mark} ")  # spaced, so that ``split`` isolates it
+        pieces = joined.split()
         lookup = self.codes  # this call's own: another thread may replace a full one meanwhile
         if lookup.full():
             self.codes = lookup = _Codes(lookup.vocab, lookup.unk_id, lookup.prefix, lookup.max_chars)
