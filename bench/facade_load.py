@@ -225,10 +225,17 @@ def requests_per_job(url: str) -> tuple[float, float]:
 
 
 def spawn(args: list[str], log: Path, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd),
                EMBEDFLEET_STORAGE_ROOTS=str(log.parent), **(extra_env or {}))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
+
+
+def own_path(checkout: Path) -> str:
+    """``PYTHONPATH`` with ``checkout`` first: a server's helper processes (the engine's tokenizer
+    processes get the parent's path minus its working directory) import that checkout's code,
+    not whichever tree the benchmark's own ``PYTHONPATH`` names (two trees in one run)."""
+    return os.pathsep.join([str(Path(checkout).resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 def _model(args: argparse.Namespace) -> list[str]:
@@ -273,7 +280,7 @@ class EngineProcess:
         command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                    "--backend", args.backend, "--dtype", args.dtype, "--device", args.device, *_model(args)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd))
         self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
@@ -420,9 +427,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
 
 
 def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
-    """One more run per thin path of this checkout (``--profile-batch`` texts a request), not
-    counted, with py-spy sampling its facade and worker processes (children included; the raw
-    stacks are kept beside ``--profile``): the threads that hold the GIL
+    """One more run per thin path of this checkout and per shape of ``--profile-batch`` (texts a
+    request: ``1,32``), not counted, with py-spy sampling its facade and worker processes (children
+    included; the raw stacks are kept beside ``--profile``): the threads that hold the GIL
     (``--profile-mode gil``: where the Python time goes), or every thread on a CPU (``cpu``: a
     thread spinning in C, such as a wait for the device, shows too)."""
     import shutil
@@ -434,21 +441,28 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
     for path in paths:
         if not path.name.startswith("thin") or "@" in path.name:  # this checkout's thin paths
             continue
-        stem = re.sub(r"[^A-Za-z0-9_-]", "", path.name)  # thin[si1] -> thinsi1: the raw stacks beside --profile
-        files = [args.profile.with_name(f"{args.profile.stem}-{stem}-{role}.raw") for role in ("facade", "worker")]
-        gil = ["--gil"] if args.profile_mode == "gil" else []
-        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
-                                   "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
-                                   "--format", "raw", "--output", str(out)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for proc, out in zip(path.procs, files)]
-        run_generator(args, path.url, args.profile_batch)
-        for spy_proc in spies:
-            spy_proc.wait(timeout=60)
-        for role, out in zip(("facade", "worker"), files):
-            kind = "GIL-holding" if args.profile_mode == "gil" else "on-CPU"
-            summaries.append(f"### {path.name} {role} ({kind} samples)\n{summarize_profile(out)}")
+        for batch in (int(b) for b in str(args.profile_batch).split(",")):
+            summaries.append(_profile_run(args, spy, path, batch))
     return "\n\n".join(summaries)
+
+
+def _profile_run(args: argparse.Namespace, spy: str, path: Path_, batch: int) -> str:
+    """One generator run of ``batch`` texts a request on ``path`` under py-spy; its summaries."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "", path.name)  # thin[si1] -> thinsi1
+    files = [args.profile.with_name(f"{args.profile.stem}-{stem}-b{batch}-{role}.raw") for role in ("facade", "worker")]
+    gil = ["--gil"] if args.profile_mode == "gil" else []
+    spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
+                               "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
+                               "--format", "raw", "--output", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for proc, out in zip(path.procs, files)]
+    out = run_generator(args, path.url, batch)
+    for spy_proc in spies:
+        spy_proc.wait(timeout=60)
+    kind = "GIL-holding" if args.profile_mode == "gil" else "on-CPU"
+    rate = f"{out['requests'] / args.seconds:,.0f} requests/s during it"
+    return "\n\n".join(f"### {path.name} {role}, {batch} text(s) a request ({kind} samples, {rate})\n"
+                        f"{summarize_profile(raw)}" for role, raw in zip(("facade", "worker"), files))
 
 
 def summarize_profile(raw: Path, top: int = 40) -> str:
@@ -559,8 +573,8 @@ def main() -> None:
     parser.add_argument("--profile-mode", choices=("gil", "cpu"), default="gil", help="--profile: threads holding "
                         "the GIL, or every thread on a CPU (a thread spinning in C without the GIL too)")
     parser.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second (--profile)")
-    parser.add_argument("--profile-batch", type=int, default=1, help="--profile: texts per request of its run "
-                        "(1, or --batch for the second shape, with --batch-clients clients)")
+    parser.add_argument("--profile-batch", default="1", help="--profile: texts per request of its runs, one run "
+                        "each (1,32: both shapes; a batch over 1 runs with --batch-clients clients)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself
