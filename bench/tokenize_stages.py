@@ -5,8 +5,13 @@ Stages, each timed alone on the same chunks of the short workload (MiniLM's toke
 the tokenizer processes' size):
 
     tokenize     ``BatchTokenizer.encode_tokens`` in this thread, single-threaded as in a
-                 tokenizer process (``TOKENIZERS_PARALLELISM=false``): the child's whole work
-    rust         the Rust batch call alone (``encode_batch_fast``), for reference
+                 tokenizer process (``TOKENIZERS_PARALLELISM=false``): the child's whole work,
+                 which is ``call`` + ``build``:
+    call         the tokenizer call: the Rust batch call (through the ASCII shortcut's normalizer,
+                 ``_encode_fast``) where the checkout has no ``AsciiWordPiece``, else its ``content``
+    build        from that call's result to ``Tokens``: the ids lists read and flattened
+                 (``Tokens.from_lists``), or the special tokens and truncation put on (``Tokens.framed``)
+    rust         the plain Rust batch call (``encode_batch_fast``, full normalizer), for reference
     pickle       the answer's pickle out and back (``Tokens``), and its bytes a text
     child        a round trip through one tokenizer process (``TokenizerProcesses``), wall time,
                  and the calling thread's CPU time (what the engine process pays under its GIL)
@@ -36,7 +41,7 @@ from typing import Any, Callable
 from bench.common import REPO, machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-STAGES = ("tokenize", "rust", "pickle", "child", "child_cpu", "schedule", "pack")
+STAGES = ("tokenize", "call", "build", "rust", "pickle", "child", "child_cpu", "schedule", "pack")
 
 
 def _best(run: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -46,6 +51,27 @@ def _best(run: Callable[[], Any], repeats: int, clock: Callable[[], float] = tim
         run()
         best = min(best, clock() - start)
     return best
+
+
+def _call_and_build(tokenizer: Any, np: Any) -> tuple[Callable[[list[str]], Any], Callable[[Any], Any]]:
+    """``encode_tokens`` of single texts in its two halves, for this checkout or an older one."""
+    from worker.models.tokenizer import Tokens
+
+    wordpiece = getattr(tokenizer, "_wordpiece", None)
+    prefix, suffix, type_id = tokenizer._special_frame
+    room = tokenizer.max_length - len(prefix) - len(suffix)
+    if wordpiece is not None:
+        return wordpiece.content, lambda r: Tokens.framed(r[1], r[2], prefix, suffix, room, type_id)
+
+    def from_lists(encodings: list[Any]) -> Any:  # the older encode_tokens after its tokenizer call
+        ids = [enc.ids for enc in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        truncated = np.zeros(len(ids), dtype=bool)
+        for i in np.flatnonzero(lengths >= tokenizer.max_length):
+            truncated[i] = bool(encodings[i].overflowing)
+        return Tokens.from_lists(ids, truncated, type_id=type_id)
+
+    return (lambda chunk: tokenizer._encode_fast(chunk, add_special_tokens=True)), from_lists
 
 
 def child(args: argparse.Namespace) -> None:
@@ -73,6 +99,10 @@ def child(args: argparse.Namespace) -> None:
         return lambda: [call(chunk) for chunk in chunks]
 
     out["tokenize"] = _best(each(tokenizer.encode_tokens), args.repeats) / n * 1e6
+    call, build = _call_and_build(tokenizer, np)
+    results = [call(chunk) for chunk in chunks]
+    out["call"] = _best(each(call), args.repeats) / n * 1e6
+    out["build"] = _best(lambda: [build(r) for r in results], args.repeats) / n * 1e6
     rust = tokenizer._tokenizer
     out["rust"] = _best(each(lambda c: rust.encode_batch_fast(c, add_special_tokens=True)), args.repeats) / n * 1e6
     tokens = [tokenizer.encode_tokens(chunk) for chunk in chunks]
