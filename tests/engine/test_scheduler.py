@@ -10,6 +10,7 @@ a number: a block's owner is the array of its items' numbers, so item ``k`` of a
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -444,3 +445,27 @@ def test_the_shortcuts_for_a_pool_that_fits_give_the_batches_of_the_sorting_path
             assert got[0].owner.tolist() == got[1].owner.tolist()
             assert got[0].lengths.tolist() == got[1].lengths.tolist()
             assert _state(fast) == _state(slow)
+
+
+def test_arrivals_wake_the_batch_former_only_when_they_change_what_it_waits_for() -> None:
+    """A waiter is woken by items where there were none and by a pool that now fills a batch;
+    a block that does neither (it waits for the device, which ``poke`` announces) leaves it be.
+    A waiter held by ``wanted`` still gets the full batch the arrivals make, without a poke."""
+    s = Scheduler(max_batch_tokens=20, padded=False)
+    wakes = []
+    notify_all = s._cond.notify_all
+    s._cond.notify_all = lambda: (wakes.append(len(s)), notify_all())  # type: ignore[method-assign]
+    s.add(np.array([5]), np.array([0]))
+    s.add(np.array([5]), np.array([1]))
+    assert wakes == [1]  # from empty only
+    got: list[Picked | None] = []
+    waiter = threading.Thread(target=lambda: got.append(s.next_batch(timeout=5, wanted=lambda: False)))
+    waiter.start()
+    time.sleep(0.05)  # let it wait (the result below does not depend on it: the pool fills either way)
+    s.add(np.array([5, 5]), np.array([2, 3]))
+    waiter.join(5)
+    assert wakes == [1, 4]  # the block that filled the budget woke it
+    assert got and got[0] is not None and sorted(_numbers(got[0])) == [0, 1, 2, 3]
+    s.add(np.array([25]), np.array([4]))
+    s.add(np.array([1]), np.array([5]))
+    assert wakes == [1, 4, 1]  # a full pool gets no further wake-ups for more items

@@ -163,14 +163,21 @@ class Scheduler:
     def add_many(self, blocks: Sequence["Incoming"]) -> None:
         """Queue several blocks (``add``'s arguments each) under one lock, with one wake-up of
         the thread forming batches: many small calls tokenized together arrive as one event,
-        not one hand-over of the GIL each."""
+        not one hand-over of the GIL each.
+
+        The waiters are woken only when the blocks can change what ``next_batch`` waits for:
+        items where there were none, or a pool that now fills a batch. Otherwise a waiter is
+        waiting for ``wanted`` (the device), whose change ``poke`` announces; waking it for
+        every tokenized chunk (a GPU engine with tokenizer processes: several a batch) would only
+        hand it the GIL to wait again."""
         with self._cond:
             if self._closed:
                 raise EngineStopped("the engine is stopping; no new work is accepted")
+            was_empty, was_full = self._count == 0, self._full()
             added = 0
             for block in blocks:
                 added += self._append(block)
-            if added:
+            if added and (was_empty or (not was_full and self._full())):
                 self._cond.notify_all()
 
     def _append(self, block: "Incoming") -> int:
