@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pybase64
 import pyarrow as pa
 
 from producer import sources, storage
@@ -103,7 +104,7 @@ def normalize_out(out: str) -> str:
 
 
 def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
-    raw = np.frombuffer(base64.b64decode(data_b64), dtype="<f4")
+    raw = np.frombuffer(pybase64.b64decode(data_b64), dtype="<f4")
     return raw.reshape(n_items, dims).astype(np.float32, copy=False)
 
 

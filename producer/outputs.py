@@ -17,11 +17,11 @@ This module is shared by both sides and imports nothing from the worker.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
+import pybase64
 
 OutputName = Literal["dense", "sparse", "multivector"]
 #: Every output type, in the order columns and answers list them.
@@ -48,11 +48,11 @@ def parse_outputs(text: str | None) -> tuple[str, ...] | None:
 
 
 def _b64(array: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+    return pybase64.b64encode_as_string(np.ascontiguousarray(array, dtype=dtype).tobytes())
 
 
 def _unb64(data: str, dtype: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(data), dtype=dtype)
+    return np.frombuffer(pybase64.b64decode(data), dtype=dtype)
 
 
 def _offsets(counts: Sequence[int]) -> np.ndarray:

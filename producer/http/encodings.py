@@ -19,10 +19,10 @@ One module so every route (OpenAI's ``encoding_format``, Voyage's ``output_dtype
 
 from __future__ import annotations
 
-import base64
 from typing import Any, Literal
 
 import numpy as np
+import pybase64
 
 Quantized = Literal["int8", "uint8", "binary", "ubinary"]
 NumericType = Literal["float", "int8", "uint8", "binary", "ubinary"]
@@ -76,4 +76,4 @@ def base64_rows(vectors: np.ndarray, kind: str = "float", float_dtype: str = "fl
         values = np.ascontiguousarray(vectors, dtype=np.dtype(f"{code}f{2 if float_dtype == 'float16' else 4}"))
     else:
         values = as_type(vectors, kind)
-    return [base64.b64encode(row.tobytes()).decode("ascii") for row in values]
+    return [pybase64.b64encode_as_string(row.tobytes()) for row in values]

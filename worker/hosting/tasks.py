@@ -8,7 +8,6 @@ its data is bad (``producer.errors``: ``permanent``), and given back on everythi
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import logging
 import time
@@ -16,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 import numpy as np
+import pybase64
 from celery import shared_task
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
@@ -56,8 +56,9 @@ INLINE_TIMEOUT_S = 300.0
 
 
 def encode_f32(values: np.ndarray) -> str:
-    """Base64 of little-endian float32: a quarter of JSON floats' size, and exact."""
-    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+    """Base64 of little-endian float32: a quarter of JSON floats' size, and exact. pybase64 (SIMD) because a
+    32-text answer cost the stdlib ~91 µs of the worker's GIL against ~9 µs (2-core Zen 4, stop 27)."""
+    return pybase64.b64encode_as_string(np.ascontiguousarray(values, dtype="<f4").tobytes())
 
 
 def inline_job(payload: dict[str, Any]) -> InlineJob:

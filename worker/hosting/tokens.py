@@ -8,10 +8,10 @@ and no position, like every other inline call.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from producer.jobs import InlineResult, TokensJob
 from producer.rules import text_problem, token_ids_problem
@@ -149,4 +149,4 @@ def _embed_all(engine: Engine, job: TokensJob) -> InlineResult:
         raise ValueError(f"non-finite token embeddings for inputs {bad}")
     n_tokens = [int(states[i].shape[0]) if i in states else 0 for i in range(len(job.inputs))]
     return InlineResult(kind=engine.info.kind, model=job.model, n_items=int(flat.shape[0]), dims=int(flat.shape[1]),
-                        data_b64=base64.b64encode(flat.astype("<f4").tobytes()).decode("ascii"), n_tokens=n_tokens, errors=errors)
+                        data_b64=pybase64.b64encode_as_string(flat.astype("<f4").tobytes()), n_tokens=n_tokens, errors=errors)
