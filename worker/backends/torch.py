@@ -223,7 +223,10 @@ class TorchBackend(Backend):
         ``asynchronous`` below), which the bge-m3 memory bar has no room for.
         """
         encoder = self.encoder
-        if wanted is False or (wanted is None and not GRAPHS_BY_DEFAULT):
+        if wanted is None and settings().cuda_graphs is False:
+            return None
+        default = GRAPHS_BY_DEFAULT if settings().cuda_graphs is None else True
+        if wanted is False or (wanted is None and not default):
             return None
         reason = None if self.cuda else "not on CUDA"
         if reason is None and (encoder is None or isinstance(encoder, DecoderEncoder)):
