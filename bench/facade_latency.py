@@ -131,22 +131,48 @@ def callers(engine: Any, broker: str, embedded_url: str, thin_url: str,
     return calls
 
 
-def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int, gap: float) -> dict[str, list[float]]:
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time of these processes, every thread and every descendant, in ns (/proc's schedstat:
+    exact, where utime and stime count 10 ms ticks)."""
+    total = 0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def interleaved(calls: dict[str, Callable[[], None]], n: int, warmup: int, gap: float,
+                servers: dict[str, list[int]] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each round times one call of every path, so load drift on a shared machine hits all alike.
 
     ``gap`` seconds of quiet precede every call: a path must not pay for the previous one's
     leftovers (the CPU math library's threads spin for a while after each forward pass, and
-    on 2 cores that slows whatever runs next by several ms).
+    on 2 cores that slows whatever runs next by several ms). The CPU time of the processes
+    serving a path (``servers``) is read before its call and after the quiet that follows it,
+    so what they spend after answering counts too; the mean per call (ms) comes back beside the
+    latencies.
     """
     out: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, int] = {name: 0 for name in calls}
+    servers = servers or {}
+    time.sleep(gap)
     for round_ in range(warmup + n):
         for name, call in calls.items():
-            time.sleep(gap)
+            before = cpu_ns(servers.get(name, []))
             start = time.perf_counter()
             call()
+            elapsed = time.perf_counter() - start
+            time.sleep(gap)
             if round_ >= warmup:
-                out[name].append((time.perf_counter() - start) * 1000)
-    return out
+                out[name].append(elapsed * 1000)
+                cpu[name] += cpu_ns(servers.get(name, [])) - before
+    return out, {name: cpu[name] / 1e6 / max(1, n) for name in calls if servers.get(name)}
 
 
 def http_throughput(url: str, clients: int, total: int) -> tuple[float, float]:
@@ -218,7 +244,12 @@ def run(args: argparse.Namespace) -> str:
         for name, c in (("embedded", card), ("thin", thin_card)):
             if (c["backend"], c["dtype"]) != loaded:
                 raise SystemExit(f"the {name} server runs {c['backend']} {c['dtype']}, the engine {loaded}: not comparable")
-        ms = interleaved(callers(engine, redis.url, e_url, t_url, contender), args.requests, args.warmup, args.gap)
+        servers = {"queue": [worker.pid], "embedded": [embedded.pid], "thin": [thin.pid, worker.pid],
+                   "thin_httpx": [thin.pid, worker.pid]}
+        if args.contender:
+            servers.update({"embedded@contender": [procs[3].pid], "thin@contender": [procs[5].pid, procs[4].pid]})
+        ms, server_ms = interleaved(callers(engine, redis.url, e_url, t_url, contender), args.requests, args.warmup,
+                                    args.gap, servers)
         stats = {name: summary(values) for name, values in ms.items()}
         print({k: round(v["p50"], 2) for k, v in stats.items()}, flush=True)
         tput: dict[str, tuple[float, float]] = {}
@@ -237,7 +268,8 @@ def run(args: argparse.Namespace) -> str:
     def line(name: str, label: str) -> str:
         s = stats[name]
         added = "-" if name == "engine" else f"{s['p50'] - stats['engine']['p50']:+.2f} / {paired(ms[name], ms['engine']):+.2f}"
-        return f"| {label} | {s['p50']:.2f} | {s['p99']:.2f} | {s['mean']:.2f} | {added} |"
+        cpu = f"{server_ms[name]:.2f}" if name in server_ms else "-"
+        return f"| {label} | {s['p50']:.2f} | {s['p99']:.2f} | {s['mean']:.2f} | {added} | {cpu} |"
 
     lines = [
         f"## Facade latency and throughput — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -248,10 +280,12 @@ def run(args: argparse.Namespace) -> str:
         f"Model: bundled all-MiniLM-L6-v2 on {card['device']}, {card['backend']} {card['dtype']} in every path. One text of "
         f"{len(TEXT.split())} words per request. Latency: {args.requests} rounds after {args.warmup} warm-up "
         "rounds; each round times one call of every path in turn (so load drift hits all paths alike), "
-        f"each call after {args.gap * 1000:.0f} ms of quiet.",
+        f"each call after {args.gap * 1000:.0f} ms of quiet; a path's server CPU is counted from its call's "
+        "start to the end of the quiet after it (the queue-only path's client, Celery's send_task and get, runs in this process and is not counted).",
         "",
-        "| path | p50 ms | p99 ms | mean ms | added vs engine, ms: p50 difference / median paired difference |",
-        "|---|---|---|---|---|",
+        "| path | p50 ms | p99 ms | mean ms | added vs engine, ms: p50 difference / median paired difference "
+        "| server CPU ms / call (facade + worker processes) |",
+        "|---|---|---|---|---|---|",
         line("engine", "engine alone (Engine.run, in process)"),
         line("queue", "queue only: send_task + result via Redis (no HTTP)"),
         line("embedded", "embedded: HTTP -> facade -> memory transport -> worker"),

@@ -55,10 +55,17 @@ def texts_for(index: int, count: int) -> list[str]:
     return [f"{TEXT} {WORDS[(index + i) % len(WORDS)]} {index} {i}" for i in range(count)]
 
 
-def body_for(index: int, count: int) -> bytes:
+def model_name(ref: str | None) -> str:
+    """The name requests give: the bundled model's, or the slug of ``--model`` (what the worker serves it as)."""
+    from producer.jobs import model_slug
+
+    return MODEL if ref is None else model_slug(ref)
+
+
+def body_for(index: int, count: int, model: str = MODEL) -> bytes:
     if count == 1:
-        return json.dumps({"input": texts_for(index, 1)[0], "model": MODEL}).encode()
-    return json.dumps({"input": texts_for(index, count), "model": MODEL, "encoding_format": "base64"}).encode()
+        return json.dumps({"input": texts_for(index, 1)[0], "model": model}).encode()
+    return json.dumps({"input": texts_for(index, count), "model": model, "encoding_format": "base64"}).encode()
 
 
 # ------------------------------------------------------------------------------ the load generator
@@ -96,19 +103,21 @@ async def _client(host: str, port: int, path: str, bodies: list[bytes], stop_at:
         writer.close()
 
 
-async def _generate(url: str, path: str, clients: int, seconds: float, warmup: float, batch: int) -> dict[str, Any]:
+async def _generate(url: str, path: str, clients: int, seconds: float, warmup: float, batch: int,
+                    model: str = MODEL) -> dict[str, Any]:
     host, port = url.split("//")[1].split(":")
     out: dict[str, Any] = {"latencies": [], "tokens": 0, "errors": {}, "samples": []}
     begin = time.perf_counter() + warmup
     stop_at = begin + seconds
-    await asyncio.gather(*(_client(host, int(port), path, [body_for(k * 7919 + j, batch) for j in range(16)],
+    await asyncio.gather(*(_client(host, int(port), path, [body_for(k * 7919 + j, batch, model) for j in range(16)],
                                    stop_at, begin, out) for k in range(clients)))
     return out
 
 
 def generate(args: argparse.Namespace) -> None:
     """The generator process: print one JSON line (requests, tokens, latencies' percentiles)."""
-    out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch))
+    out = asyncio.run(_generate(args.url, args.path, args.clients, args.seconds, args.warmup, args.batch,
+                                model_name(args.model)))
     ms = np.array(out["latencies"]) * 1000
     print(json.dumps({"requests": len(ms), "seconds": args.seconds, "tokens": out["tokens"],
                       "ms": [round(float(x), 2) for x in ms], "errors": out["errors"], "samples": out["samples"]}))
@@ -124,7 +133,7 @@ def engine_alone(args: argparse.Namespace) -> None:
     from worker.engine.pipeline import Engine
     from worker.models.resolve import describe
 
-    info = describe(None)
+    info = describe(args.model)
     engine = Engine(info, load_backend(args.backend, info, args.device, args.dtype).backend).start()
     try:
         if not args.serve:
@@ -215,11 +224,23 @@ def requests_per_job(url: str) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               EMBEDFLEET_STORAGE_ROOTS=str(log.parent))  # a worker needs roots; these calls touch no storage
+def spawn(args: list[str], log: Path, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd),
+               EMBEDFLEET_STORAGE_ROOTS=str(log.parent), **(extra_env or {}))  # a worker needs roots; these calls touch no storage
     return subprocess.Popen([sys.executable, "-c", ENTRY, *args], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
+
+
+def own_path(checkout: Path) -> str:
+    """``PYTHONPATH`` with ``checkout`` first: a server's helper processes (the engine's tokenizer
+    processes get the parent's path minus its working directory) import that checkout's code,
+    not whichever tree the benchmark's own ``PYTHONPATH`` names (two trees in one run)."""
+    return os.pathsep.join([str(Path(checkout).resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
+def _model(args: argparse.Namespace) -> list[str]:
+    """``--model`` for a child (generator, engine, worker), when one is given."""
+    return ["--model", args.model] if args.model else []
 
 
 def _pinned(cpus: str | None) -> list[str]:
@@ -237,7 +258,7 @@ def run_generator(args: argparse.Namespace, url: str, batch: int) -> dict[str, A
     running = [subprocess.Popen(
         [*_pinned(args.gen_cpus), sys.executable, "-m", "bench.facade_load", "generate", "--url", url,
          "--clients", str(clients // procs + (k < clients % procs)), "--seconds", str(args.seconds),
-         "--warmup", str(args.warmup), "--batch", str(batch)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+         "--warmup", str(args.warmup), "--batch", str(batch), *_model(args)], cwd=REPO, stdout=subprocess.PIPE, text=True)
         for k in range(procs)]
     parts = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in running]
     ms = np.array([x for part in parts for x in part["ms"]])
@@ -258,8 +279,8 @@ class EngineProcess:
         self.name = name
         command = [*_pinned(args.server_cpus), sys.executable, "-m", "bench.facade_load", "engine", "--serve",
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-                   "--backend", args.backend, "--dtype", args.dtype, "--device", args.device]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                   "--backend", args.backend, "--dtype", args.dtype, "--device", args.device, *_model(args)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=own_path(cwd))
         self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
@@ -304,7 +325,9 @@ class Path_:
 def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
     """(suffix, extra worker options, extra facade options) of each thin path of this checkout:
     the plain one, then each ``--thin-worker NAME=OPTIONS`` (``x3=--devices 0,0,0``: three engine
-    processes on one GPU) and each ``--thin-facade NAME=OPTIONS`` (``j16=--jobs-per-worker 16``)."""
+    processes on one GPU; an ``EMBEDFLEET_*=value`` among them goes into that worker's environment
+    only: ``si1=EMBEDFLEET_SWITCH_INTERVAL=0.001``) and each ``--thin-facade NAME=OPTIONS``
+    (``j16=--jobs-per-worker 16``)."""
     variants: list[tuple[str, list[str], list[str]]] = [("", [], [])]
     for spec in args.thin_worker:
         name, _, options = spec.partition("=")
@@ -318,6 +341,7 @@ def thin_variants(args: argparse.Namespace) -> list[tuple[str, list[str], list[s
 def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tuple[list[Path_], list[subprocess.Popen]]:
     """Every path's servers started at once (their model loads overlap), then each waited for."""
     same = ["--device", args.device, "--backend", args.backend, "--dtype", args.dtype]
+    hosted = _model(args)
     pinned = _pinned(args.server_cpus)
     paths: list[Path_] = []
     everything: list[subprocess.Popen] = []
@@ -333,8 +357,10 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             port = free_port()
             procs = ["--processes", str(args.facade_processes)] if args.facade_processes > 1 else []
             name = f"thin{variant}{suffix}"
-            worker = spawn(["worker", "--broker", broker, *same, "--concurrency", str(args.clients), *worker_args],
-                           work / f"{name}-worker.log", cwd)
+            settings_env = {k: v for k, _, v in (a.partition("=") for a in worker_args) if k.startswith("EMBEDFLEET_")}
+            options = [a for a in worker_args if a.partition("=")[0] not in settings_env]
+            worker = spawn(["worker", "--broker", broker, *same, *hosted, "--concurrency", str(args.clients),
+                            *options], work / f"{name}-worker.log", cwd, settings_env)
             facade = spawn(["serve", "--broker", broker, "--port", str(port), *procs, *args.facade_args.split(),
                             *facade_args],
                            work / f"{name}.log", cwd)
@@ -347,7 +373,7 @@ def start_paths(args: argparse.Namespace, work: Path, redis: RedisProcess) -> tu
             everything += [worker, facade]
         if "embedded" in wanted:
             port = free_port()
-            embedded = spawn(["serve", "--port", str(port), *same, "--concurrency", str(args.clients)],
+            embedded = spawn(["serve", "--port", str(port), *same, *hosted, "--concurrency", str(args.clients)],
                              work / f"embedded{suffix}.log", cwd)
             url = f"http://127.0.0.1:{port}"
             waits.append((url, [embedded], work / f"embedded{suffix}.log"))
@@ -368,7 +394,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
         "",
         f"Machine: {machine()}; load average {load[0]:.2f} before, {load[1]:.2f} after.",
         f"Command: `python -m bench.facade_load {' '.join(sys.argv[1:])}`",
-        f"Model: bundled {MODEL}, {args.backend} {args.dtype} on {args.device} in every path; closed-loop clients for {args.seconds:g} s per pass ({args.warmup:g} s warm-up), {args.passes} passes; "
+        f"Model: {args.model or 'bundled ' + MODEL}, {args.backend} {args.dtype} on {args.device} in every path; closed-loop clients for {args.seconds:g} s per pass ({args.warmup:g} s warm-up), {args.passes} passes; "
         f"load generator pinned to {args.gen_cpus or 'no core'}, servers to {args.server_cpus or 'no core'}.",
         "",
     ]
@@ -401,8 +427,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
 
 
 def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> str:
-    """One more single-text run per thin path of this checkout, not counted, with py-spy sampling
-    its facade and worker processes (children included): the threads that hold the GIL
+    """One more run per thin path of this checkout and per shape of ``--profile-batch`` (texts a
+    request: ``1,32``), not counted, with py-spy sampling its facade and worker processes (children
+    included; the raw stacks are kept beside ``--profile``): the threads that hold the GIL
     (``--profile-mode gil``: where the Python time goes), or every thread on a CPU (``cpu``: a
     thread spinning in C, such as a wait for the device, shows too)."""
     import shutil
@@ -414,20 +441,28 @@ def profile_paths(args: argparse.Namespace, paths: list[Path_], work: Path) -> s
     for path in paths:
         if not path.name.startswith("thin") or "@" in path.name:  # this checkout's thin paths
             continue
-        files = [work / f"{path.name}-{role}.raw" for role in ("facade", "worker")]
-        gil = ["--gil"] if args.profile_mode == "gil" else []
-        spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
-                                   "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
-                                   "--format", "raw", "--output", str(out)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for proc, out in zip(path.procs, files)]
-        run_generator(args, path.url, 1)
-        for spy_proc in spies:
-            spy_proc.wait(timeout=60)
-        for role, out in zip(("facade", "worker"), files):
-            kind = "GIL-holding" if args.profile_mode == "gil" else "on-CPU"
-            summaries.append(f"### {path.name} {role} ({kind} samples)\n{summarize_profile(out)}")
+        for batch in (int(b) for b in str(args.profile_batch).split(",")):
+            summaries.append(_profile_run(args, spy, path, batch))
     return "\n\n".join(summaries)
+
+
+def _profile_run(args: argparse.Namespace, spy: str, path: Path_, batch: int) -> str:
+    """One generator run of ``batch`` texts a request on ``path`` under py-spy; its summaries."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "", path.name)  # thin[si1] -> thinsi1
+    files = [args.profile.with_name(f"{args.profile.stem}-{stem}-b{batch}-{role}.raw") for role in ("facade", "worker")]
+    gil = ["--gil"] if args.profile_mode == "gil" else []
+    spies = [subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--subprocesses", *gil, "--nonblocking",
+                               "--rate", str(args.profile_rate), "--duration", str(int(args.seconds + args.warmup)),
+                               "--format", "raw", "--output", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for proc, out in zip(path.procs, files)]
+    out = run_generator(args, path.url, batch)
+    for spy_proc in spies:
+        spy_proc.wait(timeout=60)
+    kind = "GIL-holding" if args.profile_mode == "gil" else "on-CPU"
+    rate = f"{out['requests'] / args.seconds:,.0f} requests/s during it"
+    return "\n\n".join(f"### {path.name} {role}, {batch} text(s) a request ({kind} samples, {rate})\n"
+                        f"{summarize_profile(raw)}" for role, raw in zip(("facade", "worker"), files))
 
 
 def summarize_profile(raw: Path, top: int = 40) -> str:
@@ -505,6 +540,7 @@ def main() -> None:
         p.add_argument("--backend", default="torch")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--model", default=None)
         p.add_argument("--serve", action="store_true", help="engine: one measurement per JSON line on stdin")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8)
@@ -527,6 +563,8 @@ def main() -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="A model folder every path hosts instead of the bundled "
+                        "model (a tiny random one shows the servers' own cost: the forward costs ~nothing)")
     parser.add_argument("--gen-cpus", default=None, help="taskset CPU list for the load generator")
     parser.add_argument("--server-cpus", default=None, help="taskset CPU list for the servers and the engine")
     parser.add_argument("--out", type=Path, default=None, help="Append the Markdown report here")
@@ -535,6 +573,8 @@ def main() -> None:
     parser.add_argument("--profile-mode", choices=("gil", "cpu"), default="gil", help="--profile: threads holding "
                         "the GIL, or every thread on a CPU (a thread spinning in C without the GIL too)")
     parser.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second (--profile)")
+    parser.add_argument("--profile-batch", default="1", help="--profile: texts per request of its runs, one run "
+                        "each (1,32: both shapes; a batch over 1 runs with --batch-clients clients)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     passive_openmp()  # the engine alone runs with the OpenMP setting the worker's CLI gives itself

@@ -79,16 +79,19 @@ def child(args: argparse.Namespace) -> None:
         return sum(sum(r.n_tokens) for r in results)
 
     tokens = run()  # warm-up
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(args.passes):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    processes = getattr(engine, "tokenizer_processes", None)
     engine.stop()
     import worker
 
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "texts": sum(map(len, requests)),
-                      "budget": engine.max_batch_tokens, "package": worker.__file__}), flush=True)
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu": cpu, "texts": sum(map(len, requests)),
+                      "budget": engine.max_batch_tokens, "package": worker.__file__,
+                      "processes": processes.processes if processes is not None else 0}), flush=True)
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -139,6 +142,8 @@ def main() -> None:
     cases = [(w, b) for w in args.workloads.split(",") for b in args.backends.split(",")
              if not (w == "mixed" and b.startswith("null-padded"))]
     times: dict[tuple[str, str, str], list[float]] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}
+    texts: dict[tuple[str, str], int] = {}
     tokens: dict[tuple[str, str], int] = {}
     for round_ in range(args.rounds):
         for workload, backend in cases:
@@ -147,19 +152,24 @@ def main() -> None:
                 if not row["package"].startswith(str(path)):
                     raise SystemExit(f"{name} ran the package at {row['package']}, not {path}")
                 times.setdefault((workload, backend, name), []).extend(row["seconds"])
-                tokens[(workload, backend)] = row["tokens"]
+                cpu.setdefault((workload, backend, name), []).extend(row.get("cpu", []))
+                tokens[(workload, backend)], texts[(workload, backend)] = row["tokens"], row["texts"]
                 print(f"round {round_ + 1}: {workload} {backend} {name}: "
-                      f"{row['tokens'] / min(row['seconds']):,.0f} tokens/s", flush=True)
+                      f"{row['tokens'] / min(row['seconds']):,.0f} tokens/s, engine process "
+                      f"{1e6 * min(row.get('cpu') or [0]) / row['texts']:.1f} CPU µs a text "
+                      f"({row.get('processes', 0)} tokenizer processes)", flush=True)
     lines = [f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine()}",
              f"- command: `python -m bench.host {' '.join(sys.argv[1:])}`", "",
-             "| workload | backend | checkout | tokens/s (best) | spread | x against |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+             "| workload | backend | checkout | tokens/s (best) | spread | x against | engine-process CPU µs a text (best) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for workload, backend in cases:
         rates = {name: [tokens[(workload, backend)] / s for s in times[(workload, backend, name)]] for name in checkouts}
         base = max(rates[list(checkouts)[-1]])
         for name, r in rates.items():
+            spent = cpu[(workload, backend, name)]
+            per_text = f"{1e6 * min(spent) / texts[(workload, backend)]:.1f}" if spent else "-"
             lines.append(f"| {workload} | {backend} | {name} | {max(r):,.0f} | {100 * (max(r) - min(r)) / max(r):.1f}% | "
-                         f"{max(r) / base:.2f}x |")
+                         f"{max(r) / base:.2f}x | {per_text} |")
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -8,7 +8,6 @@ after 809 s). Under ``--dist loadfile`` (scripts/test.sh) this plugin makes it l
 
 - tests are collected in the order of the seconds below, largest first (the rest keep pytest's
   order after them), and the scheduler hands out units in that order, one to each free process;
-  the files in ``FIRST`` (workers started and stopped in the test process) come before all others;
 - a unit is a whole file (so a module-scoped fixture, a thin facade with its worker process, a
   moto server, a planned array job, is built once), except for the files in ``SPLIT``, whose
   tests only use function- or session-scoped fixtures: each of their tests is a unit, so the
@@ -99,23 +98,6 @@ SPLIT = {
     "tests/fleet/test_lost_broker.py",
 }
 
-#: Files that start and stop a worker inside the test process (``embedfleet run`` through Typer's
-#: runner, ``InProcessWorker``, ``load_engine``). They go before all others: a worker's stop clears
-#: the process-wide engine registry and its Celery pidbox queue (same host name: same pid), which
-#: the session-scoped embedded facade of tests/http/conftest.py shares, so in each process they
-#: must run before that facade starts (as in pytest's own order, where e2e/ and hosting/ come
-#: before http/, and infra/'s in-process test after it). Stop 26: with them sorted among the
-#: others, 42 http tests failed with "it hosts: none" and 503s.
-FIRST = {
-    "tests/e2e/",  # a folder: every file in it
-    "tests/hosting/test_inline.py",
-    "tests/hosting/test_lanes.py",
-    "tests/hosting/test_prefetch.py",
-    "tests/hosting/test_tasks.py",
-    "tests/infra/test_array.py",
-    "tests/producer/test_capacity.py",
-}
-
 #: Fixture scopes that make a module one unit: splitting it would build the fixture on each process.
 SHARED_SCOPES = {"module", "class", "package"}
 
@@ -129,11 +111,6 @@ def _shares_a_fixture(item: pytest.Item) -> bool:
 
 def _path(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
-
-
-def _first(item: pytest.Item) -> bool:
-    path = _path(item)
-    return any(path == entry or (entry.endswith("/") and path.startswith(entry)) for entry in FIRST)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -152,9 +129,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(f"tests/schedule.py: {', '.join(shared)} use a module-scoped fixture, so their "
                                 "tests cannot run on separate processes: take them out of SPLIT")
     weight = {id(item): seconds(item) for item in items}
-    # FIRST before the rest (each process then meets them before the embedded facade), each part
-    # longest first; stable: equal weights (one file's tests, the unlisted files) keep pytest's order
-    items.sort(key=lambda item: (not _first(item), -weight[id(item)]))
+    # stable: equal weights (one file's tests, the unlisted files) keep pytest's order
+    items.sort(key=lambda item: -weight[id(item)])
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:

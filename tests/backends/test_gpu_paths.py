@@ -102,7 +102,8 @@ def test_equal_length_groups() -> None:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])
-def test_dense_attention_over_equal_length_runs(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_dense_attention_over_equal_length_runs(fixture: str, request: pytest.FixtureRequest,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Dense attention per run of equal lengths computes what padded attention does."""
     info = describe(str(request.getfixturevalue(fixture)))
     dense = TorchBackend(info, "cpu", "float32", varlen=True, dense_groups=True)
@@ -110,7 +111,59 @@ def test_dense_attention_over_equal_length_runs(fixture: str, request: pytest.Fi
     assert dense.encoder.dense_groups  # type: ignore[union-attr]
     rng = np.random.default_rng(13)
     packed, pad = _batches(rng, [2, 30, 30, 30, 31, 31, 5])  # runs: 2 | 30 x3 | 31 x2 | 5
-    np.testing.assert_allclose(dense.forward(packed), padded.forward(pad), atol=3e-5, rtol=1e-4)
+    from worker.backends import varlen
+
+    calls: list[int] = []
+    real = varlen._dense_groups
+    monkeypatch.setattr(varlen, "_dense_groups", lambda *a: calls.append(1) or real(*a))
+    expected = padded.forward(pad)
+    # a run shape's first batch runs unpadded (cuDNN would build a plan for a shape that may never
+    # come back); the same shapes again take the dense kernels
+    np.testing.assert_allclose(dense.forward(packed), expected, atol=3e-5, rtol=1e-4)
+    assert not calls
+    np.testing.assert_allclose(dense.forward(packed), expected, atol=3e-5, rtol=1e-4)
+    assert calls
+
+
+def test_graph_layout_pads_into_short_sequences_and_empty_ones() -> None:
+    from worker.backends.varlen import graph_layout, token_bucket
+
+    rng = np.random.default_rng(21)
+    for n, longest in ((1, 3), (5, 40), (300, 256), (2000, 20), (526, 256)):
+        lengths = rng.integers(1, longest + 1, size=n)
+        tokens, sequences, bound, cu = graph_layout(lengths)  # type: ignore[misc]
+        total = int(lengths.sum())
+        assert total <= tokens <= max(64, total + total // 16 + 64) and tokens == token_bucket(total)
+        assert bound >= lengths.max() and sequences >= n and sequences & (sequences - 1) == 0
+        sizes = np.diff(cu)
+        assert cu[0] == 0 and cu[-1] == tokens and len(cu) == sequences + 1
+        np.testing.assert_array_equal(sizes[:n], lengths)  # the real inputs first, as they were
+        assert (sizes[n:] >= 0).all() and (sizes[n:] <= bound).all()  # padding in sequences flash takes
+    assert graph_layout(np.ones(20000, dtype=np.int64)) is None  # more inputs than a graph holds
+
+
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
+def test_graph_bucket_layout_gives_the_unpadded_vectors(fixture: str, request: pytest.FixtureRequest) -> None:
+    """What a graph computes (its bucket's padded layout, as staged) equals the unpadded forward:
+    the padding tokens change no real input's vector (run eagerly here; on CUDA it is replayed)."""
+    from worker.backends.varlen import GraphedEncoder, graph_layout, stage
+    from worker.models.heads import pool_varlen
+
+    info = describe(str(request.getfixturevalue(fixture)))
+    backend = TorchBackend(info, "cpu", "float32", varlen=True)
+    assert backend.graphs is None  # CPU: never graphed
+    graphed = GraphedEncoder(backend.encoder, pool_varlen, info.pooling, "cpu")  # type: ignore[arg-type]
+    rng = np.random.default_rng(22)
+    for n in (1, 7, 40):
+        packed, _ = _batches(rng, _random_lengths(rng, n, 50) if n > 1 else [9])
+        layout = graph_layout(packed.lengths)
+        assert layout is not None and layout[0] > packed.n_real_tokens or n == 1
+        staged = np.full(3 * layout[0] + layout[1] + 1, -1, dtype=np.int32)  # poisoned: all must be written
+        stage(backend._packed_host(packed).numpy(), n, layout, staged)
+        assert (staged >= 0).all()
+        with torch.inference_mode():
+            got = graphed._body(torch.from_numpy(staged), layout[0], layout[2])[:n].numpy()
+        np.testing.assert_allclose(got, backend.forward(packed), atol=2e-5, rtol=1e-4)
 
 
 def test_varlen_refuses_what_it_cannot_run(tiny_classify_model: Path) -> None:
@@ -228,32 +281,69 @@ def test_flash_varlen_matches_padded_sdpa_on_gpu(tiny_xlmr_model: Path, dtype: s
 
 
 @gpu
+@pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
-def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, graphs: bool,
+                                                              request: pytest.FixtureRequest) -> None:
     """A launch only queues work. One synchronizing call in it (mean pooling's repeat_interleave
     without output_size was one) makes the device thread wait for every batch to finish, so none
-    is queued ahead and each host delay idles the GPU (issue 13's bulk gap)."""
+    is queued ahead and each host delay idles the GPU (issue 13's bulk gap). A graph replay too."""
     info = describe(str(request.getfixturevalue(fixture)))
-    backend = TorchBackend(info, "cuda", "bfloat16", varlen=True)
+    backend = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=graphs)
+    assert (backend.graphs is not None) == graphs
     rng = np.random.default_rng(8)
     packed, _ = _batches(rng, _random_lengths(rng, 12, 100))
     backend.forward(packed)  # the first use loads and compiles, which may synchronize
+    backend.forward(packed)  # graphs: a bucket is captured at its second batch
     torch.cuda.set_sync_debug_mode("error")
     try:
         wait = backend.launch(packed)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert wait().shape == (12, info.dims)
+    assert not graphs or (backend.graphs is not None and len(backend.graphs.graphs) == 1)  # captured once
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense"])
+@pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
+def test_graph_replays_equal_eager_launches_on_gpu(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Replays give the eager path's vectors: several buckets replayed in turn, several batches queued
+    at once, a bucket replayed with other inputs; a bucket's first batch runs eagerly."""
+    from worker.backends.varlen import graph_layout
+
+    info = describe(str(request.getfixturevalue(fixture)))
+    graphed = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=True)
+    eager = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=False, dense_groups=False)
+    assert graphed.graphs is not None
+    rng = np.random.default_rng(9)
+    batches = [_batches(rng, _random_lengths(rng, n, 100))[0] for n in (5, 17, 64, 300)]
+    same_bucket = Batch.pack([rng.integers(1000, 20000, size=int(n)).astype(np.int32) for n in batches[2].lengths],
+                             [np.zeros(int(n), dtype=np.int32) for n in batches[2].lengths])  # other ids
+    keys = {graph_layout(b.lengths)[:3] for b in batches}  # type: ignore[index]
+    assert len(keys) == len(batches)
+    expected = [eager.forward(b) for b in batches + [same_bucket]]
+    waits = []
+    for round_ in range(3):  # 1: eager (first batch of each bucket), 2: captures, 3: replays
+        waits += [(graphed.launch(b), i) for i, b in enumerate(batches)]  # queued at once, read after
+        if round_ == 2:
+            waits.append((graphed.launch(same_bucket), len(batches)))
+        assert len(graphed.graphs.graphs) == (0 if round_ == 0 else len(keys))
+    for wait, i in waits:
+        got = wait()
+        cosine = (got * expected[i]).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected[i], axis=1)
+        assert got.shape == expected[i].shape and cosine.min() > 0.999, (i, cosine.min())
+    assert graphed.graphs.failed is None
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense", "graphs"])
 def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
-    """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups) against fp32 padded."""
+    """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups, graphs) against fp32 padded."""
     info = describe(str(tiny_embed_model))
     reference = TorchBackend(info, "cuda", "float32", varlen=False)
     fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, fused=variant.startswith("fused"),
-                        approximate_gelu=variant == "fused-tanh", dense_groups=variant == "dense")
+                        approximate_gelu=variant == "fused-tanh", dense_groups=variant == "dense",
+                        graphs=variant == "graphs")
     assert fast.fused == variant.startswith("fused")
     rng = np.random.default_rng(6)
     for n in (5, 17, 64):  # several sizes: kernels are shape-dynamic
@@ -262,8 +352,11 @@ def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
             lengths = sorted([100] * n + lengths[:3])  # a few runs of equal lengths
         packed, padded = _batches(rng, lengths)
         a, b = fast.forward(packed), reference.forward(padded)
+        if variant in ("dense", "graphs"):  # the second batch of a run shape / bucket takes that path
+            a = fast.forward(packed)
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.999, (variant, n, cosine.min())
+    assert variant != "graphs" or (fast.graphs is not None and len(fast.graphs.graphs) == 3)
 
 
 @gpu

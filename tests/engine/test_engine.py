@@ -187,6 +187,21 @@ def test_normalize_override(tiny_embed_engine: Engine, tiny_embed_model: Path) -
     np.testing.assert_allclose(np.linalg.norm(explicit, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_call_without_options_gets_the_models_defaults_and_leaves_them_as_they_were(
+        tiny_embed_engine: Engine) -> None:
+    """``submit`` shares one default ``Options`` between calls that give none (no pydantic build
+    per call): such a call is answered as one given ``Options()``, and nothing changes the default."""
+    from worker.engine.pipeline import DEFAULT_OPTIONS
+
+    texts = sample_texts(4, step=17)
+    given = tiny_embed_engine.run(texts, Options(), timeout=60)
+    for _ in range(2):
+        default = tiny_embed_engine.run(texts, timeout=60)
+        np.testing.assert_array_equal(default.values, given.values)
+        assert default.n_tokens == given.n_tokens and default.outputs == given.outputs
+    assert DEFAULT_OPTIONS == Options()
+
+
 def test_normalize_true_on_a_model_that_does_not_normalize(tiny_embed_model: Path, tmp_path: Path) -> None:
     """A model whose files have no Normalize module returns raw pooled vectors unless asked."""
     import json

@@ -28,12 +28,12 @@ def test_a_hosted_model_reports_what_it_is(tiny_jina_model: Path) -> None:  # no
         engine.stop()
 
 
-def test_a_refused_model_reports_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "_refused", {})  # this process's other hosted models stay as they are
+def test_a_refused_model_reports_why(tmp_path: Path) -> None:
+    engines = runtime.Registry()  # a worker's own: no other worker's models in it
     info = describe(str(save_jina(tmp_path / "incomplete", drop=["encoder.layer.0.mlp.wo.bias"])))
-    runtime.refuse(info, UnsupportedModel("model 'incomplete' cannot be served faithfully: encoder.layer.0.mlp.wo.bias"))
-    [card] = [m for m in hosted_models() if m["id"] == "incomplete"]
+    engines.refuse(info, UnsupportedModel("model 'incomplete' cannot be served faithfully: encoder.layer.0.mlp.wo.bias"))
+    [card] = hosted_models(engines)
     assert card["faithful"] is False and "encoder.layer.0.mlp.wo.bias" in card["refusal"]
     assert card["queue"] == "embed.incomplete" and card["family"] == "jina-bert-v2"
     with pytest.raises(UnsupportedModel, match="encoder.layer.0.mlp.wo.bias"):
-        runtime.engine_for("incomplete")
+        engines.engine_for("incomplete")

@@ -36,6 +36,17 @@ def test_a_stored_inline_answer_is_celerys_meta_and_every_reader_gets_it(redis_s
     assert replies._decode(stored) == reader.backend.decode_result(stored)
 
 
+def test_an_inline_answers_date_done_is_in_the_apps_timezone_as_celerys(redis_server: RedisServer) -> None:
+    """``date_done`` is written as ``app.now()`` gives it: the time in the app's timezone."""
+    worker = create_app(redis_server.url)
+    worker.conf.timezone = "Asia/Kolkata"  # +05:30, no summer time
+    worker.backend.store_inline("t-tz", ANSWER)
+    ours = dt.datetime.fromisoformat(json.loads(redis_server.client().get(worker.backend.get_key_for_task("t-tz")))["date_done"])
+    celerys = worker.now()
+    assert ours.utcoffset() == celerys.utcoffset() == dt.timedelta(hours=5, minutes=30)
+    assert abs((ours - celerys).total_seconds()) < 60
+
+
 def test_a_stored_failure_reads_back_as_the_workers_exception(redis_server: RedisServer) -> None:
     worker = create_app(redis_server.url)
     worker.backend.mark_as_failure("t-2", ValueError("broken"))

@@ -10,31 +10,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from producer.broker import INLINE_TASK, MEMORY_BROKER
 from producer.client import Client, decode_f32
 from producer.errors import SourceError
 from producer.jobs import EmbedJob, InlineResult, JobKind, Options, RerankJob
 from tests.fixtures_extra import make_engine, sample_texts
-from worker.engine.pipeline import Engine
 from worker.hosting import registry, tasks
+from worker.hosting.app import create_app
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
 
 @pytest.fixture
-def hosted(tiny_embed_model: Path) -> Iterator[Engine]:
-    engine = make_engine(tiny_embed_model)
-    registry.register(engine, "tiny-bert")
-    yield engine
-    for engine in registry.unregister_all():
+def hosted(tiny_embed_model: Path) -> Iterator[Any]:
+    """A worker app whose registry hosts the tiny model as "tiny-bert" (no consumer: tasks run eagerly)."""
+    app = create_app(MEMORY_BROKER)
+    registry.of(app).register(make_engine(tiny_embed_model), "tiny-bert")
+    yield app
+    for engine in registry.of(app).unregister_all():
         engine.stop()
 
 
-def _inline(job: Any) -> InlineResult:
+def _inline(app: Any, job: Any) -> InlineResult:
     payload = job if isinstance(job, dict) else job.model_dump(mode="json")
-    return InlineResult.model_validate(tasks.inline_task.apply(args=[payload]).get(disable_sync_subtasks=False))
+    return InlineResult.model_validate(app.tasks[INLINE_TASK].apply(args=[payload]).get(disable_sync_subtasks=False))
 
 
-def test_inline_answers_and_refusals(hosted: Engine) -> None:
-    ok = _inline(EmbedJob(model="tiny-bert", inputs=["a text", "another"]))
+def test_inline_answers_and_refusals(hosted: Any) -> None:
+    ok = _inline(hosted, EmbedJob(model="tiny-bert", inputs=["a text", "another"]))
     assert ok.error is None and decode_f32(ok.data_b64, ok.n_items, ok.dims).shape == (2, 32)
     cases = [
         (EmbedJob(model="tiny-bert", inputs=["a"], options=Options(dimensions=64)), "bad_input", "dimensions=64"),
@@ -44,7 +46,7 @@ def test_inline_answers_and_refusals(hosted: Engine) -> None:
         ({"kind": "embed", "model": "tiny-bert", "inputs": "not a list"}, "bad_input", "not valid"),
     ]
     for job, code, words in cases:
-        result = _inline(job)
+        result = _inline(hosted, job)
         assert result.error is not None and result.error["code"] == code, (job, result.error)
         assert words in result.error["message"], result.error
 

@@ -1,6 +1,6 @@
 """Fixtures for the facade tests: a real uvicorn on a free port, embedded or thin (real Redis).
 
-Embedded: one in-process worker per session (the engine registry is per process) hosting the
+Embedded: one in-process worker per session (its engines in its own registry) hosting the
 bundled model and the tiny embed / rerank / classify models, behind ``embedfleet serve``'s app.
 Thin: a real redis-server, an ``embedfleet worker`` subprocess, and a facade that holds no model.
 """

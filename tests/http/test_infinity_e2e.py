@@ -57,7 +57,7 @@ def test_reranker_top_n(embedded: Served) -> None:
     query = "Where is the Eiffel Tower located?"
     documents = ["The Eiffel Tower is located in the United States.", "The Eiffel Tower is located in Paris, France",
                  "The Eiffel Tower is located in the United Kingdom."]
-    scores = runtime.engine_for(embedded.rerank).run([(query, d) for d in documents], timeout=60).values.reshape(-1)
+    scores = runtime.of(embedded.worker_app).engine_for(embedded.rerank).run([(query, d) for d in documents], timeout=60).values.reshape(-1)
     best = documents[int(np.argmax(scores))]  # random weights: the engine says which one is first
 
     async def case(client: httpx.AsyncClient, docs: tuple[str, ...], return_docs: bool, top_n: int) -> None:

@@ -26,10 +26,12 @@ def facade(embedded: Served, bundled_model: Path, direct: bool, **limits: object
     from producer.client import Client
     from producer.http.app import create_app
     from producer.http.settings import FacadeSettings
+    from worker.hosting import registry
     from worker.hosting.direct import EngineRunner
 
     settings = FacadeSettings(models=[str(bundled_model)], refresh_s=1.0, **limits)  # type: ignore[arg-type]
-    app = create_app(Client(app=embedded.worker_app), settings, runner=EngineRunner() if direct else None)
+    runner = EngineRunner(registry.of(embedded.worker_app)) if direct else None
+    app = create_app(Client(app=embedded.worker_app), settings, runner=runner)
     server = ServerThread(app).start()
     wait_ready(server.url)
     return server
@@ -85,7 +87,7 @@ def test_a_timed_out_request_is_dropped_in_the_engine_and_others_are_answered(
     (the worker hands the engine the message's deadline)."""
     from worker.hosting import registry
 
-    engine = registry.engine_for(str(bundled_model), JobKind.embed)
+    engine = registry.of(embedded.worker_app).engine_for(str(bundled_model), JobKind.embed)
     server = facade(embedded, bundled_model, direct, timeout_s=1.5)
     try:
         before = dict(engine.stats)
@@ -113,7 +115,7 @@ def test_a_client_that_hangs_up_has_its_request_dropped_in_the_engine(embedded: 
 
     from worker.hosting import registry
 
-    engine = registry.engine_for(str(bundled_model), JobKind.embed)
+    engine = registry.of(embedded.worker_app).engine_for(str(bundled_model), JobKind.embed)
     server = facade(embedded, bundled_model, True, timeout_s=60)
     try:
         before = dict(engine.stats)

@@ -49,7 +49,7 @@ def test_voyageai_client_embed_and_rerank(single: Served, reference_engine: Any)
     peak = np.abs(expected).max(axis=1, keepdims=True)
     np.testing.assert_array_equal(np.array(quantized), np.rint(expected * 127.0 / peak).astype(np.int8))
     ranked = client.rerank("q", TEXTS, model="rerank-2", top_k=2)
-    scores = runtime.engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
+    scores = runtime.of(single.worker_app).engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
     assert [r.index for r in ranked.results] == list(np.argsort(-scores, kind="stable")[:2])
     assert [r.document for r in ranked.results] == [TEXTS[i] for i in np.argsort(-scores, kind="stable")[:2]]
     assert ranked.total_tokens > 0

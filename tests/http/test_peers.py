@@ -156,7 +156,7 @@ def test_tei_embed_prompt_name_and_normalize(embedded: Served) -> None:
     from worker.hosting import registry as runtime
     from producer.jobs import Options
 
-    engine = runtime.engine_for(embedded.embed)
+    engine = runtime.of(embedded.worker_app).engine_for(embedded.embed)
     expected = engine.run(["what is it?"], Options(prompt_name="query", normalize=False), timeout=60).values
     body = {"inputs": ["what is it?"], "model": embedded.embed, "prompt_name": "query", "normalize": False}
     got = httpx.post(f"{embedded.url}/embed", json=body).json()
@@ -173,7 +173,7 @@ def test_tei_predict_rerank_similarity_info(single: Served, reference_engine: An
     assert [p["score"] for p in one] == sorted((p["score"] for p in one), reverse=True)
     batch = httpx.post(f"{single.url}/predict", json={"inputs": [["I love it"], ["I hate it"]]}).json()
     assert len(batch) == 2 and all(len(row) == 3 for row in batch)
-    expected = runtime.engine_for(single.classify).run(["I hate it"], timeout=60).values[0]
+    expected = runtime.of(single.worker_app).engine_for(single.classify).run(["I hate it"], timeout=60).values[0]
     got = {p["label"]: p["score"] for p in batch[1]}
     np.testing.assert_allclose([got[k] for k in ("negative", "neutral", "positive")], expected, atol=1e-5)
     pair = httpx.post(f"{single.url}/predict", json={"inputs": ["a", "b"]})
@@ -181,7 +181,7 @@ def test_tei_predict_rerank_similarity_info(single: Served, reference_engine: An
 
     ranks = httpx.post(f"{single.url}/rerank", json={"query": "q", "texts": TEXTS, "return_text": True}).json()
     assert isinstance(ranks, list) and all(TEI_RANK_REQUIRED | {"text"} == set(r) for r in ranks)
-    scores = runtime.engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
+    scores = runtime.of(single.worker_app).engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
     assert [r["index"] for r in ranks] == list(np.argsort(-scores, kind="stable"))
     np.testing.assert_allclose([r["score"] for r in ranks], np.sort(scores)[::-1], atol=1e-5)
     assert [r["text"] for r in ranks] == [TEXTS[r["index"]] for r in ranks]
@@ -232,7 +232,7 @@ def test_cohere_client_v2_embed_every_type(embedded: Served) -> None:
     client = cohere.ClientV2(api_key="unused", base_url=embedded.url)
     response = client.embed(model=embedded.embed, texts=TEXTS, input_type="search_query",
                             embedding_types=COHERE_EMBEDDING_TYPES)
-    expected = runtime.engine_for(embedded.embed).run(TEXTS, Options(prompt_name="query"), timeout=60).values
+    expected = runtime.of(embedded.worker_app).engine_for(embedded.embed).run(TEXTS, Options(prompt_name="query"), timeout=60).values
     np.testing.assert_allclose(np.array(response.embeddings.float_), expected, atol=1e-5)
     for kind, definition in NUMPY.items():
         np.testing.assert_array_equal(np.array(getattr(response.embeddings, kind)), definition(expected))
@@ -241,7 +241,7 @@ def test_cohere_client_v2_embed_every_type(embedded: Served) -> None:
     assert response.texts == TEXTS and response.meta.billed_units.input_tokens > 0
     documents = client.embed(model=embedded.embed, texts=TEXTS[:1], input_type="search_document",
                              embedding_types=["float"], output_dimension=16)
-    cut = runtime.engine_for(embedded.embed).run(TEXTS[:1], Options(prompt_name="passage", dimensions=16),
+    cut = runtime.of(embedded.worker_app).engine_for(embedded.embed).run(TEXTS[:1], Options(prompt_name="passage", dimensions=16),
                                                  timeout=60).values
     np.testing.assert_allclose(np.array(documents.embeddings.float_), cut, atol=1e-5)
 
@@ -269,7 +269,7 @@ def test_cohere_client_v2_rerank(single: Served) -> None:
 
     client = cohere.ClientV2(api_key="unused", base_url=single.url)
     response = client.rerank(model="rerank-v3.5", query="q", documents=TEXTS, top_n=2)
-    scores = runtime.engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
+    scores = runtime.of(single.worker_app).engine_for(single.rerank).run([("q", t) for t in TEXTS], timeout=60).values.reshape(-1)
     assert [r.index for r in response.results] == list(np.argsort(-scores, kind="stable")[:2])
     np.testing.assert_allclose([r.relevance_score for r in response.results], np.sort(scores)[::-1][:2], atol=1e-5)
     raw = httpx.post(f"{single.url}/v2/rerank", json={"query": "q", "documents": TEXTS}).json()
@@ -355,7 +355,7 @@ def test_input_type_and_prompt_name_on_the_openai_route(embedded: Served) -> Non
     from producer.jobs import Options
     from worker.hosting import registry as runtime
 
-    engine = runtime.engine_for(embedded.embed)
+    engine = runtime.of(embedded.worker_app).engine_for(embedded.embed)
     url = f"{embedded.url}/v1/embeddings"
     for body, prompt in (({"input_type": "query"}, "query"), ({"input_type": "document"}, "passage"),
                          ({"prompt_name": "passage"}, "passage")):

@@ -11,15 +11,15 @@ DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "The Eiffel to
         "Rust is a programming language."]
 
 
-def _engine(model: str):  # type: ignore[no-untyped-def]
+def _engine(served: Served, model: str):  # type: ignore[no-untyped-def]
     from worker.hosting import registry as runtime
 
-    return runtime.engine_for(model)
+    return runtime.of(served.worker_app).engine_for(model)
 
 
 def test_rerank_sorted_top_n_and_documents(embedded: Served) -> None:
     query = "Where is the Eiffel tower?"
-    expected = _engine(embedded.rerank).run([(query, d) for d in DOCS], timeout=60).values.reshape(len(DOCS))
+    expected = _engine(embedded, embedded.rerank).run([(query, d) for d in DOCS], timeout=60).values.reshape(len(DOCS))
     body = {"model": embedded.rerank, "query": query, "documents": DOCS, "top_n": 3, "return_documents": True}
     response = httpx.post(f"{embedded.url}/v1/rerank", json=body)
     assert response.status_code == 200, response.text
@@ -49,7 +49,7 @@ def test_rerank_bad_inputs(embedded: Served) -> None:
 
 def test_classify_labels_and_scores(embedded: Served) -> None:
     texts = ["I love it", "I hate it"]
-    expected = _engine(embedded.classify).run(texts, timeout=60).values
+    expected = _engine(embedded, embedded.classify).run(texts, timeout=60).values
     response = httpx.post(f"{embedded.url}/v1/classify", json={"model": embedded.classify, "input": texts})
     assert response.status_code == 200, response.text
     data = response.json()["data"]
@@ -66,7 +66,7 @@ def test_classify_labels_and_scores(embedded: Served) -> None:
 def test_classify_raw_scores_are_the_engine_logits(embedded: Served) -> None:
     from producer.jobs import Options
 
-    expected = _engine(embedded.classify).run(["so so"], Options(raw_scores=True), timeout=60).values[0]
+    expected = _engine(embedded, embedded.classify).run(["so so"], Options(raw_scores=True), timeout=60).values[0]
     body = {"model": embedded.classify, "input": ["so so"], "raw_scores": True}
     row = httpx.post(f"{embedded.url}/v1/classify", json=body).json()["data"][0]
     got = {item["label"]: item["score"] for item in row}

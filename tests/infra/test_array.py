@@ -120,7 +120,6 @@ def test_k_children_produce_the_complete_output(array_job: dict[str, Any], s3_se
 
 
 def test_vectors_equal_an_in_process_engine(array_job: dict[str, Any]) -> None:
-    from worker.hosting import registry as runtime
     from worker.hosting.host import WorkerSpec, load_engine
 
     engine, _ = load_engine(str(array_job["model"]), WorkerSpec(device="cpu", dtype="float32"))
@@ -128,8 +127,7 @@ def test_vectors_equal_an_in_process_engine(array_job: dict[str, Any]) -> None:
         good = [t for i, t in enumerate(texts()) if i != 13]
         reference = engine.run(good).values
     finally:
-        for hosted in runtime.unregister_all():
-            hosted.stop()
+        engine.stop()
     got = np.asarray(read_all().column("embedding").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-5)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from worker.models.tokenizer import AsciiShortcut, BatchTokenizer, Encoded, Tokens
+from worker.models.wordpiece import AsciiWordPiece
 
 CORPUS = [
     "",
@@ -92,6 +93,7 @@ ASCII_CORPUS = [
 
 def test_the_ascii_shortcut_gives_the_full_tokenizers_ids(bundled_model: Path) -> None:
     tok = BatchTokenizer(bundled_model, 64)
+    tok._wordpiece = None  # the shortcut of tokenizers that are not WordPiece (test_wordpiece.py: the others)
     assert tok._ascii is not None  # the bundled model's normalizer is BertNormalizer
     taken = [text for text in ASCII_CORPUS if tok._ascii.prepare(text) is not None]
     assert len(taken) > len(ASCII_CORPUS) - 10  # most go the short way: the comparison is not vacuous
@@ -103,6 +105,7 @@ def test_the_ascii_shortcut_gives_the_full_tokenizers_ids(bundled_model: Path) -
 
 def test_the_ascii_shortcut_keeps_frames(bundled_model: Path) -> None:
     tok = BatchTokenizer(bundled_model, 40, frame=("judge this:", "answer yes or no"))
+    tok._wordpiece = None
     assert as_list(tok.encode_tokens(ASCII_CORPUS)) == reference(tok.encode(ASCII_CORPUS))
 
 
@@ -111,6 +114,6 @@ def test_no_shortcut_without_a_bert_normalizer(bundled_model: Path) -> None:
 
     tok = BatchTokenizer(bundled_model, 64)
     tok._tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
-    assert AsciiShortcut.of(tok._tokenizer) is None
-    tok._ascii = None
+    assert AsciiShortcut.of(tok._tokenizer) is None and AsciiWordPiece.of(tok._tokenizer) is None
+    tok._ascii = tok._wordpiece = None
     assert as_list(tok.encode_tokens(ASCII_CORPUS)) == reference(tok.encode(ASCII_CORPUS))

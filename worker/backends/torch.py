@@ -26,13 +26,24 @@ from producer.settings import settings
 from producer.outputs import DENSE_ONLY
 from worker.backends.base import Backend, Batch, BatchOutputs, MemoryDevice, canonical_dtype
 from worker.backends.decoder import DecoderEncoder
-from worker.backends.varlen import equal_length_groups, move_to_arena
+from worker.backends.varlen import GraphedEncoder, equal_length_groups, flash_available, move_to_arena
 from worker.models import bge_m3, splade, vision
 from worker.models.heads import pool, pool_varlen
 from worker.models.loading import load_model
 from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
+
+#: Whether ``graphs=None`` means graphs where they apply. Off until the GPU tests of its final form
+#: pass on a GPU: stop 27's H200 call ran the tests and bench.bulk on the form before the
+#: capture-at-the-second-batch rule (two replay tests failed there, on a bucket count the test
+#: assumed), and the call meant for the final form was cut by its cold start. To turn on: run
+#: ``bash bench/h200_issue13.sh PREV 1`` on a GPU; if it passes, set this True.
+GRAPHS_BY_DEFAULT = False
+#: layers x hidden size up to which the BERT path runs in CUDA graphs by default (bge-base: 12 x 768)
+GRAPH_MAX_WIDTH = 12 * 768
+#: equal-length run shapes remembered for dense attention (each one costs a cuDNN plan once)
+DENSE_SHAPES = 64
 
 #: canonical dtype names (``worker.backends.base.DTYPES``) to torch's
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -122,14 +133,17 @@ class TorchBackend(Backend):
     ``fused``: fused Triton/cuBLASLt kernels in the unpadded layers (default: on CUDA).
     ``approximate_gelu``: let exact-GELU models use cuBLASLt's tanh GELU epilogue (default:
     with ``fused``, unless the setting ``EMBEDFLEET_APPROXIMATE_GELU`` is off).
-    ``dense_groups``: dense (cuDNN) attention over runs of equal-length inputs (default: CUDA).
+    ``dense_groups``: dense (cuDNN) attention over runs of equal-length inputs (default: CUDA),
+    for a run shape seen before (``_groups``).
+    ``graphs``: dense-only packed launches replayed from CUDA graphs (``varlen.GraphedEncoder``;
+    default: off, ``GRAPHS_BY_DEFAULT``; then on CUDA for BERT-path encoders up to ``GRAPH_MAX_WIDTH``).
     """
 
     name = "torch"
 
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto", *,
                  varlen: bool | None = None, fused: bool | None = None, approximate_gelu: bool | None = None,
-                 dense_groups: bool | None = None) -> None:
+                 dense_groups: bool | None = None, graphs: bool | None = None) -> None:
         self.info = info
         self.device = pick_device(device)
         self.torch_dtype = pick_dtype(dtype, self.device)
@@ -189,6 +203,8 @@ class TorchBackend(Backend):
             if not isinstance(self.encoder, DecoderEncoder):  # equal-length dense runs: the BERT path's
                 self.encoder.dense_groups = bool(self.cuda if dense_groups is None else dense_groups)
         self.heads = heads.to(self.device) if heads is not None else None  # already there when unpadded
+        self._dense_shapes: set[tuple[int, int]] = set()  # equal-length run shapes seen (``_groups``)
+        self.graphs = self._graphed(graphs)
         # No side stream for the input copy: creating one makes torch create its stream pool, which
         # held ~69 MiB of device memory outside the allocator on the H200 (bench/RESULTS-outputs.md),
         # more than the bar over transformers allows; the copy it overlapped is < 1 MB per batch.
@@ -196,6 +212,33 @@ class TorchBackend(Backend):
         # On CPU small batches win (cache-resident activations): measured best at 1-4k tokens.
         # On a GPU this is only the fallback: the engine sizes the budget to the device's memory.
         self.preferred_batch_tokens = 16384 if self.cuda else 2048
+
+    def _graphed(self, wanted: bool | None) -> GraphedEncoder | None:
+        """The CUDA-graph runner of the BERT-path encoder, where it applies.
+
+        By default only up to ``GRAPH_MAX_WIDTH`` (layers x hidden size): there the eager launch is
+        as long as the batch on the device (MiniLM, H200: ~3 ms of host time a launch, 5.5 ms on the
+        device for 65k tokens), while a large model's batch runs ~15x longer for ~4x the launch. And
+        a graph's stream makes torch create its stream pool (~69 MiB outside the allocator, see
+        ``asynchronous`` below), which the bge-m3 memory bar has no room for.
+        """
+        encoder = self.encoder
+        if wanted is False or (wanted is None and not GRAPHS_BY_DEFAULT):
+            return None
+        reason = None if self.cuda else "not on CUDA"
+        if reason is None and (encoder is None or isinstance(encoder, DecoderEncoder)):
+            reason = "only the unpadded BERT path is graphed"
+        if reason is None and not flash_available(torch.device(self.device), self.torch_dtype):
+            reason = f"no varlen flash attention for {self.dtype} here"
+        if reason is None and wanted is None:
+            width = len(encoder.layers) * int(encoder.config.hidden_size)  # type: ignore[union-attr]
+            if width > GRAPH_MAX_WIDTH:
+                reason = f"{width} (layers x hidden) is over {GRAPH_MAX_WIDTH}"
+        if reason is not None:
+            if wanted:
+                raise BadInput(f"graphs=True but {self.info.name} cannot run in CUDA graphs: {reason}")
+            return None
+        return GraphedEncoder(encoder, pool_varlen, self.info.pooling, self.device)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ memory
     @property
@@ -207,6 +250,8 @@ class TorchBackend(Backend):
             mode += "-heads"
         if self.fused:
             mode += "-fused" + ("-tanh" if self.approximate_gelu else "")
+        if self.graphs is not None:
+            mode += "-graphs"
         return mode
 
     def memory_device(self) -> MemoryDevice | None:
@@ -328,12 +373,37 @@ class TorchBackend(Backend):
 
         return wait
 
+    def _groups(self, lengths: np.ndarray) -> list[tuple[int, int, int]] | None:
+        """The equal-length runs for dense attention, if every run's shape was seen before.
+
+        Why not at once: cuDNN builds an execution plan per shape, which took 80-157 ms of host
+        time per new shape on the H200 (bench/launch_diag.py, MiniLM) against ~3 ms for a launch
+        whose plans exist. Length-sorted bulk batches rarely repeat a shape, so a shape's first
+        batch runs varlen flash and only a repeated one (the seed workload's) pays for its plan;
+        at most ``DENSE_SHAPES`` shapes are remembered, so the plans built stay bounded.
+        """
+        if not self.encoder.dense_groups:  # type: ignore[union-attr]
+            return None
+        groups = equal_length_groups(lengths)
+        if groups is None:
+            return None
+        shapes = {(count, length) for _, count, length in groups}
+        if shapes <= self._dense_shapes:
+            return groups
+        if len(self._dense_shapes) + len(shapes) <= DENSE_SHAPES:
+            self._dense_shapes |= shapes
+        return None
+
     def _launch_packed(self, batch: Batch, precise: bool) -> Callable[[], np.ndarray]:
         if self.encoder is None:
             raise TypeError("this backend runs padded: give it padded batches")
+        if self.graphs is not None and not precise:
+            pooled = self.graphs.launch(self._packed_host(batch), batch.lengths)
+            if pooled is not None:
+                return self._fetch(pooled)
         ids, types, positions, cu = self._packed_inputs(batch)
         max_len = int(batch.lengths.max())
-        groups = equal_length_groups(batch.lengths) if self.encoder.dense_groups else None  # type: ignore[union-attr]
+        groups = self._groups(batch.lengths)
         with self._widen(precise):
             hidden = self.encoder(ids, types, positions, cu, max_len, groups)
             result = pool_varlen(hidden, cu, self.info.pooling)
@@ -388,7 +458,7 @@ class TorchBackend(Backend):
             if self.encoder is None:
                 raise TypeError("this backend runs padded: give it padded batches")
             ids, types, positions, cu = self._packed_inputs(batch)
-            groups = equal_length_groups(batch.lengths) if self.encoder.dense_groups else None  # type: ignore[union-attr]
+            groups = self._groups(batch.lengths)
             hidden = self.encoder(ids, types, positions, cu, int(batch.lengths.max()), groups)
             return hidden, pool_varlen(hidden, cu, self.info.pooling)
         if self.model is None:

@@ -87,7 +87,7 @@ def build(broker: Optional[str], result_backend: Optional[str], models: list[str
         return create_app(Client(broker=broker, result_backend=result_backend), settings), None
     # (several devices: ``build_on_devices``)
     worker = start_embedded(models, spec)
-    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop, runner=EngineRunner()), worker
+    return create_app(Client(app=worker.app), settings, on_shutdown=worker.stop, runner=EngineRunner(worker.registry)), worker
 
 
 def build_on_devices(slots: list[DeviceSlot], settings: FacadeSettings, spec: WorkerSpec,

@@ -110,8 +110,8 @@ def finalize_if_needed(spec: JobSpec) -> None:
 def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batch_tokens: int | None,
                   memory_fraction: float | None, deliveries: int, trust_remote_code: bool = False) -> ShardReport:
     """Load the model, run the shard through the queue workers' own task, stop the engine."""
-    from worker.hosting import registry as runtime
     from worker.hosting.host import WorkerSpec, load_engine
+    from worker.hosting.registry import Registry
     from worker.hosting.tasks import run_shard
 
     spec = WorkerSpec(models=[job.model], device=device, backend=backend, dtype=dtype, concurrency=1,
@@ -126,10 +126,12 @@ def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batc
     try:
         console.print(f"embedding shard {job.shard.index} of {job.n_shards} ({job.shard.n_rows:,} rows) with "
                       f"{engine.info.name} on {engine.backend.device} in {engine.backend.dtype}")
-        return ShardReport.model_validate(run_shard(job.model_dump(mode="json"), deliveries=deliveries))
+        engines = Registry()  # this command's own: it hosts the one engine for the one shard
+        engines.register(engine, job.model)
+        return ShardReport.model_validate(run_shard(job.model_dump(mode="json"), deliveries=deliveries,
+                                                    engines=engines))
     finally:
-        for hosted in runtime.unregister_all():
-            hosted.stop()
+        engine.stop()
 
 
 def _attempt() -> int:

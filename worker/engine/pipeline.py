@@ -71,6 +71,12 @@ log = logging.getLogger(__name__)
 TOKENIZE_CHUNK = 64
 MAX_TOKENIZE_CHUNK = 2048
 
+#: What ``submit`` uses when it is given no options: built once instead of one pydantic
+#: validation per call (about 1 µs measured at stop 27 on the 2-core Zen 4, not the 40 µs the
+#: stop-26 note guessed). The engine only reads options (nothing in the package assigns to an
+#: ``Options`` field), so one instance is safe to share.
+DEFAULT_OPTIONS = Options()
+
 
 def default_tokenize_chunk() -> int:
     """``TOKENIZE_CHUNK`` per core this process may use, within ``MAX_TOKENIZE_CHUNK``."""
@@ -307,7 +313,7 @@ class Engine:
         (``time.monotonic()``), or once the future is cancelled, its remaining items are dropped
         instead of computed and the future fails with ``TimedOut``; so do they once ``withdrawn()``
         says the caller withdrew the call (asked when batches are formed: keep it cheap)."""
-        options = options or Options()
+        options = DEFAULT_OPTIONS if options is None else options
         self.check_options(options)
         request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
                            outputs=self.outputs_for(options), group=next(self._groups),

@@ -1,4 +1,4 @@
-"""The embedded facade's way to its engines: the job's inputs handed to the engine in this process.
+"""The embedded facade's way to its engines: the job's inputs handed to its worker's engine in this process.
 
 Through Celery's in-memory transport an embedded call is serialized twice for nothing: the job
 to a JSON message and back, the vectors to base64 and back, with a poll of the transport and a
@@ -22,11 +22,18 @@ from producer.errors import EngineStopped
 from producer.http.coalesce import Answer
 from producer.http.errors import unavailable
 from producer.jobs import InlineJob, TokensJob
+from worker.hosting.registry import Registry
 from worker.hosting.tasks import start_inline
 
 
 class EngineRunner:
-    """``producer.http.dispatch.Runner`` for an embedded facade: the engine of this process."""
+    """``producer.http.dispatch.Runner`` for an embedded facade: the engines of its own worker.
+
+    It holds that worker's registry rather than looking in the process: another worker in the
+    same process (``embedfleet run`` beside the facade) hosts, and stops, engines of its own."""
+
+    def __init__(self, engines: Registry) -> None:
+        self.engines = engines
 
     def takes(self, job: InlineJob) -> bool:
         """Whether this job goes to the engine directly (all but token-level jobs)."""
@@ -37,7 +44,7 @@ class EngineRunner:
         # a refusal (bad options, a model not hosted) raises as it is; past the deadline, or once
         # the wait below is cancelled (timeout, the client went away: that cancels the engine's
         # future too), the engine drops what has not run
-        future, count = start_inline(job, time.monotonic() + timeout)
+        future, count = start_inline(job, time.monotonic() + timeout, engines=self.engines)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except EngineStopped:

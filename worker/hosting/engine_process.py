@@ -72,11 +72,10 @@ def run_engine(slot: DeviceSlot, spec: WorkerSpec, broker: str, result_backend: 
     pin(slot)
     use_switch_interval()
     from producer.logs import setup_logging
-    from worker.hosting import registry
 
     setup_logging(verbose)
-    registry.set_device_label(slot.label)
     worker = InProcessWorker(slot_spec(spec, slot), broker=broker, backend=result_backend, handle_signals=True)
+    worker.registry.set_device_label(slot.label)
     worker.hostname = f"embedfleet-{os.getpid()}-{slot.label.replace(':', '')}@{worker.hostname.partition('@')[2]}"
     try:
         code = worker.serve_forever(on_ready=lambda w: conn.send(describe_ready(w, slot)))

@@ -9,16 +9,19 @@ the foreground on a real broker for ``embedfleet worker``.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from celery import Celery
+from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from kombu import Exchange, Queue
 
 from producer.broker import MEMORY_BROKER, declare_queue
@@ -81,8 +84,9 @@ class WorkerSpec:
 
 
 def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]:
-    """Resolve and load one model into a started engine, registered for the tasks; also returns
-    how its backend was chosen (the table of candidates under ``--backend auto``)."""
+    """Resolve and load one model into a started engine; also returns how its backend was chosen
+    (the table of candidates under ``--backend auto``). The caller hosts it: a worker registers
+    it in its own registry (``worker.hosting.registry``), ``embedfleet shard`` runs it alone."""
     info = describe(model, trust_remote_code=spec.trust_remote_code)
     selection = load_backend(spec.backend, info, spec.device, spec.dtype)
     engine = Engine(info, selection.backend, max_batch_tokens=spec.max_batch_tokens,
@@ -91,7 +95,6 @@ def load_engine(model: str | None, spec: WorkerSpec) -> tuple[Engine, Selection]
         log.info("%s warmed up on %s in %.2f s", info.name, selection.backend.device, engine.warm_up())
     # the first part's one-time costs (pyarrow's compute module, the Parquet writer) at start, not in a job
     log.debug("the Parquet sink warmed up in %.2f s", sinks.warm_up(info, selection.backend.dtype))
-    runtime.register(engine, model)
     return engine, selection
 
 
@@ -114,6 +117,35 @@ def consume_without_acks(app: Celery, queues: list[str]) -> None:
     calls). Celery then picks these declarations when the worker selects the queues by name."""
     for name in queues:
         app.amqp.queues.add(Queue(name, Exchange(name), routing_key=name, no_ack=True))
+
+
+#: Workers started in this process so far: the second and later ones get a host name of their own.
+_workers = itertools.count(1)
+
+
+def host_name() -> str:
+    """A new worker's Celery host name: ``embedfleet-PID@HOST`` for the process's first worker,
+    ``embedfleet-PID-N@HOST`` for its N-th. Two workers of one process (``embedfleet run`` beside
+    an embedded ``serve``) must not share one: the name is their remote-control (pidbox) queue,
+    and a shared queue hands each message to whichever of them reads it first, so a broadcast
+    reaches one of them and the stopping worker's ``cancel_consumer`` can cancel the other's
+    queues (stop 26: the embedded facade then answered nothing)."""
+    n = next(_workers)
+    return f"embedfleet-{os.getpid()}{'' if n == 1 else f'-{n}'}@{socket.gethostname()}"
+
+
+class WorkerThreads(ThreadTaskPool):
+    """Celery's thread pool, whose threads trace tasks with their own worker's app.
+
+    Celery's worker runs a task under the *current* app of the pool thread (``trace_task_ret``);
+    a new thread has none and takes the process's default, the worker started last. With two
+    workers in one process, the first one's tasks would run as the last one's: its task objects,
+    its result backend, and its engines (``worker.hosting.registry.of`` finds them by the app)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor.shutdown(wait=False)  # Celery's own, no thread started yet: replaced
+        self.executor = ThreadPoolExecutor(max_workers=self.limit, initializer=self.app.set_current)
 
 
 #: A consumer that dies more often than this within the window makes the worker exit.
@@ -139,6 +171,8 @@ class InProcessWorker:
             # The in-memory transport polls its queues; kombu's default of 1 s left a shard slot
             # idle for up to a second after each shard (`embedfleet run`: most of a small job).
             self.app.conf.broker_transport_options = {"polling_interval": MEMORY_POLL_S}
+        #: this worker's engines by model reference, for its tasks (found through ``self.app``)
+        self.registry = runtime.of(self.app)
         self.engines: list[Engine] = []
         #: How each engine's backend was chosen, in the order of ``engines``.
         self.selections: list[Selection] = []
@@ -152,7 +186,7 @@ class InProcessWorker:
         self._signalled = threading.Event()
         self._sweeper: Any = None
         self._heartbeat: Any = None
-        self.hostname = f"embedfleet-{os.getpid()}@{socket.gethostname()}"
+        self.hostname = host_name()
 
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
@@ -162,11 +196,14 @@ class InProcessWorker:
         loaded: list[tuple[str | None, Engine, Selection]] = []
         for model in self.spec.models:
             try:
-                loaded.append((model, *load_engine(model, self.spec)))
+                engine, selection = load_engine(model, self.spec)
             except UnsupportedModel as exc:
                 if not self.spec.keep_refused:
                     raise
                 self._refuse(model, exc)
+                continue
+            self.registry.register(engine, model)
+            loaded.append((model, engine, selection))
         self.engines = [engine for _, engine, _ in loaded]
         self.selections = [selection for _, _, selection in loaded]
         refs = [model for model, _, _ in loaded]
@@ -179,8 +216,11 @@ class InProcessWorker:
         use_roots(self.spec.storage_roots)
         for name in self.queues + self.inline_queues:
             declare_queue(self.app, name)
-        # Celery's thread pool traces tasks with the *current* app; unless it is this one, results
-        # go to the default app's disabled backend and every inline call times out.
+        # Celery traces a task with the *current* app; this worker's pool threads are given this
+        # app (``WorkerThreads``), and threads that have none (eager calls, a caller's own) take
+        # the default: this one, the process's latest worker. Under another app, results would go
+        # to that app's backend (a disabled one: every inline call times out) and the task would
+        # look for its engines in that app's registry.
         self.app.set_default()
         # Everything loaded so far (torch, transformers, the weights' Python objects) lives as
         # long as the process: out of the collector's sight, a full collection takes well under
@@ -201,7 +241,7 @@ class InProcessWorker:
     def _refuse(self, model: str | None, error: UnsupportedModel) -> None:
         """Keep a refused model's queues, so its shards fail with the reason instead of waiting."""
         info = describe(model, trust_remote_code=self.spec.trust_remote_code)
-        runtime.refuse(info, error, model)
+        self.registry.refuse(info, error, model)
         self.refused.append((model, info))
         log.error("refusing to serve %s; its jobs on this worker fail with: %s", model or info.name, error)
 
@@ -212,7 +252,7 @@ class InProcessWorker:
         self.app.conf[INLINE_QUEUES] = self.inline_queues
         self._controller = self.app.WorkController(
             app=self.app,
-            pool_cls="threads",
+            pool_cls=WorkerThreads,
             consumer_cls=LaneConsumer,
             concurrency=self.spec.shard_slots + (self.spec.inline_slots if self.inline_queues else 0),
             queues=self.queues,
@@ -288,7 +328,7 @@ class InProcessWorker:
             self._sweeper.stop()
         try:
             self._stop_consuming()
-            for engine in runtime.unregister_all():
+            for engine in self.registry.unregister_all():
                 engine.stop()
             if self._controller is not None:
                 self._controller.stop(in_sighandler=False, exitcode=0)

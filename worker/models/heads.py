@@ -34,15 +34,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 def pool_varlen(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool packed token states ``[total, H]`` whose sequences start at ``cu_seqlens[:-1]``."""
     starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-    if mode == "cls":
-        return hidden[starts]
+    if mode == "cls":  # an empty sequence (a CUDA graph's unused slot) starts past the last row
+        return hidden[starts.clamp(max=hidden.shape[0] - 1)]
     if mode == "lasttoken":
         return hidden[ends - 1]
     lengths = (ends - starts).to(torch.float32)
     # output_size: the total is known on the host, so the device is not asked for it. Without it
-    # repeat_interleave copies the lengths' sum back and waits for the batch's whole forward pass
-    # (on the H200, mean pooling made each launch wait for its batch: launch wall = device time,
-    # so the next batch could not be queued ahead and every host delay idled the GPU).
+    # repeat_interleave copies the lengths' sum back, a sync that waits for the batch's whole
+    # forward pass. (Its removal did not change the H200's bulk figures: the launch there was as
+    # long as the batch because launching it eagerly is CPU-bound for a small model, not because
+    # of a sync; worker.backends.varlen.GraphedEncoder. Inside a CUDA graph it must not sync.)
     segment = torch.repeat_interleave(torch.arange(len(starts), device=hidden.device), (ends - starts),
                                       output_size=hidden.shape[0])
     if mode in ("mean", "mean_sqrt_len"):

@@ -10,10 +10,13 @@ lengths, truncation flags), so no Python object per text travels further. ``enco
 ``encode_ids`` give one ``Encoded`` per input: the reference the columnar path is tested
 against, and what the token-level calls (``/tokenize``, ``/embed_all``) use.
 
-On the columnar path, ASCII texts of BERT-style tokenizers skip the Rust normalizer
-(``AsciiShortcut``): Python's C string methods give the same normalized text in a fraction of
-the time, and the Rust side then only splits and looks up words (measured: normalizing was about a
-third of the tokenizer's time on short texts, and the tokenizer is what bounds short texts on a GPU).
+On the columnar path, ASCII texts of BERT WordPiece tokenizers skip the Rust tokenizer
+altogether (``worker.models.wordpiece.AsciiWordPiece``: a whole chunk in a few C string calls and
+one dict lookup a word, then ``Tokens.framed`` puts the special tokens and truncation on with
+numpy; measured 3.9 against 35.5 µs a short text, ``bench/tokenize_stages.py``). ASCII texts of
+other BERT-style tokenizers skip only the Rust normalizer (``AsciiShortcut``): Python's C string
+methods give the same normalized text in a fraction of the time, and the Rust side then only splits
+and looks up words (normalizing was about a third of the tokenizer's time on short texts).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from producer.errors import UnsupportedModel
+from worker.models.wordpiece import ASCII_CLEAN, AsciiWordPiece
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,57 @@ class Tokens:
             types = np.fromiter(itertools.chain.from_iterable(type_ids), dtype=np.int32, count=total)
         return cls(flat, offsets, np.asarray(truncated, dtype=bool), types, type_id)
 
+    @classmethod
+    def framed(cls, content: np.ndarray, lengths: np.ndarray, prefix: Sequence[int], suffix: Sequence[int],
+               room: int, type_id: int = 0) -> "Tokens":
+        """Inputs whose content ids are ``content`` (flat, ``lengths`` each), each cut to its first
+        ``room`` tokens (``truncated`` where that cut something) and put between ``prefix`` and
+        ``suffix``: the Rust tokenizer's truncation and special tokens for single texts, in numpy."""
+        kept = np.minimum(lengths, room)
+        truncated = lengths > room
+        offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(kept + (len(prefix) + len(suffix)), out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        body = np.ones(ids.shape[0], dtype=bool)
+        for k, token in enumerate(prefix):
+            ids[offsets[:-1] + k] = token
+            body[offsets[:-1] + k] = False
+        for k, token in enumerate(suffix):
+            ids[offsets[1:] - len(suffix) + k] = token
+            body[offsets[1:] - len(suffix) + k] = False
+        if truncated.any():
+            starts = np.zeros(lengths.shape[0], dtype=np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            kept_starts = np.cumsum(kept) - kept
+            content = content[np.arange(int(kept.sum()), dtype=np.int64) + np.repeat(starts - kept_starts, kept)]
+        ids[body] = content
+        return cls(ids, offsets, truncated, None, type_id)
 
-#: ASCII characters BertNormalizer's ``clean_text`` removes (controls other than tab, newline and
-#: carriage return) or turns into a space (those three).
+    @classmethod
+    def merge(cls, n: int, parts: Sequence[tuple[np.ndarray, "Tokens"]]) -> "Tokens":
+        """One ``Tokens`` of ``n`` inputs from parts that each hold the inputs at their positions."""
+        lengths = np.zeros(n, dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
+        for positions, tokens in parts:
+            lengths[positions] = tokens.lengths
+            truncated[positions] = tokens.truncated
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        constant = {tokens.type_id for _, tokens in parts if len(tokens)}
+        shared = len(constant) <= 1 and all(tokens.type_ids is None for _, tokens in parts)
+        types = None if shared else np.empty(ids.shape[0], dtype=np.int32)
+        for positions, tokens in parts:
+            where = np.arange(tokens.ids.shape[0], dtype=np.int64) + np.repeat(
+                offsets[positions] - tokens.offsets[:-1], tokens.lengths)
+            ids[where] = tokens.ids
+            if types is not None:
+                types[where] = tokens.token_types()
+        return cls(ids, offsets, truncated, types, next(iter(constant), 0) if shared else 0)
+
+
+#: ASCII characters BertNormalizer's ``clean_text`` removes or turns into a space (``ASCII_CLEAN``).
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\t\n\r]")
-_ASCII_CLEAN = {**{c: None for c in [*range(0x00, 0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f]},
-                0x09: " ", 0x0a: " ", 0x0d: " "}
 
 
 class AsciiShortcut:
@@ -133,7 +182,7 @@ class AsciiShortcut:
         if not isinstance(text, str) or not text.isascii():
             return None
         if self.clean and _ASCII_CONTROL.search(text):
-            text = text.translate(_ASCII_CLEAN)
+            text = text.translate(ASCII_CLEAN)
         if self.lower:
             text = text.lower()
         folded = text if self.lower else text.lower()
@@ -196,6 +245,8 @@ class BatchTokenizer:
         self._tokenizer.enable_truncation(room, strategy="longest_first")
         #: ASCII texts skip the Rust normalizer on the columnar path (None: not a BertNormalizer)
         self._ascii = AsciiShortcut.of(self._tokenizer)
+        #: ... and skip the Rust tokenizer altogether where it is WordPiece (None: it is not)
+        self._wordpiece = AsciiWordPiece.of(self._tokenizer)
 
     def encode(self, inputs: Sequence[str] | Sequence[tuple[str, str]]) -> list[Encoded]:
         """Encode a batch of texts or (query, document) pairs."""
@@ -221,7 +272,29 @@ class BatchTokenizer:
         """
         framed = bool(self._head or self._tail)
         pairs = bool(inputs) and not isinstance(inputs[0], str)
-        encodings = self._encode_fast(list(inputs), add_special_tokens=not framed)
+        # A single text goes to Rust: its one call costs less than the chunk path's fixed numpy
+        # calls (measured 26 against 41 µs a call for a 10-word query; from 4 texts on, 95 against 48).
+        if self._wordpiece is not None and len(inputs) > 1 and not pairs and (framed or self._leaves_room):
+            return self._wordpiece_tokens(list(inputs), framed)
+        return self._rust_tokens(list(inputs), framed, pairs)
+
+    def _wordpiece_tokens(self, texts: list, framed: bool) -> Tokens:
+        """``encode_tokens`` of single texts: the ASCII ones by ``AsciiWordPiece`` (the Rust
+        tokenizer's truncation and special tokens applied by ``Tokens.framed``), the rest by Rust."""
+        assert self._wordpiece is not None
+        taken, content, lengths = self._wordpiece.content(texts)
+        prefix, suffix, type_id = (self._head, self._tail, 0) if framed else self._special_frame
+        room = self.max_length - len(prefix) - len(suffix)  # what truncation leaves the content, either way
+        quick = Tokens.framed(content, lengths, prefix, suffix, room, type_id)
+        if taken.shape[0] == len(texts):
+            return quick
+        rest = np.setdiff1d(np.arange(len(texts), dtype=np.int64), taken, assume_unique=True)
+        slow = self._rust_tokens([texts[i] for i in rest.tolist()], framed, False)
+        return Tokens.merge(len(texts), [(taken, quick), (rest, slow)])
+
+    def _rust_tokens(self, inputs: list, framed: bool, pairs: bool) -> Tokens:
+        """``encode_tokens`` by the Rust tokenizer (ASCII single texts through ``AsciiShortcut``)."""
+        encodings = self._encode_fast(inputs, add_special_tokens=not framed)
         ids = [enc.ids for enc in encodings]
         room = self._tokenizer.truncation["max_length"] if self._tokenizer.truncation else None
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -242,6 +315,17 @@ class BatchTokenizer:
         if self._ascii is not None and inputs and isinstance(inputs[0], str):
             return self._ascii.encode(self._tokenizer, inputs, add_special_tokens)
         return _encode_batch(self._tokenizer, inputs, add_special_tokens)
+
+    @functools.cached_property
+    def _leaves_room(self) -> bool:
+        """Whether ``_wordpiece_tokens`` may frame single texts: their tokens share one segment id,
+        and the maximum length leaves room for content beside the special tokens (below that the
+        Rust tokenizer's own rules apply: it does not truncate at all)."""
+        try:
+            prefix, suffix, _ = self._special_frame
+        except UnsupportedModel:
+            return False
+        return self._constant_type and self.max_length > len(prefix) + len(suffix)
 
     @functools.cached_property
     def _constant_type(self) -> bool:
