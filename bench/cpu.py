@@ -28,6 +28,10 @@ Models: the bundled all-MiniLM-L6-v2 and the bge-small-en-v1.5 architecture with
 quality columns say nothing about a trained bge-small).
 
     python -m bench.cpu --n 700 --rounds 2 --st-python /path/to/st-venv/bin/python --out bench/RESULTS.md
+
+``--against DIR`` with ``against:ef:<backend>:<dtype>`` in ``--only`` runs that embedfleet
+contender from another source tree (``git archive <commit> | tar -x -C DIR``) in the same rounds,
+so a change is measured against the code before it under the same load.
 """
 
 from __future__ import annotations
@@ -84,6 +88,20 @@ CONTENDERS = [
     Contender("ef:auto:auto", "embedfleet --backend auto"),
 ]
 REFERENCE = "st"
+#: ``--only`` key prefix: the embedfleet contender after it, run from the ``--against`` source tree.
+AGAINST = "against:"
+
+
+def against(keys: set[str], tree: Path | None) -> list[Contender]:
+    """Contenders run from another source tree (``against:ef:...`` in ``--only``), labelled with it."""
+    wanted = [key[len(AGAINST):] for key in sorted(keys) if key.startswith(AGAINST)]
+    if wanted and tree is None:
+        raise SystemExit("against: contenders need --against DIR (another checkout of embedfleet)")
+    known = {c.key: c for c in CONTENDERS if c.key.startswith("ef:")}
+    unknown = [key for key in wanted if key not in known]
+    if unknown:
+        raise SystemExit(f"against: takes embedfleet contenders only, not {', '.join(unknown)}")
+    return [Contender(AGAINST + key, f"{known[key].label}, at {tree.name}", known[key].env) for key in wanted]
 
 
 # ---------------------------------------------------------------------------------- models
@@ -326,14 +344,18 @@ def run_contender(contender: Contender, model: Path, texts_file: Path, workdir: 
     out = workdir / f"{contender.key.replace(':', '_')}-{round_}.npy"
     env = {**os.environ, **dict(contender.env)}
     python = args.st_python if contender.side else sys.executable
-    command = [python, "-m", "bench.cpu", "--child", contender.key, "--model", str(model),
+    tree, key = REPO, contender.key
+    if key.startswith(AGAINST):  # the same contender from another source tree (--against)
+        tree, key = args.against.resolve(), key[len(AGAINST):]
+        env["PYTHONPATH"] = str(tree)
+    command = [python, "-m", "bench.cpu", "--child", key, "--model", str(model),
                "--texts-file", str(texts_file), "--vectors", str(out), "--passes", str(args.passes),
                "--warmup", str(args.warmup)]
     if args.max_batch_tokens:
         command += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if quality_file is not None:
         command += ["--quality-file", str(quality_file)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -360,10 +382,10 @@ def _verdicts(results: dict[str, dict[str, Any]], queries: int) -> dict[str, Any
 
 
 def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]], queries: int = 1000,
-          corpus_n: int = 0) -> list[str]:
+          corpus_n: int = 0, contenders: list[Contender] | None = None) -> list[str]:
     verdicts = _verdicts(results, queries)
     rates = {key: tokens / min(r["seconds"]) for key, r in results.items() if "seconds" in r}
-    outside = [key for key in rates if not key.startswith("ef:")]
+    outside = [key for key in rates if not key.startswith(("ef:", AGAINST))]  # the other stacks
     equal = [key for key in outside if key in verdicts and verdicts[key].equal_quality]
     best_equal = max((rates[k] for k in equal), default=None)
     best_any = max((rates[k] for k in outside), default=None)
@@ -371,7 +393,7 @@ def table(model_name: str, tokens: int, results: dict[str, dict[str, Any]], quer
              "| contender | tokens/s (best) | spread of passes | x best equal-quality other | x best other | "
              "recall@10 vs fp32 | cos min | cos mean | equal quality | peak RSS MiB | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
-    for contender in CONTENDERS:
+    for contender in contenders or CONTENDERS:
         result = results.get(contender.key)
         if result is None:
             continue
@@ -433,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries of the recall@10 rule")
     parser.add_argument("--st-python", default="", help="interpreter with sentence-transformers[onnx,openvino], nncf "
                         "and datasets for the st-onnx/st-openvino contenders (skipped without it)")
+    parser.add_argument("--against", type=Path, default=None, help="another source tree (a checkout or git "
+                        "archive) whose embedfleet contenders run as against:ef:... in --only, in the same rounds")
     parser.add_argument("--quality-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -450,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = mixed_workload(vocabulary(), n=args.n)
     only = set(filter(None, args.only.split(",")))
     chosen = [c for c in CONTENDERS if (not only or c.key in only or c.key == REFERENCE) and (args.st_python or not c.side)]
+    chosen += against(only, args.against)
     root = Path(tempfile.gettempdir()) / "embedfleet-bench"
     root.mkdir(exist_ok=True)
     paths = {"minilm": ("all-MiniLM-L6-v2 (bundled)", bundled_model), "bge-small": ("bge-small-en-v1.5 architecture, random weights", lambda: bge_small_arch(root))}
@@ -482,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"    {done.get('error') or [round(tokens / s) for s in done['seconds']]}",
                           file=sys.stderr, flush=True)
                     merge(results, contender.key, done)
-            lines = table(title, tokens, results, args.queries, min(args.quality_n, 12000))
+            lines = table(title, tokens, results, args.queries, min(args.quality_n, 12000), chosen)
             autos = [r["autoselect"] for r in results.values() if r.get("autoselect")]
             if autos:
                 lines += ["", "Auto selection table (64-text sample, logged by the worker at start):", "", "```", autos[0], "```"]

@@ -210,11 +210,13 @@ def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monke
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     from worker.backends import openvino_int8
 
-    monkeypatch.setattr(openvino_int8, "ACTIVATION_GROUP", 128)  # OpenVINO's int8: another activation group
+    monkeypatch.setattr(openvino_int8, "ACTIVATION_GROUP", openvino_int8.ACTIVATION_GROUP // 4)  # another group
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    monkeypatch.setattr(openvino_int8, "SMOOTHING_ALPHA", 0.25)  # OpenVINO's int8: other smoothing, other weights
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1.3)  # another timing rule
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
-    assert len(keys) == 6
+    assert len(keys) == 7
 
 
 def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:

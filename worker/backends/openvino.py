@@ -23,8 +23,9 @@ fp32), where the CPU has int8 dot products (VNNI or AMX; elsewhere refused: the 
 decompress the weights to fp32). Anything else is refused by name. ``device``: ``cpu`` (or
 ``auto``).
 
-The int8 IR is cached beside the fp32 one, its folder name ending in ``-i8ch`` (the weight
-scheme), built from the fp32 IR.
+The int8 IR is cached beside the fp32 one, its folder name ending in the weight scheme
+(``openvino_int8.weight_scheme()``: int8 per channel, the smoothing and its calibration), built from
+the fp32 IR.
 
 ``streams``: how many batches run at once. One stream runs one batch on every core
 (``PERFORMANCE_HINT=LATENCY``); ``n`` streams (``THROUGHPUT``) run ``n`` batches side by side on
@@ -106,7 +107,7 @@ def ir_dir(info: ModelInfo, int8: bool = False) -> Path:
     if not info.revision:
         raise BadInput(f"model {info.name!r} has no revision fingerprint, so its conversion cannot be cached")
     release = ".".join(metadata.version("openvino").split(".")[:2])
-    suffix = f"-{openvino_int8.WEIGHT_SCHEME}" if int8 else ""
+    suffix = f"-{openvino_int8.weight_scheme()}" if int8 else ""
     return cache_dir("openvino") / f"{info.revision}-ov{release}-{ATTENTION}{suffix}"
 
 
@@ -133,17 +134,51 @@ def _convert(info: ModelInfo, dest: Path) -> None:
     }))
 
 
-def _quantize(src: Path, dest: Path) -> None:
-    """The fp32 IR in ``src`` with its MatMul weights int8 per channel, to ``dest`` (``openvino_int8``)."""
+def _calibration(info: ModelInfo, names: list[str], budget: int = 2048) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """Feeds (and their attention masks) of the int8 smoothing's calibration paragraphs: CPython's
+    documentation after the paragraphs the auto selection's quality rule measures on, in
+    length-sorted padded batches of at most ``budget`` tokens."""
+    from worker.backends.quality import QUALITY_TEXTS, prose
+    from worker.models.tokenizer import BatchTokenizer
+
+    texts = prose(QUALITY_TEXTS + openvino_int8.CALIBRATION_TEXTS)[QUALITY_TEXTS:]
+    tokenizer = BatchTokenizer(info.path, info.max_length)
+    encoded = sorted(tokenizer.encode(texts), key=lambda e: e.n_tokens)
+    groups: list[list[Any]] = [[]]
+    for item in encoded:
+        if groups[-1] and item.n_tokens * (len(groups[-1]) + 1) > budget:
+            groups.append([])
+        groups[-1].append(item)
+    feeds, masks = [], []
+    for group in groups:
+        arrays = {name: np.zeros((len(group), group[-1].n_tokens), np.int64) for name in INPUT_NAMES}
+        arrays["input_ids"][:] = tokenizer.pad_id
+        for row, item in enumerate(group):
+            n = item.n_tokens
+            arrays["input_ids"][row, :n], arrays["token_type_ids"][row, :n] = item.ids, item.type_ids
+            arrays["attention_mask"][row, :n] = 1
+        feeds.append({name: arrays[name] for name in names})
+        masks.append(arrays["attention_mask"])
+    return feeds, masks
+
+
+def _quantize(info: ModelInfo, src: Path, dest: Path) -> None:
+    """The fp32 IR in ``src``, smoothed on calibration prose and with its MatMul weights int8 per
+    channel, to ``dest`` (``openvino_int8``)."""
     import openvino as ov
 
     model = ov.Core().read_model(str(src / "model.xml"))
+    names = [port.get_any_name() for port in model.inputs]
+    feeds, masks = _calibration(info, names)
+    groups = openvino_int8.smooth(model, openvino_int8.input_ranges(model, feeds, masks))
     replaced = openvino_int8.compress_weights(model)
     ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
     export = json.loads((src / "export.json").read_text())
     (dest / "export.json").write_text(json.dumps({
-        **export, "quantization": f"int8 weights per output channel ({replaced} MatMuls), activations per "
-                                  f"token in groups of {openvino_int8.ACTIVATION_GROUP} at run time"}))
+        **export, "quantization": f"int8 weights per output channel ({replaced} MatMuls), smoothed (alpha "
+                                  f"{openvino_int8.SMOOTHING_ALPHA}, {groups} input groups, {len(feeds)} calibration "
+                                  f"batches), activations per token in groups of {openvino_int8.ACTIVATION_GROUP} "
+                                  f"at run time"}))
 
 
 def ensure_ir(info: ModelInfo, int8: bool = False) -> Path:
@@ -154,7 +189,7 @@ def ensure_ir(info: ModelInfo, int8: bool = False) -> Path:
         return dest
     if int8:
         fp32 = ensure_ir(info)
-        return publish(lambda tmp: _quantize(fp32, tmp), dest, marker="model.xml")
+        return publish(lambda tmp: _quantize(info, fp32, tmp), dest, marker="model.xml")
     return publish(lambda tmp: _convert(info, tmp), dest, marker="model.xml")
 
 

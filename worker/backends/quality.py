@@ -30,6 +30,9 @@ RECALL_GATE = 0.97
 COSINE_GATE = 0.99
 #: Scores (rerank, classify): at most this far from fp32's.
 SCORE_TOLERANCE = 0.01
+#: Real paragraphs (``prose``) embedded by every candidate of the auto selection for the rule;
+#: the paragraphs after them are for calibration (the OpenVINO int8 smoothing), never measured on.
+QUALITY_TEXTS = 384
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
 from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads
-from worker.backends.quality import COSINE_GATE, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines, prose
+from worker.backends.quality import (COSINE_GATE, QUALITY_TEXTS, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines,
+                                     prose)
 from worker.models.heads import class_probabilities, rerank_scores
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = 64
-#: Real paragraphs embedded by every candidate for the quality rule (each one a query for recall@10).
-QUALITY_TEXTS = 384
 
 #: name -> (module, class, what to install when the import fails)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -404,10 +403,10 @@ def knobs() -> dict[str, object]:
     """The settings that change how fast a candidate runs (a change means measuring again)."""
     from worker.backends.onnx import SCHEMES  # pure: onnxruntime itself is imported on use only
     from worker.backends.openvino import stream_count  # pure: OpenVINO itself is imported on use only
-    from worker.backends.openvino_int8 import ACTIVATION_GROUP, WEIGHT_SCHEME
+    from worker.backends import openvino_int8
 
     return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile,
-            "onnx_int8": SCHEMES["token"], "openvino_int8": f"{WEIGHT_SCHEME}-g{ACTIVATION_GROUP}",
+            "onnx_int8": SCHEMES["token"], "openvino_int8": f"{openvino_int8.weight_scheme()}-g{openvino_int8.ACTIVATION_GROUP}",
             "timing": f"batch-min-runoff{RUNOFF_MARGIN}", "in_flight": settings().batches_in_flight}
 
 
