@@ -754,6 +754,23 @@ def test_bad_inputs_fail_alone(tiny_embed_engine: Engine) -> None:
     assert (result.values[[1, 2, 3, 4, 5, 7]] == 0).all()
 
 
+def test_all_text_inputs_fail_alone_with_the_per_item_reasons(tiny_embed_engine: Engine) -> None:
+    """A call of plain strings only is checked column-wise (``Engine._validate_texts``); one input
+    of another type sends the call through the per-item loop. Both must fail the same items with
+    the same reasons and tokenize the same (prompted) texts."""
+    texts = ["good", "", "   ", "\u3000\n\x1c\x85", "x" * (MAX_INPUT_CHARS + 1), "x" * MAX_INPUT_CHARS,
+             " padded ", "\u3000 a", "also good"]
+    options = Options(prompt="query: ")
+    columnar = tiny_embed_engine.run(texts, options, timeout=60)
+    per_item = tiny_embed_engine.run([*texts, None], options, timeout=60)
+    assert set(columnar.errors) == {1, 2, 3, 4}
+    assert columnar.errors == {i: reason for i, reason in per_item.errors.items() if i < len(texts)}
+    assert columnar.n_tokens == per_item.n_tokens[:len(texts)]
+    np.testing.assert_allclose(columnar.values, per_item.values[:len(texts)], atol=1e-6)
+    plain = tiny_embed_engine.run(["good", "also good"], timeout=60).values
+    assert not np.allclose(columnar.values[[0, 8]], plain, atol=1e-3)  # the prompt went before the texts
+
+
 def test_all_inputs_bad_resolves_immediately(tiny_embed_engine: Engine) -> None:
     result = tiny_embed_engine.run(["", None], timeout=10)
     assert set(result.errors) == {0, 1} and result.values.shape == (2, 32)

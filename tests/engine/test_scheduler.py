@@ -10,6 +10,7 @@ a number: a block's owner is the array of its items' numbers, so item ``k`` of a
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -396,3 +397,75 @@ def test_a_large_requests_batches_are_capped_while_small_ones_take_turns() -> No
     for _ in range(4):
         model.take()
     assert len(model.take()) == 8  # no small call for fair_every batches: the full budget again
+
+
+class SortingScheduler(Scheduler):
+    """The scheduler without its shortcuts for a pool that fits in one batch: every batch is grown
+    from the sorted window and taken out by the general compaction."""
+
+    def _all_fit(self) -> bool:
+        return False
+
+    def _remove_all(self) -> Picked:
+        return self._remove_some(np.arange(self._count), True)
+
+
+def _state(sched: Scheduler) -> tuple:
+    return (sched._count, sched._urgent_count, sched._tokens, sorted(sched._group_left.items()),
+            sorted(sched._served.items()), sched._urgent_streak, sched._urgent_skips, sched._since_small,
+            sorted((key, entry[1]) for key, entry in sched._owners.items()))
+
+
+@SETTINGS
+@given(
+    rounds=st.lists(st.lists(st.tuples(st.integers(min_value=1, max_value=300), st.booleans()), max_size=10),
+                    min_size=1, max_size=30),
+    config=config_st,
+    takes=st.lists(st.integers(min_value=0, max_value=3), min_size=30, max_size=30),
+)
+def test_the_shortcuts_for_a_pool_that_fits_give_the_batches_of_the_sorting_path(
+        rounds: list[list[tuple[int, bool]]], config: dict, takes: list[int]) -> None:
+    """Same arrivals (normal and urgent blocks, several requests), same batches, same state: the
+    shortcuts (``_all_fit``, ``_remove_all``) change the cost of a batch, never which one it is."""
+    fast, slow = Scheduler(**config, fair_every=2), SortingScheduler(**config, fair_every=2)
+    next_id = 0
+    for new, n_takes in zip(rounds, takes):
+        for group, (length, urgent) in enumerate(new):
+            ids = np.arange(next_id, next_id + 1 + length % 3)
+            next_id = int(ids[-1]) + 1
+            lengths = np.full(ids.size, length) + np.arange(ids.size)
+            for sched in (fast, slow):
+                sched.add(lengths, ids, urgent=urgent, group=group % 3)
+        for _ in range(n_takes if new else 4):
+            got = [sched.next_batch(timeout=0) for sched in (fast, slow)]
+            if got[0] is None or got[1] is None:
+                assert got[0] is None and got[1] is None
+                break
+            assert items(got[0]) == items(got[1])
+            assert got[0].owner.tolist() == got[1].owner.tolist()
+            assert got[0].lengths.tolist() == got[1].lengths.tolist()
+            assert _state(fast) == _state(slow)
+
+
+def test_arrivals_wake_the_batch_former_only_when_they_change_what_it_waits_for() -> None:
+    """A waiter is woken by items where there were none and by a pool that now fills a batch;
+    a block that does neither (it waits for the device, which ``poke`` announces) leaves it be.
+    A waiter held by ``wanted`` still gets the full batch the arrivals make, without a poke."""
+    s = Scheduler(max_batch_tokens=20, padded=False)
+    wakes = []
+    notify_all = s._cond.notify_all
+    s._cond.notify_all = lambda: (wakes.append(len(s)), notify_all())  # type: ignore[method-assign]
+    s.add(np.array([5]), np.array([0]))
+    s.add(np.array([5]), np.array([1]))
+    assert wakes == [1]  # from empty only
+    got: list[Picked | None] = []
+    waiter = threading.Thread(target=lambda: got.append(s.next_batch(timeout=5, wanted=lambda: False)))
+    waiter.start()
+    time.sleep(0.05)  # let it wait (the result below does not depend on it: the pool fills either way)
+    s.add(np.array([5, 5]), np.array([2, 3]))
+    waiter.join(5)
+    assert wakes == [1, 4]  # the block that filled the budget woke it
+    assert got and got[0] is not None and sorted(_numbers(got[0])) == [0, 1, 2, 3]
+    s.add(np.array([25]), np.array([4]))
+    s.add(np.array([1]), np.array([5]))
+    assert wakes == [1, 4, 1]  # a full pool gets no further wake-ups for more items

@@ -78,6 +78,26 @@ def test_finish_embeddings_matryoshka_then_renormalize() -> None:
     np.testing.assert_array_equal(unnormalized_cut, vectors[:, :3])
 
 
+def test_finish_embeddings_in_place_divides_the_callers_array_and_only_an_uncut_one() -> None:
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(6, 16)).astype(np.float32)
+    want = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    owned = vectors.copy()
+    out = finish_embeddings(owned, normalize=True, dimensions=None, in_place=True)
+    assert out is owned or np.shares_memory(out, owned)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    kept = vectors.copy()
+    copied = finish_embeddings(kept, normalize=True, dimensions=None)
+    np.testing.assert_array_equal(kept, vectors)  # without in_place the caller's array is left alone
+    np.testing.assert_allclose(copied, want, rtol=1e-6)
+    cut_source = vectors.copy()
+    cut = finish_embeddings(cut_source, normalize=True, dimensions=4, in_place=True)
+    np.testing.assert_array_equal(cut_source, vectors)  # a cut is a new array: the source is not written
+    np.testing.assert_allclose(cut, vectors[:, :4] / np.linalg.norm(vectors[:, :4], axis=1, keepdims=True), rtol=1e-6)
+    zeros = np.zeros((2, 3), np.float32)
+    assert (finish_embeddings(zeros, normalize=True, dimensions=None, in_place=True) == 0).all()
+
+
 def test_finish_embeddings_zero_vector_stays_finite() -> None:
     out = finish_embeddings(np.zeros((2, 3), np.float32), normalize=True, dimensions=None)
     assert np.isfinite(out).all() and (out == 0).all()

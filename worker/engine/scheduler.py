@@ -163,14 +163,21 @@ class Scheduler:
     def add_many(self, blocks: Sequence["Incoming"]) -> None:
         """Queue several blocks (``add``'s arguments each) under one lock, with one wake-up of
         the thread forming batches: many small calls tokenized together arrive as one event,
-        not one hand-over of the GIL each."""
+        not one hand-over of the GIL each.
+
+        The waiters are woken only when the blocks can change what ``next_batch`` waits for:
+        items where there were none, or a pool that now fills a batch. Otherwise a waiter is
+        waiting for ``wanted`` (the device), whose change ``poke`` announces; waking it for
+        every tokenized chunk (a GPU engine with tokenizer processes: several a batch) would only
+        hand it the GIL to wait again."""
         with self._cond:
             if self._closed:
                 raise EngineStopped("the engine is stopping; no new work is accepted")
+            was_empty, was_full = self._count == 0, self._full()
             added = 0
             for block in blocks:
                 added += self._append(block)
-            if added:
+            if added and (was_empty or (not was_full and self._full())):
                 self._cond.notify_all()
 
     def _append(self, block: "Incoming") -> int:
@@ -326,12 +333,25 @@ class Scheduler:
         grown towards the nearer length while the cost fits (then towards the other side)."""
         self._budget = self.max_batch_tokens
         self._since_small += 1
+        if not self._urgent_count and self._all_fit():
+            self._urgent_streak = 0  # what ``_anchor`` records for a batch around the oldest normal item
+            return np.arange(self._count)
         anchor, window = self._anchor()
         order = window[np.argsort(self._len[window], kind="stable")]  # by length, then age
         lens = self._len[order]
         a = int(np.flatnonzero(order == anchor)[0])
         lo, hi = self._grow(lens, a)
         return order[lo:hi]
+
+    def _all_fit(self) -> bool:
+        """Every pending item fits in one batch within the window: the batch ``_grow`` would build
+        (it takes every candidate when the whole fits), without sorting for it. The common case
+        when a device keeps up (each tokenized chunk becomes a batch): the scheduler's cost a batch
+        is then a fixed number of numpy calls, paid per batch of a few hundred short texts."""
+        if self._count > self.window or self._count > self.max_batch_items:
+            return False
+        cost = int(self._len.max()) * self._count if self.padded else self._tokens
+        return cost <= self._budget
 
     def _cost(self, longest: np.ndarray, count: np.ndarray, total: np.ndarray) -> np.ndarray:
         return longest * count if self.padded else total
@@ -378,6 +398,12 @@ class Scheduler:
         if served and self._urgent_count:
             oldest_urgent = int(np.argmax(self._urgent))
             self._urgent_skips = 0 if np.any(chosen == oldest_urgent) else self._urgent_skips + 1
+        if chosen.shape[0] == self._count:
+            return self._remove_all()
+        return self._remove_some(chosen, served)
+
+    def _remove_some(self, chosen: np.ndarray, served: bool) -> Picked:
+        """``_remove`` of the sorted positions ``chosen``, the pool's arrays compacted around them."""
         teams, per_team = np.unique(self._group[chosen], return_counts=True)
         for team, taken in zip(teams.tolist(), per_team.tolist()):
             left = self._group_left[team] - taken
@@ -409,4 +435,23 @@ class Scheduler:
         self._count -= len(chosen)
         self._urgent_count -= n_urgent
         self._tokens -= int(picked.lengths.sum())
+        return picked
+
+    def _remove_all(self) -> Picked:
+        """``_remove`` of every pending item (``_merge`` done): one batch of all of them, and the
+        pool left empty without compacting its arrays. Keys grow with arrival and removal keeps
+        the order, so ``_block`` is already grouped by owner: no sort, one boundary pass."""
+        keys = self._block
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+        owners = [self._owners[key][0] for key in keys[starts].tolist()]
+        owner_index = np.repeat(np.arange(starts.shape[0], dtype=np.int64),
+                                np.diff(np.append(starts, keys.shape[0])))
+        picked = Picked(owners, owner_index, self._row, self._len)
+        self._owners.clear()
+        self._group_left.clear()
+        self._served.clear()
+        self._len, self._urgent = self._len[:0], self._urgent[:0]
+        self._block, self._row = self._block[:0], self._row[:0]
+        self._group, self._deadline = self._group[:0], self._deadline[:0]
+        self._count = self._urgent_count = self._tokens = 0
         return picked

@@ -9,7 +9,10 @@ while MiniLM's forward alone runs at ~7.9M). Here each chunk goes to one of ``pr
 processes that each hold a copy of the tokenizer (pickled: its JSON and settings, no
 transformers import), tokenize it single-threaded and send back ``Tokens``: a few flat numpy
 arrays, whatever the number of texts. The engine process pickles the strings out (one C pass)
-and unpickles the arrays in, so no Python object per text is made there.
+and unpickles the arrays in, so no Python object per text is made there. For BERT WordPiece
+models a child's work is mostly Python too (``worker.models.wordpiece``: ~4-5 µs a short text,
+against ~35-44 µs for the Rust call; the round trip costs the calling thread ~0.4-0.6 µs a text,
+``bench/tokenize_stages.py``), which is one more reason it runs outside the engine process.
 
 The processes are fresh interpreters (``python -c``, not forked: the engine process runs CUDA and
 threads; and not multiprocessing's spawn, which re-runs the parent's main script in each child,
