@@ -139,3 +139,50 @@ def test_heads_that_do_not_fit_the_encoder_are_refused(tmp_path: Path) -> None:
 def test_a_folder_with_one_head_offers_that_one(tmp_path: Path) -> None:
     info = describe(str(save_bge_m3(tmp_path / "sparse-only", heads=("sparse",))))
     assert info.outputs == ("dense", "sparse") and info.multivector_dims == 0
+
+
+def test_an_input_whose_outputs_stay_non_finite_fails_alone_the_others_keep_their_rows(
+        tiny_bge_m3_model: Path) -> None:
+    """``_deliver_outputs``: dense rows go in by index, sparse and ColBERT rows one by one; an
+    input still NaN in a wider type fails alone, and every other input gets its own rows."""
+    from tests.fixtures_extra import WrappedBackend, first_token_id
+
+    class NanDense(WrappedBackend):
+        poison: set[int] = set()
+
+        @property
+        def outputs(self) -> tuple[str, ...]:
+            return self.inner.outputs
+
+        def launch_outputs(self, batch, outputs, precise=False):  # type: ignore[no-untyped-def]
+            wait = self.inner.launch_outputs(batch, outputs, precise)
+
+            def done():  # type: ignore[no-untyped-def]
+                out = wait()
+                rows = [i for i, row in enumerate(batch.input_ids) if int(row[1]) in self.poison]
+                if rows and out.dense is not None:
+                    out.dense = out.dense.copy()
+                    out.dense[rows] = np.nan
+                return out
+            return done
+
+    engine = make_engine(tiny_bge_m3_model, max_batch_tokens=600, wrap=NanDense)
+    try:
+        options = Options(outputs=["dense", "sparse", "multivector"])
+        alone = [engine.run([text], options, timeout=60) for text in TEXTS]  # one input a batch: no rows to mix up
+        dense = engine.run(TEXTS, timeout=60).values  # dense only: ``_deliver``, not ``_deliver_outputs``
+        NanDense.poison = {first_token_id(engine, "zebra")}
+        texts = [*TEXTS[:3], "zebra crossing", *TEXTS[3:]]
+        result = engine.run(texts, options, timeout=60)
+        assert list(result.errors) == [3] and "non-finite" in result.errors[3]
+        others = [i for i in range(len(texts)) if i != 3]
+        np.testing.assert_allclose(result.values[others], dense, atol=1e-5)
+        assert (result.values[3] == 0).all() and result.sparse.counts[3] == 0 and result.multivector.counts[3] == 0
+        assert [result.sparse.counts[i] for i in others] == [one.sparse.counts[0] for one in alone]
+        np.testing.assert_allclose(result.sparse.values, np.concatenate([one.sparse.values for one in alone]),
+                                   atol=1e-5)
+        np.testing.assert_allclose(result.multivector.vectors,
+                                   np.concatenate([one.multivector.vectors for one in alone]), atol=1e-5)
+    finally:
+        NanDense.poison = set()
+        engine.stop()

@@ -818,10 +818,14 @@ class Engine:
 
     # ------------------------------------------------------------------ results
     def _deliver_outputs(self, slots: Picked, output: BatchOutputs) -> None:
-        """Several outputs per input (sparse rows, multi-vectors are lists: one entry each)."""
+        """Several outputs per input: dense rows by index as in ``_deliver``; sparse rows and
+        multi-vectors are lists (one entry an input), placed one by one."""
         finite = output.finite_rows()
         for block, part, rows in slots.groups():
             request: _Request = block.request
+            index, ok = block.index[rows], finite[part]
+            positions = np.arange(part.start, part.stop)[ok]
+            kept = index[ok]
             with request.lock:
                 if output.dense is not None and "dense" in request.outputs and request.raw is None:
                     request.raw = np.zeros((request.size, output.dense.shape[1]), dtype=np.float32)
@@ -829,16 +833,14 @@ class Engine:
                     request.sparse = [None] * request.size
                 if "multivector" in request.outputs and request.multivector is None:
                     request.multivector = [None] * request.size
-                for position, index in zip(range(part.start, part.stop), block.index[rows].tolist()):
-                    if not finite[position]:
-                        request.errors[index] = "gave non-finite outputs even in a wider type"
-                        continue
-                    if request.raw is not None and output.dense is not None:
-                        request.raw[index] = output.dense[position]
-                    if request.sparse is not None and output.sparse is not None:
-                        request.sparse[index] = output.sparse[position]
-                    if request.multivector is not None and output.multivector is not None:
-                        request.multivector[index] = output.multivector[position]
+                for i in index[~ok].tolist():
+                    request.errors[i] = "gave non-finite outputs even in a wider type"
+                if request.raw is not None and output.dense is not None:
+                    request.raw[kept] = output.dense[positions]
+                for mine, theirs in ((request.sparse, output.sparse), (request.multivector, output.multivector)):
+                    if mine is not None and theirs is not None:
+                        for position, i in zip(positions.tolist(), kept.tolist()):
+                            mine[i] = theirs[position]
             self._complete(request, len(rows))
 
     def _deliver(self, slots: Picked, output: np.ndarray) -> None:
