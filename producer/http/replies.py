@@ -52,12 +52,13 @@ def publish_only(app: Celery) -> Celery:
     With a Redis result backend, ``send_task`` would also subscribe the sending thread's own
     result consumer to the task's channel, which nobody here drains; the facade's reader does
     that instead. The transport options dict is shared, so a queue declared on either app (SQS
-    URLs) is known to both.
+    URLs) is known to both. So is the transport class (``broker_transport``): a worker's private
+    in-memory broker is one only its transport opens, not its URL alone.
     """
     sender = Celery("embedfleet-facade", broker=app.conf.broker_url, backend="disabled://", set_as_current=False)
     sender.conf.update({key: app.conf[key] for key in (
         "task_serializer", "result_serializer", "accept_content", "result_accept_content",
-        "task_default_queue", "broker_connection_retry", "broker_connection_max_retries")})
+        "task_default_queue", "broker_connection_retry", "broker_connection_max_retries", "broker_transport")})
     sender.conf.broker_transport_options = app.conf.broker_transport_options
     return sender
 

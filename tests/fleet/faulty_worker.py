@@ -32,11 +32,11 @@ _real_read = tasks.read_shard
 _real_run = tasks.run_shard
 
 
-def run_shard(payload: dict[str, Any], deliveries: int = 1) -> dict[str, Any]:
+def run_shard(payload: dict[str, Any], deliveries: int = 1, **worker: Any) -> dict[str, Any]:
     with _lock:
         _inside[0] += 1
     try:
-        return _real_run(payload, deliveries=deliveries)
+        return _real_run(payload, deliveries=deliveries, **worker)  # the worker's engines and roots
     finally:
         with _lock:
             _inside[0] -= 1

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import RedisServer
 from worker.hosting import isolation
 from worker.hosting.isolation import ISOLATE_KEY, RAN_ON_KEY, RUNNING_KEY, Isolation, SoloLock, after_loss
-from worker.hosting.stop import begin_stop, reset_stop
+from worker.hosting.stop import StopFlag
 
 
 def _died_running(client, process: str, task_ids: list[str]) -> None:  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ def test_an_isolated_shard_runs_with_no_other_beside_it() -> None:
     release = threading.Event()
 
     def shard(name: str, alone: bool, wait: bool) -> None:
-        with lock.hold(alone):
+        with lock.hold(alone, StopFlag().is_set):
             with guard:
                 running.append(name)
                 seen.append(tuple(sorted(running)))
@@ -94,19 +94,19 @@ def test_a_stop_ends_the_wait_for_a_solo_turn() -> None:
     release = threading.Event()
 
     def ordinary() -> None:
-        with lock.hold(False):
+        with lock.hold(False, StopFlag().is_set):
             holding.set()
             release.wait(10)
 
     thread = threading.Thread(target=ordinary)
     thread.start()
     holding.wait(10)
-    begin_stop()
+    stopping = StopFlag()  # the waiting shard's worker's
+    stopping.begin()
     try:
         with pytest.raises(isolation.StoppingWhileWaiting):
-            with lock.hold(True):
+            with lock.hold(True, stopping.is_set):
                 pass
     finally:
-        reset_stop()
         release.set()
         thread.join(10)

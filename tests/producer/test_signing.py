@@ -32,11 +32,11 @@ def test_signed_messages_pass_and_unsigned_or_altered_ones_are_refused(tmp_path:
     payload = _payload(tmp_path, monkeypatch)
     assert len(payload["signature"]) == 64 and refusal(payload) is None
     job = ShardJob.model_validate(payload)
-    assert untrusted(job, payload) is None
+    assert untrusted(job, payload, None) is None  # no storage roots: only the signature is checked
     unsigned = {**payload, "signature": None}
-    assert "unsigned" in untrusted(ShardJob.model_validate(unsigned), unsigned)
+    assert "unsigned" in untrusted(ShardJob.model_validate(unsigned), unsigned, None)
     altered = {**payload, "shard": {**payload["shard"], "uri": "/etc/passwd"}}
-    assert "does not match" in untrusted(ShardJob.model_validate(altered), altered)
+    assert "does not match" in untrusted(ShardJob.model_validate(altered), altered, None)
     monkeypatch.setenv("EMBEDFLEET_SIGNING_KEY", "another")
     assert "does not match" in refusal(payload)
 

@@ -128,8 +128,9 @@ def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batc
                       f"{engine.info.name} on {engine.backend.device} in {engine.backend.dtype}")
         engines = Registry()  # this command's own: it hosts the one engine for the one shard
         engines.register(engine, job.model)
+        # no storage roots: the shard comes from this command's own arguments, not from a broker
         return ShardReport.model_validate(run_shard(job.model_dump(mode="json"), deliveries=deliveries,
-                                                    engines=engines))
+                                                    engines=engines, roots=None))
     finally:
         engine.stop()
 

@@ -1,9 +1,10 @@
 """Host engines and run a Celery worker for them, for the embedded default and for the fleet.
 
 ``InProcessWorker`` loads the engines a worker hosts and consumes their queues: on a thread
-with the in-memory transport for ``embedfleet run`` and ``serve`` in embedded mode (so the very
-same producer -> queue -> task -> engine -> sink path runs with nothing else installed), or in
-the foreground on a real broker for ``embedfleet worker``.
+with the in-memory transport (each worker on a broker of its own: ``worker.hosting.memory_broker``)
+for ``embedfleet run`` and ``serve`` in embedded mode (so the very same producer -> queue -> task
+-> engine -> sink path runs with nothing else installed), or in the foreground on a real broker
+for ``embedfleet worker``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from producer.settings import settings
 from worker import sinks
 from worker.backends.select import Selection, load_backend
 from worker.engine.pipeline import Engine
-from worker.hosting import limits, poison
+from worker.hosting import limits, memory_broker, poison, stop
 from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
-from worker.hosting.stop import begin_stop, reset_stop
 from worker.hosting.trust import StorageRoots, use_roots
 from worker.models.resolve import ModelInfo, describe
 
@@ -165,14 +165,23 @@ class InProcessWorker:
     def __init__(self, spec: WorkerSpec, broker: str = MEMORY_BROKER, backend: str | None = None,
                  handle_signals: bool | None = None) -> None:
         self.spec = spec
+        self.hostname = host_name()
+        #: an in-memory broker this worker made for itself (given one that names none, such as
+        #: ``MEMORY_BROKER``); dropped at its stop. A named one (``memory://localhost/NAME``) is shared.
+        self._private_broker = broker.startswith("memory://") and not memory_broker.names_one(broker)
+        if self._private_broker:  # a broker of its own, named after it (``worker.hosting.memory_broker``)
+            broker = memory_broker.private_url(self.hostname.split("@", 1)[0])
         self.broker = broker
         self.app: Celery = create_app(broker, backend, prefetch=1)
         if broker.startswith("memory://"):
+            self.app.conf.broker_transport = memory_broker.TRANSPORT
             # The in-memory transport polls its queues; kombu's default of 1 s left a shard slot
             # idle for up to a second after each shard (`embedfleet run`: most of a small job).
             self.app.conf.broker_transport_options = {"polling_interval": MEMORY_POLL_S}
         #: this worker's engines by model reference, for its tasks (found through ``self.app``)
         self.registry = runtime.of(self.app)
+        #: this worker's "stopping" flag, for its tasks (found through ``self.app`` too)
+        self.stopping = stop.of(self.app)
         self.engines: list[Engine] = []
         #: How each engine's backend was chosen, in the order of ``engines``.
         self.selections: list[Selection] = []
@@ -186,7 +195,6 @@ class InProcessWorker:
         self._signalled = threading.Event()
         self._sweeper: Any = None
         self._heartbeat: Any = None
-        self.hostname = host_name()
 
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
@@ -213,7 +221,7 @@ class InProcessWorker:
                                     | {inline_queue_name(i.kind, r) for r, i in refused})
         consume_without_acks(self.app, self.inline_queues)
         poison.use_broker(self.broker)
-        use_roots(self.spec.storage_roots)
+        use_roots(self.app, self.spec.storage_roots)
         for name in self.queues + self.inline_queues:
             declare_queue(self.app, name)
         # Celery traces a task with the *current* app; this worker's pool threads are given this
@@ -283,7 +291,7 @@ class InProcessWorker:
             os._exit(128 + signum)
         self._signalled.set()
         log.warning("signal %d: stopping (unfinished work goes back to the queue)", signum)
-        begin_stop()
+        self.stopping.begin()
         _arm_watchdog(settings().stop_grace, limits.EXIT_TIME_LIMIT if limits.watchdog.tripped else 1)
         raise KeyboardInterrupt
 
@@ -322,8 +330,9 @@ class InProcessWorker:
     def stop(self) -> None:
         """Stop taking messages, then stop the engines (in-flight shards fail fast and go back to
         their queue; in-flight inline calls are sent again), then the consumer. Consumption ends
-        first so that what goes back is taken by another worker, not by this one on its way out."""
-        begin_stop()
+        first so that what goes back is taken by another worker, not by this one on its way out.
+        A broker this worker made for itself goes with it: nothing else consumes it."""
+        self.stopping.begin()
         if self._sweeper is not None:
             self._sweeper.stop()
         try:
@@ -338,7 +347,9 @@ class InProcessWorker:
                 self._heartbeat.stop()
                 self._heartbeat = None
         finally:
-            reset_stop()
+            self.stopping.reset()
+            if self._private_broker:
+                memory_broker.drop(self.broker)
 
     def _stop_consuming(self) -> None:
         """Cancel this worker's queues through Celery's remote control (run by the consumer's own

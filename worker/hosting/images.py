@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from producer import storage
 from producer.settings import settings
-from worker.hosting.trust import current_roots
+from worker.hosting.trust import StorageRoots
 from worker.models.vision import ImageProblem
 
 _AS_IS = ("data:", "http://", "https://")
@@ -31,13 +31,14 @@ def corpus_folder(source: str) -> str:
     return str(Path(source.removeprefix("file://")).expanduser().resolve().parent)
 
 
-def image_cells(values: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """``{"image": cell}`` inputs with file cells replaced by their readers."""
+def image_cells(values: list[dict[str, Any]], source: str, roots: StorageRoots | None) -> list[dict[str, Any]]:
+    """``{"image": cell}`` inputs with file cells replaced by their readers, which read inside
+    ``roots`` only (the worker's; ``None`` checks nothing)."""
     folder = corpus_folder(source)
-    return [{"image": cell_reader(value.get("image"), folder)} for value in values]
+    return [{"image": cell_reader(value.get("image"), folder, roots)} for value in values]
 
 
-def cell_reader(cell: Any, folder: str) -> Any:
+def cell_reader(cell: Any, folder: str, roots: StorageRoots | None) -> Any:
     if not isinstance(cell, str) or cell.startswith(_AS_IS):
         return cell
     if "://" in cell and not cell.startswith("file://"):
@@ -46,12 +47,11 @@ def cell_reader(cell: Any, folder: str) -> Any:
         local = cell.removeprefix("file://")
         uri = local if os.path.isabs(local) else (posixpath.join(folder, local) if "://" in folder
                                                  else str(Path(folder) / local))
-    return _reader(uri)
+    return _reader(uri, roots)
 
 
-def _reader(uri: str) -> Callable[[], bytes]:
+def _reader(uri: str, roots: StorageRoots | None) -> Callable[[], bytes]:
     def read() -> bytes:
-        roots = current_roots()
         reason = roots.refusal(uri) if roots is not None else None
         if reason:
             raise ImageProblem(f"image {reason}")

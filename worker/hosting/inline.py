@@ -42,6 +42,7 @@ from celery.worker import state as worker_state
 
 from producer.broker import INLINE_TASK
 from producer.jobs import TokensJob
+from worker.hosting import stop
 from worker.hosting.registry import of as registry_of
 from worker.hosting.results import InlineResultBackend
 from worker.hosting.tasks import inline_answer, inline_failure, inline_job, monotonic_deadline, start_inline
@@ -68,6 +69,8 @@ class FastInline:
         self.writer = AnswerWriter.of(self.backend)
         #: the engines of the worker whose lane this is (``worker.hosting.registry.of``)
         self.engines = registry_of(app)
+        #: that worker's "stopping" flag (``worker.hosting.stop``): a failure during its stop is sent again
+        self.stopping = stop.of(app)
 
     def close(self, timeout: float = 5.0) -> None:
         """The lane is stopping: wait until the answers already made are stored."""
@@ -108,7 +111,7 @@ class FastInline:
                 queue: str | None) -> None:
         """A refusal's code, a send for another worker (this one is stopping), or a task failure (502)."""
         try:
-            answer = inline_failure(payload, exc)
+            answer = inline_failure(payload, exc, stopping=self.stopping.is_set())
         except Exception as unexpected:
             log.error("inline call %s failed: %s: %s", task_id, type(unexpected).__name__, unexpected)
             _guarded(task_id, self.backend.mark_as_failure, task_id, unexpected)

@@ -31,10 +31,9 @@ import os
 import socket
 import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from worker.hosting import poison
-from worker.hosting.stop import stopping
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,19 @@ class SoloLock:
         self._solo_waiting = 0
 
     @contextlib.contextmanager
-    def hold(self, alone: bool) -> Iterator[None]:
+    def hold(self, alone: bool, stopping: Callable[[], bool]) -> Iterator[None]:
         """Run the body beside other shards, or (``alone``) with none; raises ``StoppingWhileWaiting``
-        when the worker begins to stop while the shard waits for its turn."""
+        when the shard's worker begins to stop (``stopping()``: its flag) while the shard waits for its turn."""
         with self._cond:
             if alone:
                 self._solo_waiting += 1
                 try:
-                    self._wait(lambda: not self._solo and self._shared == 0)
+                    self._wait(lambda: not self._solo and self._shared == 0, stopping)
                 finally:
                     self._solo_waiting -= 1
                 self._solo = True
             else:
-                self._wait(lambda: not self._solo and self._solo_waiting == 0)
+                self._wait(lambda: not self._solo and self._solo_waiting == 0, stopping)
                 self._shared += 1
         try:
             yield
@@ -97,7 +96,7 @@ class SoloLock:
                     self._shared -= 1
                 self._cond.notify_all()
 
-    def _wait(self, ready: Any) -> None:
+    def _wait(self, ready: Any, stopping: Callable[[], bool]) -> None:
         while not ready():
             if stopping():
                 raise StoppingWhileWaiting("the worker is stopping")
@@ -118,9 +117,10 @@ class Isolation:
         self.client = client
 
     @contextlib.contextmanager
-    def slot(self, alone: bool) -> Iterator[None]:
-        """The body runs beside other shards, or alone when a loss with company marked the shard."""
-        with _lock.hold(alone=alone):
+    def slot(self, alone: bool, stopping: Callable[[], bool]) -> Iterator[None]:
+        """The body runs beside other shards, or alone when a loss with company marked the shard
+        (``stopping``: the worker's flag, which ends the wait for that turn)."""
+        with _lock.hold(alone, stopping):
             yield
 
     def isolated(self, task_id: str) -> bool:
@@ -162,7 +162,7 @@ class NoIsolation:
     """Brokers without the sweeper's verdict: every loss counts, nothing is marked."""
 
     @contextlib.contextmanager
-    def slot(self, alone: bool) -> Iterator[None]:
+    def slot(self, alone: bool, stopping: Callable[[], bool]) -> Iterator[None]:
         yield
 
     def isolated(self, task_id: str) -> bool:

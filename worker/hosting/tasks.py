@@ -39,13 +39,13 @@ from producer import signing
 from producer.sources import read_shard
 from producer.storage import read_marker
 from worker import sinks
-from worker.hosting import isolation, limits, poison
+from worker.hosting import isolation, limits, poison, stop
 from worker.hosting.images import image_cells
 from worker.hosting import registry as runtime
 from worker.hosting.registry import Registry
-from worker.hosting.stop import stopping
+from worker.hosting.stop import StopFlag
 from worker.hosting.tokens import run_tokens
-from worker.hosting.trust import check_shard, current_roots
+from worker.hosting.trust import StorageRoots, check_shard, roots_of
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,12 @@ def run_inline(payload: dict[str, Any], deadline: float | None = None,
     return inline_answer(job, count, future.result(INLINE_TIMEOUT_S))
 
 
-def inline_failure(payload: dict[str, Any], exc: BaseException) -> dict[str, Any] | None:
+def inline_failure(payload: dict[str, Any], exc: BaseException, *, stopping: bool) -> dict[str, Any] | None:
     """How an inline call that raised ``exc`` is answered: a refusal's result (its code), or
-    ``None`` when the worker's stop caught it (it must be sent again for another worker); any
-    other error is raised again (a task failure: the caller gets a 502)."""
+    ``None`` when the worker's stop caught it (``stopping``: its worker's flag; it must be sent
+    again for another worker); any other error is raised again (a task failure: the caller gets a 502)."""
     if isinstance(exc, (EngineStopped, ModelNotServed)):
-        if isinstance(exc, EngineStopped) or stopping():
+        if isinstance(exc, EngineStopped) or stopping:
             return None
         return refused(payload, exc)  # sent to a queue this worker does not serve: a routing mistake
     if isinstance(exc, ValidationError):
@@ -169,8 +169,10 @@ def refused(payload: dict[str, Any], error: EmbedfleetError) -> dict[str, Any]:
                         error=error.to_wire()).model_dump(mode="json")
 
 
-def run_shard(payload: dict[str, Any], deliveries: int = 1, *, engines: Registry) -> dict[str, Any]:
-    """Embed one shard of a bulk job into ``part-NNNNN.parquet`` on ``engines``, unless it is already done."""
+def run_shard(payload: dict[str, Any], deliveries: int = 1, *, engines: Registry,
+              roots: StorageRoots | None) -> dict[str, Any]:
+    """Embed one shard of a bulk job into ``part-NNNNN.parquet`` on ``engines``, unless it is already
+    done; its image files are read only inside ``roots`` (the worker's; ``None`` checks nothing)."""
     job = ShardJob.model_validate(payload)
     done = read_marker(job.out, job.shard.index)
     if done is not None:
@@ -180,7 +182,7 @@ def run_shard(payload: dict[str, Any], deliveries: int = 1, *, engines: Registry
     started_at = time.time()
     clock = _Stages()
     rows = read_shard(job.shard, job.kind, job.columns)
-    values = image_cells(rows.values, job.shard.uri) if job.columns.image else rows.values
+    values = image_cells(rows.values, job.shard.uri, roots) if job.columns.image else rows.values
     clock.lap("read")
     result = engine.run(values, job.options)
     clock.lap("engine")
@@ -252,7 +254,7 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return run_inline(payload, monotonic_deadline(getattr(self.request, "expires", None)),
                           withdrawn=lambda: task_id in worker_state.revoked, engines=runtime.of(self.app))
     except Exception as exc:
-        answer = inline_failure(payload, exc)
+        answer = inline_failure(payload, exc, stopping=stop.of(self.app).is_set())
         if answer is None:
             log.warning("inline call %s was caught by the worker's stop: sending it again for another worker",
                         self.request.id)
@@ -267,10 +269,12 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     A shard that died with other shards in its worker runs alone from then on, and such a loss
     is not counted against it (``worker.hosting.isolation``)."""
     job = ShardJob.model_validate(payload)
-    if stopping():
+    stopping = stop.of(self.app)
+    if stopping.is_set():
         raise Reject("the worker is stopping", requeue=True)
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
-    refusal = untrusted(job, payload)
+    roots = roots_of(self.app)
+    refusal = untrusted(job, payload, roots)
     if refusal is not None:
         log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
         return {"refused": refusal}
@@ -281,7 +285,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
         raise Reject(f"cannot read the shard's marks: {exc}", requeue=True) from exc
     try:
-        with solo.slot(alone):
+        with solo.slot(alone, stopping.is_set):
             try:
                 deliveries = counter.begin(task_id, self.request)
                 solo.began(task_id)
@@ -289,7 +293,8 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
                 raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
             try:
-                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven, runtime.of(self.app))
+                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven, runtime.of(self.app), roots,
+                                  stopping)
             finally:
                 solo.ended(task_id)
             solo.done(task_id)
@@ -299,7 +304,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str, deliveries: int,
-             forgiven: int, engines: Registry) -> dict[str, Any]:
+             forgiven: int, engines: Registry, roots: StorageRoots | None, stopping: StopFlag) -> dict[str, Any]:
     """One counted delivery: skip a done shard, park one over the limit, else run it.
 
     ``deliveries - forgiven`` is what counts: losses shared with other shards are not evidence."""
@@ -316,19 +321,19 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
             return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1, engines)
         what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
         with limits.watchdog.watch(task_id, what, job.shard.n_rows):
-            return run_shard(payload, deliveries=deliveries, engines=engines)
+            return run_shard(payload, deliveries=deliveries, engines=engines, roots=roots)
     except Reject:
         raise
     except Exception as exc:
-        return _after_failure(job, counter, task_id, charged, limit, exc, engines)
+        return _after_failure(job, counter, task_id, charged, limit, exc, engines, stopping)
 
 
-def untrusted(job: ShardJob, payload: dict[str, Any]) -> str | None:
-    """Why this worker must not run the message (``producer.signing``, ``worker.hosting.trust``), or ``None``."""
+def untrusted(job: ShardJob, payload: dict[str, Any], roots: StorageRoots | None) -> str | None:
+    """Why a worker with storage ``roots`` must not run the message (``producer.signing``,
+    ``worker.hosting.trust``), or ``None``."""
     unsigned = signing.refusal(payload)
     if unsigned:
         return unsigned
-    roots = current_roots()
     if roots is None:
         return None
     try:
@@ -352,9 +357,9 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, limit: int,
-                   exc: Exception, engines: Registry) -> dict[str, Any]:
-    """Give the shard back (stop, transient error) or park it (permanent error, last delivery)."""
-    if stopping() or isinstance(exc, EngineStopped):
+                   exc: Exception, engines: Registry, stopping: StopFlag) -> dict[str, Any]:
+    """Give the shard back (its worker's stop, a transient error) or park it (permanent error, last delivery)."""
+    if stopping.is_set() or isinstance(exc, EngineStopped):
         counter.give_back(task_id)
         raise Reject("the worker is stopping", requeue=True) from exc
     reason = f"{type(exc).__name__}: {exc}"

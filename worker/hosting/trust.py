@@ -21,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producer.errors import EmbedfleetError, Untrusted
 from producer.jobs import JobSpec, ShardJob
@@ -124,14 +125,19 @@ def _mismatch(job: ShardJob, spec: JobSpec) -> str | None:
     return None
 
 
-_roots: list[StorageRoots | None] = [None]
+#: the attribute of a Celery app that holds its worker's roots
+_APP_ATTRIBUTE = "embedfleet_storage_roots"
 
 
-def use_roots(roots: StorageRoots | None) -> None:
-    """The roots this process's shard tasks enforce (set by the worker before it consumes);
-    ``None`` checks nothing (engines hosted by code that sends no broker messages)."""
-    _roots[0] = roots
+def use_roots(app: Any, roots: StorageRoots | None) -> None:
+    """The roots the shard tasks of the worker running ``app`` enforce (set by the worker before
+    it consumes); ``None`` checks nothing (engines hosted by code that sends no broker messages).
+
+    Per worker, not per process: an embedded ``serve`` (roots: "nowhere") started after an
+    ``embedfleet run`` in the same process made every shard of the run refused (stop 27)."""
+    setattr(app, _APP_ATTRIBUTE, roots)
 
 
-def current_roots() -> StorageRoots | None:
-    return _roots[0]
+def roots_of(app: Any) -> StorageRoots | None:
+    """The roots of the worker running ``app``; ``None`` (nothing checked) for an app no worker set."""
+    return getattr(app, _APP_ATTRIBUTE, None)
