@@ -18,11 +18,11 @@ from typing import Any
 from producer.errors import BadInput, ModelNotServed, UnsupportedModel
 from producer.jobs import JobKind, model_slug
 from worker.engine.pipeline import Engine
+from worker.hosting.per_app import attached
 from worker.models.resolve import ModelInfo
 
 #: the attribute of a Celery app that holds its worker's registry
 _APP_ATTRIBUTE = "embedfleet_registry"
-_attach_lock = threading.Lock()
 
 
 class Registry:
@@ -105,11 +105,4 @@ def of(app: Any) -> Registry:
     One worker, one app: ``InProcessWorker`` takes its registry from here, and its tasks, its
     inline lane and its remote-control answers find the same one from the app they run under.
     An app no worker hosts on has an empty registry (its jobs: "it hosts: none")."""
-    found = getattr(app, _APP_ATTRIBUTE, None)
-    if found is None:
-        with _attach_lock:
-            found = getattr(app, _APP_ATTRIBUTE, None)
-            if found is None:
-                found = Registry()
-                setattr(app, _APP_ATTRIBUTE, found)
-    return found
+    return attached(app, _APP_ATTRIBUTE, Registry)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from worker.hosting.per_app import attached
+
 #: the attribute of a Celery app that holds its worker's flag
 _APP_ATTRIBUTE = "embedfleet_stop"
-_attach_lock = threading.Lock()
 
 
 class StopFlag:
@@ -43,11 +44,4 @@ class StopFlag:
 def of(app: Any) -> StopFlag:
     """The flag of the worker running ``app`` (a Celery app), made on first use; an app no worker
     runs on has one that is never set."""
-    found = getattr(app, _APP_ATTRIBUTE, None)
-    if found is None:
-        with _attach_lock:
-            found = getattr(app, _APP_ATTRIBUTE, None)
-            if found is None:
-                found = StopFlag()
-                setattr(app, _APP_ATTRIBUTE, found)
-    return found
+    return attached(app, _APP_ATTRIBUTE, StopFlag)
