@@ -69,6 +69,22 @@ def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantized, scales.astype(np.float32)
 
 
+def constant_matmuls(model: object) -> list[object]:
+    """The MatMuls of ``model`` (an ``openvino.Model``) whose second input is a 2-D fp32 constant:
+    the weights that are quantized (and smoothed)."""
+    import openvino as ov
+
+    found = []
+    for node in model.get_ordered_ops():  # type: ignore[attr-defined]
+        if node.get_type_name() != "MatMul":
+            continue
+        source = node.input_value(1).get_node()
+        if source.get_type_name() == "Constant" and source.get_element_type() == ov.Type.f32 \
+                and len(source.get_output_partial_shape(0)) == 2:
+            found.append(node)
+    return found
+
+
 def compress_weights(model: object) -> int:
     """Rewrite ``model`` (an ``openvino.Model``) in place: every MatMul whose second input is a 2-D
     fp32 constant takes it as int8 per output channel; returns how many (0 is refused)."""
@@ -76,17 +92,9 @@ def compress_weights(model: object) -> int:
     import openvino.opset13 as ops
 
     replaced = 0
-    for node in model.get_ordered_ops():  # type: ignore[attr-defined]
-        if node.get_type_name() != "MatMul":
-            continue
-        source = node.input_value(1).get_node()
-        if source.get_type_name() != "Constant" or source.get_element_type() != ov.Type.f32:
-            continue
-        weight = source.get_data()
-        if weight.ndim != 2:
-            continue
-        transposed = bool(node.get_attributes().get("transpose_b", False))
-        rows = np.asarray(weight if transposed else weight.T, dtype=np.float32)  # [N, K]: one row per output
+    for node in constant_matmuls(model):
+        transposed = bool(node.get_attributes().get("transpose_b", False))  # type: ignore[attr-defined]
+        rows = _rows(node)
         quantized, scales = quantize_channels(rows)
         restored = ops.multiply(ops.convert(ops.constant(quantized), ov.Type.f32), ops.constant(scales))
         if not transposed:
@@ -101,18 +109,9 @@ def compress_weights(model: object) -> int:
 def weight_groups(model: object) -> list[list[object]]:
     """The MatMuls with a 2-D fp32 constant weight, grouped by the tensor they read (Q, K and V
     read one LayerNorm output): a group shares one smoothing factor, so one Multiply serves it."""
-    import openvino as ov
-
     groups: dict[tuple[str, int], list[object]] = {}
-    for node in model.get_ordered_ops():  # type: ignore[attr-defined]
-        if node.get_type_name() != "MatMul":
-            continue
-        source = node.input_value(1).get_node()
-        if source.get_type_name() != "Constant" or source.get_element_type() != ov.Type.f32:
-            continue
-        if len(source.get_output_partial_shape(0)) != 2:
-            continue
-        reads = node.input_value(0)
+    for node in constant_matmuls(model):
+        reads = node.input_value(0)  # type: ignore[attr-defined]
         groups.setdefault((reads.get_node().get_friendly_name(), reads.get_index()), []).append(node)
     return list(groups.values())
 
