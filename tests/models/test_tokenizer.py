@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.models.tokenizer import AsciiShortcut, BatchTokenizer, Encoded, Tokens
+from tests.models.token_lists import as_list, reference
+from worker.models.tokenizer import AsciiShortcut, BatchTokenizer
 from worker.models.wordpiece import AsciiWordPiece
 
 CORPUS = [
@@ -22,16 +23,6 @@ CORPUS = [
     "x" * 2000,
     "tokens " * 60,  # near the limit
 ]
-
-
-def as_list(tokens: Tokens) -> list[tuple[list[int], list[int], bool]]:
-    types = tokens.token_types()
-    return [(tokens.ids[a:b].tolist(), types[a:b].tolist(), bool(tokens.truncated[i]))
-            for i, (a, b) in enumerate(zip(tokens.offsets[:-1], tokens.offsets[1:]))]
-
-
-def reference(encoded: list[Encoded]) -> list[tuple[list[int], list[int], bool]]:
-    return [(e.ids.tolist(), e.type_ids.tolist(), e.truncated) for e in encoded]
 
 
 @pytest.mark.parametrize("max_length", [64, 256])

@@ -17,20 +17,11 @@ import pytest
 from tokenizers import Tokenizer
 
 from bench.workloads import vocabulary
-from worker.models.tokenizer import BatchTokenizer, Encoded, Tokens
+from tests.models.token_lists import as_list, reference
+from worker.models.tokenizer import BatchTokenizer, Tokens
 from worker.models.wordpiece import AsciiWordPiece
 
 PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-
-
-def as_list(tokens: Tokens) -> list[tuple[list[int], list[int], bool]]:
-    types = tokens.token_types()
-    return [(tokens.ids[a:b].tolist(), types[a:b].tolist(), bool(tokens.truncated[i]))
-            for i, (a, b) in enumerate(zip(tokens.offsets[:-1], tokens.offsets[1:]))]
-
-
-def reference(encoded: list[Encoded]) -> list[tuple[list[int], list[int], bool]]:
-    return [(e.ids.tolist(), e.type_ids.tolist(), e.truncated) for e in encoded]
 
 
 def ascii_corpus(seed: int, n: int) -> list[str]:
