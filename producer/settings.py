@@ -62,8 +62,8 @@ class Settings(BaseSettings):
                                    "of an urgent call's wait behind them")
     cuda_graphs: bool | None = Field(None, description="Small BERT-path encoders (up to 12 layers x 768) launch "
                                      "packed batches as CUDA graph replays, one per bucket of tokens (~0.5 ms of "
-                                     "host time a launch against ~3 ms eager on the H200); unset or true: the "
-                                     "backend's default (worker.backends.torch.GRAPHS_BY_DEFAULT, on); false: always eager")
+                                     "host time a launch against ~3 ms eager on the H200); unset or true: on where "
+                                     "it applies; false: always eager")
     tokenize_processes: int | None = Field(None, ge=0, description="Processes that tokenize beside an engine, "
                                            "so the tokenizer's per-text Python work leaves the engine's GIL "
                                            "(default: all cores but 2 for a GPU engine on 4 or more cores, "

@@ -34,12 +34,10 @@ from worker.models.resolve import ModelInfo
 
 log = logging.getLogger(__name__)
 
-#: Whether ``graphs=None`` means graphs where they apply (``EMBEDFLEET_CUDA_GRAPHS`` overrides). On since
-#: stop 27's H200 calls on 141b2d1: the graph GPU tests passed (replays = eager, no sync in a launch), the
-#: graphed bf16 engine's per-vector cosine to fp32 on the bundled model was >= 0.99970 (bar 0.999), and bulk
-#: MiniLM 100k through Redis + Parquet ran 4.79M tokens/s against 4.23M eager in the same rounds.
-GRAPHS_BY_DEFAULT = True
-#: layers x hidden size up to which the BERT path runs in CUDA graphs by default (bge-base: 12 x 768)
+#: layers x hidden size up to which the BERT path runs in CUDA graphs by default (bge-base: 12 x 768). On by
+#: default since stop 27's H200 calls on 141b2d1: the graph GPU tests passed (replays = eager, no sync in a
+#: launch), the graphed bf16 engine's per-vector cosine to fp32 on the bundled model was >= 0.99970 (bar
+#: 0.999), and bulk MiniLM 100k through Redis + Parquet ran 4.79M tokens/s against 4.23M eager, same rounds
 GRAPH_MAX_WIDTH = 12 * 768
 #: equal-length run shapes remembered for dense attention (each one costs a cuDNN plan once)
 DENSE_SHAPES = 64
@@ -135,7 +133,7 @@ class TorchBackend(Backend):
     ``dense_groups``: dense (cuDNN) attention over runs of equal-length inputs (default: CUDA),
     for a run shape seen before (``_groups``).
     ``graphs``: dense-only packed launches replayed from CUDA graphs (``varlen.GraphedEncoder``;
-    default: ``GRAPHS_BY_DEFAULT`` (on): on CUDA for BERT-path encoders up to ``GRAPH_MAX_WIDTH``).
+    default: on CUDA for BERT-path encoders up to ``GRAPH_MAX_WIDTH``; ``EMBEDFLEET_CUDA_GRAPHS=false``: never).
     """
 
     name = "torch"
@@ -222,10 +220,7 @@ class TorchBackend(Backend):
         ``asynchronous`` below), which the bge-m3 memory bar has no room for.
         """
         encoder = self.encoder
-        if wanted is None and settings().cuda_graphs is False:
-            return None
-        default = GRAPHS_BY_DEFAULT if settings().cuda_graphs is None else True
-        if wanted is False or (wanted is None and not default):
+        if wanted is False or (wanted is None and settings().cuda_graphs is False):
             return None
         reason = None if self.cuda else "not on CUDA"
         if reason is None and (encoder is None or isinstance(encoder, DecoderEncoder)):
@@ -294,10 +289,10 @@ class TorchBackend(Backend):
         ids, types, positions = flat[:total], flat[total:2 * total], flat[2 * total:3 * total]
         return ids, types, positions, flat[3 * total:]
 
-    def _packed_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+    def _packed_inputs(self, batch: Batch, host: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The packed batch on the device: one asynchronous copy from pinned memory, queued on the
         compute stream ahead of the batch's kernels (so the device thread does not wait for it)."""
-        flat = self._packed_host(batch).to(self.device, non_blocking=self.cuda)
+        flat = (self._packed_host(batch) if host is None else host).to(self.device, non_blocking=self.cuda)
         return self._split_packed(flat, batch)
 
     # ------------------------------------------------------------------ forward
@@ -399,11 +394,13 @@ class TorchBackend(Backend):
     def _launch_packed(self, batch: Batch, precise: bool) -> Callable[[], np.ndarray]:
         if self.encoder is None:
             raise TypeError("this backend runs padded: give it padded batches")
+        host = None
         if self.graphs is not None and not precise:
-            pooled = self.graphs.launch(self._packed_host(batch), batch.lengths)
+            host = self._packed_host(batch)  # packed once: an eager fallback copies the same buffer
+            pooled = self.graphs.launch(host, batch.lengths)
             if pooled is not None:
                 return self._fetch(pooled)
-        ids, types, positions, cu = self._packed_inputs(batch)
+        ids, types, positions, cu = self._packed_inputs(batch, host)
         max_len = int(batch.lengths.max())
         groups = self._groups(batch.lengths)
         with self._widen(precise):
