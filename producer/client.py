@@ -8,7 +8,6 @@ that can read the output folder can follow a job, even after the submitter is go
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 import uuid
@@ -33,7 +32,7 @@ from producer.broker import (
 )
 from producer.errors import BadInput, InputError, JobFailed, JobLost, JobNotFound, OutputConflict, from_wire
 from producer.signing import sign
-from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows
+from producer.outputs import DENSE_ONLY, Embeddings, MultiVectors, SparseRows, from_b64
 from producer.jobs import (
     DEFAULT_MODEL,
     JOB_FILE,
@@ -104,7 +103,7 @@ def normalize_out(out: str) -> str:
 
 
 def decode_f32(data_b64: str, n_items: int, dims: int) -> np.ndarray:
-    raw = np.frombuffer(pybase64.b64decode(data_b64), dtype="<f4")
+    raw = from_b64(data_b64, "<f4")
     return raw.reshape(n_items, dims).astype(np.float32, copy=False)
 
 
@@ -130,7 +129,7 @@ def image_reference(image: Any) -> str:
     else:
         raise BadInput(f"an image is bytes, a path, a data: URI or an http(s) URL, not {type(image).__name__}",
                        param="images")
-    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+    return "data:application/octet-stream;base64," + pybase64.b64encode_as_string(data)
 
 
 #: How long a job must stay forgotten by its broker before ``wait`` gives up on it: long enough

@@ -47,11 +47,13 @@ def parse_outputs(text: str | None) -> tuple[str, ...] | None:
     return canonical_outputs(text.split(","))
 
 
-def _b64(array: np.ndarray, dtype: str) -> str:
+def to_b64(array: np.ndarray, dtype: str) -> str:
+    """Base64 of ``array``'s bytes as ``dtype`` (little-endian on the wire): exact, a quarter of JSON floats."""
     return pybase64.b64encode_as_string(np.ascontiguousarray(array, dtype=dtype).tobytes())
 
 
-def _unb64(data: str, dtype: str) -> np.ndarray:
+def from_b64(data: str, dtype: str) -> np.ndarray:
+    """``to_b64`` undone: a read-only view of the decoded bytes as ``dtype``."""
     return np.frombuffer(pybase64.b64decode(data), dtype=dtype)
 
 
@@ -134,13 +136,13 @@ class SparseRows:
         return csr_matrix((self.values, self.indices, self.offsets), shape=(len(self), self.vocab_size))
 
     def to_wire(self) -> dict[str, Any]:
-        return {"sparse_counts": self.counts, "sparse_indices_b64": _b64(self.indices, "<i4"),
-                "sparse_values_b64": _b64(self.values, "<f4"), "vocab_size": self.vocab_size}
+        return {"sparse_counts": self.counts, "sparse_indices_b64": to_b64(self.indices, "<i4"),
+                "sparse_values_b64": to_b64(self.values, "<f4"), "vocab_size": self.vocab_size}
 
     @classmethod
     def from_wire(cls, counts: Sequence[int], indices_b64: str, values_b64: str, vocab_size: int) -> "SparseRows":
-        return cls(_offsets(counts), _unb64(indices_b64, "<i4").astype(np.int32),
-                   _unb64(values_b64, "<f4").astype(np.float32), int(vocab_size))
+        return cls(_offsets(counts), from_b64(indices_b64, "<i4").astype(np.int32),
+                   from_b64(values_b64, "<f4").astype(np.float32), int(vocab_size))
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,11 @@ class MultiVectors:
 
     def to_wire(self) -> dict[str, Any]:
         return {"multivector_counts": self.counts, "multivector_dims": self.dims,
-                "multivector_b64": _b64(self.vectors, "<f4")}
+                "multivector_b64": to_b64(self.vectors, "<f4")}
 
     @classmethod
     def from_wire(cls, counts: Sequence[int], dims: int, data_b64: str) -> "MultiVectors":
-        flat = _unb64(data_b64, "<f4").astype(np.float32).reshape(-1, max(1, int(dims)))
+        flat = from_b64(data_b64, "<f4").astype(np.float32).reshape(-1, max(1, int(dims)))
         return cls(_offsets(counts), flat)
 
 

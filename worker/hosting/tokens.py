@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pybase64
 
 from producer.jobs import InlineResult, TokensJob
+from producer.outputs import to_b64
 from producer.rules import text_problem, token_ids_problem
 from worker.backends.base import Batch
 from worker.engine.pipeline import Engine
@@ -149,4 +149,4 @@ def _embed_all(engine: Engine, job: TokensJob) -> InlineResult:
         raise ValueError(f"non-finite token embeddings for inputs {bad}")
     n_tokens = [int(states[i].shape[0]) if i in states else 0 for i in range(len(job.inputs))]
     return InlineResult(kind=engine.info.kind, model=job.model, n_items=int(flat.shape[0]), dims=int(flat.shape[1]),
-                        data_b64=pybase64.b64encode_as_string(flat.astype("<f4").tobytes()), n_tokens=n_tokens, errors=errors)
+                        data_b64=to_b64(flat, "<f4"), n_tokens=n_tokens, errors=errors)
