@@ -72,6 +72,17 @@ WORKER_STAMPS = [
 ]
 ORDER = ["c_send", "f_asgi", "f_dispatch", "f_push0", "f_push1", "w_read", "w_lane", "w_submitted", "w_done",
          "w_put", "w_store0", "w_store1", "f_reply", "f_answered", "f_sent", "c_recv"]
+#: (label, first stamp, last stamp): stretches of the path, each measured within a round
+SEGMENTS = [
+    ("client send -> facade sends the job (HTTP in, parse, checks, message)", "c_send", "f_push0"),
+    ("facade sends -> worker's BRPOP readable (Redis hop)", "f_push0", "w_read"),
+    ("worker read -> submitted to the engine", "w_read", "w_submitted"),
+    ("engine (submitted -> done)", "w_submitted", "w_done"),
+    ("engine done -> store starts (answer, writer thread)", "w_done", "w_store0"),
+    ("store starts -> facade reads the reply (Redis hop)", "w_store0", "f_reply"),
+    ("facade reply -> client has the response (decode, render, HTTP out)", "f_reply", "c_recv"),
+    ("everything but the engine", "c_send", "c_recv"),
+]
 LABELS = {
     "f_asgi": "facade: the ASGI call (uvicorn read and parsed the request)",
     "f_dispatch": "facade: dispatch (body parsed and validated, key, checks)",
@@ -341,6 +352,12 @@ def report(args: argparse.Namespace, paths: list[Thin], engine_ms: list[float], 
             lines.append(f"| {LABELS[stage]} | {np.percentile(gaps, 50):.3f} ({np.percentile(gaps, 90):.3f}) | "
                          f"{np.percentile(since, 50):.3f} |")
             previous = stage
+        lines += ["", "| segment (per round, then the median) | p50 ms | p90 ms |", "|---|---:|---:|"]
+        for label, first, last in SEGMENTS:
+            values = [(r[last] - r[first] - (r["w_done"] - r["w_submitted"] if first == "c_send" and last == "c_recv" else 0)) / 1e6
+                      for r in rounds if first in r and last in r and "w_done" in r and "w_submitted" in r]
+            if values:
+                lines.append(f"| {label} | {np.percentile(values, 50):.3f} | {np.percentile(values, 90):.3f} |")
         engine_in_worker = [(r["w_done"] - r["w_submitted"]) / 1e6 for r in rounds if "w_done" in r and "w_submitted" in r]
         if engine_in_worker:
             inside = float(np.percentile(engine_in_worker, 50))
