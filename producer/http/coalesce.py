@@ -141,15 +141,31 @@ class Coalescer:
 
     async def submit(self, job: InlineJob, queue: str, limit: int, deadline: float) -> Answer:
         """The answer to ``job``; waits at most until ``deadline`` (``TimeoutError`` after)."""
+        lane = self.lanes.setdefault(queue, _Lane())
+        lane.limit = max(1, limit)
+        if not lane.pending and lane.inflight < lane.limit:
+            return await self._alone(job, queue, lane, deadline)
         loop = asyncio.get_running_loop()
         inputs, chars = size(job)
         entry = _Entry(job, deadline, loop.create_future(), merge_key(job), inputs, chars)
-        lane = self.lanes.setdefault(queue, _Lane())
-        lane.limit = max(1, limit)
         lane.pending.append(entry)
         self._pump(queue, lane)
         # the lane's run applies the deadline to sent jobs; this covers a wait for a slot
         return await asyncio.wait_for(entry.future, max(0.0, deadline - loop.time()))
+
+    async def _alone(self, job: InlineJob, queue: str, lane: _Lane, deadline: float) -> Answer:
+        """A request that finds a free slot and nobody waiting runs in its own task: no task of
+        the lane's, no future to hand the answer over, no extra turns of the event loop (~50 us
+        of the facade's CPU a request, ~140 us when the core comes to it cold: 2-core Zen 4).
+        Its client hanging up cancels this task and so the run; at ``deadline`` the run is
+        cancelled too (``TimeoutError``), as a request waiting for its job stops waiting then."""
+        lane.inflight += 1
+        try:
+            self.on_sent(1)
+            return await _until(self.run(job, queue, deadline), deadline)
+        finally:
+            lane.inflight -= 1
+            self._pump(queue, lane)
 
     def waiting(self, queue: str) -> int:
         lane = self.lanes.get(queue)
@@ -228,6 +244,18 @@ class Coalescer:
             _settle(entry.future, await pending)
         except Exception as exc:
             _settle(entry.future, exc=exc)
+
+
+async def _until(work: Awaitable[Answer], deadline: float) -> Answer:
+    """``await work``, cancelled at ``deadline`` (the loop's clock) with ``TimeoutError``."""
+    if _timeout_at is None:  # Python 3.10: wait_for (a task of its own)
+        return await asyncio.wait_for(work, max(0.0, deadline - asyncio.get_running_loop().time()))
+    async with _timeout_at(deadline):
+        return await work
+
+
+#: ``asyncio.timeout_at`` (Python 3.11): a deadline on the running task, without wrapping it in another
+_timeout_at = getattr(asyncio, "timeout_at", None)
 
 
 def _abandon_when_unwanted(work: asyncio.Future[None], batch: list[_Entry]) -> Callable[[Any], None]:
