@@ -60,6 +60,14 @@ from worker.hosting.trust import StorageRoots
 from worker.models.resolve import ModelInfo, describe
 
 
+#: ``run``'s default ``--concurrency``, the same as ``embedfleet worker``'s. With the read-ahead
+#: (as many again) a worker holds 8 shards, so a small job such as the sample corpus (6 shards of
+#: 2,048 rows) is read and tokenized at once and the device takes it as one stream of batches.
+#: With 2 (4 shards held) its last 2 shards were read only once the first ones had finished and
+#: been written: a second wave, started with the device idle (issue 13; bench/run_job.py).
+RUN_CONCURRENCY = 4
+
+
 def run_roots(input: str, out: str, image_column: str | None) -> list[str]:
     """What ``run`` may read and write: its input and output, and with ``--image-column`` the
     input's folder too (image paths in the column are relative to the corpus)."""
@@ -87,7 +95,7 @@ def run(
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
-    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)"),
+    concurrency: int = typer.Option(RUN_CONCURRENCY, "--concurrency", min=1, help="Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)"),
     normalize: Normalize = None,
     truncate: Truncate = True,
     dimensions: Dimensions = None,
