@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 13's host-path figures on the H200 in one call (stop 28, helper 13h), most wanted first, each step
+# Issue 13's host-path figures on the H200 in one call (stop 28, helper 13h), steps in the order given, each step
 # under a timeout cut to what is left of the call's own deadline, printing as it goes.
 # Run from this checkout's root with the project root's .gpu kit set up (see bench/RESULTS-host.md):
 #   bash bench/h200_13h.sh PREV [STEPS] [SECONDS]
-# PREV: a checkout of the commit to compare against; STEPS: step numbers to run (default 12345); SECONDS:
+# PREV: a checkout of the commit to compare against; STEPS: the steps to run, in that order (default 12345); SECONDS:
 # the deadline for the whole script (default 220). Steps:
 #   1. bulk MiniLM 100k through Redis + Parquet: the bare engine with CUDA graphs (the default since 34e15b5)
 #      beside the fleet with graphs, per-shard stages and timeline, py-spy's GIL holders in the last round
@@ -21,32 +21,40 @@ END=$((SECONDS + ${3:-220}))
 OUT=${OUT:-/tmp/h200-out}; mkdir -p "$OUT" /tmp/ef-gpu  # at most 8 files come back from $OUT: logs only
 PYSPY=${PYSPY:-}
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
-step() { [[ $STEPS == *$1* ]] && { echo "== $1 $2 ($(date -u +%T), $((END - SECONDS)) s left)"; }; }
 left() { local l=$((END - SECONDS)); (( l > $1 )) && echo "$1" || echo "$(( l > 5 ? l : 5 ))"; }
-if step 1 "bulk MiniLM 100k: graphed bare vs graphed fleet"; then
+s1() {
+  echo "== 1 bulk MiniLM 100k: graphed bare vs graphed fleet ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 100)" python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
     ${PYSPY:+--py-spy "$PYSPY" --profile-dir /tmp/ef-gil} > "$OUT/bulk.log" 2>&1
   echo rc=$?; grep -v "Loading weights" "$OUT/bulk.log" | grep -E "^round|^\||GIL|^    |Fleet" | cut -c1-600
-fi
-if step 2 "embedfleet run, sample corpus: this vs PREV"; then
+}
+s2() {
+  echo "== 2 embedfleet run, sample corpus: this vs PREV ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 55)" python3 -m bench.run_job --against "$PREV" --rounds 2 --device cuda --dtype bfloat16 \
     > "$OUT/run.log" 2>&1; echo rc=$?; tail -12 "$OUT/run.log" | cut -c1-900
-fi
-if (( END - SECONDS > 30 )) && step 3 "short bge-base arch vs sentence-transformers fp16"; then
+}
+s3() {
+  (( END - SECONDS > 30 )) || { echo "== 3 skipped: too little time left"; return; }
+  echo "== 3 short bge-base arch vs sentence-transformers fp16 ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 45)" python3 bench/gpu.py --sections short --short-models "bge-base arch" --short-chunks default \
     --short-processes default --short-st-batches 256 --short-n 30000 --passes 2 --workdir /tmp/ef-gpu \
     --out /tmp/ef-gpu/short.md > "$OUT/gpu-short.log" 2>&1
   echo rc=$?; grep -E "short |tok/s" "$OUT/gpu-short.log" | grep -v Loading | tail -8
-fi
-if (( END - SECONDS > 45 )) && step 4 "bulk BERT-large arch 20k: bare vs fleet"; then
+}
+s4() {
+  (( END - SECONDS > 45 )) || { echo "== 4 skipped: too little time left"; return; }
+  echo "== 4 bulk BERT-large arch 20k: bare vs fleet ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 25)" python3 -c "from pathlib import Path; from bench.gpu import build_model; build_model('bge-large', Path('/tmp/bl'), False)"
   timeout "$(left 90)" python3 -m bench.bulk --n 20000 --model /tmp/bl --device cuda --dtype bfloat16 --rounds 2 \
     --concurrency 4 > "$OUT/bulk-large.log" 2>&1
   echo rc=$?; grep -v "Loading weights" "$OUT/bulk-large.log" | grep -E "^round|^\||Fleet" | cut -c1-500
-fi
-if (( END - SECONDS > 40 )) && step 5 "short MiniLM: this vs a 1 ms switch interval"; then
+}
+s5() {
+  (( END - SECONDS > 40 )) || { echo "== 5 skipped: too little time left"; return; }
+  echo "== 5 short MiniLM: this vs a 1 ms switch interval ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 60)" python3 -m bench.host --device cuda --workloads short --backends torch --n 60000 --rounds 2 \
     --passes 2 --dtype bfloat16 --budget 65536 --variant si1:EMBEDFLEET_SWITCH_INTERVAL=0.001 > "$OUT/host.log" 2>&1
   echo rc=$?; grep -E "^round|^\|" "$OUT/host.log"
-fi
+}
+for n in $(echo "$STEPS" | grep -o .); do "s$n"; done
 date -u +%T
