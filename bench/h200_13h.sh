@@ -6,12 +6,13 @@
 # PREV: a checkout of the commit to compare against; STEPS: the steps to run, in that order (default 12345); SECONDS:
 # the deadline for the whole script (default 220). Steps:
 #   1. bulk MiniLM 100k through Redis + Parquet: the bare engine with CUDA graphs (the default since 34e15b5)
-#      beside the fleet with graphs, per-shard stages and timeline, py-spy's GIL holders in the last round
-#      (needs py-spy at $PYSPY);
+#      beside the fleet with graphs, and a fleet with 4 batches in flight instead of 2 (slack for the device
+#      thread's waits for the GIL), per-shard stages and timeline, py-spy's GIL holders in the last round
+#      (with py-spy at $PYSPY);
 #   2. `embedfleet run` on the sample corpus: this vs PREV, 2 rounds, with the shards' timeline;
 #   3. short texts, bge-base arch (bench/gpu.py's short section, sentence-transformers fp16 at batch 256);
 #   4. bulk BERT-large arch 20k (not graphed: over the size rule), bare vs fleet;
-#   5. short texts, MiniLM, bare engine: this, and this with a 1 ms switch interval, with the engine
+#   5. short texts, MiniLM, bare engine: this, and this with 4 batches in flight, with the engine
 #      process's CPU a text less the post thread's wait for the device (wait_cpu_ms).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -23,9 +24,10 @@ PYSPY=${PYSPY:-}
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
 left() { local l=$((END - SECONDS)); (( l > $1 )) && echo "$1" || echo "$(( l > 5 ? l : 5 ))"; }
 s1() {
-  echo "== 1 bulk MiniLM 100k: graphed bare vs graphed fleet ($(date -u +%T), $((END - SECONDS)) s left)"
-  timeout "$(left 100)" python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
-    ${PYSPY:+--py-spy "$PYSPY" --profile-dir /tmp/ef-gil} > "$OUT/bulk.log" 2>&1
+  echo "== 1 bulk MiniLM 100k: graphed bare vs graphed fleets (2 and 4 in flight) ($(date -u +%T), $((END - SECONDS)) s left)"
+  timeout "$(left 110)" python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
+    --variant f4:EMBEDFLEET_BATCHES_IN_FLIGHT=4 ${PYSPY:+--py-spy "$PYSPY" --profile-dir /tmp/ef-gil} \
+    > "$OUT/bulk.log" 2>&1
   echo rc=$?; grep -v "Loading weights" "$OUT/bulk.log" | grep -E "^round|^\||GIL|^    |Fleet" | cut -c1-600
 }
 s2() {
@@ -51,9 +53,9 @@ s4() {
 }
 s5() {
   (( END - SECONDS > 40 )) || { echo "== 5 skipped: too little time left"; return; }
-  echo "== 5 short MiniLM: this vs a 1 ms switch interval ($(date -u +%T), $((END - SECONDS)) s left)"
+  echo "== 5 short MiniLM: this vs 4 batches in flight ($(date -u +%T), $((END - SECONDS)) s left)"
   timeout "$(left 60)" python3 -m bench.host --device cuda --workloads short --backends torch --n 60000 --rounds 2 \
-    --passes 2 --dtype bfloat16 --budget 65536 --variant si1:EMBEDFLEET_SWITCH_INTERVAL=0.001 > "$OUT/host.log" 2>&1
+    --passes 2 --dtype bfloat16 --budget 65536 --variant f4:EMBEDFLEET_BATCHES_IN_FLIGHT=4 > "$OUT/host.log" 2>&1
   echo rc=$?; grep -E "^round|^\|" "$OUT/host.log"
 }
 for n in $(echo "$STEPS" | grep -o .); do "s$n"; done
