@@ -348,7 +348,7 @@ def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
                     row["budget"] = obj.max_batch_tokens
                     if args.timeline:  # one more pass, profiled: where the device waited
                         before = dict(obj.stats)
-                        row["timeline"] = device_timeline(fn, workdir)
+                        row["timeline"] = safe_timeline(fn, workdir)
                         row["timeline"]["engine"] = {k: v - before.get(k, 0) for k, v in obj.stats.items()
                                                      if isinstance(v, (int, float))}
                         say_timeline(f"{label} / {name}", row["timeline"])
@@ -617,6 +617,14 @@ def device_timeline(run: Callable[[], Any], workdir: Path) -> dict[str, Any]:
             "largest_gaps": [(round(g / 1e3, 2), round(at / 1e3, 1)) for g, at in gaps[:6]]}
 
 
+def safe_timeline(run: Callable[[], Any], workdir: Path) -> dict[str, Any]:
+    """``device_timeline``, its failure reported in the row instead of losing the contender's figures."""
+    try:
+        return device_timeline(run, workdir)
+    except Exception as exc:
+        return {"error": f"timeline failed: {type(exc).__name__}: {exc}"}
+
+
 def say_timeline(label: str, t: dict[str, Any]) -> None:
     if "error" in t:
         say(f"timeline {label}: {t['error']}")
@@ -749,8 +757,8 @@ def profile_section(args: argparse.Namespace, workdir: Path, results: dict[str, 
                 say(f"backend alone {variant} / {name} / budget {budget}: {row['best']:,.0f} tokens/s (spread "
                     f"{row['spread_pct']:.1f}%, {row['batches']} batches, launch {row['launch_ms']:.1f} ms host each)")
                 if budget == budgets[0]:
-                    row["timeline"] = device_timeline(lambda: [w() for w in [backend.launch(b) for b in batches]],
-                                                      workdir)
+                    row["timeline"] = safe_timeline(lambda: [w() for w in [backend.launch(b) for b in batches]],
+                                                    workdir)
                     say_timeline(f"backend alone {variant} / {name}", row["timeline"])
                 rows.append(row)
         close(backend)
