@@ -34,9 +34,11 @@ import datetime as dt
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+import orjson
 from celery import Celery
 from celery.worker import state as worker_state
 
@@ -78,19 +80,19 @@ class FastInline:
 
     def __call__(self, message: Any) -> None:
         headers = message.headers or {}
+        deadline = monotonic_deadline(headers.get("expires"))
         if headers.get("task") != INLINE_TASK or headers.get("retries") or headers.get("eta") \
-                or _expired(headers.get("expires")) or headers.get("id") in worker_state.revoked:
+                or _expired(headers.get("expires"), deadline) or headers.get("id") in worker_state.revoked:
             self.celery_handler(message)
             return
         try:
-            args = message.decode()[0]
-            payload = args[0]
+            payload = _arguments(message)[0]
             job = inline_job(payload)
             if isinstance(job, TokensJob):
                 raise LookupError("token-level jobs run as tasks")
             task_id = str(headers["id"])
-            future, count = start_inline(job, monotonic_deadline(headers.get("expires")),
-                                         withdrawn=lambda: task_id in worker_state.revoked, engines=self.engines)
+            future, count = start_inline(job, deadline, withdrawn=lambda: task_id in worker_state.revoked,
+                                         engines=self.engines)
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self.celery_handler(message)
             return
@@ -195,13 +197,21 @@ def _guarded(task_id: str, step: Callable[..., Any], *args: Any) -> None:
         log.error("inline call %s: cannot store its outcome: %s: %s", task_id, type(exc).__name__, exc)
 
 
-def _expired(expires: Any) -> bool:
+def _expired(expires: Any, deadline: float | None) -> bool:
+    """Past ``expires``; one that cannot be read (no ``deadline`` from it) is left to Celery to judge."""
     if not expires:
         return False
-    try:
-        moment = dt.datetime.fromisoformat(str(expires))
-    except ValueError:
-        return True  # let Celery judge what it cannot be read here
-    now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
-    return moment <= now
+    return deadline is None or deadline <= time.monotonic()
+
+
+def _arguments(message: Any) -> list[Any]:
+    """A task message's positional arguments: plain JSON (what every producer here sends) through
+    orjson; anything else (another serializer, kombu's ``__type__`` objects, a content type the
+    worker does not accept) through kombu's own decoding, which also refuses what it must."""
+    body = message.body
+    if message.content_type == "application/json" and message.content_encoding in ("utf-8", "utf8") \
+            and isinstance(body, bytes) and b'"__type__"' not in body and not message.errors \
+            and (not message.accept or "application/json" in message.accept):
+        return orjson.loads(body)[0]
+    return message.decode()[0]
 
