@@ -214,9 +214,11 @@ def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monke
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setattr(openvino_int8, "SMOOTHING_ALPHA", 0.25)  # OpenVINO's int8: other smoothing, other weights
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    monkeypatch.setattr(openvino_int8, "CALIBRATION_RECALL", 0.99)  # other roles kept in bf16: other IR
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1.3)  # another timing rule
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
-    assert len(keys) == 7
+    assert len(keys) == 8
 
 
 def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:
