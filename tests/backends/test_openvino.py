@@ -302,7 +302,7 @@ def test_a_mixed_ir_keeps_its_roles_in_bf16_and_is_closer_to_fp32(bundled_model:
     monkeypatch.setattr(ov_int8, "CALIBRATION_RECALL", 1.01)
     tiny = describe(str(tiny_embed_model))
     int8 = load_backend("openvino", tiny, "cpu", "int8").backend
-    assert int8.path.name.endswith("-keep1010")
+    assert int8.path.name.endswith(f"-keep1010g{ov_int8.ACTIVATION_GROUP}")
     export = __import__("json").loads((int8.path / "export.json").read_text())
     assert len(export["kept_bf16"]) == 3 and export["calibration_recall"][0]["kept"] == []
     assert (int8.path / "model.xml").read_text().count('element_type="i8"') >= 2  # one role's MatMuls, 2 layers
@@ -344,12 +344,14 @@ def test_the_int8_ir_is_keyed_by_its_smoothing_and_kept_roles(bundled_model: Pat
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     info = describe(str(bundled_model))
     default = ov_backend.ir_dir(info, int8=True)
-    keep = f"-keep{round(ov_int8.CALIBRATION_RECALL * 1000)}"
+    keep = f"-keep{round(ov_int8.CALIBRATION_RECALL * 1000)}g{ov_int8.ACTIVATION_GROUP}"
     assert default.name.endswith(f"-i8ch-sq{round(ov_int8.SMOOTHING_ALPHA * 100)}c{ov_int8.CALIBRATION_TEXTS}{keep}")
     monkeypatch.setattr(ov_int8, "SMOOTHING_ALPHA", 0.4)
     assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c{ov_int8.CALIBRATION_TEXTS}{keep}")
     monkeypatch.setattr(ov_int8, "CALIBRATION_TEXTS", 100)
     assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c100{keep}")
     monkeypatch.setattr(ov_int8, "CALIBRATION_RECALL", 0.99)
-    assert ov_backend.ir_dir(info, int8=True).name.endswith("-i8ch-sq40c100-keep990")
+    assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c100-keep990g{ov_int8.ACTIVATION_GROUP}")
+    monkeypatch.setattr(ov_int8, "ACTIVATION_GROUP", 32)  # the kept roles were chosen at another group
+    assert ov_backend.ir_dir(info, int8=True).name.endswith("-i8ch-sq40c100-keep990g32")
     assert ov_backend.ir_dir(info) != default

@@ -68,9 +68,10 @@ INT8_UNITS = ("avx512_vnni", "avx_vnni", "amx_int8")
 def weight_scheme() -> str:
     """Part of the IR cache key: what the weights are (symmetric int8, one scale per output
     channel, smoothed with ``SMOOTHING_ALPHA`` on ``CALIBRATION_TEXTS`` paragraphs, the roles
-    that lose ``CALIBRATION_RECALL`` kept in bf16)."""
+    that lose ``CALIBRATION_RECALL`` kept in bf16, which depends on the ``ACTIVATION_GROUP`` the
+    calibration ran with)."""
     return (f"i8ch-sq{round(SMOOTHING_ALPHA * 100)}c{CALIBRATION_TEXTS}"
-            f"-keep{round(CALIBRATION_RECALL * 1000)}")
+            f"-keep{round(CALIBRATION_RECALL * 1000)}g{ACTIVATION_GROUP}")
 
 
 def int8_native() -> bool:
