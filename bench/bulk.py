@@ -143,7 +143,8 @@ def fleet_pass(client, corpus: Path, out: Path, model: str, shard_rows: int) -> 
 
 def worker_stats(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """The worker engine's counters (batches, tokens, ``busy_ms``: the device's busy time, ``launch_ms`` and
-    ``launch_cpu_ms``: the device thread's wall and CPU time in launches), asked over the broker."""
+    ``launch_cpu_ms``: the device thread's wall and CPU time in launches; ``wait_ms`` and ``wait_cpu_ms``: the
+    post thread's wall and CPU time waiting for outputs), asked over the broker."""
     from worker.hosting.local_fleet import engine_work
 
     rows = engine_work(client.app)
@@ -151,7 +152,7 @@ def worker_stats(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> str:
-    keys = ("batches", "busy_ms", "launch_ms", "launch_cpu_ms")
+    keys = ("batches", "busy_ms", "launch_ms", "launch_cpu_ms", "wait_ms", "wait_cpu_ms")
     return ", ".join(f"{key} {after[key] - before.get(key, 0):,.0f}" for key in keys if key in after)
 
 

@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if "--code-root" in sys.argv:  # the engine of another checkout (the previous commit), this script's measuring
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code-root") + 1]).resolve()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -236,6 +238,8 @@ VARIANTS = {  # name -> TorchBackend keyword arguments ("default" is what a work
     "default": dict(),
     "plain": dict(fused=False, dense_groups=False),  # decoders: plain torch between the GEMMs
     "fused-varlen": dict(fused=True, approximate_gelu=False, dense_groups=False),
+    "flash": dict(dense_groups=False),  # the default with varlen flash attention everywhere (no cuDNN dense runs)
+    "streams2": dict(streams=2),  # the default, launches taking turns on two CUDA streams
     "fused-exact": dict(fused=True, approximate_gelu=False, dense_groups=True),
     "generic": dict(varlen=False),  # transformers' padded model (what decoders ran before the varlen decoder)
 }
@@ -314,15 +318,16 @@ def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
     say(f"tokenizer alone, seed workload, one thread: {workloads['seed']['tokens'] / (time.perf_counter() - start):,.0f} "
         "tokens/s")
 
-    contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = [
-        ("sentence-transformers fp16", lambda: st_runner(path, torch.float16)),
-        ("transformers fp16 SDPA sorted", lambda: plain_runner(path, "cls")),
-    ]
+    baselines = {"st": ("sentence-transformers fp16", lambda: st_runner(path, torch.float16)),
+                 "transformers": ("transformers fp16 SDPA sorted", lambda: plain_runner(path, "cls"))}
+    contenders: list[tuple[str, Callable[[], tuple[Any, Callable]]]] = []
     for spec in args.engines.split(","):
         dtype, mode, *rest = spec.split(":")
         budget = int(rest[0]) if rest else None
-        label = f"embedfleet {dtype} {mode}" + (f" budget {budget}" if budget else "")
+        label = f"embedfleet {dtype} {mode}" + (f" budget {budget}" if budget else "") + args.label
         contenders.append((label, lambda d=dtype, m=mode, b=budget: engine_runner(path, d, m, b)))
+    # the engines first: a call cut short by its time limit keeps the figures it came for
+    contenders += [baselines[name] for name in args.baselines.split(",") if name in baselines]
     rows = results.setdefault("throughput", [])
     for label, make in contenders:
         say(f"contender: {label}")
@@ -341,6 +346,12 @@ def throughput(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
                 if label.startswith("embedfleet"):
                     row["stats"] = dict(obj.stats)
                     row["budget"] = obj.max_batch_tokens
+                    if args.timeline:  # one more pass, profiled: where the device waited
+                        before = dict(obj.stats)
+                        row["timeline"] = safe_timeline(fn, workdir)
+                        row["timeline"]["engine"] = {k: v - before.get(k, 0) for k, v in obj.stats.items()
+                                                     if isinstance(v, (int, float))}
+                        say_timeline(f"{label} / {name}", row["timeline"])
                 rows.append(row)
             close(obj)
         except Exception as exc:  # one contender failing must not lose the others' numbers
@@ -550,6 +561,209 @@ def attention_kernels(results: dict[str, Any], n: int = 145, seq: int = 450, hea
     free_gpu()
 
 
+#: kernel name fragments -> category of the device-time breakdown (first match wins; lower case)
+KERNEL_CATEGORIES = (("attention", ("flash", "fmha", "sdpa", "attention")),
+                     ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+                     ("layernorm", ("bias_residual_ln", "layer_norm")),
+                     ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def device_timeline(run: Callable[[], Any], workdir: Path) -> dict[str, Any]:
+    """``run`` once under the torch profiler (CUDA activity only: every kernel of every thread):
+    the host wall time, the device's span (first kernel start to last kernel end) and busy time
+    (the union of kernel and copy intervals), device time per kernel category, and the largest
+    gaps inside the span. wall - span is the device idle before the first and after the last
+    kernel (tokenizing, forming the first batch; the last batch's copy back and delivery)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trace = workdir / f"trace-{os.getpid()}.json"
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    trace.unlink()
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", ""))
+                   for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not spans:
+        return {"wall_ms": 1000 * wall, "error": "no device events recorded"}
+    categories: dict[str, float] = {}
+    names: dict[str, float] = {}
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for lo, hi, name in spans:
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + (hi - lo) / 1e3
+        names[name[:90]] = names.get(name[:90], 0.0) + (hi - lo) / 1e3
+        if lo > end:
+            gaps.append((lo - end, end - spans[0][0]))
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    span = (end - spans[0][0]) / 1e3
+    gaps.sort(reverse=True)
+    return {"wall_ms": 1000 * wall, "span_ms": span, "busy_ms": busy / 1e3, "kernels": len(spans),
+            "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": dict(sorted(names.items(), key=lambda kv: -kv[1])[:8]),
+            "gaps_ms": sum(g for g, _ in gaps) / 1e3, "gaps_over_1ms": sum(1 for g, _ in gaps if g > 1e3),
+            "largest_gaps": [(round(g / 1e3, 2), round(at / 1e3, 1)) for g, at in gaps[:6]]}
+
+
+def safe_timeline(run: Callable[[], Any], workdir: Path) -> dict[str, Any]:
+    """``device_timeline``, its failure reported in the row instead of losing the contender's figures."""
+    try:
+        return device_timeline(run, workdir)
+    except Exception as exc:
+        return {"error": f"timeline failed: {type(exc).__name__}: {exc}"}
+
+
+def say_timeline(label: str, t: dict[str, Any]) -> None:
+    if "error" in t:
+        say(f"timeline {label}: {t['error']}")
+        return
+    cats = ", ".join(f"{k} {v:.1f}" for k, v in t["categories_ms"].items())
+    engine = t.get("engine", {})
+    extra = ""
+    if engine.get("batches"):
+        b = engine["batches"]
+        extra = (f"; {b} batches, {engine.get('tokens', 0) / b:,.0f} tokens each, launch {engine.get('launch_ms', 0) / b:.1f} "
+                 f"ms wall / {engine.get('launch_cpu_ms', 0) / b:.1f} ms CPU a batch")
+    say(f"timeline {label}: wall {t['wall_ms']:.1f} ms, device span {t['span_ms']:.1f}, busy {t['busy_ms']:.1f} "
+        f"({100 * t['busy_ms'] / t['wall_ms']:.1f}% of wall), idle before+after {t['wall_ms'] - t['span_ms']:.1f}, "
+        f"gaps inside {t['gaps_ms']:.1f} ({t['gaps_over_1ms']} over 1 ms; largest [ms, at ms] {t['largest_gaps']}); "
+        f"device ms by kind: {cats}{extra}")
+    say("  top kernels (ms): " + "; ".join(f"{k}: {v:.1f}" for k, v in t["top_kernels_ms"].items()))
+
+
+def engine_batches(path: Path, texts: list[str], budget: int) -> list[Any]:
+    """``texts`` tokenized, sorted by length and cut at ``budget`` tokens into packed batches: the
+    shapes the engine's scheduler forms from a whole workload queued at once."""
+    from worker.backends.base import Batch
+    from worker.models.tokenizer import BatchTokenizer
+
+    tokens = BatchTokenizer(path, 512).encode_tokens(texts)
+    order = np.argsort(tokens.lengths, kind="stable")
+    lengths = tokens.lengths[order]
+    ids, types = tokens.ids, tokens.token_types()
+    batches, start = [], 0
+    while start < len(order):
+        cut = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), budget, side="right")))
+        rows = order[start:cut]
+        parts = [slice(int(tokens.offsets[i]), int(tokens.offsets[i + 1])) for i in rows]
+        batches.append(Batch.pack([ids[p] for p in parts], [types[p] for p in parts]))
+        start = cut
+    return batches
+
+
+def backend_alone(backend: Any, batches: list[Any], passes: int) -> dict[str, Any]:
+    """The backend on pre-packed batches, launched back to back (as the engine's device thread
+    does, with no tokenizer, scheduler or delivery): tokens/s, and the host time a launch takes."""
+    launch: list[float] = []
+
+    def run() -> None:
+        waits = []
+        for batch in batches:
+            start = time.perf_counter()
+            waits.append(backend.launch(batch))
+            launch.append(time.perf_counter() - start)
+        for wait in waits:
+            wait()
+
+    row = timed(run, sum(b.n_real_tokens for b in batches), passes)
+    row["launch_ms"] = 1000 * float(np.median(launch))
+    row["batches"] = len(batches)
+    return row
+
+
+def micro(results: dict[str, Any], tokens: int = 65536, hidden: int = 1024, ffn: int = 4096) -> None:
+    """The BERT-large layer's pieces alone at one batch's size (bf16, median of triton's do_bench):
+    each GEMM as the encoder calls it and in the other weight layout, the GELU epilogue against a
+    bias-only GEMM, and the fused LayerNorm's bandwidth against a plain copy of the same bytes."""
+    import triton
+
+    from worker.backends.kernels import bias_residual_layernorm
+
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(tokens, hidden, device=dev, dtype=dt)
+    h = torch.randn(tokens, ffn, device=dev, dtype=dt)
+    w = {n: torch.randn(o, i, device=dev, dtype=dt) * i ** -0.5 for n, (o, i) in
+         {"qkv": (3 * hidden, hidden), "out": (hidden, hidden), "ffn_in": (ffn, hidden), "ffn_out": (hidden, ffn)}.items()}
+    wt = {n: v.t().contiguous() for n, v in w.items()}
+    b = {n: torch.randn(v.shape[0], device=dev, dtype=dt) for n, v in w.items()}
+    F = torch.nn.functional
+    cases = {
+        "qkv F.linear+bias (TN)": (lambda: F.linear(x, w["qkv"], b["qkv"]), w["qkv"]),
+        "qkv mm no bias (TN)": (lambda: x @ w["qkv"].t(), w["qkv"]),
+        "qkv addmm+bias (NN, W^T stored)": (lambda: torch.addmm(b["qkv"], x, wt["qkv"]), w["qkv"]),
+        "out mm (TN)": (lambda: x @ w["out"].t(), w["out"]),
+        "out mm (NN)": (lambda: x @ wt["out"], w["out"]),
+        "ffn_in gelu epilogue (TN)": (lambda: torch._addmm_activation(b["ffn_in"], x, w["ffn_in"].t(), use_gelu=True),
+                                      w["ffn_in"]),
+        "ffn_in gelu epilogue (NN)": (lambda: torch._addmm_activation(b["ffn_in"], x, wt["ffn_in"], use_gelu=True),
+                                      w["ffn_in"]),
+        "ffn_in bias only (TN)": (lambda: F.linear(x, w["ffn_in"], b["ffn_in"]), w["ffn_in"]),
+        "ffn_in bias, then tanh gelu": (lambda: F.gelu(F.linear(x, w["ffn_in"], b["ffn_in"]), approximate="tanh"),
+                                        w["ffn_in"]),
+        "ffn_out mm (TN)": (lambda: h @ w["ffn_out"].t(), w["ffn_out"]),
+        "ffn_out mm (NN)": (lambda: h @ wt["ffn_out"], w["ffn_out"]),
+    }
+    rows = results.setdefault("micro", [])
+    for name, (fn, weight) in cases.items():
+        try:
+            ms = triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
+            flops = 2 * tokens * weight.shape[0] * weight.shape[1]
+            rows.append({"case": name, "us": 1000 * ms, "tflops": flops / ms / 1e9})
+            say(f"micro {name}: {1000 * ms:.0f} us, {flops / ms / 1e9:.0f} TFLOP/s")
+        except Exception as exc:
+            say(f"micro {name}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+    y = torch.randn(tokens, hidden, device=dev, dtype=dt)
+    lw, lb = torch.ones(hidden, device=dev, dtype=dt), torch.zeros(hidden, device=dev, dtype=dt)
+    moved = 3 * tokens * hidden * 2
+    for name, fn in (("fused bias+residual+LayerNorm", lambda: bias_residual_layernorm(y, b["out"], x, lw, lb, 1e-12)),
+                     ("copy of the same bytes", lambda: h.view(-1)[:tokens * hidden * 3 // 2].clone())):
+        ms = triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
+        rows.append({"case": name, "us": 1000 * ms, "tb_per_s": moved / ms / 1e9})
+        say(f"micro {name}: {1000 * ms:.0f} us, {moved / ms / 1e9:.2f} TB/s")
+    del x, h, w, wt, b, y
+    free_gpu()
+
+
+def profile_section(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    """Where a BERT-large batch's device time goes on the seed and mixed workloads, with no engine:
+    the backend on the workloads cut into the batches the engine forms (sorted by length,
+    budget-cut), per variant and budget: tokens/s, host time a launch, and one profiled pass's
+    device time by kernel kind (the section ``micro`` times the layer's pieces alone)."""
+    path = build_model("bge-large", workdir / "bge-large-arch", args.small)
+    words = vocabulary(bundled_path() / "vocab.txt")
+    workloads = {"seed": [t for r in seed_workload(words) for t in r], "mixed": mixed_workload(words)}
+    rows = results.setdefault("profile", [])
+    budgets = [int(b) for b in args.profile_budgets.split(",")]
+    cut = {(name, budget): engine_batches(path, texts, budget) for name, texts in workloads.items() for budget in budgets}
+    for variant in args.profile_variants.split(","):
+        backend = make_backend(path, "bfloat16", variant)
+        for name in workloads:
+            for budget in budgets if variant == "default" else budgets[:1]:  # the others at the first budget
+                batches = cut[name, budget]
+                row = backend_alone(backend, batches, args.passes)
+                row.update(variant=variant, workload=name, budget=budget)
+                say(f"backend alone {variant} / {name} / budget {budget}: {row['best']:,.0f} tokens/s (spread "
+                    f"{row['spread_pct']:.1f}%, {row['batches']} batches, launch {row['launch_ms']:.1f} ms host each)")
+                if budget == budgets[0]:
+                    row["timeline"] = safe_timeline(lambda: [w() for w in [backend.launch(b) for b in batches]],
+                                                    workdir)
+                    say_timeline(f"backend alone {variant} / {name}", row["timeline"])
+                rows.append(row)
+        close(backend)
+
+
 def kernels(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     """Forward passes alone (no engine) at the seed's shape: what each kernel variant and budget
     reaches, and where the time goes (torch profiler, per kernel)."""
@@ -606,7 +820,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any]) -> None:
     rows = results.setdefault("quality", [])
     for spec in args.quality_engines.split(","):
         dtype, mode = spec.split(":")
-        engine, run = engine_runner(path, dtype, mode)
+        engine, run = engine_runner(path, dtype, mode, args.quality_budget)
         got = run([texts])[0]
         close(engine)
         cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
@@ -794,7 +1008,9 @@ def main() -> None:
                         help=f"embedfleet variants, dtype:{'|'.join(VARIANTS)}[:budget], comma-separated")
     parser.add_argument("--quality-engines", default="bfloat16:default,float16:default,bfloat16:fused-exact")
     parser.add_argument("--kernel-variants", default="plain,fused-varlen,fused-exact,default")
-    parser.add_argument("--sections", default="kernels,short,throughput,qwen3,quality,memory")
+    parser.add_argument("--sections", default="kernels,short,throughput,qwen3,quality,memory",
+                        help="comma-separated, run in the order given; also 'micro' (a BERT-large layer's pieces "
+                             "alone) and 'profile' (where a BERT-large batch's device time goes)")
     parser.add_argument("--short-n", type=int, default=60_000, help="texts of the short workload")
     parser.add_argument("--short-chunks", default="default,256,1024",
                         help="tokenizer chunk sizes the engine is run with ('default': sized from the cores)")
@@ -811,6 +1027,21 @@ def main() -> None:
     parser.add_argument("--qwen-n", type=int, default=4000, help="texts of the qwen3 section's mixed workload")
     parser.add_argument("--qwen-quality", type=int, default=1000, help="texts checked against fp32 in qwen3")
     parser.add_argument("--qwen-budget", type=int, default=None, help="engine batch budget in qwen3 (default: sized)")
+    parser.add_argument("--baselines", default="st,transformers",
+                        help="the throughput section's other stacks: st (sentence-transformers fp16), transformers; "
+                             "'none' for the engine alone")
+    parser.add_argument("--code-root", default=None,
+                        help="import the engine (worker/, producer/) from this checkout instead, e.g. the previous "
+                             "commit's, to measure it with this script in the same call")
+    parser.add_argument("--label", default="", help="appended to the engine contenders' labels (e.g. ' (previous)')")
+    parser.add_argument("--timeline", action="store_true",
+                        help="throughput: one more profiled pass per engine contender and workload (device busy "
+                             "time, gaps, time by kernel kind)")
+    parser.add_argument("--profile-variants", default="default,flash",
+                        help="backend variants of the profile section")
+    parser.add_argument("--profile-budgets", default="65536,131072", help="batch budgets of the profile section")
+    parser.add_argument("--quality-budget", type=int, default=None,
+                        help="engine batch budget in the quality section (default: profiled)")
     parser.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
@@ -833,25 +1064,30 @@ def main() -> None:
     say(f"bf16 matmul peak {results['peak_tflops']:.0f} TFLOP/s")
     sections = args.sections.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("kernels", lambda: kernels(args, args.workdir, results)),
-                     ("short", lambda: short_texts(args, args.workdir, results)),
-                     ("throughput", lambda: throughput(args, args.workdir, results)),
-                     ("qwen3", lambda: qwen3(args, args.workdir, results)),
-                     ("quality", lambda: quality(args, results)),
-                     ("memory", lambda: memory(args, args.workdir, results))):
-        if name in sections:
-            start = time.perf_counter()
-            try:
-                fn()
-            except Exception as exc:
-                import traceback
+    known = {"micro": lambda: (micro(results), attention_kernels(results)),
+             "profile": lambda: profile_section(args, args.workdir, results),
+             "kernels": lambda: kernels(args, args.workdir, results),
+             "short": lambda: short_texts(args, args.workdir, results),
+             "throughput": lambda: throughput(args, args.workdir, results),
+             "qwen3": lambda: qwen3(args, args.workdir, results),
+             "quality": lambda: quality(args, results),
+             "memory": lambda: memory(args, args.workdir, results)}
+    unknown = [name for name in sections if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}: the sections are {', '.join(known)}")
+    for name in sections:  # in the order given
+        start = time.perf_counter()
+        try:
+            known[name]()
+        except Exception as exc:
+            import traceback
 
-                traceback.print_exc()
-                say(f"section {name} FAILED: {type(exc).__name__}: {exc}")
-            say(f"section {name}: {time.perf_counter() - start:.0f}s")
-            write_results(args.out, results, command)
-            if args.json:
-                args.json.write_text(json.dumps(results, indent=1, default=str))
+            traceback.print_exc()
+            say(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+        say(f"section {name}: {time.perf_counter() - start:.0f}s")
+        write_results(args.out, results, command)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
     summary = [r for r in results.get("throughput", []) if "best" in r]
     print("\nSUMMARY")
     for r in summary:

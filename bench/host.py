@@ -10,6 +10,12 @@ any device. ``--backend torch`` runs the real CPU model (the "must not be slower
 Each checkout runs in its own subprocess with that checkout first on ``sys.path``, in
 ``--rounds`` round-robin rounds (a burst of load on a shared machine hits both alike); in each,
 one warm-up pass, then ``--passes`` timed passes. Tokens/s counts real tokens; best and spread.
+``--variant LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` adds a contender with other settings (or
+another checkout) to the same rounds.
+
+The engine process's CPU a text is given whole and less the post thread's wait for the device
+(the engine's ``wait_cpu_ms``): CUDA's default event wait spins, so that thread burns a core for
+as long as each batch runs, CPU time that holds no GIL and is no host work a text.
 
     python -m bench.host --against /tmp/prev --workloads short,mixed --out bench/RESULTS-host.md
 """
@@ -79,23 +85,37 @@ def child(args: argparse.Namespace) -> None:
         return sum(sum(r.n_tokens) for r in results)
 
     tokens = run()  # warm-up
-    seconds, cpu = [], []
+    seconds, cpu, waiting = [], [], []
     for _ in range(args.passes):
         start, cpu_start = time.perf_counter(), time.process_time()
+        before = engine.stats.get("wait_cpu_ms", 0.0)  # an older engine may not count it
         run()
         seconds.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
+        waiting.append((engine.stats.get("wait_cpu_ms", 0.0) - before) / 1000)
     processes = getattr(engine, "tokenizer_processes", None)
     engine.stop()
     import worker
 
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu": cpu, "texts": sum(map(len, requests)),
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu": cpu, "waiting": waiting,
+                      "counted": "wait_cpu_ms" in engine.stats, "texts": sum(map(len, requests)),
                       "budget": engine.max_batch_tokens, "package": worker.__file__,
                       "processes": processes.processes if processes is not None else 0}), flush=True)
 
 
 # ---------------------------------------------------------------------------------- parent
-def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: str) -> dict[str, Any]:
+def parse_variant(spec: str) -> tuple[str, tuple[Path, dict[str, str]]]:
+    """``LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` -> (label, (checkout, environment)): ``si1:EMBEDFLEET_SWITCH_INTERVAL=0.001``."""
+    head, _, settings = spec.partition(":")
+    label, _, checkout = head.partition("@")
+    env = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
+    if not label or any(not key.startswith("EMBEDFLEET_") for key in env):
+        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...]")
+    return label, (Path(checkout).resolve() if checkout else REPO, env)
+
+
+def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: str,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.host", "--child", "--checkout", str(checkout), "--workload", workload,
                "--backend", backend, "--n", str(args.n if workload == "short" else args.n_mixed),
                "--per-request", str(args.per_request), "--passes", str(args.passes), "--dtype", args.dtype,
@@ -105,7 +125,7 @@ def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: st
     if args.chunk and checkout == REPO:
         command += ["--chunk", str(args.chunk)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                          env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
                               [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
@@ -127,6 +147,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where --backend torch runs (cpu, cuda)")
     parser.add_argument("--chunk", type=int, default=None, help="the engine's tokenize_chunk (this checkout only)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]",
+                        help="another contender in the same rounds: a checkout and/or settings for its environment")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkout", type=Path, default=REPO, help=argparse.SUPPRESS)
@@ -136,40 +158,51 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    checkouts = {"this checkout": REPO}
+    checkouts: dict[str, tuple[Path, dict[str, str]]] = {"this checkout": (REPO, {})}
     if args.against:
-        checkouts["against " + str(args.against)] = args.against.resolve()
+        checkouts["against " + str(args.against)] = (args.against.resolve(), {})
+    checkouts.update(parse_variant(spec) for spec in args.variant)
+    base_name = list(checkouts)[1 if args.against else 0]  # what "x against" divides by
     cases = [(w, b) for w in args.workloads.split(",") for b in args.backends.split(",")
              if not (w == "mixed" and b.startswith("null-padded"))]
     times: dict[tuple[str, str, str], list[float]] = {}
     cpu: dict[tuple[str, str, str], list[float]] = {}
+    held: dict[tuple[str, str, str], list[float]] = {}  # CPU less the post thread's wait for the device
     texts: dict[tuple[str, str], int] = {}
     tokens: dict[tuple[str, str], int] = {}
     for round_ in range(args.rounds):
         for workload, backend in cases:
-            for name, path in checkouts.items():
-                row = measure(path, args, workload, backend)
+            for name, (path, env) in checkouts.items():
+                row = measure(path, args, workload, backend, env)
                 if not row["package"].startswith(str(path)):
                     raise SystemExit(f"{name} ran the package at {row['package']}, not {path}")
                 times.setdefault((workload, backend, name), []).extend(row["seconds"])
                 cpu.setdefault((workload, backend, name), []).extend(row.get("cpu", []))
+                waits = row.get("waiting") if row.get("counted") else None
+                net = [c - w for c, w in zip(row["cpu"], waits)] if waits else []
+                held.setdefault((workload, backend, name), []).extend(net)
                 tokens[(workload, backend)], texts[(workload, backend)] = row["tokens"], row["texts"]
                 print(f"round {round_ + 1}: {workload} {backend} {name}: "
                       f"{row['tokens'] / min(row['seconds']):,.0f} tokens/s, engine process "
-                      f"{1e6 * min(row.get('cpu') or [0]) / row['texts']:.1f} CPU µs a text "
-                      f"({row.get('processes', 0)} tokenizer processes)", flush=True)
+                      f"{1e6 * min(row.get('cpu') or [0]) / row['texts']:.1f} CPU µs a text"
+                      + (f", {1e6 * min(net) / row['texts']:.1f} without the wait for the device" if net else "")
+                      + f" ({row.get('processes', 0)} tokenizer processes)", flush=True)
     lines = [f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", f"- machine: {machine()}",
              f"- command: `python -m bench.host {' '.join(sys.argv[1:])}`", "",
-             "| workload | backend | checkout | tokens/s (best) | spread | x against | engine-process CPU µs a text (best) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| workload | backend | checkout | tokens/s (best) | spread | x against | engine-process CPU µs a text (best) "
+             "| less the wait for the device |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for workload, backend in cases:
         rates = {name: [tokens[(workload, backend)] / s for s in times[(workload, backend, name)]] for name in checkouts}
-        base = max(rates[list(checkouts)[-1]])
+        base = max(rates[base_name])
         for name, r in rates.items():
-            spent = cpu[(workload, backend, name)]
-            per_text = f"{1e6 * min(spent) / texts[(workload, backend)]:.1f}" if spent else "-"
-            lines.append(f"| {workload} | {backend} | {name} | {max(r):,.0f} | {100 * (max(r) - min(r)) / max(r):.1f}% | "
-                         f"{max(r) / base:.2f}x | {per_text} |")
+            n = texts[(workload, backend)]
+            spent, net = cpu[(workload, backend, name)], held.get((workload, backend, name))
+            per_text = f"{1e6 * min(spent) / n:.1f}" if spent else "-"
+            less = f"{1e6 * min(net) / n:.1f}" if net else "-"
+            what = name + "".join(f" {k}={v}" for k, v in checkouts[name][1].items())
+            lines.append(f"| {workload} | {backend} | {what} | {max(r):,.0f} | {100 * (max(r) - min(r)) / max(r):.1f}% | "
+                         f"{max(r) / base:.2f}x | {per_text} | {less} |")
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -29,7 +29,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-from producer.client import decode_outputs
+from producer.client import decode_f32, decode_outputs
+from producer.errors import from_wire
 from producer.jobs import ClassifyJob, EmbedJob, InlineJob, InlineResult, RerankJob
 from producer.outputs import MultiVectors, SparseRows
 from producer.rules import MAX_INLINE_INPUTS
@@ -53,11 +54,45 @@ class Answer:
     multivector: MultiVectors | None = None
 
     @classmethod
+    def from_wire(cls, value: Any) -> "Answer":
+        """A worker's stored answer (``InlineResult``'s JSON) decoded; raises its error (``from_wire``).
+
+        A dense-only answer (every embedding call that names no other output) is read straight
+        from its fields: validating the model and decoding through it cost 9 us of the facade's
+        CPU (167 us when the core comes to it cold; 2-core Zen 4), most of a single-text reply's
+        decoding. Anything else, or a field of an unexpected type, goes through ``InlineResult``."""
+        if type(value) is dict and _plain_dense(value):
+            try:
+                return cls(decode_f32(value["data_b64"], value["n_items"], value["dims"]),
+                           [int(n) for n in value.get("n_tokens", ())], [str(x) for x in value.get("labels", ())],
+                           {int(index): str(why) for index, why in value.get("errors", {}).items()})
+            except (TypeError, ValueError):  # let the model say what is wrong
+                pass
+        result = InlineResult.model_validate(value)
+        if result.error is not None:
+            raise from_wire(result.error)
+        return cls.of(result)
+
+    @classmethod
     def of(cls, result: InlineResult) -> "Answer":
         decoded = decode_outputs(result)
         values = decoded.dense if decoded.dense is not None else np.zeros((result.n_items, 0), np.float32)
         return cls(values, list(result.n_tokens), list(result.labels), dict(result.errors), list(result.tokens),
                    list(result.texts), decoded.sparse, decoded.multivector)
+
+
+#: ``InlineResult`` fields a dense-only answer may carry besides its vectors, n_tokens, labels and errors
+_DENSE_ANSWER = frozenset({"kind", "model", "n_items", "dims", "data_b64", "n_tokens", "truncated", "labels", "errors",
+                           "error", "tokens", "texts", "outputs", "sparse_counts", "sparse_indices_b64",
+                           "sparse_values_b64", "vocab_size", "multivector_counts", "multivector_dims", "multivector_b64"})
+
+
+def _plain_dense(value: dict[str, Any]) -> bool:
+    """Dense vectors only, no error, no token-level answer, the vector fields of the expected types."""
+    return (value.get("error") is None and not value.get("outputs") and not value.get("tokens")
+            and not value.get("texts") and type(value.get("n_items")) is int and type(value.get("dims")) is int
+            and type(value.get("data_b64")) is str and type(value.get("errors", {})) is dict
+            and value.keys() <= _DENSE_ANSWER)
 
 
 def merge_key(job: InlineJob) -> MergeKey | None:
@@ -141,15 +176,31 @@ class Coalescer:
 
     async def submit(self, job: InlineJob, queue: str, limit: int, deadline: float) -> Answer:
         """The answer to ``job``; waits at most until ``deadline`` (``TimeoutError`` after)."""
+        lane = self.lanes.setdefault(queue, _Lane())
+        lane.limit = max(1, limit)
+        if not lane.pending and lane.inflight < lane.limit:
+            return await self._alone(job, queue, lane, deadline)
         loop = asyncio.get_running_loop()
         inputs, chars = size(job)
         entry = _Entry(job, deadline, loop.create_future(), merge_key(job), inputs, chars)
-        lane = self.lanes.setdefault(queue, _Lane())
-        lane.limit = max(1, limit)
         lane.pending.append(entry)
         self._pump(queue, lane)
         # the lane's run applies the deadline to sent jobs; this covers a wait for a slot
         return await asyncio.wait_for(entry.future, max(0.0, deadline - loop.time()))
+
+    async def _alone(self, job: InlineJob, queue: str, lane: _Lane, deadline: float) -> Answer:
+        """A request that finds a free slot and nobody waiting runs in its own task: no task of
+        the lane's, no future to hand the answer over, no extra turns of the event loop (~50 us
+        of the facade's CPU a request, ~140 us when the core comes to it cold: 2-core Zen 4).
+        Its client hanging up cancels this task and so the run; at ``deadline`` the run is
+        cancelled too (``TimeoutError``), as a request waiting for its job stops waiting then."""
+        lane.inflight += 1
+        try:
+            self.on_sent(1)
+            return await _until(self.run(job, queue, deadline), deadline)
+        finally:
+            lane.inflight -= 1
+            self._pump(queue, lane)
 
     def waiting(self, queue: str) -> int:
         lane = self.lanes.get(queue)
@@ -228,6 +279,18 @@ class Coalescer:
             _settle(entry.future, await pending)
         except Exception as exc:
             _settle(entry.future, exc=exc)
+
+
+async def _until(work: Awaitable[Answer], deadline: float) -> Answer:
+    """``await work``, cancelled at ``deadline`` (the loop's clock) with ``TimeoutError``."""
+    if _timeout_at is None:  # Python 3.10: wait_for (a task of its own)
+        return await asyncio.wait_for(work, max(0.0, deadline - asyncio.get_running_loop().time()))
+    async with _timeout_at(deadline):
+        return await work
+
+
+#: ``asyncio.timeout_at`` (Python 3.11): a deadline on the running task, without wrapping it in another
+_timeout_at = getattr(asyncio, "timeout_at", None)
 
 
 def _abandon_when_unwanted(work: asyncio.Future[None], batch: list[_Entry]) -> Callable[[Any], None]:

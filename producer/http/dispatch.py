@@ -19,13 +19,13 @@ from celery import Celery
 from celery.exceptions import NotRegistered, TaskRevokedError, WorkerLostError
 
 from producer.broker import INLINE_TASK
-from producer.errors import BadInput, EmbedfleetError, TimedOut, WorkerFailed, from_wire
+from producer.errors import BadInput, EmbedfleetError, TimedOut, WorkerFailed
 from producer.http.coalesce import Answer, Coalescer, InlineJob
 from producer.http.errors import overloaded, timed_out, unavailable
 from producer.http.metrics import FacadeMetrics
 from producer.http.publish import Publisher, publisher_for
 from producer.http.replies import Replies, replies_for
-from producer.jobs import InlineResult, wire
+from producer.jobs import wire
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,7 @@ class Dispatcher:
             raise
         except Exception as exc:
             raise celery_error(exc, job.model) from None
-        result = InlineResult.model_validate(value)
-        if result.error is not None:
-            raise from_wire(result.error)
-        return Answer.of(result)
+        return Answer.from_wire(value)
 
 
 def _withdraw_in_background(app: Celery, task_id: str) -> None:

@@ -102,15 +102,17 @@ def test_equal_length_groups() -> None:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])
-def test_dense_attention_over_equal_length_runs(fixture: str, request: pytest.FixtureRequest,
+@pytest.mark.parametrize("lengths", [[2, 30, 30, 30, 31, 31, 5], [30, 30, 30, 30]], ids=["runs", "one-run"])
+def test_dense_attention_over_equal_length_runs(fixture: str, lengths: list[int], request: pytest.FixtureRequest,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dense attention per run of equal lengths computes what padded attention does."""
+    """Dense attention per run of equal lengths computes what padded attention does (several runs
+    go into one packed buffer; a batch of one run returns the kernel's output as it is)."""
     info = describe(str(request.getfixturevalue(fixture)))
     dense = TorchBackend(info, "cpu", "float32", varlen=True, dense_groups=True)
     padded = TorchBackend(info, "cpu", "float32", varlen=False)
     assert dense.encoder.dense_groups  # type: ignore[union-attr]
     rng = np.random.default_rng(13)
-    packed, pad = _batches(rng, [2, 30, 30, 30, 31, 31, 5])  # runs: 2 | 30 x3 | 31 x2 | 5
+    packed, pad = _batches(rng, lengths)  # runs: 2 | 30 x3 | 31 x2 | 5, or one run of 30 x4
     from worker.backends import varlen
 
     calls: list[int] = []
@@ -164,6 +166,17 @@ def test_graph_bucket_layout_gives_the_unpadded_vectors(fixture: str, request: p
         with torch.inference_mode():
             got = graphed._body(torch.from_numpy(staged), layout[0], layout[2])[:n].numpy()
         np.testing.assert_allclose(got, backend.forward(packed), atol=2e-5, rtol=1e-4)
+
+
+def test_streams_need_the_unpadded_encoder_on_cuda(tiny_embed_model: Path) -> None:
+    from producer.errors import BadInput
+
+    info = describe(str(tiny_embed_model))
+    with pytest.raises(BadInput, match="needs the unpadded encoder on CUDA"):
+        TorchBackend(info, "cpu", "float32", varlen=True, streams=2)
+    with pytest.raises(BadInput, match="at least 1"):
+        TorchBackend(info, "cpu", "float32", varlen=True, streams=0)
+    assert "streams" not in TorchBackend(info, "cpu", "float32", varlen=True, streams=1).mode
 
 
 def test_varlen_refuses_what_it_cannot_run(tiny_classify_model: Path) -> None:
@@ -336,14 +349,15 @@ def test_graph_replays_equal_eager_launches_on_gpu(fixture: str, request: pytest
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense", "graphs"])
+@pytest.mark.parametrize("variant", ["plain", "fused", "fused-tanh", "dense", "graphs", "streams"])
 def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
-    """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups, graphs) against fp32 padded."""
+    """Each GPU variant (Triton LayerNorm, GELU epilogue, dense groups, graphs, launches taking turns
+    on two streams) against fp32 padded."""
     info = describe(str(tiny_embed_model))
     reference = TorchBackend(info, "cuda", "float32", varlen=False)
     fast = TorchBackend(info, "cuda", "bfloat16", varlen=True, fused=variant.startswith("fused"),
                         approximate_gelu=variant == "fused-tanh", dense_groups=variant == "dense",
-                        graphs=variant == "graphs")
+                        graphs=variant == "graphs", streams=2 if variant == "streams" else None)
     assert fast.fused == variant.startswith("fused")
     rng = np.random.default_rng(6)
     for n in (5, 17, 64):  # several sizes: kernels are shape-dynamic
@@ -354,6 +368,11 @@ def test_kernel_variants_on_gpu(tiny_embed_model: Path, variant: str) -> None:
         a, b = fast.forward(packed), reference.forward(padded)
         if variant in ("dense", "graphs"):  # the second batch of a run shape / bucket takes that path
             a = fast.forward(packed)
+        if variant == "streams":  # two launches in flight, one on each stream, then both waited for
+            waits = [fast.launch(packed), fast.launch(packed)]
+            a, again = waits[0](), waits[1]()
+            twice = (again * b).sum(1) / np.linalg.norm(again, axis=1) / np.linalg.norm(b, axis=1)
+            assert twice.min() > 0.999, (variant, n, twice.min())
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.999, (variant, n, cosine.min())
     assert variant != "graphs" or (fast.graphs is not None and len(fast.graphs.graphs) == 3)

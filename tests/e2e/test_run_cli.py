@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,30 @@ def test_rerun_redoes_only_the_missing_shard(cli, tmp_path: Path, tiny_embed_mod
                                np.array(first.column("embedding").to_pylist()), rtol=0, atol=1e-5)
     assert read_parts(out).column("id").to_pylist() == pq.read_table(source).column("doc_id").to_pylist()
     assert manifest(out)["rows_written"] == 12 and (out / "_SUCCESS").exists()
+
+def test_one_device_holds_a_small_jobs_every_shard_at_once(cli, tmp_path: Path, tiny_embed_model: Path,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one device ``run`` holds 8 shards (``--concurrency`` 4 and as many read ahead), so a job of
+    6 is in the engine at once: every shard starts before any finishes. With the old default of 2
+    (4 held) the last 2 started only after one had finished and been written, a second wave that
+    began with the device idle (issue 13). Each batch is slowed so no shard can finish early."""
+    from worker.backends.torch import TorchBackend
+
+    launch = TorchBackend.launch
+
+    def slow(self, batch, precise=False):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return launch(self, batch, precise)
+
+    monkeypatch.setattr(TorchBackend, "launch", slow)
+    source = int_id_parquet(tmp_path / "c.parquet", 30)
+    out = tmp_path / "out"
+    code, output = cli(source, "--out", out, "--model", tiny_embed_model, "--id-column", "doc_id", "--shard-rows", "5")
+    assert code == 0, output
+    markers = [json.loads(p.read_text()) for p in sorted((out / "_parts").glob("part-*.json"))]
+    assert len(markers) == 6 and manifest(out)["rows_written"] == 30
+    assert max(m["started_at"] for m in markers) < min(m["finished_at"] for m in markers), markers
+
 
 def test_csv_string_ids_float16_and_dimensions(cli, tmp_path: Path, tiny_embed_model: Path) -> None:  # type: ignore[no-untyped-def]
     source = tmp_path / "c.csv"

@@ -320,6 +320,47 @@ def test_order_restored_across_many_batches(tiny_embed_model: Path) -> None:
         engine.stop()
 
 
+class _WaitingBackend(WrappedBackend):
+    """A CUDA-like backend whose outputs are waited for as a device is: ``spin`` burns this
+    thread's CPU until it has used ``spin`` seconds of it (CUDA's default event wait), else the
+    wait sleeps ``sleep`` seconds (a blocking wait)."""
+
+    def __init__(self, inner, spin: float = 0.0, sleep: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(inner)
+        self.asynchronous, self.spin, self.sleep = True, spin, sleep
+
+    def launch(self, batch, precise: bool = False):  # type: ignore[no-untyped-def]
+        output = self.inner.forward(batch, precise=precise)
+
+        def wait():  # type: ignore[no-untyped-def]
+            until = time.thread_time() + self.spin
+            while time.thread_time() < until:
+                pass
+            time.sleep(self.sleep)
+            return output
+
+        return wait
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_the_wait_for_outputs_is_counted_apart_with_its_cpu(tiny_embed_model: Path, spin: bool) -> None:
+    """``wait_ms`` / ``wait_cpu_ms``: the post thread's wall and CPU time waiting for outputs, so
+    bench.host can take a spinning wait's CPU out of the engine process's CPU a text."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096,
+                         wrap=lambda inner: _WaitingBackend(inner, spin=0.05 if spin else 0.0,
+                                                            sleep=0.0 if spin else 0.05))
+    try:
+        assert not engine.run(["one short text", "and another"], timeout=60).errors
+        batches = engine.stats["batches"]
+        assert batches >= 1 and engine.stats["wait_ms"] >= 50 * batches
+        if spin:
+            assert engine.stats["wait_cpu_ms"] >= 50 * batches
+        else:
+            assert engine.stats["wait_cpu_ms"] < engine.stats["wait_ms"] / 2
+    finally:
+        engine.stop()
+
+
 def test_concurrent_requests_share_batches(tiny_embed_model: Path) -> None:
     engine = make_engine(tiny_embed_model, max_batch_tokens=4096, wrap=GatedBackend)
     backend: GatedBackend = engine.backend  # type: ignore[assignment]

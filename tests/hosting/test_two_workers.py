@@ -20,12 +20,14 @@ from typing import Any, Iterator
 import pytest
 from celery.signals import task_prerun
 
-from producer.broker import MODELS_COMMAND, SHARD_TASK
-from producer.client import Client
+from producer.broker import MEMORY_BROKER, MODELS_COMMAND, SHARD_TASK
+from producer.client import Client, JobFailed
+from producer.errors import SourceError
 from producer.jobs import EmbedJob, RerankJob
+from worker import sinks
 from worker.commands.run import run_roots
 from worker.commands.serve import start_embedded
-from worker.hosting import stop
+from worker.hosting import stop, tasks
 from worker.hosting.direct import EngineRunner
 from worker.hosting.host import InProcessWorker, WorkerSpec
 from worker.hosting.trust import StorageRoots, roots_of, use_roots
@@ -157,3 +159,46 @@ def test_stop_flags_and_roots_belong_to_their_worker() -> None:
     use_roots(second, StorageRoots())
     assert roots_of(first) is roots and roots_of(second) == StorageRoots()
     assert roots_of(Celery("third", set_as_current=False)) is None  # no worker: nothing checked
+
+
+@pytest.mark.parametrize("redis_first", [True, False], ids=["redis-then-memory", "memory-then-redis"])
+def test_each_workers_failing_shard_is_counted_and_recorded_on_its_own_broker(
+        redis_first: bool, redis_server: Any, tiny_embed_model: Path, corpus: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker on Redis beside an in-memory one (a fleet worker's process with an embedded serve,
+    or a test): each counts its shards' deliveries, parks them and records an unwritable output on
+    its own broker. Before, the broker was the process's, set by whichever worker started last: with
+    the in-memory one last, the Redis worker's deliveries were counted in this process, it ran without
+    isolation, and the shard it could not park was recorded in memory, where its job never looked
+    (the job never ended); with the Redis one last, the other way round."""
+    monkeypatch.setenv("EMBEDFLEET_MAX_DELIVERIES", "2")
+    real_read, real_marker = tasks.read_shard, sinks.write_marker
+
+    def corrupt(shard: Any, kind: Any, columns: Any) -> Any:  # bad data: parked at once
+        if shard.index == 0:
+            raise SourceError("row group 0 is corrupt")
+        return real_read(shard, kind, columns)
+
+    def full(out: str, report: Any) -> None:  # ... and its failure marker cannot be written either
+        if report.status == "failed":
+            raise OSError(28, "No space left on device")
+        real_marker(out, report)
+
+    monkeypatch.setattr(tasks, "read_shard", corrupt)
+    monkeypatch.setattr(sinks, "write_marker", full)
+    started: dict[str, InProcessWorker] = {}
+    try:
+        for which in ("redis", "memory") if redis_first else ("memory", "redis"):
+            broker = redis_server.url if which == "redis" else MEMORY_BROKER
+            started[which] = InProcessWorker(_spec(tiny_embed_model), broker=broker, handle_signals=False).start()
+        for which, worker in started.items():
+            with pytest.raises(JobFailed, match=r"could not be written .*shard 0: .*row group 0 is corrupt"):
+                _run_job(worker, corpus, tmp_path / f"out-{which}", tiny_embed_model)
+        redis = redis_server.client()
+        counts = sorted(int(redis.get(key)) for key in redis.scan_iter("embedfleet:deliveries:*"))
+        assert counts == [1, 1, 1, 2]  # the Redis worker's four shards, the bad one delivered twice; none of the other's
+        (recorded,) = list(redis.scan_iter("embedfleet:job:*:unwritten"))
+        assert list(redis.hgetall(recorded)) == [b"0"]
+    finally:
+        for worker in started.values():
+            worker.stop()

@@ -271,3 +271,35 @@ def test_concurrent_requests_with_different_options_are_never_merged(mode: str, 
         got = response.json()["data"][0]["embedding"]
         np.testing.assert_allclose(got, alone[repr(sorted(body.items()))], rtol=1e-5, atol=1e-6)
         assert len(got) == body.get("dimensions", len(got))
+
+
+def test_a_workers_answer_decodes_as_the_result_model_says() -> None:
+    """``Answer.from_wire`` reads dense answers without the model; what it gives equals the model's
+    decoding, and every other answer (an error, sparse rows, odd fields) goes through the model."""
+    from producer.errors import ModelNotServed
+    from producer.jobs import InlineResult, JobKind
+    from worker.hosting.tasks import inline_answer
+
+    class Result:
+        def __init__(self, values: np.ndarray, errors: dict[int, str], labels: list[str]) -> None:
+            self.values, self.errors, self.labels = values, errors, labels
+            self.n_tokens, self.truncated = [3 + i for i in range(len(values))], [False] * len(values)
+            self.outputs = ("dense",)
+
+    rng = np.random.default_rng(3)
+    for rows, errors, labels in ((1, {}, []), (4, {2: "input 2: empty"}, []), (3, {}, ["neg", "pos"])):
+        value = inline_answer(job(*["t"] * rows), rows, Result(rng.random((rows, 8), dtype=np.float32), errors, labels))
+        got, want = Answer.from_wire(value), Answer.of(InlineResult.model_validate(value))
+        np.testing.assert_array_equal(got.values, want.values)
+        assert (got.n_tokens, got.labels, got.errors) == (want.n_tokens, want.labels, want.errors) == \
+            ([3 + i for i in range(rows)], labels, errors)
+        assert got.values.dtype == np.float32 and got.values.shape == (rows, 8)
+    refused = InlineResult(kind=JobKind.embed, model="m", error=ModelNotServed("not here").to_wire()).model_dump(mode="json")
+    with pytest.raises(ModelNotServed):
+        Answer.from_wire(refused)
+    sparse = InlineResult(kind=JobKind.embed, model="m", n_items=1, outputs=["sparse"], sparse_counts=[0],
+                          vocab_size=10).model_dump(mode="json")
+    assert Answer.from_wire(sparse).sparse is not None
+    short = dict(inline_answer(job("t"), 1, Result(np.ones((1, 8), np.float32), {}, [])), dims=9)  # 8 floats for 9
+    with pytest.raises(ValueError):
+        Answer.from_wire(short)

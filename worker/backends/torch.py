@@ -134,13 +134,15 @@ class TorchBackend(Backend):
     for a run shape seen before (``_groups``).
     ``graphs``: dense-only packed launches replayed from CUDA graphs (``varlen.GraphedEncoder``;
     default: on CUDA for BERT-path encoders up to ``GRAPH_MAX_WIDTH``; ``EMBEDFLEET_CUDA_GRAPHS=false``: never).
+    ``streams``: eager packed launches take turns on this many CUDA streams (default 1: the current
+    stream), so the batches the engine keeps in flight may overlap on the device (see ``_launch_stream``).
     """
 
     name = "torch"
 
     def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto", *,
                  varlen: bool | None = None, fused: bool | None = None, approximate_gelu: bool | None = None,
-                 dense_groups: bool | None = None, graphs: bool | None = None) -> None:
+                 dense_groups: bool | None = None, graphs: bool | None = None, streams: int | None = None) -> None:
         self.info = info
         self.device = pick_device(device)
         self.torch_dtype = pick_dtype(dtype, self.device)
@@ -202,6 +204,8 @@ class TorchBackend(Backend):
         self.heads = heads.to(self.device) if heads is not None else None  # already there when unpadded
         self._dense_shapes: set[tuple[int, int]] = set()  # equal-length run shapes seen (``_groups``)
         self.graphs = self._graphed(graphs)
+        self._streams = self._launch_streams(streams)
+        self._turn = 0
         # No side stream for the input copy: creating one makes torch create its stream pool, which
         # held ~69 MiB of device memory outside the allocator on the H200 (bench/RESULTS-outputs.md),
         # more than the bar over transformers allows; the copy it overlapped is < 1 MB per batch.
@@ -237,6 +241,36 @@ class TorchBackend(Backend):
             return None
         return GraphedEncoder(encoder, pool_varlen, self.info.pooling, self.device)  # type: ignore[arg-type]
 
+    def _launch_streams(self, wanted: int | None) -> list[Any]:
+        """The side streams eager packed launches take turns on (none: the current stream).
+
+        Why several: a batch's memory-bound passes (LayerNorm, attention's tails) and each GEMM's
+        last partial wave leave the multiprocessors part idle; a second batch on another stream can
+        fill them. Each stream's memory is its own to the caching allocator, and each batch's
+        inputs, kernels, pooling and copy back stay on its one stream, so no extra ordering is
+        needed. Not by default (creating streams makes torch create its stream pool: ~69 MiB of
+        device memory outside the allocator, see ``asynchronous``); bench/gpu.py measures it.
+        """
+        count = 1 if wanted is None else int(wanted)
+        if count < 1:
+            raise BadInput(f"streams={wanted} must be at least 1", param="streams")
+        if count == 1:
+            return []
+        if not self.cuda or self.encoder is None:
+            raise BadInput(f"streams={wanted} needs the unpadded encoder on CUDA", param="streams")
+        return [torch.cuda.Stream(self.device) for _ in range(count)]
+
+    def _launch_stream(self) -> Any:
+        """The stream context of the next eager packed launch (the current stream when there are no
+        side streams). The chosen stream first waits for the current one, so the work queued there
+        before (weights moved, a previous graph's staging) is done before it starts."""
+        if not self._streams:
+            return nullcontext()
+        stream = self._streams[self._turn % len(self._streams)]
+        self._turn += 1
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(stream)
+
     # ------------------------------------------------------------------ memory
     @property
     def mode(self) -> str:  # type: ignore[override]
@@ -249,6 +283,8 @@ class TorchBackend(Backend):
             mode += "-fused" + ("-tanh" if self.approximate_gelu else "")
         if self.graphs is not None:
             mode += "-graphs"
+        if self._streams:  # batches may overlap on the device: a profile of one is not the peak
+            mode += f"-streams{len(self._streams)}"
         return mode
 
     def memory_device(self) -> MemoryDevice | None:
@@ -400,13 +436,12 @@ class TorchBackend(Backend):
             pooled = self.graphs.launch(host, batch.lengths)
             if pooled is not None:
                 return self._fetch(pooled)
-        ids, types, positions, cu = self._packed_inputs(batch, host)
         max_len = int(batch.lengths.max())
         groups = self._groups(batch.lengths)
-        with self._widen(precise):
+        with self._launch_stream(), self._widen(precise):
+            ids, types, positions, cu = self._packed_inputs(batch, host)
             hidden = self.encoder(ids, types, positions, cu, max_len, groups)
-            result = pool_varlen(hidden, cu, self.info.pooling)
-        return self._fetch(result)
+            return self._fetch(pool_varlen(hidden, cu, self.info.pooling))
 
     # ------------------------------------------------------------------ sparse and multi-vector outputs
     @property

@@ -104,20 +104,33 @@ def equal_length_groups(lengths: Any, max_groups: int = 8) -> list[tuple[int, in
 
 def _dense_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[tuple[int, int, int]],
                   scale: float) -> torch.Tensor:
+    """Dense SDPA per run of equal lengths, back in the packed ``[total, heads, dim]`` layout.
+
+    A batch that is one run (the seed workload's usual batch) returns the kernel's own output:
+    cuDNN writes it in the query's stride order (token-major here), so the reshape is a view.
+    Copying it into a packed buffer instead was a device-to-device copy of ``[total, hidden]``
+    per layer, 2.0 ms of a 78 ms 65k-token BERT-large batch on the H100 (bench/RESULTS-gpu.md).
+    Several runs still go into one buffer (``reshape`` copies too if a kernel wrote another order).
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads, dim = q.shape[1], q.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     backends = [getattr(SDPBackend, name) for name in DENSE_BACKENDS]
+
+    def attend(first: int, count: int, length: int) -> torch.Tensor:
+        end = first + count * length
+
+        def view(x: torch.Tensor) -> torch.Tensor:
+            return x[first:end].view(count, length, heads, dim).transpose(1, 2)
+
+        return F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale).transpose(1, 2)
+
     with sdpa_kernel(backends, set_priority=True):
+        if len(groups) == 1:
+            return attend(*groups[0]).reshape(q.shape)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for first, count, length in groups:
-            end = first + count * length
-
-            def view(x: torch.Tensor) -> torch.Tensor:
-                return x[first:end].view(count, length, heads, dim).transpose(1, 2)
-
-            result = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
-            out[first:end].view(count, length, heads, dim).copy_(result.transpose(1, 2))
+            out[first:first + count * length].view(count, length, heads, dim).copy_(attend(first, count, length))
     return out
 
 

@@ -60,6 +60,23 @@ from worker.hosting.trust import StorageRoots
 from worker.models.resolve import ModelInfo, describe
 
 
+#: ``run``'s default ``--concurrency`` on one device, the same as ``embedfleet worker``'s. With the
+#: read-ahead (as many again) the worker holds 8 shards, so a small job such as the sample corpus
+#: (6 shards of 2,048 rows) is read and tokenized at once and the device takes it as one stream of
+#: batches. With 2 (4 shards held) its last 2 shards were read only once the first ones had finished
+#: and been written: a second wave, started with the device idle (issue 13; bench/run_job.py).
+RUN_CONCURRENCY = 4
+#: The default for each engine process when ``run`` uses several devices: every engine takes
+#: shards from one queue, and one holding 8 could take a small job's every shard while the others
+#: wait, so each holds 4 (2 computing, 2 read ahead) as before.
+SHARED_RUN_CONCURRENCY = 2
+
+
+def run_concurrency(engines: int) -> int:
+    """``--concurrency``'s default for ``engines`` engine processes (see the two constants)."""
+    return RUN_CONCURRENCY if engines == 1 else SHARED_RUN_CONCURRENCY
+
+
 def run_roots(input: str, out: str, image_column: str | None) -> list[str]:
     """What ``run`` may read and write: its input and output, and with ``--image-column`` the
     input's folder too (image paths in the column are relative to the corpus)."""
@@ -87,7 +104,7 @@ def run(
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
-    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead)"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help=f"Shards computing at once (they share batches; EMBEDFLEET_SHARD_LOOKAHEAD more are read ahead); default {RUN_CONCURRENCY} on one device, {SHARED_RUN_CONCURRENCY} per engine on several"),
     normalize: Normalize = None,
     truncate: Truncate = True,
     dimensions: Dimensions = None,
@@ -108,7 +125,7 @@ def run(
         fmt = detect_format(input)
         slots = plan_slots(devices, device)
         spec = WorkerSpec(models=[model], device=slots[0].device, backend=backend, dtype=dtype,
-                          concurrency=concurrency, max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                          concurrency=concurrency or run_concurrency(len(slots)), max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
                           trust_remote_code=trust_remote_code,
                           storage_roots=StorageRoots.parse(run_roots(input, out, image_column)))
         columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column,

@@ -199,8 +199,7 @@ class InProcessWorker:
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
-            limits.watchdog.on_hard = limits.stop_at_hard_limit(lambda task_id, reason:
-                                                                poison.current().note_failure(task_id, reason))
+            limits.watchdog.on_hard = limits.stop_at_hard_limit(poison.deliveries_for(self.broker).note_failure)
         loaded: list[tuple[str | None, Engine, Selection]] = []
         for model in self.spec.models:
             try:
@@ -220,7 +219,6 @@ class InProcessWorker:
         self.inline_queues = sorted(set(inline_queues_for(self.engines, refs))
                                     | {inline_queue_name(i.kind, r) for r, i in refused})
         consume_without_acks(self.app, self.inline_queues)
-        poison.use_broker(self.broker)
         use_roots(self.app, self.spec.storage_roots)
         for name in self.queues + self.inline_queues:
             declare_queue(self.app, name)

@@ -34,14 +34,17 @@ import datetime as dt
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Union
 
+import orjson
 from celery import Celery
 from celery.worker import state as worker_state
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from producer.broker import INLINE_TASK
-from producer.jobs import TokensJob
+from producer.jobs import ClassifyJob, EmbedJob, RerankJob, TokensJob
 from worker.hosting import stop
 from worker.hosting.registry import of as registry_of
 from worker.hosting.results import InlineResultBackend
@@ -78,19 +81,19 @@ class FastInline:
 
     def __call__(self, message: Any) -> None:
         headers = message.headers or {}
+        deadline = monotonic_deadline(headers.get("expires"))
         if headers.get("task") != INLINE_TASK or headers.get("retries") or headers.get("eta") \
-                or _expired(headers.get("expires")) or headers.get("id") in worker_state.revoked:
+                or _expired(headers.get("expires"), deadline) or headers.get("id") in worker_state.revoked:
             self.celery_handler(message)
             return
         try:
-            args = message.decode()[0]
-            payload = args[0]
-            job = inline_job(payload)
+            payload = _arguments(message)[0]
+            job = job_of(payload)
             if isinstance(job, TokensJob):
                 raise LookupError("token-level jobs run as tasks")
             task_id = str(headers["id"])
-            future, count = start_inline(job, monotonic_deadline(headers.get("expires")),
-                                         withdrawn=lambda: task_id in worker_state.revoked, engines=self.engines)
+            future, count = start_inline(job, deadline, withdrawn=lambda: task_id in worker_state.revoked,
+                                         engines=self.engines)
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self.celery_handler(message)
             return
@@ -195,13 +198,41 @@ def _guarded(task_id: str, step: Callable[..., Any], *args: Any) -> None:
         log.error("inline call %s: cannot store its outcome: %s: %s", task_id, type(exc).__name__, exc)
 
 
-def _expired(expires: Any) -> bool:
+def _expired(expires: Any, deadline: float | None) -> bool:
+    """Past ``expires``; one that cannot be read (no ``deadline`` from it) is left to Celery to judge."""
     if not expires:
         return False
+    return deadline is None or deadline <= time.monotonic()
+
+
+def _kind(value: Any) -> Any:
+    return value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+#: the inline jobs told apart by their ``kind``: one model validated, where the plain union
+#: (``tasks.inline_job``) tries them in turn (3 against 10 us a message, 2-core Zen 4)
+_BY_KIND: TypeAdapter[Any] = TypeAdapter(Annotated[Union[
+    Annotated[EmbedJob, Tag("embed")], Annotated[RerankJob, Tag("rerank")],
+    Annotated[ClassifyJob, Tag("classify")], Annotated[TokensJob, Tag("tokens")]], Discriminator(_kind)])
+
+
+def job_of(payload: Any) -> Any:
+    """The message's job, as ``tasks.inline_job`` validates it: by its ``kind`` when it names one,
+    else (or when that fails) the union's own verdict, with its own error."""
     try:
-        moment = dt.datetime.fromisoformat(str(expires))
-    except ValueError:
-        return True  # let Celery judge what it cannot be read here
-    now = dt.datetime.now(moment.tzinfo) if moment.tzinfo else dt.datetime.now()
-    return moment <= now
+        return _BY_KIND.validate_python(payload)
+    except ValidationError:
+        return inline_job(payload)
+
+
+def _arguments(message: Any) -> list[Any]:
+    """A task message's positional arguments: plain JSON (what every producer here sends) through
+    orjson; anything else (another serializer, kombu's ``__type__`` objects, a content type the
+    worker does not accept) through kombu's own decoding, which also refuses what it must."""
+    body = message.body
+    if message.content_type == "application/json" and message.content_encoding in ("utf-8", "utf8") \
+            and isinstance(body, bytes) and b'"__type__"' not in body and not message.errors \
+            and (not message.accept or "application/json" in message.accept):
+        return orjson.loads(body)[0]
+    return message.decode()[0]
 

@@ -203,13 +203,14 @@ _instances: dict[str, Isolation | NoIsolation] = {}
 _instances_lock = threading.Lock()
 
 
-def current() -> Isolation | NoIsolation:
-    """The isolation of the broker this process consumes from (``worker.hosting.poison.broker_url``)."""
-    url = poison.broker_url()
+def for_broker(broker_url: str) -> Isolation | NoIsolation:
+    """The isolation of the broker at ``broker_url`` (a task's own worker's: its Celery app's
+    ``broker_url``): on Redis, the running sets and marks beside its delivery counters
+    (``worker.hosting.poison.deliveries_for``); elsewhere none."""
     with _instances_lock:
-        found = _instances.get(url)
+        found = _instances.get(broker_url)
         if found is None:
-            counter = poison.deliveries_for(url)
+            counter = poison.deliveries_for(broker_url)
             found = Isolation(counter.client) if isinstance(counter, poison.RedisDeliveries) else NoIsolation()
-            _instances[url] = found
+            _instances[broker_url] = found
         return found

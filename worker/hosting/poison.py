@@ -8,7 +8,9 @@ each delivery is counted where it survives the worker:
   expiry, in the broker's own Redis;
 * SQS: the message's ``ApproximateReceiveCount``, which SQS keeps (and a redrive policy to a
   dead-letter queue as the last resort, see ``producer.broker.ensure_sqs_queue``);
-* the in-memory transport of ``embedfleet run``: a counter in this process.
+* the in-memory transport of ``embedfleet run``: a counter in this process, one per in-memory broker.
+
+The counter is the broker's a task was delivered from (``deliveries_for`` its app's broker URL).
 
 After ``EMBEDFLEET_MAX_DELIVERIES`` deliveries the shard is parked: a failed marker names the
 reason, the message is acknowledged, and the job's other shards go on.
@@ -116,26 +118,14 @@ class LocalDeliveries:
 
 _counters: dict[str, Deliveries] = {}
 _lock = threading.Lock()
-_broker: list[str] = ["memory://"]
-
-
-def use_broker(url: str) -> None:
-    """The broker this process consumes from (set by the worker before it starts consuming)."""
-    _broker[0] = url
-
-
-def broker_url() -> str:
-    """The broker this process consumes from."""
-    return _broker[0]
-
-
-def current() -> Deliveries:
-    """The counter of the broker this process consumes from."""
-    return deliveries_for(_broker[0])
 
 
 def deliveries_for(broker_url: str) -> Deliveries:
-    """The counter for a broker (one per URL and process)."""
+    """The counter of the broker at ``broker_url`` (one per URL and process).
+
+    A task passes its own worker's broker (its Celery app's ``broker_url``), never the process's:
+    two in-process workers on different brokers (a fleet worker's Redis, an embedded ``serve``'s
+    in-memory broker) each count on their own, and each in-memory broker has a count of its own."""
     with _lock:
         counter = _counters.get(broker_url)
         if counter is None:

@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -261,6 +262,26 @@ def inline_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return answer
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a shard task takes from the worker it runs on, all found through that worker's Celery
+    app: two in-process workers each run their tasks under their own app, so nothing here may be
+    the process's (a process-wide broker once counted a Redis worker's deliveries in memory)."""
+
+    #: the worker's engines (``worker.hosting.registry``)
+    engines: Registry
+    #: where its messages may read and write (``worker.hosting.trust``); ``None`` checks nothing
+    roots: StorageRoots | None
+    #: its "stopping" flag (``worker.hosting.stop``)
+    stopping: StopFlag
+    #: the broker it consumes: deliveries are counted, shards isolated and unwritable outputs recorded there
+    broker: str
+
+    @classmethod
+    def of(cls, app: Any) -> "WorkerContext":
+        return cls(runtime.of(app), roots_of(app), stop.of(app), str(app.conf.broker_url))
+
+
 @shared_task(name=SHARD_TASK, bind=True)
 def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Count the delivery, park the shard after too many, else run it; never lose it on a stop.
@@ -268,23 +289,22 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     A shard that died with other shards in its worker runs alone from then on, and such a loss
     is not counted against it (``worker.hosting.isolation``)."""
     job = ShardJob.model_validate(payload)
-    stopping = stop.of(self.app)
-    if stopping.is_set():
+    context = WorkerContext.of(self.app)
+    if context.stopping.is_set():
         raise Reject("the worker is stopping", requeue=True)
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
-    roots = roots_of(self.app)
-    refusal = untrusted(job, payload, roots)
+    refusal = untrusted(job, payload, context.roots)
     if refusal is not None:
         log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
         return {"refused": refusal}
-    counter = poison.current()
-    solo = isolation.current()
+    counter = poison.deliveries_for(context.broker)
+    solo = isolation.for_broker(context.broker)
     try:
         alone = solo.isolated(task_id)
     except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
         raise Reject(f"cannot read the shard's marks: {exc}", requeue=True) from exc
     try:
-        with solo.slot(alone, stopping.is_set):
+        with solo.slot(alone, context.stopping.is_set):
             try:
                 deliveries = counter.begin(task_id, self.request)
                 solo.began(task_id)
@@ -292,8 +312,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
                 raise Reject(f"cannot count deliveries: {exc}", requeue=True) from exc
             try:
-                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven, runtime.of(self.app), roots,
-                                  stopping)
+                answer = _deliver(job, payload, counter, task_id, deliveries, forgiven, context)
             finally:
                 solo.ended(task_id)
             solo.done(task_id)
@@ -303,7 +322,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str, deliveries: int,
-             forgiven: int, engines: Registry, roots: StorageRoots | None, stopping: StopFlag) -> dict[str, Any]:
+             forgiven: int, context: WorkerContext) -> dict[str, Any]:
     """One counted delivery: skip a done shard, park one over the limit, else run it.
 
     ``deliveries - forgiven`` is what counts: losses shared with other shards are not evidence."""
@@ -317,14 +336,15 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
         if charged > limit:
             reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
             shared = f" ({forgiven} more lost together with other shards, not counted)" if forgiven else ""
-            return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1, engines)
+            return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1,
+                        context.engines, context.broker)
         what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
         with limits.watchdog.watch(task_id, what, job.shard.n_rows):
-            return run_shard(payload, deliveries=deliveries, engines=engines, roots=roots)
+            return run_shard(payload, deliveries=deliveries, engines=context.engines, roots=context.roots)
     except Reject:
         raise
     except Exception as exc:
-        return _after_failure(job, counter, task_id, charged, limit, exc, engines, stopping)
+        return _after_failure(job, counter, task_id, charged, limit, exc, context)
 
 
 def untrusted(job: ShardJob, payload: dict[str, Any], roots: StorageRoots | None) -> str | None:
@@ -356,27 +376,43 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, limit: int,
-                   exc: Exception, engines: Registry, stopping: StopFlag) -> dict[str, Any]:
+                   exc: Exception, context: WorkerContext) -> dict[str, Any]:
     """Give the shard back (its worker's stop, a transient error) or park it (permanent error, last delivery)."""
-    if stopping.is_set() or isinstance(exc, EngineStopped):
-        counter.give_back(task_id)
+    if context.stopping.is_set() or isinstance(exc, EngineStopped):
+        _best_effort(counter.give_back, task_id)  # not given back: this delivery counts, no more
         raise Reject("the worker is stopping", requeue=True) from exc
     reason = f"{type(exc).__name__}: {exc}"
     if is_permanent(exc):
         log.warning("shard %d of job %s cannot succeed: %s", job.shard.index, job.job_id, reason)
-        return park(job, reason, deliveries, engines)
+        return park(job, reason, deliveries, context.engines, context.broker)
     log.warning("shard %d of job %s failed on delivery %d of %d: %s", job.shard.index, job.job_id,
                 deliveries, limit, reason, exc_info=True)
     if deliveries >= limit:
-        return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries, engines)
-    counter.note_failure(task_id, reason)
+        return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries, context.engines,
+                    context.broker)
+    _best_effort(counter.note_failure, task_id, reason)  # not noted: a parked shard names a vaguer reason
     time.sleep(min(10.0, 2.0 * deliveries))  # a transient failure gets a moment before the retry
     raise Reject(reason, requeue=True) from exc
 
 
-def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None = None) -> dict[str, Any]:
+def _best_effort(step: Callable[..., None], task_id: str, *args: Any) -> None:
+    """A bookkeeping step on the broker's Redis before a shard is given back. It must not raise:
+    an error escaping the task makes Celery acknowledge the message, and the shard is lost."""
+    try:
+        step(task_id, *args)
+    except Exception as exc:
+        log.warning("shard %s: %s failed (given back regardless): %s: %s", task_id, step.__name__,
+                    type(exc).__name__, exc)
+
+
+def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None = None,
+         broker: str | None = None) -> dict[str, Any]:
     """Record the shard as failed (the job reports it), let the job finish without it, and ack;
-    the manifest names the model's revision when ``engines`` (the worker's) host it."""
+    the manifest names the model's revision when ``engines`` (the worker's) host it.
+
+    ``broker``: the one the shard was delivered from (its worker's), where an unwritable output is
+    recorded; ``None`` for a shard no broker delivered (``embedfleet shard``), whose storage error
+    is raised to its caller: there is no queue to give it back to, nor one to record it beside."""
     report = ShardReport(index=job.shard.index, path=None, rows_in=job.shard.n_rows, rows_written=0,
                          n_tokens=0, status="failed", failure=reason, deliveries=deliveries)
     log.error("parking shard %d of job %s: %s", job.shard.index, job.job_id, reason)
@@ -384,18 +420,20 @@ def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None =
         sinks.write_marker(job.out, report)
         sinks.finalize_if_complete(job.out, _revision(job.model, engines))
     except OSError as exc:
+        if broker is None:
+            raise
         if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
             raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
         # The output is unwritable or full on every delivery: record the failure beside the queue
         # (the job's status reads it) and let the message go, instead of requeueing it forever.
         failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
-        if broker_kind(poison.broker_url()) == "sqs":
+        if broker_kind(broker) == "sqs":
             # No record beside an SQS queue: the message is left to the redrive policy, which moves
             # it to the dead-letter queue on its next receive (acknowledged, it would vanish).
             log.error("shard %d of job %s: the output %s is unwritable; leaving the message to the dead-letter "
                       "queue: %s", job.shard.index, job.job_id, job.out, failure)
             raise Reject(failure, requeue=False) from exc
-        record_unwritten(poison.broker_url(), job.job_id, job.shard.index, failure)
+        record_unwritten(broker, job.job_id, job.shard.index, failure)
         log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
                   job.job_id, job.out, failure)
     return report.model_dump(mode="json")
