@@ -52,6 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from producer.errors import BadInput
+from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
 from worker.backends import openvino_int8
 from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
@@ -171,7 +172,10 @@ def _quantize(info: ModelInfo, src: Path, dest: Path) -> None:
     def recall(kept: frozenset[str]) -> float:
         return agreement(reference, openvino_int8.outputs(built(kept)[0], feeds, config)).recall
 
-    kept, tried = openvino_int8.sensitive_roles(recall, openvino_int8.roles(model))
+    if info.kind == JobKind.embed:
+        kept, tried = openvino_int8.sensitive_roles(recall, openvino_int8.roles(model))
+    else:  # scores have no neighbours to recall: the auto selection's score gate judges the all-int8 IR
+        kept, tried = frozenset(), []
     model, replaced = built(kept)
     ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
     export = json.loads((src / "export.json").read_text())
