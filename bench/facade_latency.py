@@ -7,7 +7,8 @@ and dtype in every path, ``--backend``/``--dtype``):
   ``embedfleet worker`` (no HTTP);
 * embedded: ``embedfleet serve`` (in-process worker, memory transport) over HTTP;
 * thin: ``embedfleet serve --broker redis://...`` over HTTP, jobs to the same ``embedfleet worker``;
-  timed with a lean client (the standard library's ``http.client``) and again with httpx.
+  timed with a lean client (the standard library's ``http.client``), again with httpx, and with a bare
+  socket (``RawClient``: the head read to its blank line, as wrk does).
 Servers and workers are subprocesses, as deployed; the clients live in this process (keep-alive).
 
     python bench/facade_latency.py --requests 300 --out bench/RESULTS-facade.md
@@ -25,6 +26,7 @@ import datetime as dt
 import http.client
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -98,6 +100,45 @@ class LeanClient:
             raise RuntimeError(f"{response.status}: {data[:300]!r}")
 
 
+class RawClient:
+    """Keep-alive HTTP/1.1 on a bare socket, as a load generator such as wrk works: the request's bytes
+    built once, the answer's head read to its blank line and only its Content-Length looked at.
+    ``http.client`` parses every response head with the standard library's email parser, which on
+    a core that sat idle costs the client a few hundred microseconds per call; this row shows how much
+    of the "added" time is the client's own."""
+
+    def __init__(self, url: str, path: str, body: bytes) -> None:
+        import socket
+
+        parts = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.buffer = b""
+
+    def post(self) -> None:
+        self.sock.sendall(self.request)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        length = int(_CONTENT_LENGTH.search(head).group(1))  # type: ignore[union-attr]
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{head[:80]!r}: {body[:300]!r}")
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        return chunk
+
+
+_CONTENT_LENGTH = re.compile(rb"(?i)content-length:\s*(\d+)")
+
+
 def callers(engine: Any, broker: str, embedded_url: str, thin_url: str,
             contender: dict[str, str] | None = None) -> dict[str, Callable[[], None]]:
     """One single-text call per path; all paths live at once so they are timed turn by turn.
@@ -124,10 +165,13 @@ def callers(engine: Any, broker: str, embedded_url: str, thin_url: str,
         "embedded": lambda: embedded.post("/v1/embeddings", raw),
         "thin": lambda: thin.post("/v1/embeddings", raw),
         "thin_httpx": lambda: thin_httpx.post("/v1/embeddings", json=body).raise_for_status(),
+        "embedded_raw": RawClient(embedded_url, "/v1/embeddings", raw).post,
+        "thin_raw": RawClient(thin_url, "/v1/embeddings", raw).post,
     }
     for name, url in (contender or {}).items():
         client = LeanClient(url)
         calls[name] = lambda client=client: client.post("/v1/embeddings", raw)  # type: ignore[misc]
+        calls[f"{name}_raw"] = RawClient(url, "/v1/embeddings", raw).post
     return calls
 
 
@@ -245,9 +289,10 @@ def run(args: argparse.Namespace) -> str:
             if (c["backend"], c["dtype"]) != loaded:
                 raise SystemExit(f"the {name} server runs {c['backend']} {c['dtype']}, the engine {loaded}: not comparable")
         servers = {"queue": [worker.pid], "embedded": [embedded.pid], "thin": [thin.pid, worker.pid],
-                   "thin_httpx": [thin.pid, worker.pid]}
+                   "thin_httpx": [thin.pid, worker.pid], "embedded_raw": [embedded.pid], "thin_raw": [thin.pid, worker.pid]}
         if args.contender:
-            servers.update({"embedded@contender": [procs[3].pid], "thin@contender": [procs[5].pid, procs[4].pid]})
+            servers.update({"embedded@contender": [procs[3].pid], "thin@contender": [procs[5].pid, procs[4].pid],
+                            "embedded@contender_raw": [procs[3].pid], "thin@contender_raw": [procs[5].pid, procs[4].pid]})
         ms, server_ms = interleaved(callers(engine, redis.url, e_url, t_url, contender), args.requests, args.warmup,
                                     args.gap, servers)
         stats = {name: summary(values) for name, values in ms.items()}
@@ -291,7 +336,11 @@ def run(args: argparse.Namespace) -> str:
         line("embedded", "embedded: HTTP -> facade -> memory transport -> worker"),
         line("thin", "thin: HTTP -> facade -> Redis -> `embedfleet worker`"),
         line("thin_httpx", "thin, the client being httpx instead of http.client"),
-        *([line("embedded@contender", f"embedded, {args.contender}"), line("thin@contender", f"thin, {args.contender}")]
+        line("embedded_raw", "embedded, the client a bare socket (RawClient) instead of http.client"),
+        line("thin_raw", "thin, the client a bare socket (RawClient) instead of http.client"),
+        *([line("embedded@contender", f"embedded, {args.contender}"), line("thin@contender", f"thin, {args.contender}"),
+           line("embedded@contender_raw", f"embedded, {args.contender}, bare socket client"),
+           line("thin@contender_raw", f"thin, {args.contender}, bare socket client")]
           if args.contender else []),
         "",
     ]

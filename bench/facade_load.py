@@ -294,9 +294,16 @@ class EngineProcess:
         self._line()
 
     def measure(self, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+        """One measurement; its CPU time is the engine process's and its children's (the tokenizer
+        processes beside a GPU engine), counted as the servers' are (``Path_.measure``), so the
+        CPU per request compares with theirs; the engine's own process alone is ``cpu_own_s``."""
+        before = tree_cpu_s(self.proc.pid)
         self.proc.stdin.write(json.dumps({"clients": clients_for(args, batch), "batch": batch}) + "\n")  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
-        return self._line()
+        out = self._line()
+        out["cpu_own_s"] = out["cpu_s"]
+        out["cpu_s"] = (tree_cpu_s(self.proc.pid) - before) * args.seconds / (args.seconds + args.warmup)
+        return out
 
     def close(self) -> None:
         self.proc.stdin.close()  # type: ignore[union-attr]
@@ -416,6 +423,8 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[dict[st
             ratio = f"{max(rates) / best_engine:.0%}" if best_engine and name != "engine" else "-"
             cpu_run = min(runs, key=lambda r: r["cpu_s"] / max(1, r["requests"]))
             cpu = f"{cpu_run['cpu_s'] * 1000 / max(1, cpu_run['requests']):.2f}"
+            if "cpu_own_s" in cpu_run:  # the engine alone: with its tokenizer processes, and without them
+                cpu += f" (its own process {cpu_run['cpu_own_s'] * 1000 / max(1, cpu_run['requests']):.2f})"
             if len(cpu_run.get("cpu_each", [])) == 2:
                 facade_ms, worker_ms = (c * 1000 / max(1, cpu_run["requests"]) for c in cpu_run["cpu_each"])
                 cpu += f" ({facade_ms:.2f} + {worker_ms:.2f}; cores busy {cpu_run['cpu_each'][0] / args.seconds:.1f}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's H200 call (bench/RESULTS-facade.md): the thin facade under load, this tree against another
-# checkout (an older commit's tree) in the same call, with a worker-only 1 ms switch interval as a third
-# thin path (thin[si1]), then each of this tree's thin paths once more under py-spy (GIL samples, 1 and
+# checkout (an older commit's tree) in the same call, with an extra thin path of this tree (THIN_FACADE, default
+# thin[j8]: 8 jobs in flight per worker and facade process), then each of this tree's thin paths once more under py-spy (GIL samples, 1 and
 # 32 texts a request). Each step has its own timeout, sized for a cold machine. Run from the main
 # checkout's root with this tree, the other and (optionally) a py-spy binary (py-spy.xz) carried beside
 # .gpu: bash .wt20/bench/h200_issue20.sh .wt20prev [.wt20tools/py-spy.xz]
@@ -16,11 +16,14 @@ if [ -n "$SPY" ] && [ -f "$SPY" ]; then
     "$SPY" && chmod +x /tmp/spy/py-spy && export PATH=/tmp/spy:$PATH
 fi
 date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc; which py-spy
-echo "== facade load (thin, 4 facade processes; engine and thin of both trees; thin[si1] of this one)"; date -u +%T
+echo "== facade load (thin, 4 facade processes; engine and thin of both trees; thin[THIN_FACADE] of this one)"; date -u +%T
 PROFILE=(); command -v py-spy >/dev/null && PROFILE=(--profile "$OUT/prof.md" --profile-batch 1,32 --profile-rate 250)
-timeout 112 taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
-  --thin-worker si1=EMBEDFLEET_SWITCH_INTERVAL=0.001 --contender "$ROOT" --contender-paths thin \
-  --clients 96 --batch-clients 32 --seconds 2 --warmup 0.5 --passes 2 --facade-processes 4 --gen-procs 3 \
+# THIN_FACADE: an extra thin path of this tree, NAME=its facade's options ("" for none); LIMIT, SECONDS_: the
+# step's limit and a pass's length in seconds
+EXTRA=(); [ -n "${THIN_FACADE-j8=--jobs-per-worker 8}" ] && EXTRA=(--thin-facade "${THIN_FACADE-j8=--jobs-per-worker 8}")
+timeout "${LIMIT:-112}" taskset -c 0-11 python3 -m bench.facade_load --device cuda --dtype float16 --paths engine,thin \
+  "${EXTRA[@]}" --contender "$ROOT" --contender-paths thin \
+  --clients 96 --batch-clients 32 --seconds "${SECONDS_:-2}" --warmup 0.5 --passes 2 --facade-processes 4 --gen-procs 3 \
   --gen-cpus 12-15 --out "$OUT/facade.md" "${PROFILE[@]}" > "$OUT/facade.log" 2>&1
 rc=$?; echo rc=$rc; date -u +%T
 if [ $rc -ne 0 ]; then  # which server stopped, and why: the tail of every server log of the run

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import uuid
 from typing import Any
 
 import anyio
@@ -105,7 +104,7 @@ class Envelopes:
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": task_id,  # unique per message, as the uuid kombu draws is
         }
         return orjson.dumps({
             "body": base64.b64encode(body).decode("ascii"),

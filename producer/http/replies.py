@@ -22,6 +22,7 @@ from the stored result), or ``TimeoutError``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import threading
@@ -110,6 +111,7 @@ class RedisReplies(Replies):
         self.sender = publish_only(app)
         self.url = str(app.conf.result_backend)
         self.prefix = f"ef{uuid.uuid4().hex[:12]}"
+        self._ids = itertools.count(1)
         self._waiting: dict[bytes, tuple[asyncio.Future[Any], float]] = {}
         self._done: list[bytes] = []
         self._wake = asyncio.Event()
@@ -119,7 +121,9 @@ class RedisReplies(Replies):
         self._running = False
 
     def new_task_id(self) -> str:
-        return f"{self.prefix}-{uuid.uuid4()}"
+        """This facade's prefix and a counter: unique as long as the prefix is (random, per facade
+        process and start), without a random draw per request."""
+        return f"{self.prefix}-{next(self._ids)}"
 
     async def start(self) -> None:
         import redis.asyncio as aioredis

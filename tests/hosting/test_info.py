@@ -19,7 +19,12 @@ from tests.fixtures_extra import make_engine
 def test_a_hosted_model_reports_what_it_is(tiny_jina_model: Path) -> None:  # noqa: F811
     engine = make_engine(tiny_jina_model)
     try:
-        card = describe_engine(engine)
+        engines = runtime.Registry()
+        engines.register(engine, "jina")
+        [card] = hosted_models(engines)
+        assert card["device"] == "cpu"
+        engines.set_device_label("cpu:1")  # as an engine process of a multi-device host names it
+        assert describe_engine(engine, engines)["device"] == "cpu:1"
         assert (card["family"], card["kind"], card["pooling"], card["dimensions"], card["max_length"]) == \
             ("jina-bert-v2", "embed", "mean", 32, 8192)
         assert card["faithful"] is True and card["architecture"] == "JinaBertForMaskedLM"

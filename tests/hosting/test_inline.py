@@ -113,3 +113,27 @@ def test_message_arguments_are_what_kombu_decodes() -> None:
     assert _arguments(message(typed)) == [{"when": dt.datetime(2026, 1, 2, 3, 4, 5)}]
     with pytest.raises(ContentDisallowed):
         _arguments(message(orjson.dumps(plain), accept=("application/x-yaml",)))
+
+
+def test_jobs_told_apart_by_kind_are_the_unions_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    import worker.hosting.inline as inline
+
+    from producer.jobs import ClassifyJob, RerankJob, wire
+    from worker.hosting.inline import job_of
+    from worker.hosting.tasks import inline_job
+
+    payloads = [wire(EmbedJob(model="m", inputs=["a", "b"], options=Options(dimensions=8))),
+                wire(RerankJob(model="r", query="q", documents=["d1", "d2"])),
+                wire(ClassifyJob(model="c", inputs=["x"])),
+                wire(TokensJob(model="m", op="tokenize", inputs=["x"])),
+                {"model": "m", "inputs": ["no kind named"]}]
+    want = [inline_job(payload) for payload in payloads]
+    for payload, job in zip(payloads, want):
+        assert job_of(payload) == job and type(job_of(payload)) is type(job)
+    for bad in ({"kind": "embed", "model": "m", "inputs": "not a list"}, {"kind": "nope", "model": "m"}):
+        with pytest.raises(ValidationError):
+            job_of(bad)
+    monkeypatch.setattr(inline, "inline_job", lambda payload: pytest.fail(f"the union was asked: {payload}"))
+    assert [job_of(payload) for payload in payloads[:-1]] == want[:-1]  # a job naming its kind needs only its model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK, make_app, record_job
+from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK, make_app, record_job, record_unwritten
 from producer.jobs import MANIFEST, ShardReport
 from producer.storage import locate, publish_json
 from tests.conftest import RedisServer
@@ -47,3 +47,18 @@ def test_jobs_on_other_queues_are_left_alone(redis_server: RedisServer, tmp_path
     record_job(app, "job2", _recorded(tmp_path / "out", "job2"))
     assert Sweeper(app, redis_server.url, ["embed.other"]).sweep() == 0
     assert redis_server.client().llen(QUEUE) == 0
+
+
+def test_a_shard_recorded_unwritable_is_not_sent_again(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A shard parked where its failure marker could not be written is recorded beside the queue
+    (``producer.broker.record_unwritten``) and acknowledged: it is over, not lost. Before, it had no
+    marker, so every sweep (30 s) sent it again, to be parked and recorded again, for the job's life."""
+    app = make_app(redis_server.url)
+    out = tmp_path / "out"
+    record_job(app, "job3", _recorded(out, "job3"))
+    write_marker(str(out), ShardReport(index=0, path="part-00000.parquet", rows_in=1, rows_written=1, n_tokens=3))
+    record_unwritten(redis_server.url, "job3", 1, "OSError: [Errno 28] No space left on device")
+    sweeper = Sweeper(app, redis_server.url, [QUEUE])
+    assert sweeper.sweep() == 1  # shard 2 alone: lost
+    (raw,) = redis_server.client().lrange(QUEUE, 0, -1)
+    assert json.loads(raw)["headers"]["id"] == "job3-00002-x"

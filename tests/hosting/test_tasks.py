@@ -15,7 +15,7 @@ from producer.client import Client, decode_f32
 from producer.errors import SourceError
 from producer.jobs import EmbedJob, InlineResult, JobKind, Options, RerankJob
 from tests.fixtures_extra import make_engine, sample_texts
-from worker.hosting import registry, tasks
+from worker.hosting import poison, registry, tasks
 from worker.hosting.app import create_app
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
@@ -80,12 +80,12 @@ def _corpus(path: Path, n: int) -> Path:
     return path
 
 
-def _run_job(model: Path, corpus: Path, out: Path) -> Any:
+def _run_job(model: Path, corpus: Path, out: Path, timeout: float = 120) -> Any:
     spec = WorkerSpec(models=[str(model)], device="cpu", backend="torch", dtype="float32", concurrency=1)
     with InProcessWorker(spec) as worker:
         handle = Client(app=worker.app).submit_corpus(str(corpus), str(out), model=str(model), id_column="id",
                                                       shard_rows=10)
-        return handle.wait(timeout=120, raise_on_failure=False)
+        return handle.wait(timeout=timeout, raise_on_failure=False)
 
 
 def test_a_bug_is_retried_not_taken_for_bad_data(tiny_embed_model: Path, tmp_path: Path,
@@ -121,3 +121,27 @@ def test_bad_data_is_parked_at_once(tiny_embed_model: Path, tmp_path: Path, monk
     (failed,) = manifest.failed_shards
     assert failed.index == 0 and "row group 0 is corrupt" in (failed.failure or "") and failed.deliveries == 1
     assert calls.count(0) == 1  # never retried
+
+
+def test_a_failure_whose_reason_cannot_be_noted_is_still_retried(tiny_embed_model: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noting why a delivery failed talks to the broker's Redis, which may be away for a moment.
+    Before, that error escaped the task, which Celery then acknowledged: the shard was gone (on
+    Redis until a sweep found it lost; in memory for good, and the job never ended)."""
+    real = tasks.read_shard
+    calls: list[int] = []
+
+    def flaky(shard: Any, kind: Any, columns: Any) -> Any:
+        calls.append(shard.index)
+        if shard.index == 1 and calls.count(1) == 1:
+            raise KeyError("a bug of ours, once")
+        return real(shard, kind, columns)
+
+    def unreachable(self: Any, task_id: str, reason: str) -> None:
+        raise ConnectionError("the broker's Redis is away")
+
+    monkeypatch.setattr(tasks, "read_shard", flaky)
+    monkeypatch.setattr(poison.LocalDeliveries, "note_failure", unreachable)
+    manifest = _run_job(tiny_embed_model, _corpus(tmp_path / "c.parquet", 20), tmp_path / "out", timeout=30)
+    assert manifest.status == "complete" and manifest.rows_written == 20
+    assert calls.count(1) == 2

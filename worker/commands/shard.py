@@ -109,10 +109,14 @@ def finalize_if_needed(spec: JobSpec) -> None:
 
 def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batch_tokens: int | None,
                   memory_fraction: float | None, deliveries: int, trust_remote_code: bool = False) -> ShardReport:
-    """Load the model, run the shard through the queue workers' own task, stop the engine."""
+    """Load the model, run the shard through the queue workers' own task, stop the engine.
+
+    A failure no retry can fix (bad data, a model that cannot be served faithfully) parks the
+    shard with the reason, as a queue worker does (``worker.hosting.tasks.is_permanent``): its
+    marker lets the job end without it; any other error is raised, for the array's retry."""
     from worker.hosting.host import WorkerSpec, load_engine
     from worker.hosting.registry import Registry
-    from worker.hosting.tasks import run_shard
+    from worker.hosting.tasks import is_permanent, park, run_shard
 
     spec = WorkerSpec(models=[job.model], device=device, backend=backend, dtype=dtype, concurrency=1,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
@@ -120,17 +124,19 @@ def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batc
     try:
         engine, _ = load_engine(job.model, spec)
     except UnsupportedModel as exc:  # refused, never half-loaded: no retry can help, so the shard fails now
-        from worker.hosting.tasks import park
-
         return ShardReport.model_validate(park(job, f"{type(exc).__name__}: {exc}", deliveries))
+    engines = Registry()  # this command's own: it hosts the one engine for the one shard
+    engines.register(engine, job.model)
     try:
         console.print(f"embedding shard {job.shard.index} of {job.n_shards} ({job.shard.n_rows:,} rows) with "
                       f"{engine.info.name} on {engine.backend.device} in {engine.backend.dtype}")
-        engines = Registry()  # this command's own: it hosts the one engine for the one shard
-        engines.register(engine, job.model)
         # no storage roots: the shard comes from this command's own arguments, not from a broker
         return ShardReport.model_validate(run_shard(job.model_dump(mode="json"), deliveries=deliveries,
                                                     engines=engines, roots=None))
+    except Exception as exc:
+        if not is_permanent(exc):
+            raise
+        return ShardReport.model_validate(park(job, f"{type(exc).__name__}: {exc}", deliveries, engines))
     finally:
         engine.stop()
 
@@ -167,9 +173,10 @@ def shard_command(
     """Process exactly one shard of a planned job and publish it atomically (no broker).
 
     An AWS Batch array job of size K runs this in K children; together they embed a corpus of
-    K shards. Exit 0 when the shard is done (now or before), 1 when it failed (a model that cannot
-    be served faithfully fails it at once, with the reason in its marker), 2 on bad input, 143
-    when stopped by SIGTERM (nothing partial is left behind).
+    K shards. Exit 0 when the shard is done (now or before), 1 when it failed (bad data, or a model
+    that cannot be served faithfully, fails it at once, with the reason in its marker: the job ends
+    without it, as in a fleet), 2 on bad arguments, 143 when stopped by SIGTERM (nothing partial
+    is left behind).
     """
     setup_logging(verbose)
     if index is None:

@@ -28,9 +28,9 @@ from worker.hosting.registry import Registry
 from worker.models.resolve import ModelInfo
 
 
-def describe_engine(engine: Engine, engines: Registry | None = None) -> dict[str, Any]:
+def describe_engine(engine: Engine, engines: Registry) -> dict[str, Any]:
     """One hosted model: what clients see in /v1/models, the queue it is served on, batch stats;
-    its device as ``engines`` (its worker's registry) names it, else the backend's own."""
+    its device as ``engines`` (the registry of the worker hosting it) names it."""
     info = engine.info
     facts = info.facts()
     return {
@@ -45,7 +45,7 @@ def describe_engine(engine: Engine, engines: Registry | None = None) -> dict[str
         "prompts": sorted(info.prompts),
         "pooling": info.pooling,
         "backend": engine.backend.name,
-        "device": engines.device_of(engine) if engines is not None else str(engine.backend.device),
+        "device": engines.device_of(engine),
         "dtype": engine.backend.dtype,
         "max_batch_tokens": engine.max_batch_tokens,
         "revision": info.revision,

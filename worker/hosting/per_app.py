@@ -3,7 +3,8 @@
 Why on the app: two in-process workers (``embedfleet run`` beside an embedded ``serve``) share
 the process, so module-level state made one worker's stop or registry the other's. A task, the
 inline lane and the remote-control answers all run under their worker's app, so each finds its
-own worker's state from that app (``worker.hosting.registry``, ``worker.hosting.stop``).
+own worker's state from that app (``worker.hosting.registry``, ``worker.hosting.stop``, the storage
+roots of ``worker.hosting.trust``).
 """
 
 from __future__ import annotations

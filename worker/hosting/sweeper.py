@@ -14,7 +14,8 @@ back). Producers therefore record every shard message of a job in Redis
 (``producer.broker.record_job``), and every worker runs this sweeper: when a job's queue is
 empty, a shard with no marker in storage that is neither queued nor unacked anywhere is sent
 again under the same task id (so its delivery count goes on). A duplicate is harmless: outputs
-are deterministic and the done-marker is checked before work.
+are deterministic and the done-marker is checked before work. A shard recorded as unwritable
+(parked, its failure marker impossible to write) has no marker either, but is not lost: it is left alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from celery import Celery
 
-from producer.broker import JOB_SHARDS_KEY, JOBS_KEY, SHARD_TASK
+from producer.broker import JOB_SHARDS_KEY, JOB_UNWRITTEN_KEY, JOBS_KEY, SHARD_TASK
 from producer.settings import settings
 from producer.jobs import MANIFEST, PARTS_DIR, marker_name
 from producer.storage import exists, list_names, locate
@@ -117,7 +118,10 @@ class Sweeper:
             self.redis.srem(JOBS_KEY, job_id)
             return 0
         done = set(list_names(root.child(PARTS_DIR)))
-        missing = {i: s for i, s in shards.items() if marker_name(i) not in done}
+        # a shard parked where not even its failure marker could be written is over, not lost
+        # (``producer.broker.record_unwritten``): sent again, it would be parked again every sweep
+        unwritable = {int(i) for i in self.redis.hkeys(JOB_UNWRITTEN_KEY.format(job_id))}
+        missing = {i: s for i, s in shards.items() if marker_name(i) not in done and i not in unwritable}
         if not missing:
             return 0
         in_flight = self._unacked_task_ids()

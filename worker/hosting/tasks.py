@@ -379,7 +379,7 @@ def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, l
                    exc: Exception, context: WorkerContext) -> dict[str, Any]:
     """Give the shard back (its worker's stop, a transient error) or park it (permanent error, last delivery)."""
     if context.stopping.is_set() or isinstance(exc, EngineStopped):
-        counter.give_back(task_id)
+        _best_effort(counter.give_back, task_id)  # not given back: this delivery counts, no more
         raise Reject("the worker is stopping", requeue=True) from exc
     reason = f"{type(exc).__name__}: {exc}"
     if is_permanent(exc):
@@ -390,9 +390,19 @@ def _after_failure(job: ShardJob, counter: Any, task_id: str, deliveries: int, l
     if deliveries >= limit:
         return park(job, f"failed on all {deliveries} deliveries; last: {reason}", deliveries, context.engines,
                     context.broker)
-    counter.note_failure(task_id, reason)
+    _best_effort(counter.note_failure, task_id, reason)  # not noted: a parked shard names a vaguer reason
     time.sleep(min(10.0, 2.0 * deliveries))  # a transient failure gets a moment before the retry
     raise Reject(reason, requeue=True) from exc
+
+
+def _best_effort(step: Callable[..., None], task_id: str, *args: Any) -> None:
+    """A bookkeeping step on the broker's Redis before a shard is given back. It must not raise:
+    an error escaping the task makes Celery acknowledge the message, and the shard is lost."""
+    try:
+        step(task_id, *args)
+    except Exception as exc:
+        log.warning("shard %s: %s failed (given back regardless): %s: %s", task_id, step.__name__,
+                    type(exc).__name__, exc)
 
 
 def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None = None,

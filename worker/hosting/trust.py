@@ -26,6 +26,7 @@ from typing import Any
 from producer.errors import EmbedfleetError, Untrusted
 from producer.jobs import JobSpec, ShardJob
 from producer.storage import read_job
+from worker.hosting.per_app import attached
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,22 @@ def _mismatch(job: ShardJob, spec: JobSpec) -> str | None:
 _APP_ATTRIBUTE = "embedfleet_storage_roots"
 
 
+@dataclass
+class _WorkerRoots:
+    """The roots one worker enforces, kept on its app (``worker.hosting.per_app``); ``None`` until set."""
+
+    roots: StorageRoots | None = None
+
+
 def use_roots(app: Any, roots: StorageRoots | None) -> None:
     """The roots the shard tasks of the worker running ``app`` enforce (set by the worker before
     it consumes); ``None`` checks nothing (engines hosted by code that sends no broker messages).
 
     Per worker, not per process: an embedded ``serve`` (roots: "nowhere") started after an
     ``embedfleet run`` in the same process made every shard of the run refused (stop 27)."""
-    setattr(app, _APP_ATTRIBUTE, roots)
+    attached(app, _APP_ATTRIBUTE, _WorkerRoots).roots = roots
 
 
 def roots_of(app: Any) -> StorageRoots | None:
     """The roots of the worker running ``app``; ``None`` (nothing checked) for an app no worker set."""
-    return getattr(app, _APP_ATTRIBUTE, None)
+    return attached(app, _APP_ATTRIBUTE, _WorkerRoots).roots

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from producer.errors import UnsupportedModel
-from worker.models.wordpiece import ASCII_CLEAN, AsciiWordPiece
+from worker.models.wordpiece import AsciiBertNormalizer, AsciiWordPiece
 
 
 @dataclass(frozen=True)
@@ -141,28 +140,18 @@ class Tokens:
         return cls(ids, offsets, truncated, types, next(iter(constant), 0) if shared else 0)
 
 
-#: ASCII characters BertNormalizer's ``clean_text`` removes or turns into a space (``ASCII_CLEAN``).
-_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\t\n\r]")
-
-
 class AsciiShortcut:
     """BertNormalizer done in Python for ASCII texts, and the same tokenizer without its normalizer.
 
-    For an ASCII text, BertNormalizer's steps reduce to: drop control characters and map tab,
-    newline and carriage return to spaces (``clean_text``), then ASCII lower-casing
-    (``lowercase``); CJK padding and accent stripping change no ASCII character. ``str.translate``
-    and ``str.lower`` do that in C, without the Rust side's per-character alignment bookkeeping.
-    A text that holds any added token's content (either case) takes the full path instead,
-    because added tokens are matched before (or after) normalization there; so does any non-ASCII
-    text. The result is the full tokenizer's, id for id (tests/models/test_tokenizer.py checks
-    every ASCII character).
+    The normalizing is ``worker.models.wordpiece.AsciiBertNormalizer`` (``str.translate`` and
+    ``str.lower`` in C, without the Rust side's per-character alignment bookkeeping); a non-ASCII
+    text, or one holding an added token's content, takes the full path instead. The result is the
+    full tokenizer's, id for id (tests/models/test_tokenizer.py checks every ASCII character).
     """
 
     def __init__(self, tokenizer: Tokenizer, clean: bool, lower: bool, added: list[str]) -> None:
         self.tokenizer = tokenizer
-        self.clean = clean
-        self.lower = lower
-        self.added = [token.lower() for token in added if token]
+        self.normalizer = AsciiBertNormalizer(clean, lower, added)
 
     @classmethod
     def of(cls, full: Tokenizer) -> "AsciiShortcut | None":
@@ -179,16 +168,7 @@ class AsciiShortcut:
 
     def prepare(self, text: object) -> str | None:
         """``text`` as BertNormalizer leaves it, or None where the shortcut does not apply."""
-        if not isinstance(text, str) or not text.isascii():
-            return None
-        if self.clean and _ASCII_CONTROL.search(text):
-            text = text.translate(ASCII_CLEAN)
-        if self.lower:
-            text = text.lower()
-        folded = text if self.lower else text.lower()
-        if any(token in folded for token in self.added):
-            return None
-        return text
+        return self.normalizer.prepare(text)
 
     def encode(self, full: Tokenizer, inputs: list, add_special_tokens: bool) -> list:
         """``full.encode_batch`` of ``inputs``, the ASCII ones through the shortcut (same ids)."""

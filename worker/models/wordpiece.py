@@ -14,7 +14,8 @@ tokens and truncation are the caller's (``worker.models.tokenizer``, with numpy)
 
 What it does not cover goes back to the caller for the Rust tokenizer: non-ASCII texts, texts
 holding any added token's content (matched before normalization there), and a chunk with control
-characters is checked text by text (``AsciiShortcut.prepare`` cleans them as BertNormalizer does).
+characters is checked text by text (``AsciiBertNormalizer.prepare`` cleans them as BertNormalizer
+does; ``worker.models.tokenizer.AsciiShortcut`` prepares its texts with it too).
 The tests hold the result to the Rust tokenizer's, id for id.
 
 This module imports no other part of the worker.
@@ -40,8 +41,8 @@ _SEP_CODE = -1
 #: from a chunk's bytes, what is left is the marks it holds).
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 _NOT_PUNCT_BYTES = bytes(c for c in range(256) if chr(c) not in _PUNCT)
-#: Control characters other than the separator (BertNormalizer removes or maps them).
-_CONTROL = re.compile(r"[\x00\x02-\x1f\x7f]")
+#: Every ASCII control character, the separator included: ``ASCII_CLEAN``'s keys.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Every ASCII control character, the separator included (a chunk's count of them is checked in C).
 _CONTROL_BYTES = bytes([*range(0x20), 0x7f])
 #: ASCII characters BertNormalizer's ``clean_text`` removes (controls other than tab, newline and
@@ -52,6 +53,41 @@ ASCII_CLEAN = {**{c: None for c in [*range(0x00, 0x09), 0x0b, 0x0c, *range(0x0e,
 #: (ids, hashes, numbers) take (measured: 20 MB for 65,536 new words of several tokens each, in
 #: each of up to 14 tokenizer processes); past it the next chunk starts again from the vocabulary.
 MAX_REMEMBERED = 65_536
+
+
+class AsciiBertNormalizer:
+    """BertNormalizer on ASCII texts in C string calls, for both shortcuts past the Rust one: this
+    module's ``AsciiWordPiece`` and ``worker.models.tokenizer.AsciiShortcut`` (one copy, so the two
+    cannot come to clean or fold a text differently).
+
+    For an ASCII text BertNormalizer's steps reduce to: drop control characters and map tab,
+    newline and carriage return to spaces (``clean_text``), then ASCII lower-casing
+    (``lowercase``); CJK padding and accent stripping change no ASCII character. A text that holds
+    an added token's content (either case) is left to the Rust tokenizer, which matches added
+    tokens before (or after) normalization."""
+
+    def __init__(self, clean: bool, lower: bool, added: Sequence[str]) -> None:
+        self.clean = clean
+        self.lower = lower
+        self.added = [token.lower() for token in added if token]
+        #: the added tokens' first characters: a text holding none of them holds no added token
+        self._added_starts = sorted({token[0] for token in self.added})
+
+    def prepare(self, text: object) -> str | None:
+        """``text`` as BertNormalizer leaves it, or None where this does not apply (not an ASCII
+        str, or it holds an added token)."""
+        if not isinstance(text, str) or not text.isascii():
+            return None
+        if self.clean and _CONTROL.search(text):
+            text = text.translate(ASCII_CLEAN)
+        folded = text.lower()
+        if self.holds_added(folded):
+            return None
+        return folded if self.lower else text
+
+    def holds_added(self, folded: str) -> bool:
+        """Whether the (lower-cased) text holds an added token's content; one scan a first character."""
+        return any(start in folded for start in self._added_starts) and any(token in folded for token in self.added)
 
 
 class _Codes(dict):
@@ -115,10 +151,13 @@ class AsciiWordPiece:
     def __init__(self, vocab: dict[str, int], unk_id: int, prefix: str, max_chars: int, lower: bool,
                  added: Sequence[str]) -> None:
         self.codes = _Codes(vocab, unk_id, prefix, max_chars)
-        self.lower = lower
-        self.added = [token.lower() for token in added if token]
-        #: the added tokens' first characters: a chunk holding none of them holds no added token
-        self._added_starts = sorted({token[0] for token in self.added})
+        #: ``of`` takes only tokenizers that clean text (the separator is a control character it removes)
+        self.normalizer = AsciiBertNormalizer(True, lower, added)
+
+    @property
+    def lower(self) -> bool:
+        """Whether the tokenizer lower-cases."""
+        return self.normalizer.lower
 
     @classmethod
     def of(cls, full: Tokenizer) -> "AsciiWordPiece | None":
@@ -137,16 +176,9 @@ class AsciiWordPiece:
                    int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("lowercase", True)), added)
 
     def prepare(self, text: object) -> str | None:
-        """``text`` as BertNormalizer leaves it (controls removed, tab and newlines as spaces,
-        lower-cased), or None where this does not apply (not an ASCII str, holds an added token)."""
-        if not isinstance(text, str) or not text.isascii():
-            return None
-        if _CONTROL.search(text) or _SEP in text:
-            text = text.translate(ASCII_CLEAN)
-        folded = text.lower()
-        if self._holds_added(folded):
-            return None
-        return folded if self.lower else text
+        """``text`` as BertNormalizer leaves it (``AsciiBertNormalizer``; no separator survives it),
+        or None where this does not apply."""
+        return self.normalizer.prepare(text)
 
     def content(self, texts: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The texts this covers (their positions, int64), their content ids (int32, flat, in
@@ -159,14 +191,10 @@ class AsciiWordPiece:
             raw = joined.encode("ascii")
             if len(raw) - len(raw.translate(None, _CONTROL_BYTES)) == len(texts) - 1:  # the separators alone
                 folded = joined.lower()
-                if not self._holds_added(folded):
+                if not self.normalizer.holds_added(folded):
                     return (np.arange(len(texts), dtype=np.int64),
                             *self._ids(folded if self.lower else joined, len(texts), raw))
         return self._some(texts)
-
-    def _holds_added(self, folded: str) -> bool:
-        """Whether the (lower-cased) chunk holds an added token's content; one scan a first character."""
-        return any(start in folded for start in self._added_starts) and any(token in folded for token in self.added)
 
     def _some(self, texts: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``content`` text by text: the ones ``prepare`` takes, joined once prepared."""
