@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Issue 13's host-path figures on the H200 in one call (stop 28, helper 13h), steps in the order given, each step
 # under a timeout cut to what is left of the call's own deadline, printing as it goes.
-# Run from this checkout's root with the project root's .gpu kit set up (see bench/RESULTS-host.md):
+# Run from this checkout's root with the project root's .gpu kit set up:
 #   bash bench/h200_13h.sh PREV [STEPS] [SECONDS]
+# e.g. with this checkout copied to .wt13h and the older one to .wtprev in the project root (carry .gpu .wt13h
+# .wtprev; under 64 MiB with the copies' tests/ left out):
+#   source .gpu/env.sh && cd .wt13h && export PYTHONPATH=/tmp/site:$PWD/../.gpu/shim:$PWD EMBEDFLEET_CACHE=/tmp/efcache \
+#     && bash bench/h200_13h.sh ../.wtprev 21 200
+# For step 1's GIL profile, carry py-spy's manylinux wheel too, unpack it (python3 -m zipfile -e WHEEL /tmp/pyspy) and
+# set PYSPY to /tmp/pyspy/py_spy-*.data/scripts/py-spy (chmod +x).
 # PREV: a checkout of the commit to compare against; STEPS: the steps to run, in that order (default 12345); SECONDS:
 # the deadline for the whole script (default 220). Steps:
 #   1. bulk MiniLM 100k through Redis + Parquet: the bare engine with CUDA graphs (the default since 34e15b5)

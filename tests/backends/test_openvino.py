@@ -113,6 +113,22 @@ def test_rerank_scores_agree_with_torch(tiny_rerank_model: Path) -> None:
     np.testing.assert_allclose(values, reference, atol=1e-4)
 
 
+@pytest.mark.skipif(not ov_int8.int8_native(), reason="no int8 dot products (VNNI/AMX) on this CPU")
+def test_a_reranker_int8_ir_keeps_no_roles_and_its_scores_stay_close(tiny_rerank_model: Path) -> None:
+    """Scores have no neighbours to recall, so a reranker's int8 IR keeps no roles (the auto
+    selection's score gate judges it), with nothing measured for roles; its 1-channel head stays
+    fp32 (int8 there gave -77.7 for -0.015 on two streams), so its scores stay close to fp32's."""
+    import json
+
+    info = describe(str(tiny_rerank_model))
+    int8 = load_backend("openvino", info, "cpu", "int8").backend
+    export = json.loads((int8.path / "export.json").read_text())
+    assert export["kept_bf16"] == [] and export["calibration_recall"] == []
+    pairs = [("what is openvino", t) for t in prose(12)]
+    reference = embed(load_backend("openvino", info, "cpu", "float32").backend, info, pairs)
+    assert np.abs(embed(int8, info, pairs) - reference).max() < 0.05
+
+
 def test_unsupported_dtypes_and_devices_fail_by_name(tiny_embed_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     info = describe(str(tiny_embed_model))
     with pytest.raises(ValueError, match="dtype 'float16' is not supported by the openvino backend"):
@@ -209,8 +225,9 @@ def _ir_outputs(model, batch) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def test_smoothing_alone_leaves_the_fp32_outputs_unchanged(tiny_embed_model: Path) -> None:
-    """Smoothing is exact in real arithmetic: the fp32 IR smoothed (weights still fp32) gives the
-    same vectors; the input ranges are one per weight group, of its input width, from real tokens only."""
+    """Smoothing is exact in real arithmetic: the fp32 IR smoothed with every role kept (weights
+    still fp32) gives the same vectors; the input ranges are one per weight group, of its input
+    width, from real tokens only, and the calibration's reference is the fp32 IR's own output."""
     import openvino as ov
 
     info = describe(str(tiny_embed_model))
@@ -220,17 +237,91 @@ def test_smoothing_alone_leaves_the_fp32_outputs_unchanged(tiny_embed_model: Pat
     before = _ir_outputs(model, batch)
     names = [port.get_any_name() for port in model.inputs]
     feeds, masks = ov_backend._calibration(info, names)
-    ranges = ov_int8.input_ranges(model, feeds, masks)
+    ranges, reference = ov_int8.calibrate(model, feeds, masks)
     groups = ov_int8.weight_groups(model)
     first_weight = np.array(groups[0][0].input_value(1).get_node().get_data())
     assert len(ranges) == len(groups) > 0
     assert [r.shape[0] for r in ranges] == [ov_int8._rows(g[0]).shape[1] for g in groups]
     assert all(np.isfinite(r).all() and (r > 0).all() for r in ranges)
-    assert ov_int8.smooth(model, ranges) == len(groups)
+    assert reference.shape == (sum(len(m) for m in masks), 32)
+    np.testing.assert_allclose(reference[: len(masks[0])], _ir_outputs(model, _batch(feeds[0])), atol=1e-5)
+    roles = ov_int8.roles(model)
+    assert len(roles) == 4 and sum(roles.values()) == sum(ov_int8._rows(n).size for n in ov_int8.constant_matmuls(model))
+    assert ov_int8.rewrite_weights(model, ranges, keep=set(roles)) == 0  # smoothed, nothing int8
     after = _ir_outputs(model, batch)
     assert cosines(before, after).min() > 0.99999
     smoothed_weight = ov_int8.weight_groups(model)[0][0].input_value(1).get_node().get_data()
     assert not np.allclose(smoothed_weight, first_weight)  # the weights did change
+    assert set(ov_int8.roles(model)) == set(roles)  # the smoothing's Multiply does not change a role
+
+
+def _batch(feed: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    from worker.backends.base import Batch
+
+    mask = feed["attention_mask"]
+    return Batch(feed["input_ids"], mask, feed.get("token_type_ids", np.zeros_like(mask)), mask.sum(axis=1))
+
+
+def test_sensitive_roles_keeps_the_fewest_that_reach_the_target() -> None:
+    """Nothing kept when the all-int8 IR reaches the target; else the role gaining the most recall
+    per weight kept is kept first, one at a time, until the target is met; and never every role."""
+    sizes = {"qkv": 3, "out": 1, "up": 4, "down": 4}
+    gains = {"qkv": 0.002, "out": 0.004, "up": 0.01, "down": 0.02}
+    seen: list[frozenset[str]] = []
+
+    def recall(kept: frozenset[str]) -> float:
+        seen.append(kept)
+        return 0.93 + sum(gains[name] for name in kept)
+
+    kept, tried = ov_int8.sensitive_roles(recall, sizes, target=0.96)
+    # per weight kept: down 0.005 > out 0.004 > up 0.0025 > qkv 0.0007; 0.93 + 0.02 + 0.004 < 0.96 <= + 0.01
+    assert kept == {"down", "out", "up"}
+    assert [sorted(k) for k, _ in tried] == [[], ["down"], ["out"], ["qkv"], ["up"], ["down", "out"], ["down", "qkv"],
+                                            ["down", "up"], ["down", "out", "qkv"], ["down", "out", "up"]]
+    assert tried[0] == (frozenset(), 0.93) and seen == [k for k, _ in tried] and tried[-1][1] >= 0.96
+    assert ov_int8.sensitive_roles(recall, sizes, target=0.9) == (frozenset(), [(frozenset(), 0.93)])
+    kept, _ = ov_int8.sensitive_roles(recall, sizes, target=1.5)  # unreachable: one role stays int8
+    assert len(kept) == len(sizes) - 1
+
+
+@pytest.mark.skipif(not ov_int8.int8_native(), reason="no int8 dot products (VNNI/AMX) on this CPU")
+def test_a_mixed_ir_keeps_its_roles_in_bf16_and_is_closer_to_fp32(bundled_model: Path, tiny_embed_model: Path,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the bundled model, the FFN's down projections kept in bf16 (the rest int8): the kept
+    MatMuls read fp32 weights, the others int8; the vectors are of equal quality against torch
+    fp32 on real prose and closer to fp32 than the all-int8 IR's. And the int8 IR built with a
+    calibration target no int8 IR reaches keeps all roles but one, and says so in export.json."""
+    import openvino as ov
+
+    info = describe(str(bundled_model))
+    fp32_ir = ov_backend.ensure_ir(info)
+    core = ov.Core()
+    texts = prose(200)
+    _, batches, _ = sorted_batches(info, texts, 2048)
+    names = [port.get_any_name() for port in core.read_model(str(fp32_ir / "model.xml")).inputs]
+    feeds = [{n: getattr(b, n).astype(np.int64) for n in names} for b in batches]
+    config = {"INFERENCE_PRECISION_HINT": ov_backend._precision("int8"), "INFERENCE_NUM_THREADS": 2,
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": ov_int8.ACTIVATION_GROUP}
+    reference = ov_int8.outputs(core.read_model(str(fp32_ir / "model.xml")), feeds, {"INFERENCE_PRECISION_HINT": "f32"})
+    ranges, _ = ov_int8.calibrate(core.read_model(str(fp32_ir / "model.xml")), *ov_backend._calibration(info, names))
+    down = next(name for name in ov_int8.roles(core.read_model(str(fp32_ir / "model.xml"))) if name.endswith("<-Gelu"))
+    mixed, full = core.read_model(str(fp32_ir / "model.xml")), core.read_model(str(fp32_ir / "model.xml"))
+    assert ov_int8.rewrite_weights(mixed, ranges, keep={down}) == 30 and ov_int8.rewrite_weights(full, ranges) == 36
+    kept = [n for n in ov_int8.constant_matmuls(mixed)]  # only the kept ones still read an fp32 constant
+    assert len(kept) == 6 and {ov_int8.role(n) for n in kept} == {down}
+    mixed_values, full_values = ov_int8.outputs(mixed, feeds, config), ov_int8.outputs(full, feeds, config)
+    measured = agreement(reference, mixed_values)
+    assert measured.equal_quality and measured.cos_min < 0.99999, measured  # int8, not fp32
+    assert (1 - cosines(reference, mixed_values)).mean() < (1 - cosines(reference, full_values)).mean()
+
+    monkeypatch.setenv("EMBEDFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ov_int8, "CALIBRATION_RECALL", 1.01)
+    tiny = describe(str(tiny_embed_model))
+    int8 = load_backend("openvino", tiny, "cpu", "int8").backend
+    assert int8.path.name.endswith(f"-keep1010g{ov_int8.ACTIVATION_GROUP}n{ov_int8.MIN_CHANNELS}")
+    export = __import__("json").loads((int8.path / "export.json").read_text())
+    assert len(export["kept_bf16"]) == 3 and export["calibration_recall"][0]["kept"] == []
+    assert (int8.path / "model.xml").read_text().count('element_type="i8"') >= 2  # one role's MatMuls, 2 layers
 
 
 @pytest.mark.skipif(not ov_int8.int8_native(), reason="no int8 dot products (VNNI/AMX) on this CPU")
@@ -256,21 +347,27 @@ def test_smoothing_lowers_the_int8_error_on_the_bundled_model(bundled_model: Pat
 
     reference = run(core.read_model(str(fp32_ir / "model.xml")), {"INFERENCE_PRECISION_HINT": "f32"})
     plain = core.read_model(str(fp32_ir / "model.xml"))
-    ov_int8.compress_weights(plain)
+    ov_int8.rewrite_weights(plain)  # no ranges: int8 without smoothing
     smoothed = core.read_model(str(fp32_ir / "model.xml"))
     names = [port.get_any_name() for port in smoothed.inputs]
-    ov_int8.smooth(smoothed, ov_int8.input_ranges(smoothed, *ov_backend._calibration(info, names)))
-    ov_int8.compress_weights(smoothed)
+    ov_int8.rewrite_weights(smoothed, ov_int8.calibrate(smoothed, *ov_backend._calibration(info, names))[0])
     plain_error = 1 - cosines(reference, run(plain, config))
     smoothed_error = 1 - cosines(reference, run(smoothed, config))
     assert smoothed_error.mean() < 0.8 * plain_error.mean(), (smoothed_error.mean(), plain_error.mean())
 
 
-def test_the_int8_ir_is_keyed_by_its_smoothing(bundled_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_int8_ir_is_keyed_by_its_smoothing_and_kept_roles(bundled_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     info = describe(str(bundled_model))
     default = ov_backend.ir_dir(info, int8=True)
-    assert default.name.endswith(f"-i8ch-sq{round(ov_int8.SMOOTHING_ALPHA * 100)}c{ov_int8.CALIBRATION_TEXTS}")
+    keep = f"-keep{round(ov_int8.CALIBRATION_RECALL * 1000)}g{ov_int8.ACTIVATION_GROUP}n{ov_int8.MIN_CHANNELS}"
+    assert default.name.endswith(f"-i8ch-sq{round(ov_int8.SMOOTHING_ALPHA * 100)}c{ov_int8.CALIBRATION_TEXTS}{keep}")
     monkeypatch.setattr(ov_int8, "SMOOTHING_ALPHA", 0.4)
-    assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c{ov_int8.CALIBRATION_TEXTS}")
+    assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c{ov_int8.CALIBRATION_TEXTS}{keep}")
     monkeypatch.setattr(ov_int8, "CALIBRATION_TEXTS", 100)
-    assert ov_backend.ir_dir(info, int8=True).name.endswith("-i8ch-sq40c100") and ov_backend.ir_dir(info) != default
+    assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c100{keep}")
+    monkeypatch.setattr(ov_int8, "CALIBRATION_RECALL", 0.99)
+    assert ov_backend.ir_dir(info, int8=True).name.endswith(f"-i8ch-sq40c100-keep990g{ov_int8.ACTIVATION_GROUP}n16")
+    monkeypatch.setattr(ov_int8, "ACTIVATION_GROUP", 32)  # the kept roles were chosen at another group
+    assert ov_backend.ir_dir(info, int8=True).name.endswith("-i8ch-sq40c100-keep990g32n16")
+    assert ov_backend.ir_dir(info) != default

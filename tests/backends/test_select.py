@@ -214,9 +214,11 @@ def test_every_speed_knob_is_part_of_the_cache_key(tiny_embed_model: Path, monke
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setattr(openvino_int8, "SMOOTHING_ALPHA", 0.25)  # OpenVINO's int8: other smoothing, other weights
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
+    monkeypatch.setattr(openvino_int8, "CALIBRATION_RECALL", 0.99)  # other roles kept in bf16: other IR
+    keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
     monkeypatch.setattr(autoselect, "RUNOFF_MARGIN", 1.3)  # another timing rule
     keys.add(autoselect.selection_key(info, "cpu", options, 8, 1))
-    assert len(keys) == 7
+    assert len(keys) == 8
 
 
 def test_the_table_shows_no_nan(tiny_embed_model: Path, tiny_rerank_model: Path) -> None:
@@ -335,3 +337,19 @@ def test_close_candidates_get_a_runoff(tiny_embed_model: Path, monkeypatch: pyte
     select_backend(info, "cpu", "auto", n_texts=8, passes=2,
                    loader=lambda n, i, d, t: load_backend("torch", i, d, "float32").backend)
     assert len(passes) == 2 * 2 + 2 * 2 * 2  # 2 passes each, then 4 more each for the two
+
+
+def test_the_machine_key_tells_cpu_generations_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPUs a VM names alike ("AMD EPYC") with the same flags but another family (Zen 4: 25,
+    Zen 5: 26) are two machines: a choice timed on one is not reused on the other."""
+    def cpuinfo(family: str) -> dict[str, object]:
+        info = tmp_path / f"cpuinfo-{family}"
+        info.write_text(f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+                        "flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\ncpu family\t: 99\n")
+        monkeypatch.setattr(autoselect, "Path", lambda name: info if name == "/proc/cpuinfo" else Path(name))
+        return autoselect.machine()
+
+    zen4, zen5 = cpuinfo("25"), cpuinfo("26")
+    assert (zen4["cpu"], zen4["family"], zen4["model"]) == ("AMD EPYC", "25", "2")
+    assert zen4["flags"] == zen5["flags"] == ["avx2", "avx512_bf16", "avx512_vnni", "avx512f"]
+    assert zen4 != zen5 and zen5["family"] == "26"  # the first processor's numbers, not the last one's

@@ -24,8 +24,9 @@ decompress the weights to fp32). Anything else is refused by name. ``device``: `
 ``auto``).
 
 The int8 IR is cached beside the fp32 one, its folder name ending in the weight scheme
-(``openvino_int8.weight_scheme()``: int8 per channel, the smoothing and its calibration), built from
-the fp32 IR.
+(``openvino_int8.weight_scheme()``: int8 per channel, the smoothing and its calibration, the recall
+below which sensitive MatMul roles stay bf16), built from the fp32 IR; its export.json says which
+roles were kept and the calibration recall of every mix tried.
 
 ``streams``: how many batches run at once. One stream runs one batch on every core
 (``PERFORMANCE_HINT=LATENCY``); ``n`` streams (``THROUGHPUT``) run ``n`` batches side by side on
@@ -51,6 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from producer.errors import BadInput
+from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
 from worker.backends import openvino_int8
 from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
@@ -135,50 +137,57 @@ def _convert(info: ModelInfo, dest: Path) -> None:
 
 
 def _calibration(info: ModelInfo, names: list[str], budget: int = 2048) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
-    """Feeds (and their attention masks) of the int8 smoothing's calibration paragraphs: CPython's
+    """Feeds (and their attention masks) of the int8 IR's calibration paragraphs: CPython's
     documentation after the paragraphs the auto selection's quality rule measures on, in
-    length-sorted padded batches of at most ``budget`` tokens."""
+    length-sorted padded batches of at most ``budget`` tokens (``select.sorted_batches``)."""
     from worker.backends.quality import QUALITY_TEXTS, prose
-    from worker.models.tokenizer import BatchTokenizer
+    from worker.backends.select import sorted_batches
 
     texts = prose(QUALITY_TEXTS + openvino_int8.CALIBRATION_TEXTS)[QUALITY_TEXTS:]
-    tokenizer = BatchTokenizer(info.path, info.max_length)
-    encoded = sorted(tokenizer.encode(texts), key=lambda e: e.n_tokens)
-    groups: list[list[Any]] = [[]]
-    for item in encoded:
-        if groups[-1] and item.n_tokens * (len(groups[-1]) + 1) > budget:
-            groups.append([])
-        groups[-1].append(item)
-    feeds, masks = [], []
-    for group in groups:
-        arrays = {name: np.zeros((len(group), group[-1].n_tokens), np.int64) for name in INPUT_NAMES}
-        arrays["input_ids"][:] = tokenizer.pad_id
-        for row, item in enumerate(group):
-            n = item.n_tokens
-            arrays["input_ids"][row, :n], arrays["token_type_ids"][row, :n] = item.ids, item.type_ids
-            arrays["attention_mask"][row, :n] = 1
-        feeds.append({name: arrays[name] for name in names})
-        masks.append(arrays["attention_mask"])
-    return feeds, masks
+    _, batches, _ = sorted_batches(info, texts, budget)
+    feeds = [{name: np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in names} for batch in batches]
+    return feeds, [batch.attention_mask for batch in batches]
 
 
 def _quantize(info: ModelInfo, src: Path, dest: Path) -> None:
-    """The fp32 IR in ``src``, smoothed on calibration prose and with its MatMul weights int8 per
-    channel, to ``dest`` (``openvino_int8``)."""
+    """The fp32 IR in ``src``, smoothed on calibration prose, with its MatMul weights int8 per
+    channel except the roles that lose the calibration recall (kept in bf16), to ``dest``
+    (``openvino_int8``)."""
     import openvino as ov
 
-    model = ov.Core().read_model(str(src / "model.xml"))
+    from worker.backends.quality import agreement
+
+    core = ov.Core()
+    model = core.read_model(str(src / "model.xml"))
     names = [port.get_any_name() for port in model.inputs]
     feeds, masks = _calibration(info, names)
-    groups = openvino_int8.smooth(model, openvino_int8.input_ranges(model, feeds, masks))
-    replaced = openvino_int8.compress_weights(model)
+    ranges, reference = openvino_int8.calibrate(model, feeds, masks)
+    config = {"INFERENCE_PRECISION_HINT": _precision("int8"), "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": cpu_threads(), "DYNAMIC_QUANTIZATION_GROUP_SIZE": openvino_int8.ACTIVATION_GROUP}
+
+    def built(kept: frozenset[str]) -> tuple[Any, int]:
+        candidate = core.read_model(str(src / "model.xml"))
+        return candidate, openvino_int8.rewrite_weights(candidate, ranges, kept)
+
+    def recall(kept: frozenset[str]) -> float:
+        return agreement(reference, openvino_int8.outputs(built(kept)[0], feeds, config)).recall
+
+    if info.kind == JobKind.embed:
+        kept, tried = openvino_int8.sensitive_roles(recall, openvino_int8.roles(model))
+    else:  # scores have no neighbours to recall: the auto selection's score gate judges the all-int8 IR
+        kept, tried = frozenset(), []
+    model, replaced = built(kept)
     ov.save_model(model, str(dest / "model.xml"), compress_to_fp16=False)
     export = json.loads((src / "export.json").read_text())
     (dest / "export.json").write_text(json.dumps({
         **export, "quantization": f"int8 weights per output channel ({replaced} MatMuls), smoothed (alpha "
-                                  f"{openvino_int8.SMOOTHING_ALPHA}, {groups} input groups, {len(feeds)} calibration "
+                                  f"{openvino_int8.SMOOTHING_ALPHA}, {len(ranges)} input groups, {len(feeds)} calibration "
                                   f"batches), activations per token in groups of {openvino_int8.ACTIVATION_GROUP} "
-                                  f"at run time"}))
+                                  f"at run time",
+        "kept_bf16": sorted(kept),
+        "calibration_recall": [{"kept": sorted(k), "recall": round(r, 4)} for k, r in tried]}))
+    log.info("int8 IR of %s: %d MatMuls int8, kept in bf16: %s (calibration recall@10 %s)", info.name, replaced,
+             ", ".join(sorted(kept)) or "none", ", ".join(f"{r:.4f}" for _, r in tried))
 
 
 def ensure_ir(info: ModelInfo, int8: bool = False) -> Path:

@@ -378,20 +378,26 @@ def library_versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, object]:
-    """What makes one machine's timings another's: CPU model, its matrix units, usable cores."""
-    model, flags = "", set()
+    """What makes one machine's timings another's: CPU model (its name, and its family and model
+    numbers: a VM may name a Zen 4 and a Zen 5 alike "AMD EPYC", with the same flags, while
+    Zen 5's 512-bit datapaths change which candidate wins), its matrix units, usable cores."""
+    model, flags, numbers = "", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
+            key = key.strip()
+            if key == "model name" and not model:
                 model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            elif key in ("cpu family", "model") and key not in numbers:
+                numbers[key] = value.strip()
+            elif key == "flags" and not flags:
                 flags = set(value.split())
     except OSError:  # not Linux
         import platform
 
         model = platform.processor() or platform.machine()
-    return {"cpu": model, "flags": sorted(f for f in CPU_FLAGS if f in flags), "cores": cpu_threads(),
+    return {"cpu": model, "family": numbers.get("cpu family", ""), "model": numbers.get("model", ""),
+            "flags": sorted(f for f in CPU_FLAGS if f in flags), "cores": cpu_threads(),
             "arch": os.uname().machine if hasattr(os, "uname") else ""}
 
 
