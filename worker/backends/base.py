@@ -257,3 +257,32 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def sorted_batches(info: Any, inputs: list[Any], budget: int) -> tuple[list[np.ndarray], list[Batch], int]:
+    """Length-sorted padded batches within ``budget`` tokens; returns (row indices, batches, real tokens).
+
+    Here, beside ``Batch``, because the auto selection (``select``) and the int8 calibration
+    (``openvino``) both build their sample batches this way, and select already imports openvino."""
+    from worker.models.tokenizer import BatchTokenizer
+
+    tokenizer = BatchTokenizer(info.path, info.max_length)
+    encoded = tokenizer.encode(inputs)
+    lengths = np.array([e.n_tokens for e in encoded])
+    order = np.argsort(lengths, kind="stable")
+    groups: list[list[int]] = [[]]
+    for index in order:
+        if groups[-1] and lengths[index] * (len(groups[-1]) + 1) > budget:
+            groups.append([])
+        groups[-1].append(int(index))
+    batches = []
+    for group in groups:
+        longest = int(lengths[group].max())
+        ids = np.full((len(group), longest), tokenizer.pad_id, dtype=np.int32)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for row, index in enumerate(group):
+            n = encoded[index].n_tokens
+            ids[row, :n], types[row, :n], mask[row, :n] = encoded[index].ids, encoded[index].type_ids, 1
+        batches.append(Batch(ids, mask, types, lengths[group].astype(np.int32)))
+    return [np.array(g) for g in groups], batches, int(lengths.sum())

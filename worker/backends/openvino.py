@@ -55,7 +55,7 @@ from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
 from worker.backends import openvino_int8
-from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads
+from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads, sorted_batches
 from worker.backends.onnx import INPUT_NAMES, publish, with_head
 from worker.models.resolve import ModelInfo
 
@@ -139,9 +139,8 @@ def _convert(info: ModelInfo, dest: Path) -> None:
 def _calibration(info: ModelInfo, names: list[str], budget: int = 2048) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
     """Feeds (and their attention masks) of the int8 IR's calibration paragraphs: CPython's
     documentation after the paragraphs the auto selection's quality rule measures on, in
-    length-sorted padded batches of at most ``budget`` tokens (``select.sorted_batches``)."""
+    length-sorted padded batches of at most ``budget`` tokens (``base.sorted_batches``)."""
     from worker.backends.quality import QUALITY_TEXTS, prose
-    from worker.backends.select import sorted_batches
 
     texts = prose(QUALITY_TEXTS + openvino_int8.CALIBRATION_TEXTS)[QUALITY_TEXTS:]
     _, batches, _ = sorted_batches(info, texts, budget)

@@ -42,7 +42,7 @@ import numpy as np
 from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
-from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads
+from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads, sorted_batches
 from worker.backends.quality import (COSINE_GATE, QUALITY_TEXTS, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines,
                                      prose)
 from worker.models.heads import class_probabilities, rerank_scores
@@ -197,32 +197,6 @@ def sample_inputs(info: "ModelInfo", n: int = SAMPLE_TEXTS, seed: int = 0) -> li
     if info.kind == JobKind.rerank:
         return [(text(int(rng.integers(3, 12))), passage) for passage in texts]
     return texts
-
-
-def sorted_batches(info: "ModelInfo", inputs: list[Any], budget: int) -> tuple[list[np.ndarray], list[Batch], int]:
-    """Length-sorted padded batches within ``budget`` tokens; returns (row indices, batches, real tokens)."""
-    from worker.models.tokenizer import BatchTokenizer
-
-    tokenizer = BatchTokenizer(info.path, info.max_length)
-    encoded = tokenizer.encode(inputs)
-    lengths = np.array([e.n_tokens for e in encoded])
-    order = np.argsort(lengths, kind="stable")
-    groups: list[list[int]] = [[]]
-    for index in order:
-        if groups[-1] and lengths[index] * (len(groups[-1]) + 1) > budget:
-            groups.append([])
-        groups[-1].append(int(index))
-    batches = []
-    for group in groups:
-        longest = int(lengths[group].max())
-        ids = np.full((len(group), longest), tokenizer.pad_id, dtype=np.int32)
-        mask = np.zeros_like(ids)
-        types = np.zeros_like(ids)
-        for row, index in enumerate(group):
-            n = encoded[index].n_tokens
-            ids[row, :n], types[row, :n], mask[row, :n] = encoded[index].ids, encoded[index].type_ids, 1
-        batches.append(Batch(ids, mask, types, lengths[group].astype(np.int32)))
-    return [np.array(g) for g in groups], batches, int(lengths.sum())
 
 
 # ---------------------------------------------------------------------------------- measuring
