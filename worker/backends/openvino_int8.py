@@ -149,7 +149,8 @@ def roles(model: object) -> dict[str, int]:
     found: dict[str, int] = {}
     for node in constant_matmuls(model):
         n, k = _shape(node)
-        found[role(node)] = found.get(role(node), 0) + n * k
+        name = role(node)
+        found[name] = found.get(name, 0) + n * k
     return found
 
 

@@ -42,7 +42,8 @@ import numpy as np
 from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
-from worker.backends.base import Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads, sorted_batches
+from worker.backends.base import (Backend, BackendUnavailable, Batch, Recipe, canonical_dtype, cpu_threads,
+                                  sorted_batches)
 from worker.backends.quality import (COSINE_GATE, QUALITY_TEXTS, RECALL_GATE, SCORE_TOLERANCE, agreement, cosines,
                                      prose)
 from worker.models.heads import class_probabilities, rerank_scores

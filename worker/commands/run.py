@@ -125,7 +125,8 @@ def run(
         fmt = detect_format(input)
         slots = plan_slots(devices, device)
         spec = WorkerSpec(models=[model], device=slots[0].device, backend=backend, dtype=dtype,
-                          concurrency=concurrency or run_concurrency(len(slots)), max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
+                          concurrency=concurrency or run_concurrency(len(slots)), max_batch_tokens=max_batch_tokens,
+                          memory_fraction=memory_fraction,
                           trust_remote_code=trust_remote_code,
                           storage_roots=StorageRoots.parse(run_roots(input, out, image_column)))
         columns = Columns(text=text_column, id=id_column, query=query_column, document=document_column,
