@@ -10,7 +10,9 @@ senders share one interface:
   each message fills in its id, deadline and arguments (``Envelopes``), wrapped
   exactly as kombu's Redis transport does for a message to the default exchange (JSON with the
   base64 body, ``delivery_info``, ``delivery_tag``, priority 0 -> the list named after the queue),
-  and an asyncio Redis client LPUSHes it without blocking the loop. Workers consume it through
+  and an LPUSH writes it without blocking the loop (on a plain ``redis://`` URL straight to the
+  connection, ``producer.resp``: redis-py's per-command machinery ran before the write, on the
+  path a single-text call waits on; else redis-py's asyncio client). Workers consume it through
   Celery unchanged; ``tests/facade/test_publish.py`` holds the envelope to kombu's own, field for
   field, so a kombu upgrade that changes the format fails the tests instead of the fleet.
 * ``ThreadPublisher`` (SQS, anything else): ``send_task`` on a thread; ``InProcessPublisher``
@@ -19,8 +21,10 @@ senders share one interface:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import time
 from typing import Any
 
 import anyio
@@ -28,6 +32,7 @@ import orjson
 from celery import Celery
 
 from producer.broker import broker_kind, declare_queue
+from producer.resp import CONNECTION_ERRORS, AsyncConnection, pack, plain_url
 
 #: Redis transport options whose effect ``envelope`` does not reproduce: with any of them set,
 #: the facade sends through kombu itself.
@@ -121,35 +126,94 @@ def envelope(app: Celery, task: str, args: list[Any], queue: str, task_id: str, 
     return Envelopes(app)(task, args, queue, task_id, expires, shown)
 
 
+#: the publisher's connection: timeouts (s), a PING before a push after this long idle (as
+#: redis-py's ``health_check_interval``), and the retries of a push whose connection failed
+CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, HEALTH_CHECK_S, PUSH_RETRIES = 5.0, 10.0, 10.0, 3
+
+
 class RedisPublisher(Publisher):
-    """LPUSH of kombu's envelope from the event loop (see the module docstring)."""
+    """LPUSH of kombu's envelope from the event loop (see the module docstring).
+
+    A dropped connection is re-made and the push tried again (``PUSH_RETRIES`` times, backing off
+    0.1, 0.2, 0.4 s); a timeout that leaves the push in doubt may deliver the job twice, which
+    costs a second computation, not a wrong answer. An error reply (a full Redis, a wrong
+    password) is not retried. Both ways below keep these rules."""
 
     def __init__(self, app: Celery) -> None:
+        from redis.backoff import ExponentialBackoff
+
         self.app = app
         self.envelopes = Envelopes(app)
         self.url = str(app.conf.broker_url)
+        self.address = plain_url(self.url)
+        self._backoff = ExponentialBackoff(cap=1.0, base=0.05)
         self._redis: Any = None
+        self._connection: AsyncConnection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._used = 0.0
 
     async def start(self) -> None:
+        if self.address is not None:
+            self._connecting = asyncio.Lock()
+            return
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        # A dropped connection is re-made and the push tried again; a timeout that leaves the
-        # push in doubt may deliver the job twice, which costs a second computation, not a wrong answer.
         self._redis = aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            self.url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=HEALTH_CHECK_S, retry=Retry(self._backoff, PUSH_RETRIES),
             retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
     async def stop(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+        self._drop(self._connection)
 
     async def send(self, task: str, args: list[Any], queue: str, task_id: str, expires: float, shown: str) -> None:
-        await self._redis.lpush(queue, self.envelopes(task, args, queue, task_id, expires, shown))
+        message = self.envelopes(task, args, queue, task_id, expires, shown)
+        if self._redis is not None:
+            await self._redis.lpush(queue, message)
+            return
+        await self._push(pack(("LPUSH", queue, message)))
+
+    async def _push(self, command: bytes) -> None:
+        failures = 0
+        while True:
+            connection = None
+            try:
+                connection = await self._ready()
+                await connection.request(command, SOCKET_TIMEOUT_S)
+                self._used = time.monotonic()
+                return
+            except CONNECTION_ERRORS:
+                self._drop(connection)
+                failures += 1
+                if failures > PUSH_RETRIES:
+                    raise
+                await asyncio.sleep(self._backoff.compute(failures))
+
+    async def _ready(self) -> AsyncConnection:
+        """The open connection (a PING first after ``HEALTH_CHECK_S`` idle), else a new one."""
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            if time.monotonic() - self._used > HEALTH_CHECK_S:
+                await connection.request(pack(("PING",)), SOCKET_TIMEOUT_S)
+            return connection
+        assert self.address is not None and self._connecting is not None
+        async with self._connecting:  # concurrent sends share one new connection
+            if self._connection is None or not self._connection.is_open:
+                self._connection = await AsyncConnection.open(self.address, CONNECT_TIMEOUT_S)
+                self._used = time.monotonic()
+            return self._connection
+
+    def _drop(self, connection: AsyncConnection | None) -> None:
+        """Close a failed connection (not one another send has made since)."""
+        if connection is not None:
+            connection.close()
+            if self._connection is connection:
+                self._connection = None
 
 
 def publisher_for(app: Celery, sender: Celery) -> Publisher:

@@ -8,8 +8,11 @@ asyncio reader serves every request:
 * ``RedisReplies`` (the fleet): the worker's Redis result backend publishes each result on the
   channel named after its key (``celery-task-meta-<id>``); this facade's task ids share a prefix,
   so one pattern subscription, made before the first request, receives all of its results on one
-  pub/sub connection. A slow poll (MGET of the keys still awaited) covers a pub/sub connection
-  that was dropped and re-made while a result was published. Delivered keys are deleted in batches.
+  pub/sub connection. On a plain ``redis://`` URL that connection is ``producer.resp``'s: each
+  message is handed to its request from the protocol's data callback, with no reader task and no
+  ``get_message`` poll in between (redis-py's pub/sub otherwise). A slow poll (MGET of the keys
+  still awaited) covers a pub/sub connection that was dropped and re-made while a result was
+  published. Delivered keys are deleted in batches.
 * ``LocalReplies`` (embedded): the worker runs in this process; its ``task_postrun`` signal
   wakes the request, which reads the in-memory result backend.
 * ``ThreadReplies``: any other result backend (a database, say), through ``AsyncResult.get`` on a
@@ -37,6 +40,8 @@ from celery import states
 from celery.backends.cache import CacheBackend
 from celery.backends.redis import RedisBackend
 from celery.signals import task_postrun
+
+from producer.resp import AsyncConnection, pack, plain_url, within
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,7 @@ class RedisReplies(Replies):
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
         self._pubsub: Any = None
+        self._subscription: AsyncConnection | None = None
         self._running = False
 
     def new_task_id(self) -> str:
@@ -129,10 +135,17 @@ class RedisReplies(Replies):
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5)
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.psubscribe(_glob_escape(self._key(f"{self.prefix}-")) + b"*")
+        pattern = _glob_escape(self._key(f"{self.prefix}-")) + b"*"
+        address = plain_url(self.url)
+        if address is None:
+            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.psubscribe(pattern)
+            reader = self._read()
+        else:
+            self._subscription = await self._subscribe(address, pattern)  # before the first request
+            reader = self._stay_subscribed(address, pattern)
         self._running = True
-        self._tasks = [asyncio.create_task(self._read(), name="ef-replies-read"),
+        self._tasks = [asyncio.create_task(reader, name="ef-replies-read"),
                        asyncio.create_task(self._tidy(), name="ef-replies-tidy")]
 
     async def stop(self) -> None:
@@ -151,6 +164,8 @@ class RedisReplies(Replies):
             pass
         for future, _ in self._waiting.values():
             future.cancel()
+        if self._subscription is not None:
+            self._subscription.close()
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
@@ -162,7 +177,7 @@ class RedisReplies(Replies):
         self._waiting[key] = (future, time.monotonic())
         try:
             await send()
-            meta = await asyncio.wait_for(future, timeout)
+            meta = await within(future, timeout)
         finally:
             if self._waiting.pop(key, None) is not None:
                 self._done.append(key)
@@ -207,6 +222,41 @@ class RedisReplies(Replies):
                 continue
             if message is not None and message.get("type") == "pmessage":
                 self._deliver(bytes(message["channel"]), message["data"])
+
+    async def _subscribe(self, address: Any, pattern: bytes) -> AsyncConnection:
+        """A connection of its own, subscribed to ``pattern``; its messages go to ``_pushed``."""
+        connection = await AsyncConnection.open(address, 5.0, on_push=self._pushed)
+        try:
+            await connection.request(pack(("PSUBSCRIBE", pattern)), 5.0)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def _stay_subscribed(self, address: Any, pattern: bytes) -> None:
+        """Subscribe again whenever the connection is lost (results published meanwhile are found
+        by ``_poll_overdue``)."""
+        while self._running:
+            subscription = self._subscription
+            if subscription is not None and subscription.is_open:
+                await asyncio.shield(subscription.lost)
+                continue
+            log.warning("result pub/sub connection lost; reconnecting")
+            try:
+                self._subscription = await self._subscribe(address, pattern)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("result pub/sub connection failed (%s); reconnecting", exc)
+                await asyncio.sleep(0.1)
+
+    def _pushed(self, message: list[Any]) -> None:
+        """A ``pmessage`` (pattern, channel, data), from the protocol's data callback."""
+        try:
+            if len(message) == 4:
+                self._deliver(bytes(message[2]), message[3])
+        except Exception:  # one bad result must not stop the others'
+            log.exception("cannot deliver a result")
 
     async def _tidy(self) -> None:
         """Delete delivered results in batches; look up results that pub/sub did not bring."""

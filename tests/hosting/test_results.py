@@ -137,27 +137,60 @@ class _Recorder:
 
 @pytest.mark.parametrize("expires", [None, 60])
 def test_the_batched_store_sends_celerys_own_commands(redis_server: RedisServer, expires: int | None) -> None:
-    """``InlineResultBackend._set_many`` repeats ``RedisBackend._set`` for a pipeline; if Celery's
-    changes (other commands, order, expiry handling), this fails, so the two move together."""
+    """``InlineResultBackend.set_commands`` repeats ``RedisBackend._set``'s pipeline; if Celery's
+    changes (other commands, order, expiry handling), this fails, so the two move together. Both
+    ways of sending them (a plain socket here, redis-py's pipeline where the URL needs redis-py)
+    store the answer and publish it."""
     from celery.backends.redis import RedisBackend
 
     backend = create_app(redis_server.url).backend
     backend.expires = expires
     client = backend.client
     real = client.pipeline
-    logs: list[list[tuple[str, tuple]]] = []
+    logs: list[tuple[str, tuple]] = []
 
     def recording(*args: Any, **kwargs: Any) -> _Recorder:
-        return _Recorder(real(*args, **kwargs), logs[-1])
+        return _Recorder(real(*args, **kwargs), logs)
 
     client.pipeline = recording  # type: ignore[method-assign]
     try:
-        logs.append([])
         RedisBackend._set(backend, "celery-task-meta-x", b'{"a": 1}')
-        logs.append([])
-        backend._set_many([("celery-task-meta-x", b'{"a": 1}')])
     finally:
         del client.pipeline
-    assert logs[0] == logs[1] and [name for name, _, _ in logs[1]][-1] == "execute"
-    assert redis_server.client().get("celery-task-meta-x") == b'{"a": 1}'
-    assert (redis_server.client().ttl("celery-task-meta-x") > 0) == bool(expires)
+    ours = backend.set_commands([("celery-task-meta-x", b'{"a": 1}')])
+    assert [(name, args) for name, args, _ in logs] == [(name, tuple(args)) for name, *args in ours] + [("execute", ())]
+    assert all(not kwargs for _, _, kwargs in logs)
+    for direct in (True, False):
+        if not direct:
+            backend.__dict__["_direct"] = None  # the redis-py pipeline
+        listener = redis_server.client().pubsub()
+        listener.subscribe("celery-task-meta-y")
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        redis_server.client().delete("celery-task-meta-y")
+        backend._set_many([("celery-task-meta-y", b'{"b": 2}')])
+        message = listener.get_message(timeout=5)
+        listener.close()
+        assert message is not None and message["data"] == b'{"b": 2}'
+        assert redis_server.client().get("celery-task-meta-y") == b'{"b": 2}'
+        assert (redis_server.client().ttl("celery-task-meta-y") > 0) == bool(expires)
+
+
+def test_the_direct_store_survives_a_redis_restart_and_reports_error_replies(tmp_path: Any) -> None:
+    """The answer writer's own connection: a restarted Redis is reconnected to (Celery's retry
+    policy), and an error reply is raised, not taken for a stored answer."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        backend = create_app(server.url).backend
+        assert backend._direct is not None
+        backend.store_inlines([("a", ANSWER)])
+        server.stop()
+        server.start()
+        backend.store_inlines([("b", ANSWER)])
+        assert server.client().get(backend.get_key_for_task("b")) is not None
+        server.client().config_set("maxmemory", "1")
+        server.client().config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(Exception, match="OOM|EXECABORT"):
+            backend.store_inlines([("c", ANSWER)])
+    finally:
+        server.stop()

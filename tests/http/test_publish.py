@@ -92,3 +92,80 @@ def test_a_key_prefix_falls_back_to_kombu() -> None:
     app = make_app("redis://127.0.0.1:6379/0")
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": "tenant1:"}
     assert type(publisher_for(app, app)) is ThreadPublisher
+
+
+def test_the_publisher_pushes_again_after_a_redis_restart_and_gives_up_without_redis(tmp_path: Any) -> None:
+    """Its own connection (a plain redis:// URL): a restarted Redis is connected to again and the
+    push retried; with Redis gone the push fails after its retries (the dispatcher's 503)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    server = RedisServer(tmp_path)
+    server.start()
+    app = make_app(server.url)
+
+    async def scenario() -> float:
+        publisher = RedisPublisher(app)
+        await publisher.start()
+        try:
+            await publisher.send(INLINE_TASK, [{"inputs": ["x"]}], "embed.m", "t-1", 30, "[1 input]")
+            server.stop()
+            server.start()  # same port: the publisher's connection is gone
+            await publisher.send(INLINE_TASK, [{"inputs": ["y"]}], "embed.m", "t-2", 30, "[1 input]")
+            assert server.client().llen("embed.m") == 1
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(RedisConnectionError):
+                await publisher.send(INLINE_TASK, [{"inputs": ["z"]}], "embed.m", "t-3", 30, "[1 input]")
+            return time.monotonic() - started
+        finally:
+            await publisher.stop()
+
+    try:
+        assert publisher_for(app, app).address is not None  # the direct way is the one tested
+        assert asyncio.run(scenario()) < 5  # three retries, backing off 0.1, 0.2 and 0.4 s
+    finally:
+        server.stop()
+
+
+def test_the_reply_reader_subscribes_again_after_a_redis_restart(tmp_path: Any) -> None:
+    """A result published (not stored: only the subscription can bring it) after Redis restarted
+    reaches its waiting request."""
+    from producer.http.replies import RedisReplies
+    from worker.hosting.app import create_app
+
+    server = RedisServer(tmp_path)
+    server.start()
+    app = make_app(server.url)
+    answer = {"kind": "embed", "model": "m", "n_items": 0, "dims": 0, "data_b64": ""}
+
+    async def scenario() -> None:
+        replies = RedisReplies(app)
+        await replies.start()
+        backend = create_app(server.url).backend
+        try:
+            task_id = replies.new_task_id()
+
+            async def stored() -> None:
+                backend.store_inlines([(task_id, answer)])
+
+            assert (await replies.call(stored, task_id, 10))["model"] == "m"
+            server.stop()
+            server.start()
+            deadline = time.monotonic() + 10
+            while server.client().execute_command("PUBSUB", "NUMPAT") != 1:
+                assert time.monotonic() < deadline, "the reader did not subscribe again"
+                await asyncio.sleep(0.05)
+            task_id = replies.new_task_id()
+
+            async def published() -> None:
+                payload = backend._inline_payload(task_id, answer)
+                server.client().publish(backend.get_key_for_task(task_id), payload)
+
+            assert (await replies.call(published, task_id, 10))["model"] == "m"
+        finally:
+            await replies.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
