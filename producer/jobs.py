@@ -342,7 +342,8 @@ def wire(message: BaseModel) -> dict[str, Any]:
     """
     payload = message.model_dump(mode="json", exclude_defaults=True)
     if "kind" in type(message).model_fields:
-        payload = {"kind": message.model_dump(mode="json", include={"kind"})["kind"], **payload}
+        kind = message.kind  # type: ignore[attr-defined]  # a Literal string or a JobKind: its JSON value
+        payload = {"kind": kind.value if isinstance(kind, Enum) else kind, **payload}
     return payload
 
 

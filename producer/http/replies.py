@@ -50,6 +50,10 @@ Send = Callable[[], Awaitable[None]]
 
 #: A result not seen on pub/sub after this long is looked up directly (then every this often).
 SAFETY_POLL_S = 0.5
+#: Delivered results are deleted every ``SAFETY_POLL_S``, or as soon as this many wait: an UNLINK
+#: after every answer was one more Redis round trip (and a facade wake-up) beside each client's
+#: next request.
+RELEASE_BATCH = 64
 
 
 def publish_only(app: Celery) -> Celery:
@@ -181,7 +185,8 @@ class RedisReplies(Replies):
         finally:
             if self._waiting.pop(key, None) is not None:
                 self._done.append(key)
-                self._wake.set()
+                if len(self._done) >= RELEASE_BATCH:
+                    self._wake.set()
         return outcome(meta)
 
     def _key(self, task_id: str) -> bytes:
@@ -262,7 +267,7 @@ class RedisReplies(Replies):
         """Delete delivered results in batches; look up results that pub/sub did not bring."""
         while self._running:
             self._wake.clear()
-            if not self._done:
+            if len(self._done) < RELEASE_BATCH:
                 try:
                     await asyncio.wait_for(self._wake.wait(), SAFETY_POLL_S)
                 except asyncio.TimeoutError:
