@@ -88,6 +88,40 @@ def test_the_answer_writer_stores_every_answer_and_what_waits_in_one_round_trip(
         assert got["n_tokens"] == ([4, 5] if i == 0 else [i, i])
 
 
+def test_an_answer_alone_is_stored_on_its_own_thread_and_one_with_others_waiting_is_queued(
+        redis_server: RedisServer) -> None:
+    import threading
+
+    from worker.hosting.inline import AnswerWriter
+
+    backend = create_app(redis_server.url).backend
+    threads: list[str] = []
+    first_taken, release = threading.Event(), threading.Event()
+    real = backend.store_inlines
+
+    def recorded(answers: list[tuple[str, Any]]) -> None:
+        threads.append(threading.current_thread().name)
+        if answers[0][0] == "queued-0":
+            first_taken.set()
+            release.wait(10)
+        real(answers)
+
+    backend.store_inlines = recorded  # type: ignore[method-assign]
+    writer = AnswerWriter(backend)
+    writer.put("alone", ANSWER, alone=True)  # stored before put returns, on this thread
+    assert threads == [threading.current_thread().name]
+    assert redis_server.client().get(backend.get_key_for_task("alone")) is not None
+    writer.put("queued-0", ANSWER)
+    assert first_taken.wait(10)
+    writer.put("alone-but-late", ANSWER, alone=True)  # another answer is still being written: queued
+    release.set()
+    assert writer.flush(10)
+    assert threads[1:] == ["ef-inline-answers", "ef-inline-answers"]
+    reader = make_app(redis_server.url)
+    for task_id in ("alone", "queued-0", "alone-but-late"):
+        assert reader.AsyncResult(task_id).get(timeout=5, disable_sync_subtasks=False) == ANSWER
+
+
 def test_an_answer_the_writer_cannot_store_does_not_stop_it(redis_server: RedisServer) -> None:
     from worker.hosting.inline import AnswerWriter
 
