@@ -114,3 +114,38 @@ def test_the_workers_app_consumes_sqs_with_it(moto_sqs: None) -> None:
     from worker.hosting.sqs_transport import SqsTransport
 
     assert type(create_app("sqs://", backend="redis://127.0.0.1:1/0").connection_for_read().transport) is SqsTransport
+
+
+def test_kombus_brpop_read_is_the_one_the_channel_mirrors() -> None:
+    """``Channel._brpop_take`` repeats kombu 5.7's ``_brpop_read`` but for the entry's decoding; a
+    kombu whose method differs fails here, so the two move together (compare, then update the hash)."""
+    import hashlib
+    import inspect
+
+    from kombu.transport import redis
+
+    source = inspect.getsource(redis.Channel._brpop_read)
+    assert hashlib.sha256(source.encode()).hexdigest() == \
+        "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f", source
+
+
+@pytest.mark.parametrize("entry", [
+    json.dumps({"body": "eyJhIjogMX0=", "headers": {"id": "x", "retries": 0}, "properties": {"delivery_tag": "t"},
+                "content-type": "application/json"}).encode(),
+    b'{"headers": {"eta": {"__type__": "datetime", "__value__": "2026-12-07T00:00:00"}}}',  # kombu's typed value
+    b'{"n": NaN, "big": 123456789012345678901234567890}',  # only Python's reader takes these
+])
+def test_an_entry_is_read_as_kombu_reads_it(entry: bytes) -> None:
+    from kombu.utils.json import loads
+
+    from worker.hosting.transport import decode_entry
+
+    assert repr(decode_entry(entry)) == repr(loads(entry.decode()))  # repr: NaN equals itself there
+
+
+@pytest.mark.parametrize("entry", HOSTILE[:2])
+def test_an_entry_that_is_not_json_raises_what_the_channel_discards(entry: bytes) -> None:
+    from worker.hosting.transport import decode_entry
+
+    with pytest.raises(UNDECODABLE):
+        decode_entry(entry)
