@@ -630,6 +630,40 @@ def test_a_tokenizer_failure_in_a_shared_call_fails_only_its_own_call(tiny_embed
         engine.stop()
 
 
+def test_a_small_call_tokenized_here_runs_on_the_callers_thread_and_one_behind_others_waits_its_turn(
+        tiny_embed_model: Path) -> None:
+    """``tokenize_here``: with no small call waiting, the caller's thread tokenizes (before submit
+    returns); while others wait for the pool, it joins them instead. Every call gets its own vectors."""
+    engine = make_engine(tiny_embed_model, max_batch_tokens=4096)
+    threads: list[str] = []
+    encode = engine.tokenizer.encode_tokens
+
+    def recorded(values):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return encode(values)
+
+    engine.tokenizer.encode_tokens = recorded  # type: ignore[method-assign]
+    texts = ["tokenized by the caller", "waits with the others", "queued first"]
+    try:
+        here = engine.submit([texts[0]], urgent=True, tokenize_here=True)
+        assert threads == [threading.current_thread().name]  # already tokenized when submit returned
+        release = _hold_tokenize_pool(engine)
+        queued = engine.submit([texts[2]], urgent=True)
+        behind = engine.submit([texts[1]], Options(dimensions=8), urgent=True, tokenize_here=True)
+        assert len(threads) == 1  # it did not jump the waiting call: it waits for the pool with it
+        release.set()
+        values = [f.result(60).values for f in (here, behind, queued)]
+        assert threads[1:] == [threads[1]] and threads[1].startswith("ef-tokenize")  # one pool call for both
+    finally:
+        engine.stop()
+    raw = reference_embed(tiny_embed_model, texts, 64, "cls", False)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    cut = raw[1:2, :8] / np.linalg.norm(raw[1:2, :8])
+    for got, want, what in ((values[0], unit[:1], "here"), (values[1], cut, "behind, its own options"),
+                            (values[2], unit[2:], "queued")):
+        assert_close_rows(got, want, what)
+
+
 def test_small_calls_beyond_one_chunk_are_tokenized_a_chunk_at_a_time(tiny_embed_model: Path) -> None:
     """Waiting small calls are taken a chunk's worth at a time (whole calls, at least one), the
     rest by the next task; every call is answered once, with its own vectors."""

@@ -317,14 +317,20 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, inputs: Sequence[Any], options: Options | None = None,
                urgent: bool = False, deadline: float | None = None,
-               withdrawn: Callable[[], bool] | None = None) -> "Future[EngineResult]":
+               withdrawn: Callable[[], bool] | None = None, tokenize_here: bool = False) -> "Future[EngineResult]":
         """Queue texts (embed, classify) or (query, document) pairs (rerank); returns a future.
 
         ``urgent`` marks a call someone is waiting on (an HTTP request): its items go into the
         next batch ahead of pending bulk work (see ``Scheduler``). Past ``deadline``
         (``time.monotonic()``), or once the future is cancelled, its remaining items are dropped
         instead of computed and the future fails with ``TimedOut``; so do they once ``withdrawn()``
-        says the caller withdrew the call (asked when batches are formed: keep it cheap)."""
+        says the caller withdrew the call (asked when batches are formed: keep it cheap).
+
+        ``tokenize_here``: a small call is tokenized on the calling thread when no other small call
+        waits for the tokenizer (in this process's tokenizer, not in tokenizer processes), instead
+        of waking a pool thread for it: for a caller with nothing else to do meanwhile (the inline
+        lane with no other call in flight), the pool thread's wake-up on an idle core (70-150 us,
+        2-core Zen 5) is time the call waits for nothing."""
         options = DEFAULT_OPTIONS if options is None else options
         self.check_options(options)
         request = _Request(size=len(inputs), options=options, future=Future(), urgent=urgent,
@@ -340,7 +346,7 @@ class Engine:
             self._finish(request)
             return request.future
         if texts and len(texts) <= self.tokenize_chunk:
-            self._queue_small(request, texts)
+            self._queue_small(request, texts, tokenize_here and self.tokenizer_processes is None)
             texts = []
         for group, as_ids in ((texts, False), (given, True)):
             for start in range(0, len(group), self.tokenize_chunk):
@@ -535,7 +541,7 @@ class Engine:
             self._schedule([Incoming(tokens.lengths[rows], _Block(request, index, tokens), rows, request.urgent,
                                      request.group, None if math.isinf(request.deadline) else request.deadline)])
 
-    def _queue_small(self, request: _Request, texts: list[tuple[int, Any]]) -> None:
+    def _queue_small(self, request: _Request, texts: list[tuple[int, Any]], here: bool = False) -> None:
         """Tokenize a small call's texts together with the other small calls waiting.
 
         Adaptive, with no delay: the first call finds no task queued and queues one, which a free
@@ -549,7 +555,10 @@ class Engine:
             if self._small_queued:
                 return
             self._small_queued = True
-        self._tokenize_pool.submit(self._tokenize_small)
+        if here:  # ``submit``'s ``tokenize_here``: this thread takes what waits, as a pool thread would
+            self._tokenize_small()
+        else:
+            self._tokenize_pool.submit(self._tokenize_small)
 
     def _take_small(self) -> list[tuple[_Request, list[tuple[int, Any]]]]:
         """The small calls waiting, up to one chunk of texts (at least one call); a task for the

@@ -25,6 +25,8 @@ every call in it, no longer waits for a SET and a PUBLISH per call before it can
 batch off the device. A call alone in the lane (no other call in flight, nothing waiting to be
 written) is stored by the thread its answer came on instead: with nobody else to batch with, the
 writer's wake-up (a thread woken on an idle core: 70-150 us here, 2-core Zen 5) would only delay it.
+For the same reason a call alone is tokenized by the lane's own thread (``Engine.submit``'s
+``tokenize_here``), which has nothing else to do until the next message, not by a woken pool thread.
 
 It needs the Redis result backend (``InlineResultBackend``); the embedded worker's in-memory
 backend wakes its facade through Celery's ``task_postrun`` signal, so it keeps Celery's path.
@@ -91,7 +93,7 @@ class FastInline:
                 or _expired(headers.get("expires"), deadline) or headers.get("id") in worker_state.revoked:
             self.celery_handler(message)
             return
-        self._opened(1)
+        alone = self._opened(1) == 0
         try:
             payload = _arguments(message)[0]
             job = job_of(payload)
@@ -99,7 +101,7 @@ class FastInline:
                 raise LookupError("token-level jobs run as tasks")
             task_id = str(headers["id"])
             future, count = start_inline(job, deadline, withdrawn=lambda: task_id in worker_state.revoked,
-                                         engines=self.engines)
+                                         engines=self.engines, tokenize_here=alone)
         except Exception:  # the task's own handling answers it (refusal codes, bad messages)
             self._opened(-1)
             self.celery_handler(message)

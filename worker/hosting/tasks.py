@@ -67,17 +67,19 @@ def inline_job(payload: dict[str, Any]) -> InlineJob:
 
 
 def start_inline(job: InlineJob, deadline: float | None = None,
-                 withdrawn: Callable[[], bool] | None = None, *, engines: Registry) -> tuple["Future[Any]", int]:
+                 withdrawn: Callable[[], bool] | None = None, *, engines: Registry,
+                 tokenize_here: bool = False) -> tuple["Future[Any]", int]:
     """Hand an embed / rerank / classify job to its engine among ``engines`` (the worker's):
     the engine's future and the input count. Past ``deadline`` (``time.monotonic()``: when the
     caller stops waiting) the engine drops what of it has not run yet, and so once
-    ``withdrawn()`` says the caller withdrew it."""
+    ``withdrawn()`` says the caller withdrew it. ``tokenize_here``: ``Engine.submit``'s."""
     engine = engines.engine_for(job.model, JobKind(job.kind))
     if isinstance(job, RerankJob):
         inputs: list[Any] = [(job.query, doc) for doc in job.documents]
     else:
         inputs = list(job.inputs)
-    return engine.submit(inputs, job.options, urgent=True, deadline=deadline, withdrawn=withdrawn), len(inputs)
+    return engine.submit(inputs, job.options, urgent=True, deadline=deadline, withdrawn=withdrawn,
+                         tokenize_here=tokenize_here), len(inputs)
 
 
 def inline_answer(job: InlineJob, count: int, result: Any) -> dict[str, Any]:
