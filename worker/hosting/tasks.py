@@ -278,10 +278,12 @@ class WorkerContext:
     stopping: StopFlag
     #: the broker it consumes: deliveries are counted, shards isolated and unwritable outputs recorded there
     broker: str
+    #: what it does when one of its shards is stuck past its hard time limit (``worker.hosting.limits``)
+    hard_limit: limits.HardLimit
 
     @classmethod
     def of(cls, app: Any) -> "WorkerContext":
-        return cls(runtime.of(app), roots_of(app), stop.of(app), str(app.conf.broker_url))
+        return cls(runtime.of(app), roots_of(app), stop.of(app), str(app.conf.broker_url), limits.hard_limit_of(app))
 
 
 @shared_task(name=SHARD_TASK, bind=True)
@@ -341,7 +343,7 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
             return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1,
                         context.engines, context.broker)
         what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
-        with limits.watchdog.watch(task_id, what, job.shard.n_rows):
+        with limits.watchdog.watch(task_id, what, job.shard.n_rows, context.hard_limit):
             return run_shard(payload, deliveries=deliveries, engines=context.engines, roots=context.roots)
     except Reject:
         raise
