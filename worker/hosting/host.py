@@ -32,7 +32,7 @@ from producer.settings import settings
 from worker import sinks
 from worker.backends.select import Selection, load_backend
 from worker.engine.pipeline import Engine
-from worker.hosting import limits, memory_broker, poison, stop
+from worker.hosting import isolation, limits, memory_broker, poison, stop
 from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
@@ -349,6 +349,8 @@ class InProcessWorker:
             self.stopping.reset()
             if self._private_broker:
                 memory_broker.drop(self.broker)
+                poison.forget(self.broker)  # its counts and isolation went with it
+                isolation.forget(self.broker)
 
     def _stop_consuming(self) -> None:
         """Cancel this worker's queues through Celery's remote control (run by the consumer's own
