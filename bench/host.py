@@ -143,12 +143,13 @@ def child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------- parent
 def parse_variant(spec: str) -> tuple[str, tuple[Path, dict[str, str]]]:
-    """``LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` -> (label, (checkout, environment)): ``si1:EMBEDFLEET_SWITCH_INTERVAL=0.001``."""
+    """``LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` -> (label, (checkout, environment)): ``si1:EMBEDFLEET_SWITCH_INTERVAL=0.001``.
+    ``chunk=N`` among the pairs is no variable: that contender's engine gets ``tokenize_chunk=N``."""
     head, _, settings = spec.partition(":")
     label, _, checkout = head.partition("@")
     env = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
-    if not label or any(not key.startswith("EMBEDFLEET_") for key in env):
-        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...]")
+    if not label or any(not (key.startswith("EMBEDFLEET_") or key == "chunk") for key in env):
+        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...,chunk=N]")
     return label, (Path(checkout).resolve() if checkout else REPO, env)
 
 
@@ -162,10 +163,12 @@ def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: st
         command += ["--null-rate", str(args.null_rate)]
     if args.budget:
         command += ["--budget", str(args.budget)]
-    if args.chunk and checkout == REPO:
-        command += ["--chunk", str(args.chunk)]
+    env = dict(env or {})
+    chunk = env.pop("chunk", None) or (args.chunk if checkout == REPO else None)
+    if chunk:
+        command += ["--chunk", str(chunk)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+                          env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
                               [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
