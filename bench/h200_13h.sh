@@ -22,7 +22,8 @@
 #      waits (stop 29), with the engine process's CPU a text less the post thread's wait for the device
 #      (wait_cpu_ms);
 #   6. (stop 29) short texts, MiniLM, bare engine: this vs PREV vs this with blocking CUDA waits
-#      (EMBEDFLEET_CUDA_WAIT=block: the post thread sleeps instead of spinning), CPU a text each;
+#      (EMBEDFLEET_CUDA_WAIT=block: the post thread sleeps instead of spinning) vs this with tokenizer chunks of
+#      512 instead of 256 (half the round trips to the tokenizer processes), CPU a text each;
 #   7. (stop 29) bulk MiniLM 100k through Redis + Parquet: bare engine, fleet, fleet with blocking waits.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -71,10 +72,10 @@ s5() {
 }
 s6() {
   (( END - SECONDS > 40 )) || { echo "== 6 skipped: too little time left"; return; }
-  echo "== 6 short MiniLM: this vs PREV vs blocking waits ($(date -u +%T), $((END - SECONDS)) s left)"
-  timeout "$(left 100)" python3 -m bench.host --against "$PREV" --device cuda --workloads short --backends torch \
+  echo "== 6 short MiniLM: this vs PREV vs blocking waits vs chunks of 512 ($(date -u +%T), $((END - SECONDS)) s left)"
+  timeout "$(left 130)" python3 -m bench.host --against "$PREV" --device cuda --workloads short --backends torch \
     --n 60000 --rounds 2 --passes 2 --dtype bfloat16 --budget 65536 --variant block:EMBEDFLEET_CUDA_WAIT=block \
-    > "$OUT/host-wait.log" 2>&1
+    --variant c512:chunk=512 > "$OUT/host-wait.log" 2>&1
   echo rc=$?; grep -E "^round|^\|" "$OUT/host-wait.log"
 }
 s7() {
