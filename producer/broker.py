@@ -197,6 +197,8 @@ def declare_queue(app: Celery, queue: str) -> None:
 # ---------------------------------------------------------------------------- Redis job records
 JOBS_KEY = "embedfleet:jobs"
 JOB_SHARDS_KEY = "embedfleet:job:{}:shards"
+#: shards over without a marker in storage (``record_unwritten``): index -> why
+JOB_UNWRITTEN_KEY = "embedfleet:job:{}:unwritten"
 
 
 def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> None:
@@ -219,18 +221,38 @@ def record_job(app: Celery, job_id: str, shards: dict[int, dict[str, Any]]) -> N
         pipe.hset(key, mapping={str(i): json.dumps(s) for i, s in shards.items()})
         pipe.expire(key, job_ttl())  # gone by then even if no sweeper ever sees the job finish
         pipe.sadd(JOBS_KEY, job_id)  # the sweeper drops an id whose shard list is gone
+        # a shard sent again (``resume``) is no longer over: its old record beside the queue would
+        # keep the sweeper from re-sending it and make the job report it failed
+        pipe.hdel(JOB_UNWRITTEN_KEY.format(job_id), *map(str, shards))
     pipe.execute()
 
 
-JOB_UNWRITTEN_KEY = "embedfleet:job:{}:unwritten"
+def recorded_shard(broker_url: str, job_id: str, index: int) -> dict[str, Any] | None:
+    """The message ``record_job`` recorded for shard ``index`` of ``job_id`` (the payload as sent,
+    signature included), or ``None``: not recorded, or a broker that records nothing (SQS, memory).
+
+    A worker that refuses a shard message compares it with this: only the job's own message may
+    end the shard failed; a forged or altered one must not (``worker.hosting.tasks.refuse``)."""
+    if broker_kind(broker_url) != "redis":
+        return None
+    import redis
+
+    raw = redis.Redis.from_url(broker_url, socket_connect_timeout=5).hget(JOB_SHARDS_KEY.format(job_id), str(index))
+    if raw is None:
+        return None
+    payload = json.loads(raw).get("payload")
+    return payload if isinstance(payload, dict) else None
+
+
 #: The in-memory transport's record (``embedfleet run``): it lives as long as the process, as the queue does.
 _unwritten_here: dict[str, dict[int, str]] = {}
 
 
 def record_unwritten(broker_url: str, job_id: str, index: int, reason: str) -> None:
     """Remember, beside the queue, a shard that failed and whose failure marker could not be
-    written either (the output is unwritable or full): ``JobHandle`` reads it, so the job ends
-    failed with the storage error instead of waiting for a marker that can never appear."""
+    written either (the output is unwritable or full, or a worker refused the job's own message
+    and may not write where it points): ``JobHandle`` reads it, so the job ends failed with the
+    reason instead of waiting for a marker that can never appear."""
     kind = broker_kind(broker_url)
     if kind == "redis":
         import redis

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     # -- array jobs
     job_manifest: str | None = Field(None, description="shard: the job's _job.json (or its folder)")
     index_offset: int = Field(0, ge=0, description="shard: added to the array index")
+    shard_attempts: int = Field(1, ge=1, description="shard: the attempts AWS Batch gives a child (the job "
+                                "definition's RetryStrategy, retrying exit 75); a transient failure on the last "
+                                "fails the shard in its marker, with the reason")
 
     @classmethod
     def env_name(cls, field: str) -> str:

@@ -245,3 +245,46 @@ def test_sigterm_stops_a_child_and_publishes_nothing(array_job: dict[str, Any], 
     prefix_key = out.split(f"{BUCKET}/", 1)[1]
     names = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix_key + "/")["Contents"]}
     assert names == {f"{prefix_key}/_job.json"}
+
+
+def test_a_transient_failure_on_the_last_attempt_leaves_the_failure_marker(tiny_embed_model: Path,
+                                                                          tmp_path: Path) -> None:
+    """The source's S3 goes away after the plan (a network error: transient, not bad data). On an
+    attempt AWS Batch will retry (``EMBEDFLEET_SHARD_ATTEMPTS``: its job definition's attempts),
+    the child exits 75 with nothing written; on the last one it fails the shard in its marker with
+    the reason, and the manifest names it. Before, the last attempt left no marker either: the
+    array was over and the job never learned that the shard failed."""
+    from moto.server import ThreadedMotoServer
+
+    import worker.commands.shard  # noqa: F401  - registers `plan` and `shard` on the app
+    from producer.cli import app
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    s3 = S3(f"http://{host}:{port}")  # a server of its own: this test stops it
+    env = {**s3.env, "AWS_BATCH_JOB_ARRAY_INDEX": "0", "EMBEDFLEET_SHARD_ATTEMPTS": "2"}
+    out, runner = tmp_path / "out", CliRunner()
+    try:
+        s3.client().create_bucket(Bucket="gone")
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in s3.env.items():
+                patch.setenv(name, value)
+            storage.publish_table(storage.locate("s3://gone/corpus.parquet"),
+                                  pa.table({"text": [f"text number {i}" for i in range(8)]}))
+        planned = runner.invoke(app, ["plan", "s3://gone/corpus.parquet", "--out", str(out), "--model",
+                                      str(tiny_embed_model)], env=env)
+        assert planned.exit_code == 0, planned.output
+    finally:
+        server.stop()  # from here on, reading the source fails with a network error
+    shard = ["shard", "--job-manifest", str(out), "--device", "cpu", "--backend", "torch", "--dtype", "float32"]
+    first = runner.invoke(app, shard, env={**env, "AWS_BATCH_JOB_ATTEMPT": "1"})
+    assert first.exit_code == 75, first.output
+    assert "attempt 1 of 2" in " ".join(first.output.split()) and storage.read_marker(str(out), 0) is None
+    last = runner.invoke(app, shard, env={**env, "AWS_BATCH_JOB_ATTEMPT": "2"})
+    assert last.exit_code == 1, last.output
+    marker = storage.read_marker(str(out), 0)
+    assert marker is not None and marker.status == "failed" and marker.deliveries == 2
+    assert marker.failure is not None and marker.failure.startswith("failed on attempt 2 of 2 (the last)")
+    manifest = storage.read_manifest(str(out))
+    assert manifest is not None and manifest.status == "partial" and [s.index for s in manifest.failed_shards] == [0]

@@ -94,7 +94,10 @@ def test_job_definitions_run_one_shard_and_retry_spot_reclaims() -> None:
         assert retry["Attempts"] > 1
         rules = retry["EvaluateOnExit"]
         assert rules[0] == {"OnStatusReason": "Host EC2*", "Action": "RETRY"}
+        assert {"OnExitCode": "75", "Action": "RETRY"} in rules  # a transient failure with attempts left
         assert rules[-1] == {"OnReason": "*", "Action": "EXIT"}  # real failures are not retried
+        environment = {e["Name"]: e["Value"] for e in props["ContainerProperties"]["Environment"]}
+        assert environment["EMBEDFLEET_SHARD_ATTEMPTS"] == str(retry["Attempts"])  # the last one records a failure
     gpu = jobs["GpuShardJobDefinition"]["Properties"]["ContainerProperties"]["ResourceRequirements"]
     assert {"Type": "GPU", "Value": "1"} in gpu
     inf2 = jobs["Inf2ShardJobDefinition"]["Properties"]["ContainerProperties"]

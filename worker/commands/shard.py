@@ -9,7 +9,11 @@ worker runs, so outputs, done-markers and the final ``_manifest.json`` are ident
   retried writes the same part again, and a child whose shard already has a done-marker loads no
   model and rewrites nothing;
 * whichever child finds every marker present writes the job manifest; a re-run child also
-  writes it if an earlier child died between its marker and the manifest.
+  writes it if an earlier child died between its marker and the manifest;
+* a failure no retry can fix parks the shard at once (its marker names the reason); any other
+  fails the attempt: exit 75 for AWS Batch to retry it, or, on the last attempt
+  (``EMBEDFLEET_SHARD_ATTEMPTS``, the job definition's), the shard's marker records the failure,
+  so the job ends without it instead of waiting for a marker no child will write.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import logging
 import signal
 import sys
 from types import FrameType
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from producer import storage
 from producer.cli import app, console, fail
-from producer.errors import BadInput, EmbedfleetError, JobNotFound, UnsupportedModel
+from producer.errors import BadInput, EmbedfleetError, JobNotFound
 from producer.jobs import JOB_FILE, JobSpec, ShardJob, ShardReport
 from producer.logs import setup_logging
 from producer.options import Verbose, envvar
@@ -45,6 +49,8 @@ ARRAY_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
 ATTEMPT_ENV = "AWS_BATCH_JOB_ATTEMPT"
 #: The conventional exit status of a process stopped by SIGTERM (128 + 15).
 EXIT_SIGTERM = 143
+#: A transient failure with attempts left (sysexits' EX_TEMPFAIL): the job definitions retry it.
+EXIT_RETRY = 75
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +114,27 @@ def finalize_if_needed(spec: JobSpec) -> None:
 
 
 def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batch_tokens: int | None,
-                  memory_fraction: float | None, deliveries: int, trust_remote_code: bool = False) -> ShardReport:
+                  memory_fraction: float | None, deliveries: int, trust_remote_code: bool = False,
+                  attempts: int = 1) -> ShardReport:
     """Load the model, run the shard through the queue workers' own task, stop the engine.
 
     A failure no retry can fix (bad data, a model that cannot be served faithfully) parks the
     shard with the reason, as a queue worker does (``worker.hosting.tasks.is_permanent``): its
-    marker lets the job end without it; any other error is raised, for the array's retry."""
+    marker lets the job end without it. Any other error is raised for the array's retry while
+    ``deliveries`` (this attempt) is below ``attempts``; on the last attempt it parks the shard
+    too, as a queue worker does after its last delivery."""
     from worker.hosting.host import WorkerSpec, load_engine
     from worker.hosting.registry import Registry
-    from worker.hosting.tasks import is_permanent, park, run_shard
+    from worker.hosting.tasks import run_shard
 
     spec = WorkerSpec(models=[job.model], device=device, backend=backend, dtype=dtype, concurrency=1,
                       max_batch_tokens=max_batch_tokens, memory_fraction=memory_fraction,
                       trust_remote_code=trust_remote_code)
+    engines = Registry()  # this command's own: it hosts the one engine for the one shard
     try:
         engine, _ = load_engine(job.model, spec)
-    except UnsupportedModel as exc:  # refused, never half-loaded: no retry can help, so the shard fails now
-        return ShardReport.model_validate(park(job, f"{type(exc).__name__}: {exc}", deliveries))
-    engines = Registry()  # this command's own: it hosts the one engine for the one shard
+    except Exception as exc:  # UnsupportedModel: refused, never half-loaded: no retry can help
+        return _failed(job, exc, deliveries, attempts, engines)
     engines.register(engine, job.model)
     try:
         console.print(f"embedding shard {job.shard.index} of {job.n_shards} ({job.shard.n_rows:,} rows) with "
@@ -134,11 +143,22 @@ def run_one_shard(job: ShardJob, backend: str, device: str, dtype: str, max_batc
         return ShardReport.model_validate(run_shard(job.model_dump(mode="json"), deliveries=deliveries,
                                                     engines=engines, roots=None))
     except Exception as exc:
-        if not is_permanent(exc):
-            raise
-        return ShardReport.model_validate(park(job, f"{type(exc).__name__}: {exc}", deliveries, engines))
+        return _failed(job, exc, deliveries, attempts, engines)
     finally:
         engine.stop()
+
+
+def _failed(job: ShardJob, exc: Exception, attempt: int, attempts: int, engines: Any) -> ShardReport:
+    """The shard parked with the reason when no retry can fix ``exc`` or none follows this attempt;
+    else ``exc`` raised again, for AWS Batch's retry (``shard_command`` exits ``EXIT_RETRY``)."""
+    from worker.hosting.tasks import is_permanent, park
+
+    reason = f"{type(exc).__name__}: {exc}"
+    if not is_permanent(exc):
+        if attempt < attempts:
+            raise exc
+        reason = f"failed on attempt {attempt} of {attempts} (the last); last: {reason}"
+    return ShardReport.model_validate(park(job, reason, attempt, engines))
 
 
 def _attempt() -> int:
@@ -167,6 +187,10 @@ def shard_command(
     dtype: Dtype = DEFAULT_DTYPE,
     max_batch_tokens: MaxBatchTokens = None,
     memory_fraction: MemoryFraction = None,
+    attempts: Annotated[int, typer.Option(
+        "--attempts", envvar=envvar("shard_attempts"), min=1,
+        help="The attempts AWS Batch gives a child (its job definition's; it retries exit 75): a transient "
+             "failure on the last one is recorded in the shard's marker")] = 1,
     trust_remote_code: TrustRemoteCode = DEFAULT_TRUST_REMOTE_CODE,
     verbose: Verbose = False,
 ) -> None:
@@ -175,8 +199,9 @@ def shard_command(
     An AWS Batch array job of size K runs this in K children; together they embed a corpus of
     K shards. Exit 0 when the shard is done (now or before), 1 when it failed (bad data, or a model
     that cannot be served faithfully, fails it at once, with the reason in its marker: the job ends
-    without it, as in a fleet), 2 on bad arguments, 143 when stopped by SIGTERM (nothing partial
-    is left behind).
+    without it, as in a fleet; so does any failure on the last attempt), 75 when a transient failure
+    leaves attempts for a retry (nothing written), 2 on bad arguments, 143 when stopped by SIGTERM
+    (nothing partial is left behind).
     """
     setup_logging(verbose)
     if index is None:
@@ -193,16 +218,21 @@ def shard_command(
         console.print(f"shard {index} of job {spec.job_id} is already done ({done.rows_written:,} rows); nothing rewritten")
         raise typer.Exit(0 if done.status == "done" else 1)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    attempt = _attempt()
     try:
         report = run_one_shard(job, backend, device, dtype, max_batch_tokens, memory_fraction,
-                               deliveries=_attempt(), trust_remote_code=trust_remote_code)
+                               deliveries=attempt, trust_remote_code=trust_remote_code, attempts=attempts)
         finalize_if_needed(spec)
     except ShardStopped:
         console.print(f"[yellow]stopped by SIGTERM[/]: shard {index} left unpublished; a retry redoes it")
         sys.stdout.flush()
         raise typer.Exit(EXIT_SIGTERM) from None
-    except EmbedfleetError as exc:  # one line for the operator; a bug keeps its traceback
-        raise fail(exc) from None
+    except Exception as exc:  # transient, with attempts left (run_one_shard parks the rest)
+        log.warning("shard %d: attempt %d of %d failed", index, attempt, attempts,
+                    exc_info=not isinstance(exc, EmbedfleetError))  # a bug keeps its traceback
+        console.print(f"[yellow]shard {index}: attempt {attempt} of {attempts} failed[/]: {type(exc).__name__}: "
+                      f"{exc}; nothing written, exit {EXIT_RETRY} for a retry")
+        raise typer.Exit(EXIT_RETRY) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     if report.status != "done":
@@ -213,4 +243,4 @@ def shard_command(
     raise typer.Exit(0)
 
 
-__all__ = ["shard_command", "job_folder", "load_spec", "shard_job", "EXIT_SIGTERM"]
+__all__ = ["shard_command", "job_folder", "load_spec", "shard_job", "EXIT_RETRY", "EXIT_SIGTERM"]

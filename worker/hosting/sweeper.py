@@ -15,7 +15,8 @@ back). Producers therefore record every shard message of a job in Redis
 empty, a shard with no marker in storage that is neither queued nor unacked anywhere is sent
 again under the same task id (so its delivery count goes on). A duplicate is harmless: outputs
 are deterministic and the done-marker is checked before work. A shard recorded as unwritable
-(parked, its failure marker impossible to write) has no marker either, but is not lost: it is left alone.
+(parked, its failure marker impossible to write; or its job's own message refused, which may not
+write there: ``worker.hosting.tasks.refuse``) has no marker either, but is not lost: it is left alone.
 """
 
 from __future__ import annotations

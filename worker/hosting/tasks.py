@@ -21,7 +21,8 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from pydantic import TypeAdapter, ValidationError
 
-from producer.broker import INLINE_TASK, SHARD_TASK, broker_kind, max_deliveries, record_unwritten
+from producer.broker import (INLINE_TASK, SHARD_TASK, broker_kind, max_deliveries, recorded_shard,
+                             record_unwritten)
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
     InlineJob,
@@ -45,7 +46,7 @@ from worker.hosting import registry as runtime
 from worker.hosting.registry import Registry
 from worker.hosting.stop import StopFlag
 from worker.hosting.tokens import run_tokens
-from worker.hosting.trust import StorageRoots, check_shard, roots_of
+from worker.hosting.trust import StorageRoots, check_output, check_shard, roots_of
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,7 @@ def shard_task(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     task_id = str(self.request.id or f"{job.job_id}-{job.shard.index:05d}")
     refusal = untrusted(job, payload, context.roots)
     if refusal is not None:
-        log.error("refusing shard message %s (nothing read or written): %s", task_id, refusal)
-        return {"refused": refusal}
+        return refuse(job, payload, task_id, refusal, context)
     counter = poison.deliveries_for(context.broker)
     solo = isolation.for_broker(context.broker)
     try:
@@ -362,6 +362,53 @@ def untrusted(job: ShardJob, payload: dict[str, Any], roots: StorageRoots | None
     return None
 
 
+def refuse(job: ShardJob, payload: dict[str, Any], task_id: str, refusal: str,
+           context: WorkerContext) -> dict[str, Any]:
+    """Acknowledge a refused message; when it is its job's own shard, end that shard failed.
+
+    Only what the producer recorded may fail a shard, never the message alone (anyone who can
+    write to the broker can send one; a forged copy of a pending shard must not end it):
+
+    * the output folder lies inside the roots and its ``_job.json`` plans this very shard, signed
+      when a key is held (only its source is refused): its failure marker is written there, so the
+      other shards go on and the manifest names it with the reason (on every broker);
+    * else, on Redis, the message is the one ``producer.broker.record_job`` recorded for the
+      shard: the failure is recorded beside the queue (``record_unwritten``; nothing is written
+      where the message points), the sweeper stops re-sending it and the job ends failed;
+    * else (altered, not the job's, or a broker that records nothing) it is dropped: the job's
+      own shard is unaffected. Before, every refusal was dropped, and on Redis the sweeper re-sent
+      a job's own refused shard every sweep: its job never ended."""
+    if signing.refusal(payload) is None and context.roots is not None and _output_trusted(job, context.roots):
+        done = read_marker(job.out, job.shard.index)
+        if done is not None:  # over already (a worker with other roots ran it): nothing to record
+            log.error("refusing shard message %s (nothing read or written; the shard is over): %s", task_id, refusal)
+            return done.model_dump(mode="json")
+        log.error("refusing shard message %s (its source is not read): %s; recorded as failed in %s",
+                  task_id, refusal, job.out)
+        return park(job, f"refused: {refusal}", 1, context.engines, context.broker, last=True)
+    try:
+        own = recorded_shard(context.broker, job.job_id, job.shard.index) == payload
+        if own:
+            record_unwritten(context.broker, job.job_id, job.shard.index,
+                             f"refused: {refusal} (its failure marker was not written: the message may not "
+                             f"touch its output folder)")
+    except Exception as exc:  # the broker's Redis is unreachable: the message stays unacked
+        raise Reject(f"cannot read or record the job's shard: {exc}", requeue=True) from exc
+    what = "its job's own recorded message: recorded as failed beside the queue" if own else \
+        "not the message its job recorded: dropped"
+    log.error("refusing shard message %s (nothing read or written; %s): %s", task_id, what, refusal)
+    return {"refused": refusal}
+
+
+def _output_trusted(job: ShardJob, roots: StorageRoots) -> bool:
+    """Whether the shard's output folder is inside ``roots`` and plans this shard (``trust.check_output``)."""
+    try:
+        check_output(job, roots)
+    except Untrusted:
+        return False
+    return True
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether no retry can fix this failure, so the shard is parked at once with the reason.
 
@@ -406,13 +453,15 @@ def _best_effort(step: Callable[..., None], task_id: str, *args: Any) -> None:
 
 
 def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None = None,
-         broker: str | None = None) -> dict[str, Any]:
+         broker: str | None = None, *, last: bool | None = None) -> dict[str, Any]:
     """Record the shard as failed (the job reports it), let the job finish without it, and ack;
     the manifest names the model's revision when ``engines`` (the worker's) host it.
 
     ``broker``: the one the shard was delivered from (its worker's), where an unwritable output is
     recorded; ``None`` for a shard no broker delivered (``embedfleet shard``), whose storage error
-    is raised to its caller: there is no queue to give it back to, nor one to record it beside."""
+    is raised to its caller: there is no queue to give it back to, nor one to record it beside.
+    ``last``: no delivery follows this one, so an unwritable output is recorded now (by default,
+    when ``deliveries`` reached the limit; a refusal is never counted, so it says so itself)."""
     report = ShardReport(index=job.shard.index, path=None, rows_in=job.shard.n_rows, rows_written=0,
                          n_tokens=0, status="failed", failure=reason, deliveries=deliveries)
     log.error("parking shard %d of job %s: %s", job.shard.index, job.job_id, reason)
@@ -422,7 +471,8 @@ def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None =
     except OSError as exc:
         if broker is None:
             raise
-        if deliveries < max_deliveries():  # storage may come back: the next delivery tries again (counted)
+        final = deliveries >= max_deliveries() if last is None else last
+        if not final:  # storage may come back: the next delivery tries again (counted)
             raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
         # The output is unwritable or full on every delivery: record the failure beside the queue
         # (the job's status reads it) and let the message go, instead of requeueing it forever.

@@ -12,7 +12,9 @@ finished folder. So a shard is run only if
 * its output folder's ``_job.json`` (written by the producer before any shard was sent) is the
   same job and plans this very shard: same id, model, kind, columns, options, source range.
 
-A refused message is acknowledged and logged, and nothing is written anywhere.
+A refused message is acknowledged and logged, and nothing is read or written where it points.
+Whether its job learns of it depends on what the producer recorded (``worker.hosting.tasks.refuse``):
+the job's own shard ends failed with the reason; a message that differs from it is dropped.
 """
 
 from __future__ import annotations
@@ -95,10 +97,20 @@ class StorageRoots:
 def check_shard(job: ShardJob, roots: StorageRoots) -> None:
     """Raise ``Untrusted`` unless the shard's source and output lie in ``roots`` and its output
     folder's ``_job.json`` plans this shard of this job."""
-    for field, value in (("shard.uri", job.shard.uri), ("out", job.out)):
-        reason = roots.refusal(value)
-        if reason:
-            raise Untrusted(f"{field}: {reason}", param=field)
+    reason = roots.refusal(job.shard.uri)
+    if reason:
+        raise Untrusted(f"shard.uri: {reason}", param="shard.uri")
+    check_output(job, roots)
+
+
+def check_output(job: ShardJob, roots: StorageRoots) -> None:
+    """Raise ``Untrusted`` unless the shard's output lies in ``roots`` and its ``_job.json`` plans
+    this very shard (source and row range included). Passing this, the message is the job's own
+    planned shard, so its failure may be written there even when its source is refused
+    (``worker.hosting.tasks.refuse``)."""
+    reason = roots.refusal(job.out)
+    if reason:
+        raise Untrusted(f"out: {reason}", param="out")
     try:
         spec = read_job(job.out)
     except EmbedfleetError as exc:
