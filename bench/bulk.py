@@ -42,9 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 # The bare engine runs here as the worker runs in `embedfleet`: torch's threads sleep between
 # operators (else on a shared CPU they spin and starve the tokenizer threads: the bare pass of a
 # tiny model took 16-22 s against the worker's 3-5 s on the same texts).
-from producer.settings import passive_openmp  # noqa: E402  (before torch is imported)
+from producer.settings import keep_freed_memory, passive_openmp  # noqa: E402  (before torch is imported)
 
 passive_openmp()
+keep_freed_memory()  # the bare engine runs with the process set-up an embedfleet worker applies
 
 
 #: this checkout's root: workers run ``python -c ENTRY`` from a checkout's root, so each runs its own code

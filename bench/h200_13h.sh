@@ -18,8 +18,13 @@
 #   2. `embedfleet run` on the sample corpus: this vs PREV, 2 rounds, with the shards' timeline;
 #   3. short texts, bge-base arch (bench/gpu.py's short section, sentence-transformers fp16 at batch 256);
 #   4. bulk BERT-large arch 20k (not graphed: over the size rule), bare vs fleet;
-#   5. short texts, MiniLM, bare engine: this, and this with 4 batches in flight, with the engine
-#      process's CPU a text less the post thread's wait for the device (wait_cpu_ms).
+#   5. short texts, MiniLM, bare engine: this, this with 4 batches in flight, and this with blocking CUDA
+#      waits (stop 29), with the engine process's CPU a text less the post thread's wait for the device
+#      (wait_cpu_ms);
+#   6. (stop 29) short texts, MiniLM, bare engine: this vs PREV vs this with blocking CUDA waits
+#      (EMBEDFLEET_CUDA_WAIT=block: the post thread sleeps instead of spinning) vs this with tokenizer chunks of
+#      512 instead of 256 (half the round trips to the tokenizer processes), CPU a text each;
+#   7. (stop 29) bulk MiniLM 100k through Redis + Parquet: bare engine, fleet, fleet with blocking waits.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 PREV=$(cd "${1:?usage: bash bench/h200_13h.sh PREV_CHECKOUT [STEPS] [SECONDS]}" && pwd) || exit 1
@@ -59,10 +64,26 @@ s4() {
 }
 s5() {
   (( END - SECONDS > 40 )) || { echo "== 5 skipped: too little time left"; return; }
-  echo "== 5 short MiniLM: this vs 4 batches in flight ($(date -u +%T), $((END - SECONDS)) s left)"
-  timeout "$(left 60)" python3 -m bench.host --device cuda --workloads short --backends torch --n 60000 --rounds 2 \
-    --passes 2 --dtype bfloat16 --budget 65536 --variant f4:EMBEDFLEET_BATCHES_IN_FLIGHT=4 > "$OUT/host.log" 2>&1
+  echo "== 5 short MiniLM: this vs 4 batches in flight vs blocking waits ($(date -u +%T), $((END - SECONDS)) s left)"
+  timeout "$(left 85)" python3 -m bench.host --device cuda --workloads short --backends torch --n 60000 --rounds 2 \
+    --passes 2 --dtype bfloat16 --budget 65536 --variant f4:EMBEDFLEET_BATCHES_IN_FLIGHT=4 \
+    --variant block:EMBEDFLEET_CUDA_WAIT=block > "$OUT/host.log" 2>&1
   echo rc=$?; grep -E "^round|^\|" "$OUT/host.log"
+}
+s6() {
+  (( END - SECONDS > 40 )) || { echo "== 6 skipped: too little time left"; return; }
+  echo "== 6 short MiniLM: this vs PREV vs blocking waits vs chunks of 512 ($(date -u +%T), $((END - SECONDS)) s left)"
+  timeout "$(left 130)" python3 -m bench.host --against "$PREV" --device cuda --workloads short --backends torch \
+    --n 60000 --rounds 2 --passes 2 --dtype bfloat16 --budget 65536 --variant block:EMBEDFLEET_CUDA_WAIT=block \
+    --variant c512:chunk=512 > "$OUT/host-wait.log" 2>&1
+  echo rc=$?; grep -E "^round|^\|" "$OUT/host-wait.log"
+}
+s7() {
+  (( END - SECONDS > 50 )) || { echo "== 7 skipped: too little time left"; return; }
+  echo "== 7 bulk MiniLM 100k: bare vs fleet vs fleet with blocking waits ($(date -u +%T), $((END - SECONDS)) s left)"
+  timeout "$(left 110)" python3 -m bench.bulk --n 100000 --device cuda --dtype bfloat16 --rounds 2 --concurrency 4 \
+    --variant block:EMBEDFLEET_CUDA_WAIT=block > "$OUT/bulk-wait.log" 2>&1
+  echo rc=$?; grep -v "Loading weights" "$OUT/bulk-wait.log" | grep -E "^round|^\||Fleet" | cut -c1-600
 }
 for n in $(echo "$STEPS" | grep -o .); do "s$n"; done
 date -u +%T

@@ -5,7 +5,8 @@
 # (PREV: git archive <commit> | tar -x -C .wtprev):
 #   bash bench/h200_final_call.sh .wtprev [STEPS]
 # Steps (default 123):
-#   1. GPU tests of the packed launch: graph replays = eager, no sync in a launch, kernel variants (streams too);
+#   1. GPU tests of the packed launch: graph replays = eager, no sync in a launch, kernel variants (streams too),
+#      blocking CUDA waits = spinning ones;
 #   2. issue 13's host-path figures, bench/h200_13h.sh (bulk graphed bare vs fleet, `embedfleet run` vs PREV,
 #      short bge-base arch beside sentence-transformers, bulk BERT-large arch, short MiniLM);
 #   3. issue 20's thin facade under load against PREV, bench/h200_issue20.sh.
@@ -22,7 +23,7 @@ date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,nohea
 step() { [[ $STEPS == *$1* ]] && { echo "== $1 $2"; date -u +%T; }; }
 if step 1 "GPU tests: graph replays, no sync in a launch, kernel variants"; then
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_paths.py \
-    -k "graph or launch_queues or kernel_variants" 2>&1 | tail -5
+    -k "graph or launch_queues or kernel_variants or blocking_wait" 2>&1 | tail -5
 fi
 if step 2 "issue 13: host path (bench/h200_13h.sh)"; then
   OUT=$FINAL/s2 bash bench/h200_13h.sh "$PREV" 12345 "${T13:-250}"

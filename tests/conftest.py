@@ -28,6 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite pins the torch backend (exact fp32 on CPU) so vectors compare tightly and start-up
 # stays short; the auto selection itself is tested in tests/test_autoselect.py.
 os.environ.setdefault("EMBEDFLEET_BACKEND", "torch")
+# Child processes (the fleet's `embedfleet worker`s, the CLI runs) import this checkout, not
+# whatever the virtualenv's editable install points at: a git worktree sharing another checkout's
+# .venv otherwise ran that checkout's worker code in every subprocess while its own tests passed.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def bundled_path() -> Path:

@@ -98,3 +98,15 @@ def test_no_import_cycle() -> None:
         if start not in state:
             visit(start, [start])
     assert not cycles, cycles
+
+
+def test_child_processes_import_this_checkout(tmp_path: Path) -> None:
+    """A process the tests start (a fleet worker, a CLI run) runs this checkout's code, wherever the
+    virtualenv's editable install points (``tests/conftest.py`` sets ``PYTHONPATH``). Before, a git
+    worktree sharing another checkout's .venv ran that checkout's worker in every subprocess."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import producer, worker; print(producer.__file__, worker.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == [str(REPO / "producer" / "__init__.py"), str(REPO / "worker" / "__init__.py")]

@@ -318,6 +318,31 @@ def test_launch_queues_a_batch_without_waiting_for_the_device(fixture: str, grap
 
 
 @gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_blocking_wait_gives_the_spinning_waits_vectors(tiny_embed_model: Path, graphs: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``EMBEDFLEET_CUDA_WAIT=block``: the post thread's wait sleeps on a blocking-sync event instead
+    of spinning; the launch still only queues work, and the vectors are the spinning wait's."""
+    info = describe(str(tiny_embed_model))
+    rng = np.random.default_rng(10)
+    packed, _ = _batches(rng, _random_lengths(rng, 12, 100))
+    vectors = {}
+    for mode in ("spin", "block"):
+        monkeypatch.setenv("EMBEDFLEET_CUDA_WAIT", mode)
+        backend = TorchBackend(info, "cuda", "bfloat16", varlen=True, graphs=graphs)
+        assert backend.blocking_wait == (mode == "block")
+        backend.forward(packed)
+        backend.forward(packed)  # graphs: captured at the second batch
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            wait = backend.launch(packed)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        vectors[mode] = wait()
+    np.testing.assert_array_equal(vectors["block"], vectors["spin"])
+
+
+@gpu
 @pytest.mark.parametrize("fixture", ["tiny_embed_model", "tiny_xlmr_model"])  # CLS and mean pooling
 def test_graph_replays_equal_eager_launches_on_gpu(fixture: str, request: pytest.FixtureRequest) -> None:
     """Replays give the eager path's vectors: several buckets replayed in turn, several batches queued

@@ -5,6 +5,7 @@ release and int8 scheme, rerank scores agree, and unsupported dtypes/devices fai
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 pytest.importorskip("openvino")
 
 from worker.backends import openvino as ov_backend  # noqa: E402
+from worker.backends import openvino_graph  # noqa: E402
 from worker.backends import openvino_int8 as ov_int8  # noqa: E402
 from worker.backends import torch_cpu  # noqa: E402
 from worker.backends.quality import agreement, cosines, prose  # noqa: E402
@@ -44,6 +46,8 @@ def test_bundled_fp32_agrees_with_torch_and_bf16_is_of_equal_quality(bundled_mod
     reference = embed(load_backend("torch", info, "cpu", "float32").backend, info, texts)
     fp32 = load_backend("openvino", info, "cpu", "float32").backend
     assert (fp32.name, fp32.dtype) == ("openvino", "float32")
+    # mean pooling reads every row: only Q/K/V merged (two MatMuls fewer in each of 6 layers)
+    assert json.loads((fp32.path / "export.json").read_text())["edits"] == {"merged_matmuls": 12}
     values = embed(fp32, info, texts)
     assert values.shape == (160, 384) and cosines(reference, values).min() > 0.99999
     # padding never leaks into the pooled vector: alone or in a batch, the same vector
@@ -72,6 +76,8 @@ def test_the_ir_is_cached_and_keyed_by_model_and_release(tiny_embed_model: Path,
     again = load_backend("openvino", tiny, "cpu", "float32").backend
     assert again.path == first.path
     assert ov_backend.ir_dir(bundled) != first.path  # another model, another folder
+    assert first.path.name.endswith("-sdpa-qkv1-cls1")  # CLS pooled: its last layer runs one row
+    assert ov_backend.ir_dir(bundled).name.endswith("-sdpa-qkv1")  # mean pooled: Q/K/V merged only
     monkeypatch.setattr(ov_backend.metadata, "version", lambda name: "9999.1.0")
     assert ov_backend.ir_dir(tiny) != first.path and "ov9999.1" in ov_backend.ir_dir(tiny).name
 
@@ -246,7 +252,8 @@ def test_smoothing_alone_leaves_the_fp32_outputs_unchanged(tiny_embed_model: Pat
     assert reference.shape == (sum(len(m) for m in masks), 32)
     np.testing.assert_allclose(reference[: len(masks[0])], _ir_outputs(model, _batch(feeds[0])), atol=1e-5)
     roles = ov_int8.roles(model)
-    assert len(roles) == 4 and sum(roles.values()) == sum(ov_int8._rows(n).size for n in ov_int8.constant_matmuls(model))
+    # merged Q/K/V, attention output, FFN up and down, and the last layer's first-row Q (openvino_graph)
+    assert len(roles) == 5 and sum(roles.values()) == sum(ov_int8._rows(n).size for n in ov_int8.constant_matmuls(model))
     assert ov_int8.rewrite_weights(model, ranges, keep=set(roles)) == 0  # smoothed, nothing int8
     after = _ir_outputs(model, batch)
     assert cosines(before, after).min() > 0.99999
@@ -306,7 +313,8 @@ def test_a_mixed_ir_keeps_its_roles_in_bf16_and_is_closer_to_fp32(bundled_model:
     ranges, _ = ov_int8.calibrate(core.read_model(str(fp32_ir / "model.xml")), *ov_backend._calibration(info, names))
     down = next(name for name in ov_int8.roles(core.read_model(str(fp32_ir / "model.xml"))) if name.endswith("<-Gelu"))
     mixed, full = core.read_model(str(fp32_ir / "model.xml")), core.read_model(str(fp32_ir / "model.xml"))
-    assert ov_int8.rewrite_weights(mixed, ranges, keep={down}) == 30 and ov_int8.rewrite_weights(full, ranges) == 36
+    # 6 layers of 4 MatMuls (Q/K/V merged: openvino_graph), the 6 FFN down ones kept
+    assert ov_int8.rewrite_weights(mixed, ranges, keep={down}) == 18 and ov_int8.rewrite_weights(full, ranges) == 24
     kept = [n for n in ov_int8.constant_matmuls(mixed)]  # only the kept ones still read an fp32 constant
     assert len(kept) == 6 and {ov_int8.role(n) for n in kept} == {down}
     mixed_values, full_values = ov_int8.outputs(mixed, feeds, config), ov_int8.outputs(full, feeds, config)
@@ -320,8 +328,8 @@ def test_a_mixed_ir_keeps_its_roles_in_bf16_and_is_closer_to_fp32(bundled_model:
     int8 = load_backend("openvino", tiny, "cpu", "int8").backend
     assert int8.path.name.endswith(f"-keep1010g{ov_int8.ACTIVATION_GROUP}n{ov_int8.MIN_CHANNELS}")
     export = __import__("json").loads((int8.path / "export.json").read_text())
-    assert len(export["kept_bf16"]) == 3 and export["calibration_recall"][0]["kept"] == []
-    assert (int8.path / "model.xml").read_text().count('element_type="i8"') >= 2  # one role's MatMuls, 2 layers
+    assert len(export["kept_bf16"]) == 4 and export["calibration_recall"][0]["kept"] == []  # of 5 roles
+    assert (int8.path / "model.xml").read_text().count('element_type="i8"') >= 1  # the one role left int8
 
 
 @pytest.mark.skipif(not ov_int8.int8_native(), reason="no int8 dot products (VNNI/AMX) on this CPU")
@@ -371,3 +379,32 @@ def test_the_int8_ir_is_keyed_by_its_smoothing_and_kept_roles(bundled_model: Pat
     monkeypatch.setattr(ov_int8, "ACTIVATION_GROUP", 32)  # the kept roles were chosen at another group
     assert ov_backend.ir_dir(info, int8=True).name.endswith("-i8ch-sq40c100-keep990g32n16")
     assert ov_backend.ir_dir(info) != default
+
+
+def test_a_cls_model_runs_its_last_layer_on_the_first_row_with_torchs_vectors(tiny_embed_model: Path) -> None:
+    info = describe(str(tiny_embed_model))  # 2 layers, CLS pooling
+    texts = prose(48)
+    reference = embed(load_backend("torch", info, "cpu", "float32").backend, info, texts)
+    backend = load_backend("openvino", info, "cpu", "float32").backend
+    edits = json.loads((backend.path / "export.json").read_text())["edits"]
+    assert edits == {"last_layer_first_row": "yes", "merged_matmuls": 3}  # layer 0: Q/K/V; layer 1: K/V
+    import openvino as ov
+
+    model = ov.Core().read_model(str(backend.path / "model.xml"))
+    one_row = [n for n in model.get_ordered_ops() if n.get_type_name() == "MatMul"
+               and n.get_output_partial_shape(0)[1].get_max_length() == 1]  # [?, ..1, C]: at most one row
+    assert len(one_row) == 4  # the last layer's Q, attention output, FFN up and down
+    values = embed(backend, info, texts)
+    assert cosines(reference, values).min() > 0.99999
+    np.testing.assert_allclose(embed(backend, info, texts[5:6])[0], values[5], atol=1e-5)  # padding stays out
+
+
+def test_a_graph_without_the_expected_last_layer_is_left_as_converted() -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, -1, 8], ov.Type.f32, name="x")
+    weight = ops.constant(np.ones((4, 8), np.float32))
+    model = ov.Model([ops.matmul(x, weight, False, True)], [x])
+    assert openvino_graph.first_token_last_layer(model) == "no ScaledDotProductAttention op"
+    assert openvino_graph.fuse_projections(model) == 0  # one MatMul reads x: nothing to merge

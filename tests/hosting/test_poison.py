@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -41,3 +42,21 @@ def test_local_counts_and_one_counter_per_broker() -> None:
     assert counter.begin("t", None) == 2
     assert deliveries_for("memory://localhost/") is deliveries_for("memory://localhost/")
     assert isinstance(deliveries_for("memory://other/"), LocalDeliveries)
+
+
+def test_a_private_brokers_counter_goes_with_its_worker(tiny_embed_model: Path, tmp_path: Path) -> None:
+    """Each in-process worker on the in-memory broker has a URL of its own; its counts (and its
+    isolation) are dropped at its stop. Before, a process that ran many jobs (``embedfleet run``
+    called from code, or a test session) kept every one's for good."""
+    from producer.client import Client
+    from worker.hosting import isolation, poison
+    from worker.hosting.host import InProcessWorker, WorkerSpec
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(f'{{"text": "text number {i}"}}\n' for i in range(4)))
+    spec = WorkerSpec(models=[str(tiny_embed_model)], device="cpu", backend="torch", dtype="float32", concurrency=1)
+    with InProcessWorker(spec) as worker:
+        handle = Client(app=worker.app).submit_corpus(str(corpus), str(tmp_path / "out"), model=str(tiny_embed_model))
+        assert handle.wait(timeout=30, poll=0.1).status == "complete"
+        assert worker.broker in poison._counters and worker.broker in isolation._instances
+    assert worker.broker not in poison._counters and worker.broker not in isolation._instances

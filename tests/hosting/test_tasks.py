@@ -12,9 +12,10 @@ import pytest
 
 from producer.broker import INLINE_TASK, MEMORY_BROKER
 from producer.client import Client, decode_f32
-from producer.errors import SourceError
+from producer.errors import JobFailed, SourceError
 from producer.jobs import EmbedJob, InlineResult, JobKind, Options, RerankJob
 from tests.fixtures_extra import make_engine, sample_texts
+from worker import sinks
 from worker.hosting import poison, registry, tasks
 from worker.hosting.app import create_app
 from worker.hosting.host import InProcessWorker, WorkerSpec
@@ -145,3 +146,68 @@ def test_a_failure_whose_reason_cannot_be_noted_is_still_retried(tiny_embed_mode
     manifest = _run_job(tiny_embed_model, _corpus(tmp_path / "c.parquet", 20), tmp_path / "out", timeout=30)
     assert manifest.status == "complete" and manifest.rows_written == 20
     assert calls.count(1) == 2
+
+
+def test_a_manifest_that_could_not_be_written_is_written_by_the_next_delivery(
+        tiny_embed_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shard is parked (bad data) and its failure marker written, but the manifest's write
+    fails once (storage away for a moment). Before, the next delivery found the marker, skipped
+    the shard and wrote no manifest: every shard had its marker and the job never ended."""
+    real_read, real_finalize = tasks.read_shard, sinks.finalize_if_complete
+    finalizes: list[str] = []
+
+    def corrupt(shard: Any, kind: Any, columns: Any) -> Any:
+        if shard.index == 1:
+            raise SourceError("c.parquet: row group 1 is corrupt")
+        return real_read(shard, kind, columns)
+
+    def flaky(out: str, revision: Any) -> Any:
+        finalizes.append(out)
+        if len(finalizes) == 2:  # the second shard's (the last): its marker is written, then this
+            raise OSError(5, "Input/output error")
+        return real_finalize(out, revision)
+
+    monkeypatch.setattr(tasks, "read_shard", corrupt)
+    monkeypatch.setattr(sinks, "finalize_if_complete", flaky)
+    manifest = _run_job(tiny_embed_model, _corpus(tmp_path / "c.parquet", 20), tmp_path / "out", timeout=30)
+    assert manifest.status == "partial" and [s.index for s in manifest.failed_shards] == [1]
+    assert len(finalizes) == 3
+
+
+def test_a_failure_s3_refuses_to_record_is_recorded_beside_the_queue_not_lost(
+        tiny_embed_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's S3 bucket is gone once its shards are queued (moto's S3 over HTTP answers
+    NoSuchBucket: botocore's ClientError, no OSError), on the in-memory broker: every delivery fails
+    to write its part, and on the last one the failure marker that would park the shard fails too.
+    Before, that error escaped ``park``, Celery acknowledged the message, and with no sweeper off
+    Redis the shard was lost: the job never ended. Now it is recorded beside the queue and the job
+    ends failed, naming the error."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("EMBEDFLEET_MAX_DELIVERIES", "2")
+        import boto3
+
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="gone")
+        spec = WorkerSpec(models=[str(tiny_embed_model)], device="cpu", backend="torch", dtype="float32",
+                          concurrency=1)
+        worker = InProcessWorker(spec)
+        handle = Client(app=worker.app).submit_corpus(str(_corpus(tmp_path / "c.parquet", 10)), "s3://gone/job",
+                                                      model=str(tiny_embed_model), id_column="id", shard_rows=10)
+        for listed in s3.list_objects_v2(Bucket="gone").get("Contents", []):
+            s3.delete_object(Bucket="gone", Key=listed["Key"])
+        s3.delete_bucket(Bucket="gone")
+        with worker:
+            with pytest.raises(JobFailed, match=r"1 shard\(s\) could not be written .*NoSuchBucket"):
+                handle.wait(timeout=60, poll=0.1)
+        assert "failed on all 2 deliveries" in handle.unwritten()[0]
+    finally:
+        server.stop()

@@ -107,3 +107,51 @@ def test_switch_interval_is_applied_when_set_and_a_bad_value_is_left_to_the_comm
             settings()
     finally:
         sys.setswitchinterval(before)
+
+
+#: A process that fills 30 short-text requests' output arrays (2,000 x 384 float32, 3 MB each), frees
+#: them, and counts the page faults of doing it again: what an engine's post-processing thread does.
+_REFILL = """
+import resource
+import numpy as np
+from producer.settings import keep_freed_memory
+applied = keep_freed_memory()
+def fill():
+    arrays = [np.zeros((2000, 384), np.float32) for _ in range(30)]
+    for a in arrays:
+        a[:] = 1.0
+fill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+fill()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_output_arrays_are_reused_warm_when_memory_is_kept() -> None:
+    import os
+    import subprocess
+    import sys
+
+    pages = 30 * 2000 * 384 * 4 // 4096
+
+    def refill(keep: str) -> tuple[str, int]:
+        env = {**os.environ, "EMBEDFLEET_MALLOC_KEEP_MB": keep, "PYTHONPATH": str(REPO)}
+        out = subprocess.run([sys.executable, "-c", _REFILL], env=env, capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    applied, faults = refill("256")
+    assert applied == "True" and faults < pages // 10, f"{faults} page faults for {pages} pages kept"
+    applied, faults = refill("0")  # glibc's defaults: the freed heap is trimmed, the pages faulted in again
+    assert applied == "False" and faults > pages // 2, f"only {faults} faults for {pages} pages: nothing to keep?"
+
+
+def test_cuda_wait_takes_spin_or_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMBEDFLEET_CUDA_WAIT", raising=False)
+    assert settings().cuda_wait == "spin"
+    monkeypatch.setenv("EMBEDFLEET_CUDA_WAIT", "block")
+    assert settings().cuda_wait == "block"
+    monkeypatch.setenv("EMBEDFLEET_CUDA_WAIT", "sleep")
+    with pytest.raises(SettingsError, match="CUDA_WAIT"):
+        settings()

@@ -8,10 +8,12 @@ shape. bench/cpu.py measured it ahead of torch and ONNX Runtime on the 2-core Xe
 project's CPU work ran on (bench/RESULTS.md); the auto selection measures it against the others
 on each machine, under the same quality rule.
 
-The IR is cached under ``<cache>/openvino/<revision>-ov<major.minor>-<attention>`` (the cache
-root is ``EMBEDFLEET_CACHE``), keyed by the model's content fingerprint and the OpenVINO
-release that converted it, built in a temporary folder and renamed into place (as the ONNX
-export is), so concurrent workers never read half of one.
+The IR is cached under ``<cache>/openvino/<revision>-ov<major.minor>-<attention>-<edits>`` (the
+cache root is ``EMBEDFLEET_CACHE``), keyed by the model's content fingerprint, the OpenVINO
+release that converted it and the graph edits made after conversion (``openvino_graph.scheme``:
+Q/K/V merged into one MatMul; a CLS-pooled model's last layer on its first token only), built
+in a temporary folder and renamed into place (as the ONNX export is), so concurrent workers
+never read half of one.
 
 ``dtype``: ``float32`` runs in fp32 (``INFERENCE_PRECISION_HINT=f32``: left alone, the CPU
 plugin silently runs bf16 on CPUs with bf16 units, and the dtype asked for is the dtype used);
@@ -54,7 +56,7 @@ import numpy as np
 from producer.errors import BadInput
 from producer.jobs import JobKind
 from producer.settings import cache_dir, settings
-from worker.backends import openvino_int8
+from worker.backends import openvino_graph, openvino_int8
 from worker.backends.base import Backend, Batch, canonical_dtype, cpu_threads, sorted_batches
 from worker.backends.onnx import INPUT_NAMES, publish, with_head
 from worker.models.resolve import ModelInfo
@@ -110,7 +112,7 @@ def ir_dir(info: ModelInfo, int8: bool = False) -> Path:
         raise BadInput(f"model {info.name!r} has no revision fingerprint, so its conversion cannot be cached")
     release = ".".join(metadata.version("openvino").split(".")[:2])
     suffix = f"-{openvino_int8.weight_scheme()}" if int8 else ""
-    return cache_dir("openvino") / f"{info.revision}-ov{release}-{ATTENTION}{suffix}"
+    return cache_dir("openvino") / f"{info.revision}-ov{release}-{ATTENTION}-{openvino_graph.scheme(info)}{suffix}"
 
 
 def _convert(info: ModelInfo, dest: Path) -> None:
@@ -129,10 +131,11 @@ def _convert(info: ModelInfo, dest: Path) -> None:
     with torch.inference_mode(False), torch.no_grad():
         converted = ov.convert_model(with_head(model, info, takes_type_ids), example_input=example,
                                      input=[(name, ov.PartialShape([-1, -1]), ov.Type.i64) for name in names])
+    edits = openvino_graph.edit(converted, info)
     ov.save_model(converted, str(dest / "model.xml"), compress_to_fp16=False)
     (dest / "export.json").write_text(json.dumps({
         "model": info.name, "revision": info.revision, "openvino": ov.__version__, "attention": ATTENTION,
-        "inputs": names, "kind": info.kind.value, "pooling": info.pooling,
+        "inputs": names, "kind": info.kind.value, "pooling": info.pooling, "edits": edits,
     }))
 
 

@@ -208,7 +208,9 @@ def calibrate(model: object, feeds: list[dict[str, np.ndarray]],
         real = mask.astype(bool)
         for index in range(len(groups)):
             values = request.get_output_tensor(first + index).data
-            values = values[real] if values.ndim == 3 else values.reshape(-1, values.shape[-1])
+            # a [B, T, C] input's real tokens; the first-row input of a CLS model's last layer
+            # (``openvino_graph``) is [B, 1, C]: its one row is the first token, always real
+            values = values[real[:, :values.shape[1]]] if values.ndim == 3 else values.reshape(-1, values.shape[-1])
             peak = np.abs(values).max(axis=0)
             ranges[index] = peak if not ranges[index].size else np.maximum(ranges[index], peak)
     return ranges, np.concatenate(outputs)

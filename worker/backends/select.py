@@ -384,10 +384,11 @@ def knobs() -> dict[str, object]:
     """The settings that change how fast a candidate runs (a change means measuring again)."""
     from worker.backends.onnx import SCHEMES  # pure: onnxruntime itself is imported on use only
     from worker.backends.openvino import stream_count  # pure: OpenVINO itself is imported on use only
-    from worker.backends import openvino_int8
+    from worker.backends import openvino_graph, openvino_int8
 
     return {"openvino_streams": stream_count(), "torch_compile": settings().torch_compile,
             "onnx_int8": SCHEMES["token"], "openvino_int8": f"{openvino_int8.weight_scheme()}-g{openvino_int8.ACTIVATION_GROUP}",
+            "openvino_graph": f"{openvino_graph.FUSED}-{openvino_graph.SCHEME}",
             "timing": f"batch-min-runoff{RUNOFF_MARGIN}", "in_flight": settings().batches_in_flight}
 
 

@@ -210,6 +210,8 @@ class TorchBackend(Backend):
         # held ~69 MiB of device memory outside the allocator on the H200 (bench/RESULTS-outputs.md),
         # more than the bar over transformers allows; the copy it overlapped is < 1 MB per batch.
         self.asynchronous = self.cuda
+        #: the post-processing thread sleeps in its wait for a batch instead of spinning (``_fetch``)
+        self.blocking_wait = self.cuda and settings().cuda_wait == "block"
         # On CPU small batches win (cache-resident activations): measured best at 1-4k tokens.
         # On a GPU this is only the fallback: the engine sizes the budget to the device's memory.
         self.preferred_batch_tokens = 16384 if self.cuda else 2048
@@ -390,14 +392,20 @@ class TorchBackend(Backend):
         return self._fetch(vision.features(self.model.get_image_features(pixel_values=values)))
 
     def _fetch(self, result: torch.Tensor) -> Callable[[], np.ndarray]:
-        """Start the copy of ``result`` to (pinned) host memory; the returned function waits for it."""
+        """Start the copy of ``result`` to (pinned) host memory; the returned function waits for it.
+
+        The wait is on an event recorded after the copy. CUDA's default event synchronization
+        spins, so the post-processing thread burns a core for as long as the batch runs (no GIL
+        held, but a core the engine's other threads and the tokenizer processes share);
+        ``EMBEDFLEET_CUDA_WAIT=block`` records a blocking-sync event, whose wait sleeps until the
+        device signals it (``wait_cpu_ms`` shows the difference)."""
         result = result.float()
         if not self.cuda:
             host = result.numpy()
             return lambda: host
         host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(result, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=self.blocking_wait)
         event.record()
 
         def wait() -> np.ndarray:

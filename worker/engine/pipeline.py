@@ -153,6 +153,13 @@ class _TokenIds(list):
     """An input given as token ids (OpenAI clients may send these instead of text)."""
 
 
+def _all_finite(output: np.ndarray) -> bool:
+    """Every value is finite: a finite sum says so (NaN and infinity carry into it), in one pass
+    with no temporary, where a boolean copy of the whole output would be a second pass and an
+    allocation. A sum that overflows only sends the caller to the exact row check."""
+    return bool(np.isfinite(output.sum()))
+
+
 def _only_str(inputs: Sequence[Any]) -> bool:
     """Every input is a plain ``str`` (one C-level pass over their types): ``_validate_texts`` applies."""
     return bool(inputs) and set(map(type, inputs)) == _STR_ONLY
@@ -759,8 +766,10 @@ class Engine:
         if isinstance(output, BatchOutputs):
             self._deliver_outputs(slots, self._fix_non_finite_outputs(slots, output))
             return
-        output = self._fix_non_finite(slots, batch, output)
-        self._deliver(slots, output)
+        if _all_finite(output):  # the usual case: one pass over the outputs, no recompute, no row check
+            self._deliver(slots, output, finite=True)
+            return
+        self._deliver(slots, self._fix_non_finite(slots, batch, output))
 
     def _count_launch(self, launched: float, cpu: float) -> None:
         """Add the launch's wall time (``launch_ms``) and this thread's CPU time in it
@@ -865,11 +874,11 @@ class Engine:
                             mine[i] = theirs[position]
             self._complete(request, len(rows))
 
-    def _deliver(self, slots: Picked, output: np.ndarray) -> None:
+    def _deliver(self, slots: Picked, output: np.ndarray, finite: bool = False) -> None:
         """Each block's slice of the output into its request's array, by index (no loop per row).
-        A finite sum means every value is finite (NaN and infinity carry into it): one pass with no
-        temporary, instead of a boolean copy of the whole output, unless some value is not."""
-        finite = None if np.isfinite(output.sum()) else np.isfinite(output).all(axis=1)
+        ``finite``: the caller saw every value finite (``_all_finite``), so none is checked again;
+        else the rows that are not fail alone."""
+        finite = None if finite or _all_finite(output) else np.isfinite(output).all(axis=1)
         for block, part, rows in slots.groups():
             request: _Request = block.request
             index, values = block.index[rows], output[part]

@@ -233,7 +233,7 @@ class TokenizerProcesses:
                 self._idle.put(None)
             else:
                 try:
-                    tokens = child.encode(list(values), as_ids)
+                    tokens = child.encode(values if isinstance(values, list) else list(values), as_ids)
                 except ChildLost as exc:  # the child died: never trust the pool again
                     self._give_up(exc)
                 except BaseException:  # the tokenizer's own error, raised there: the child is fine

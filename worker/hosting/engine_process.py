@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from producer.errors import EmbedfleetError
-from producer.settings import set_env, settings, use_switch_interval
+from producer.settings import keep_freed_memory, set_env, settings, use_switch_interval
 from worker.hosting.devices import DeviceSlot
 from worker.hosting.host import InProcessWorker, WorkerSpec
 
@@ -71,6 +71,7 @@ def run_engine(slot: DeviceSlot, spec: WorkerSpec, broker: str, result_backend: 
     watch_parent()
     pin(slot)
     use_switch_interval()
+    keep_freed_memory()
     from producer.logs import setup_logging
 
     setup_logging(verbose)

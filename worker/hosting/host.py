@@ -32,7 +32,7 @@ from producer.settings import settings
 from worker import sinks
 from worker.backends.select import Selection, load_backend
 from worker.engine.pipeline import Engine
-from worker.hosting import limits, memory_broker, poison, stop
+from worker.hosting import isolation, limits, memory_broker, poison, stop
 from worker.hosting import registry as runtime
 from worker.hosting.app import create_app
 from worker.hosting.lanes import INLINE_QUEUES, SHARD_SLOTS, LaneConsumer
@@ -199,7 +199,8 @@ class InProcessWorker:
     def start(self) -> "InProcessWorker":
         if self._handle_signals:
             self.install_signal_handlers()
-            limits.watchdog.on_hard = limits.stop_at_hard_limit(poison.deliveries_for(self.broker).note_failure)
+            note_failure = poison.deliveries_for(self.broker).note_failure
+            limits.hard_limit_of(self.app).action = limits.stop_at_hard_limit(note_failure)
         loaded: list[tuple[str | None, Engine, Selection]] = []
         for model in self.spec.models:
             try:
@@ -290,7 +291,7 @@ class InProcessWorker:
         self._signalled.set()
         log.warning("signal %d: stopping (unfinished work goes back to the queue)", signum)
         self.stopping.begin()
-        _arm_watchdog(settings().stop_grace, limits.EXIT_TIME_LIMIT if limits.watchdog.tripped else 1)
+        _arm_watchdog(settings().stop_grace, limits.EXIT_TIME_LIMIT if limits.hard_limit_of(self.app).tripped else 1)
         raise KeyboardInterrupt
 
     def serve_forever(self, on_ready: Callable[["InProcessWorker"], None] | None = None) -> int:
@@ -317,7 +318,7 @@ class InProcessWorker:
                 time.sleep(1.0)
                 self._start_consumer()
         except KeyboardInterrupt:
-            return limits.EXIT_TIME_LIMIT if limits.watchdog.tripped else 0
+            return limits.EXIT_TIME_LIMIT if limits.hard_limit_of(self.app).tripped else 0
         finally:
             self.stop()
 
@@ -348,6 +349,8 @@ class InProcessWorker:
             self.stopping.reset()
             if self._private_broker:
                 memory_broker.drop(self.broker)
+                poison.forget(self.broker)  # its counts and isolation went with it
+                isolation.forget(self.broker)
 
     def _stop_consuming(self) -> None:
         """Cancel this worker's queues through Celery's remote control (run by the consumer's own

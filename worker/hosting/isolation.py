@@ -214,3 +214,9 @@ def for_broker(broker_url: str) -> Isolation | NoIsolation:
             found = Isolation(counter.client) if isinstance(counter, poison.RedisDeliveries) else NoIsolation()
             _instances[broker_url] = found
         return found
+
+
+def forget(broker_url: str) -> None:
+    """Drop what ``for_broker`` keeps for a broker that is gone (see ``worker.hosting.poison.forget``)."""
+    with _instances_lock:
+        _instances.pop(broker_url, None)

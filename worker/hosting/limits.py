@@ -14,6 +14,10 @@ threads (they feed one engine per process), so this module keeps its own watchdo
   worker stops itself as on SIGTERM: the other shards go back uncounted, the stuck one's delivery
   counts, and the process exits non-zero for its supervisor or orchestrator to start a fresh one.
   Without signal handling (``embedfleet run``'s worker thread) the hard limit is only logged.
+
+One watchdog thread serves the process, but what a hard limit does belongs to the shard's own
+worker (``HardLimit``, kept on its Celery app): with a fleet worker and an ``embedfleet run``
+in one process, a stuck shard of the run was noted on the fleet worker's broker and stopped it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from producer.errors import ShardTimeLimit
 from producer.settings import settings
+from worker.hosting.per_app import attached
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,32 @@ def limits_for(rows: int) -> tuple[float, float]:
 
 
 @dataclass
+class HardLimit:
+    """What one worker does when a shard of its own is past its hard limit: ``action`` (``None``:
+    log only; ``stop_at_hard_limit`` for the worker that handles signals), and the last reason."""
+
+    action: Callable[[str, str], None] | None = None
+    tripped: str | None = None
+
+    def __call__(self, task_id: str, reason: str) -> None:
+        self.tripped = reason
+        if self.action is not None:
+            self.action(task_id, reason)
+
+
+def hard_limit_of(app: Any) -> HardLimit:
+    """The hard-limit action of the worker running ``app`` (``worker.hosting.per_app``)."""
+    return attached(app, "embedfleet_hard_limit", HardLimit)
+
+
+@dataclass
 class _Watch:
     task_id: str
     what: str
     thread_id: int
     soft: float
     hard: float
+    on_hard: HardLimit
     started: float = field(default_factory=time.monotonic)
     soft_sent: bool = False
     hard_done: bool = False
@@ -70,15 +95,13 @@ class Watchdog:
         self._watches: dict[int, _Watch] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        #: What the hard limit does; ``None``: log only. Set by the worker that handles signals.
-        self.on_hard: Callable[[str, str], None] | None = None
-        self.tripped: str | None = None
 
     @contextlib.contextmanager
-    def watch(self, task_id: str, what: str, rows: int) -> Iterator[None]:
-        """Run the body under the limits of a shard of ``rows`` rows (``what`` names it in logs)."""
+    def watch(self, task_id: str, what: str, rows: int, on_hard: HardLimit) -> Iterator[None]:
+        """Run the body under the limits of a shard of ``rows`` rows (``what`` names it in logs);
+        past the hard one, ``on_hard`` (its worker's) acts."""
         soft, hard = limits_for(rows)
-        entry = _Watch(task_id, what, threading.get_ident(), soft, hard)
+        entry = _Watch(task_id, what, threading.get_ident(), soft, hard, on_hard)
         with self._lock:
             self._watches[entry.thread_id] = entry
             self._ensure_thread()
@@ -129,9 +152,7 @@ class Watchdog:
         reason = (f"{entry.what} ran past its hard time limit of {entry.hard:.0f} s and did not come back "
                   f"(a blocking source?)")
         log.error("%s", reason)
-        self.tripped = reason
-        if self.on_hard is not None:
-            self.on_hard(entry.task_id, reason)
+        entry.on_hard(entry.task_id, reason)
 
 
 watchdog = Watchdog()

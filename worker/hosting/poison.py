@@ -138,3 +138,11 @@ def deliveries_for(broker_url: str) -> Deliveries:
                 counter = LocalDeliveries()
             _counters[broker_url] = counter
         return counter
+
+
+def forget(broker_url: str) -> None:
+    """Drop the counter of a broker that is gone (an in-process worker's private in-memory one, at
+    its stop): each such worker has a URL of its own, so a process that starts many kept every
+    one's counts for good."""
+    with _lock:
+        _counters.pop(broker_url, None)

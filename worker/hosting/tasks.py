@@ -25,6 +25,7 @@ from producer.broker import (INLINE_TASK, SHARD_TASK, broker_kind, max_deliverie
                              record_unwritten)
 from producer.errors import BadInput, EmbedfleetError, EngineStopped, ModelNotServed, UnsupportedModel, Untrusted
 from producer.jobs import (
+    MANIFEST,
     InlineJob,
     InlineResult,
     JobKind,
@@ -38,7 +39,7 @@ from producer.jobs import (
 from producer.outputs import DENSE_ONLY, to_b64
 from producer import signing
 from producer.sources import read_shard
-from producer.storage import read_marker
+from producer.storage import exists, locate, read_marker
 from worker import sinks
 from worker.hosting import isolation, limits, poison, stop
 from worker.hosting.images import image_cells
@@ -279,10 +280,12 @@ class WorkerContext:
     stopping: StopFlag
     #: the broker it consumes: deliveries are counted, shards isolated and unwritable outputs recorded there
     broker: str
+    #: what it does when one of its shards is stuck past its hard time limit (``worker.hosting.limits``)
+    hard_limit: limits.HardLimit
 
     @classmethod
     def of(cls, app: Any) -> "WorkerContext":
-        return cls(runtime.of(app), roots_of(app), stop.of(app), str(app.conf.broker_url))
+        return cls(runtime.of(app), roots_of(app), stop.of(app), str(app.conf.broker_url), limits.hard_limit_of(app))
 
 
 @shared_task(name=SHARD_TASK, bind=True)
@@ -334,6 +337,7 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
         done = read_marker(job.out, job.shard.index)
         if done is not None:
             log.info("shard %d of job %s is already done; skipping", job.shard.index, job.job_id)
+            _finish_job(job, context.engines, final=charged >= limit)
             return done.model_dump(mode="json")
         if charged > limit:
             reason = counter.last_failure(task_id) or "the worker died or was lost during every delivery"
@@ -341,12 +345,27 @@ def _deliver(job: ShardJob, payload: dict[str, Any], counter: Any, task_id: str,
             return park(job, f"parked after {charged - 1} deliveries{shared}: {reason}", deliveries - 1,
                         context.engines, context.broker)
         what = f"shard {job.shard.index} of job {job.job_id} ({job.shard.n_rows} rows)"
-        with limits.watchdog.watch(task_id, what, job.shard.n_rows):
+        with limits.watchdog.watch(task_id, what, job.shard.n_rows, context.hard_limit):
             return run_shard(payload, deliveries=deliveries, engines=context.engines, roots=context.roots)
     except Reject:
         raise
     except Exception as exc:
         return _after_failure(job, counter, task_id, charged, limit, exc, context)
+
+
+def _finish_job(job: ShardJob, engines: Registry, *, final: bool) -> None:
+    """Write the job's manifest if every shard has its marker and none is written yet: an earlier
+    delivery wrote this shard's marker, then failed to write the manifest (``park``). Its failure
+    must not reach ``_after_failure``, which would park a shard that is over; it is delivered again
+    (counted) while deliveries are left, else logged: its marker stands."""
+    try:
+        if not exists(locate(job.out).child(MANIFEST)):
+            sinks.finalize_if_complete(job.out, _revision(job.model, engines))
+    except Exception as exc:
+        if not final:
+            raise Reject(f"cannot write the manifest: {type(exc).__name__}: {exc}", requeue=True) from exc
+        log.error("shard %d of job %s is over, but the job's manifest could not be written on any delivery: "
+                  "%s: %s", job.shard.index, job.job_id, type(exc).__name__, exc)
 
 
 def untrusted(job: ShardJob, payload: dict[str, Any], roots: StorageRoots | None) -> str | None:
@@ -382,8 +401,9 @@ def refuse(job: ShardJob, payload: dict[str, Any], task_id: str, refusal: str,
       a job's own refused shard every sweep: its job never ended."""
     if signing.refusal(payload) is None and context.roots is not None and _output_trusted(job, context.roots):
         done = read_marker(job.out, job.shard.index)
-        if done is not None:  # over already (a worker with other roots ran it): nothing to record
-            log.error("refusing shard message %s (nothing read or written; the shard is over): %s", task_id, refusal)
+        if done is not None:  # over already (a worker with other roots ran it, or this refusal's park)
+            log.error("refusing shard message %s (its source is not read; the shard is over): %s", task_id, refusal)
+            _finish_job(job, context.engines, final=True)  # a refusal is not counted: one more try at most
             return done.model_dump(mode="json")
         log.error("refusing shard message %s (its source is not read): %s; recorded as failed in %s",
                   task_id, refusal, job.out)
@@ -469,26 +489,43 @@ def park(job: ShardJob, reason: str, deliveries: int, engines: Registry | None =
     log.error("parking shard %d of job %s: %s", job.shard.index, job.job_id, reason)
     try:
         sinks.write_marker(job.out, report)
-        sinks.finalize_if_complete(job.out, _revision(job.model, engines))
-    except OSError as exc:
+    except Exception as exc:  # any: an S3 refusal is botocore's ClientError, no OSError
         if broker is None:
             raise
-        final = deliveries >= max_deliveries() if last is None else last
-        if not final:  # storage may come back: the next delivery tries again (counted)
-            raise Reject(f"cannot park the shard: {exc}", requeue=True) from exc
-        # The output is unwritable or full on every delivery: record the failure beside the queue
-        # (the job's status reads it) and let the message go, instead of requeueing it forever.
-        failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
-        if broker_kind(broker) == "sqs":
-            # No record beside an SQS queue: the message is left to the redrive policy, which moves
-            # it to the dead-letter queue on its next receive (acknowledged, it would vanish).
-            log.error("shard %d of job %s: the output %s is unwritable; leaving the message to the dead-letter "
-                      "queue: %s", job.shard.index, job.job_id, job.out, failure)
-            raise Reject(failure, requeue=False) from exc
-        record_unwritten(broker, job.job_id, job.shard.index, failure)
-        log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
-                  job.job_id, job.out, failure)
+        _unparked(job, reason, exc, broker, deliveries >= max_deliveries() if last is None else last)
+        return report.model_dump(mode="json")
+    try:
+        sinks.finalize_if_complete(job.out, _revision(job.model, engines))
+    except Exception as exc:  # the marker is written: the shard is over; the next delivery finalizes
+        if broker is None:
+            raise
+        log.error("shard %d of job %s: parked, but the manifest could not be written: %s: %s; delivering it "
+                  "again to write it", job.shard.index, job.job_id, type(exc).__name__, exc)
+        raise Reject(f"cannot write the manifest: {exc}", requeue=True) from exc
     return report.model_dump(mode="json")
+
+
+def _unparked(job: ShardJob, reason: str, exc: Exception, broker: str, final: bool) -> None:
+    """A failure marker that could not be written: try again on the next delivery (``final``
+    false), else record the failure beside the queue. It never lets an error escape the task:
+    Celery acknowledges such a message, and off Redis (no sweeper) the shard was lost for good."""
+    if not final:  # storage may come back: the next delivery tries again (counted)
+        raise Reject(f"cannot park the shard: {type(exc).__name__}: {exc}", requeue=True) from exc
+    # The output is unwritable or full on every delivery: record the failure beside the queue
+    # (the job's status reads it) and let the message go, instead of requeueing it forever.
+    failure = f"{reason}; its failure marker could not be written either: {type(exc).__name__}: {exc}"
+    if broker_kind(broker) == "sqs":
+        # No record beside an SQS queue: the message is left to the redrive policy, which moves
+        # it to the dead-letter queue on its next receive (acknowledged, it would vanish).
+        log.error("shard %d of job %s: the output %s is unwritable; leaving the message to the dead-letter "
+                  "queue: %s", job.shard.index, job.job_id, job.out, failure)
+        raise Reject(failure, requeue=False) from exc
+    try:
+        record_unwritten(broker, job.job_id, job.shard.index, failure)
+    except Exception as record_exc:  # the broker's Redis is away too: keep the message for later
+        raise Reject(f"cannot record the unparked shard: {record_exc}", requeue=True) from exc
+    log.error("shard %d of job %s: the output %s is unwritable; recorded on the broker: %s", job.shard.index,
+              job.job_id, job.out, failure)
 
 
 def _revision(model: str, engines: Registry | None) -> str | None:
