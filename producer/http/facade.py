@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -86,26 +87,16 @@ def multivector_rows(result: Answer, body: EmbeddingRequest) -> list[Any]:
     return [list(row) for row in rows]
 
 
-#: ``/v1/embeddings``'s options by their fields (``shared_options``), at most ``_OPTIONS_KEPT``
-_OPTIONS: dict[tuple[Any, ...], Options] = {}
-_OPTIONS_KEPT = 256
-
-
+@lru_cache(maxsize=256)
 def shared_options(dimensions: int | None, prompt_name: str | None, normalize: bool | None, truncate: bool,
                    outputs: tuple[str, ...] | None) -> Options:
-    """One ``Options`` for every request that asks the same: most ask for the same few, and
-    building one (pydantic, with its validators) was ~40 us of a single-text request when the
-    core comes to it cold (2-core Zen 5, after 30 ms idle). Shared, so never changed after it is
-    made: nothing in the facade or the engines changes an ``Options``."""
-    key = (dimensions, prompt_name, normalize, truncate, outputs)
-    options = _OPTIONS.get(key)
-    if options is None:
-        options = Options(dimensions=dimensions, prompt_name=prompt_name, normalize=normalize, truncate=truncate,
-                          outputs=None if outputs is None else list(outputs))
-        if len(_OPTIONS) >= _OPTIONS_KEPT:
-            _OPTIONS.clear()
-        _OPTIONS[key] = options
-    return options
+    """One ``Options`` for every request that asks the same (the 256 sets of fields asked most
+    lately): most ask for the same few, and building one (pydantic, with its validators) was
+    ~40 us of a single-text request when the core comes to it cold (2-core Zen 5, after 30 ms
+    idle). Shared, so never changed after it is made: nothing in the facade or the engines changes
+    an ``Options``. Fields ``Options`` refuses raise each time (an exception is not cached)."""
+    return Options(dimensions=dimensions, prompt_name=prompt_name, normalize=normalize, truncate=truncate,
+                   outputs=None if outputs is None else list(outputs))
 
 
 class Facade:
